@@ -1,0 +1,10 @@
+//! gantry's I/O-free core: the job spec users write (and its validation), and the placement
+//! function the coordinator applies.
+//!
+//! This crate must never do I/O, spawn tasks or read the clock: time and state come in as data
+//! (see [`scheduler::Snapshot`]), so every decision is reproducible in a test.
+
+pub mod scheduler;
+pub mod spec;
+
+pub use spec::{JobSpec, Resources, SpecError, TrainSpec};

@@ -1,0 +1,409 @@
+//! The job spec (YAML) as users write it, and the rules a spec must follow before anything is
+//! queued. Field names are fixed by the product contract; unknown fields are refused so a typo
+//! never silently changes what runs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
+/// and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{reason}", if field.is_empty() { String::new() } else { format!("{field}: ") })]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        SpecError { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Models and datasets the built-in training runtime knows.
+pub const TRAIN_MODELS: &[&str] = &["mlp"];
+pub const TRAIN_DATASETS: &[&str] = &["digits"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// Seconds; written as `90s`, `30m`, `2h` or `1h30m` in YAML.
+    #[serde(
+        default,
+        rename = "max_duration",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_duration_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default = "one")]
+    pub nodes: u32,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_gb: Option<f64>,
+    #[serde(default = "one_f")]
+    pub cpus: f64,
+    #[serde(default = "one_f")]
+    pub memory_gb: f64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { nodes: 1, gpus: 0, gpu_model: None, gpu_memory_gb: None, cpus: 1.0, memory_gb: 1.0 }
+    }
+}
+
+/// The `train:` section: a job for gantry's own training runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    #[serde(default = "default_model")]
+    pub model: String,
+    #[serde(default = "default_dataset")]
+    pub dataset: String,
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every_steps: u64,
+    /// A checkpoint of another job to start from: `JOB_ID` (its latest) or `JOB_ID@STEP`.
+    #[serde(default)]
+    pub init_from: Option<String>,
+    /// Seeds weight initialisation and data order, so a run is reproducible.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            model: default_model(),
+            dataset: default_dataset(),
+            epochs: default_epochs(),
+            batch_size: default_batch_size(),
+            learning_rate: default_learning_rate(),
+            checkpoint_every_steps: default_checkpoint_every(),
+            init_from: None,
+            seed: default_seed(),
+        }
+    }
+}
+
+fn default_priority() -> u32 {
+    50
+}
+fn default_queue() -> String {
+    "default".into()
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+fn one() -> u32 {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_model() -> String {
+    "mlp".into()
+}
+fn default_dataset() -> String {
+    "digits".into()
+}
+fn default_epochs() -> u32 {
+    30
+}
+fn default_batch_size() -> u32 {
+    64
+}
+fn default_learning_rate() -> f64 {
+    0.001
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl JobSpec {
+    /// Parses and validates a YAML spec. Errors name the field and the reason.
+    pub fn from_yaml(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_yaml::from_str(text).map_err(yaml_error)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The rules serde cannot express. Called at submit by the CLI and again by the coordinator,
+    /// which must not trust its clients.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() {
+            return Err(SpecError::new("name", "must not be empty"));
+        }
+        if self.name.len() > 128 || self.name.chars().any(|c| c.is_control()) {
+            return Err(SpecError::new("name", "must be at most 128 printable characters"));
+        }
+        if self.priority > 100 {
+            return Err(SpecError::new("priority", format!("must be 0..100, got {}", self.priority)));
+        }
+        if self.queue.trim().is_empty() {
+            return Err(SpecError::new("queue", "must not be empty"));
+        }
+        let r = &self.resources;
+        if r.nodes == 0 {
+            return Err(SpecError::new("resources.nodes", "must be at least 1"));
+        }
+        if !(r.cpus.is_finite() && r.cpus > 0.0) {
+            return Err(SpecError::new("resources.cpus", format!("must be a positive number, got {}", r.cpus)));
+        }
+        if !(r.memory_gb.is_finite() && r.memory_gb >= 0.0) {
+            return Err(SpecError::new("resources.memory_gb", format!("must be zero or more, got {}", r.memory_gb)));
+        }
+        if let Some(m) = r.gpu_memory_gb
+            && !(m.is_finite() && m >= 0.0)
+        {
+            return Err(SpecError::new("resources.gpu_memory_gb", format!("must be zero or more, got {m}")));
+        }
+        if r.gpus == 0 && (r.gpu_model.is_some() || r.gpu_memory_gb.is_some()) {
+            return Err(SpecError::new("resources.gpus", "gpu_model and gpu_memory_gb need gpus of at least 1"));
+        }
+        match (&self.train, &self.command) {
+            (Some(_), Some(_)) => {
+                return Err(SpecError::new("train", "give exactly one of `train` and `command`, not both"));
+            }
+            (None, None) => {
+                return Err(SpecError::new("train", "give exactly one of `train` and `command`"));
+            }
+            (None, Some(cmd)) => {
+                if cmd.is_empty() || cmd[0].is_empty() {
+                    return Err(SpecError::new("command", "must name a program to run"));
+                }
+            }
+            (Some(t), None) => t.validate()?,
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(SpecError::new(format!("env.{key}"), "is not a valid variable name"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Memory asked for, in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        (self.resources.memory_gb * GIB) as u64
+    }
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+impl TrainSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        if !TRAIN_MODELS.contains(&self.model.as_str()) {
+            return Err(SpecError::new(
+                "train.model",
+                format!("unknown model `{}`, expected one of: {}", self.model, TRAIN_MODELS.join(", ")),
+            ));
+        }
+        if !TRAIN_DATASETS.contains(&self.dataset.as_str()) {
+            return Err(SpecError::new(
+                "train.dataset",
+                format!("unknown dataset `{}`, expected one of: {}", self.dataset, TRAIN_DATASETS.join(", ")),
+            ));
+        }
+        if self.epochs == 0 {
+            return Err(SpecError::new("train.epochs", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(SpecError::new("train.batch_size", "must be at least 1"));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(SpecError::new("train.learning_rate", "must be a positive number"));
+        }
+        if self.checkpoint_every_steps == 0 {
+            return Err(SpecError::new("train.checkpoint_every_steps", "must be at least 1"));
+        }
+        if let Some(from) = &self.init_from {
+            parse_checkpoint_ref(from).map_err(|reason| SpecError::new("train.init_from", reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// `JOB_ID` or `JOB_ID@STEP` → (job id, step).
+pub fn parse_checkpoint_ref(text: &str) -> Result<(String, Option<u64>), String> {
+    let (job, step) = match text.split_once('@') {
+        Some((job, step)) => {
+            let step = step.parse::<u64>().map_err(|_| format!("`{step}` is not a step number (use JOB_ID@STEP)"))?;
+            (job, Some(step))
+        }
+        None => (text, None),
+    };
+    if job.is_empty() {
+        return Err("must name a job id (JOB_ID or JOB_ID@STEP)".into());
+    }
+    Ok((job.to_string(), step))
+}
+
+/// Turns serde_yaml's message ("resources.gpus: invalid value ... at line 4 column 9") into a
+/// field and a reason.
+fn yaml_error(e: serde_yaml::Error) -> SpecError {
+    let text = e.to_string();
+    // serde_yaml prefixes the dotted path and a colon when the error is inside a field.
+    if let Some((path, reason)) = text.split_once(": ")
+        && !path.contains(' ')
+        && !path.is_empty()
+    {
+        return SpecError::new(path, reason);
+    }
+    SpecError::new("", format!("not a valid job spec: {text}"))
+}
+
+/// `90s`, `30m`, `2h`, `1h30m`, `1d` → seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("`{text}` is not a duration (use e.g. 90s, 30m, 2h, 1h30m)")),
+        };
+        let n: u64 =
+            number.parse().map_err(|_| format!("`{text}` is not a duration (use e.g. 90s, 30m, 2h, 1h30m)"))?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(format!("`{text}` needs a unit (s, m, h or d)"));
+    }
+    if total == 0 {
+        return Err("must be longer than zero".into());
+    }
+    Ok(total)
+}
+
+pub fn format_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out += &format!("{h}h");
+    }
+    if m > 0 {
+        out += &format!("{m}m");
+    }
+    if s > 0 || out.is_empty() {
+        out += &format!("{s}s");
+    }
+    out
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
+}
+
+fn ser_duration<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(secs) => s.serialize_str(&format_duration(*secs)),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name: digits-mlp\ntrain:\n  epochs: 2\n";
+
+    #[test]
+    fn minimal_train_spec_gets_defaults() {
+        let spec = JobSpec::from_yaml(GOOD).unwrap();
+        assert_eq!(spec.priority, 50);
+        assert_eq!(spec.queue, "default");
+        assert_eq!(spec.resources.nodes, 1);
+        assert_eq!(spec.train.unwrap().epochs, 2);
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_name() {
+        let err = JobSpec::from_yaml("name: x\ncommand: [true]\nresources:\n  gpuz: 1\n").unwrap_err();
+        assert_eq!(err.field, "resources");
+        assert!(err.reason.contains("unknown field `gpuz`"), "{err}");
+    }
+
+    #[test]
+    fn negative_gpus_is_refused() {
+        let err = JobSpec::from_yaml("name: x\ncommand: [true]\nresources:\n  gpus: -1\n").unwrap_err();
+        assert_eq!(err.field, "resources.gpus");
+        assert!(err.reason.contains("-1"), "{err}");
+    }
+
+    #[test]
+    fn both_or_neither_of_train_and_command_is_refused() {
+        let both = JobSpec::from_yaml("name: x\ncommand: [true]\ntrain: {}\n").unwrap_err();
+        assert!(both.reason.contains("not both"), "{both}");
+        let neither = JobSpec::from_yaml("name: x\n").unwrap_err();
+        assert!(neither.reason.contains("exactly one"), "{neither}");
+    }
+
+    #[test]
+    fn broken_yaml_is_refused() {
+        let err = JobSpec::from_yaml("name: [unclosed\n").unwrap_err();
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        assert_eq!(parse_duration("1h30m").unwrap(), 5400);
+        assert_eq!(format_duration(5400), "1h30m");
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("5x").is_err());
+        let spec = JobSpec::from_yaml("name: x\ncommand: [true]\nmax_duration: 2h\n").unwrap();
+        assert_eq!(spec.max_duration_secs, Some(7200));
+    }
+
+    #[test]
+    fn checkpoint_refs_parse() {
+        assert_eq!(parse_checkpoint_ref("j1").unwrap(), ("j1".into(), None));
+        assert_eq!(parse_checkpoint_ref("j1@200").unwrap(), ("j1".into(), Some(200)));
+        assert!(parse_checkpoint_ref("j1@x").is_err());
+    }
+}
