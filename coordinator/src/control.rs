@@ -1,0 +1,608 @@
+//! The coordinator's decisions: queue a job, place what fits (through the pure scheduler), record
+//! what agents report, requeue work from lost agents. The gRPC services are thin layers over this.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gantry_core::JobSpec;
+use gantry_core::scheduler::{self, Gpu, Node, PendingJob, Snapshot};
+use gantry_proto::v1;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{info, warn};
+
+use crate::checkpoints::CheckpointFiles;
+use crate::error::{Error, Result};
+use crate::fleet::{AgentConn, Fleet, Session};
+use crate::logs::LogStore;
+use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
+use crate::store::Store;
+
+/// Settings with defaults that suit one machine; tests shorten the timeouts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// An agent silent this long is lost: its jobs are requeued.
+    pub agent_timeout: Duration,
+    /// How long a cancelled job has between SIGTERM and SIGKILL.
+    pub grace_period: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            agent_timeout: Duration::from_secs(20),
+            grace_period: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct Coordinator {
+    pub store: Store,
+    pub logs: LogStore,
+    pub checkpoints: CheckpointFiles,
+    pub settings: Settings,
+    /// A std mutex: held for map updates only, never across an await.
+    fleet: Mutex<Fleet>,
+    /// Why each queued job waits, and where it stands: from the last scheduling pass.
+    waiting: Mutex<HashMap<String, (String, u32)>>,
+    wake: Notify,
+    /// Ticks whenever a job changes state: log followers wait on it.
+    jobs_changed: watch::Sender<u64>,
+    started: Instant,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Ports for torchrun's MASTER_PORT: spread by job id so jobs on one node rarely collide.
+fn master_port(job_id: &str) -> u32 {
+    29500 + (job_id.parse::<u64>().unwrap_or(0) % 2000) as u32
+}
+
+impl Coordinator {
+    pub fn open(data_dir: &std::path::Path, settings: Settings) -> Result<Coordinator> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io(format!("creating {}", data_dir.display())))?;
+        let store = Store::open(&data_dir.join("state.redb"))?;
+        let jobs_dir = data_dir.join("jobs");
+        let mut fleet = Fleet::default();
+        // Agents registered before a restart are known, but not connected, until they return.
+        for agent in store.agents()? {
+            let inventory = prost::Message::decode(agent.inventory.as_slice()).unwrap_or_default();
+            fleet.agents.insert(
+                agent.name.clone(),
+                AgentConn { inventory, addr: String::new(), last_seen: Instant::now(), session: None },
+            );
+        }
+        Ok(Coordinator {
+            store,
+            logs: LogStore::new(jobs_dir.clone()),
+            checkpoints: CheckpointFiles::new(jobs_dir),
+            settings,
+            fleet: Mutex::new(fleet),
+            waiting: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            jobs_changed: watch::channel(0).0,
+            started: Instant::now(),
+        })
+    }
+
+    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.fleet.lock().expect("fleet lock poisoned")
+    }
+
+    fn changed(&self) {
+        self.jobs_changed.send_modify(|v| *v += 1);
+        self.wake.notify_one();
+    }
+
+    pub fn subscribe_jobs(&self) -> watch::Receiver<u64> {
+        self.jobs_changed.subscribe()
+    }
+
+    // ---- users --------------------------------------------------------------------------------
+
+    pub fn submit(&self, spec: JobSpec) -> Result<JobRecord> {
+        spec.validate().map_err(|e| Error::InvalidArgument(format!("invalid job spec: {e}")))?;
+        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref()) {
+            let (job, _) = gantry_core::spec::parse_checkpoint_ref(from)
+                .map_err(|e| Error::InvalidArgument(format!("train.init_from: {e}")))?;
+            self.store
+                .job(&job)
+                .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
+        }
+        let job = self.store.submit(spec, now_ms())?;
+        info!(job = %job.id, name = %job.spec.name, "job queued");
+        self.changed();
+        Ok(job)
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<JobRecord> {
+        let now = now_ms();
+        let updated = self.store.update_job(id, |job| {
+            if job.state.is_terminal() || job.cancel_requested {
+                return false;
+            }
+            job.cancel_requested = true;
+            if job.state == JobState::Queued {
+                job.state = JobState::Cancelled;
+                job.ended_at_ms = Some(now);
+                job.message = "cancelled before it started".into();
+            }
+            true
+        })?;
+        let job = match updated {
+            Some(job) => job,
+            None => return self.store.job(id),
+        };
+        if job.state == JobState::Running {
+            self.stop_ranks(&job, None);
+        }
+        info!(job = %id, "cancel requested");
+        self.changed();
+        Ok(job)
+    }
+
+    /// Sends SIGTERM-with-grace to every rank of the job's current attempt, except `except`.
+    fn stop_ranks(&self, job: &JobRecord, except: Option<u32>) {
+        let Some(attempt) = job.current_attempt() else { return };
+        let fleet = self.fleet();
+        for rank in attempt.placement.iter().filter(|r| Some(r.rank) != except) {
+            if let Some(tx) = fleet.sender(&rank.node) {
+                let msg = v1::CoordinatorMessage {
+                    msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
+                        job_id: job.id.clone(),
+                        attempt: job.attempt,
+                        grace_period_ms: self.settings.grace_period.as_millis() as u64,
+                    })),
+                };
+                let _ = tx.try_send(msg);
+            }
+        }
+    }
+
+    pub fn waiting(&self, id: &str) -> Option<(String, u32)> {
+        self.waiting.lock().expect("waiting lock poisoned").get(id).cloned()
+    }
+
+    pub fn nodes(&self) -> Vec<(String, bool, v1::Inventory, Instant)> {
+        self.fleet()
+            .agents
+            .iter()
+            .map(|(name, a)| (name.clone(), a.session.is_some(), a.inventory.clone(), a.last_seen))
+            .collect()
+    }
+
+    // ---- agents -------------------------------------------------------------------------------
+
+    pub fn register_agent(&self, name: &str, inventory: v1::Inventory, addr: String) -> Result<()> {
+        let bytes = prost::Message::encode_to_vec(&inventory);
+        self.store.put_agent(&AgentRecord { name: name.to_string(), inventory: bytes, registered_at_ms: now_ms() })?;
+        let mut fleet = self.fleet();
+        let entry = fleet.agents.entry(name.to_string()).or_insert_with(|| AgentConn {
+            inventory: inventory.clone(),
+            addr: addr.clone(),
+            last_seen: Instant::now(),
+            session: None,
+        });
+        entry.inventory = inventory;
+        entry.addr = addr;
+        entry.last_seen = Instant::now();
+        info!(agent = %name, gpus = entry.inventory.gpus.len(), "agent registered");
+        Ok(())
+    }
+
+    /// Opens an agent's session. The first heartbeat lists every job the agent holds: reconcile
+    /// it against what the store expects on that node before anything new is sent there.
+    pub fn attach_session(
+        &self,
+        name: &str,
+        first: v1::Heartbeat,
+        tx: mpsc::Sender<v1::CoordinatorMessage>,
+    ) -> Result<u64> {
+        {
+            let fleet = self.fleet();
+            if !fleet.agents.contains_key(name) {
+                return Err(Error::FailedPrecondition(format!("agent {name} must register before opening a session")));
+            }
+        }
+        let held: BTreeMap<(String, u32, u32), v1::JobReport> =
+            first.jobs.iter().map(|r| ((r.job_id.clone(), r.attempt, r.rank), r.clone())).collect();
+        let session = {
+            let mut fleet = self.fleet();
+            let id = fleet.next_session_id();
+            let agent = fleet.agents.get_mut(name).expect("checked above");
+            agent.session = Some(Session { id, tx: tx.clone() });
+            agent.last_seen = Instant::now();
+            if let Some(inv) = first.inventory.clone() {
+                agent.inventory = inv;
+            }
+            id
+        };
+        for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
+            let Some(attempt) = job.current_attempt() else { continue };
+            for rank in attempt.placement.iter().filter(|r| r.node == name) {
+                if !held.contains_key(&(job.id.clone(), job.attempt, rank.rank)) {
+                    warn!(job = %job.id, agent = %name, "agent no longer holds the job");
+                    self.end_attempt(
+                        &job.id,
+                        job.attempt,
+                        rank.rank,
+                        None,
+                        format!("lost: agent {name} no longer had it"),
+                    )?;
+                }
+            }
+        }
+        for report in first.jobs {
+            self.job_report(name, report)?;
+        }
+        info!(agent = %name, session, "agent session open");
+        self.changed();
+        Ok(session)
+    }
+
+    pub fn detach_session(&self, name: &str, session: u64) {
+        let mut fleet = self.fleet();
+        if let Some(agent) = fleet.agents.get_mut(name)
+            && agent.session.as_ref().is_some_and(|s| s.id == session)
+        {
+            agent.session = None;
+            info!(agent = %name, "agent session closed");
+        }
+    }
+
+    pub fn heartbeat(&self, name: &str, hb: v1::Heartbeat) -> Result<()> {
+        {
+            let mut fleet = self.fleet();
+            if let Some(agent) = fleet.agents.get_mut(name) {
+                agent.last_seen = Instant::now();
+                if let Some(inv) = hb.inventory {
+                    agent.inventory = inv;
+                }
+            }
+        }
+        for report in hb.jobs.into_iter().filter(|r| r.phase == v1::job_report::Phase::Exited as i32) {
+            self.job_report(name, report)?;
+        }
+        Ok(())
+    }
+
+    /// What an agent says about one attempt. Idempotent: agents repeat exits until released.
+    pub fn job_report(&self, name: &str, report: v1::JobReport) -> Result<()> {
+        let job = match self.store.job(&report.job_id) {
+            Ok(job) => job,
+            Err(Error::JobNotFound(_)) => return Ok(self.release(name, &report.job_id, report.attempt)),
+            Err(e) => return Err(e),
+        };
+        let expected = job.state == JobState::Running
+            && job.attempt == report.attempt
+            && job
+                .current_attempt()
+                .is_some_and(|a| a.placement.iter().any(|r| r.rank == report.rank && r.node == name));
+        if report.phase == v1::job_report::Phase::Exited as i32 {
+            if expected {
+                let code = report.exit_code.unwrap_or_else(|| -report.signal.unwrap_or(9));
+                let why = if report.message.is_empty() { describe_exit(&report) } else { report.message.clone() };
+                self.end_attempt(&job.id, report.attempt, report.rank, Some(code), why)?;
+            }
+            self.release(name, &report.job_id, report.attempt);
+        } else if !expected {
+            // The agent runs something the coordinator moved on from (requeued while it was away).
+            warn!(job = %job.id, attempt = report.attempt, agent = %name, "stopping a stale attempt");
+            if let Some(tx) = self.fleet().sender(name) {
+                let _ = tx.try_send(v1::CoordinatorMessage {
+                    msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
+                        job_id: job.id.clone(),
+                        attempt: report.attempt,
+                        grace_period_ms: self.settings.grace_period.as_millis() as u64,
+                    })),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, name: &str, job_id: &str, attempt: u32) {
+        if let Some(tx) = self.fleet().sender(name) {
+            let _ = tx.try_send(v1::CoordinatorMessage {
+                msg: Some(v1::coordinator_message::Msg::Release(v1::Release { job_id: job_id.to_string(), attempt })),
+            });
+        }
+    }
+
+    /// Records that a rank ended (`code` None: it was lost). The attempt ends when every rank
+    /// exited 0 or any rank failed; the job then succeeds, fails, is cancelled or is requeued.
+    fn end_attempt(&self, id: &str, attempt: u32, rank: u32, code: Option<i32>, why: String) -> Result<()> {
+        let now = now_ms();
+        let mut stop_others = false;
+        let updated = self.store.update_job(id, |job| {
+            if job.state != JobState::Running || job.attempt != attempt {
+                return false;
+            }
+            let max_restarts = job.spec.max_restarts;
+            let cancel = job.cancel_requested;
+            let current = job.current_attempt_mut().expect("a running job has an attempt");
+            current.rank_exits.insert(rank, code.unwrap_or(-1));
+            let world = current.placement.len();
+            let all_ok = current.rank_exits.len() == world && current.rank_exits.values().all(|c| *c == 0);
+            let failed = code != Some(0);
+            if !(all_ok || failed) {
+                return true; // other ranks still running
+            }
+            current.ended_at_ms = Some(now);
+            current.exit_code = code;
+            current.outcome = if all_ok { "succeeded".into() } else { why.clone() };
+            stop_others = failed && world > 1;
+            if cancel {
+                job.state = JobState::Cancelled;
+                job.message = "cancelled".into();
+            } else if all_ok {
+                job.state = JobState::Succeeded;
+                job.message.clear();
+            } else if code.is_none() || job.attempt <= max_restarts {
+                // Lost nodes do not count against max_restarts; failures do.
+                job.state = JobState::Queued;
+                job.message = format!("attempt {attempt} ended ({why}); requeued");
+                return true;
+            } else {
+                job.state = JobState::Failed;
+                job.message = format!("{why} (attempt {attempt} of {})", max_restarts + 1);
+            }
+            job.ended_at_ms = Some(now);
+            true
+        })?;
+        if let Some(job) = updated {
+            info!(job = %id, attempt, rank, state = ?job.state, reason = %why, "attempt ended");
+            if stop_others {
+                // `stop_ranks` reads the attempt's placement, unchanged by a requeue.
+                self.stop_ranks(&job, Some(rank));
+            }
+            self.changed();
+        }
+        Ok(())
+    }
+
+    /// Requeues work from agents that have been silent past the timeout. Agents known from
+    /// before a restart count from the restart, so they have the same time to come back.
+    pub fn reap_lost_agents(&self) -> Result<()> {
+        let timeout = self.settings.agent_timeout;
+        let (lost, known): (Vec<String>, Vec<String>) = {
+            let fleet = self.fleet();
+            let lost = fleet.agents.iter().filter(|(_, a)| a.last_seen.elapsed() > timeout).map(|(n, _)| n.clone());
+            (lost.collect(), fleet.agents.keys().cloned().collect())
+        };
+        let grace_over = self.started.elapsed() > timeout;
+        for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
+            let Some(attempt) = job.current_attempt() else { continue };
+            let gone = attempt.placement.iter().find(|r| {
+                !attempt.rank_exits.contains_key(&r.rank)
+                    && (lost.contains(&r.node) || (grace_over && !known.contains(&r.node)))
+            });
+            if let Some(rank) = gone {
+                warn!(job = %job.id, agent = %rank.node, "agent lost; requeueing its job");
+                self.end_attempt(&job.id, job.attempt, rank.rank, None, format!("agent {} lost", rank.node))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- placement ----------------------------------------------------------------------------
+
+    /// Waits for something to change (or a tick), then places what fits. Runs until the process
+    /// ends.
+    pub async fn run_scheduler(&self) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if let Err(e) = self.reap_lost_agents().and_then(|_| self.schedule_pass()) {
+                warn!(error = %e, "scheduling pass failed");
+            }
+        }
+    }
+
+    /// One pass: snapshot, pure placement, apply each placement if its job is unchanged.
+    pub fn schedule_pass(&self) -> Result<()> {
+        let jobs = self.store.jobs()?;
+        let (snapshot, versions) = self.snapshot(&jobs);
+        let plan = scheduler::schedule(&snapshot);
+        {
+            let mut waiting = self.waiting.lock().expect("waiting lock poisoned");
+            waiting.clear();
+            for (i, w) in plan.waiting.iter().enumerate() {
+                waiting.insert(w.job_id.clone(), (w.reason.clone(), i as u32 + 1));
+            }
+        }
+        for placement in plan.placements {
+            let job = jobs.iter().find(|j| j.id == placement.job_id).expect("plan names snapshot jobs");
+            let resume = match self.resume_point(job) {
+                Ok(r) => r,
+                Err(why) => {
+                    self.fail_before_start(&job.id, why)?;
+                    continue;
+                }
+            };
+            let ranks: Vec<RankPlacement> = placement
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(rank, n)| RankPlacement {
+                    rank: rank as u32,
+                    node: n.node.clone(),
+                    gpu_uuids: n.gpu_uuids.clone(),
+                })
+                .collect();
+            let Some(started) = self.store.start_attempt(&job.id, versions[&job.id], ranks.clone(), now_ms())? else {
+                continue; // changed since the snapshot: the next pass sees it fresh
+            };
+            info!(job = %started.id, attempt = started.attempt, nodes = ?ranks.iter().map(|r| &r.node).collect::<Vec<_>>(), "job placed");
+            self.send_assignments(&started, &ranks, resume);
+            self.changed();
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, jobs: &[JobRecord]) -> (Snapshot, HashMap<String, u64>) {
+        let fleet = self.fleet();
+        let mut nodes: Vec<Node> = fleet
+            .agents
+            .iter()
+            .map(|(name, a)| Node {
+                name: name.clone(),
+                schedulable: a.session.is_some(),
+                cpus: a.inventory.cpus as f64,
+                memory_bytes: a.inventory.memory_bytes,
+                cpus_used: 0.0,
+                memory_used_bytes: 0,
+                gpus: a
+                    .inventory
+                    .gpus
+                    .iter()
+                    .map(|g| Gpu {
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        memory_total_bytes: g.memory_total_bytes,
+                        healthy: g.healthy,
+                        in_use: false,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut pending = Vec::new();
+        let mut versions = HashMap::new();
+        for job in jobs {
+            match job.state {
+                JobState::Queued if !job.cancel_requested => {
+                    versions.insert(job.id.clone(), job.version);
+                    pending.push(PendingJob {
+                        id: job.id.clone(),
+                        priority: job.spec.priority,
+                        seq: job.seq,
+                        resources: job.spec.resources.clone(),
+                    });
+                }
+                JobState::Running => {
+                    let Some(attempt) = job.current_attempt() else { continue };
+                    for rank in &attempt.placement {
+                        if let Some(node) = nodes.iter_mut().find(|n| n.name == rank.node) {
+                            node.cpus_used += job.spec.resources.cpus;
+                            node.memory_used_bytes += job.spec.memory_bytes();
+                            for g in node.gpus.iter_mut().filter(|g| rank.gpu_uuids.contains(&g.uuid)) {
+                                g.in_use = true;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let revision = jobs.iter().map(|j| j.version).sum();
+        (Snapshot { revision, now_ms: now_ms() as u64, nodes, pending }, versions)
+    }
+
+    /// Where a placed job starts from: its own latest checkpoint on a restart, else `init_from`.
+    fn resume_point(&self, job: &JobRecord) -> std::result::Result<Option<v1::CheckpointRef>, String> {
+        let own = self.store.checkpoints(&job.id).map_err(|e| e.to_string())?;
+        if let Some(latest) = own.last() {
+            return Ok(Some(v1::CheckpointRef { job_id: job.id.clone(), step: latest.step }));
+        }
+        let Some(from) = job.spec.train.as_ref().and_then(|t| t.init_from.as_ref()) else { return Ok(None) };
+        let (other, step) = gantry_core::spec::parse_checkpoint_ref(from)?;
+        let theirs = self.store.checkpoints(&other).map_err(|e| e.to_string())?;
+        let found = match step {
+            Some(step) => theirs.iter().find(|c| c.step == step),
+            None => theirs.last(),
+        };
+        match found {
+            Some(c) => Ok(Some(v1::CheckpointRef { job_id: other, step: c.step })),
+            None => Err(format!(
+                "train.init_from: job {other} has no checkpoint{}",
+                step.map(|s| format!(" at step {s}")).unwrap_or_default()
+            )),
+        }
+    }
+
+    fn fail_before_start(&self, id: &str, why: String) -> Result<()> {
+        let now = now_ms();
+        self.store.update_job(id, |job| {
+            if job.state != JobState::Queued {
+                return false;
+            }
+            job.state = JobState::Failed;
+            job.message = why.clone();
+            job.ended_at_ms = Some(now);
+            true
+        })?;
+        warn!(job = %id, reason = %why, "job failed before it started");
+        self.changed();
+        Ok(())
+    }
+
+    fn send_assignments(&self, job: &JobRecord, ranks: &[RankPlacement], resume: Option<v1::CheckpointRef>) {
+        let fleet = self.fleet();
+        let master_addr = fleet.agents.get(&ranks[0].node).map(|a| a.addr.clone()).unwrap_or_default();
+        for rank in ranks {
+            let msg = v1::CoordinatorMessage {
+                msg: Some(v1::coordinator_message::Msg::Assign(v1::Assignment {
+                    job_id: job.id.clone(),
+                    attempt: job.attempt,
+                    rank: rank.rank,
+                    world_size: ranks.len() as u32,
+                    spec: Some(v1::JobSpec::from(&job.spec)),
+                    gpu_uuids: rank.gpu_uuids.clone(),
+                    master_addr: master_addr.clone(),
+                    master_port: master_port(&job.id),
+                    resume: resume.clone(),
+                })),
+            };
+            // A full or closed channel means the agent is going away: the reaper requeues.
+            match fleet.sender(&rank.node) {
+                Some(tx) => {
+                    if tx.try_send(msg).is_err() {
+                        warn!(job = %job.id, agent = %rank.node, "could not send the assignment");
+                    }
+                }
+                None => warn!(job = %job.id, agent = %rank.node, "agent disconnected before its assignment"),
+            }
+        }
+    }
+
+    // ---- checkpoints --------------------------------------------------------------------------
+
+    pub fn commit_checkpoint(&self, record: CheckpointRecord) -> Result<CheckpointRecord> {
+        let mut record = record;
+        record.committed_at_ms = now_ms();
+        self.store.put_checkpoint(&record)?;
+        info!(job = %record.job_id, step = record.step, bytes = record.bytes, "checkpoint committed");
+        Ok(record)
+    }
+
+    /// The checkpoint a download asks for: the given step, or the latest.
+    pub fn find_checkpoint(&self, job_id: &str, step: Option<u64>) -> Result<CheckpointRecord> {
+        self.store.job(job_id)?;
+        let all = self.store.checkpoints(job_id)?;
+        let found = match step {
+            Some(step) => all.into_iter().find(|c| c.step == step),
+            None => all.into_iter().last(),
+        };
+        found.ok_or_else(|| {
+            Error::NotFound(match step {
+                Some(s) => format!("job {job_id} has no checkpoint at step {s}"),
+                None => format!("job {job_id} has no checkpoint yet"),
+            })
+        })
+    }
+}
+
+fn describe_exit(report: &v1::JobReport) -> String {
+    match (report.exit_code, report.signal) {
+        (Some(0), _) => "exited 0".into(),
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => "ended".into(),
+    }
+}

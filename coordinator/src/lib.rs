@@ -1,0 +1,80 @@
+//! gantry's control plane: queues jobs durably, places them on agents through the pure scheduler
+//! in `gantry-core`, records what agents report, and serves people (CLI) and agents over gRPC and
+//! HTTP.
+//!
+//! The coordinator never runs jobs itself, and never trusts a client: specs are validated again
+//! here, uploads are verified before they are recorded.
+
+mod checkpoints;
+pub mod control;
+mod error;
+mod fleet;
+mod http;
+mod logs;
+mod records;
+mod service;
+mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use gantry_proto::v1;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use control::{Coordinator, Settings};
+pub use error::{Error, Result};
+
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub settings: Settings,
+}
+
+/// Serves until `shutdown` completes. Takes bound listeners so callers (and tests) can bind
+/// port 0 and learn the address first.
+pub async fn serve(
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let coordinator = Arc::new(Coordinator::open(&config.data_dir, config.settings)?);
+    info!(
+        grpc = %grpc.local_addr().map_err(Error::io("reading the gRPC address"))?,
+        http = %http.local_addr().map_err(Error::io("reading the HTTP address"))?,
+        data_dir = %config.data_dir.display(),
+        "coordinator listening"
+    );
+    let scheduler = {
+        let c = coordinator.clone();
+        tokio::spawn(async move { c.run_scheduler().await })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut http_stop = stop_rx.clone();
+    let http_server = axum::serve(http, http::router(coordinator.clone())).with_graceful_shutdown(async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    });
+    let http_task = tokio::spawn(async move { http_server.await });
+
+    let mut grpc_stop = stop_rx;
+    let result = tonic::transport::Server::builder()
+        .add_service(v1::gantry_server::GantryServer::new(service::user::UserService {
+            coordinator: coordinator.clone(),
+        }))
+        .add_service(v1::agents_server::AgentsServer::new(service::agent::AgentService {
+            coordinator: coordinator.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        })
+        .await;
+    scheduler.abort();
+    let _ = http_task.await;
+    result.map_err(|e| Error::Io { context: "serving gRPC".into(), source: std::io::Error::other(e) })
+}

@@ -1,0 +1,170 @@
+//! Job output on disk: one file per (job, attempt, rank) under `<data-dir>/jobs/<id>/logs/`.
+//!
+//! Agents upload numbered lines and may resend after a reconnect; a line is appended only once
+//! (its sequence number is the file's line count), so retries never duplicate output.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+pub struct LogStore {
+    root: PathBuf,
+    /// Lines held per (job, attempt, rank); counted from the file on first use. A std mutex:
+    /// held only around a file append, never across an await.
+    next_seq: Mutex<HashMap<(String, u32, u32), u64>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Where a reader of a job's logs is: how far it got in each file.
+#[derive(Debug, Default, Clone)]
+pub struct LogCursor {
+    offsets: HashMap<PathBuf, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub attempt: u32,
+    pub rank: u32,
+    pub text: String,
+}
+
+impl LogStore {
+    pub fn new(jobs_dir: PathBuf) -> LogStore {
+        LogStore { root: jobs_dir, next_seq: Mutex::new(HashMap::new()), changed: tokio::sync::watch::channel(0).0 }
+    }
+
+    fn dir(&self, job: &str) -> PathBuf {
+        self.root.join(job).join("logs")
+    }
+
+    fn file(&self, job: &str, attempt: u32, rank: u32) -> PathBuf {
+        self.dir(job).join(format!("attempt-{attempt:04}-rank-{rank:04}.log"))
+    }
+
+    /// Appends the lines not held yet; returns the next sequence number expected.
+    pub fn append(&self, job: &str, attempt: u32, rank: u32, first_seq: u64, lines: &[String]) -> Result<u64> {
+        let path = self.file(job, attempt, rank);
+        let mut seqs = self.next_seq.lock().expect("log index poisoned");
+        let key = (job.to_string(), attempt, rank);
+        let next = match seqs.get(&key) {
+            Some(n) => *n,
+            None => count_lines(&path)?,
+        };
+        if first_seq > next {
+            // A gap: the agent must resend from `next`.
+            seqs.insert(key, next);
+            return Ok(next);
+        }
+        let skip = (next - first_seq) as usize;
+        let fresh = lines.get(skip..).unwrap_or(&[]);
+        if !fresh.is_empty() {
+            std::fs::create_dir_all(self.dir(job)).map_err(Error::io("creating the log directory"))?;
+            let mut buf = String::with_capacity(fresh.iter().map(|l| l.len() + 1).sum());
+            for line in fresh {
+                // A line never contains a newline: the agent splits on them.
+                buf.push_str(&line.replace('\n', " "));
+                buf.push('\n');
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(Error::io(format!("opening {}", path.display())))?;
+            f.write_all(buf.as_bytes()).map_err(Error::io("appending logs"))?;
+        }
+        let next = next + fresh.len() as u64;
+        seqs.insert(key, next);
+        drop(seqs);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(next)
+    }
+
+    /// A receiver that changes whenever any log grows: followers wait on it.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Complete lines written since `cursor`, attempts in order, then ranks.
+    pub fn read_new(&self, job: &str, cursor: &mut LogCursor) -> Result<Vec<Line>> {
+        let mut files: Vec<(u32, u32, PathBuf)> = match std::fs::read_dir(self.dir(job)) {
+            Ok(entries) => entries.filter_map(|e| e.ok()).filter_map(|e| parse_name(&e.path())).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("listing logs")(e)),
+        };
+        files.sort();
+        let mut out = Vec::new();
+        for (attempt, rank, path) in files {
+            let offset = cursor.offsets.entry(path.clone()).or_insert(0);
+            let mut f = std::fs::File::open(&path).map_err(Error::io("opening a log"))?;
+            f.seek(SeekFrom::Start(*offset)).map_err(Error::io("reading a log"))?;
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes).map_err(Error::io("reading a log"))?;
+            // Only whole lines: a writer may be mid-append.
+            let end = bytes.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+            for line in bytes[..end].split_inclusive(|b| *b == b'\n') {
+                let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                out.push(Line { attempt, rank, text });
+            }
+            *offset += end as u64;
+        }
+        Ok(out)
+    }
+}
+
+fn parse_name(path: &Path) -> Option<(u32, u32, PathBuf)> {
+    let name = path.file_name()?.to_str()?.strip_prefix("attempt-")?.strip_suffix(".log")?;
+    let (attempt, rank) = name.split_once("-rank-")?;
+    Some((attempt.parse().ok()?, rank.parse().ok()?, path.to_path_buf()))
+}
+
+fn count_lines(path: &Path) -> Result<u64> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(BufReader::new(f).split(b'\n').count() as u64),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io("counting log lines")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(range: std::ops::Range<u32>) -> Vec<String> {
+        range.map(|i| format!("line {i}")).collect()
+    }
+
+    #[test]
+    fn resent_lines_are_appended_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::new(dir.path().to_path_buf());
+        assert_eq!(store.append("1", 1, 0, 0, &lines(0..5)).unwrap(), 5);
+        assert_eq!(store.append("1", 1, 0, 3, &lines(3..8)).unwrap(), 8);
+        // A restarted coordinator counts the file again.
+        let again = LogStore::new(dir.path().to_path_buf());
+        assert_eq!(again.append("1", 1, 0, 0, &lines(0..8)).unwrap(), 8);
+        let mut cursor = LogCursor::default();
+        let got: Vec<String> = again.read_new("1", &mut cursor).unwrap().into_iter().map(|l| l.text).collect();
+        assert_eq!(got, lines(0..8));
+        assert!(again.read_new("1", &mut cursor).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_gap_asks_for_a_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::new(dir.path().to_path_buf());
+        assert_eq!(store.append("1", 1, 0, 4, &lines(4..6)).unwrap(), 0);
+    }
+
+    #[test]
+    fn attempts_are_read_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::new(dir.path().to_path_buf());
+        store.append("1", 2, 0, 0, &["second".into()]).unwrap();
+        store.append("1", 1, 0, 0, &["first".into()]).unwrap();
+        let got = store.read_new("1", &mut LogCursor::default()).unwrap();
+        assert_eq!(got.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["first", "second"]);
+    }
+}

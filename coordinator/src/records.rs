@@ -1,0 +1,97 @@
+//! What the coordinator keeps durably, in domain terms.
+
+use std::collections::BTreeMap;
+
+use gantry_core::JobSpec;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    /// Submit order, also the store key.
+    pub seq: u64,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// The current (or last) attempt, 0 before the first start.
+    pub attempt: u32,
+    pub submitted_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub attempts: Vec<AttemptRecord>,
+    pub cancel_requested: bool,
+    /// Why it ended, for failed and cancelled jobs; why it was requeued otherwise.
+    pub message: String,
+    /// Bumped on every change: a plan computed from an older version is refused.
+    pub version: u64,
+}
+
+impl JobRecord {
+    pub fn current_attempt(&self) -> Option<&AttemptRecord> {
+        self.attempts.iter().rev().find(|a| a.attempt == self.attempt)
+    }
+    pub fn current_attempt_mut(&mut self) -> Option<&mut AttemptRecord> {
+        let attempt = self.attempt;
+        self.attempts.iter_mut().rev().find(|a| a.attempt == attempt)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub placement: Vec<RankPlacement>,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub outcome: String,
+    /// Exit status of each rank that has ended: rank -> exit code (negative: killed by signal).
+    pub rank_exits: BTreeMap<u32, i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankPlacement {
+    pub rank: u32,
+    pub node: String,
+    pub gpu_uuids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub job_id: String,
+    pub attempt: u32,
+    pub step: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub files: Vec<FileRecord>,
+    pub committed_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// An agent as last registered; survives restarts so `gantry nodes` knows who to expect back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    /// The agent's inventory as protobuf bytes: the wire format is already versioned.
+    pub inventory: Vec<u8>,
+    pub registered_at_ms: i64,
+}

@@ -1,0 +1,140 @@
+//! The service agents use: register, one long-lived session, log and checkpoint uploads.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use gantry_proto::{PROTOCOL_VERSION, v1};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
+
+use super::{checkpoint_from_proto, stream_checkpoint};
+use crate::control::Coordinator;
+
+pub struct AgentService {
+    pub coordinator: Arc<Coordinator>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Messages queued for one agent before the session is considered stuck.
+const SESSION_BUFFER: usize = 1024;
+
+#[tonic::async_trait]
+impl v1::agents_server::Agents for AgentService {
+    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let addr = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}: run the same gantry release on both",
+                req.protocol_version
+            )));
+        }
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("agent name must not be empty"));
+        }
+        let inventory = req.inventory.ok_or_else(|| Status::invalid_argument("inventory: missing"))?;
+        self.coordinator.register_agent(&req.name, inventory, addr)?;
+        Ok(Response::new(v1::RegisterResponse {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: self.coordinator.settings.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    type SessionStream = BoxStream<v1::CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("session closed before the first heartbeat"))?;
+        let name = first.name.clone();
+        let Some(v1::agent_message::Msg::Heartbeat(hb)) = first.msg else {
+            return Err(Status::invalid_argument("a session must open with a heartbeat listing the agent's jobs"));
+        };
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let session = self.coordinator.attach_session(&name, hb, tx)?;
+        let coordinator = self.coordinator.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        warn!(agent = %name, error = %e, "agent session broke");
+                        break;
+                    }
+                };
+                let result = match msg.msg {
+                    Some(v1::agent_message::Msg::Heartbeat(hb)) => coordinator.heartbeat(&name, hb),
+                    Some(v1::agent_message::Msg::Job(report)) => coordinator.job_report(&name, report),
+                    None => Ok(()),
+                };
+                if let Err(e) = result {
+                    warn!(agent = %name, error = %e, "could not record an agent message");
+                }
+            }
+            coordinator.detach_session(&name, session);
+        });
+        let out = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn upload_logs(&self, req: Request<v1::LogBatch>) -> Result<Response<v1::LogAck>, Status> {
+        let b = req.into_inner();
+        self.coordinator.store.job(&b.job_id)?;
+        let next_seq = self.coordinator.logs.append(&b.job_id, b.attempt, b.rank, b.first_seq, &b.lines)?;
+        Ok(Response::new(v1::LogAck { next_seq }))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<v1::CheckpointUpload>>,
+    ) -> Result<Response<v1::CheckpointAck>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Header(h)) }) => h,
+            _ => return Err(Status::invalid_argument("a checkpoint upload must start with its header")),
+        };
+        self.coordinator.store.job(&header.job_id)?;
+        let mut incoming = self.coordinator.checkpoints.begin(checkpoint_from_proto(header))?;
+        loop {
+            match stream.message().await {
+                Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
+                    if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data) {
+                        incoming.abandon();
+                        return Err(e.into());
+                    }
+                }
+                Ok(Some(_)) => {
+                    incoming.abandon();
+                    return Err(Status::invalid_argument("a checkpoint upload has one header"));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    incoming.abandon();
+                    return Err(e);
+                }
+            }
+        }
+        let record = self.coordinator.commit_checkpoint(incoming.finish()?)?;
+        Ok(Response::new(v1::CheckpointAck { step: record.step, sha256: record.sha256 }))
+    }
+
+    type DownloadCheckpointStream = BoxStream<v1::CheckpointData>;
+
+    async fn download_checkpoint(
+        &self,
+        req: Request<v1::DownloadCheckpointRequest>,
+    ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        let req = req.into_inner();
+        let record = self.coordinator.find_checkpoint(&req.job_id, req.step)?;
+        let dir = self.coordinator.checkpoints.step_dir(&record.job_id, record.step);
+        Ok(Response::new(Box::pin(stream_checkpoint(dir, record))))
+    }
+}

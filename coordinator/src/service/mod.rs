@@ -1,0 +1,138 @@
+//! The gRPC services: thin layers that convert messages and call [`crate::control`].
+
+pub mod agent;
+pub mod user;
+
+use std::path::PathBuf;
+
+use gantry_proto::v1;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState};
+
+pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
+    match s {
+        JobState::Queued => v1::JobState::Queued,
+        JobState::Running => v1::JobState::Running,
+        JobState::Succeeded => v1::JobState::Succeeded,
+        JobState::Failed => v1::JobState::Failed,
+        JobState::Cancelled => v1::JobState::Cancelled,
+    }
+}
+
+pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<(String, u32)>) -> v1::Job {
+    let (pending_reason, queue_position) = match (job.state, waiting) {
+        (JobState::Queued, Some((reason, pos))) => (reason, pos),
+        (JobState::Queued, None) => ("waiting for the next scheduling pass".to_string(), 0),
+        _ => (String::new(), 0),
+    };
+    v1::Job {
+        id: job.id.clone(),
+        name: job.spec.name.clone(),
+        state: state_to_proto(job.state) as i32,
+        spec: Some(v1::JobSpec::from(&job.spec)),
+        attempt: job.attempt,
+        submitted_at_ms: job.submitted_at_ms,
+        ended_at_ms: job.ended_at_ms,
+        pending_reason,
+        queue_position,
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| v1::Attempt {
+                attempt: a.attempt,
+                placement: a
+                    .placement
+                    .iter()
+                    .map(|r| v1::RankPlacement { rank: r.rank, node: r.node.clone(), gpu_uuids: r.gpu_uuids.clone() })
+                    .collect(),
+                started_at_ms: a.started_at_ms,
+                ended_at_ms: a.ended_at_ms,
+                exit_code: a.exit_code,
+                outcome: a.outcome.clone(),
+            })
+            .collect(),
+        cancel_requested: job.cancel_requested,
+        message: job.message.clone(),
+    }
+}
+
+pub(crate) fn checkpoint_to_proto(c: &CheckpointRecord) -> v1::Checkpoint {
+    v1::Checkpoint {
+        job_id: c.job_id.clone(),
+        attempt: c.attempt,
+        step: c.step,
+        bytes: c.bytes,
+        sha256: c.sha256.clone(),
+        files: c
+            .files
+            .iter()
+            .map(|f| v1::FileDigest { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() })
+            .collect(),
+        committed_at_ms: c.committed_at_ms,
+    }
+}
+
+pub(crate) fn checkpoint_from_proto(c: v1::Checkpoint) -> CheckpointRecord {
+    CheckpointRecord {
+        job_id: c.job_id,
+        attempt: c.attempt,
+        step: c.step,
+        bytes: c.bytes,
+        sha256: c.sha256,
+        files: c.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect(),
+        committed_at_ms: c.committed_at_ms,
+    }
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Streams a committed checkpoint: its header, then every file in 1 MiB chunks.
+pub(crate) fn stream_checkpoint(
+    dir: PathBuf,
+    record: CheckpointRecord,
+) -> tokio_stream::wrappers::ReceiverStream<Result<v1::CheckpointData, Status>> {
+    use tokio::io::AsyncReadExt;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let header = v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Header(checkpoint_to_proto(&record))) };
+        if tx.send(Ok(header)).await.is_err() {
+            return;
+        }
+        for file in &record.files {
+            let mut f = match tokio::fs::File::open(dir.join(&file.path)).await {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("reading {}: {e}", file.path)))).await;
+                    return;
+                }
+            };
+            let mut offset = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = match f.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading {}: {e}", file.path)))).await;
+                        return;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                let chunk = v1::FileChunk { path: file.path.clone(), offset, data: buf };
+                offset += n as u64;
+                if tx
+                    .send(Ok(v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Chunk(chunk)) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

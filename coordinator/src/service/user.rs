@@ -1,0 +1,187 @@
+//! The service people and scripts use (through the CLI).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_core::JobSpec;
+use gantry_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::{checkpoint_to_proto, job_to_proto, stream_checkpoint};
+use crate::control::Coordinator;
+use crate::error::Error;
+use crate::logs::LogCursor;
+
+pub struct UserService {
+    pub coordinator: Arc<Coordinator>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+const LOG_BATCH: usize = 1000;
+
+#[tonic::async_trait]
+impl v1::gantry_server::Gantry for UserService {
+    async fn submit(&self, req: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitResponse>, Status> {
+        let wire = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = JobSpec::try_from(wire).map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?;
+        let job = self.coordinator.submit(spec)?;
+        Ok(Response::new(v1::SubmitResponse { job_id: job.id }))
+    }
+
+    async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let id = req.into_inner().job_id;
+        let job = self.coordinator.store.job(&id)?;
+        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id))))
+    }
+
+    async fn list_jobs(&self, _req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let jobs = self.coordinator.store.jobs()?;
+        let jobs = jobs.iter().map(|j| job_to_proto(j, self.coordinator.waiting(&j.id))).collect();
+        Ok(Response::new(v1::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let job = self.coordinator.cancel(&req.into_inner().job_id)?;
+        Ok(Response::new(job_to_proto(&job, None)))
+    }
+
+    type LogsStream = BoxStream<v1::LogLines>;
+
+    async fn logs(&self, req: Request<v1::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        self.coordinator.store.job(&req.job_id)?;
+        let coordinator = self.coordinator.clone();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let mut cursor = LogCursor::default();
+            let mut log_changes = coordinator.logs.subscribe();
+            let mut job_changes = coordinator.subscribe_jobs();
+            loop {
+                // Read the state before the logs: once a job has ended its logs are complete
+                // (agents upload all output before reporting the exit).
+                let ended = match coordinator.store.job(&req.job_id) {
+                    Ok(job) => job.state.is_terminal(),
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let lines = match coordinator.logs.read_new(&req.job_id, &mut cursor) {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                for batch in lines.chunks(LOG_BATCH) {
+                    let lines = batch
+                        .iter()
+                        .map(|l| v1::LogLine { attempt: l.attempt, rank: l.rank, text: l.text.clone() })
+                        .collect();
+                    if tx.send(Ok(v1::LogLines { lines })).await.is_err() {
+                        return;
+                    }
+                }
+                if !req.follow || ended {
+                    return;
+                }
+                tokio::select! {
+                    _ = log_changes.changed() => {}
+                    _ = job_changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<v1::ListCheckpointsRequest>,
+    ) -> Result<Response<v1::ListCheckpointsResponse>, Status> {
+        let id = req.into_inner().job_id;
+        self.coordinator.store.job(&id)?;
+        let checkpoints = self.coordinator.store.checkpoints(&id)?.iter().map(checkpoint_to_proto).collect();
+        Ok(Response::new(v1::ListCheckpointsResponse { checkpoints }))
+    }
+
+    type DownloadCheckpointStream = BoxStream<v1::CheckpointData>;
+
+    async fn download_checkpoint(
+        &self,
+        req: Request<v1::DownloadCheckpointRequest>,
+    ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        let req = req.into_inner();
+        let record = self.coordinator.find_checkpoint(&req.job_id, req.step)?;
+        let dir = self.coordinator.checkpoints.step_dir(&record.job_id, record.step);
+        Ok(Response::new(Box::pin(stream_checkpoint(dir, record))))
+    }
+
+    async fn list_nodes(&self, _req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let usage = usage_by_node(&self.coordinator)?;
+        let nodes = self
+            .coordinator
+            .nodes()
+            .into_iter()
+            .map(|(name, connected, inventory, last_seen)| {
+                let (jobs, cpus_used, memory_used_bytes) = usage.get(&name).cloned().unwrap_or_default();
+                v1::Node {
+                    name,
+                    connected,
+                    inventory: Some(inventory),
+                    last_seen_ms: crate::control::now_ms() - last_seen.elapsed().as_millis() as i64,
+                    jobs,
+                    cpus_used,
+                    memory_used_bytes,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+
+    async fn list_gpus(&self, _req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
+        let mut on_gpu = std::collections::HashMap::new();
+        for job in self.coordinator.store.jobs()?.iter().filter(|j| j.state == crate::records::JobState::Running) {
+            for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
+                for uuid in &rank.gpu_uuids {
+                    on_gpu.insert(uuid.clone(), job.id.clone());
+                }
+            }
+        }
+        let gpus = self
+            .coordinator
+            .nodes()
+            .into_iter()
+            .flat_map(|(node, _, inventory, _)| {
+                let on_gpu = &on_gpu;
+                inventory.gpus.into_iter().map(move |info| v1::Gpu {
+                    node: node.clone(),
+                    job_id: on_gpu.get(&info.uuid).cloned().unwrap_or_default(),
+                    info: Some(info),
+                })
+            })
+            .collect();
+        Ok(Response::new(v1::ListGpusResponse { gpus }))
+    }
+}
+
+/// Running jobs per node, with the CPUs and memory they hold.
+fn usage_by_node(
+    coordinator: &Coordinator,
+) -> Result<std::collections::HashMap<String, (Vec<String>, f64, u64)>, Error> {
+    let mut usage: std::collections::HashMap<String, (Vec<String>, f64, u64)> = Default::default();
+    for job in coordinator.store.jobs()?.iter().filter(|j| j.state == crate::records::JobState::Running) {
+        for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
+            let entry = usage.entry(rank.node.clone()).or_default();
+            entry.0.push(job.id.clone());
+            entry.1 += job.spec.resources.cpus;
+            entry.2 += job.spec.memory_bytes();
+        }
+    }
+    Ok(usage)
+}

@@ -1,0 +1,142 @@
+use std::collections::BTreeMap;
+
+use gantry_core::spec::{JobSpec, Resources, TrainSpec};
+
+use crate::v1;
+
+/// A wire message that cannot become a domain value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConvertError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn missing(field: &'static str) -> ConvertError {
+    ConvertError { field, reason: "missing".into() }
+}
+
+impl From<&JobSpec> for v1::JobSpec {
+    fn from(s: &JobSpec) -> Self {
+        let r = &s.resources;
+        let workload = match (&s.train, &s.command) {
+            (Some(t), _) => Some(v1::job_spec::Workload::Train(v1::TrainSpec {
+                model: t.model.clone(),
+                dataset: t.dataset.clone(),
+                epochs: t.epochs,
+                batch_size: t.batch_size,
+                learning_rate: t.learning_rate,
+                checkpoint_every_steps: t.checkpoint_every_steps,
+                init_from: t.init_from.clone(),
+                seed: t.seed,
+            })),
+            (None, Some(argv)) => Some(v1::job_spec::Workload::Command(v1::CommandSpec { argv: argv.clone() })),
+            (None, None) => None,
+        };
+        v1::JobSpec {
+            name: s.name.clone(),
+            priority: s.priority,
+            queue: s.queue.clone(),
+            resources: Some(v1::Resources {
+                nodes: r.nodes,
+                gpus: r.gpus,
+                gpu_model: r.gpu_model.clone(),
+                gpu_memory_gb: r.gpu_memory_gb,
+                cpus: r.cpus,
+                memory_gb: r.memory_gb,
+            }),
+            max_restarts: s.max_restarts,
+            max_duration_secs: s.max_duration_secs,
+            workload,
+            env: s.env.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::JobSpec> for JobSpec {
+    type Error = ConvertError;
+
+    fn try_from(s: v1::JobSpec) -> Result<Self, Self::Error> {
+        let r = s.resources.ok_or_else(|| missing("spec.resources"))?;
+        let (train, command) = match s.workload.ok_or_else(|| missing("spec.workload (train or command)"))? {
+            v1::job_spec::Workload::Train(t) => (
+                Some(TrainSpec {
+                    model: t.model,
+                    dataset: t.dataset,
+                    epochs: t.epochs,
+                    batch_size: t.batch_size,
+                    learning_rate: t.learning_rate,
+                    checkpoint_every_steps: t.checkpoint_every_steps,
+                    init_from: t.init_from,
+                    seed: t.seed,
+                }),
+                None,
+            ),
+            v1::job_spec::Workload::Command(c) => (None, Some(c.argv)),
+        };
+        Ok(JobSpec {
+            name: s.name,
+            priority: s.priority,
+            queue: s.queue,
+            resources: Resources {
+                nodes: r.nodes,
+                gpus: r.gpus,
+                gpu_model: r.gpu_model,
+                gpu_memory_gb: r.gpu_memory_gb,
+                cpus: r.cpus,
+                memory_gb: r.memory_gb,
+            },
+            max_restarts: s.max_restarts,
+            max_duration_secs: s.max_duration_secs,
+            train,
+            command,
+            env: s.env.into_iter().collect::<BTreeMap<_, _>>(),
+        })
+    }
+}
+
+/// The names scripts rely on (`queued`, `running`, ...).
+pub fn job_state_name(state: v1::JobState) -> &'static str {
+    match state {
+        v1::JobState::Unspecified => "unknown",
+        v1::JobState::Queued => "queued",
+        v1::JobState::Running => "running",
+        v1::JobState::Succeeded => "succeeded",
+        v1::JobState::Failed => "failed",
+        v1::JobState::Cancelled => "cancelled",
+    }
+}
+
+pub fn parse_job_state(name: &str) -> Option<v1::JobState> {
+    Some(match name {
+        "queued" => v1::JobState::Queued,
+        "running" => v1::JobState::Running,
+        "succeeded" => v1::JobState::Succeeded,
+        "failed" => v1::JobState::Failed,
+        "cancelled" => v1::JobState::Cancelled,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_through_the_wire() {
+        let spec = JobSpec::from_yaml(
+            "name: x\npriority: 70\nresources: {gpus: 2, gpu_model: H100}\ntrain: {epochs: 3, init_from: j1@10}\nenv: {A: b}\n",
+        )
+        .unwrap();
+        let wire = v1::JobSpec::from(&spec);
+        assert_eq!(JobSpec::try_from(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn missing_workload_is_an_error_not_a_default() {
+        let spec = JobSpec::from_yaml("name: x\ncommand: [true]\n").unwrap();
+        let mut wire = v1::JobSpec::from(&spec);
+        wire.workload = None;
+        assert_eq!(JobSpec::try_from(wire).unwrap_err().field, "spec.workload (train or command)");
+    }
+}
