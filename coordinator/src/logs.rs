@@ -53,13 +53,14 @@ impl LogStore {
             Some(n) => *n,
             None => count_lines(&path)?,
         };
-        if first_seq > next {
-            // A gap: the agent must resend from `next`.
-            seqs.insert(key, next);
-            return Ok(next);
-        }
-        let skip = (next - first_seq) as usize;
+        // Lines before `first_seq` that never arrived (lost with a crashed coordinator's page cache;
+        // the agent has dropped them) are marked, so line numbers stay sequence numbers.
+        let lost = first_seq.saturating_sub(next);
+        let skip = next.saturating_sub(first_seq) as usize;
         let fresh = lines.get(skip..).unwrap_or(&[]);
+        let mut marked: Vec<String> = (0..lost).map(|_| "[gantry: line lost]".to_string()).collect();
+        marked.extend(fresh.iter().cloned());
+        let fresh = marked;
         if !fresh.is_empty() {
             std::fs::create_dir_all(self.dir(job)).map_err(Error::io("creating the log directory"))?;
             let mut buf = String::with_capacity(fresh.iter().map(|l| l.len() + 1).sum());
@@ -152,10 +153,13 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_asks_for_a_resend() {
+    fn a_gap_is_marked_and_numbering_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = LogStore::new(dir.path().to_path_buf());
-        assert_eq!(store.append("1", 1, 0, 4, &lines(4..6)).unwrap(), 0);
+        assert_eq!(store.append("1", 1, 0, 2, &lines(2..4)).unwrap(), 4);
+        let got = store.read_new("1", &mut LogCursor::default()).unwrap();
+        assert_eq!(got[0].text, "[gantry: line lost]");
+        assert_eq!(got[3].text, "line 3");
     }
 
     #[test]

@@ -1,0 +1,154 @@
+//! The digits data set: parsing the embedded CSV, the fixed train/test split, and the per-epoch
+//! batch order.
+
+use std::sync::OnceLock;
+
+use crate::error::JobsError;
+use crate::rng::SplitMix64;
+
+/// 8x8 pixels.
+pub(crate) const FEATURES: usize = 64;
+/// Digits 0..9.
+pub(crate) const CLASSES: usize = 10;
+
+/// Embedded so the binary is self-contained; see data/README.md for source and licence.
+const DIGITS_CSV: &str = include_str!("../data/digits.csv");
+
+/// The split must not depend on the spec's seed: a job initialised from another job's weights
+/// would otherwise be evaluated on samples it was trained on.
+const SPLIT_SEED: u64 = 0x6761_6e74_7279; // "gantry"
+/// 80% of the samples train (1,437 of 1,797), the rest (360) are held out for testing.
+const TRAIN_PERCENT: usize = 80;
+
+/// One side of the split, row-major: sample `i` is `x[i * FEATURES..(i + 1) * FEATURES]`.
+#[derive(Debug)]
+pub(crate) struct Samples {
+    pub(crate) x: Vec<f32>,
+    pub(crate) y: Vec<i64>,
+}
+
+impl Samples {
+    pub(crate) fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// Copies the given samples into fresh buffers, ready to become tensors.
+    pub(crate) fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<i64>) {
+        let mut x = Vec::with_capacity(indices.len() * FEATURES);
+        let mut y = Vec::with_capacity(indices.len());
+        for &i in indices {
+            x.extend_from_slice(&self.x[i * FEATURES..(i + 1) * FEATURES]);
+            y.push(self.y[i]);
+        }
+        (x, y)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Digits {
+    pub(crate) train: Samples,
+    pub(crate) test: Samples,
+}
+
+/// The data set, parsed and split once per process.
+pub(crate) fn digits() -> Result<&'static Digits, JobsError> {
+    static DIGITS: OnceLock<Result<Digits, (usize, String)>> = OnceLock::new();
+    DIGITS
+        .get_or_init(|| parse_and_split(DIGITS_CSV))
+        .as_ref()
+        .map_err(|(line, reason)| JobsError::Dataset { line: *line, reason: reason.clone() })
+}
+
+fn parse_and_split(csv: &str) -> Result<Digits, (usize, String)> {
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for (n, line) in csv.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let line_no = n + 1;
+        let mut count = 0;
+        for (col, field) in line.split(',').enumerate() {
+            let value: u8 = field
+                .trim()
+                .parse()
+                .map_err(|_| (line_no, format!("column {}: `{field}` is not a number", col + 1)))?;
+            if col < FEATURES {
+                if value > 16 {
+                    return Err((line_no, format!("pixel {} is {value}, expected 0..16", col + 1)));
+                }
+                x.push(f32::from(value) / 16.0);
+            } else if col == FEATURES {
+                if usize::from(value) >= CLASSES {
+                    return Err((line_no, format!("label is {value}, expected 0..9")));
+                }
+                y.push(i64::from(value));
+            }
+            count += 1;
+        }
+        if count != FEATURES + 1 {
+            return Err((line_no, format!("{count} columns, expected {}", FEATURES + 1)));
+        }
+    }
+
+    let mut order: Vec<usize> = (0..y.len()).collect();
+    SplitMix64::new(SPLIT_SEED).shuffle(&mut order);
+    let n_train = y.len() * TRAIN_PERCENT / 100;
+    let (train_idx, test_idx) = order.split_at(n_train);
+    let all = Samples { x, y };
+    let (train_x, train_y) = all.gather(train_idx);
+    let (test_x, test_y) = all.gather(test_idx);
+    Ok(Digits { train: Samples { x: train_x, y: train_y }, test: Samples { x: test_x, y: test_y } })
+}
+
+/// The training order of one epoch: a permutation determined by (seed, epoch) alone, so a run
+/// resumed in the middle of an epoch replays exactly the batches it would have seen.
+pub(crate) fn epoch_order(seed: u64, epoch: u32, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    SplitMix64::for_stream(seed, u64::from(epoch)).shuffle(&mut order);
+    order
+}
+
+/// Batches per epoch; the last, shorter batch is kept so every sample is seen each epoch.
+pub(crate) fn batches_per_epoch(n: usize, batch_size: usize) -> usize {
+    n.div_ceil(batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_fixed_80_20() {
+        let d = digits().unwrap();
+        assert_eq!(d.train.len(), 1437);
+        assert_eq!(d.test.len(), 360);
+        assert_eq!(d.train.x.len(), 1437 * FEATURES);
+        assert!(d.train.x.iter().all(|&p| (0.0..=1.0).contains(&p)));
+        // Every class is represented in the test set.
+        for c in 0..CLASSES as i64 {
+            assert!(d.test.y.contains(&c), "class {c} missing from test set");
+        }
+    }
+
+    #[test]
+    fn epoch_order_depends_on_seed_and_epoch_only() {
+        let a = epoch_order(42, 3, 100);
+        assert_eq!(a, epoch_order(42, 3, 100));
+        assert_ne!(a, epoch_order(42, 4, 100));
+        assert_ne!(a, epoch_order(43, 3, 100));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn broken_csv_is_an_error() {
+        assert_eq!(parse_and_split("1,2,3\n").unwrap_err().0, 1);
+        let bad_label = format!("{}17\n", "0,".repeat(FEATURES));
+        assert!(parse_and_split(&bad_label).unwrap_err().1.contains("label"));
+    }
+
+    #[test]
+    fn batches_keep_the_remainder() {
+        assert_eq!(batches_per_epoch(1437, 64), 23);
+        assert_eq!(batches_per_epoch(128, 64), 2);
+    }
+}

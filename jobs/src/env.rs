@@ -1,0 +1,42 @@
+//! What the runner (the agent, or the CLI locally) tells a training process: which job it is,
+//! where checkpoints go, where to resume from, and when to stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::error::JobsError;
+
+/// A run's environment.
+#[derive(Debug, Clone, Default)]
+pub struct RunEnv {
+    /// `GANTRY_JOB_ID`: tells a restart of this job (resume) from another job's checkpoint
+    /// (initialise weights only).
+    pub job_id: Option<String>,
+    /// `GANTRY_CHECKPOINT_DIR`: where `step-<N>` directories are written; none are without it.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// `GANTRY_RESUME_DIR`: a `step-<N>` directory to start from.
+    pub resume_dir: Option<PathBuf>,
+    /// Set on SIGTERM: training saves a checkpoint and returns at the next step boundary.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RunEnv {
+    /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR` and `GANTRY_RESUME_DIR`; unset or empty
+    /// means none. The stop flag starts cleared.
+    pub fn from_env() -> Self {
+        let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        RunEnv {
+            job_id: std::env::var(crate::JOB_ID_VAR).ok().filter(|v| !v.is_empty()),
+            checkpoint_dir: path(crate::CHECKPOINT_DIR_VAR),
+            resume_dir: path(crate::RESUME_DIR_VAR),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Sets `stop` when the process gets SIGTERM, instead of dying: the agent sends it on preemption
+/// and cancellation, and the run then saves a checkpoint before it exits.
+pub fn install_sigterm_handler(stop: Arc<AtomicBool>) -> Result<(), JobsError> {
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop).map(|_| ()).map_err(JobsError::Signal)
+}

@@ -1,0 +1,57 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+
+use burn::record::RecorderError;
+
+/// Everything that can stop a training run before it finishes.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The spec asks for something this runtime cannot run.
+    #[error("invalid training spec: {0}")]
+    Spec(String),
+
+    /// The spec names another job's checkpoint but the runner passed none to start from.
+    #[error("init_from `{0}` is set but no checkpoint was given to start from (GANTRY_RESUME_DIR)")]
+    InitFromMissing(String),
+
+    /// The embedded data set could not be parsed (a build problem, not a user one).
+    #[error("dataset line {line}: {reason}")]
+    Dataset { line: usize, reason: String },
+
+    /// Writing a progress line failed.
+    #[error("cannot write training output")]
+    Output(#[source] std::io::Error),
+
+    /// Registering the SIGTERM handler failed.
+    #[error("cannot install the SIGTERM handler")]
+    Signal(#[source] std::io::Error),
+
+    /// A file or directory of a checkpoint could not be read or written.
+    #[error("checkpoint I/O on {path}")]
+    CheckpointIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A checkpoint's `state.json` is not valid.
+    #[error("checkpoint state {path} is not valid")]
+    CheckpointState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// burn could not encode or decode a model or optimizer record.
+    #[error("checkpoint record {path} cannot be read or written")]
+    CheckpointRecord {
+        path: PathBuf,
+        #[source]
+        source: RecorderError,
+    },
+
+    /// A checkpoint was read but does not fit this run (other model, wrong shapes, bad position).
+    #[error("checkpoint {path} cannot be used: {reason}")]
+    CheckpointMismatch { path: PathBuf, reason: String },
+}

@@ -1,0 +1,41 @@
+//! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP on
+//! the digits data set) with burn on the CPU (ndarray backend), writing progress lines and
+//! atomic checkpoints so the agent can preempt, restart and resume a job exactly where it was,
+//! or start a new job from another job's weights.
+//!
+//! [`train`] writes one line per event to its output, flushed at once:
+//!
+//! ```text
+//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64
+//! resumed step=30 epoch=1 from=/ckpt/job-1/step-30         (a restart of the same job)
+//! initialised weights from=/ckpt/job-0/step-690            (another job's weights)
+//! checkpoint step=100 path=step-100                         (path relative to the checkpoint dir)
+//! epoch=3 step=69 loss=0.123456 test_accuracy=0.9500 samples_per_s=12345
+//! done steps=690 test_accuracy=0.9694 checkpoint=/ckpt/job-1/step-690   (or checkpoint=none)
+//! stopped step=120 checkpoint=/ckpt/job-1/step-120                      (stop flag / SIGTERM)
+//! ```
+//!
+//! `epoch` in an epoch line counts epochs completed; its loss is the mean over the batches of
+//! that epoch trained in this process. Steps count optimizer updates from the job's first start.
+//! A checkpoint is a directory `step-<N>` holding [`MODEL_FILE`], [`OPTIMIZER_FILE`] and
+//! [`STATE_FILE`]; it appears whole (written as `.tmp-step-<N>`, then renamed).
+
+mod checkpoint;
+mod data;
+mod env;
+mod error;
+mod model;
+mod rng;
+mod train;
+
+pub use checkpoint::{CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, checkpoint_name};
+pub use env::{RunEnv, install_sigterm_handler};
+pub use error::JobsError;
+pub use train::{Outcome, train};
+
+/// The job's id, read by [`RunEnv::from_env`].
+pub const JOB_ID_VAR: &str = "GANTRY_JOB_ID";
+/// Where checkpoints are written, read by [`RunEnv::from_env`].
+pub const CHECKPOINT_DIR_VAR: &str = "GANTRY_CHECKPOINT_DIR";
+/// A checkpoint to start from, read by [`RunEnv::from_env`].
+pub const RESUME_DIR_VAR: &str = "GANTRY_RESUME_DIR";

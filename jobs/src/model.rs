@@ -1,0 +1,112 @@
+//! The "mlp" model: 64 -> 128 -> ReLU -> 10.
+
+use burn::module::{Module, Param, ParamId};
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use crate::data::{CLASSES, FEATURES};
+use crate::rng::SplitMix64;
+
+const HIDDEN: usize = 128;
+
+/// The init stream of a seed; data-order streams use the epoch number, so they never collide.
+const INIT_STREAM: u64 = u64::MAX;
+
+#[derive(Module, Debug)]
+pub(crate) struct Mlp<B: Backend> {
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Weights drawn from our own seeded generator (PyTorch's default range, U(-k, k) with
+    /// k = 1/sqrt(fan_in)), so a seed gives the same model whatever else runs in the process.
+    pub(crate) fn init(seed: u64, device: &B::Device) -> Self {
+        let mut rng = SplitMix64::for_stream(seed, INIT_STREAM);
+        Mlp {
+            fc1: linear(&mut rng, [1, 2], FEATURES, HIDDEN, device),
+            fc2: linear(&mut rng, [3, 4], HIDDEN, CLASSES, device),
+        }
+    }
+
+    /// The ids the optimizer state is keyed by.
+    pub(crate) fn param_ids(&self) -> Vec<ParamId> {
+        let mut ids = Vec::with_capacity(4);
+        for layer in [&self.fc1, &self.fc2] {
+            ids.push(layer.weight.id);
+            ids.extend(layer.bias.as_ref().map(|b| b.id));
+        }
+        ids
+    }
+
+    /// `x`: [batch, 64] -> logits [batch, 10].
+    pub(crate) fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2.forward(relu(self.fc1.forward(x)))
+    }
+}
+
+/// Checks a loaded record has this model's shapes: burn's `load_record` does not, and a wrong
+/// shape would only surface later as a panic inside a matmul.
+pub(crate) fn check_record<B: Backend>(record: &MlpRecord<B>) -> Result<(), String> {
+    fn check<B: Backend>(
+        name: &str,
+        layer: &burn::nn::LinearRecord<B>,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(), String> {
+        let weight = layer.weight.val().dims();
+        if weight != [d_in, d_out] {
+            return Err(format!("{name}.weight has shape {weight:?}, expected [{d_in}, {d_out}]"));
+        }
+        match &layer.bias {
+            Some(bias) if bias.val().dims() == [d_out] => Ok(()),
+            Some(bias) => Err(format!("{name}.bias has shape {:?}, expected [{d_out}]", bias.val().dims())),
+            None => Err(format!("{name}.bias is missing")),
+        }
+    }
+    check("fc1", &record.fc1, FEATURES, HIDDEN)?;
+    check("fc2", &record.fc2, HIDDEN, CLASSES)
+}
+
+/// Parameter ids are fixed rather than random so that two runs that reach the same weights
+/// write byte-identical model records (and the optimizer state, keyed by these ids, matches).
+fn linear<B: Backend>(rng: &mut SplitMix64, ids: [u64; 2], d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+    let k = 1.0 / (d_in as f32).sqrt();
+    let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * k).collect() };
+    let weight = Tensor::<B, 2>::from_data(TensorData::new(uniform(d_in * d_out), [d_in, d_out]), device);
+    let bias = Tensor::<B, 1>::from_data(TensorData::new(uniform(d_out), [d_out]), device);
+    Linear {
+        weight: Param::initialized(ParamId::from(ids[0]), weight.require_grad()),
+        bias: Some(Param::initialized(ParamId::from(ids[1]), bias.require_grad())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::nn::LinearConfig;
+
+    use super::*;
+
+    #[test]
+    fn records_of_other_shapes_are_refused() {
+        let device = Default::default();
+        let good = Mlp::<NdArray>::init(1, &device);
+        assert!(check_record(&good.into_record()).is_ok());
+        let wide = Mlp::<NdArray> {
+            fc1: LinearConfig::new(FEATURES, 100).init(&device),
+            fc2: LinearConfig::new(100, CLASSES).init(&device),
+        };
+        let err = check_record(&wide.into_record()).unwrap_err();
+        assert!(err.contains("fc1.weight"), "{err}");
+    }
+
+    #[test]
+    fn init_is_reproducible_from_the_seed() {
+        let device = Default::default();
+        let weights = |seed| Mlp::<NdArray>::init(seed, &device).fc1.weight.val().into_data();
+        assert_eq!(weights(5), weights(5));
+        assert_ne!(weights(5), weights(6));
+    }
+}

@@ -1,0 +1,313 @@
+//! The training loop: set-up (fresh, resumed or initialised from another job), epochs of
+//! optimizer steps, per-epoch evaluation, checkpoints and the stop flag.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use gantry_core::spec::TrainSpec;
+
+use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
+use crate::data::{self, FEATURES, Samples};
+use crate::env::RunEnv;
+use crate::error::JobsError;
+use crate::model::{self, Mlp, MlpRecord};
+
+/// The CPU backend; f32 so checkpoints round-trip bit-exactly.
+type Inner = NdArray<f32>;
+type Train = Autodiff<Inner>;
+type Adam = OptimizerAdaptor<burn::optim::Adam, Mlp<Train>, Train>;
+type OptimRecord = <Adam as Optimizer<Mlp<Train>, Train>>::Record;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Optimizer updates since the job first started (a resumed run counts on).
+    pub steps: u64,
+    /// Epochs completed since the job first started.
+    pub epochs_done: u32,
+    /// Accuracy on the 360 held-out samples at the end of the run.
+    pub test_accuracy: f64,
+    /// The last checkpoint directory written or found, when there is a checkpoint dir.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Whether the stop flag ended the run before its last epoch.
+    pub stopped: bool,
+}
+
+/// Where a run stands: `step` updates done, the next one is batch `batch_in_epoch` of epoch
+/// `epoch` (both 0-based).
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    step: u64,
+    epoch: u32,
+    batch_in_epoch: u64,
+}
+
+/// Trains `spec`, writing progress lines to `out` (formats in the crate docs). Starts fresh,
+/// resumes when `env.resume_dir` is a checkpoint of this job (`env.job_id`), or takes only the
+/// weights of another job's checkpoint. Checkpoints go to `env.checkpoint_dir` every
+/// `checkpoint_every_steps`, at the end, and when `env.stop` is set (checked between steps).
+pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
+    check_spec(spec)?;
+    let digits = data::digits()?;
+    let device = NdArrayDevice::default();
+    let batch_size = spec.batch_size as usize;
+    let n_train = digits.train.len();
+    let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
+
+    emit(
+        out,
+        format_args!(
+            "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={}",
+            spec.model,
+            spec.dataset,
+            digits.test.len(),
+            spec.epochs,
+            spec.batch_size
+        ),
+    )?;
+
+    let mut model = Mlp::<Train>::init(spec.seed, &device);
+    let mut optim = AdamConfig::new().init::<Train, Mlp<Train>>();
+    let mut pos = Position { step: 0, epoch: 0, batch_in_epoch: 0 };
+
+    match &env.resume_dir {
+        Some(dir) => {
+            let state = checkpoint::read_state(dir)?;
+            check_compatible(dir, &state, spec)?;
+            let record: MlpRecord<Train> = checkpoint::load_record(dir, MODEL_FILE, &device)?;
+            model::check_record(&record)
+                .map_err(|reason| JobsError::CheckpointMismatch { path: dir.join(MODEL_FILE), reason })?;
+            model = model.load_record(record);
+            if state.job_id.is_some() && state.job_id == env.job_id {
+                // A restart of this very job: continue the same run.
+                pos = resume_position(dir, &state, spec, per_epoch)?;
+                let record: OptimRecord = checkpoint::load_record(dir, OPTIMIZER_FILE, &device)?;
+                check_optimizer_record(dir, &record, &model, pos.step)?;
+                optim = optim.load_record(record);
+                emit(out, format_args!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display()))?;
+            } else {
+                // Another job's weights: transfer learning, with a fresh optimizer from step 0.
+                emit(out, format_args!("initialised weights from={}", dir.display()))?;
+            }
+        }
+        None => {
+            if let Some(from) = &spec.init_from {
+                return Err(JobsError::InitFromMissing(from.clone()));
+            }
+        }
+    }
+
+    let test = TestSet::new(&digits.test, &device);
+    let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&device);
+    let checkpoint_dir = env.checkpoint_dir.as_deref();
+    let mut last_checkpoint = None;
+    let mut stopped = false;
+    // The accuracy of the current weights, when known (saves re-evaluating at the end).
+    let mut accuracy = None;
+
+    'epochs: while pos.epoch < spec.epochs {
+        let order = data::epoch_order(spec.seed, pos.epoch, n_train);
+        let started = Instant::now();
+        let (mut loss_sum, mut batches, mut samples) = (0.0f64, 0u64, 0usize);
+        while pos.batch_in_epoch < per_epoch {
+            if env.stop.load(Ordering::SeqCst) {
+                stopped = true;
+                break 'epochs;
+            }
+            let first = pos.batch_in_epoch as usize * batch_size;
+            let indices = &order[first..(first + batch_size).min(n_train)];
+            let (x, y) = digits.train.gather(indices);
+            let x = Tensor::<Train, 2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), &device);
+            let y = Tensor::<Train, 1, Int>::from_data(TensorData::new(y, [indices.len()]), &device);
+
+            let loss = loss_fn.forward(model.forward(x), y);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(spec.learning_rate, model, grads);
+
+            pos.step += 1;
+            pos.batch_in_epoch += 1;
+            batches += 1;
+            samples += indices.len();
+            accuracy = None;
+
+            if pos.step.is_multiple_of(spec.checkpoint_every_steps)
+                && let Some(dir) = checkpoint_dir
+            {
+                let at = normalised(pos, per_epoch);
+                last_checkpoint = Some(save(dir, at, spec, env, &model, &optim, out)?);
+            }
+        }
+        let train_secs = started.elapsed().as_secs_f64();
+        pos.epoch += 1;
+        pos.batch_in_epoch = 0;
+        let acc = test.accuracy(&model);
+        accuracy = Some(acc);
+        emit(
+            out,
+            format_args!(
+                "epoch={} step={} loss={:.6} test_accuracy={acc:.4} samples_per_s={:.0}",
+                pos.epoch,
+                pos.step,
+                loss_sum / batches.max(1) as f64,
+                samples as f64 / train_secs.max(1e-9)
+            ),
+        )?;
+    }
+
+    let test_accuracy = match accuracy {
+        Some(acc) => acc,
+        None => test.accuracy(&model),
+    };
+    if let Some(dir) = checkpoint_dir {
+        last_checkpoint = Some(save(dir, pos, spec, env, &model, &optim, out)?);
+    }
+    let shown = last_checkpoint.as_deref().map_or_else(|| "none".to_string(), |p| p.display().to_string());
+    if stopped {
+        emit(out, format_args!("stopped step={} checkpoint={shown}", pos.step))?;
+    } else {
+        emit(out, format_args!("done steps={} test_accuracy={test_accuracy:.4} checkpoint={shown}", pos.step))?;
+    }
+    Ok(Outcome { steps: pos.step, epochs_done: pos.epoch, test_accuracy, last_checkpoint, stopped })
+}
+
+fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {
+    let bad = |reason: String| Err(JobsError::Spec(reason));
+    if spec.model != "mlp" {
+        return bad(format!("unknown model `{}` (this runtime has: mlp)", spec.model));
+    }
+    if spec.dataset != "digits" {
+        return bad(format!("unknown dataset `{}` (this runtime has: digits)", spec.dataset));
+    }
+    if spec.epochs == 0 || spec.batch_size == 0 || spec.checkpoint_every_steps == 0 {
+        return bad("epochs, batch_size and checkpoint_every_steps must be at least 1".into());
+    }
+    if !(spec.learning_rate.is_finite() && spec.learning_rate > 0.0) {
+        return bad(format!("learning_rate must be a positive number, got {}", spec.learning_rate));
+    }
+    Ok(())
+}
+
+/// Any checkpoint we load weights from must hold this model for this data set.
+fn check_compatible(dir: &Path, state: &CheckpointState, spec: &TrainSpec) -> Result<(), JobsError> {
+    if state.model != spec.model || state.dataset != spec.dataset {
+        return Err(JobsError::CheckpointMismatch {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "it holds model `{}` on `{}`, this job trains `{}` on `{}`",
+                state.model, state.dataset, spec.model, spec.dataset
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Where a restart continues; refuses states that cannot come from this spec (another seed or
+/// batch size would silently change the run).
+fn resume_position(
+    dir: &Path,
+    state: &CheckpointState,
+    spec: &TrainSpec,
+    per_epoch: u64,
+) -> Result<Position, JobsError> {
+    let mismatch = |reason: String| Err(JobsError::CheckpointMismatch { path: dir.to_path_buf(), reason });
+    if state.seed != spec.seed {
+        return mismatch(format!("it was trained with seed {}, the spec says {}", state.seed, spec.seed));
+    }
+    let consistent = state.batch_in_epoch < per_epoch
+        && u64::from(state.epoch).checked_mul(per_epoch).and_then(|s| s.checked_add(state.batch_in_epoch))
+            == Some(state.step);
+    if !consistent {
+        return mismatch(format!(
+            "step {} at epoch {} batch {} does not fit batch_size {} ({per_epoch} batches an epoch)",
+            state.step, state.epoch, state.batch_in_epoch, spec.batch_size
+        ));
+    }
+    Ok(Position { step: state.step, epoch: state.epoch, batch_in_epoch: state.batch_in_epoch })
+}
+
+/// Adam's state is keyed by parameter id: state under other ids would be silently ignored and
+/// the run would no longer continue the same run. Before the first step there is none.
+fn check_optimizer_record(dir: &Path, record: &OptimRecord, model: &Mlp<Train>, step: u64) -> Result<(), JobsError> {
+    let mut expected = model.param_ids();
+    let mut found: Vec<_> = record.keys().copied().collect();
+    expected.sort();
+    found.sort();
+    if (step == 0 && found.is_empty()) || found == expected {
+        return Ok(());
+    }
+    Err(JobsError::CheckpointMismatch {
+        path: dir.join(OPTIMIZER_FILE),
+        reason: format!("optimizer state is for {} other parameters, not this model's", found.len()),
+    })
+}
+
+/// A position just past an epoch's last batch is the start of the next epoch.
+fn normalised(pos: Position, per_epoch: u64) -> Position {
+    if pos.batch_in_epoch >= per_epoch { Position { epoch: pos.epoch + 1, batch_in_epoch: 0, ..pos } } else { pos }
+}
+
+fn save<O: Optimizer<Mlp<Train>, Train>>(
+    dir: &Path,
+    pos: Position,
+    spec: &TrainSpec,
+    env: &RunEnv,
+    model: &Mlp<Train>,
+    optim: &O,
+    out: &mut dyn Write,
+) -> Result<PathBuf, JobsError> {
+    let state = CheckpointState {
+        job_id: env.job_id.clone(),
+        step: pos.step,
+        epoch: pos.epoch,
+        batch_in_epoch: pos.batch_in_epoch,
+        seed: spec.seed,
+        model: spec.model.clone(),
+        dataset: spec.dataset.clone(),
+        format_version: FORMAT_VERSION,
+    };
+    let (path, written) = checkpoint::save::<Train, _, _>(dir, &state, model.clone().into_record(), optim.to_record())?;
+    if written {
+        emit(out, format_args!("checkpoint step={} path={}", pos.step, checkpoint::checkpoint_name(pos.step)))?;
+    }
+    Ok(path)
+}
+
+/// The held-out samples as tensors, built once.
+struct TestSet {
+    x: Tensor<Inner, 2>,
+    y: Tensor<Inner, 1, Int>,
+    n: usize,
+}
+
+impl TestSet {
+    fn new(samples: &Samples, device: &NdArrayDevice) -> Self {
+        let n = samples.len();
+        TestSet {
+            x: Tensor::from_data(TensorData::new(samples.x.clone(), [n, FEATURES]), device),
+            y: Tensor::from_data(TensorData::new(samples.y.clone(), [n]), device),
+            n,
+        }
+    }
+
+    fn accuracy(&self, model: &Mlp<Train>) -> f64 {
+        // `valid()` drops autodiff: no graph is recorded for evaluation.
+        let predicted = model.valid().forward(self.x.clone()).argmax(1).reshape([self.n]);
+        let correct = predicted.equal(self.y.clone()).int().sum().into_scalar().elem::<i64>();
+        correct as f64 / self.n as f64
+    }
+}
+
+/// Writes one progress line and flushes it: the agent and tests read them as they come.
+fn emit(out: &mut dyn Write, line: std::fmt::Arguments) -> Result<(), JobsError> {
+    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(JobsError::Output)
+}

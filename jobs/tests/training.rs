@@ -1,0 +1,301 @@
+//! End-to-end runs of the training runtime through its public API, as the agent drives it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use gantry_core::spec::TrainSpec;
+use gantry_jobs::{CheckpointState, JobsError, MODEL_FILE, OPTIMIZER_FILE, Outcome, RunEnv, STATE_FILE, train};
+
+/// Collects the output lines; optionally sets the stop flag once a line starting with a prefix
+/// appears, the way SIGTERM would arrive in the middle of a run.
+#[derive(Default)]
+struct Lines {
+    buf: Vec<u8>,
+    stop_on: Option<(String, Arc<AtomicBool>)>,
+}
+
+impl Write for Lines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some((prefix, stop)) = &self.stop_on
+            && self.lines().iter().any(|l| l.starts_with(prefix.as_str()))
+        {
+            stop.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.buf.clone()).unwrap().lines().map(str::to_string).collect()
+    }
+
+    fn starting(&self, prefix: &str) -> Vec<String> {
+        self.lines().into_iter().filter(|l| l.starts_with(prefix)).collect()
+    }
+}
+
+/// `key=value` fields of a line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no `{key}` in `{line}`"))
+}
+
+fn env(job: &str, checkpoints: Option<&Path>, resume: Option<&Path>) -> RunEnv {
+    RunEnv {
+        job_id: Some(job.into()),
+        checkpoint_dir: checkpoints.map(Path::to_path_buf),
+        resume_dir: resume.map(Path::to_path_buf),
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+fn run(spec: &TrainSpec, env: &RunEnv, stop_on: Option<&str>) -> (Outcome, Lines) {
+    let mut out = Lines { stop_on: stop_on.map(|p| (p.to_string(), env.stop.clone())), ..Lines::default() };
+    let outcome = train(spec, env, &mut out).unwrap_or_else(|e| panic!("training failed: {e:?}"));
+    (outcome, out)
+}
+
+fn small_spec(epochs: u32, every: u64) -> TrainSpec {
+    TrainSpec { epochs, checkpoint_every_steps: every, ..TrainSpec::default() }
+}
+
+#[test]
+fn default_training_reaches_93_percent() {
+    let started = Instant::now();
+    let spec = TrainSpec::default();
+    let (outcome, out) = run(&spec, &RunEnv::default(), None);
+    let lines = out.lines();
+    println!("{}", lines.join("\n"));
+    println!("default training: accuracy {:.4} in {:.1?}", outcome.test_accuracy, started.elapsed());
+
+    assert_eq!(lines[0], "start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64");
+    let epochs = out.starting("epoch=");
+    assert_eq!(epochs.len(), 30);
+    assert_eq!(field(&epochs[2], "epoch"), "3");
+    assert_eq!(field(&epochs[2], "step"), "69");
+    assert_eq!(field(&epochs[0], "loss").split('.').nth(1).unwrap().len(), 6);
+    assert_eq!(field(&epochs[0], "test_accuracy").split('.').nth(1).unwrap().len(), 4);
+    field(&epochs[0], "samples_per_s").parse::<u64>().unwrap();
+    let done = lines.last().unwrap();
+    assert!(done.starts_with("done steps=690 test_accuracy="), "{done}");
+    assert_eq!(field(done, "checkpoint"), "none");
+    assert_eq!(outcome.steps, 690);
+    assert_eq!(outcome.epochs_done, 30);
+    assert!(!outcome.stopped);
+    assert!(outcome.test_accuracy >= 0.93, "accuracy {}", outcome.test_accuracy);
+}
+
+/// Training N steps, stopping, and resuming must give exactly the uninterrupted run.
+fn check_exact_resume(stop_at: u64) {
+    let dirs = tempfile::tempdir().unwrap();
+    let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
+    let spec = small_spec(3, stop_at);
+
+    let (full, full_out) = run(&spec, &env("job-1", Some(&full_dir), None), None);
+
+    let first_env = env("job-1", Some(&split_dir), None);
+    let (first, first_out) = run(&spec, &first_env, Some(&format!("checkpoint step={stop_at} ")));
+    assert!(first.stopped);
+    assert_eq!(first.steps, stop_at);
+    let stopped_line = first_out.lines().last().unwrap().clone();
+    let checkpoint = split_dir.join(format!("step-{stop_at}"));
+    assert_eq!(stopped_line, format!("stopped step={stop_at} checkpoint={}", checkpoint.display()));
+
+    let (second, second_out) = run(&spec, &env("job-1", Some(&split_dir), Some(&checkpoint)), None);
+    let resumed = second_out.starting("resumed ");
+    assert_eq!(resumed.len(), 1, "{:?}", second_out.lines());
+    assert_eq!(field(&resumed[0], "step"), stop_at.to_string());
+    assert_eq!(field(&resumed[0], "epoch"), (stop_at / 23).to_string());
+
+    assert_eq!(second.steps, full.steps);
+    assert_eq!(second.epochs_done, 3);
+    assert_eq!(second.test_accuracy.to_bits(), full.test_accuracy.to_bits());
+    // The last epoch ran whole in both processes: its loss must match to the last digit.
+    let without_speed = |l: &String| l.rsplit_once(' ').unwrap().0.to_string();
+    assert_eq!(
+        without_speed(full_out.starting("epoch=3 ").first().unwrap()),
+        without_speed(second_out.starting("epoch=3 ").first().unwrap())
+    );
+    let weights = |dir: &Path| std::fs::read(dir.join("step-69").join(MODEL_FILE)).unwrap();
+    assert!(weights(&full_dir) == weights(&split_dir), "final weights differ");
+}
+
+#[test]
+fn resume_mid_epoch_is_bit_exact() {
+    check_exact_resume(30);
+}
+
+#[test]
+fn resume_at_epoch_boundary_is_bit_exact() {
+    check_exact_resume(23);
+}
+
+#[test]
+fn init_from_another_job_starts_from_its_weights() {
+    let dirs = tempfile::tempdir().unwrap();
+    let source_dir = dirs.path().join("source");
+    let (source, _) = run(&small_spec(5, 1000), &env("source", Some(&source_dir), None), None);
+    let source_checkpoint = source.last_checkpoint.unwrap();
+    assert!(source.test_accuracy > 0.8, "source accuracy {}", source.test_accuracy);
+
+    // A learning rate so small that one epoch leaves the weights as they started.
+    let spec = TrainSpec { epochs: 1, learning_rate: 1e-9, init_from: Some("source".into()), ..TrainSpec::default() };
+    let (fresh, _) = run(&TrainSpec { init_from: None, ..spec.clone() }, &env("fresh", None, None), None);
+    let (init, out) = run(&spec, &env("derived", None, Some(&source_checkpoint)), None);
+
+    assert_eq!(
+        out.starting("initialised weights from="),
+        [format!("initialised weights from={}", source_checkpoint.display())]
+    );
+    assert!(out.starting("resumed").is_empty());
+    assert_eq!(init.steps, 23, "a derived job starts at step 0");
+    println!("random init {:.4}, initialised from source {:.4}", fresh.test_accuracy, init.test_accuracy);
+    assert!(fresh.test_accuracy < 0.5, "random accuracy {}", fresh.test_accuracy);
+    assert!(init.test_accuracy > 0.8, "derived accuracy {}", init.test_accuracy);
+}
+
+#[test]
+fn init_from_without_a_checkpoint_is_an_error() {
+    let spec = TrainSpec { init_from: Some("other".into()), ..TrainSpec::default() };
+    let err = train(&spec, &RunEnv::default(), &mut Lines::default()).unwrap_err();
+    assert!(matches!(err, JobsError::InitFromMissing(_)), "{err:?}");
+}
+
+#[test]
+fn checkpoints_appear_whole_with_their_state() {
+    let dirs = tempfile::tempdir().unwrap();
+    let spec = small_spec(2, 10);
+    let (outcome, out) = run(&spec, &env("job-7", Some(dirs.path()), None), None);
+
+    let mut names: Vec<String> =
+        std::fs::read_dir(dirs.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["step-10", "step-20", "step-30", "step-40", "step-46"]);
+    let lines = out.starting("checkpoint ");
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0], "checkpoint step=10 path=step-10");
+    assert_eq!(outcome.last_checkpoint.as_deref(), Some(dirs.path().join("step-46").as_path()));
+    for name in &names {
+        let dir = dirs.path().join(name);
+        let mut files: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        files.sort();
+        assert_eq!(files, [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]);
+    }
+    let state = |name: &str| -> CheckpointState {
+        serde_json::from_slice(&std::fs::read(dirs.path().join(name).join(STATE_FILE)).unwrap()).unwrap()
+    };
+    let s = state("step-30");
+    assert_eq!((s.step, s.epoch, s.batch_in_epoch), (30, 1, 7));
+    assert_eq!(s.job_id.as_deref(), Some("job-7"));
+    assert_eq!((s.seed, s.model.as_str(), s.dataset.as_str(), s.format_version), (42, "mlp", "digits", 1));
+    let s = state("step-46");
+    assert_eq!((s.step, s.epoch, s.batch_in_epoch), (46, 2, 0));
+    assert!(out.lines().last().unwrap().ends_with(&format!("checkpoint={}", dirs.path().join("step-46").display())));
+}
+
+#[test]
+fn a_stop_before_the_first_step_still_checkpoints() {
+    let dirs = tempfile::tempdir().unwrap();
+    let env = env("job-s", Some(dirs.path()), None);
+    env.stop.store(true, Ordering::SeqCst);
+    let (outcome, out) = run(&TrainSpec::default(), &env, None);
+    assert!(outcome.stopped);
+    assert_eq!(outcome.steps, 0);
+    assert!(dirs.path().join("step-0").join(STATE_FILE).exists());
+    assert_eq!(
+        out.lines().last().unwrap(),
+        &format!("stopped step=0 checkpoint={}", dirs.path().join("step-0").display())
+    );
+}
+
+#[test]
+fn bad_resume_dirs_are_errors_not_panics() {
+    let dirs = tempfile::tempdir().unwrap();
+    let spec = small_spec(1, 5);
+    run(&spec, &env("job-b", Some(dirs.path()), None), None);
+    // An optimizer record with no state, from a run stopped before its first step.
+    let stopped = env("job-b", Some(&dirs.path().join("stopped")), None);
+    stopped.stop.store(true, Ordering::SeqCst);
+    run(&spec, &stopped, None);
+    std::fs::rename(dirs.path().join("stopped").join("step-0"), dirs.path().join("step-0-source")).unwrap();
+    let good = dirs.path().join("step-5");
+
+    let try_resume = |dir: &Path| train(&spec, &env("job-b", None, Some(dir)), &mut Lines::default());
+    let broken = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
+        let dir = dirs.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for f in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            std::fs::copy(good.join(f), dir.join(f)).unwrap();
+        }
+        edit(&dir);
+        dir
+    };
+
+    let err = try_resume(&dirs.path().join("missing")).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointIo { .. }), "{err:?}");
+
+    let dir = broken("bad-state", &|d| std::fs::write(d.join(STATE_FILE), "{not json").unwrap());
+    assert!(matches!(try_resume(&dir).unwrap_err(), JobsError::CheckpointState { .. }));
+
+    let dir = broken("no-model", &|d| std::fs::remove_file(d.join(MODEL_FILE)).unwrap());
+    assert!(matches!(try_resume(&dir).unwrap_err(), JobsError::CheckpointIo { .. }));
+
+    let dir = broken("truncated-model", &|d| {
+        let bytes = std::fs::read(d.join(MODEL_FILE)).unwrap();
+        std::fs::write(d.join(MODEL_FILE), &bytes[..bytes.len() / 2]).unwrap();
+    });
+    let err = try_resume(&dir).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointRecord { .. } | JobsError::CheckpointMismatch { .. }), "{err:?}");
+
+    let dir = broken("garbage-optimizer", &|d| std::fs::write(d.join(OPTIMIZER_FILE), b"\x93garbage").unwrap());
+    let err = try_resume(&dir).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointRecord { .. } | JobsError::CheckpointMismatch { .. }), "{err:?}");
+
+    // A parameter id that is not valid base32: burn panics decoding it; we must not.
+    let dir = broken("bad-param-id", &|d| {
+        let mut bytes = std::fs::read(d.join(MODEL_FILE)).unwrap();
+        let key = b"\xa2id\xad"; // msgpack: "id", then a 13-byte string
+        let at = bytes.windows(key.len()).position(|w| w == key).expect("no param id in the record");
+        bytes[at + key.len()..at + key.len() + 13].fill(b'!');
+        std::fs::write(d.join(MODEL_FILE), bytes).unwrap();
+    });
+    let err = try_resume(&dir).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointMismatch { .. }), "{err:?}");
+
+    // Optimizer state of another model (here: of none, as before the first step).
+    let dir = broken("foreign-optimizer", &|d| {
+        std::fs::copy(dirs.path().join("step-0-source").join(OPTIMIZER_FILE), d.join(OPTIMIZER_FILE)).unwrap();
+    });
+    let err = try_resume(&dir).unwrap_err();
+    assert!(err.to_string().contains("optimizer"), "{err:?}");
+
+    let other_seed = TrainSpec { seed: 7, ..spec.clone() };
+    let err = train(&other_seed, &env("job-b", None, Some(&good)), &mut Lines::default()).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointMismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains("seed"), "{err}");
+
+    // After a whole epoch (step 23 at batch size 64), a batch size of 32 cannot have got there.
+    let other_batch = TrainSpec { batch_size: 32, ..spec.clone() };
+    let end = dirs.path().join("step-23");
+    let err = train(&other_batch, &env("job-b", None, Some(&end)), &mut Lines::default()).unwrap_err();
+    assert!(matches!(err, JobsError::CheckpointMismatch { .. }), "{err:?}");
+}
+
+#[test]
+fn sigterm_sets_the_stop_flag() {
+    let stop = Arc::new(AtomicBool::new(false));
+    gantry_jobs::install_sigterm_handler(stop.clone()).unwrap();
+    signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+    assert!(stop.load(Ordering::SeqCst));
+}
