@@ -64,7 +64,7 @@ impl LogStore {
         if !fresh.is_empty() {
             std::fs::create_dir_all(self.dir(job)).map_err(Error::io("creating the log directory"))?;
             let mut buf = String::with_capacity(fresh.iter().map(|l| l.len() + 1).sum());
-            for line in fresh {
+            for line in &fresh {
                 // A line never contains a newline: the agent splits on them.
                 buf.push_str(&line.replace('\n', " "));
                 buf.push('\n');

@@ -225,7 +225,8 @@ impl JobSpec {
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 impl TrainSpec {
-    fn validate(&self) -> Result<(), SpecError> {
+    /// The rules of the `train:` section (field names in errors are prefixed `train.`).
+    pub fn validate(&self) -> Result<(), SpecError> {
         if !TRAIN_MODELS.contains(&self.model.as_str()) {
             return Err(SpecError::new(
                 "train.model",

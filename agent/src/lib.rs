@@ -1,0 +1,254 @@
+//! gantry's agent: one per machine. It reports the machine's GPUs (through NVML, or none), keeps
+//! one session open to the coordinator, runs the job ranks placed on it, and streams their logs,
+//! checkpoints and exits back.
+//!
+//! Jobs outlive the connection: while the coordinator is away, jobs keep running, output is
+//! buffered, and exits are repeated in every heartbeat until the coordinator releases them.
+
+mod checkpoints;
+mod error;
+pub mod inventory;
+mod logship;
+mod runner;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_core::JobSpec;
+use gantry_proto::v1::agents_client::AgentsClient;
+use gantry_proto::{PROTOCOL_VERSION, v1};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+pub use error::{Error, Result};
+use inventory::Inventory;
+
+pub struct Config {
+    /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    pub name: String,
+    pub work_dir: PathBuf,
+    pub nvml_lib: Option<PathBuf>,
+    /// The `gantry` binary, run for `train:` jobs.
+    pub train_program: PathBuf,
+}
+
+type RankKey = (String, u32, u32);
+
+struct Held {
+    report: v1::JobReport,
+    stop: watch::Sender<Option<Duration>>,
+}
+
+struct Agent {
+    config: Config,
+    client: AgentsClient<Channel>,
+    inventory: Inventory,
+    /// Every rank held: running, or exited and not yet released. A std mutex: never held across
+    /// an await.
+    jobs: Mutex<BTreeMap<RankKey, Held>>,
+    /// The open session's sender, if any: exits go out at once when it is there.
+    outbound: Mutex<Option<mpsc::Sender<v1::AgentMessage>>>,
+}
+
+/// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let endpoint = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| Error::Fatal(format!("bad coordinator URL `{}`: {e}", config.coordinator)))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let client = AgentsClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 << 20);
+    std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
+    let inventory = Inventory::detect(config.nvml_lib.as_deref());
+    let agent = Arc::new(Agent {
+        config,
+        client,
+        inventory,
+        jobs: Mutex::new(BTreeMap::new()),
+        outbound: Mutex::new(None),
+    });
+    let sessions = {
+        let agent = agent.clone();
+        async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match agent.clone().session().await {
+                    Err(Error::Fatal(msg)) => return Err(Error::Fatal(msg)),
+                    Err(e) => warn!(error = %e, "coordinator session ended; reconnecting"),
+                    Ok(()) => warn!("coordinator closed the session; reconnecting"),
+                }
+                *agent.outbound.lock().expect("outbound lock") = None;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = sessions => r,
+        _ = shutdown => Ok(()),
+    };
+    agent.stop_all().await;
+    result
+}
+
+impl Agent {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, Held>> {
+        self.jobs.lock().expect("jobs lock poisoned")
+    }
+
+    fn heartbeat(&self) -> v1::AgentMessage {
+        let jobs = self.jobs().values().map(|h| h.report.clone()).collect();
+        v1::AgentMessage {
+            name: self.config.name.clone(),
+            msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat { inventory: Some(self.inventory.read()), jobs })),
+        }
+    }
+
+    /// Registers, opens the session, and serves it until it breaks.
+    async fn session(self: Arc<Self>) -> Result<()> {
+        let mut client = self.client.clone();
+        let reply = client
+            .register(v1::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: self.config.name.clone(),
+                inventory: Some(self.inventory.read()),
+            })
+            .await;
+        let reply = match reply {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
+                return Err(Error::Fatal(format!("coordinator refused registration: {}", s.message())));
+            }
+            r => r?.into_inner(),
+        };
+        let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
+        let (tx, rx) = mpsc::channel(256);
+        // The first message lists every rank held, so the coordinator can reconcile.
+        tx.send(self.heartbeat()).await.expect("receiver alive");
+        let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        *self.outbound.lock().expect("outbound lock") = Some(tx.clone());
+        info!(coordinator = %self.config.coordinator, name = %self.config.name, "session open");
+
+        let beats = {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    if tx.send(agent.heartbeat()).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let result = loop {
+            match inbound.message().await {
+                Ok(Some(msg)) => self.handle(msg),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        beats.abort();
+        result
+    }
+
+    fn handle(self: &Arc<Self>, msg: v1::CoordinatorMessage) {
+        use v1::coordinator_message::Msg;
+        match msg.msg {
+            Some(Msg::Assign(a)) => self.start(a),
+            Some(Msg::Cancel(c)) => {
+                let grace = Duration::from_millis(c.grace_period_ms);
+                for ((job, attempt, _), held) in self.jobs().iter() {
+                    if *job == c.job_id && *attempt == c.attempt {
+                        let _ = held.stop.send(Some(grace));
+                    }
+                }
+            }
+            Some(Msg::Release(r)) => {
+                self.jobs().retain(|(job, attempt, _), held| {
+                    !(*job == r.job_id
+                        && *attempt == r.attempt
+                        && held.report.phase == v1::job_report::Phase::Exited as i32)
+                });
+            }
+            None => {}
+        }
+    }
+
+    /// Starts an assigned rank, once: a repeated assignment is ignored.
+    fn start(self: &Arc<Self>, a: v1::Assignment) {
+        let key = (a.job_id.clone(), a.attempt, a.rank);
+        let spec = match a.spec.clone().map(JobSpec::try_from) {
+            Some(Ok(spec)) => spec,
+            other => {
+                warn!(job = %a.job_id, error = ?other.map(|r| r.err()), "assignment without a usable spec");
+                return;
+            }
+        };
+        let (stop_tx, stop_rx) = watch::channel(None);
+        {
+            let mut jobs = self.jobs();
+            if jobs.contains_key(&key) {
+                return;
+            }
+            let report = v1::JobReport {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: a.rank,
+                phase: v1::job_report::Phase::Running as i32,
+                ..Default::default()
+            };
+            jobs.insert(key.clone(), Held { report, stop: stop_tx });
+        }
+        let dir =
+            self.config.work_dir.join("jobs").join(&a.job_id).join(format!("attempt-{}-rank-{}", a.attempt, a.rank));
+        let launch = runner::Launch {
+            assignment: a,
+            spec,
+            dir,
+            train_program: self.config.train_program.clone(),
+            client: self.client.clone(),
+        };
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let report = runner::run(launch, stop_rx).await;
+            if let Some(held) = agent.jobs().get_mut(&key) {
+                held.report = report.clone();
+            }
+            let outbound = agent.outbound.lock().expect("outbound lock").clone();
+            if let Some(tx) = outbound {
+                let msg = v1::AgentMessage { name: agent.config.name.clone(), msg: Some(v1::agent_message::Msg::Job(report)) };
+                let _ = tx.send(msg).await;
+            }
+        });
+    }
+
+    /// Stops every running rank and waits (bounded) for them to end.
+    async fn stop_all(&self) {
+        let grace = Duration::from_secs(10);
+        let running: Vec<watch::Sender<Option<Duration>>> = self
+            .jobs()
+            .values()
+            .filter(|h| h.report.phase != v1::job_report::Phase::Exited as i32)
+            .map(|h| h.stop.clone())
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        info!(jobs = running.len(), "agent stopping: stopping its jobs");
+        for stop in &running {
+            let _ = stop.send(Some(grace));
+        }
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            let left = self.jobs().values().any(|h| h.report.phase != v1::job_report::Phase::Exited as i32);
+            if !left {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Runs one placed job rank as a child process in its own process group: prepares its directory
+//! and environment, downloads the checkpoint it resumes from, ships its output and checkpoints,
+//! stops it (SIGTERM, then SIGKILL after the grace period) when asked, and reports how it ended.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use gantry_core::JobSpec;
+use gantry_proto::v1;
+use gantry_proto::v1::agents_client::AgentsClient;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::checkpoints::{self, Uploader};
+use crate::logship::LogShipper;
+
+pub struct Launch {
+    pub assignment: v1::Assignment,
+    pub spec: JobSpec,
+    /// This attempt's own directory: checkpoints, the resume download, the train config.
+    pub dir: PathBuf,
+    /// The `gantry` binary, run as `gantry train --spec FILE` for `train:` jobs.
+    pub train_program: PathBuf,
+    pub client: AgentsClient<Channel>,
+}
+
+const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
+
+/// Runs the rank to its end. `stop` turns `Some(grace)` when the job must stop.
+pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) -> v1::JobReport {
+    let a = &launch.assignment;
+    let mut report = v1::JobReport {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        phase: v1::job_report::Phase::Exited as i32,
+        ..Default::default()
+    };
+    let (line_tx, line_rx) = mpsc::channel::<String>(4096);
+    let shipper = LogShipper { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, client: launch.client.clone() };
+    let shipping = tokio::spawn(shipper.run(line_rx));
+
+    let outcome = run_child(&launch, &line_tx, &mut stop).await;
+    match outcome {
+        Ok(Exit { code, signal }) => {
+            report.exit_code = code;
+            report.signal = signal;
+        }
+        Err(message) => {
+            let _ = line_tx.send(format!("[gantry] {message}")).await;
+            report.message = message;
+        }
+    }
+    drop(line_tx);
+    // All output reaches the coordinator before the exit is reported.
+    let _ = shipping.await;
+    info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, code = ?report.exit_code, signal = ?report.signal, "job rank ended");
+    report
+}
+
+struct Exit {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+async fn run_child(
+    launch: &Launch,
+    lines: &mpsc::Sender<String>,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Result<Exit, String> {
+    let a = &launch.assignment;
+    let checkpoint_dir = launch.dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoint_dir).map_err(|e| format!("could not create {}: {e}", checkpoint_dir.display()))?;
+
+    let mut resume_dir = None;
+    if let Some(r) = &a.resume {
+        let dest = launch.dir.join("resume");
+        let _ = std::fs::remove_dir_all(&dest);
+        let mut client = launch.client.clone();
+        checkpoints::download(&mut client, r, &dest)
+            .await
+            .map_err(|e| format!("could not download checkpoint step {} of job {}: {e}", r.step, r.job_id))?;
+        let _ = lines.send(format!("[gantry] resuming from job {} step {}", r.job_id, r.step)).await;
+        resume_dir = Some(dest);
+    }
+
+    let argv = match (&launch.spec.train, &launch.spec.command) {
+        (Some(train), _) => {
+            let file = launch.dir.join("train.json");
+            let text = serde_json::to_vec_pretty(train).map_err(|e| format!("could not write the train config: {e}"))?;
+            std::fs::write(&file, text).map_err(|e| format!("could not write {}: {e}", file.display()))?;
+            vec![launch.train_program.display().to_string(), "train".into(), "--spec".into(), file.display().to_string()]
+        }
+        (None, Some(argv)) => argv.clone(),
+        (None, None) => return Err("the job has neither `train` nor `command`".into()),
+    };
+
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(&launch.dir)
+        .envs(&launch.spec.env)
+        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a stop reaches everything it started.
+        .process_group(0);
+    if resume_dir.is_none() {
+        cmd.env_remove("GANTRY_RESUME_DIR");
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("could not start `{}`: {e}", argv[0]))?;
+    let pgid = child.id().map(|p| p as i32).ok_or("the job exited before it could be tracked")?;
+    info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, pid = pgid, "job started");
+
+    let readers = [
+        tokio::spawn(forward_lines(child.stdout.take().expect("piped"), lines.clone())),
+        tokio::spawn(forward_lines(child.stderr.take().expect("piped"), lines.clone())),
+    ];
+    let (upload_stop_tx, upload_stop_rx) = watch::channel(false);
+    let uploader = Uploader {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        client: launch.client.clone(),
+        dir: checkpoint_dir,
+        done: BTreeSet::new(),
+    };
+    let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
+
+    let status = tokio::select! {
+        status = child.wait() => status,
+        grace = async { stop.wait_for(|s| s.is_some()).await.ok().and_then(|g| *g) } => {
+            let grace = grace.unwrap_or(Duration::from_secs(10));
+            info!(job = %a.job_id, ?grace, "stopping job: SIGTERM");
+            signal_group(pgid, libc::SIGTERM);
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    warn!(job = %a.job_id, "grace period over: SIGKILL");
+                    signal_group(pgid, libc::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    // Whatever the leader left behind in its group goes with it (and releases the pipes).
+    signal_group(pgid, libc::SIGKILL);
+    for r in readers {
+        let _ = r.await;
+    }
+    let _ = upload_stop_tx.send(true);
+    let _ = uploading.await;
+    let status = status.map_err(|e| format!("waiting for the job failed: {e}"))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(Exit { code: status.code(), signal: status.signal() })
+}
+
+/// The environment of PRODUCT.md: gantry's names and torchrun's.
+fn job_env(a: &v1::Assignment, checkpoint_dir: &Path, resume_dir: Option<&Path>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("GANTRY_JOB_ID".to_string(), a.job_id.clone()),
+        ("GANTRY_ATTEMPT".into(), a.attempt.to_string()),
+        ("RANK".into(), a.rank.to_string()),
+        ("WORLD_SIZE".into(), a.world_size.to_string()),
+        ("LOCAL_RANK".into(), "0".into()),
+        ("MASTER_ADDR".into(), if a.master_addr.is_empty() { "127.0.0.1".into() } else { a.master_addr.clone() }),
+        ("MASTER_PORT".into(), a.master_port.to_string()),
+        // Empty for a CPU job: the job sees no GPU rather than every GPU.
+        ("CUDA_VISIBLE_DEVICES".into(), a.gpu_uuids.join(",")),
+        ("GANTRY_CHECKPOINT_DIR".into(), checkpoint_dir.display().to_string()),
+    ];
+    if let Some(dir) = resume_dir {
+        env.push(("GANTRY_RESUME_DIR".into(), dir.display().to_string()));
+    }
+    env
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; it has no memory effects.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+async fn forward_lines(pipe: impl AsyncRead + Unpin, lines: mpsc::Sender<String>) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                if lines.send(String::from_utf8_lossy(&buf).into_owned()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn upload_until_stopped(mut uploader: Uploader, mut stop: watch::Receiver<bool>) {
+    loop {
+        uploader.upload_new().await;
+        tokio::select! {
+            _ = tokio::time::sleep(CHECKPOINT_POLL) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    // The job has ended: what it committed last is uploaded before its exit is reported.
+    uploader.upload_new().await;
+}

@@ -1,0 +1,95 @@
+//! `nodes` and `gpus`: the fleet as the coordinator sees it.
+
+use gantry_proto::v1;
+
+use crate::client::{self, connect};
+use crate::output::{GpuView, NodeView, bytes, print_json, print_table};
+
+pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let nodes = c.list_nodes(v1::ListNodesRequest {}).await.map_err(client::status)?.into_inner().nodes;
+    let views: Vec<NodeView> = nodes
+        .iter()
+        .map(|n| {
+            let inv = n.inventory.clone().unwrap_or_default();
+            NodeView {
+                name: n.name.clone(),
+                connected: n.connected,
+                cpus: inv.cpus,
+                cpus_used: n.cpus_used,
+                memory_bytes: inv.memory_bytes,
+                memory_used_bytes: n.memory_used_bytes,
+                gpus: inv.gpus.len(),
+                gpu_driver: inv.gpu_driver,
+                jobs: n.jobs.clone(),
+                last_seen_ms: n.last_seen_ms,
+            }
+        })
+        .collect();
+    if json {
+        return print_json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                if n.connected { "ready".into() } else { "disconnected".into() },
+                format!("{}/{}", n.cpus_used, n.cpus),
+                format!("{}/{}", bytes(n.memory_used_bytes), bytes(n.memory_bytes)),
+                n.gpus.to_string(),
+                n.jobs.join(","),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "STATUS", "CPUS", "MEMORY", "GPUS", "JOBS"], &rows);
+    Ok(())
+}
+
+pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let gpus = c.list_gpus(v1::ListGpusRequest {}).await.map_err(client::status)?.into_inner().gpus;
+    let views: Vec<GpuView> = gpus
+        .iter()
+        .map(|g| {
+            let i = g.info.clone().unwrap_or_default();
+            GpuView {
+                uuid: i.uuid,
+                name: i.name,
+                memory_total_bytes: i.memory_total_bytes,
+                node: g.node.clone(),
+                index: i.index,
+                memory_used_bytes: i.memory_used_bytes,
+                utilization_percent: i.utilization_percent,
+                temperature_c: i.temperature_c,
+                power_mw: i.power_mw,
+                healthy: i.healthy,
+                health_reason: i.health_reason,
+                job_id: (!g.job_id.is_empty()).then(|| g.job_id.clone()),
+            }
+        })
+        .collect();
+    if json {
+        return print_json(&views);
+    }
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|g| {
+            vec![
+                g.node.clone(),
+                g.index.to_string(),
+                g.name.clone(),
+                format!("{}/{}", opt(g.memory_used_bytes.map(bytes)), bytes(g.memory_total_bytes)),
+                opt(g.utilization_percent.map(|u| format!("{u}%"))),
+                opt(g.temperature_c.map(|t| format!("{t}C"))),
+                opt(g.power_mw.map(|p| format!("{:.0}W", p as f64 / 1000.0))),
+                if g.healthy { "ok".into() } else { format!("unhealthy: {}", g.health_reason) },
+                g.job_id.clone().unwrap_or_default(),
+                g.uuid.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HEALTH", "JOB", "UUID"], &rows);
+    Ok(())
+}

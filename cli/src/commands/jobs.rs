@@ -1,0 +1,180 @@
+//! `submit`, `jobs`, `job`, `cancel`, `logs`, and `dev --run`'s follow-to-the-end.
+
+use std::path::Path;
+
+use anyhow::Context;
+use gantry_core::JobSpec;
+use gantry_proto::v1;
+use tokio_stream::StreamExt;
+
+use crate::client::{self, connect};
+use crate::output::{self, JobView, print_json, print_table};
+
+fn read_spec(file: &Path) -> anyhow::Result<JobSpec> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: invalid job spec: {e}", file.display()))
+}
+
+pub async fn submit(url: &str, file: &Path, follow: bool, json: bool) -> anyhow::Result<i32> {
+    // The spec is checked before connecting: a bad file is refused even with no coordinator.
+    let spec = read_spec(file)?;
+    let mut c = connect(url).await?;
+    let reply = c.submit(v1::SubmitRequest { spec: Some(v1::JobSpec::from(&spec)) }).await.map_err(client::status)?;
+    let id = reply.into_inner().job_id;
+    println!("{id}");
+    if !follow {
+        return Ok(0);
+    }
+    stream_logs(url, &id, true, json).await?;
+    let job = c.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
+    let state = output::state(&job);
+    eprintln!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+    Ok(if state == "succeeded" { 0 } else { 1 })
+}
+
+pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let mut jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
+    // The queue first, in the order it will run; then everything else, newest first.
+    jobs.sort_by_key(|j| {
+        let queued = output::state(j) == "queued";
+        (!queued, if queued { j.queue_position as i64 } else { -j.submitted_at_ms }, j.id.parse::<u64>().unwrap_or(0))
+    });
+    let views: Vec<JobView> = jobs.iter().map(JobView::from).collect();
+    if json {
+        return print_json(&views);
+    }
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.name.clone(),
+                j.state.to_string(),
+                j.attempt.to_string(),
+                j.queue.clone(),
+                j.priority.to_string(),
+                j.nodes.join(","),
+                j.pending_reason.clone().unwrap_or_else(|| j.message.clone()),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "STATE", "ATTEMPT", "QUEUE", "PRIO", "NODES", "REASON"], &rows);
+    Ok(())
+}
+
+pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let job = c.get_job(v1::GetJobRequest { job_id: id.to_string() }).await.map_err(client::status)?.into_inner();
+    let view = JobView::from(&job);
+    if json {
+        return print_json(&view);
+    }
+    println!("id:        {}", view.id);
+    println!("name:      {}", view.name);
+    println!("state:     {}", view.state);
+    println!("queue:     {} (priority {})", view.queue, view.priority);
+    println!("attempt:   {}", view.attempt);
+    if let Some(reason) = &view.pending_reason {
+        println!("pending:   {reason}");
+    }
+    if let Some(pos) = view.queue_position {
+        println!("position:  {pos} in the queue");
+    }
+    if !view.message.is_empty() {
+        println!("message:   {}", view.message);
+    }
+    for a in &view.attempts {
+        let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
+        let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
+        let outcome = if a.outcome.is_empty() { "running".to_string() } else { a.outcome.clone() };
+        println!("attempt {}: on {} ({gpus}): {outcome}{exit}", a.attempt, a.nodes.join(","));
+    }
+    Ok(())
+}
+
+pub async fn cancel(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let job = c.cancel_job(v1::CancelJobRequest { job_id: id.to_string() }).await.map_err(client::status)?.into_inner();
+    let view = JobView::from(&job);
+    if json {
+        return print_json(&view);
+    }
+    if view.state == "running" {
+        println!("job {id}: cancel requested; it gets SIGTERM and a grace period to checkpoint");
+    } else {
+        println!("job {id}: {}", view.state);
+    }
+    Ok(())
+}
+
+pub async fn logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    stream_logs(url, id, follow, json).await
+}
+
+async fn stream_logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut c = connect(url).await?;
+    let req = v1::LogsRequest { job_id: id.to_string(), follow };
+    let mut stream = c.logs(req).await.map_err(client::status)?.into_inner();
+    let mut last_attempt = None;
+    let stdout = std::io::stdout();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(client::status)?;
+        let mut out = stdout.lock();
+        for line in batch.lines {
+            if json {
+                let value = serde_json::json!({"attempt": line.attempt, "rank": line.rank, "text": line.text});
+                writeln!(out, "{value}")?;
+                continue;
+            }
+            if last_attempt.is_some_and(|a| a != line.attempt) {
+                writeln!(out, "--- attempt {} ---", line.attempt)?;
+            }
+            last_attempt = Some(line.attempt);
+            if line.rank > 0 {
+                writeln!(out, "[rank {}] {}", line.rank, line.text)?;
+            } else {
+                writeln!(out, "{}", line.text)?;
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `gantry dev --run FILE`: submit, follow to the end, then say how it ended and where the
+/// latest checkpoint is. Returns 0 only if the job succeeded.
+pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Result<i32> {
+    let spec = read_spec(file)?;
+    // The coordinator in this process is starting: wait for it to answer.
+    let mut c = None;
+    for _ in 0..50 {
+        if let Ok(client) = connect(url).await {
+            c = Some(client);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut c = c.context("the local coordinator did not start")?;
+    let id = c
+        .submit(v1::SubmitRequest { spec: Some(v1::JobSpec::from(&spec)) })
+        .await
+        .map_err(client::status)?
+        .into_inner()
+        .job_id;
+    eprintln!("submitted job {id} ({})", spec.name);
+    stream_logs(url, &id, true, false).await?;
+    let job = c.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
+    let checkpoints =
+        c.list_checkpoints(v1::ListCheckpointsRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
+    let state = output::state(&job);
+    println!();
+    println!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+    if let Some(latest) = checkpoints.checkpoints.last() {
+        let dir = data_dir.join("jobs").join(&id).join("checkpoints").join(format!("step-{}", latest.step));
+        println!("latest checkpoint: step {} ({}), stored at {}", latest.step, output::bytes(latest.bytes), dir.display());
+        println!("download it with:  gantry checkpoint download {id} --out ./checkpoint-{id}");
+    }
+    Ok(if state == "succeeded" { 0 } else { 1 })
+}

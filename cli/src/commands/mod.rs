@@ -1,0 +1,5 @@
+pub mod checkpoints;
+pub mod fleet;
+pub mod jobs;
+pub mod server;
+pub mod train;

@@ -1,0 +1,196 @@
+//! The long-running commands: `coordinator`, `agent`, and `dev` (both in one process).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use gantry_coordinator::{Config, Settings};
+use tokio::net::TcpListener;
+use tracing::info;
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// gRPC address (the CLI and agents).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// HTTP address: `/healthz` and `/metrics`.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    http: String,
+    /// Where state, logs and checkpoints live [default: ~/.local/share/gantry].
+    #[arg(long, env = "GANTRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The state store.
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
+    store: String,
+    /// etcd endpoints, comma-separated (with --store etcd).
+    #[arg(long)]
+    etcd: Option<String>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+#[derive(Args, Clone)]
+struct Timing {
+    /// An agent silent this long is lost and its jobs are requeued.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    agent_timeout: Duration,
+    /// Time a cancelled job gets between SIGTERM and SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    grace_period: Duration,
+}
+
+impl Timing {
+    fn settings(&self) -> Settings {
+        Settings { agent_timeout: self.agent_timeout, grace_period: self.grace_period, ..Settings::default() }
+    }
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The coordinator's gRPC URL.
+    #[arg(long, env = "GANTRY_COORDINATOR")]
+    coordinator: String,
+    /// This machine's name in the fleet [default: the hostname].
+    #[arg(long)]
+    name: Option<String>,
+    /// Where jobs run and checkpoints are written [default: ~/.local/share/gantry/agent].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The NVML library to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long)]
+    nvml_lib: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where state, logs, checkpoints and job directories live [default: ~/.local/share/gantry].
+    #[arg(long, env = "GANTRY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    http: String,
+    /// Submit this job spec, follow it to the end, then stop (exit status: the job's).
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// The NVML library to load instead of the system's libnvidia-ml.so.1.
+    #[arg(long)]
+    nvml_lib: Option<PathBuf>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| format!("`{text}` is not a duration"));
+    }
+    gantry_core::spec::parse_duration(text).map(Duration::from_secs)
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) => Path::new(&home).join(".local/share/gantry"),
+        None => PathBuf::from("gantry-data"),
+    }
+}
+
+/// Logs go to stderr; `GANTRY_LOG_FORMAT=json` for JSON lines, `RUST_LOG` to filter.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("GANTRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    init_logging();
+    if args.store == "etcd" {
+        bail!(
+            "the etcd store is not available in this release yet (endpoints given: {}); use --store embedded",
+            args.etcd.as_deref().unwrap_or("none")
+        );
+    }
+    let grpc = bind(&args.listen, "gRPC").await?;
+    let http = bind(&args.http, "HTTP").await?;
+    let config = Config { data_dir: args.data_dir.unwrap_or_else(default_data_dir), settings: args.timing.settings() };
+    gantry_coordinator::serve(config, grpc, http, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn agent_config(
+    coordinator: String,
+    name: Option<String>,
+    work_dir: PathBuf,
+    nvml_lib: Option<PathBuf>,
+) -> anyhow::Result<gantry_agent::Config> {
+    let name = match name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
+    Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program })
+}
+
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_logging();
+    let work_dir = args.work_dir.unwrap_or_else(|| default_data_dir().join("agent"));
+    let config = agent_config(args.coordinator, args.name, work_dir, args.nvml_lib)?;
+    gantry_agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Returns the process exit status: with `--run`, 0 only if the job succeeded.
+pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
+    init_logging();
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let grpc = bind(&args.listen, "gRPC").await?;
+    let http = bind(&args.http, "HTTP").await?;
+    let url = format!("http://{}", grpc.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let config = Config { data_dir: data_dir.clone(), settings: args.timing.settings() };
+    let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
+    let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib)?;
+    let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
+
+    let code = match args.run {
+        Some(file) => {
+            let result = super::jobs::run_to_end(&url, &file, &data_dir).await;
+            let _ = stop_tx.send(true);
+            result?
+        }
+        None => {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = stopped(stop_rx.clone()) => {}
+            }
+            let _ = stop_tx.send(true);
+            0
+        }
+    };
+    agent.await?.context("agent")?;
+    coordinator.await?.context("coordinator")?;
+    Ok(code)
+}

@@ -1,0 +1,118 @@
+//! `gantry`: one binary for the control plane (`coordinator`), the machines (`agent`), a
+//! single-machine setup (`dev`), the training runtime (`train`) and every client command.
+
+mod client;
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gantry", version, about = "Schedule deep-learning training jobs on a GPU fleet")]
+struct Cli {
+    /// The coordinator's gRPC URL (client commands).
+    #[arg(long, global = true, env = "GANTRY_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    coordinator: String,
+    /// Output format of client commands: `table` for people, `json` for scripts.
+    #[arg(short = 'o', long = "output", global = true, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Coordinator(commands::server::CoordinatorArgs),
+    /// Run the agent of this machine.
+    Agent(commands::server::AgentArgs),
+    /// Run a coordinator and one local agent in one process (the single-machine default).
+    Dev(commands::server::DevArgs),
+    /// Submit a job spec (YAML); prints the job id.
+    Submit {
+        file: PathBuf,
+        /// Stream the job's logs until it ends; exit non-zero unless it succeeded.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List jobs, the queue in order first.
+    Jobs,
+    /// Describe a job: state, placement, attempts, pending reason.
+    Job { id: String },
+    /// Cancel a job: queued ones at once, running ones get SIGTERM and a grace period.
+    Cancel { id: String },
+    /// A job's output, all attempts and ranks, in order.
+    Logs {
+        id: String,
+        /// Keep following until the job ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// A job's committed checkpoints.
+    Checkpoints { id: String },
+    /// Checkpoint operations.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// The agents of the fleet.
+    Nodes,
+    /// Every GPU of the fleet, with the job on it.
+    Gpus,
+    /// Run gantry's training runtime in this process (what agents run for `train:` jobs).
+    Train {
+        /// The `train:` section as JSON.
+        #[arg(long)]
+        spec: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Download a committed checkpoint (the latest unless --step), verifying every file's sha256.
+    Download {
+        id: String,
+        #[arg(long)]
+        step: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", client::one_line(&e));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.output == "json";
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let url = cli.coordinator;
+    match cli.command {
+        Command::Coordinator(args) => runtime.block_on(commands::server::coordinator(args)).map(|_| 0),
+        Command::Agent(args) => runtime.block_on(commands::server::agent(args)).map(|_| 0),
+        Command::Dev(args) => runtime.block_on(commands::server::dev(args)),
+        Command::Train { spec } => {
+            drop(runtime);
+            commands::train::run(&spec)
+        }
+        Command::Submit { file, follow } => runtime.block_on(commands::jobs::submit(&url, &file, follow, json)),
+        Command::Jobs => runtime.block_on(commands::jobs::list(&url, json)).map(|_| 0),
+        Command::Job { id } => runtime.block_on(commands::jobs::describe(&url, &id, json)).map(|_| 0),
+        Command::Cancel { id } => runtime.block_on(commands::jobs::cancel(&url, &id, json)).map(|_| 0),
+        Command::Logs { id, follow } => runtime.block_on(commands::jobs::logs(&url, &id, follow, json)).map(|_| 0),
+        Command::Checkpoints { id } => runtime.block_on(commands::checkpoints::list(&url, &id, json)).map(|_| 0),
+        Command::Checkpoint(CheckpointCommand::Download { id, step, out }) => {
+            runtime.block_on(commands::checkpoints::download(&url, &id, step, &out, json)).map(|_| 0)
+        }
+        Command::Nodes => runtime.block_on(commands::fleet::nodes(&url, json)).map(|_| 0),
+        Command::Gpus => runtime.block_on(commands::fleet::gpus(&url, json)).map(|_| 0),
+    }
+}

@@ -1,0 +1,176 @@
+//! How things look: JSON views with the names scripts rely on, and plain tables for people.
+
+use gantry_proto::{job_state_name, v1};
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub name: String,
+    pub state: &'static str,
+    pub attempt: u32,
+    pub queue: String,
+    pub priority: u32,
+    pub submitted_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+    pub nodes: Vec<String>,
+    pub message: String,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Serialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub nodes: Vec<String>,
+    pub gpus: Vec<String>,
+    pub started_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    pub outcome: String,
+}
+
+pub fn state(job: &v1::Job) -> &'static str {
+    job_state_name(v1::JobState::try_from(job.state).unwrap_or(v1::JobState::Unspecified))
+}
+
+impl From<&v1::Job> for JobView {
+    fn from(job: &v1::Job) -> Self {
+        let spec = job.spec.clone().unwrap_or_default();
+        let queued = state(job) == "queued";
+        let attempts: Vec<AttemptView> = job
+            .attempts
+            .iter()
+            .map(|a| AttemptView {
+                attempt: a.attempt,
+                nodes: a.placement.iter().map(|p| p.node.clone()).collect(),
+                gpus: a.placement.iter().flat_map(|p| p.gpu_uuids.clone()).collect(),
+                started_at_ms: a.started_at_ms,
+                ended_at_ms: a.ended_at_ms,
+                exit_code: a.exit_code,
+                outcome: a.outcome.clone(),
+            })
+            .collect();
+        JobView {
+            id: job.id.clone(),
+            name: job.name.clone(),
+            state: state(job),
+            attempt: job.attempt,
+            queue: spec.queue,
+            priority: spec.priority,
+            submitted_at_ms: job.submitted_at_ms,
+            ended_at_ms: job.ended_at_ms,
+            pending_reason: queued.then(|| job.pending_reason.clone()),
+            queue_position: (queued && job.queue_position > 0).then_some(job.queue_position),
+            nodes: attempts.last().map(|a| a.nodes.clone()).unwrap_or_default(),
+            message: job.message.clone(),
+            attempts,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CheckpointView {
+    pub job_id: String,
+    pub step: u64,
+    pub bytes: u64,
+    pub sha256: String,
+    pub attempt: u32,
+    pub committed_at_ms: i64,
+    pub files: Vec<FileView>,
+}
+
+#[derive(Serialize)]
+pub struct FileView {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl From<&v1::Checkpoint> for CheckpointView {
+    fn from(c: &v1::Checkpoint) -> Self {
+        CheckpointView {
+            job_id: c.job_id.clone(),
+            step: c.step,
+            bytes: c.bytes,
+            sha256: c.sha256.clone(),
+            attempt: c.attempt,
+            committed_at_ms: c.committed_at_ms,
+            files: c.files.iter().map(|f| FileView { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() }).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct GpuView {
+    pub uuid: String,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub node: String,
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u32>,
+    pub healthy: bool,
+    pub health_reason: String,
+    pub job_id: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub connected: bool,
+    pub cpus: u32,
+    pub cpus_used: f64,
+    pub memory_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub gpus: usize,
+    pub gpu_driver: String,
+    pub jobs: Vec<String>,
+    pub last_seen_ms: i64,
+}
+
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
