@@ -124,7 +124,8 @@ impl Uploader {
                 return Ok(());
             }
             for file in files {
-                let mut f = tokio::fs::File::open(root.join(&file.path)).await.map_err(Error::io("opening for upload"))?;
+                let mut f =
+                    tokio::fs::File::open(root.join(&file.path)).await.map_err(Error::io("opening for upload"))?;
                 let mut offset = 0;
                 loop {
                     let mut buf = vec![0u8; CHUNK];
@@ -167,7 +168,9 @@ pub async fn download(client: &mut AgentsClient<Channel>, r: &v1::CheckpointRef,
             return Err(Error::Checkpoint("unexpected second header".into()));
         };
         if current.as_ref().map(|(p, _)| p != &chunk.path).unwrap_or(true) {
-            if !header.files.iter().any(|f| f.path == chunk.path) || chunk.path.split('/').any(|c| c == ".." || c.is_empty()) {
+            if !header.files.iter().any(|f| f.path == chunk.path)
+                || chunk.path.split('/').any(|c| c == ".." || c.is_empty())
+            {
                 return Err(Error::Checkpoint(format!("unexpected file `{}` in download", chunk.path)));
             }
             let target = dest.join(&chunk.path);

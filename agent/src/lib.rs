@@ -65,13 +65,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let client = AgentsClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 << 20);
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
-    let agent = Arc::new(Agent {
-        config,
-        client,
-        inventory,
-        jobs: Mutex::new(BTreeMap::new()),
-        outbound: Mutex::new(None),
-    });
+    let agent =
+        Arc::new(Agent { config, client, inventory, jobs: Mutex::new(BTreeMap::new()), outbound: Mutex::new(None) });
     let sessions = {
         let agent = agent.clone();
         async move {
@@ -105,7 +100,10 @@ impl Agent {
         let jobs = self.jobs().values().map(|h| h.report.clone()).collect();
         v1::AgentMessage {
             name: self.config.name.clone(),
-            msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat { inventory: Some(self.inventory.read()), jobs })),
+            msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+                inventory: Some(self.inventory.read()),
+                jobs,
+            })),
         }
     }
 
@@ -220,7 +218,10 @@ impl Agent {
             }
             let outbound = agent.outbound.lock().expect("outbound lock").clone();
             if let Some(tx) = outbound {
-                let msg = v1::AgentMessage { name: agent.config.name.clone(), msg: Some(v1::agent_message::Msg::Job(report)) };
+                let msg = v1::AgentMessage {
+                    name: agent.config.name.clone(),
+                    msg: Some(v1::agent_message::Msg::Job(report)),
+                };
                 let _ = tx.send(msg).await;
             }
         });

@@ -41,7 +41,8 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
         ..Default::default()
     };
     let (line_tx, line_rx) = mpsc::channel::<String>(4096);
-    let shipper = LogShipper { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, client: launch.client.clone() };
+    let shipper =
+        LogShipper { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, client: launch.client.clone() };
     let shipping = tokio::spawn(shipper.run(line_rx));
 
     let outcome = run_child(&launch, &line_tx, &mut stop).await;
@@ -74,7 +75,8 @@ async fn run_child(
 ) -> Result<Exit, String> {
     let a = &launch.assignment;
     let checkpoint_dir = launch.dir.join("checkpoints");
-    std::fs::create_dir_all(&checkpoint_dir).map_err(|e| format!("could not create {}: {e}", checkpoint_dir.display()))?;
+    std::fs::create_dir_all(&checkpoint_dir)
+        .map_err(|e| format!("could not create {}: {e}", checkpoint_dir.display()))?;
 
     let mut resume_dir = None;
     if let Some(r) = &a.resume {
@@ -91,9 +93,15 @@ async fn run_child(
     let argv = match (&launch.spec.train, &launch.spec.command) {
         (Some(train), _) => {
             let file = launch.dir.join("train.json");
-            let text = serde_json::to_vec_pretty(train).map_err(|e| format!("could not write the train config: {e}"))?;
+            let text =
+                serde_json::to_vec_pretty(train).map_err(|e| format!("could not write the train config: {e}"))?;
             std::fs::write(&file, text).map_err(|e| format!("could not write {}: {e}", file.display()))?;
-            vec![launch.train_program.display().to_string(), "train".into(), "--spec".into(), file.display().to_string()]
+            vec![
+                launch.train_program.display().to_string(),
+                "train".into(),
+                "--spec".into(),
+                file.display().to_string(),
+            ]
         }
         (None, Some(argv)) => argv.clone(),
         (None, None) => return Err("the job has neither `train` nor `command`".into()),

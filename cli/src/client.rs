@@ -10,7 +10,9 @@ pub async fn connect(url: &str) -> anyhow::Result<GantryClient<Channel>> {
         .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070)"))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|_| {
-        anyhow::anyhow!("cannot reach the coordinator at {url}: is it running? (set --coordinator or GANTRY_COORDINATOR)")
+        anyhow::anyhow!(
+            "cannot reach the coordinator at {url}: is it running? (set --coordinator or GANTRY_COORDINATOR)"
+        )
     })?;
     Ok(GantryClient::new(channel).max_decoding_message_size(64 << 20))
 }

@@ -102,7 +102,11 @@ impl From<&v1::Checkpoint> for CheckpointView {
             sha256: c.sha256.clone(),
             attempt: c.attempt,
             committed_at_ms: c.committed_at_ms,
-            files: c.files.iter().map(|f| FileView { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() }).collect(),
+            files: c
+                .files
+                .iter()
+                .map(|f| FileView { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() })
+                .collect(),
         }
     }
 }

@@ -62,8 +62,9 @@ pub async fn serve(
     });
     let http_task = tokio::spawn(async move { http_server.await });
 
-    let mut grpc_stop = stop_rx;
-    let result = tonic::transport::Server::builder()
+    let mut grpc_stop = stop_rx.clone();
+    let mut drain_stop = stop_rx;
+    let server = tonic::transport::Server::builder()
         .add_service(v1::gantry_server::GantryServer::new(service::user::UserService {
             coordinator: coordinator.clone(),
         }))
@@ -72,8 +73,15 @@ pub async fn serve(
         }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
-        })
-        .await;
+        });
+    // Agent sessions and log followers are endless streams: give them a moment, then stop.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = drain_stop.wait_for(|s| *s).await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        } => Ok(()),
+    };
     scheduler.abort();
     let _ = http_task.await;
     result.map_err(|e| Error::Io { context: "serving gRPC".into(), source: std::io::Error::other(e) })

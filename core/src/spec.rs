@@ -284,7 +284,7 @@ fn yaml_error(e: serde_yaml::Error) -> SpecError {
     {
         return SpecError::new(path, reason);
     }
-    SpecError::new("", format!("not a valid job spec: {text}"))
+    SpecError::new("", format!("broken YAML: {text}"))
 }
 
 /// `90s`, `30m`, `2h`, `1h30m`, `1d` → seconds.

@@ -24,7 +24,9 @@ pub async fn list(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     }
     let rows: Vec<Vec<String>> = views
         .iter()
-        .map(|c| vec![c.step.to_string(), bytes(c.bytes), c.files.len().to_string(), c.attempt.to_string(), c.sha256.clone()])
+        .map(|c| {
+            vec![c.step.to_string(), bytes(c.bytes), c.files.len().to_string(), c.attempt.to_string(), c.sha256.clone()]
+        })
         .collect();
     print_table(&["STEP", "SIZE", "FILES", "ATTEMPT", "SHA256"], &rows);
     Ok(())

@@ -166,14 +166,22 @@ pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Resu
     eprintln!("submitted job {id} ({})", spec.name);
     stream_logs(url, &id, true, false).await?;
     let job = c.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
-    let checkpoints =
-        c.list_checkpoints(v1::ListCheckpointsRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
+    let checkpoints = c
+        .list_checkpoints(v1::ListCheckpointsRequest { job_id: id.clone() })
+        .await
+        .map_err(client::status)?
+        .into_inner();
     let state = output::state(&job);
     println!();
     println!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
     if let Some(latest) = checkpoints.checkpoints.last() {
         let dir = data_dir.join("jobs").join(&id).join("checkpoints").join(format!("step-{}", latest.step));
-        println!("latest checkpoint: step {} ({}), stored at {}", latest.step, output::bytes(latest.bytes), dir.display());
+        println!(
+            "latest checkpoint: step {} ({}), stored at {}",
+            latest.step,
+            output::bytes(latest.bytes),
+            dir.display()
+        );
         println!("download it with:  gantry checkpoint download {id} --out ./checkpoint-{id}");
     }
     Ok(if state == "succeeded" { 0 } else { 1 })

@@ -96,9 +96,9 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Logs go to stderr; `GANTRY_LOG_FORMAT=json` for JSON lines, `RUST_LOG` to filter.
-pub fn init_logging() {
+pub fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("GANTRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
@@ -121,7 +121,7 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging("info");
     if args.store == "etcd" {
         bail!(
             "the etcd store is not available in this release yet (endpoints given: {}); use --store embedded",
@@ -152,7 +152,7 @@ fn agent_config(
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    init_logging();
+    init_logging("info");
     let work_dir = args.work_dir.unwrap_or_else(|| default_data_dir().join("agent"));
     let config = agent_config(args.coordinator, args.name, work_dir, args.nvml_lib)?;
     gantry_agent::run(config, shutdown_signal()).await?;
@@ -161,7 +161,8 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 
 /// Returns the process exit status: with `--run`, 0 only if the job succeeded.
 pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
-    init_logging();
+    // With --run the job's own output is the point: only problems are logged.
+    init_logging(if args.run.is_some() { "warn" } else { "info" });
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let grpc = bind(&args.listen, "gRPC").await?;
     let http = bind(&args.http, "HTTP").await?;

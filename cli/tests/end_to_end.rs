@@ -1,0 +1,206 @@
+//! The whole path with separate processes: `gantry coordinator`, `gantry agent` and the CLI on
+//! free loopback ports.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Fleet, free_port, processes_in_group, repo_root, sha256_file};
+
+#[test]
+fn digits_job_trains_to_93_percent_and_its_checkpoint_downloads_intact() {
+    let fleet = Fleet::start();
+    let id = fleet.submit_file(&repo_root().join("examples/digits-mlp.yaml"));
+    fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(300));
+    assert_eq!(fleet.state(&id), "succeeded", "{}", fleet.ok(&["logs", &id]));
+
+    let logs = fleet.ok(&["logs", &id]);
+    let epochs: Vec<&str> = logs.lines().filter(|l| l.starts_with("epoch=")).collect();
+    assert_eq!(epochs.len(), 30, "one line per epoch:\n{logs}");
+    let done = logs.lines().find(|l| l.starts_with("done ")).expect("a final line");
+    let accuracy: f64 = done
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("test_accuracy="))
+        .and_then(|v| v.parse().ok())
+        .expect("test_accuracy in the final line");
+    println!("digits test accuracy: {accuracy}");
+    assert!(accuracy >= 0.93, "accuracy {accuracy}");
+
+    let checkpoints = fleet.json(&["checkpoints", &id]);
+    let list = checkpoints.as_array().unwrap();
+    assert!(!list.is_empty());
+    let latest = list.last().unwrap();
+    assert_eq!(latest["step"], 690);
+    let out = fleet.dir.path().join("download");
+    fleet.ok(&["checkpoint", "download", &id, "--out", out.to_str().unwrap()]);
+    let files = latest["files"].as_array().unwrap();
+    assert!(files.len() >= 3, "model, optimizer and state: {files:?}");
+    for f in files {
+        let path = out.join(f["path"].as_str().unwrap());
+        assert_eq!(sha256_file(&path), f["sha256"].as_str().unwrap(), "{}", path.display());
+    }
+    let total: u64 = files.iter().map(|f| f["size"].as_u64().unwrap()).sum();
+    assert_eq!(latest["bytes"].as_u64().unwrap(), total);
+}
+
+#[test]
+fn command_job_output_arrives_whole_and_in_order_with_a_50mb_checkpoint() {
+    let fleet = Fleet::start();
+    let script = r#"
+i=0
+while [ $i -lt 10000 ]; do echo "line $i"; i=$((i+1)); done
+mkdir -p "$GANTRY_CHECKPOINT_DIR/.tmp"
+head -c 52428800 /dev/urandom > "$GANTRY_CHECKPOINT_DIR/.tmp/weights.bin"
+echo "{\"job\": \"$GANTRY_JOB_ID\", \"attempt\": $GANTRY_ATTEMPT, \"rank\": $RANK, \"world\": $WORLD_SIZE}" > "$GANTRY_CHECKPOINT_DIR/.tmp/state.json"
+mv "$GANTRY_CHECKPOINT_DIR/.tmp" "$GANTRY_CHECKPOINT_DIR/step-1"
+echo "cuda=[$CUDA_VISIBLE_DEVICES] resume=[${GANTRY_RESUME_DIR:-unset}]"
+"#;
+    let spec = format!("name: lines\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(script).unwrap());
+    let id = fleet.submit(&spec);
+    assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(120)), "succeeded");
+
+    let logs = fleet.ok(&["logs", &id]);
+    let lines: Vec<&str> = logs.lines().filter(|l| l.starts_with("line ")).collect();
+    let expected: Vec<String> = (0..10000).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, expected, "every line, once, in order");
+    assert!(
+        logs.contains("cuda=[] resume=[unset]"),
+        "a CPU job sees no GPU and no resume dir:\n{}",
+        &logs[logs.len().saturating_sub(300)..]
+    );
+
+    let listed = fleet.json(&["checkpoints", &id]);
+    let ckpt = &listed.as_array().unwrap()[0];
+    assert_eq!(ckpt["step"], 1);
+    let out = fleet.dir.path().join("download");
+    fleet.ok(&["checkpoint", "download", &id, "--step", "1", "--out", out.to_str().unwrap()]);
+    let original = fleet.work_dir("node-a").join(format!("jobs/{id}/attempt-1-rank-0/checkpoints/step-1"));
+    for name in ["weights.bin", "state.json"] {
+        assert_eq!(sha256_file(&out.join(name)), sha256_file(&original.join(name)), "{name}");
+    }
+    assert_eq!(std::fs::metadata(out.join("weights.bin")).unwrap().len(), 52428800);
+    let state = std::fs::read_to_string(out.join("state.json")).unwrap();
+    assert!(state.contains(&format!("\"job\": \"{id}\"")) && state.contains("\"world\": 1"), "{state}");
+}
+
+#[test]
+fn cancel_stops_the_whole_process_group_within_the_grace_period() {
+    let fleet = Fleet::start();
+    // The job and its child ignore SIGTERM: only the SIGKILL after the grace period stops them.
+    let script = r#"trap '' TERM; sleep 1000 & echo "pgid $(ps -o pgid= $$ | tr -d ' ')"; echo started; wait"#;
+    let spec = format!("name: stubborn\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(script).unwrap());
+    let id = fleet.submit(&spec);
+    fleet.wait_state(&id, &["running"], Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pgid: i32 = loop {
+        let logs = fleet.ok(&["logs", &id]);
+        if let Some(p) = logs.lines().find_map(|l| l.strip_prefix("pgid ")) {
+            break p.trim().parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "job did not start: {logs}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(processes_in_group(pgid).len() >= 2, "bash and sleep run in the job's group");
+
+    let asked = Instant::now();
+    fleet.ok(&["cancel", &id]);
+    assert_eq!(fleet.wait_state(&id, &["cancelled"], Duration::from_secs(30)), "cancelled");
+    let took = asked.elapsed();
+    assert!(processes_in_group(pgid).is_empty(), "group {pgid} still has {:?}", processes_in_group(pgid));
+    println!("cancel to cancelled, group gone: {took:?} (grace period {})", fleet.grace);
+    // Grace period (3 s) plus the time to notice; far below the 1000 s the job would run.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let job = fleet.json(&["job", &id]);
+    assert_eq!(job["attempt"], 1);
+}
+
+#[test]
+fn kill_9_of_the_coordinator_loses_no_job_and_running_work_continues() {
+    let mut fleet = Fleet::start();
+    let ticker = r#"for i in $(seq 1 30); do echo "tick $i"; sleep 0.2; done"#;
+    let spec = format!(
+        "name: ticker\nresources: {{cpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(ticker).unwrap()
+    );
+    let ids: Vec<String> = (0..4).map(|_| fleet.submit(&spec)).collect();
+    fleet.wait_state(&ids[0], &["running"], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    fleet.kill_coordinator();
+    // Work goes on while the coordinator is away.
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.start_coordinator();
+    fleet.wait_for_nodes(1);
+
+    let listed = fleet.json(&["jobs"]);
+    let mut listed_ids: Vec<String> =
+        listed.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    listed_ids.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed_ids, want, "every acknowledged submit survived");
+
+    for id in &ids {
+        assert_eq!(fleet.wait_state(id, &["succeeded", "failed"], Duration::from_secs(90)), "succeeded", "job {id}");
+        let logs = fleet.ok(&["logs", id]);
+        let ticks: Vec<&str> = logs.lines().filter(|l| l.starts_with("tick ")).collect();
+        let expected: Vec<String> = (1..=30).map(|i| format!("tick {i}")).collect();
+        assert_eq!(ticks, expected, "job {id}: all output, once, in order");
+    }
+    // The job that ran through the crash was not restarted: one attempt.
+    assert_eq!(fleet.json(&["job", &ids[0]])["attempt"], 1);
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_field_and_nothing_is_queued() {
+    let fleet = Fleet::start();
+    let cases = [
+        ("name: x\ncommand: [true]\nresources:\n  gpuz: 1\n", "unknown field `gpuz`"),
+        ("name: x\ncommand: [true]\nresources:\n  gpus: -1\n", "resources.gpus"),
+        ("name: x\ncommand: [true]\ntrain: {}\n", "not both"),
+        ("name: x\n", "exactly one of `train` and `command`"),
+        ("name: x\ncommand: [true\n", "broken YAML"),
+        ("name: x\npriority: 101\ncommand: [true]\n", "priority"),
+    ];
+    for (spec, want) in cases {
+        let file = fleet.dir.path().join("bad.yaml");
+        std::fs::write(&file, spec).unwrap();
+        let out = fleet.gantry(&["submit", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec:?} was accepted");
+        assert!(stderr.contains(want), "{spec:?}: stderr {stderr:?} lacks {want:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr:?}");
+        assert!(out.stdout.is_empty(), "no job id printed");
+    }
+    assert_eq!(fleet.json(&["jobs"]), serde_json::json!([]), "nothing was queued");
+}
+
+#[test]
+fn cli_without_a_coordinator_says_so_in_one_line() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(support::GANTRY).args(["jobs", "--coordinator", &url]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&url), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn an_agent_of_another_protocol_version_is_refused_at_registration() {
+    use gantry_proto::v1;
+    let fleet = Fleet::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let mut client = v1::agents_client::AgentsClient::connect(fleet.url()).await.unwrap();
+        let req = v1::RegisterRequest {
+            protocol_version: gantry_proto::PROTOCOL_VERSION + 1,
+            name: "future".into(),
+            inventory: Some(v1::Inventory::default()),
+        };
+        client.register(req).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("protocol version"), "{}", status.message());
+    // And the real agent's own version is accepted: it is connected.
+    fleet.wait_for_nodes(1);
+}

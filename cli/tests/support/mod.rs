@@ -1,0 +1,209 @@
+//! A gantry fleet of real processes on free loopback ports: `gantry coordinator`, `gantry agent`
+//! and the CLI, as a user would run them.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GANTRY: &str = env!("CARGO_BIN_EXE_gantry");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub grpc: u16,
+    pub http: u16,
+    pub coordinator: Option<Child>,
+    pub agents: Vec<Child>,
+    pub grace: &'static str,
+}
+
+impl Fleet {
+    /// A coordinator and one agent, with short timeouts so tests run fast.
+    pub fn start() -> Fleet {
+        let mut fleet = Fleet {
+            dir: tempfile::tempdir().unwrap(),
+            grpc: free_port(),
+            http: free_port(),
+            coordinator: None,
+            agents: Vec::new(),
+            grace: "3s",
+        };
+        fleet.start_coordinator();
+        fleet.start_agent("node-a");
+        fleet.wait_for_nodes(1);
+        fleet
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    pub fn work_dir(&self, agent: &str) -> PathBuf {
+        self.dir.path().join(agent)
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap();
+        let child = Command::new(GANTRY)
+            .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.grpc)])
+            .args(["--http", &format!("127.0.0.1:{}", self.http)])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--agent-timeout", "5s", "--grace-period", self.grace])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not start: {}", self.coordinator_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn start_agent(&mut self, name: &str) {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(GANTRY)
+            .args(["agent", "--coordinator", &self.url(), "--name", name])
+            .arg("--work-dir")
+            .arg(self.work_dir(name))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+    }
+
+    /// `kill -9` of the coordinator.
+    pub fn kill_coordinator(&mut self) {
+        let mut child = self.coordinator.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this fleet.
+    pub fn gantry(&self, args: &[&str]) -> Output {
+        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", self.url()).output().unwrap()
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.gantry(args);
+        assert!(
+            out.status.success(),
+            "gantry {args:?} failed: {}\ncoordinator log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.coordinator_log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    pub fn submit(&self, spec: &str) -> String {
+        let file = self.dir.path().join(format!("spec-{}.yaml", free_port()));
+        std::fs::write(&file, spec).unwrap();
+        self.submit_file(&file)
+    }
+
+    pub fn submit_file(&self, file: &Path) -> String {
+        let out = self.ok(&["submit", file.to_str().unwrap()]);
+        let id = out.trim().to_string();
+        assert!(!id.is_empty() && !id.contains(char::is_whitespace), "submit printed {out:?}");
+        id
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        self.json(&["job", id])["state"].as_str().unwrap().to_string()
+    }
+
+    pub fn wait_state(&self, id: &str, want: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state = self.state(id);
+            if want.contains(&state.as_str()) {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} is {state}, waited for {want:?}\n{}",
+                String::from_utf8_lossy(&self.gantry(&["job", id]).stdout)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait_for_nodes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let nodes = self.json(&["nodes"]);
+            let ready = nodes.as_array().unwrap().iter().filter(|n| n["connected"] == true).count();
+            if ready >= n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {ready} of {n} agents connected");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for child in self.agents.iter_mut().chain(self.coordinator.as_mut()) {
+            // SIGTERM so the agent stops its jobs; then make sure.
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for child in self.agents.iter_mut().chain(self.coordinator.as_mut()) {
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Live (non-zombie) processes in a process group, from /proc.
+pub fn processes_in_group(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[0] != "Z" && fields[2].parse::<i32>() == Ok(pgid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
