@@ -87,7 +87,7 @@ echo "cuda=[$CUDA_VISIBLE_DEVICES] resume=[${GANTRY_RESUME_DIR:-unset}]"
 fn cancel_stops_the_whole_process_group_within_the_grace_period() {
     let fleet = Fleet::start();
     // The job and its child ignore SIGTERM: only the SIGKILL after the grace period stops them.
-    let script = r#"trap '' TERM; sleep 1000 & echo "pgid $(ps -o pgid= $$ | tr -d ' ')"; echo started; wait"#;
+    let script = r#"trap '' TERM; sleep 1000 & echo "pgid $(cut -d' ' -f5 /proc/$$/stat)"; echo started; wait"#;
     let spec = format!("name: stubborn\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(script).unwrap());
     let id = fleet.submit(&spec);
     fleet.wait_state(&id, &["running"], Duration::from_secs(30));

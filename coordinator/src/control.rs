@@ -274,7 +274,10 @@ impl Coordinator {
     pub fn job_report(&self, name: &str, report: v1::JobReport) -> Result<()> {
         let job = match self.store.job(&report.job_id) {
             Ok(job) => job,
-            Err(Error::JobNotFound(_)) => return Ok(self.release(name, &report.job_id, report.attempt)),
+            Err(Error::JobNotFound(_)) => {
+                self.release(name, &report.job_id, report.attempt);
+                return Ok(());
+            }
             Err(e) => return Err(e),
         };
         let expected = job.state == JobState::Running

@@ -2,6 +2,7 @@
 //! conversions between wire messages and the core's domain types. Conversions from the wire are
 //! `TryFrom` and refuse a missing field with a clear error rather than guessing.
 
+#[allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 pub mod v1 {
     tonic::include_proto!("gantry.v1");
 }

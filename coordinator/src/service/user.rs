@@ -170,11 +170,11 @@ impl v1::gantry_server::Gantry for UserService {
     }
 }
 
-/// Running jobs per node, with the CPUs and memory they hold.
-fn usage_by_node(
-    coordinator: &Coordinator,
-) -> Result<std::collections::HashMap<String, (Vec<String>, f64, u64)>, Error> {
-    let mut usage: std::collections::HashMap<String, (Vec<String>, f64, u64)> = Default::default();
+/// Per node: its running jobs, and the CPUs and memory they hold.
+type NodeUsage = std::collections::HashMap<String, (Vec<String>, f64, u64)>;
+
+fn usage_by_node(coordinator: &Coordinator) -> Result<NodeUsage, Error> {
+    let mut usage = NodeUsage::default();
     for job in coordinator.store.jobs()?.iter().filter(|j| j.state == crate::records::JobState::Running) {
         for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
             let entry = usage.entry(rank.node.clone()).or_default();
