@@ -204,3 +204,48 @@ fn an_agent_of_another_protocol_version_is_refused_at_registration() {
     // And the real agent's own version is accepted: it is connected.
     fleet.wait_for_nodes(1);
 }
+
+#[test]
+fn a_failed_attempt_restarts_from_its_latest_checkpoint() {
+    let fleet = Fleet::start();
+    // Attempt 1 commits step-5 and fails; attempt 2 must find it in GANTRY_RESUME_DIR.
+    let script = r#"
+if [ -z "${GANTRY_RESUME_DIR:-}" ]; then
+  mkdir -p "$GANTRY_CHECKPOINT_DIR/.tmp" && echo "weights from attempt $GANTRY_ATTEMPT" > "$GANTRY_CHECKPOINT_DIR/.tmp/w.txt"
+  mv "$GANTRY_CHECKPOINT_DIR/.tmp" "$GANTRY_CHECKPOINT_DIR/step-5"
+  echo "failing on purpose"; exit 3
+fi
+echo "attempt $GANTRY_ATTEMPT resumed with: $(cat "$GANTRY_RESUME_DIR/w.txt")"
+"#;
+    let spec = format!(
+        "name: flaky\nmax_restarts: 1\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    );
+    let id = fleet.submit(&spec);
+    assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    let job = fleet.json(&["job", &id]);
+    assert_eq!(job["attempt"], 2);
+    assert_eq!(job["attempts"][0]["exit_code"], 3);
+    let logs = fleet.ok(&["logs", &id]);
+    assert!(logs.contains("attempt 2 resumed with: weights from attempt 1"), "{logs}");
+    let failing = logs.find("failing on purpose").unwrap();
+    assert!(logs[failing..].contains("--- attempt 2 ---"), "attempts in order:\n{logs}");
+}
+
+#[test]
+fn a_train_job_can_start_from_another_jobs_checkpoint() {
+    let fleet = Fleet::start();
+    let pretrain = fleet.submit("name: pretrain\ntrain: {epochs: 2}\n");
+    assert_eq!(fleet.wait_state(&pretrain, &["succeeded", "failed"], Duration::from_secs(120)), "succeeded");
+    let finetune = fleet.submit(&format!("name: finetune\ntrain: {{epochs: 1, init_from: \"{pretrain}@46\"}}\n"));
+    assert_eq!(fleet.wait_state(&finetune, &["succeeded", "failed"], Duration::from_secs(120)), "succeeded");
+    let logs = fleet.ok(&["logs", &finetune]);
+    assert!(logs.contains(&format!("resuming from job {pretrain} step 46")), "{logs}");
+    assert!(logs.contains("initialised weights from="), "weights only, a fresh run:\n{logs}");
+    // A reference to a job that does not exist is refused at submit.
+    let file = fleet.dir.path().join("bad-init.yaml");
+    std::fs::write(&file, "name: x\ntrain: {init_from: \"999\"}\n").unwrap();
+    let out = fleet.gantry(&["submit", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job 999 does not exist"));
+}

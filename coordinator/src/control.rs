@@ -151,15 +151,18 @@ impl Coordinator {
         let fleet = self.fleet();
         for rank in attempt.placement.iter().filter(|r| Some(r.rank) != except) {
             if let Some(tx) = fleet.sender(&rank.node) {
-                let msg = v1::CoordinatorMessage {
-                    msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
-                        job_id: job.id.clone(),
-                        attempt: job.attempt,
-                        grace_period_ms: self.settings.grace_period.as_millis() as u64,
-                    })),
-                };
-                let _ = tx.try_send(msg);
+                let _ = tx.try_send(self.cancel_message(&job.id, job.attempt));
             }
+        }
+    }
+
+    fn cancel_message(&self, job_id: &str, attempt: u32) -> v1::CoordinatorMessage {
+        v1::CoordinatorMessage {
+            msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
+                job_id: job_id.to_string(),
+                attempt,
+                grace_period_ms: self.settings.grace_period.as_millis() as u64,
+            })),
         }
     }
 
@@ -296,13 +299,7 @@ impl Coordinator {
             // The agent runs something the coordinator moved on from (requeued while it was away).
             warn!(job = %job.id, attempt = report.attempt, agent = %name, "stopping a stale attempt");
             if let Some(tx) = self.fleet().sender(name) {
-                let _ = tx.try_send(v1::CoordinatorMessage {
-                    msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
-                        job_id: job.id.clone(),
-                        attempt: report.attempt,
-                        grace_period_ms: self.settings.grace_period.as_millis() as u64,
-                    })),
-                });
+                let _ = tx.try_send(self.cancel_message(&job.id, report.attempt));
             }
         }
         Ok(())

@@ -1,22 +1,19 @@
 //! The service agents use: register, one long-lived session, log and checkpoint uploads.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use gantry_proto::{PROTOCOL_VERSION, v1};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
-use super::{checkpoint_from_proto, stream_checkpoint};
+use super::{BoxStream, checkpoint_from_proto};
 use crate::control::Coordinator;
 
 pub struct AgentService {
     pub coordinator: Arc<Coordinator>,
 }
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Messages queued for one agent before the session is considered stuck.
 const SESSION_BUFFER: usize = 1024;
@@ -132,9 +129,6 @@ impl v1::agents_server::Agents for AgentService {
         &self,
         req: Request<v1::DownloadCheckpointRequest>,
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
-        let req = req.into_inner();
-        let record = self.coordinator.find_checkpoint(&req.job_id, req.step)?;
-        let dir = self.coordinator.checkpoints.step_dir(&record.job_id, record.step);
-        Ok(Response::new(Box::pin(stream_checkpoint(dir, record))))
+        Ok(Response::new(super::download(&self.coordinator, req.into_inner())?))
     }
 }

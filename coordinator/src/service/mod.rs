@@ -4,11 +4,14 @@ pub mod agent;
 pub mod user;
 
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use gantry_proto::v1;
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tonic::Status;
 
+use crate::control::Coordinator;
 use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState};
 
 pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
@@ -86,10 +89,22 @@ pub(crate) fn checkpoint_from_proto(c: v1::Checkpoint) -> CheckpointRecord {
     }
 }
 
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
 const CHUNK: usize = 1 << 20;
 
+/// A checkpoint download, for people and agents alike: the given step or the latest.
+pub(crate) fn download(
+    coordinator: &Coordinator,
+    req: v1::DownloadCheckpointRequest,
+) -> Result<BoxStream<v1::CheckpointData>, Status> {
+    let record = coordinator.find_checkpoint(&req.job_id, req.step)?;
+    let dir = coordinator.checkpoints.step_dir(&record.job_id, record.step);
+    Ok(Box::pin(stream_checkpoint(dir, record)))
+}
+
 /// Streams a committed checkpoint: its header, then every file in 1 MiB chunks.
-pub(crate) fn stream_checkpoint(
+fn stream_checkpoint(
     dir: PathBuf,
     record: CheckpointRecord,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<v1::CheckpointData, Status>> {

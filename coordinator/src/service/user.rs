@@ -1,16 +1,15 @@
 //! The service people and scripts use (through the CLI).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gantry_core::JobSpec;
 use gantry_proto::v1;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+
 use tonic::{Request, Response, Status};
 
-use super::{checkpoint_to_proto, job_to_proto, stream_checkpoint};
+use super::{BoxStream, checkpoint_to_proto, job_to_proto};
 use crate::control::Coordinator;
 use crate::error::Error;
 use crate::logs::LogCursor;
@@ -18,8 +17,6 @@ use crate::logs::LogCursor;
 pub struct UserService {
     pub coordinator: Arc<Coordinator>,
 }
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 const LOG_BATCH: usize = 1000;
 
@@ -116,10 +113,7 @@ impl v1::gantry_server::Gantry for UserService {
         &self,
         req: Request<v1::DownloadCheckpointRequest>,
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
-        let req = req.into_inner();
-        let record = self.coordinator.find_checkpoint(&req.job_id, req.step)?;
-        let dir = self.coordinator.checkpoints.step_dir(&record.job_id, record.step);
-        Ok(Response::new(Box::pin(stream_checkpoint(dir, record))))
+        Ok(Response::new(super::download(&self.coordinator, req.into_inner())?))
     }
 
     async fn list_nodes(&self, _req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
