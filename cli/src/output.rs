@@ -18,6 +18,10 @@ pub struct JobView {
     pub pending_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_start_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preempted_by: Option<String>,
     pub nodes: Vec<String>,
     pub message: String,
     pub attempts: Vec<AttemptView>,
@@ -68,6 +72,8 @@ impl From<&v1::Job> for JobView {
             ended_at_ms: job.ended_at_ms,
             pending_reason: queued.then(|| job.pending_reason.clone()),
             queue_position: (queued && job.queue_position > 0).then_some(job.queue_position),
+            estimated_start_ms: job.estimated_start_ms,
+            preempted_by: (!job.preempted_by.is_empty()).then(|| job.preempted_by.clone()),
             nodes: attempts.last().map(|a| a.nodes.clone()).unwrap_or_default(),
             message: job.message.clone(),
             attempts,

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gantry_core::JobSpec;
-use gantry_core::scheduler::{self, Gpu, Node, PendingJob, Snapshot};
+use gantry_core::scheduler::{self, Gpu, Node, PendingJob, RunningJob, Snapshot};
 use gantry_proto::v1;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
@@ -26,6 +26,8 @@ pub struct Settings {
     /// How long a cancelled job has between SIGTERM and SIGKILL.
     pub grace_period: Duration,
     pub heartbeat_interval: Duration,
+    /// Queue weights and GPU quotas; unlisted queues have weight 1 and no quota.
+    pub queues: Vec<scheduler::Queue>,
 }
 
 impl Default for Settings {
@@ -34,6 +36,7 @@ impl Default for Settings {
             agent_timeout: Duration::from_secs(20),
             grace_period: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),
+            queues: Vec::new(),
         }
     }
 }
@@ -46,7 +49,7 @@ pub struct Coordinator {
     /// A std mutex: held for map updates only, never across an await.
     fleet: Mutex<Fleet>,
     /// Why each queued job waits, and where it stands: from the last scheduling pass.
-    waiting: Mutex<HashMap<String, (String, u32)>>,
+    waiting: Mutex<HashMap<String, scheduler::Waiting>>,
     wake: Notify,
     /// Ticks whenever a job changes state: log followers wait on it.
     jobs_changed: watch::Sender<u64>,
@@ -156,6 +159,24 @@ impl Coordinator {
         }
     }
 
+    /// Stops a running job so a higher-priority one can run; it returns to the queue and
+    /// resumes from its latest checkpoint, without counting as a failed attempt.
+    fn preempt(&self, id: &str, for_job: &str) -> Result<()> {
+        let updated = self.store.update_job(id, |job| {
+            if job.state != JobState::Running || job.preempted_by.is_some() || job.cancel_requested {
+                return false;
+            }
+            job.preempted_by = Some(for_job.to_string());
+            true
+        })?;
+        if let Some(job) = updated {
+            info!(job = %id, for_job, "preempting");
+            self.stop_ranks(&job, None);
+            self.changed();
+        }
+        Ok(())
+    }
+
     fn cancel_message(&self, job_id: &str, attempt: u32) -> v1::CoordinatorMessage {
         v1::CoordinatorMessage {
             msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
@@ -166,7 +187,7 @@ impl Coordinator {
         }
     }
 
-    pub fn waiting(&self, id: &str) -> Option<(String, u32)> {
+    pub fn waiting(&self, id: &str) -> Option<scheduler::Waiting> {
         self.waiting.lock().expect("waiting lock poisoned").get(id).cloned()
     }
 
@@ -342,7 +363,14 @@ impl Coordinator {
             } else if all_ok {
                 job.state = JobState::Succeeded;
                 job.message.clear();
-            } else if code.is_none() || job.attempt <= max_restarts {
+                job.preempted_by = None;
+            } else if let Some(by) = job.preempted_by.take() {
+                // Whatever the exit, a preempted run is requeued and is not a failed attempt.
+                job.preemptions += 1;
+                job.state = JobState::Queued;
+                job.message = format!("preempted by job {by}; requeued to resume from its latest checkpoint");
+                return true;
+            } else if code.is_none() || job.user_attempt() <= max_restarts {
                 // Lost nodes do not count against max_restarts; failures do.
                 job.state = JobState::Queued;
                 job.message = format!("attempt {attempt} ended ({why}); requeued");
@@ -413,9 +441,12 @@ impl Coordinator {
         {
             let mut waiting = self.waiting.lock().expect("waiting lock poisoned");
             waiting.clear();
-            for (i, w) in plan.waiting.iter().enumerate() {
-                waiting.insert(w.job_id.clone(), (w.reason.clone(), i as u32 + 1));
+            for w in &plan.waiting {
+                waiting.insert(w.job_id.clone(), w.clone());
             }
+        }
+        for p in &plan.preemptions {
+            self.preempt(&p.job_id, &p.for_job)?;
         }
         for placement in plan.placements {
             let job = jobs.iter().find(|j| j.id == placement.job_id).expect("plan names snapshot jobs");
@@ -448,7 +479,7 @@ impl Coordinator {
 
     fn snapshot(&self, jobs: &[JobRecord]) -> (Snapshot, HashMap<String, u64>) {
         let fleet = self.fleet();
-        let mut nodes: Vec<Node> = fleet
+        let nodes: Vec<Node> = fleet
             .agents
             .iter()
             .map(|(name, a)| Node {
@@ -456,8 +487,6 @@ impl Coordinator {
                 schedulable: a.session.is_some(),
                 cpus: a.inventory.cpus as f64,
                 memory_bytes: a.inventory.memory_bytes,
-                cpus_used: 0.0,
-                memory_used_bytes: 0,
                 gpus: a
                     .inventory
                     .gpus
@@ -467,13 +496,14 @@ impl Coordinator {
                         name: g.name.clone(),
                         memory_total_bytes: g.memory_total_bytes,
                         healthy: g.healthy,
-                        in_use: false,
                     })
                     .collect(),
             })
             .collect();
         let mut pending = Vec::new();
+        let mut running = Vec::new();
         let mut versions = HashMap::new();
+        let max_duration_ms = |job: &JobRecord| job.spec.max_duration_secs.map(|s| s * 1000);
         for job in jobs {
             match job.state {
                 JobState::Queued if !job.cancel_requested => {
@@ -482,26 +512,34 @@ impl Coordinator {
                         id: job.id.clone(),
                         priority: job.spec.priority,
                         seq: job.seq,
+                        queue: job.spec.queue.clone(),
                         resources: job.spec.resources.clone(),
+                        max_duration_ms: max_duration_ms(job),
                     });
                 }
                 JobState::Running => {
                     let Some(attempt) = job.current_attempt() else { continue };
-                    for rank in &attempt.placement {
-                        if let Some(node) = nodes.iter_mut().find(|n| n.name == rank.node) {
-                            node.cpus_used += job.spec.resources.cpus;
-                            node.memory_used_bytes += job.spec.memory_bytes();
-                            for g in node.gpus.iter_mut().filter(|g| rank.gpu_uuids.contains(&g.uuid)) {
-                                g.in_use = true;
-                            }
-                        }
-                    }
+                    running.push(RunningJob {
+                        id: job.id.clone(),
+                        priority: job.spec.priority,
+                        queue: job.spec.queue.clone(),
+                        resources: job.spec.resources.clone(),
+                        nodes: attempt
+                            .placement
+                            .iter()
+                            .map(|r| scheduler::NodeAssignment { node: r.node.clone(), gpu_uuids: r.gpu_uuids.clone() })
+                            .collect(),
+                        started_at_ms: attempt.started_at_ms.max(0) as u64,
+                        max_duration_ms: max_duration_ms(job),
+                        stopping: job.cancel_requested || job.preempted_by.is_some(),
+                    });
                 }
                 _ => {}
             }
         }
         let revision = jobs.iter().map(|j| j.version).sum();
-        (Snapshot { revision, now_ms: now_ms() as u64, nodes, pending }, versions)
+        let queues = self.settings.queues.clone();
+        (Snapshot { revision, now_ms: now_ms() as u64, nodes, running, pending, queues }, versions)
     }
 
     /// Where a placed job starts from: its own latest checkpoint on a restart, else `init_from`.

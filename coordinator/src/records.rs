@@ -38,9 +38,21 @@ pub struct JobRecord {
     pub message: String,
     /// Bumped on every change: a plan computed from an older version is refused.
     pub version: u64,
+    /// Set while the job is being stopped for a higher-priority job (that job's id).
+    #[serde(default)]
+    pub preempted_by: Option<String>,
+    /// Runs ended by preemption: they do not count as attempts.
+    #[serde(default)]
+    pub preemptions: u32,
 }
 
 impl JobRecord {
+    /// The attempt users see: starts, less those ended by preemption. (`attempt` itself numbers
+    /// every run, so logs and agents keep distinct runs apart.)
+    pub fn user_attempt(&self) -> u32 {
+        self.attempt.saturating_sub(self.preemptions)
+    }
+
     pub fn current_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts.iter().rev().find(|a| a.attempt == self.attempt)
     }

@@ -56,6 +56,8 @@ impl Store {
                 cancel_requested: false,
                 message: String::new(),
                 version: 1,
+                preempted_by: None,
+                preemptions: 0,
             };
             txn.open_table(JOBS)?.insert(seq, serde_json::to_vec(&job)?.as_slice())?;
             job

@@ -10,6 +10,10 @@ use tokio_stream::StreamExt;
 use crate::client::{self, connect};
 use crate::output::{self, JobView, print_json, print_table};
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 fn read_spec(file: &Path) -> anyhow::Result<JobSpec> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: invalid job spec: {e}", file.display()))
@@ -80,6 +84,13 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     }
     if let Some(pos) = view.queue_position {
         println!("position:  {pos} in the queue");
+    }
+    if let Some(at) = view.estimated_start_ms {
+        let secs = ((at - now_ms()) / 1000).max(0) as u64;
+        println!("estimated: starts in about {} (backfill reservation)", gantry_core::spec::format_duration(secs));
+    }
+    if let Some(by) = &view.preempted_by {
+        println!("preempted: stopping for job {by}; it will resume from its latest checkpoint");
     }
     if !view.message.is_empty() {
         println!("message:   {}", view.message);

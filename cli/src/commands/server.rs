@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use gantry_coordinator::{Config, Settings};
+use gantry_core::scheduler::Queue;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -35,15 +36,38 @@ struct Timing {
     /// An agent silent this long is lost and its jobs are requeued.
     #[arg(long, default_value = "20s", value_parser = duration)]
     agent_timeout: Duration,
-    /// Time a cancelled job gets between SIGTERM and SIGKILL.
+    /// Time a cancelled or preempted job gets between SIGTERM and SIGKILL.
     #[arg(long, default_value = "10s", value_parser = duration)]
     grace_period: Duration,
+    /// A queue's share of the fleet: NAME=WEIGHT or NAME=WEIGHT:GPU_QUOTA (repeatable).
+    /// Unlisted queues have weight 1 and no quota.
+    #[arg(long = "queue", value_parser = queue)]
+    queues: Vec<Queue>,
 }
 
 impl Timing {
     fn settings(&self) -> Settings {
-        Settings { agent_timeout: self.agent_timeout, grace_period: self.grace_period, ..Settings::default() }
+        Settings {
+            agent_timeout: self.agent_timeout,
+            grace_period: self.grace_period,
+            queues: self.queues.clone(),
+            ..Settings::default()
+        }
     }
+}
+
+fn queue(text: &str) -> Result<Queue, String> {
+    let usage = || format!("`{text}`: expected NAME=WEIGHT or NAME=WEIGHT:GPU_QUOTA, e.g. research=2:16");
+    let (name, rest) = text.split_once('=').ok_or_else(usage)?;
+    let (weight, quota) = match rest.split_once(':') {
+        Some((w, q)) => (w, Some(q.parse::<u32>().map_err(|_| usage())?)),
+        None => (rest, None),
+    };
+    let weight: f64 = weight.parse().map_err(|_| usage())?;
+    if name.is_empty() || !(weight.is_finite() && weight > 0.0) {
+        return Err(usage());
+    }
+    Ok(Queue { name: name.to_string(), weight, gpu_quota: quota })
 }
 
 #[derive(Args)]

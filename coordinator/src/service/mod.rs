@@ -24,18 +24,18 @@ pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
     }
 }
 
-pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<(String, u32)>) -> v1::Job {
-    let (pending_reason, queue_position) = match (job.state, waiting) {
-        (JobState::Queued, Some((reason, pos))) => (reason, pos),
-        (JobState::Queued, None) => ("waiting for the next scheduling pass".to_string(), 0),
-        _ => (String::new(), 0),
+pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<gantry_core::scheduler::Waiting>) -> v1::Job {
+    let (pending_reason, queue_position, estimated_start_ms) = match (job.state, waiting) {
+        (JobState::Queued, Some(w)) => (w.reason, w.position, w.estimated_start_ms.map(|t| t as i64)),
+        (JobState::Queued, None) => ("waiting for the next scheduling pass".to_string(), 0, None),
+        _ => (String::new(), 0, None),
     };
     v1::Job {
         id: job.id.clone(),
         name: job.spec.name.clone(),
         state: state_to_proto(job.state) as i32,
         spec: Some(v1::JobSpec::from(&job.spec)),
-        attempt: job.attempt,
+        attempt: job.user_attempt(),
         submitted_at_ms: job.submitted_at_ms,
         ended_at_ms: job.ended_at_ms,
         pending_reason,
@@ -58,6 +58,8 @@ pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<(String, u32)>) -> v
             .collect(),
         cancel_requested: job.cancel_requested,
         message: job.message.clone(),
+        estimated_start_ms,
+        preempted_by: job.preempted_by.clone().unwrap_or_default(),
     }
 }
 

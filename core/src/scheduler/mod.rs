@@ -1,0 +1,525 @@
+//! Placement as a pure function: a [`Snapshot`] of the fleet, the running jobs and the queue in,
+//! a [`Plan`] out. No I/O, no clock: `now_ms` is data, so every decision replays in a test.
+//!
+//! The policy, in the order it applies:
+//! - **Queues share the fleet by weight.** The next job considered always comes from the queue
+//!   with the lowest weighted dominant share (dominant-resource fairness over GPUs and CPUs);
+//!   within a queue, higher priority first, then submit order. A queue's `gpu_quota` caps the
+//!   GPUs its running jobs may hold.
+//! - **Best fit.** A job goes to the node where it leaves the fewest matching GPUs free, so small
+//!   jobs fill partly used nodes and whole nodes stay whole for whole-node jobs. CPU-only jobs
+//!   prefer nodes with the fewest GPUs. A gang (`nodes: N`) gets N distinct nodes at once or none.
+//! - **Preemption.** A job that cannot fit may stop running jobs of strictly lower priority: on
+//!   the node(s) where that costs the lowest victim priority, then the fewest GPUs. Victims are
+//!   listed in the plan; the job waits until they have stopped (no more victims meanwhile).
+//! - **Backfill (EASY).** The first job that must wait for resources gets a reservation: the
+//!   earliest time enough of it frees up, from running jobs' `max_duration`. Later jobs may use
+//!   the reserved nodes only if they declare a `max_duration` that ends before it.
+//! - **Explanations.** Every waiting job gets a reason, its position, and, for the reserved job,
+//!   an estimated start.
+
+mod index;
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+
+use crate::spec::Resources;
+use index::FleetIndex;
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The store revision the snapshot was read at; copied into the plan.
+    pub revision: u64,
+    pub now_ms: u64,
+    pub nodes: Vec<Node>,
+    pub running: Vec<RunningJob>,
+    /// Jobs waiting to be placed, in any order.
+    pub pending: Vec<PendingJob>,
+    /// Queue settings; a queue not listed has weight 1 and no quota.
+    pub queues: Vec<Queue>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    /// False for a node that must receive nothing new (lost, draining).
+    pub schedulable: bool,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<Gpu>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    pub uuid: String,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    /// An unhealthy GPU receives nothing new.
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingJob {
+    pub id: String,
+    pub priority: u32,
+    /// Submit order; earlier runs first among equal priorities.
+    pub seq: u64,
+    pub queue: String,
+    pub resources: Resources,
+    pub max_duration_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub id: String,
+    pub priority: u32,
+    pub queue: String,
+    pub resources: Resources,
+    /// One entry per rank.
+    pub nodes: Vec<NodeAssignment>,
+    pub started_at_ms: u64,
+    pub max_duration_ms: Option<u64>,
+    /// Already told to stop (preempted or cancelled): its resources free up soon.
+    pub stopping: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub name: String,
+    pub weight: f64,
+    pub gpu_quota: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub revision: u64,
+    pub placements: Vec<Placement>,
+    /// Running jobs to stop so that a higher-priority job can run.
+    pub preemptions: Vec<Preemption>,
+    /// Jobs left waiting, in the order they would be considered.
+    pub waiting: Vec<Waiting>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub job_id: String,
+    /// One entry per rank, in rank order.
+    pub nodes: Vec<NodeAssignment>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeAssignment {
+    pub node: String,
+    pub gpu_uuids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preemption {
+    pub job_id: String,
+    pub for_job: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub job_id: String,
+    pub reason: String,
+    /// 1-based position among waiting jobs.
+    pub position: u32,
+    pub estimated_start_ms: Option<u64>,
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+pub(crate) fn memory_bytes(r: &Resources) -> u64 {
+    (r.memory_gb * GIB) as u64
+}
+
+/// Places what fits under the policy above. Deterministic: the same snapshot gives the same plan.
+pub fn schedule(snapshot: &Snapshot) -> Plan {
+    Pass::new(snapshot).run()
+}
+
+struct QueueUsage {
+    weight: f64,
+    quota: Option<u32>,
+    gpus: f64,
+    cpus: f64,
+}
+
+/// A reservation for the first job that must wait: where and from when.
+struct Reservation {
+    job_id: String,
+    start_ms: u64,
+    nodes: HashSet<usize>,
+}
+
+struct Pass<'a> {
+    snap: &'a Snapshot,
+    fleet: FleetIndex,
+    queues: BTreeMap<&'a str, QueueUsage>,
+    total_gpus: f64,
+    total_cpus: f64,
+    /// Running jobs on each node (indices into `snap.running`), for preemption and reservations.
+    running_on: Vec<Vec<usize>>,
+    /// Jobs placed in this pass, with the node indices and their planned end.
+    placed_ends: Vec<(Vec<usize>, Option<u64>, Resources)>,
+    victims: HashSet<usize>,
+    reservation: Option<Reservation>,
+    min_victim_priority: Option<u32>,
+    plan: Plan,
+}
+
+impl<'a> Pass<'a> {
+    fn new(snap: &'a Snapshot) -> Self {
+        let mut fleet = FleetIndex::new(&snap.nodes);
+        let mut running_on = vec![Vec::new(); snap.nodes.len()];
+        let mut queues: BTreeMap<&str, QueueUsage> = BTreeMap::new();
+        for q in &snap.queues {
+            queues.insert(&q.name, QueueUsage { weight: q.weight.max(1e-6), quota: q.gpu_quota, gpus: 0.0, cpus: 0.0 });
+        }
+        let mut min_victim_priority: Option<u32> = None;
+        for (i, job) in snap.running.iter().enumerate() {
+            let usage = queues.entry(&job.queue).or_insert_with(default_queue);
+            usage.gpus += (job.resources.gpus * job.nodes.len() as u32) as f64;
+            usage.cpus += job.resources.cpus * job.nodes.len() as f64;
+            for a in &job.nodes {
+                if let Some(n) = fleet.node_index(&a.node) {
+                    fleet.take(n, &job.resources, &a.gpu_uuids);
+                    running_on[n].push(i);
+                }
+            }
+            if !job.stopping {
+                min_victim_priority = Some(min_victim_priority.map_or(job.priority, |p| p.min(job.priority)));
+            }
+        }
+        let total_gpus = snap.nodes.iter().map(|n| n.gpus.len()).sum::<usize>().max(1) as f64;
+        let total_cpus = snap.nodes.iter().map(|n| n.cpus).sum::<f64>().max(1.0);
+        Pass {
+            snap,
+            fleet,
+            queues,
+            total_gpus,
+            total_cpus,
+            running_on,
+            placed_ends: Vec::new(),
+            victims: HashSet::new(),
+            reservation: None,
+            min_victim_priority,
+            plan: Plan { revision: snap.revision, ..Plan::default() },
+        }
+    }
+
+    fn run(mut self) -> Plan {
+        // Each queue's jobs in order; the heap yields the queue with the lowest weighted share.
+        let mut per_queue: BTreeMap<&str, Vec<&PendingJob>> = BTreeMap::new();
+        for job in &self.snap.pending {
+            per_queue.entry(&job.queue).or_default().push(job);
+            self.queues.entry(&job.queue).or_insert_with(default_queue);
+        }
+        for jobs in per_queue.values_mut() {
+            jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)).then(a.id.cmp(&b.id)));
+            jobs.reverse(); // pop from the end
+        }
+        let mut heap: BinaryHeap<Reverse<(Share, &str)>> =
+            per_queue.keys().map(|q| Reverse((self.share(q), *q))).collect();
+        while let Some(Reverse((_, queue))) = heap.pop() {
+            let jobs = per_queue.get_mut(queue).expect("queue in heap");
+            let Some(job) = jobs.pop() else { continue };
+            self.consider(job);
+            if !jobs.is_empty() {
+                heap.push(Reverse((self.share(queue), queue)));
+            }
+        }
+        for (i, w) in self.plan.waiting.iter_mut().enumerate() {
+            w.position = i as u32 + 1;
+        }
+        self.plan
+    }
+
+    fn share(&self, queue: &str) -> Share {
+        let q = &self.queues[queue];
+        let dominant = (q.gpus / self.total_gpus).max(q.cpus / self.total_cpus);
+        Share(dominant / q.weight)
+    }
+
+    fn consider(&mut self, job: &PendingJob) {
+        let r = &job.resources;
+        let gpus_wanted = r.gpus * r.nodes;
+        let q = &self.queues[job.queue.as_str()];
+        if let Some(quota) = q.quota
+            && q.gpus + gpus_wanted as f64 > quota as f64
+        {
+            let reason = format!("queue {} is at its GPU quota ({} of {quota} in use)", job.queue, q.gpus);
+            return self.wait(job, reason, None);
+        }
+        if let Some(why) = self.fleet.impossible(r) {
+            return self.wait(job, format!("needs {}; {why}", describe(r)), None);
+        }
+        let ends_at = job.max_duration_ms.map(|d| self.snap.now_ms + d);
+        let reservation = &self.reservation;
+        let allowed = |n: usize| match reservation {
+            // Backfill: a reserved node takes only jobs that end before the reservation starts.
+            Some(res) if res.nodes.contains(&n) => ends_at.is_some_and(|end| end <= res.start_ms),
+            _ => true,
+        };
+        match self.fleet.find(r, &allowed) {
+            Some(nodes) => self.place(job, nodes, ends_at),
+            None => self.blocked(job),
+        }
+    }
+
+    fn place(&mut self, job: &PendingJob, nodes: Vec<usize>, ends_at: Option<u64>) {
+        let r = &job.resources;
+        let mut assignments = Vec::with_capacity(nodes.len());
+        for &n in &nodes {
+            let gpus = self.fleet.take_best(n, r);
+            assignments.push(NodeAssignment { node: self.snap.nodes[n].name.clone(), gpu_uuids: gpus });
+        }
+        let usage = self.queues.get_mut(job.queue.as_str()).expect("queue known");
+        usage.gpus += (r.gpus * r.nodes) as f64;
+        usage.cpus += r.cpus * r.nodes as f64;
+        self.placed_ends.push((nodes, ends_at, r.clone()));
+        self.plan.placements.push(Placement { job_id: job.id.clone(), nodes: assignments });
+    }
+
+    /// The job fits the fleet but not now: preempt for it, reserve for it, or explain.
+    fn blocked(&mut self, job: &PendingJob) {
+        let r = &job.resources;
+        let free = self.fleet.largest_free_block(r);
+        let mut reason = if r.gpus > 0 && free < r.gpus as usize {
+            format!("needs {}; the largest free block is {free}", describe(r))
+        } else if r.nodes > 1 {
+            format!("needs {}; not enough nodes have room at once", describe(r))
+        } else {
+            format!("needs {}; waiting for CPUs or memory to free up", describe(r))
+        };
+        if self.reservation.as_ref().is_some_and(|res| res.job_id != job.id) {
+            reason += "; nodes are reserved for a job ahead of it";
+        }
+        if self.min_victim_priority.is_some_and(|p| p < job.priority) {
+            match self.preempt_for(job) {
+                Preempt::Victims(victims) => {
+                    let ids: Vec<String> = victims.iter().map(|&v| self.snap.running[v].id.clone()).collect();
+                    for &v in &victims {
+                        self.victims.insert(v);
+                        self.plan
+                            .preemptions
+                            .push(Preemption { job_id: self.snap.running[v].id.clone(), for_job: job.id.clone() });
+                    }
+                    let reason = format!("preempting lower-priority job(s) {}", ids.join(", "));
+                    return self.wait(job, reason, None);
+                }
+                Preempt::AlreadyStopping => {
+                    return self.wait(job, "waiting for preempted jobs to stop".into(), None);
+                }
+                Preempt::No => {}
+            }
+        }
+        let mut estimate = None;
+        if self.reservation.is_none() {
+            if let Some(res) = self.reserve(job) {
+                estimate = Some(res.start_ms);
+                reason += &format!("; reserved, estimated start in {}", in_time(res.start_ms - self.snap.now_ms));
+                self.reservation = Some(res);
+            } else {
+                reason += "; no start estimate (running jobs have no max_duration)";
+            }
+        }
+        self.wait(job, reason, estimate)
+    }
+
+    fn wait(&mut self, job: &PendingJob, reason: String, estimated_start_ms: Option<u64>) {
+        self.plan.waiting.push(Waiting { job_id: job.id.clone(), reason, position: 0, estimated_start_ms });
+    }
+
+    /// Victims for `job`: per node, the cheapest set of lower-priority running jobs whose
+    /// resources would let it fit; then the `nodes` cheapest nodes.
+    fn preempt_for(&self, job: &PendingJob) -> Preempt {
+        let r = &job.resources;
+        let mut options: Vec<(Cost, usize, Vec<usize>)> = Vec::new();
+        let mut stopping_would_do = 0;
+        for n in 0..self.snap.nodes.len() {
+            if !self.snap.nodes[n].schedulable {
+                continue;
+            }
+            let mut free = self.fleet.free_of(n);
+            let mut stopping = free.clone();
+            let mut candidates: Vec<usize> = Vec::new();
+            for &j in &self.running_on[n] {
+                let running = &self.snap.running[j];
+                if running.stopping || self.victims.contains(&j) {
+                    stopping.release(running, &self.snap.nodes[n]);
+                } else if running.priority < job.priority {
+                    candidates.push(j);
+                }
+            }
+            if stopping.fits(&self.snap.nodes[n], r) {
+                stopping_would_do += 1;
+                continue;
+            }
+            // Lowest priority first, then the fewest GPUs.
+            candidates.sort_by_key(|&j| {
+                let rj = &self.snap.running[j];
+                (rj.priority, rj.resources.gpus, Reverse(rj.started_at_ms), rj.id.clone())
+            });
+            let mut chosen = Vec::new();
+            for j in candidates {
+                if free.fits(&self.snap.nodes[n], r) {
+                    break;
+                }
+                free.release(&self.snap.running[j], &self.snap.nodes[n]);
+                chosen.push(j);
+            }
+            if !chosen.is_empty() && free.fits(&self.snap.nodes[n], r) {
+                let cost = Cost {
+                    max_priority: chosen.iter().map(|&j| self.snap.running[j].priority).max().unwrap_or(0),
+                    gpus: chosen.iter().map(|&j| self.snap.running[j].resources.gpus).sum(),
+                    jobs: chosen.len(),
+                };
+                options.push((cost, n, chosen));
+            }
+        }
+        if stopping_would_do >= r.nodes as usize {
+            return Preempt::AlreadyStopping;
+        }
+        options.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Nodes where it already fits need no victim; a gang takes those first.
+        let fitting_now = (0..self.snap.nodes.len()).filter(|&n| self.fleet.fits_now(n, r)).count();
+        let need = (r.nodes as usize).saturating_sub(fitting_now);
+        if need == 0 || options.len() < need {
+            return Preempt::No;
+        }
+        let mut victims: Vec<usize> = options.into_iter().take(need).flat_map(|(_, _, v)| v).collect();
+        victims.sort();
+        victims.dedup();
+        Preempt::Victims(victims)
+    }
+
+    /// EASY backfill's reservation: per node, when enough frees up for one rank of `job`
+    /// (running jobs end at start + max_duration; jobs placed in this pass likewise).
+    fn reserve(&self, job: &PendingJob) -> Option<Reservation> {
+        let r = &job.resources;
+        let now = self.snap.now_ms;
+        let mut ready: Vec<(u64, usize)> = Vec::new();
+        for n in 0..self.snap.nodes.len() {
+            if !self.snap.nodes[n].schedulable || !self.fleet.could_ever_fit(n, r) {
+                continue;
+            }
+            let mut free = self.fleet.free_of(n);
+            let mut ends: Vec<(u64, NodeFreeDelta)> = Vec::new();
+            for &j in &self.running_on[n] {
+                let rj = &self.snap.running[j];
+                let end = if rj.stopping || self.victims.contains(&j) {
+                    Some(now)
+                } else {
+                    rj.max_duration_ms.map(|d| (rj.started_at_ms + d).max(now))
+                };
+                let Some(end) = end else { continue };
+                ends.push((end, NodeFreeDelta::Running(j)));
+            }
+            for (p, (nodes, end, _)) in self.placed_ends.iter().enumerate() {
+                if nodes.contains(&n)
+                    && let Some(end) = end
+                {
+                    ends.push((*end, NodeFreeDelta::Placed(p)));
+                }
+            }
+            ends.sort_by_key(|e| e.0);
+            let node = &self.snap.nodes[n];
+            if free.fits(node, r) {
+                ready.push((now, n));
+                continue;
+            }
+            for (end, delta) in ends {
+                match delta {
+                    NodeFreeDelta::Running(j) => free.release(&self.snap.running[j], node),
+                    NodeFreeDelta::Placed(p) => free.release_amount(&self.placed_ends[p].2, node),
+                }
+                if free.fits(node, r) {
+                    ready.push((end, n));
+                    break;
+                }
+            }
+        }
+        if ready.len() < r.nodes as usize {
+            return None;
+        }
+        ready.sort();
+        let chosen = &ready[..r.nodes as usize];
+        Some(Reservation {
+            job_id: job.id.clone(),
+            start_ms: chosen.iter().map(|c| c.0).max().unwrap_or(now),
+            nodes: chosen.iter().map(|c| c.1).collect(),
+        })
+    }
+}
+
+enum NodeFreeDelta {
+    Running(usize),
+    Placed(usize),
+}
+
+enum Preempt {
+    Victims(Vec<usize>),
+    AlreadyStopping,
+    No,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Cost {
+    max_priority: u32,
+    gpus: u32,
+    jobs: usize,
+}
+
+/// A queue's weighted dominant share; totally ordered for the heap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Share(f64);
+impl Eq for Share {}
+impl PartialOrd for Share {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Share {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+fn default_queue() -> QueueUsage {
+    QueueUsage { weight: 1.0, quota: None, gpus: 0.0, cpus: 0.0 }
+}
+
+fn in_time(ms: u64) -> String {
+    let secs = ms.div_ceil(1000);
+    if secs < 60 { format!("{secs}s") } else { crate::spec::format_duration(secs.div_ceil(60) * 60) }
+}
+
+pub(crate) fn gpu_matches(gpu: &Gpu, want: &Resources) -> bool {
+    let model_ok = want.gpu_model.as_ref().is_none_or(|m| gpu.name.to_lowercase().contains(&m.to_lowercase()));
+    let memory_ok = want.gpu_memory_gb.is_none_or(|gb| gpu.memory_total_bytes as f64 >= gb * GIB * 0.98);
+    model_ok && memory_ok
+}
+
+/// "8 GPUs of model H100, 4 CPUs, 32 GB memory on one node"
+pub fn describe(want: &Resources) -> String {
+    let mut parts = Vec::new();
+    if want.gpus > 0 {
+        let mut g = format!("{} GPU{}", want.gpus, if want.gpus == 1 { "" } else { "s" });
+        if let Some(m) = &want.gpu_model {
+            g += &format!(" of model {m}");
+        }
+        if let Some(gb) = want.gpu_memory_gb {
+            g += &format!(" with at least {gb} GB");
+        }
+        parts.push(g);
+    }
+    parts.push(format!("{} CPUs", want.cpus));
+    parts.push(format!("{} GB memory", want.memory_gb));
+    let each = if want.nodes > 1 { format!(" on each of {} nodes", want.nodes) } else { " on one node".into() };
+    format!("{}{each}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests;
