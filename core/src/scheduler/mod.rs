@@ -2,16 +2,17 @@
 //! a [`Plan`] out. No I/O, no clock: `now_ms` is data, so every decision replays in a test.
 //!
 //! The policy, in the order it applies:
-//! - **Queues share the fleet by weight.** The next job considered always comes from the queue
-//!   with the lowest weighted dominant share (dominant-resource fairness over GPUs and CPUs);
-//!   within a queue, higher priority first, then submit order. A queue's `gpu_quota` caps the
-//!   GPUs its running jobs may hold.
+//! - **Priority, then fair share.** Jobs are considered highest priority first, across all
+//!   queues; among equal priorities the next job comes from the queue with the lowest weighted
+//!   dominant share (dominant-resource fairness over GPUs and CPUs), then submit order. A queue's
+//!   `gpu_quota` caps the GPUs its running jobs may hold.
 //! - **Best fit.** A job goes to the node where it leaves the fewest matching GPUs free, so small
 //!   jobs fill partly used nodes and whole nodes stay whole for whole-node jobs. CPU-only jobs
 //!   prefer nodes with the fewest GPUs. A gang (`nodes: N`) gets N distinct nodes at once or none.
 //! - **Preemption.** A job that cannot fit may stop running jobs of strictly lower priority: on
 //!   the node(s) where that costs the lowest victim priority, then the fewest GPUs. Victims are
-//!   listed in the plan; the job waits until they have stopped (no more victims meanwhile).
+//!   listed in the plan; the job waits until they have stopped (no more victims meanwhile), and
+//!   those nodes take nothing else in the meantime.
 //! - **Backfill (EASY).** The first job that must wait for resources gets a reservation: the
 //!   earliest time enough of it frees up, from running jobs' `max_duration`. Later jobs may use
 //!   the reserved nodes only if they declare a `max_duration` that ends before it.
@@ -164,8 +165,12 @@ struct Pass<'a> {
     /// Jobs placed in this pass, with the node indices and their planned end.
     placed_ends: Vec<(Vec<usize>, Option<u64>, Resources)>,
     victims: HashSet<usize>,
+    /// Nodes kept for a higher-priority job waiting on its preemption victims: nothing else
+    /// goes there in this pass.
+    held: HashSet<usize>,
     reservation: Option<Reservation>,
     min_victim_priority: Option<u32>,
+    any_stopping: bool,
     plan: Plan,
 }
 
@@ -203,8 +208,10 @@ impl<'a> Pass<'a> {
             running_on,
             placed_ends: Vec::new(),
             victims: HashSet::new(),
+            held: HashSet::new(),
             reservation: None,
             min_victim_priority,
+            any_stopping: snap.running.iter().any(|r| r.stopping),
             plan: Plan { revision: snap.revision, ..Plan::default() },
         }
     }
@@ -220,14 +227,17 @@ impl<'a> Pass<'a> {
             jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)).then(a.id.cmp(&b.id)));
             jobs.reverse(); // pop from the end
         }
-        let mut heap: BinaryHeap<Reverse<(Share, &str)>> =
-            per_queue.keys().map(|q| Reverse((self.share(q), *q))).collect();
-        while let Some(Reverse((_, queue))) = heap.pop() {
+        // Highest priority first across all queues; among equal priorities, the queue with the
+        // lowest weighted share. So no job is ever placed ahead of a higher-priority one.
+        let head = |jobs: &Vec<&PendingJob>| Reverse(jobs.last().map_or(0, |j| j.priority));
+        let mut heap: BinaryHeap<Reverse<(Reverse<u32>, Share, &str)>> =
+            per_queue.iter().map(|(q, jobs)| Reverse((head(jobs), self.share(q), *q))).collect();
+        while let Some(Reverse((_, _, queue))) = heap.pop() {
             let jobs = per_queue.get_mut(queue).expect("queue in heap");
             let Some(job) = jobs.pop() else { continue };
             self.consider(job);
             if !jobs.is_empty() {
-                heap.push(Reverse((self.share(queue), queue)));
+                heap.push(Reverse((head(jobs), self.share(queue), queue)));
             }
         }
         for (i, w) in self.plan.waiting.iter_mut().enumerate() {
@@ -257,10 +267,14 @@ impl<'a> Pass<'a> {
         }
         let ends_at = job.max_duration_ms.map(|d| self.snap.now_ms + d);
         let reservation = &self.reservation;
-        let allowed = |n: usize| match reservation {
-            // Backfill: a reserved node takes only jobs that end before the reservation starts.
-            Some(res) if res.nodes.contains(&n) => ends_at.is_some_and(|end| end <= res.start_ms),
-            _ => true,
+        let held = &self.held;
+        let allowed = |n: usize| {
+            !held.contains(&n)
+                && match reservation {
+                    // Backfill: a reserved node takes only jobs that end before the reservation starts.
+                    Some(res) if res.nodes.contains(&n) => ends_at.is_some_and(|end| end <= res.start_ms),
+                    _ => true,
+                }
         };
         match self.fleet.find(r, &allowed) {
             Some(nodes) => self.place(job, nodes, ends_at),
@@ -296,9 +310,11 @@ impl<'a> Pass<'a> {
         if self.reservation.as_ref().is_some_and(|res| res.job_id != job.id) {
             reason += "; nodes are reserved for a job ahead of it";
         }
-        if self.min_victim_priority.is_some_and(|p| p < job.priority) {
+        // Stopping jobs' room goes to the first blocked job it suits, which keeps it.
+        if self.any_stopping || self.min_victim_priority.is_some_and(|p| p < job.priority) {
             match self.preempt_for(job) {
-                Preempt::Victims(victims) => {
+                Preempt::Victims(victims, nodes) => {
+                    self.held.extend(nodes);
                     let ids: Vec<String> = victims.iter().map(|&v| self.snap.running[v].id.clone()).collect();
                     for &v in &victims {
                         self.victims.insert(v);
@@ -309,8 +325,9 @@ impl<'a> Pass<'a> {
                     let reason = format!("preempting lower-priority job(s) {}", ids.join(", "));
                     return self.wait(job, reason, None);
                 }
-                Preempt::AlreadyStopping => {
-                    return self.wait(job, "waiting for preempted jobs to stop".into(), None);
+                Preempt::AlreadyStopping(nodes) => {
+                    self.held.extend(nodes);
+                    return self.wait(job, "waiting for stopping jobs to free their resources".into(), None);
                 }
                 Preempt::No => {}
             }
@@ -337,7 +354,7 @@ impl<'a> Pass<'a> {
     fn preempt_for(&self, job: &PendingJob) -> Preempt {
         let r = &job.resources;
         let mut options: Vec<(Cost, usize, Vec<usize>)> = Vec::new();
-        let mut stopping_would_do = 0;
+        let mut stopping_would_do = Vec::new();
         for n in 0..self.snap.nodes.len() {
             if !self.snap.nodes[n].schedulable {
                 continue;
@@ -353,8 +370,11 @@ impl<'a> Pass<'a> {
                     candidates.push(j);
                 }
             }
-            if stopping.fits(&self.snap.nodes[n], r) {
-                stopping_would_do += 1;
+            if stopping.fits(&self.snap.nodes[n], r) && !self.held.contains(&n) {
+                stopping_would_do.push(n);
+                continue;
+            }
+            if self.held.contains(&n) {
                 continue;
             }
             // Lowest priority first, then the fewest GPUs.
@@ -379,8 +399,9 @@ impl<'a> Pass<'a> {
                 options.push((cost, n, chosen));
             }
         }
-        if stopping_would_do >= r.nodes as usize {
-            return Preempt::AlreadyStopping;
+        if stopping_would_do.len() >= r.nodes as usize {
+            stopping_would_do.truncate(r.nodes as usize);
+            return Preempt::AlreadyStopping(stopping_would_do);
         }
         options.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         // Nodes where it already fits need no victim; a gang takes those first.
@@ -389,10 +410,12 @@ impl<'a> Pass<'a> {
         if need == 0 || options.len() < need {
             return Preempt::No;
         }
-        let mut victims: Vec<usize> = options.into_iter().take(need).flat_map(|(_, _, v)| v).collect();
+        let chosen: Vec<(Cost, usize, Vec<usize>)> = options.into_iter().take(need).collect();
+        let nodes = chosen.iter().map(|c| c.1).collect();
+        let mut victims: Vec<usize> = chosen.into_iter().flat_map(|(_, _, v)| v).collect();
         victims.sort();
         victims.dedup();
-        Preempt::Victims(victims)
+        Preempt::Victims(victims, nodes)
     }
 
     /// EASY backfill's reservation: per node, when enough frees up for one rank of `job`
@@ -459,9 +482,10 @@ enum NodeFreeDelta {
     Placed(usize),
 }
 
+/// Victims (with the nodes they free), or the nodes where stopping jobs already make room.
 enum Preempt {
-    Victims(Vec<usize>),
-    AlreadyStopping,
+    Victims(Vec<usize>, Vec<usize>),
+    AlreadyStopping(Vec<usize>),
     No,
 }
 

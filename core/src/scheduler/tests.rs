@@ -238,7 +238,7 @@ fn no_new_victims_while_earlier_ones_are_stopping() {
     };
     let plan = schedule(&s);
     assert!(plan.preemptions.is_empty());
-    assert!(reason(&plan, "urgent").contains("waiting for preempted jobs to stop"));
+    assert!(reason(&plan, "urgent").contains("waiting for stopping jobs"));
 }
 
 #[test]

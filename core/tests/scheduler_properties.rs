@@ -1,0 +1,257 @@
+//! The scheduler's promises, checked on many random fleets, running sets and queues.
+
+use std::collections::{HashMap, HashSet};
+
+use gantry_core::Resources;
+use gantry_core::scheduler::*;
+use proptest::prelude::*;
+
+const GIB: u64 = 1 << 30;
+
+fn arb_node(i: usize) -> impl Strategy<Value = Node> {
+    (
+        0usize..=8,
+        prop::bool::ANY,
+        4u32..=32,
+        prop::collection::vec(prop::bool::weighted(0.9), 8),
+        prop::bool::weighted(0.9),
+    )
+        .prop_map(move |(gpus, h100, cpus, healthy, schedulable)| Node {
+            name: format!("n{i}"),
+            schedulable,
+            cpus: cpus as f64,
+            memory_bytes: 64 * GIB,
+            gpus: (0..gpus)
+                .map(|g| Gpu {
+                    uuid: format!("n{i}-g{g}"),
+                    name: if h100 { "NVIDIA H100 80GB HBM3".into() } else { "NVIDIA A100-SXM4-40GB".into() },
+                    memory_total_bytes: if h100 { 80 * GIB } else { 40 * GIB },
+                    healthy: healthy[g],
+                })
+                .collect(),
+        })
+}
+
+fn arb_job(i: usize) -> impl Strategy<Value = PendingJob> {
+    (
+        0u32..=8,
+        prop_oneof![8 => Just(1u32), 1 => 2u32..=3],
+        0u32..=100,
+        0usize..3,
+        prop::option::of(1u64..=7200),
+        prop::option::of(prop_oneof![Just("H100".to_string()), Just("A100".to_string())]),
+        1u32..=8,
+    )
+        .prop_map(move |(gpus, nodes, priority, queue, secs, model, cpus)| PendingJob {
+            id: format!("j{i}"),
+            priority,
+            seq: i as u64,
+            queue: ["a", "b", "c"][queue].into(),
+            resources: Resources {
+                nodes,
+                gpus,
+                gpu_model: if gpus > 0 { model } else { None },
+                cpus: cpus as f64,
+                memory_gb: 4.0,
+                ..Resources::default()
+            },
+            max_duration_ms: secs.map(|s| s * 1000),
+        })
+}
+
+/// A consistent world: the running jobs are what an earlier pass placed.
+fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
+    (1usize..=8, 0usize..=20, 0usize..=30, 0u64..3_600_000).prop_flat_map(|(n_nodes, n_first, n_pending, now)| {
+        let nodes: Vec<_> = (0..n_nodes).map(arb_node).collect();
+        let first: Vec<_> = (0..n_first).map(arb_job).collect();
+        let pending: Vec<_> = (0..n_pending).map(|i| arb_job(1000 + i)).collect();
+        let stopping = prop::collection::vec(prop::bool::weighted(0.1), n_first);
+        (nodes, first, pending, stopping).prop_map(move |(nodes, first, pending, stopping)| {
+            let earlier = schedule(&Snapshot { nodes: nodes.clone(), pending: first.clone(), ..Default::default() });
+            let running = earlier
+                .placements
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let job = first.iter().find(|j| j.id == p.job_id).unwrap();
+                    RunningJob {
+                        id: job.id.clone(),
+                        priority: job.priority,
+                        queue: job.queue.clone(),
+                        resources: job.resources.clone(),
+                        nodes: p.nodes.clone(),
+                        started_at_ms: 0,
+                        max_duration_ms: job.max_duration_ms,
+                        stopping: stopping[k],
+                    }
+                })
+                .collect();
+            Snapshot {
+                revision: 1,
+                now_ms: now,
+                nodes,
+                running,
+                pending,
+                queues: vec![
+                    Queue { name: "a".into(), weight: 1.0, gpu_quota: None },
+                    Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
+                ],
+            }
+        })
+    })
+}
+
+fn resources_of<'a>(s: &'a Snapshot, id: &str) -> &'a Resources {
+    s.pending.iter().find(|j| j.id == id).map(|j| &j.resources).unwrap()
+}
+
+/// The snapshot after applying a plan: placements run, victims are stopping.
+fn apply(s: &Snapshot, plan: &Plan) -> Snapshot {
+    let mut next = s.clone();
+    let placed: HashSet<&str> = plan.placements.iter().map(|p| p.job_id.as_str()).collect();
+    for p in &plan.placements {
+        let job = s.pending.iter().find(|j| j.id == p.job_id).unwrap();
+        next.running.push(RunningJob {
+            id: job.id.clone(),
+            priority: job.priority,
+            queue: job.queue.clone(),
+            resources: job.resources.clone(),
+            nodes: p.nodes.clone(),
+            started_at_ms: s.now_ms,
+            max_duration_ms: job.max_duration_ms,
+            stopping: false,
+        });
+    }
+    for v in &plan.preemptions {
+        next.running.iter_mut().find(|r| r.id == v.job_id).unwrap().stopping = true;
+    }
+    next.pending.retain(|j| !placed.contains(j.id.as_str()));
+    next
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_gpu_is_double_booked_and_no_capacity_exceeded(s in arb_snapshot()) {
+        let plan = schedule(&s);
+        let after = apply(&s, &plan);
+        let mut gpus = HashSet::new();
+        let mut cpus: HashMap<&str, f64> = HashMap::new();
+        let mut mem: HashMap<&str, f64> = HashMap::new();
+        for r in &after.running {
+            for a in &r.nodes {
+                for g in &a.gpu_uuids {
+                    prop_assert!(gpus.insert(g.clone()), "GPU {} given twice", g);
+                }
+                *cpus.entry(&a.node).or_default() += r.resources.cpus;
+                *mem.entry(&a.node).or_default() += r.resources.memory_gb;
+            }
+        }
+        for n in &s.nodes {
+            prop_assert!(cpus.get(n.name.as_str()).copied().unwrap_or(0.0) <= n.cpus + 1e-9);
+            prop_assert!(mem.get(n.name.as_str()).copied().unwrap_or(0.0) * GIB as f64 <= n.memory_bytes as f64);
+        }
+    }
+
+    #[test]
+    fn gangs_are_all_or_nothing_on_matching_healthy_gpus(s in arb_snapshot()) {
+        let plan = schedule(&s);
+        let nodes: HashMap<&str, &Node> = s.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+        for p in &plan.placements {
+            let r = resources_of(&s, &p.job_id);
+            prop_assert_eq!(p.nodes.len(), r.nodes as usize);
+            let distinct: HashSet<&str> = p.nodes.iter().map(|a| a.node.as_str()).collect();
+            prop_assert_eq!(distinct.len(), r.nodes as usize);
+            for a in &p.nodes {
+                let node = nodes[a.node.as_str()];
+                prop_assert!(node.schedulable);
+                prop_assert_eq!(a.gpu_uuids.len(), r.gpus as usize);
+                for uuid in &a.gpu_uuids {
+                    let g = node.gpus.iter().find(|g| &g.uuid == uuid).unwrap();
+                    prop_assert!(g.healthy);
+                    if let Some(m) = &r.gpu_model {
+                        prop_assert!(g.name.contains(m.as_str()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn scheduling_the_applied_result_again_changes_nothing(s in arb_snapshot()) {
+        let plan = schedule(&s);
+        let applied = apply(&s, &plan);
+        let again = schedule(&applied);
+        // A job told to stop is never chosen again.
+        let stopping: HashSet<&str> = applied.running.iter().filter(|r| r.stopping).map(|r| r.id.as_str()).collect();
+        for p in &again.preemptions {
+            prop_assert!(!stopping.contains(p.job_id.as_str()), "{} preempted twice", p.job_id);
+        }
+        // Where preemption cannot happen (nothing pending outranks anything running) and nothing
+        // is stopping, the second pass changes nothing. KNOWN GAP: with preemption in play, a
+        // blocked high-priority job that finds no victims lets lower jobs fill room that a later
+        // pass may preempt; tracked in the scheduler issue.
+        let min_running = applied.running.iter().map(|r| r.priority).min().unwrap_or(u32::MAX);
+        let outranks = applied.pending.iter().any(|j| j.priority > min_running);
+        if !outranks && !s.running.iter().any(|r| r.stopping) {
+            prop_assert!(again.preemptions.is_empty(), "preempted {:?} on the second pass", again.preemptions);
+            prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
+        }
+    }
+
+    #[test]
+    fn a_job_that_fits_waits_only_for_a_stated_reason(s in arb_snapshot()) {
+        let plan = schedule(&s);
+        let after = apply(&s, &plan);
+        for w in &plan.waiting {
+            let explained = ["reserved", "preempting", "stopping", "quota"].iter().any(|k| w.reason.contains(k));
+            if explained {
+                continue;
+            }
+            let r = resources_of(&s, &w.job_id);
+            prop_assert!(!fits_somewhere(&after, r), "{} waits ({}) but fits", w.job_id, w.reason);
+        }
+    }
+
+    #[test]
+    fn preemption_only_hits_lower_priority(s in arb_snapshot()) {
+        let plan = schedule(&s);
+        for p in &plan.preemptions {
+            let victim = s.running.iter().find(|r| r.id == p.job_id).unwrap();
+            let job = s.pending.iter().find(|j| j.id == p.for_job).unwrap();
+            prop_assert!(victim.priority < job.priority);
+            prop_assert!(!victim.stopping);
+        }
+    }
+
+    #[test]
+    fn the_same_snapshot_gives_the_same_plan(s in arb_snapshot()) {
+        prop_assert_eq!(schedule(&s), schedule(&s));
+    }
+}
+
+/// Whether `r` fits right now on `r.nodes` distinct nodes (a brute-force check).
+fn fits_somewhere(s: &Snapshot, r: &Resources) -> bool {
+    let mut count = 0;
+    for n in s.nodes.iter().filter(|n| n.schedulable) {
+        let here: Vec<&RunningJob> = s.running.iter().filter(|j| j.nodes.iter().any(|a| a.node == n.name)).collect();
+        let used_cpus: f64 = here.iter().map(|j| j.resources.cpus).sum();
+        let used_mem: f64 = here.iter().map(|j| j.resources.memory_gb).sum();
+        let busy: HashSet<&String> =
+            here.iter().flat_map(|j| j.nodes.iter().flat_map(|a| a.gpu_uuids.iter())).collect();
+        let free_gpus = n
+            .gpus
+            .iter()
+            .filter(|g| g.healthy && !busy.contains(&g.uuid))
+            .filter(|g| r.gpu_model.as_ref().is_none_or(|m| g.name.to_lowercase().contains(&m.to_lowercase())))
+            .count();
+        let fits = n.cpus - used_cpus + 1e-9 >= r.cpus
+            && (n.memory_bytes as f64) >= (used_mem + r.memory_gb) * GIB as f64
+            && free_gpus >= r.gpus as usize;
+        if fits {
+            count += 1;
+        }
+    }
+    count >= r.nodes as usize
+}
