@@ -249,3 +249,36 @@ fn a_train_job_can_start_from_another_jobs_checkpoint() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("job 999 does not exist"));
 }
+
+#[test]
+fn a_preempted_job_checkpoints_requeues_and_resumes_without_a_new_attempt() {
+    let fleet = Fleet::start();
+    // Each job asks for every CPU of the only node, so the urgent one must preempt.
+    let cpus = fleet.json(&["nodes"])[0]["cpus"].as_u64().unwrap();
+    let victim = r#"
+if [ -n "${GANTRY_RESUME_DIR:-}" ]; then echo "resumed from $(cat "$GANTRY_RESUME_DIR/state")"; exit 0; fi
+trap 'mkdir -p "$GANTRY_CHECKPOINT_DIR/.tmp"; echo "step 7" > "$GANTRY_CHECKPOINT_DIR/.tmp/state"; mv "$GANTRY_CHECKPOINT_DIR/.tmp" "$GANTRY_CHECKPOINT_DIR/step-7"; exit 143' TERM
+echo started
+while true; do sleep 0.1; done
+"#;
+    let low = fleet.submit(&format!(
+        "name: low\npriority: 10\nresources: {{cpus: {cpus}}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(victim).unwrap()
+    ));
+    fleet.wait_state(&low, &["running"], Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fleet.ok(&["logs", &low]).contains("started") {
+        assert!(Instant::now() < deadline, "the low-priority job did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let high = fleet.submit(&format!(
+        "name: urgent\npriority: 90\nresources: {{cpus: {cpus}}}\ncommand: [\"bash\", \"-c\", \"echo urgent work done\"]\n"
+    ));
+    assert_eq!(fleet.wait_state(&high, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    assert_eq!(fleet.wait_state(&low, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    let logs = fleet.ok(&["logs", &low]);
+    assert!(logs.contains("resumed from step 7"), "{logs}");
+    let job = fleet.json(&["job", &low]);
+    assert_eq!(job["attempt"], 1, "a preemption is not a failed attempt: {job}");
+    assert_eq!(fleet.json(&["checkpoints", &low])[0]["step"], 7);
+}
