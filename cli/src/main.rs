@@ -59,6 +59,8 @@ enum Command {
     Nodes,
     /// Every GPU of the fleet, with the job on it.
     Gpus,
+    /// Replay a job trace through the scheduler in simulated time: FIFO against gantry's policy.
+    Sim(commands::sim::SimArgs),
     /// Run gantry's training runtime in this process (what agents run for `train:` jobs).
     Train {
         /// The `train:` section as JSON.
@@ -99,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Coordinator(args) => runtime.block_on(commands::server::coordinator(args)).map(|_| 0),
         Command::Agent(args) => runtime.block_on(commands::server::agent(args)).map(|_| 0),
         Command::Dev(args) => runtime.block_on(commands::server::dev(args)),
+        Command::Sim(args) => commands::sim::run(args, json).map(|_| 0),
         Command::Train { spec } => {
             drop(runtime);
             commands::train::run(&spec)

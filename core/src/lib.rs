@@ -5,6 +5,7 @@
 //! (see [`scheduler::Snapshot`]), so every decision is reproducible in a test.
 
 pub mod scheduler;
+pub mod sim;
 pub mod spec;
 
 pub use spec::{JobSpec, Resources, SpecError, TrainSpec};

@@ -2,4 +2,5 @@ pub mod checkpoints;
 pub mod fleet;
 pub mod jobs;
 pub mod server;
+pub mod sim;
 pub mod train;
