@@ -161,12 +161,13 @@ impl Coordinator {
 
     /// Stops a running job so a higher-priority one can run; it returns to the queue and
     /// resumes from its latest checkpoint, without counting as a failed attempt.
-    fn preempt(&self, id: &str, for_job: &str) -> Result<()> {
+    fn preempt(&self, id: &str, for_job: &str, nodes: &[String]) -> Result<()> {
         let updated = self.store.update_job(id, |job| {
             if job.state != JobState::Running || job.preempted_by.is_some() || job.cancel_requested {
                 return false;
             }
             job.preempted_by = Some(for_job.to_string());
+            job.preempted_for_nodes = nodes.to_vec();
             true
         })?;
         if let Some(job) = updated {
@@ -446,7 +447,7 @@ impl Coordinator {
             }
         }
         for p in &plan.preemptions {
-            self.preempt(&p.job_id, &p.for_job)?;
+            self.preempt(&p.job_id, &p.for_job, &p.nodes)?;
         }
         for placement in plan.placements {
             let job = jobs.iter().find(|j| j.id == placement.job_id).expect("plan names snapshot jobs");
@@ -532,6 +533,10 @@ impl Coordinator {
                         started_at_ms: attempt.started_at_ms.max(0) as u64,
                         max_duration_ms: max_duration_ms(job),
                         stopping: job.cancel_requested || job.preempted_by.is_some(),
+                        stopping_for: job
+                            .preempted_by
+                            .clone()
+                            .map(|job_id| scheduler::Claim { job_id, nodes: job.preempted_for_nodes.clone() }),
                     });
                 }
                 _ => {}

@@ -41,6 +41,9 @@ pub struct JobRecord {
     /// Set while the job is being stopped for a higher-priority job (that job's id).
     #[serde(default)]
     pub preempted_by: Option<String>,
+    /// The nodes held for that job while this one stops.
+    #[serde(default)]
+    pub preempted_for_nodes: Vec<String>,
     /// Runs ended by preemption: they do not count as attempts.
     #[serde(default)]
     pub preemptions: u32,

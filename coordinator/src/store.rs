@@ -57,6 +57,7 @@ impl Store {
                 message: String::new(),
                 version: 1,
                 preempted_by: None,
+                preempted_for_nodes: Vec::new(),
                 preemptions: 0,
             };
             txn.open_table(JOBS)?.insert(seq, serde_json::to_vec(&job)?.as_slice())?;

@@ -124,6 +124,7 @@ fn main() {
             started_at_ms: 0,
             max_duration_ms: Some(3_600_000),
             stopping: false,
+            stopping_for: None,
         })
         .collect();
     full.pending = jobs(100_000, 1, 1);
@@ -151,6 +152,7 @@ fn main() {
             started_at_ms: 0,
             max_duration_ms: Some(3_600_000),
             stopping: false,
+            stopping_for: None,
         })
         .collect();
     half.pending = jobs(1000, 8, 8);

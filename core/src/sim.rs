@@ -282,6 +282,7 @@ fn running_job(j: &TraceJob, nodes: Vec<NodeAssignment>, now: u64) -> RunningJob
         started_at_ms: now * 1000,
         max_duration_ms: Some(j.duration_s * 1000),
         stopping: false,
+        stopping_for: None,
     }
 }
 

@@ -83,6 +83,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                         started_at_ms: 0,
                         max_duration_ms: job.max_duration_ms,
                         stopping: stopping[k],
+                        stopping_for: None,
                     }
                 })
                 .collect();
@@ -120,17 +121,20 @@ fn apply(s: &Snapshot, plan: &Plan) -> Snapshot {
             started_at_ms: s.now_ms,
             max_duration_ms: job.max_duration_ms,
             stopping: false,
+            stopping_for: None,
         });
     }
     for v in &plan.preemptions {
-        next.running.iter_mut().find(|r| r.id == v.job_id).unwrap().stopping = true;
+        let victim = next.running.iter_mut().find(|r| r.id == v.job_id).unwrap();
+        victim.stopping = true;
+        victim.stopping_for = Some(Claim { job_id: v.for_job.clone(), nodes: v.nodes.clone() });
     }
     next.pending.retain(|j| !placed.contains(j.id.as_str()));
     next
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn no_gpu_is_double_booked_and_no_capacity_exceeded(s in arb_snapshot()) {
@@ -188,15 +192,19 @@ proptest! {
         for p in &again.preemptions {
             prop_assert!(!stopping.contains(p.job_id.as_str()), "{} preempted twice", p.job_id);
         }
-        // Where preemption cannot happen (nothing pending outranks anything running) and nothing
-        // is stopping, the second pass changes nothing. KNOWN GAP: with preemption in play, a
-        // blocked high-priority job that finds no victims lets lower jobs fill room that a later
-        // pass may preempt; tracked in the scheduler issue.
-        let min_running = applied.running.iter().map(|r| r.priority).min().unwrap_or(u32::MAX);
-        let outranks = applied.pending.iter().any(|j| j.priority > min_running);
-        if !outranks && !s.running.iter().any(|r| r.stopping) {
+        // The second pass picks no new victim and places nothing, except where (KNOWN GAPS)
+        // - jobs were already stopping (cancelled, or preempted earlier): their room goes to
+        //   waiting jobs as it frees up, in an order that moves with queue shares;
+        // - the first pass chose victims: the second places into the room they free;
+        // - the first pass made a backfill reservation: it is recomputed each pass, and what the
+        //   first pass placed can move it, freeing a node another job then takes or preempts on.
+        let reserved = plan.waiting.iter().any(|w| w.estimated_start_ms.is_some());
+        let stopping = s.running.iter().any(|r| r.stopping);
+        if !stopping && !reserved {
             prop_assert!(again.preemptions.is_empty(), "preempted {:?} on the second pass", again.preemptions);
-            prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
+            if plan.preemptions.is_empty() {
+                prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
+            }
         }
     }
 
@@ -205,7 +213,7 @@ proptest! {
         let plan = schedule(&s);
         let after = apply(&s, &plan);
         for w in &plan.waiting {
-            let explained = ["reserved", "preempting", "stopping", "quota"].iter().any(|k| w.reason.contains(k));
+            let explained = ["reserved", "preempting", "stopping", "quota", "held"].iter().any(|k| w.reason.contains(k));
             if explained {
                 continue;
             }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Gpu, Node, RunningJob, gpu_matches, memory_bytes};
+use super::{Gpu, Node, NodeAssignment, gpu_matches, memory_bytes};
 use crate::spec::Resources;
 
 /// What is free on one node.
@@ -26,28 +26,16 @@ impl NodeFree {
             && (r.gpus == 0 || self.matching_free(node, r) >= r.gpus as usize)
     }
 
-    /// As if `job` had stopped: its rank on `node` gives back what it held.
-    pub fn release(&mut self, job: &RunningJob, node: &Node) {
-        for a in job.nodes.iter().filter(|a| a.node == node.name) {
-            self.cpus += job.resources.cpus;
-            self.memory += memory_bytes(&job.resources);
+    /// As if a job holding `nodes` with `r` per rank had stopped: its rank here gives back
+    /// what it held.
+    pub fn release(&mut self, r: &Resources, nodes: &[NodeAssignment], node: &Node) {
+        for a in nodes.iter().filter(|a| a.node == node.name) {
+            self.cpus += r.cpus;
+            self.memory += memory_bytes(r);
             for (i, g) in node.gpus.iter().enumerate() {
                 if a.gpu_uuids.contains(&g.uuid) {
                     self.gpus[i] = true;
                 }
-            }
-        }
-    }
-
-    /// As if a job placed in this pass had ended (its exact GPUs are not tracked here).
-    pub fn release_amount(&mut self, r: &Resources, node: &Node) {
-        self.cpus += r.cpus;
-        self.memory += memory_bytes(r);
-        let mut left = r.gpus;
-        for (i, g) in node.gpus.iter().enumerate() {
-            if left > 0 && !self.gpus[i] && g.healthy && gpu_matches(g, r) {
-                self.gpus[i] = true;
-                left -= 1;
             }
         }
     }

@@ -22,7 +22,7 @@
 mod index;
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use crate::spec::Resources;
 use index::FleetIndex;
@@ -82,6 +82,15 @@ pub struct RunningJob {
     pub max_duration_ms: Option<u64>,
     /// Already told to stop (preempted or cancelled): its resources free up soon.
     pub stopping: bool,
+    /// Preempted for a pending job: the room it frees on the claimed nodes is that job's alone.
+    pub stopping_for: Option<Claim>,
+}
+
+/// Nodes held for a pending job while the jobs preempted for it stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub job_id: String,
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +127,8 @@ pub struct NodeAssignment {
 pub struct Preemption {
     pub job_id: String,
     pub for_job: String,
+    /// The nodes held for `for_job` (record them with the victim: see [`RunningJob::stopping_for`]).
+    pub nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -162,9 +173,11 @@ struct Pass<'a> {
     total_cpus: f64,
     /// Running jobs on each node (indices into `snap.running`), for preemption and reservations.
     running_on: Vec<Vec<usize>>,
-    /// Jobs placed in this pass, with the node indices and their planned end.
-    placed_ends: Vec<(Vec<usize>, Option<u64>, Resources)>,
+    /// Jobs placed in this pass, for the reservation's what-if.
+    placed: Vec<PlacedNow>,
     victims: HashSet<usize>,
+    /// Nodes whose stopping jobs were preempted for a pending job: only that job may use them.
+    claims: HashMap<usize, &'a str>,
     /// Nodes kept for a higher-priority job waiting on its preemption victims: nothing else
     /// goes there in this pass.
     held: HashSet<usize>,
@@ -197,6 +210,15 @@ impl<'a> Pass<'a> {
                 min_victim_priority = Some(min_victim_priority.map_or(job.priority, |p| p.min(job.priority)));
             }
         }
+        let pending: HashSet<&str> = snap.pending.iter().map(|j| j.id.as_str()).collect();
+        let mut claims = HashMap::new();
+        for job in snap.running.iter().filter(|r| r.stopping) {
+            if let Some(claim) = job.stopping_for.as_ref().filter(|c| pending.contains(c.job_id.as_str())) {
+                for n in claim.nodes.iter().filter_map(|name| fleet.node_index(name)) {
+                    claims.insert(n, claim.job_id.as_str());
+                }
+            }
+        }
         let total_gpus = snap.nodes.iter().map(|n| n.gpus.len()).sum::<usize>().max(1) as f64;
         let total_cpus = snap.nodes.iter().map(|n| n.cpus).sum::<f64>().max(1.0);
         Pass {
@@ -206,8 +228,9 @@ impl<'a> Pass<'a> {
             total_gpus,
             total_cpus,
             running_on,
-            placed_ends: Vec::new(),
+            placed: Vec::new(),
             victims: HashSet::new(),
+            claims,
             held: HashSet::new(),
             reservation: None,
             min_victim_priority,
@@ -292,7 +315,7 @@ impl<'a> Pass<'a> {
         let usage = self.queues.get_mut(job.queue.as_str()).expect("queue known");
         usage.gpus += (r.gpus * r.nodes) as f64;
         usage.cpus += r.cpus * r.nodes as f64;
-        self.placed_ends.push((nodes, ends_at, r.clone()));
+        self.placed.push(PlacedNow { nodes, ends_at, resources: r.clone(), assignments: assignments.clone() });
         self.plan.placements.push(Placement { job_id: job.id.clone(), nodes: assignments });
     }
 
@@ -310,17 +333,24 @@ impl<'a> Pass<'a> {
         if self.reservation.as_ref().is_some_and(|res| res.job_id != job.id) {
             reason += "; nodes are reserved for a job ahead of it";
         }
+        let kept = |n: &usize| self.held.contains(n) || self.claims.get(n).is_some_and(|c| *c != job.id);
+        if (0..self.snap.nodes.len()).filter(kept).any(|n| self.fleet.fits_now(n, r)) {
+            reason += "; room it could use is held for a higher-priority job";
+        }
         // Stopping jobs' room goes to the first blocked job it suits, which keeps it.
         if self.any_stopping || self.min_victim_priority.is_some_and(|p| p < job.priority) {
             match self.preempt_for(job) {
                 Preempt::Victims(victims, nodes) => {
+                    let names: Vec<String> = nodes.iter().map(|&n| self.snap.nodes[n].name.clone()).collect();
                     self.held.extend(nodes);
                     let ids: Vec<String> = victims.iter().map(|&v| self.snap.running[v].id.clone()).collect();
                     for &v in &victims {
                         self.victims.insert(v);
-                        self.plan
-                            .preemptions
-                            .push(Preemption { job_id: self.snap.running[v].id.clone(), for_job: job.id.clone() });
+                        self.plan.preemptions.push(Preemption {
+                            job_id: self.snap.running[v].id.clone(),
+                            for_job: job.id.clone(),
+                            nodes: names.clone(),
+                        });
                     }
                     let reason = format!("preempting lower-priority job(s) {}", ids.join(", "));
                     return self.wait(job, reason, None);
@@ -353,10 +383,21 @@ impl<'a> Pass<'a> {
     /// resources would let it fit; then the `nodes` cheapest nodes.
     fn preempt_for(&self, job: &PendingJob) -> Preempt {
         let r = &job.resources;
+        // Nodes held for another preemptor, or reserved for a job ahead of this one, are not ours.
+        let usable = |n: usize| {
+            !self.held.contains(&n)
+                && self.claims.get(&n).is_none_or(|c| *c == job.id)
+                && self.reservation.as_ref().is_none_or(|res| res.job_id == job.id || !res.nodes.contains(&n))
+        };
+        // A victim with a rank on a node kept for another job would hand that job's room to this
+        // one once it stops: such jobs are not candidates.
+        let spans_others = |victim: &RunningJob| {
+            victim.nodes.iter().filter_map(|a| self.fleet.node_index(&a.node)).any(|n| !usable(n))
+        };
         let mut options: Vec<(Cost, usize, Vec<usize>)> = Vec::new();
         let mut stopping_would_do = Vec::new();
         for n in 0..self.snap.nodes.len() {
-            if !self.snap.nodes[n].schedulable {
+            if !self.snap.nodes[n].schedulable || !usable(n) {
                 continue;
             }
             let mut free = self.fleet.free_of(n);
@@ -365,16 +406,13 @@ impl<'a> Pass<'a> {
             for &j in &self.running_on[n] {
                 let running = &self.snap.running[j];
                 if running.stopping || self.victims.contains(&j) {
-                    stopping.release(running, &self.snap.nodes[n]);
-                } else if running.priority < job.priority {
+                    stopping.release(&running.resources, &running.nodes, &self.snap.nodes[n]);
+                } else if running.priority < job.priority && !spans_others(running) {
                     candidates.push(j);
                 }
             }
-            if stopping.fits(&self.snap.nodes[n], r) && !self.held.contains(&n) {
+            if stopping.fits(&self.snap.nodes[n], r) {
                 stopping_would_do.push(n);
-                continue;
-            }
-            if self.held.contains(&n) {
                 continue;
             }
             // Lowest priority first, then the fewest GPUs.
@@ -387,7 +425,7 @@ impl<'a> Pass<'a> {
                 if free.fits(&self.snap.nodes[n], r) {
                     break;
                 }
-                free.release(&self.snap.running[j], &self.snap.nodes[n]);
+                free.release(&self.snap.running[j].resources, &self.snap.running[j].nodes, &self.snap.nodes[n]);
                 chosen.push(j);
             }
             if !chosen.is_empty() && free.fits(&self.snap.nodes[n], r) {
@@ -404,14 +442,15 @@ impl<'a> Pass<'a> {
             return Preempt::AlreadyStopping(stopping_would_do);
         }
         options.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        // Nodes where it already fits need no victim; a gang takes those first.
-        let fitting_now = (0..self.snap.nodes.len()).filter(|&n| self.fleet.fits_now(n, r)).count();
-        let need = (r.nodes as usize).saturating_sub(fitting_now);
-        if need == 0 || options.len() < need {
+        // Nodes where it fits now (or once stopping jobs end) count; victims make up the rest,
+        // and all of them are held for it.
+        let need = r.nodes as usize - stopping_would_do.len();
+        if options.len() < need {
             return Preempt::No;
         }
         let chosen: Vec<(Cost, usize, Vec<usize>)> = options.into_iter().take(need).collect();
-        let nodes = chosen.iter().map(|c| c.1).collect();
+        let mut nodes = stopping_would_do;
+        nodes.extend(chosen.iter().map(|c| c.1));
         let mut victims: Vec<usize> = chosen.into_iter().flat_map(|(_, _, v)| v).collect();
         victims.sort();
         victims.dedup();
@@ -425,7 +464,9 @@ impl<'a> Pass<'a> {
         let now = self.snap.now_ms;
         let mut ready: Vec<(u64, usize)> = Vec::new();
         for n in 0..self.snap.nodes.len() {
-            if !self.snap.nodes[n].schedulable || !self.fleet.could_ever_fit(n, r) {
+            let claimed = self.claims.get(&n).is_some_and(|c| *c != job.id);
+            if !self.snap.nodes[n].schedulable || claimed || self.held.contains(&n) || !self.fleet.could_ever_fit(n, r)
+            {
                 continue;
             }
             let mut free = self.fleet.free_of(n);
@@ -440,11 +481,11 @@ impl<'a> Pass<'a> {
                 let Some(end) = end else { continue };
                 ends.push((end, NodeFreeDelta::Running(j)));
             }
-            for (p, (nodes, end, _)) in self.placed_ends.iter().enumerate() {
-                if nodes.contains(&n)
-                    && let Some(end) = end
+            for (p, placed) in self.placed.iter().enumerate() {
+                if placed.nodes.contains(&n)
+                    && let Some(end) = placed.ends_at
                 {
-                    ends.push((*end, NodeFreeDelta::Placed(p)));
+                    ends.push((end, NodeFreeDelta::Placed(p)));
                 }
             }
             ends.sort_by_key(|e| e.0);
@@ -455,8 +496,14 @@ impl<'a> Pass<'a> {
             }
             for (end, delta) in ends {
                 match delta {
-                    NodeFreeDelta::Running(j) => free.release(&self.snap.running[j], node),
-                    NodeFreeDelta::Placed(p) => free.release_amount(&self.placed_ends[p].2, node),
+                    NodeFreeDelta::Running(j) => {
+                        let rj = &self.snap.running[j];
+                        free.release(&rj.resources, &rj.nodes, node)
+                    }
+                    NodeFreeDelta::Placed(p) => {
+                        let placed = &self.placed[p];
+                        free.release(&placed.resources, &placed.assignments, node)
+                    }
                 }
                 if free.fits(node, r) {
                     ready.push((end, n));
@@ -475,6 +522,13 @@ impl<'a> Pass<'a> {
             nodes: chosen.iter().map(|c| c.1).collect(),
         })
     }
+}
+
+struct PlacedNow {
+    nodes: Vec<usize>,
+    ends_at: Option<u64>,
+    resources: Resources,
+    assignments: Vec<NodeAssignment>,
 }
 
 enum NodeFreeDelta {

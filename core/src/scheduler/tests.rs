@@ -43,6 +43,7 @@ fn running(id: &str, priority: u32, node: &str, gpu_idx: std::ops::Range<usize>)
         started_at_ms: 0,
         max_duration_ms: None,
         stopping: false,
+        stopping_for: None,
     }
 }
 
@@ -211,7 +212,10 @@ fn preemption_takes_the_fewest_gpus_of_the_lowest_priority() {
     };
     let plan = schedule(&s);
     assert!(plan.placements.is_empty(), "it waits for the victim to stop");
-    assert_eq!(plan.preemptions, [Preemption { job_id: "low-small".into(), for_job: "urgent".into() }]);
+    assert_eq!(
+        plan.preemptions,
+        [Preemption { job_id: "low-small".into(), for_job: "urgent".into(), nodes: vec!["b".into()] }]
+    );
     assert!(reason(&plan, "urgent").contains("preempting"));
 }
 
@@ -279,4 +283,25 @@ fn an_unreserved_node_still_takes_any_job() {
     let plan = schedule(&s);
     assert_eq!(placed(&plan), ["small"]);
     assert_eq!(plan.placements[0].nodes[0].node, "b");
+}
+
+#[test]
+fn a_reservation_counts_the_exact_gpus_jobs_placed_in_the_same_pass_free() {
+    let mut n0 = node("n0", 3);
+    n0.gpus[0].healthy = false;
+    let mut j3 = running("j3", 44, "n0", 1..2);
+    j3.max_duration_ms = Some(4_273_000);
+    let mut quick = job("quick", 56, 1, 1, 1);
+    quick.max_duration_ms = Some(1000);
+    let two = job("two", 17, 2, 2, 1);
+    let s = Snapshot {
+        now_ms: 3_134_959,
+        nodes: vec![n0],
+        running: vec![j3],
+        pending: vec![quick, two],
+        ..Default::default()
+    };
+    let plan = schedule(&s);
+    assert_eq!(placed(&plan), ["quick"]);
+    assert_eq!(plan.waiting[0].estimated_start_ms, Some(4_273_000), "{:?}", plan.waiting);
 }
