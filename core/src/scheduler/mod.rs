@@ -334,7 +334,10 @@ impl<'a> Pass<'a> {
             reason += "; nodes are reserved for a job ahead of it";
         }
         let kept = |n: &usize| self.held.contains(n) || self.claims.get(n).is_some_and(|c| *c != job.id);
-        if (0..self.snap.nodes.len()).filter(kept).any(|n| self.fleet.fits_now(n, r)) {
+        let any_kept = !self.held.is_empty() || !self.claims.is_empty();
+        if any_kept
+            && self.held.iter().chain(self.claims.keys()).filter(|n| kept(n)).any(|&n| self.fleet.fits_now(n, r))
+        {
             reason += "; room it could use is held for a higher-priority job";
         }
         // Stopping jobs' room goes to the first blocked job it suits, which keeps it.
