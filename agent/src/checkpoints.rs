@@ -90,6 +90,15 @@ impl Uploader {
             loop {
                 match self.upload(step, &path).await {
                     Ok(()) => break,
+                    Err(e) if !path.exists() => {
+                        // The job deleted it (keeping only its latest checkpoints): nothing to send.
+                        warn!(job = %self.job_id, step, error = %e, "checkpoint vanished before upload");
+                        break;
+                    }
+                    Err(Error::Rpc(s)) if !crate::logship::retryable(&s) => {
+                        warn!(job = %self.job_id, step, error = %s, "coordinator refused the checkpoint");
+                        break;
+                    }
                     Err(e) => {
                         warn!(job = %self.job_id, step, error = %e, "checkpoint upload failed; retrying");
                         tokio::time::sleep(backoff).await;

@@ -8,7 +8,7 @@ use gantry_proto::v1;
 use gantry_proto::v1::agents_client::AgentsClient;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
-use tracing::debug;
+use tracing::{debug, warn};
 
 const MAX_BATCH: usize = 1000;
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -69,12 +69,32 @@ impl LogShipper {
                     base += drop as u64;
                     backoff = Duration::from_millis(100);
                 }
-                Err(e) => {
+                Err(e) if retryable(&e) => {
                     debug!(job = %self.job_id, error = %e, "log upload failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
+                Err(e) => {
+                    // The coordinator refuses this batch for good (e.g. the job is gone): retrying
+                    // would hold the job's exit report forever.
+                    warn!(job = %self.job_id, error = %e, lines = pending.len(), "coordinator refused logs; dropping them");
+                    return;
+                }
             }
         }
     }
+}
+
+/// Failures that may pass: the coordinator is away, restarting, or busy.
+pub fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+    )
 }

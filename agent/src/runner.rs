@@ -193,6 +193,10 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
+/// The longest log line shipped; longer output is split so every batch stays under gRPC's
+/// message limit.
+const MAX_LINE: usize = 64 * 1024;
+
 async fn forward_lines(pipe: impl AsyncRead + Unpin, lines: mpsc::Sender<String>) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
@@ -201,11 +205,13 @@ async fn forward_lines(pipe: impl AsyncRead + Unpin, lines: mpsc::Sender<String>
         match reader.read_until(b'\n', &mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    buf.pop();
-                }
-                if lines.send(String::from_utf8_lossy(&buf).into_owned()).await.is_err() {
-                    return;
+                // A progress bar redraws with '\r': each redraw is a line of its own.
+                for piece in buf.split(|b| *b == b'\n' || *b == b'\r').filter(|p| !p.is_empty()) {
+                    for chunk in piece.chunks(MAX_LINE) {
+                        if lines.send(String::from_utf8_lossy(chunk).into_owned()).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         }

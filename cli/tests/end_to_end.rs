@@ -282,3 +282,38 @@ while true; do sleep 0.1; done
     assert_eq!(job["attempt"], 1, "a preemption is not a failed attempt: {job}");
     assert_eq!(fleet.json(&["checkpoints", &low])[0]["step"], 7);
 }
+
+#[test]
+fn a_gang_is_requeued_only_after_every_rank_of_the_failed_attempt_has_stopped() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    let marks = fleet.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Attempt 1: rank 1 fails at once; rank 0 takes a second to stop. Attempt 2 must start after.
+    let script = format!(
+        r#"
+if [ "$GANTRY_ATTEMPT" = 1 ]; then
+  if [ "$RANK" = 1 ]; then echo "rank 1 failing"; exit 1; fi
+  trap 'sleep 1; date +%s%N > {m}/attempt1-rank0-end; exit 143' TERM
+  while true; do sleep 0.1; done
+fi
+date +%s%N > {m}/attempt2-rank$RANK-start
+echo "attempt 2 rank $RANK of $WORLD_SIZE"
+"#,
+        m = marks.display()
+    );
+    let spec = format!(
+        "name: gang\nmax_restarts: 1\nresources: {{nodes: 2, cpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    let id = fleet.submit(&spec);
+    assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    assert_eq!(fleet.json(&["job", &id])["attempt"], 2);
+    let read = |name: &str| -> u128 { std::fs::read_to_string(marks.join(name)).unwrap().trim().parse().unwrap() };
+    let ended = read("attempt1-rank0-end");
+    for rank in 0..2 {
+        let started = read(&format!("attempt2-rank{rank}-start"));
+        assert!(started > ended, "rank {rank} of attempt 2 started before attempt 1 had stopped");
+    }
+}

@@ -56,11 +56,18 @@ impl CheckpointFiles {
     }
 
     pub fn begin(&self, header: CheckpointRecord) -> Result<Incoming> {
+        let mut seen = std::collections::HashSet::new();
         for f in &header.files {
             safe_relative(&f.path)?;
+            if !seen.insert(f.path.as_str()) {
+                return Err(Error::InvalidArgument(format!("checkpoint file `{}` is listed twice", f.path)));
+            }
         }
+        // Each upload its own directory: ranks may upload the same step at once.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let parent = self.root.join(&header.job_id).join("checkpoints");
-        let dir = parent.join(format!(".incoming-{}-{}-{}", header.step, header.attempt, std::process::id()));
+        let dir = parent.join(format!(".incoming-{}-{}-{}-{n}", header.step, header.attempt, std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(Error::io("creating the checkpoint directory"))?;
         Ok(Incoming { final_dir: self.step_dir(&header.job_id, header.step), dir, header, next_file: 0, current: None })
@@ -139,14 +146,19 @@ impl Incoming {
         while self.next_file < self.header.files.len() {
             self.finish_file()?;
         }
-        if self.final_dir.exists() {
-            // The same step uploaded again (an agent retrying after a reconnect): keep the first.
-            std::fs::remove_dir_all(&self.dir).map_err(Error::io("removing a duplicate upload"))?;
-        } else {
-            std::fs::rename(&self.dir, &self.final_dir).map_err(Error::io("committing the checkpoint"))?;
-            if let Some(parent) = self.final_dir.parent() {
-                std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(Error::io("syncing checkpoints"))?;
+        // Renaming onto a step directory that exists fails (it is never empty): the same step
+        // uploaded again (a retry, another rank) leaves the first in place, and the caller keeps
+        // the first record.
+        match std::fs::rename(&self.dir, &self.final_dir) {
+            Ok(()) => {
+                if let Some(parent) = self.final_dir.parent() {
+                    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(Error::io("syncing checkpoints"))?;
+                }
             }
+            Err(_) if self.final_dir.exists() => {
+                std::fs::remove_dir_all(&self.dir).map_err(Error::io("removing a duplicate upload"))?;
+            }
+            Err(e) => return Err(Error::io("committing the checkpoint")(e)),
         }
         let mut record = self.header.clone();
         record.bytes = record.files.iter().map(|f| f.size).sum();
@@ -204,6 +216,28 @@ mod tests {
         up.chunk("a.bin", 0, b"jello").unwrap();
         assert!(matches!(up.finish(), Err(Error::DataLoss(_))));
         assert!(!files.step_dir("1", 10).exists());
+    }
+
+    #[test]
+    fn a_second_upload_of_a_step_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CheckpointFiles::new(dir.path().to_path_buf());
+        let mut first = files.begin(header(vec![file("a", b"one")])).unwrap();
+        let mut second = files.begin(header(vec![file("a", b"two")])).unwrap();
+        first.chunk("a", 0, b"one").unwrap();
+        second.chunk("a", 0, b"two").unwrap();
+        first.finish().unwrap();
+        second.finish().unwrap();
+        assert_eq!(std::fs::read(files.step_dir("1", 10).join("a")).unwrap(), b"one");
+        let leftovers = std::fs::read_dir(dir.path().join("1/checkpoints")).unwrap().count();
+        assert_eq!(leftovers, 1, "no incoming directory left behind");
+    }
+
+    #[test]
+    fn a_file_listed_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CheckpointFiles::new(dir.path().to_path_buf());
+        assert!(files.begin(header(vec![file("a", b"x"), file("a", b"x")])).is_err());
     }
 
     #[test]

@@ -235,17 +235,8 @@ impl Coordinator {
         }
         let held: BTreeMap<(String, u32, u32), v1::JobReport> =
             first.jobs.iter().map(|r| ((r.job_id.clone(), r.attempt, r.rank), r.clone())).collect();
-        let session = {
-            let mut fleet = self.fleet();
-            let id = fleet.next_session_id();
-            let agent = fleet.agents.get_mut(name).expect("checked above");
-            agent.session = Some(Session { id, tx: tx.clone() });
-            agent.last_seen = Instant::now();
-            if let Some(inv) = first.inventory.clone() {
-                agent.inventory = inv;
-            }
-            id
-        };
+        // Reconcile while the node is still unschedulable, so nothing placed on it now can be
+        // mistaken for a job it lost.
         for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
             let Some(attempt) = job.current_attempt() else { continue };
             for rank in attempt.placement.iter().filter(|r| r.node == name) {
@@ -261,6 +252,17 @@ impl Coordinator {
                 }
             }
         }
+        let session = {
+            let mut fleet = self.fleet();
+            let id = fleet.next_session_id();
+            let agent = fleet.agents.get_mut(name).expect("checked above");
+            agent.session = Some(Session { id, tx: tx.clone() });
+            agent.last_seen = Instant::now();
+            if let Some(inv) = first.inventory.clone() {
+                agent.inventory = inv;
+            }
+            id
+        };
         for report in first.jobs {
             self.job_report(name, report)?;
         }
@@ -289,7 +291,9 @@ impl Coordinator {
                 }
             }
         }
-        for report in hb.jobs.into_iter().filter(|r| r.phase == v1::job_report::Phase::Exited as i32) {
+        // Every report, not only exits: a running attempt the coordinator moved on from is
+        // stopped, and a stop the agent missed while away is sent again.
+        for report in hb.jobs {
             self.job_report(name, report)?;
         }
         Ok(())
@@ -323,6 +327,14 @@ impl Coordinator {
             if let Some(tx) = self.fleet().sender(name) {
                 let _ = tx.try_send(self.cancel_message(&job.id, report.attempt));
             }
+        } else if job.cancel_requested
+            || job.preempted_by.is_some()
+            || job.current_attempt().is_some_and(|a| !a.outcome.is_empty())
+        {
+            // Told to stop: repeated until it has, in case the agent was away when it was sent.
+            if let Some(tx) = self.fleet().sender(name) {
+                let _ = tx.try_send(self.cancel_message(&job.id, report.attempt));
+            }
         }
         Ok(())
     }
@@ -335,8 +347,10 @@ impl Coordinator {
         }
     }
 
-    /// Records that a rank ended (`code` None: it was lost). The attempt ends when every rank
-    /// exited 0 or any rank failed; the job then succeeds, fails, is cancelled or is requeued.
+    /// Records that a rank ended (`code` None: it was lost). The first failing rank decides the
+    /// attempt's outcome and the other ranks are stopped; the attempt ends only once every rank
+    /// has ended, so a requeued job never starts while ranks of its last attempt still run.
+    /// Idempotent: a rank's second report changes nothing.
     fn end_attempt(&self, id: &str, attempt: u32, rank: u32, code: Option<i32>, why: String) -> Result<()> {
         let now = now_ms();
         let mut stop_others = false;
@@ -347,47 +361,57 @@ impl Coordinator {
             let max_restarts = job.spec.max_restarts;
             let cancel = job.cancel_requested;
             let current = job.current_attempt_mut().expect("a running job has an attempt");
+            if current.rank_exits.contains_key(&rank) {
+                return false;
+            }
             current.rank_exits.insert(rank, code.unwrap_or(-1));
             let world = current.placement.len();
-            let all_ok = current.rank_exits.len() == world && current.rank_exits.values().all(|c| *c == 0);
-            let failed = code != Some(0);
-            if !(all_ok || failed) {
-                return true; // other ranks still running
+            if code != Some(0) && current.outcome.is_empty() {
+                current.outcome = why.clone();
+                current.exit_code = code;
+                current.lost = code.is_none();
+                stop_others = current.rank_exits.len() < world;
+            }
+            if current.rank_exits.len() < world {
+                return true; // other ranks still running (or being stopped)
             }
             current.ended_at_ms = Some(now);
-            current.exit_code = code;
-            current.outcome = if all_ok { "succeeded".into() } else { why.clone() };
-            stop_others = failed && world > 1;
+            let all_ok = current.outcome.is_empty();
+            if all_ok {
+                current.outcome = "succeeded".into();
+                current.exit_code = Some(0);
+            }
+            let (lost, outcome) = (current.lost, current.outcome.clone());
             if cancel {
                 job.state = JobState::Cancelled;
                 job.message = "cancelled".into();
-            } else if all_ok {
-                job.state = JobState::Succeeded;
-                job.message.clear();
-                job.preempted_by = None;
             } else if let Some(by) = job.preempted_by.take() {
-                // Whatever the exit, a preempted run is requeued and is not a failed attempt.
+                // Whatever the exit (a job may save and exit 0 on SIGTERM), a preempted run is
+                // requeued and is not a failed attempt.
                 job.preemptions += 1;
+                job.preempted_for_nodes.clear();
                 job.state = JobState::Queued;
                 job.message = format!("preempted by job {by}; requeued to resume from its latest checkpoint");
                 return true;
-            } else if code.is_none() || job.user_attempt() <= max_restarts {
-                // Lost nodes do not count against max_restarts; failures do.
+            } else if all_ok {
+                job.state = JobState::Succeeded;
+                job.message.clear();
+            } else if lost || job.user_attempt() <= max_restarts {
+                // Lost nodes do not make a job fail; failures count against max_restarts.
                 job.state = JobState::Queued;
-                job.message = format!("attempt {attempt} ended ({why}); requeued");
+                job.message = format!("attempt {attempt} ended ({outcome}); requeued");
                 return true;
             } else {
                 job.state = JobState::Failed;
-                job.message = format!("{why} (attempt {attempt} of {})", max_restarts + 1);
+                job.message = format!("{outcome} (attempt {attempt} of {})", max_restarts + 1);
             }
             job.ended_at_ms = Some(now);
             true
         })?;
         if let Some(job) = updated {
-            info!(job = %id, attempt, rank, state = ?job.state, reason = %why, "attempt ended");
+            info!(job = %id, attempt, rank, state = ?job.state, reason = %why, "rank ended");
             if stop_others {
-                // `stop_ranks` reads the attempt's placement, unchanged by a requeue.
-                self.stop_ranks(&job, Some(rank));
+                self.stop_ranks(&job, None);
             }
             self.changed();
         }
@@ -406,12 +430,12 @@ impl Coordinator {
         let grace_over = self.started.elapsed() > timeout;
         for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
             let Some(attempt) = job.current_attempt() else { continue };
-            let gone = attempt.placement.iter().find(|r| {
+            let gone = attempt.placement.iter().filter(|r| {
                 !attempt.rank_exits.contains_key(&r.rank)
                     && (lost.contains(&r.node) || (grace_over && !known.contains(&r.node)))
             });
-            if let Some(rank) = gone {
-                warn!(job = %job.id, agent = %rank.node, "agent lost; requeueing its job");
+            for rank in gone {
+                warn!(job = %job.id, agent = %rank.node, "agent lost; ending its rank");
                 self.end_attempt(&job.id, job.attempt, rank.rank, None, format!("agent {} lost", rank.node))?;
             }
         }
@@ -532,7 +556,8 @@ impl Coordinator {
                             .collect(),
                         started_at_ms: attempt.started_at_ms.max(0) as u64,
                         max_duration_ms: max_duration_ms(job),
-                        stopping: job.cancel_requested || job.preempted_by.is_some(),
+                        // Cancelled, preempted, or ending after a rank failed.
+                        stopping: job.cancel_requested || job.preempted_by.is_some() || !attempt.outcome.is_empty(),
                         stopping_for: job
                             .preempted_by
                             .clone()
@@ -617,6 +642,10 @@ impl Coordinator {
     // ---- checkpoints --------------------------------------------------------------------------
 
     pub fn commit_checkpoint(&self, record: CheckpointRecord) -> Result<CheckpointRecord> {
+        // A step already recorded keeps its first record: its files are the ones on disk.
+        if let Some(existing) = self.store.checkpoints(&record.job_id)?.into_iter().find(|c| c.step == record.step) {
+            return Ok(existing);
+        }
         let mut record = record;
         record.committed_at_ms = now_ms();
         self.store.put_checkpoint(&record)?;

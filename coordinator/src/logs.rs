@@ -10,6 +10,9 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
+/// The most lines a batch may say were lost before it (a bound on what a client can make us write).
+const MAX_GAP: u64 = 100_000;
+
 pub struct LogStore {
     root: PathBuf,
     /// Lines held per (job, attempt, rank); counted from the file on first use. A std mutex:
@@ -53,6 +56,11 @@ impl LogStore {
             Some(n) => *n,
             None => count_lines(&path)?,
         };
+        if first_seq > next + MAX_GAP {
+            return Err(Error::InvalidArgument(format!(
+                "log batch starts at line {first_seq}, but only {next} lines are held: resend from {next}"
+            )));
+        }
         // Lines before `first_seq` that never arrived (lost with a crashed coordinator's page cache;
         // the agent has dropped them) are marked, so line numbers stay sequence numbers.
         let lost = first_seq.saturating_sub(next);

@@ -73,6 +73,9 @@ pub struct AttemptRecord {
     pub ended_at_ms: Option<i64>,
     pub exit_code: Option<i32>,
     pub outcome: String,
+    /// The attempt ended because a node was lost (not counted against max_restarts).
+    #[serde(default)]
+    pub lost: bool,
     /// Exit status of each rank that has ended: rank -> exit code (negative: killed by signal).
     pub rank_exits: BTreeMap<u32, i32>,
 }

@@ -136,6 +136,7 @@ impl Store {
                 ended_at_ms: None,
                 exit_code: None,
                 outcome: String::new(),
+                lost: false,
                 rank_exits: Default::default(),
             });
             true
