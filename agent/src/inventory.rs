@@ -14,6 +14,8 @@ use tracing::{info, warn};
 pub struct Inventory {
     nvml: Option<Nvml>,
     base: v1::Inventory,
+    /// The GPUs as last read, by index: a GPU that stops answering stays listed, unhealthy.
+    last: std::sync::Mutex<Vec<v1::GpuInfo>>,
 }
 
 impl Inventory {
@@ -29,10 +31,11 @@ impl Inventory {
         let default = std::ffi::OsStr::new("libnvidia-ml.so.1");
         builder.lib_path(lib.map(|p| p.as_os_str()).unwrap_or(default));
         let mut inv = match builder.init() {
-            Ok(nvml) => Inventory { nvml: Some(nvml), base },
+            Ok(nvml) => Inventory { nvml: Some(nvml), base, last: Default::default() },
             Err(e) => {
                 info!(error = %e, "no NVIDIA library: offering CPU only");
-                Inventory { nvml: None, base: v1::Inventory { nvml_error: e.to_string(), ..base } }
+                let base = v1::Inventory { nvml_error: e.to_string(), ..base };
+                Inventory { nvml: None, base, last: Default::default() }
             }
         };
         if let Some(nvml) = &inv.nvml {
@@ -45,13 +48,15 @@ impl Inventory {
     pub fn read(&self) -> v1::Inventory {
         let mut out = self.base.clone();
         if let Some(nvml) = &self.nvml {
-            out.gpus = read_gpus(nvml);
+            let mut last = self.last.lock().expect("inventory lock poisoned");
+            out.gpus = read_gpus(nvml, &last);
+            *last = out.gpus.clone();
         }
         out
     }
 }
 
-fn read_gpus(nvml: &Nvml) -> Vec<v1::GpuInfo> {
+fn read_gpus(nvml: &Nvml, last: &[v1::GpuInfo]) -> Vec<v1::GpuInfo> {
     let count = match nvml.device_count() {
         Ok(n) => n,
         Err(e) => {
@@ -61,14 +66,29 @@ fn read_gpus(nvml: &Nvml) -> Vec<v1::GpuInfo> {
     };
     let mut gpus = Vec::new();
     for index in 0..count {
-        let device = match nvml.device_by_index(index) {
-            Ok(d) => d,
+        let opened = nvml.device_by_index(index).and_then(|d| d.uuid().map(|uuid| (d, uuid)));
+        let (device, uuid) = match opened {
+            Ok(found) => found,
             Err(e) => {
-                warn!(index, error = %e, "NVML could not open a GPU");
+                // A GPU known before that no longer answers (lost, fallen off the bus) stays in
+                // the inventory, unhealthy, so nothing more is placed on it and people see why.
+                if let Some(known) = last.get(index as usize) {
+                    warn!(index, uuid = %known.uuid, error = %e, "GPU stopped answering");
+                    gpus.push(v1::GpuInfo {
+                        healthy: false,
+                        health_reason: format!("NVML: {e}"),
+                        utilization_percent: None,
+                        temperature_c: None,
+                        power_mw: None,
+                        memory_used_bytes: None,
+                        ..known.clone()
+                    });
+                } else {
+                    warn!(index, error = %e, "NVML could not open a GPU");
+                }
                 continue;
             }
         };
-        let Ok(uuid) = device.uuid() else { continue };
         let memory = device.memory_info().ok();
         gpus.push(v1::GpuInfo {
             uuid,

@@ -77,9 +77,14 @@ impl Fleet {
     }
 
     pub fn start_agent(&mut self, name: &str) {
+        self.start_agent_with(name, &[]);
+    }
+
+    pub fn start_agent_with(&mut self, name: &str, extra: &[&str]) {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(GANTRY)
             .args(["agent", "--coordinator", &self.url(), "--name", name])
+            .args(extra)
             .arg("--work-dir")
             .arg(self.work_dir(name))
             .stdout(Stdio::null())
@@ -206,4 +211,35 @@ pub fn processes_in_group(pgid: i32) -> Vec<i32> {
 pub fn sha256_file(path: &Path) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// A private copy of the fake NVML library (built once per test process, in its own target
+/// directory so it never waits on the build lock of the `cargo test` that runs us), with
+/// `devices` as its devices.json. Returns the library's path.
+pub fn fake_nvml(dir: &Path, devices: &serde_json::Value) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let target = repo_root().join("target/fake-nvml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "gantry-fake-nvml", "--target-dir"])
+            .arg(&target)
+            .current_dir(repo_root())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the fake NVML library failed");
+        target.join("debug/libgantry_fake_nvml.so")
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    let lib = dir.join("libnvidia-ml.so.1");
+    std::fs::copy(built, &lib).unwrap();
+    set_devices(dir, devices);
+    lib
+}
+
+/// Rewrites the fake library's devices.json (atomically: the agent may be reading it).
+pub fn set_devices(dir: &Path, devices: &serde_json::Value) {
+    let tmp = dir.join("devices.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(devices).unwrap()).unwrap();
+    std::fs::rename(tmp, dir.join("devices.json")).unwrap();
 }

@@ -1,0 +1,218 @@
+//! A fake `libnvidia-ml.so.1` for tests. It exports the NVML C functions the agent calls and
+//! answers from `devices.json` in the library's own directory, read on every call, so a test can
+//! change a GPU while the agent runs. Copy the library into a directory of its own per test.
+//!
+//! A field missing from the file answers NVML_ERROR_NOT_SUPPORTED; a device with `"lost": true`
+//! answers NVML_ERROR_GPU_IS_LOST. Nothing here may panic across `extern "C"`.
+
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::ffi::{CStr, c_char, c_uint, c_void};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+type Ret = c_uint;
+const SUCCESS: Ret = 0;
+const INVALID_ARGUMENT: Ret = 2;
+const NOT_SUPPORTED: Ret = 3;
+const INSUFFICIENT_SIZE: Ret = 7;
+const GPU_IS_LOST: Ret = 15;
+const UNKNOWN: Ret = 999;
+
+#[derive(Deserialize, Default)]
+struct Fleet {
+    #[serde(default)]
+    driver: Option<String>,
+    #[serde(default)]
+    devices: Vec<Device>,
+}
+
+#[derive(Deserialize, Clone)]
+struct Device {
+    uuid: String,
+    name: String,
+    memory_total_bytes: u64,
+    memory_used_bytes: Option<u64>,
+    utilization_percent: Option<u32>,
+    temperature_c: Option<u32>,
+    power_mw: Option<u32>,
+    #[serde(default)]
+    lost: bool,
+}
+
+/// The file beside this library, found through the library's own path.
+fn devices_file() -> Option<PathBuf> {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address of one of our own functions.
+    let found = unsafe { libc::dladdr(nvmlInit_v2 as *const c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dladdr returned a NUL-terminated path.
+    let path = unsafe { CStr::from_ptr(info.dli_fname) }.to_str().ok()?;
+    Some(PathBuf::from(path).parent()?.join("devices.json"))
+}
+
+fn fleet() -> Option<Fleet> {
+    let text = std::fs::read_to_string(devices_file()?).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Runs `f` with the device behind `handle` (index + 1), catching any panic.
+fn with_device(handle: *mut c_void, f: impl FnOnce(&Device) -> Ret) -> Ret {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let index = (handle as usize).wrapping_sub(1);
+        let Some(fleet) = fleet() else { return UNKNOWN };
+        match fleet.devices.get(index) {
+            Some(d) if d.lost => GPU_IS_LOST,
+            Some(d) => f(d),
+            None => INVALID_ARGUMENT,
+        }
+    }))
+    .unwrap_or(UNKNOWN)
+}
+
+fn write_str(text: &str, buf: *mut c_char, len: c_uint) -> Ret {
+    if buf.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() + 1 > len as usize {
+        return INSUFFICIENT_SIZE;
+    }
+    // SAFETY: the caller gave a buffer of `len` bytes; we write at most len - 1 plus a NUL.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, bytes.len());
+        *buf.add(bytes.len()) = 0;
+    }
+    SUCCESS
+}
+
+fn write_u32(value: Option<u32>, out: *mut c_uint) -> Ret {
+    match value {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(v) => {
+            // SAFETY: checked non-null; the caller owns the target.
+            unsafe { *out = v };
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlInit_v2() -> Ret {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> Ret {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlShutdown() -> Ret {
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlErrorString(_result: Ret) -> *const c_char {
+    c"fake NVML error".as_ptr()
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(buf: *mut c_char, len: c_uint) -> Ret {
+    std::panic::catch_unwind(|| {
+        let driver = fleet().and_then(|f| f.driver).unwrap_or_else(|| "fake".into());
+        write_str(&driver, buf, len)
+    })
+    .unwrap_or(UNKNOWN)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> Ret {
+    std::panic::catch_unwind(|| write_u32(Some(fleet().map_or(0, |f| f.devices.len() as u32)), count))
+        .unwrap_or(UNKNOWN)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, handle: *mut *mut c_void) -> Ret {
+    if handle.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let count = std::panic::catch_unwind(|| fleet().map_or(0, |f| f.devices.len())).unwrap_or(0);
+    if index as usize >= count {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null. Handles are index + 1, never dereferenced.
+    unsafe { *handle = (index as usize + 1) as *mut c_void };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(handle: *mut c_void, buf: *mut c_char, len: c_uint) -> Ret {
+    with_device(handle, |d| write_str(&d.uuid, buf, len))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetName(handle: *mut c_void, buf: *mut c_char, len: c_uint) -> Ret {
+    with_device(handle, |d| write_str(&d.name, buf, len))
+}
+
+/// nvmlMemory_v2_t: version, total, reserved, free, used.
+#[repr(C)]
+pub struct MemoryV2 {
+    version: c_uint,
+    total: u64,
+    reserved: u64,
+    free: u64,
+    used: u64,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(handle: *mut c_void, out: *mut MemoryV2) -> Ret {
+    with_device(handle, |d| {
+        if out.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        let used = d.memory_used_bytes.unwrap_or(0);
+        // SAFETY: checked non-null; the caller set `version` and owns the struct.
+        unsafe {
+            (*out).total = d.memory_total_bytes;
+            (*out).reserved = 0;
+            (*out).used = used;
+            (*out).free = d.memory_total_bytes.saturating_sub(used);
+        }
+        SUCCESS
+    })
+}
+
+#[repr(C)]
+pub struct Utilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(handle: *mut c_void, out: *mut Utilization) -> Ret {
+    with_device(handle, |d| match d.utilization_percent {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(u) => {
+            // SAFETY: checked non-null.
+            unsafe { *out = Utilization { gpu: u, memory: u } };
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTemperature(handle: *mut c_void, _sensor: c_uint, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.temperature_c, out))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(handle: *mut c_void, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.power_mw, out))
+}
