@@ -75,3 +75,76 @@ fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
     assert_eq!(job["state"], "queued");
     assert!(job["pending_reason"].as_str().unwrap().contains("the most on one node is 1"), "{job}");
 }
+
+#[test]
+fn prometheus_scrapes_dcgm_named_gpu_metrics_from_the_coordinator() {
+    let mut fleet = Fleet::start();
+    let nvml_dir = fleet.dir.path().join("nvml");
+    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 42), h100(1, 17)]}));
+    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
+    fleet.wait_for_nodes(2);
+
+    let (code, text) = support::http_get(fleet.http, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(text.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\",UUID=\"GPU-fake-0\""), "{text}");
+    assert!(text.contains("gantry_jobs{state=\"queued\"} 0"), "{text}");
+
+    let prometheus = support::Prometheus::start(fleet.http);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let result = loop {
+        let r = prometheus.query("DCGM_FI_DEV_GPU_UTIL");
+        if r.len() == 2 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "Prometheus did not scrape the GPU metrics: {r:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let mut seen: Vec<(String, String, String)> = result
+        .iter()
+        .map(|s| {
+            let m = &s["metric"];
+            (
+                m["UUID"].as_str().unwrap().into(),
+                m["Hostname"].as_str().unwrap().into(),
+                s["value"][1].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("GPU-fake-0".into(), "gpu-node".into(), "42".into()), ("GPU-fake-1".into(), "gpu-node".into(), "17".into())]
+    );
+}
+
+#[test]
+fn a_job_on_a_gpu_that_turns_unhealthy_is_stopped_and_requeued_on_a_healthy_one() {
+    let mut fleet = Fleet::start();
+    let nvml_dir = fleet.dir.path().join("nvml");
+    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 0), h100(1, 0)]}));
+    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
+    fleet.wait_for_nodes(2);
+    let script =
+        r#"echo "on=$CUDA_VISIBLE_DEVICES"; trap 'echo stopping; exit 143' TERM; while true; do sleep 0.1; done"#;
+    let id = fleet.submit(&format!(
+        "name: long\nresources: {{gpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    ));
+    let mut first = String::new();
+    wait_for("the job to start", || {
+        first = fleet.ok(&["logs", &id]).lines().find_map(|l| l.strip_prefix("on=")).unwrap_or("").to_string();
+        !first.is_empty()
+    });
+    let (bad, good) = if first == "GPU-fake-0" { (0, 1) } else { (1, 0) };
+    let mut lost = h100(bad, 0);
+    lost["lost"] = json!(true);
+    let devices = if bad == 0 { json!([lost, h100(1, 0)]) } else { json!([h100(0, 0), lost]) };
+    set_devices(&nvml_dir, &json!({ "devices": devices }));
+    wait_for("the job to run on the healthy GPU", || fleet.ok(&["logs", &id]).contains(&format!("on=GPU-fake-{good}")));
+    let logs = fleet.ok(&["logs", &id]);
+    assert!(logs.contains("stopping"), "the job had its SIGTERM: {logs}");
+    let job = fleet.json(&["job", &id]);
+    assert_eq!(job["state"], "running");
+    assert_eq!(job["attempt"], 1, "an unhealthy GPU is not the job's failure: {job}");
+    fleet.ok(&["cancel", &id]);
+}

@@ -54,6 +54,7 @@ pub struct Coordinator {
     /// Ticks whenever a job changes state: log followers wait on it.
     jobs_changed: watch::Sender<u64>,
     started: Instant,
+    placements: std::sync::atomic::AtomicU64,
 }
 
 pub fn now_ms() -> i64 {
@@ -89,6 +90,7 @@ impl Coordinator {
             wake: Notify::new(),
             jobs_changed: watch::channel(0).0,
             started: Instant::now(),
+            placements: Default::default(),
         })
     }
 
@@ -159,6 +161,28 @@ impl Coordinator {
         }
     }
 
+    /// A job on a GPU that turned unhealthy is stopped with its grace period (time to
+    /// checkpoint) and requeued elsewhere; it does not count as a failed attempt.
+    fn stop_jobs_on_unhealthy_gpus(&self, node: &str, unhealthy: &[(String, String)]) -> Result<()> {
+        for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
+            if job.cancel_requested || job.preempted_by.is_some() {
+                continue;
+            }
+            let Some(attempt) = job.current_attempt() else { continue };
+            let hit = attempt
+                .placement
+                .iter()
+                .filter(|r| r.node == node)
+                .flat_map(|r| r.gpu_uuids.iter())
+                .find_map(|uuid| unhealthy.iter().find(|(u, _)| u == uuid));
+            if let Some((uuid, reason)) = hit {
+                warn!(job = %job.id, gpu = %uuid, reason = %reason, "GPU unhealthy: stopping its job to requeue it");
+                self.preempt(&job.id, &format!("GPU {uuid} unhealthy ({reason})"), &[])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops a running job so a higher-priority one can run; it returns to the queue and
     /// resumes from its latest checkpoint, without counting as a failed attempt.
     fn preempt(&self, id: &str, for_job: &str, nodes: &[String]) -> Result<()> {
@@ -186,6 +210,34 @@ impl Coordinator {
                 grace_period_ms: self.settings.grace_period.as_millis() as u64,
             })),
         }
+    }
+
+    /// Every GPU of the fleet with its node and the running job on it (if any).
+    pub fn gpus(&self) -> Result<Vec<(String, v1::GpuInfo, Option<String>)>> {
+        let mut on_gpu = HashMap::new();
+        for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
+            for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
+                for uuid in &rank.gpu_uuids {
+                    on_gpu.insert(uuid.clone(), job.id.clone());
+                }
+            }
+        }
+        Ok(self
+            .nodes()
+            .into_iter()
+            .flat_map(|(node, _, inventory, _)| {
+                let on_gpu = &on_gpu;
+                inventory.gpus.into_iter().map(move |g| {
+                    let job = on_gpu.get(&g.uuid).cloned();
+                    (node.clone(), g, job)
+                })
+            })
+            .collect())
+    }
+
+    /// Jobs placed since this coordinator started.
+    pub fn placements(&self) -> u64 {
+        self.placements.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn waiting(&self, id: &str) -> Option<scheduler::Waiting> {
@@ -282,6 +334,13 @@ impl Coordinator {
     }
 
     pub fn heartbeat(&self, name: &str, hb: v1::Heartbeat) -> Result<()> {
+        let unhealthy: Vec<(String, String)> = hb
+            .inventory
+            .as_ref()
+            .map(|inv| {
+                inv.gpus.iter().filter(|g| !g.healthy).map(|g| (g.uuid.clone(), g.health_reason.clone())).collect()
+            })
+            .unwrap_or_default();
         {
             let mut fleet = self.fleet();
             if let Some(agent) = fleet.agents.get_mut(name) {
@@ -290,6 +349,9 @@ impl Coordinator {
                     agent.inventory = inv;
                 }
             }
+        }
+        if !unhealthy.is_empty() {
+            self.stop_jobs_on_unhealthy_gpus(name, &unhealthy)?;
         }
         // Every report, not only exits: a running attempt the coordinator moved on from is
         // stopped, and a stop the agent missed while away is sent again.
@@ -391,7 +453,8 @@ impl Coordinator {
                 job.preemptions += 1;
                 job.preempted_for_nodes.clear();
                 job.state = JobState::Queued;
-                job.message = format!("preempted by job {by}; requeued to resume from its latest checkpoint");
+                let why = if by.starts_with("GPU ") { by } else { format!("preempted by job {by}") };
+                job.message = format!("{why}; requeued to resume from its latest checkpoint");
                 return true;
             } else if all_ok {
                 job.state = JobState::Succeeded;
@@ -495,6 +558,7 @@ impl Coordinator {
             let Some(started) = self.store.start_attempt(&job.id, versions[&job.id], ranks.clone(), now_ms())? else {
                 continue; // changed since the snapshot: the next pass sees it fresh
             };
+            self.placements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             info!(job = %started.id, attempt = started.attempt, nodes = ?ranks.iter().map(|r| &r.node).collect::<Vec<_>>(), "job placed");
             self.send_assignments(&started, &ranks, resume);
             self.changed();

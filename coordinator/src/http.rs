@@ -24,12 +24,18 @@ async fn healthz(State(c): State<Arc<Coordinator>>) -> (StatusCode, &'static str
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> (StatusCode, String) {
-    let jobs = match c.store.jobs() {
-        Ok(jobs) => jobs,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")),
-    };
+    match render_metrics(&c) {
+        Ok(text) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")),
+    }
+}
+
+/// Prometheus text format. GPU metrics use DCGM-exporter's names and units, so dashboards built
+/// for DCGM work unchanged; labels name the GPU, its node and the job on it.
+fn render_metrics(c: &Coordinator) -> crate::Result<String> {
+    let jobs = c.store.jobs()?;
     let mut out = String::new();
-    out.push_str("# HELP gantry_jobs Jobs by state.\n# TYPE gantry_jobs gauge\n");
+    header(&mut out, "gantry_jobs", "gauge", "Jobs by state.");
     for (state, name) in [
         (JobState::Queued, "queued"),
         (JobState::Running, "running"),
@@ -40,10 +46,69 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> (StatusCode, String) {
         let n = jobs.iter().filter(|j| j.state == state).count();
         let _ = writeln!(out, "gantry_jobs{{state=\"{name}\"}} {n}");
     }
+    header(&mut out, "gantry_queue_depth", "gauge", "Queued jobs per queue.");
+    let mut depth: std::collections::BTreeMap<&str, usize> = Default::default();
+    for j in jobs.iter().filter(|j| j.state == JobState::Queued) {
+        *depth.entry(j.spec.queue.as_str()).or_default() += 1;
+    }
+    for (queue, n) in depth {
+        let _ = writeln!(out, "gantry_queue_depth{{queue=\"{}\"}} {n}", escape(queue));
+    }
+    header(&mut out, "gantry_oldest_pending_seconds", "gauge", "How long the oldest queued job has waited.");
+    let now = crate::control::now_ms();
+    let oldest =
+        jobs.iter().filter(|j| j.state == JobState::Queued).map(|j| now - j.submitted_at_ms).max().unwrap_or(0);
+    let _ = writeln!(out, "gantry_oldest_pending_seconds {}", oldest.max(0) as f64 / 1000.0);
+    header(&mut out, "gantry_placements_total", "counter", "Jobs placed since the coordinator started.");
+    let _ = writeln!(out, "gantry_placements_total {}", c.placements());
+
     let nodes = c.nodes();
-    out.push_str("# HELP gantry_agents_connected Agents with an open session.\n# TYPE gantry_agents_connected gauge\n");
+    header(&mut out, "gantry_agents_connected", "gauge", "Agents with an open session.");
     let _ = writeln!(out, "gantry_agents_connected {}", nodes.iter().filter(|n| n.1).count());
-    out.push_str("# HELP gantry_gpus GPUs reported by agents.\n# TYPE gantry_gpus gauge\n");
-    let _ = writeln!(out, "gantry_gpus {}", nodes.iter().map(|n| n.2.gpus.len()).sum::<usize>());
-    (StatusCode::OK, out)
+
+    let gpus = c.gpus()?;
+    let label = |node: &str, g: &gantry_proto::v1::GpuInfo, job: &Option<String>| {
+        format!(
+            "gpu=\"{}\",UUID=\"{}\",modelName=\"{}\",Hostname=\"{}\",job=\"{}\"",
+            g.index,
+            escape(&g.uuid),
+            escape(&g.name),
+            escape(node),
+            escape(job.as_deref().unwrap_or(""))
+        )
+    };
+    type Field = fn(&gantry_proto::v1::GpuInfo) -> Option<f64>;
+    let fields: [(&str, &str, Field); 5] = [
+        ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |g| g.utilization_percent.map(f64::from)),
+        ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", |g| {
+            g.memory_used_bytes.map(|b| (b / (1 << 20)) as f64)
+        }),
+        ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", |g| {
+            g.memory_used_bytes.map(|b| (g.memory_total_bytes.saturating_sub(b) / (1 << 20)) as f64)
+        }),
+        ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", |g| g.temperature_c.map(f64::from)),
+        ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", |g| g.power_mw.map(|p| p as f64 / 1000.0)),
+    ];
+    for (name, help, value) in fields {
+        header(&mut out, name, "gauge", help);
+        for (node, g, job) in &gpus {
+            // A field the GPU does not report is left out, not written as zero.
+            if let Some(v) = value(g) {
+                let _ = writeln!(out, "{name}{{{}}} {v}", label(node, g, job));
+            }
+        }
+    }
+    header(&mut out, "gantry_gpu_healthy", "gauge", "1 if the GPU takes new work, 0 if unhealthy.");
+    for (node, g, job) in &gpus {
+        let _ = writeln!(out, "gantry_gpu_healthy{{{}}} {}", label(node, g, job), u8::from(g.healthy));
+    }
+    Ok(out)
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

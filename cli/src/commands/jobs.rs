@@ -90,7 +90,8 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
         println!("estimated: starts in about {} (backfill reservation)", gantry_core::spec::format_duration(secs));
     }
     if let Some(by) = &view.preempted_by {
-        println!("preempted: stopping for job {by}; it will resume from its latest checkpoint");
+        let why = if by.starts_with("GPU ") { by.clone() } else { format!("preempted for job {by}") };
+        println!("stopping:  {why}; it will resume from its latest checkpoint");
     }
     if !view.message.is_empty() {
         println!("message:   {}", view.message);

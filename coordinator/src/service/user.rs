@@ -139,26 +139,11 @@ impl v1::gantry_server::Gantry for UserService {
     }
 
     async fn list_gpus(&self, _req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
-        let mut on_gpu = std::collections::HashMap::new();
-        for job in self.coordinator.store.jobs()?.iter().filter(|j| j.state == crate::records::JobState::Running) {
-            for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
-                for uuid in &rank.gpu_uuids {
-                    on_gpu.insert(uuid.clone(), job.id.clone());
-                }
-            }
-        }
         let gpus = self
             .coordinator
-            .nodes()
+            .gpus()?
             .into_iter()
-            .flat_map(|(node, _, inventory, _)| {
-                let on_gpu = &on_gpu;
-                inventory.gpus.into_iter().map(move |info| v1::Gpu {
-                    node: node.clone(),
-                    job_id: on_gpu.get(&info.uuid).cloned().unwrap_or_default(),
-                    info: Some(info),
-                })
-            })
+            .map(|(node, info, job)| v1::Gpu { node, job_id: job.unwrap_or_default(), info: Some(info) })
             .collect();
         Ok(Response::new(v1::ListGpusResponse { gpus }))
     }
