@@ -59,6 +59,10 @@ enum Command {
     Nodes,
     /// Every GPU of the fleet, with the job on it.
     Gpus,
+    /// Stop placing new jobs on a node; its running jobs carry on.
+    Drain { node: String },
+    /// Let a drained node take new jobs again.
+    Undrain { node: String },
     /// Replay a job trace through the scheduler in simulated time: FIFO against gantry's policy.
     Sim(commands::sim::SimArgs),
     /// Run gantry's training runtime in this process (what agents run for `train:` jobs).
@@ -117,5 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Nodes => runtime.block_on(commands::fleet::nodes(&url, json)).map(|_| 0),
         Command::Gpus => runtime.block_on(commands::fleet::gpus(&url, json)).map(|_| 0),
+        Command::Drain { node } => runtime.block_on(commands::fleet::drain(&url, &node, true, json)).map(|_| 0),
+        Command::Undrain { node } => runtime.block_on(commands::fleet::drain(&url, &node, false, json)).map(|_| 0),
     }
 }

@@ -141,6 +141,7 @@ pub struct GpuView {
 pub struct NodeView {
     pub name: String,
     pub connected: bool,
+    pub drained: bool,
     pub cpus: u32,
     pub cpus_used: f64,
     pub memory_bytes: u64,

@@ -317,3 +317,27 @@ echo "attempt 2 rank $RANK of $WORLD_SIZE"
         assert!(started > ended, "rank {rank} of attempt 2 started before attempt 1 had stopped");
     }
 }
+
+#[test]
+fn a_drained_node_keeps_its_jobs_and_takes_no_new_ones_until_undrained() {
+    let fleet = Fleet::start();
+    let ticker = r#"for i in $(seq 1 20); do echo "tick $i"; sleep 0.1; done"#;
+    let spec = format!("name: ticker\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(ticker).unwrap());
+    let running = fleet.submit(&spec);
+    fleet.wait_state(&running, &["running", "succeeded"], Duration::from_secs(30));
+    fleet.ok(&["drain", "node-a"]);
+    assert_eq!(fleet.json(&["nodes"])[0]["drained"], true);
+    let waiting = fleet.submit(&spec);
+    // The running job finishes; the new one waits, and says why.
+    assert_eq!(fleet.wait_state(&running, &["succeeded", "failed"], Duration::from_secs(30)), "succeeded");
+    std::thread::sleep(Duration::from_millis(1500));
+    let job = fleet.json(&["job", &waiting]);
+    assert_eq!(job["state"], "queued");
+    assert!(job["pending_reason"].as_str().unwrap().contains("drained"), "{job}");
+    fleet.ok(&["undrain", "node-a"]);
+    assert_eq!(fleet.wait_state(&waiting, &["succeeded", "failed"], Duration::from_secs(30)), "succeeded");
+    // An unknown node is a clear error.
+    let out = fleet.gantry(&["drain", "no-such-node"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node named no-such-node"));
+}

@@ -77,7 +77,13 @@ impl Coordinator {
             let inventory = prost::Message::decode(agent.inventory.as_slice()).unwrap_or_default();
             fleet.agents.insert(
                 agent.name.clone(),
-                AgentConn { inventory, addr: String::new(), last_seen: Instant::now(), session: None },
+                AgentConn {
+                    inventory,
+                    addr: String::new(),
+                    last_seen: Instant::now(),
+                    session: None,
+                    drained: agent.drained,
+                },
             );
         }
         Ok(Coordinator {
@@ -252,17 +258,37 @@ impl Coordinator {
             .collect()
     }
 
+    pub fn drained(&self, name: &str) -> bool {
+        self.fleet().agents.get(name).is_some_and(|a| a.drained)
+    }
+
+    /// Drains (or undrains) a node: it keeps its running jobs and receives nothing new.
+    pub fn drain(&self, name: &str, drained: bool) -> Result<()> {
+        if !self.store.set_drained(name, drained)? {
+            return Err(Error::NotFound(format!("no node named {name} (see gantry nodes)")));
+        }
+        if let Some(agent) = self.fleet().agents.get_mut(name) {
+            agent.drained = drained;
+        }
+        info!(node = %name, drained, "node drain changed");
+        self.changed();
+        Ok(())
+    }
+
     // ---- agents -------------------------------------------------------------------------------
 
     pub fn register_agent(&self, name: &str, inventory: v1::Inventory, addr: String) -> Result<()> {
         let bytes = prost::Message::encode_to_vec(&inventory);
-        self.store.put_agent(&AgentRecord { name: name.to_string(), inventory: bytes, registered_at_ms: now_ms() })?;
+        let drained = self.fleet().agents.get(name).is_some_and(|a| a.drained);
+        let record = AgentRecord { name: name.to_string(), inventory: bytes, registered_at_ms: now_ms(), drained };
+        self.store.put_agent(&record)?;
         let mut fleet = self.fleet();
         let entry = fleet.agents.entry(name.to_string()).or_insert_with(|| AgentConn {
             inventory: inventory.clone(),
             addr: addr.clone(),
             last_seen: Instant::now(),
             session: None,
+            drained,
         });
         entry.inventory = inventory;
         entry.addr = addr;
@@ -573,7 +599,7 @@ impl Coordinator {
             .iter()
             .map(|(name, a)| Node {
                 name: name.clone(),
-                schedulable: a.session.is_some(),
+                schedulable: a.session.is_some() && !a.drained,
                 cpus: a.inventory.cpus as f64,
                 memory_bytes: a.inventory.memory_bytes,
                 gpus: a

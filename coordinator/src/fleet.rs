@@ -14,6 +14,7 @@ pub struct AgentConn {
     pub last_seen: Instant,
     /// Present while a session stream is open.
     pub session: Option<Session>,
+    pub drained: bool,
 }
 
 pub struct Session {

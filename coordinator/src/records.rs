@@ -112,4 +112,7 @@ pub struct AgentRecord {
     /// The agent's inventory as protobuf bytes: the wire format is already versioned.
     pub inventory: Vec<u8>,
     pub registered_at_ms: i64,
+    /// Drained by an operator: keeps its jobs, receives nothing new.
+    #[serde(default)]
+    pub drained: bool,
 }

@@ -171,6 +171,28 @@ impl Store {
         Ok(())
     }
 
+    /// Marks an agent drained or not; false if no agent has that name.
+    pub fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let found = {
+            let mut table = txn.open_table(AGENTS)?;
+            let record: Option<AgentRecord> = match table.get(name)? {
+                Some(v) => Some(serde_json::from_slice(v.value())?),
+                None => None,
+            };
+            match record {
+                Some(mut r) => {
+                    r.drained = drained;
+                    table.insert(name, serde_json::to_vec(&r)?.as_slice())?;
+                    true
+                }
+                None => false,
+            }
+        };
+        txn.commit()?;
+        Ok(found)
+    }
+
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(AGENTS)?;

@@ -8,33 +8,21 @@ use crate::output::{GpuView, NodeView, bytes, print_json, print_table};
 pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let nodes = c.list_nodes(v1::ListNodesRequest {}).await.map_err(client::status)?.into_inner().nodes;
-    let views: Vec<NodeView> = nodes
-        .iter()
-        .map(|n| {
-            let inv = n.inventory.clone().unwrap_or_default();
-            NodeView {
-                name: n.name.clone(),
-                connected: n.connected,
-                cpus: inv.cpus,
-                cpus_used: n.cpus_used,
-                memory_bytes: inv.memory_bytes,
-                memory_used_bytes: n.memory_used_bytes,
-                gpus: inv.gpus.len(),
-                gpu_driver: inv.gpu_driver,
-                jobs: n.jobs.clone(),
-                last_seen_ms: n.last_seen_ms,
-            }
-        })
-        .collect();
+    let views: Vec<NodeView> = nodes.iter().map(node_view).collect();
     if json {
         return print_json(&views);
     }
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|n| {
+            let status = match (n.connected, n.drained) {
+                (false, _) => "disconnected",
+                (true, true) => "drained",
+                (true, false) => "ready",
+            };
             vec![
                 n.name.clone(),
-                if n.connected { "ready".into() } else { "disconnected".into() },
+                status.into(),
                 format!("{}/{}", n.cpus_used, n.cpus),
                 format!("{}/{}", bytes(n.memory_used_bytes), bytes(n.memory_bytes)),
                 n.gpus.to_string(),
@@ -44,6 +32,38 @@ pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
         .collect();
     print_table(&["NODE", "STATUS", "CPUS", "MEMORY", "GPUS", "JOBS"], &rows);
     Ok(())
+}
+
+pub async fn drain(url: &str, node: &str, drain: bool, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let req = v1::DrainNodeRequest { node: node.to_string(), drain };
+    let n = c.drain_node(req).await.map_err(client::status)?.into_inner();
+    if json {
+        return print_json(&node_view(&n));
+    }
+    if drain {
+        println!("node {node} drained: it keeps its {} running job(s) and takes no new ones", n.jobs.len());
+    } else {
+        println!("node {node} takes new jobs again");
+    }
+    Ok(())
+}
+
+fn node_view(n: &v1::Node) -> NodeView {
+    let inv = n.inventory.clone().unwrap_or_default();
+    NodeView {
+        name: n.name.clone(),
+        connected: n.connected,
+        drained: n.drained,
+        cpus: inv.cpus,
+        cpus_used: n.cpus_used,
+        memory_bytes: inv.memory_bytes,
+        memory_used_bytes: n.memory_used_bytes,
+        gpus: inv.gpus.len(),
+        gpu_driver: inv.gpu_driver,
+        jobs: n.jobs.clone(),
+        last_seen_ms: n.last_seen_ms,
+    }
 }
 
 pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {

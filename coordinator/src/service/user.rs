@@ -118,24 +118,21 @@ impl v1::gantry_server::Gantry for UserService {
 
     async fn list_nodes(&self, _req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
         let usage = usage_by_node(&self.coordinator)?;
-        let nodes = self
+        let nodes = self.coordinator.nodes().into_iter().map(|n| node_to_proto(&self.coordinator, &usage, n)).collect();
+        Ok(Response::new(v1::ListNodesResponse { nodes }))
+    }
+
+    async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::Node>, Status> {
+        let req = req.into_inner();
+        self.coordinator.drain(&req.node, req.drain)?;
+        let usage = usage_by_node(&self.coordinator)?;
+        let node = self
             .coordinator
             .nodes()
             .into_iter()
-            .map(|(name, connected, inventory, last_seen)| {
-                let (jobs, cpus_used, memory_used_bytes) = usage.get(&name).cloned().unwrap_or_default();
-                v1::Node {
-                    name,
-                    connected,
-                    inventory: Some(inventory),
-                    last_seen_ms: crate::control::now_ms() - last_seen.elapsed().as_millis() as i64,
-                    jobs,
-                    cpus_used,
-                    memory_used_bytes,
-                }
-            })
-            .collect();
-        Ok(Response::new(v1::ListNodesResponse { nodes }))
+            .find(|n| n.0 == req.node)
+            .ok_or_else(|| Status::not_found(format!("no node named {}", req.node)))?;
+        Ok(Response::new(node_to_proto(&self.coordinator, &usage, node)))
     }
 
     async fn list_gpus(&self, _req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
@@ -146,6 +143,24 @@ impl v1::gantry_server::Gantry for UserService {
             .map(|(node, info, job)| v1::Gpu { node, job_id: job.unwrap_or_default(), info: Some(info) })
             .collect();
         Ok(Response::new(v1::ListGpusResponse { gpus }))
+    }
+}
+
+fn node_to_proto(
+    coordinator: &Coordinator,
+    usage: &NodeUsage,
+    (name, connected, inventory, last_seen): (String, bool, v1::Inventory, std::time::Instant),
+) -> v1::Node {
+    let (jobs, cpus_used, memory_used_bytes) = usage.get(&name).cloned().unwrap_or_default();
+    v1::Node {
+        drained: coordinator.drained(&name),
+        name,
+        connected,
+        inventory: Some(inventory),
+        last_seen_ms: crate::control::now_ms() - last_seen.elapsed().as_millis() as i64,
+        jobs,
+        cpus_used,
+        memory_used_bytes,
     }
 }
 

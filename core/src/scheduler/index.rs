@@ -149,7 +149,7 @@ impl FleetIndex {
     /// Why a job can never run on this fleet as it is, if it cannot.
     pub fn impossible(&self, r: &Resources) -> Option<String> {
         if self.cpu_order.is_empty() {
-            return Some("no agent is connected".into());
+            return Some("no agent is connected and taking new work (disconnected or drained)".into());
         }
         if r.cpus > self.max_cpus + 1e-9 {
             return Some(format!("no node has {} CPUs (the most is {})", r.cpus, self.max_cpus));
