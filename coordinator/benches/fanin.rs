@@ -1,0 +1,146 @@
+//! `cargo bench --bench fanin`: what telemetry from many agents costs the coordinator.
+//!
+//! The bench runs the coordinator in this process and re-executes itself as a second process
+//! that simulates the agents (each with its own connection, 8 GPUs, a heartbeat a second), so
+//! the CPU time measured here (getrusage) is the coordinator's alone. Baseline: the same
+//! coordinator idle over the same window. One JSON object per line.
+
+use std::time::{Duration, Instant};
+
+use gantry_proto::{PROTOCOL_VERSION, v1};
+
+const WARMUP: Duration = Duration::from_secs(5);
+const WINDOW: Duration = Duration::from_secs(15);
+
+fn cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+fn inventory(agent: usize, tick: u64) -> v1::Inventory {
+    v1::Inventory {
+        hostname: format!("sim-{agent}"),
+        cpus: 64,
+        memory_bytes: 512 << 30,
+        gpus: (0..8)
+            .map(|g| v1::GpuInfo {
+                uuid: format!("GPU-{agent:04}-{g}"),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 80 << 30,
+                index: g,
+                memory_used_bytes: Some(((tick + g as u64) % 80) << 30),
+                utilization_percent: Some(((tick * 7 + g as u64) % 100) as u32),
+                temperature_c: Some(40 + (tick % 30) as u32),
+                power_mw: Some(300_000),
+                healthy: true,
+                health_reason: String::new(),
+            })
+            .collect(),
+        gpu_driver: "580".into(),
+        nvml_error: String::new(),
+    }
+}
+
+/// The agents' side: `n` agents heartbeating once a second until killed.
+async fn agents(url: String, n: usize) {
+    let mut tasks = Vec::new();
+    for a in 0..n {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = loop {
+                match v1::agents_client::AgentsClient::connect(url.clone()).await {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            let name = format!("sim-{a}");
+            let req = v1::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: name.clone(),
+                inventory: Some(inventory(a, 0)),
+            };
+            client.register(req).await.expect("register");
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let beat = |tick| v1::AgentMessage {
+                name: name.clone(),
+                msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+                    inventory: Some(inventory(a, tick)),
+                    jobs: vec![],
+                })),
+            };
+            tx.send(beat(0)).await.unwrap();
+            let _inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("session");
+            // Spread the agents over the second, as real ones would be.
+            tokio::time::sleep(Duration::from_millis((a * 1000 / n) as u64)).await;
+            let mut tick = 1;
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                if tx.send(beat(tick)).await.is_err() {
+                    return;
+                }
+                tick += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("GANTRY_FANIN_AGENTS") {
+        let (url, n) = spec.split_once(' ').expect("URL N");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(agents(url.to_string(), n.parse().unwrap()));
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = rt.block_on(async {
+        (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        )
+    });
+    let url = format!("http://{}", grpc.local_addr().unwrap());
+    let config = gantry_coordinator::Config { data_dir: dir.path().to_path_buf(), settings: Default::default() };
+    rt.spawn(gantry_coordinator::serve(config, grpc, http, std::future::pending()));
+
+    // Baseline: the coordinator idle.
+    std::thread::sleep(Duration::from_secs(1));
+    let (c0, t0) = (cpu_seconds(), Instant::now());
+    std::thread::sleep(WINDOW);
+    let idle = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
+
+    for n in [1000usize] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("GANTRY_FANIN_AGENTS", format!("{url} {n}"))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(WARMUP);
+        let (c0, t0) = (cpu_seconds(), Instant::now());
+        std::thread::sleep(WINDOW);
+        let busy = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
+        // Count what the coordinator saw, so the figure is about sessions that were really open.
+        let connected = rt.block_on(async {
+            let mut c = v1::gantry_client::GantryClient::connect(url.clone()).await.unwrap();
+            let nodes = c.list_nodes(v1::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+            nodes.iter().filter(|n| n.connected).count()
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "fanin", "agents": n, "agents_connected": connected, "gpus_per_agent": 8, "heartbeat_hz": 1,
+                "window_s": WINDOW.as_secs(), "coordinator_core_fraction": busy,
+                "baseline_idle_core_fraction": idle, "heartbeats_per_s": n,
+                "cpu_us_per_heartbeat": (busy - idle) * 1e6 / n as f64, "goal_core_fraction": 0.25
+            })
+        );
+    }
+}
