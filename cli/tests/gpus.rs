@@ -148,3 +148,63 @@ fn a_job_on_a_gpu_that_turns_unhealthy_is_stopped_and_requeued_on_a_healthy_one(
     assert_eq!(job["attempt"], 1, "an unhealthy GPU is not the job's failure: {job}");
     fleet.ok(&["cancel", &id]);
 }
+
+/// Runs headless Chromium against `url`, letting the page's scripts run for a few seconds.
+fn chromium(args: &[&str], url: &str) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1100",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium is not installed (.ci/run installs Debian's package)")
+}
+
+#[test]
+fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
+    let mut fleet = Fleet::start();
+    let nvml_dir = fleet.dir.path().join("nvml");
+    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 55), h100(1, 12)]}));
+    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
+    fleet.wait_for_nodes(2);
+    let ticker = r#"for i in $(seq 1 600); do echo "tick $i"; sleep 0.2; done"#;
+    let running = fleet.submit(&format!(
+        "name: ticker\nresources: {{gpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(ticker).unwrap()
+    ));
+    let waiting = fleet.submit("name: too-big\nresources: {gpus: 8}\ncommand: [\"true\"]\n");
+    fleet.wait_state(&running, &["running"], Duration::from_secs(30));
+    wait_for("the first log lines", || fleet.ok(&["logs", &running]).contains("tick 2"));
+
+    let url = format!("http://127.0.0.1:{}/?job={running}", fleet.http);
+    let out = chromium(&["--dump-dom"], &url);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    for uuid in ["GPU-fake-0", "GPU-fake-1"] {
+        assert!(dom.contains(&format!("data-uuid=\"{uuid}\"")), "GPU row {uuid} missing:\n{dom}");
+    }
+    assert!(dom.contains("55%"), "utilisation shown");
+    assert!(dom.contains(&format!("data-id=\"{waiting}\"")), "the waiting job is listed");
+    assert!(dom.contains("no node has that many matching GPUs"), "its pending reason is shown");
+    assert!(dom.contains("<div class=\"log-line\">tick 1</div>"), "live log lines of the selected job:\n{dom}");
+
+    // A screenshot, kept as a test artifact.
+    let artifacts = support::repo_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    let out = chromium(&[&format!("--screenshot={}", shot.display())], &url);
+    assert!(out.status.success() && shot.exists(), "screenshot failed: {}", String::from_utf8_lossy(&out.stderr));
+    fleet.ok(&["cancel", &running]);
+}

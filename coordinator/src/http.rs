@@ -1,4 +1,5 @@
-//! The coordinator's HTTP side: `/healthz` for probes and `/metrics` in Prometheus text format.
+//! The coordinator's HTTP side: `/healthz` for probes, `/metrics` in Prometheus text format, and
+//! the web page (`/`) with the JSON it polls (`/api/...`).
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -12,7 +13,105 @@ use crate::control::Coordinator;
 use crate::records::JobState;
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics)).with_state(coordinator)
+    Router::new()
+        .route("/", get(page))
+        .route("/api/fleet", get(api_fleet))
+        .route("/api/jobs", get(api_jobs))
+        .route("/api/jobs/{id}/logs", get(api_logs))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(coordinator)
+}
+
+const PAGE: &str = include_str!("web/index.html");
+
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(PAGE)
+}
+
+type ApiResult = Result<axum::Json<serde_json::Value>, (StatusCode, String)>;
+
+fn unavailable(e: crate::Error) -> (StatusCode, String) {
+    match e {
+        crate::Error::JobNotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
+        e => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
+    let gpus = c.gpus().map_err(unavailable)?;
+    let jobs = c.store.jobs().map_err(unavailable)?;
+    let nodes: Vec<serde_json::Value> = c
+        .nodes()
+        .into_iter()
+        .map(|(name, connected, inv, _)| {
+            let here: Vec<&crate::records::JobRecord> = jobs
+                .iter()
+                .filter(|j| j.state == JobState::Running)
+                .filter(|j| j.current_attempt().is_some_and(|a| a.placement.iter().any(|r| r.node == name)))
+                .collect();
+            serde_json::json!({
+                "name": name, "connected": connected, "drained": c.drained(&name), "cpus": inv.cpus,
+                "cpus_used": here.iter().map(|j| j.spec.resources.cpus).sum::<f64>(),
+                "gpus": inv.gpus.len(), "jobs": here.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let gpus: Vec<serde_json::Value> = gpus
+        .into_iter()
+        .map(|(node, g, job)| {
+            serde_json::json!({
+                "node": node, "index": g.index, "uuid": g.uuid, "name": g.name,
+                "memory_total_bytes": g.memory_total_bytes, "memory_used_bytes": g.memory_used_bytes,
+                "utilization_percent": g.utilization_percent, "temperature_c": g.temperature_c,
+                "power_mw": g.power_mw, "healthy": g.healthy, "health_reason": g.health_reason, "job_id": job,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "nodes": nodes, "gpus": gpus })))
+}
+
+/// Jobs as `gantry jobs` orders them: the queue in order, then the rest, newest first.
+async fn api_jobs(State(c): State<Arc<Coordinator>>) -> ApiResult {
+    let mut jobs: Vec<(crate::records::JobRecord, Option<gantry_core::scheduler::Waiting>)> =
+        c.store.jobs().map_err(unavailable)?.into_iter().map(|j| (c.waiting(&j.id), j)).map(|(w, j)| (j, w)).collect();
+    jobs.sort_by_key(|(j, w)| {
+        let queued = j.state == JobState::Queued;
+        (!queued, if queued { w.as_ref().map_or(u32::MAX, |w| w.position) as i64 } else { -(j.seq as i64) })
+    });
+    let out: Vec<serde_json::Value> = jobs
+        .iter()
+        .map(|(j, w)| {
+            let queued = j.state == JobState::Queued;
+            serde_json::json!({
+                "id": j.id, "name": j.spec.name, "state": crate::service::state_name(j.state),
+                "attempt": j.user_attempt(), "queue": j.spec.queue, "priority": j.spec.priority,
+                "queue_position": w.as_ref().filter(|_| queued).map(|w| w.position),
+                "pending_reason": w.as_ref().filter(|_| queued).map(|w| w.reason.clone()),
+                "message": j.message,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::Value::Array(out)))
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    #[serde(default)]
+    after: usize,
+}
+
+/// A job's log lines from number `after` on (all attempts and ranks, in order).
+async fn api_logs(
+    State(c): State<Arc<Coordinator>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<After>,
+) -> ApiResult {
+    c.store.job(&id).map_err(unavailable)?;
+    let lines = c.logs.read_new(&id, &mut Default::default()).map_err(unavailable)?;
+    let next = lines.len();
+    let fresh: Vec<String> = lines.into_iter().skip(q.after).map(|l| l.text).collect();
+    Ok(axum::Json(serde_json::json!({ "lines": fresh, "next": next })))
 }
 
 async fn healthz(State(c): State<Arc<Coordinator>>) -> (StatusCode, &'static str) {

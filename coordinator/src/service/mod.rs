@@ -24,6 +24,10 @@ pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
     }
 }
 
+pub(crate) fn state_name(s: JobState) -> &'static str {
+    gantry_proto::job_state_name(state_to_proto(s))
+}
+
 pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<gantry_core::scheduler::Waiting>) -> v1::Job {
     let (pending_reason, queue_position, estimated_start_ms) = match (job.state, waiting) {
         (JobState::Queued, Some(w)) => (w.reason, w.position, w.estimated_start_ms.map(|t| t as i64)),
