@@ -59,6 +59,8 @@ enum Command {
     Nodes,
     /// Every GPU of the fleet, with the job on it.
     Gpus,
+    /// A live terminal view of the fleet and the queue (q to quit).
+    Top,
     /// Stop placing new jobs on a node; its running jobs carry on.
     Drain { node: String },
     /// Let a drained node take new jobs again.
@@ -121,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Nodes => runtime.block_on(commands::fleet::nodes(&url, json)).map(|_| 0),
         Command::Gpus => runtime.block_on(commands::fleet::gpus(&url, json)).map(|_| 0),
+        Command::Top => commands::top::run(&url, &runtime).map(|_| 0),
         Command::Drain { node } => runtime.block_on(commands::fleet::drain(&url, &node, true, json)).map(|_| 0),
         Command::Undrain { node } => runtime.block_on(commands::fleet::drain(&url, &node, false, json)).map(|_| 0),
     }

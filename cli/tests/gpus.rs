@@ -208,3 +208,32 @@ fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
     assert!(out.status.success() && shot.exists(), "screenshot failed: {}", String::from_utf8_lossy(&out.stderr));
     fleet.ok(&["cancel", &running]);
 }
+
+#[test]
+fn gantry_top_renders_the_fleet_and_the_queue_in_a_terminal() {
+    let mut fleet = Fleet::start();
+    let nvml_dir = fleet.dir.path().join("nvml");
+    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 64)]}));
+    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
+    fleet.wait_for_nodes(2);
+    let waiting = fleet.submit("name: needs-eight\nresources: {gpus: 8}\ncommand: [\"true\"]\n");
+
+    // A private tmux server, so nothing else on the machine is touched.
+    let socket = format!("gantry-test-{}", support::free_port());
+    let tmux = |args: &[&str]| {
+        std::process::Command::new("tmux").arg("-L").arg(&socket).args(args).output().expect("tmux is not installed")
+    };
+    let cmd = format!("GANTRY_COORDINATOR={} {} top", fleet.url(), support::GANTRY);
+    assert!(tmux(&["new-session", "-d", "-s", "top", "-x", "200", "-y", "40", &cmd]).status.success());
+    let mut screen = String::new();
+    wait_for("gantry top to draw", || {
+        screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned();
+        screen.contains("GPU-fake-0") && screen.contains("needs-eight")
+    });
+    assert!(screen.contains("64%"), "utilisation shown:\n{screen}");
+    assert!(screen.contains("the most on one node is 1"), "the pending reason is shown:\n{screen}");
+    assert!(screen.contains(&waiting));
+    tmux(&["send-keys", "-t", "top", "q"]);
+    wait_for("gantry top to quit on q", || !tmux(&["has-session", "-t", "top"]).status.success());
+    tmux(&["kill-server"]);
+}

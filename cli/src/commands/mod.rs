@@ -3,4 +3,5 @@ pub mod fleet;
 pub mod jobs;
 pub mod server;
 pub mod sim;
+pub mod top;
 pub mod train;
