@@ -135,6 +135,16 @@ pub struct GpuView {
     pub healthy: bool,
     pub health_reason: String,
     pub job_id: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub serial: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub compute_capability: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sm_clock_mhz: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_limit_mw: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ecc_uncorrected: Option<u64>,
 }
 
 #[derive(Serialize)]

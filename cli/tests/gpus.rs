@@ -15,7 +15,13 @@ fn h100(i: u32, util: u32) -> serde_json::Value {
         "memory_used_bytes": 1_073_741_824u64,
         "utilization_percent": util,
         "temperature_c": 40 + i,
-        "power_mw": 120_000
+        "power_mw": 120_000,
+        "serial": format!("165{i:07}"),
+        "compute_capability": [9, 0],
+        "sm_clock_mhz": 1980,
+        "power_limit_mw": 700_000,
+        "ecc_uncorrected": 0,
+        "slowdown_temperature_c": 88
     })
 }
 
@@ -47,11 +53,31 @@ fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
     assert_eq!(gpus[0]["memory_total_bytes"], 85_899_345_920u64);
     assert_eq!(gpus[0]["node"], "gpu-node");
     assert_eq!(gpus[0]["temperature_c"], 40);
+    assert_eq!(gpus[0]["compute_capability"], "9.0");
+    assert_eq!(gpus[0]["serial"], "1650000000");
+    assert_eq!(gpus[0]["sm_clock_mhz"], 1980);
+    assert_eq!(gpus[0]["healthy"], true);
     assert!(gpus[1].get("temperature_c").is_none() && gpus[1].get("power_mw").is_none(), "{:?}", gpus[1]);
 
     // Telemetry follows the device within a couple of heartbeats.
     set_devices(&nvml_dir, &json!({"devices": [h100(0, 93), quiet.clone()]}));
     wait_for("utilisation 93%", || fleet.json(&["gpus"])[0]["utilization_percent"] == 93);
+
+    // Uncorrectable ECC errors or a temperature at the slowdown threshold make a GPU unhealthy.
+    let mut ecc = h100(0, 93);
+    ecc["ecc_uncorrected"] = json!(2);
+    let mut hot = quiet.clone();
+    hot["temperature_c"] = json!(95);
+    hot["slowdown_temperature_c"] = json!(88);
+    set_devices(&nvml_dir, &json!({"devices": [ecc, hot]}));
+    wait_for("both GPUs unhealthy", || fleet.json(&["gpus"]).as_array().unwrap().iter().all(|g| g["healthy"] == false));
+    let gpus = fleet.json(&["gpus"]);
+    assert!(gpus[0]["health_reason"].as_str().unwrap().contains("2 uncorrectable ECC errors"), "{gpus}");
+    assert!(gpus[1]["health_reason"].as_str().unwrap().contains("slowdown threshold 88C"), "{gpus}");
+    set_devices(&nvml_dir, &json!({"devices": [h100(0, 93), quiet.clone()]}));
+    wait_for("the GPUs healthy again", || {
+        fleet.json(&["gpus"]).as_array().unwrap().iter().all(|g| g["healthy"] == true)
+    });
 
     // A GPU job gets exactly its GPU, by UUID.
     let id = fleet.submit(

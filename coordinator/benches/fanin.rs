@@ -36,7 +36,7 @@ fn inventory(agent: usize, tick: u64) -> v1::Inventory {
                 temperature_c: Some(40 + (tick % 30) as u32),
                 power_mw: Some(300_000),
                 healthy: true,
-                health_reason: String::new(),
+                ..Default::default()
             })
             .collect(),
         gpu_driver: "580".into(),

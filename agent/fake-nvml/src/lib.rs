@@ -37,6 +37,12 @@ struct Device {
     utilization_percent: Option<u32>,
     temperature_c: Option<u32>,
     power_mw: Option<u32>,
+    serial: Option<String>,
+    compute_capability: Option<(i32, i32)>,
+    sm_clock_mhz: Option<u32>,
+    power_limit_mw: Option<u32>,
+    ecc_uncorrected: Option<u64>,
+    slowdown_temperature_c: Option<u32>,
     #[serde(default)]
     lost: bool,
 }
@@ -215,4 +221,67 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(handle: *mut c_void, _sensor: 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(handle: *mut c_void, out: *mut c_uint) -> Ret {
     with_device(handle, |d| write_u32(d.power_mw, out))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSerial(handle: *mut c_void, buf: *mut c_char, len: c_uint) -> Ret {
+    with_device(handle, |d| match &d.serial {
+        Some(serial) => write_str(serial, buf, len),
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(
+    handle: *mut c_void,
+    major: *mut libc::c_int,
+    minor: *mut libc::c_int,
+) -> Ret {
+    with_device(handle, |d| match d.compute_capability {
+        _ if major.is_null() || minor.is_null() => INVALID_ARGUMENT,
+        Some((a, b)) => {
+            // SAFETY: checked non-null.
+            unsafe {
+                *major = a;
+                *minor = b;
+            }
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetClockInfo(handle: *mut c_void, _clock: c_uint, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.sm_clock_mhz, out))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(handle: *mut c_void, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.power_limit_mw, out))
+}
+
+/// NVML_TEMPERATURE_THRESHOLD_SLOWDOWN is 1; other thresholds are not served.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(handle: *mut c_void, kind: c_uint, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| if kind == 1 { write_u32(d.slowdown_temperature_c, out) } else { NOT_SUPPORTED })
+}
+
+/// Error type 1 is NVML_MEMORY_ERROR_TYPE_UNCORRECTED; corrected counts are not served.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
+    handle: *mut c_void,
+    error_type: c_uint,
+    _counter: c_uint,
+    out: *mut u64,
+) -> Ret {
+    with_device(handle, |d| match d.ecc_uncorrected {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(n) if error_type == 1 => {
+            // SAFETY: checked non-null.
+            unsafe { *out = n };
+            SUCCESS
+        }
+        _ => NOT_SUPPORTED,
+    })
 }

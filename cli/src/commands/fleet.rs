@@ -86,6 +86,11 @@ pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
                 healthy: i.healthy,
                 health_reason: i.health_reason,
                 job_id: (!g.job_id.is_empty()).then(|| g.job_id.clone()),
+                serial: i.serial,
+                compute_capability: i.compute_capability,
+                sm_clock_mhz: i.sm_clock_mhz,
+                power_limit_mw: i.power_limit_mw,
+                ecc_uncorrected: i.ecc_uncorrected,
             }
         })
         .collect();
