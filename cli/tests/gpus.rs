@@ -25,6 +25,17 @@ fn h100(i: u32, util: u32) -> serde_json::Value {
     })
 }
 
+/// A coordinator with a CPU agent (node-a) and a GPU agent (gpu-node) on the fake NVML
+/// library serving `devices`; returns the fleet and the library's directory.
+fn gpu_fleet(devices: serde_json::Value) -> (Fleet, std::path::PathBuf) {
+    let mut fleet = Fleet::start();
+    let nvml_dir = fleet.dir.path().join("nvml");
+    let lib = fake_nvml(&nvml_dir, &devices);
+    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
+    fleet.wait_for_nodes(2);
+    (fleet, nvml_dir)
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ok() {
@@ -35,15 +46,11 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
-    let mut fleet = Fleet::start();
-    let nvml_dir = fleet.dir.path().join("nvml");
     // The second GPU does not report temperature or power: those fields are simply absent.
     let mut quiet = h100(1, 0);
     quiet.as_object_mut().unwrap().remove("temperature_c");
     quiet.as_object_mut().unwrap().remove("power_mw");
-    let lib = fake_nvml(&nvml_dir, &json!({"driver": "580.65-fake", "devices": [h100(0, 7), quiet.clone()]}));
-    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
-    fleet.wait_for_nodes(2);
+    let (fleet, nvml_dir) = gpu_fleet(json!({"driver": "580.65-fake", "devices": [h100(0, 7), quiet.clone()]}));
 
     let gpus = fleet.json(&["gpus"]);
     let gpus = gpus.as_array().unwrap();
@@ -104,11 +111,7 @@ fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
 
 #[test]
 fn prometheus_scrapes_dcgm_named_gpu_metrics_from_the_coordinator() {
-    let mut fleet = Fleet::start();
-    let nvml_dir = fleet.dir.path().join("nvml");
-    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 42), h100(1, 17)]}));
-    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
-    fleet.wait_for_nodes(2);
+    let (fleet, _) = gpu_fleet(json!({"devices": [h100(0, 42), h100(1, 17)]}));
 
     let (code, text) = support::http_get(fleet.http, "/metrics").unwrap();
     assert_eq!(code, 200);
@@ -145,11 +148,7 @@ fn prometheus_scrapes_dcgm_named_gpu_metrics_from_the_coordinator() {
 
 #[test]
 fn a_job_on_a_gpu_that_turns_unhealthy_is_stopped_and_requeued_on_a_healthy_one() {
-    let mut fleet = Fleet::start();
-    let nvml_dir = fleet.dir.path().join("nvml");
-    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 0), h100(1, 0)]}));
-    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
-    fleet.wait_for_nodes(2);
+    let (fleet, nvml_dir) = gpu_fleet(json!({"devices": [h100(0, 0), h100(1, 0)]}));
     let script =
         r#"echo "on=$CUDA_VISIBLE_DEVICES"; trap 'echo stopping; exit 143' TERM; while true; do sleep 0.1; done"#;
     let id = fleet.submit(&format!(
@@ -200,11 +199,7 @@ fn chromium(args: &[&str], url: &str) -> std::process::Output {
 
 #[test]
 fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
-    let mut fleet = Fleet::start();
-    let nvml_dir = fleet.dir.path().join("nvml");
-    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 55), h100(1, 12)]}));
-    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
-    fleet.wait_for_nodes(2);
+    let (fleet, _) = gpu_fleet(json!({"devices": [h100(0, 55), h100(1, 12)]}));
     let ticker = r#"for i in $(seq 1 600); do echo "tick $i"; sleep 0.2; done"#;
     let running = fleet.submit(&format!(
         "name: ticker\nresources: {{gpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
@@ -237,11 +232,7 @@ fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
 
 #[test]
 fn gantry_top_renders_the_fleet_and_the_queue_in_a_terminal() {
-    let mut fleet = Fleet::start();
-    let nvml_dir = fleet.dir.path().join("nvml");
-    let lib = fake_nvml(&nvml_dir, &json!({"devices": [h100(0, 64)]}));
-    fleet.start_agent_with("gpu-node", &["--nvml-lib", lib.to_str().unwrap()]);
-    fleet.wait_for_nodes(2);
+    let (fleet, _) = gpu_fleet(json!({"devices": [h100(0, 64)]}));
     let waiting = fleet.submit("name: needs-eight\nresources: {gpus: 8}\ncommand: [\"true\"]\n");
 
     // A private tmux server, so nothing else on the machine is touched.
