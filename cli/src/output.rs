@@ -145,6 +145,17 @@ pub struct GpuView {
     pub power_limit_mw: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ecc_uncorrected: Option<u64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pci_bus_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub throttle_reasons: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Compute processes: pid and bytes used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize)]

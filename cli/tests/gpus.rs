@@ -21,7 +21,12 @@ fn h100(i: u32, util: u32) -> serde_json::Value {
         "sm_clock_mhz": 1980,
         "power_limit_mw": 700_000,
         "ecc_uncorrected": 0,
-        "slowdown_temperature_c": 88
+        "slowdown_temperature_c": 88,
+        "pci_bus_id": format!("00000000:{:02X}:00.0", 0x18 + i),
+        "mig_enabled": false,
+        "throttle_reasons": 4,
+        "numa_node": i,
+        "processes": [[4242 + i, 2_147_483_648u64]]
     })
 }
 
@@ -64,6 +69,11 @@ fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
     assert_eq!(gpus[0]["serial"], "1650000000");
     assert_eq!(gpus[0]["sm_clock_mhz"], 1980);
     assert_eq!(gpus[0]["healthy"], true);
+    assert_eq!(gpus[0]["pci_bus_id"], "00000000:18:00.0");
+    assert_eq!(gpus[0]["mig_enabled"], false);
+    assert_eq!(gpus[0]["throttle_reasons"], json!(["sw_power_cap"]));
+    assert_eq!(gpus[1]["numa_node"], 1);
+    assert_eq!(gpus[0]["processes"], json!([{"pid": 4242, "used_memory_bytes": 2_147_483_648u64}]));
     assert!(gpus[1].get("temperature_c").is_none() && gpus[1].get("power_mw").is_none(), "{:?}", gpus[1]);
 
     // Telemetry follows the device within a couple of heartbeats.

@@ -43,6 +43,13 @@ struct Device {
     power_limit_mw: Option<u32>,
     ecc_uncorrected: Option<u64>,
     slowdown_temperature_c: Option<u32>,
+    pci_bus_id: Option<String>,
+    mig_enabled: Option<bool>,
+    /// NVML's clocks-throttle-reasons bitmask.
+    throttle_reasons: Option<u64>,
+    numa_node: Option<u32>,
+    /// Compute processes: (pid, bytes used).
+    processes: Option<Vec<(u32, u64)>>,
     #[serde(default)]
     lost: bool,
 }
@@ -283,5 +290,119 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
             SUCCESS
         }
         _ => NOT_SUPPORTED,
+    })
+}
+
+/// nvmlPciInfo_t (v3 layout).
+#[repr(C)]
+pub struct PciInfo {
+    bus_id_legacy: [c_char; 16],
+    domain: c_uint,
+    bus: c_uint,
+    device: c_uint,
+    pci_device_id: c_uint,
+    pci_sub_system_id: c_uint,
+    bus_id: [c_char; 32],
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(handle: *mut c_void, out: *mut PciInfo) -> Ret {
+    with_device(handle, |d| match &d.pci_bus_id {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(id) if id.len() < 32 => {
+            // SAFETY: checked non-null; every field is written, strings NUL-terminated.
+            unsafe {
+                std::ptr::write_bytes(out, 0, 1);
+                let legacy: Vec<u8> = id.bytes().take(15).collect();
+                std::ptr::copy_nonoverlapping(
+                    legacy.as_ptr(),
+                    (*out).bus_id_legacy.as_mut_ptr() as *mut u8,
+                    legacy.len(),
+                );
+                std::ptr::copy_nonoverlapping(id.as_ptr(), (*out).bus_id.as_mut_ptr() as *mut u8, id.len());
+            }
+            SUCCESS
+        }
+        Some(_) => INVALID_ARGUMENT,
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(handle: *mut c_void, current: *mut c_uint, pending: *mut c_uint) -> Ret {
+    with_device(handle, |d| match d.mig_enabled {
+        _ if current.is_null() || pending.is_null() => INVALID_ARGUMENT,
+        Some(on) => {
+            // SAFETY: checked non-null.
+            unsafe {
+                *current = on as c_uint;
+                *pending = on as c_uint;
+            }
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(handle: *mut c_void, out: *mut u64) -> Ret {
+    with_device(handle, |d| match d.throttle_reasons {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(mask) => {
+            // SAFETY: checked non-null.
+            unsafe { *out = mask };
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNumaNodeId(handle: *mut c_void, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.numa_node, out))
+}
+
+/// nvmlProcessInfo_t (v2 layout, used by the _v3 call).
+#[repr(C)]
+pub struct ProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: u64,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// Called twice by clients: first to learn the count (NVML_ERROR_INSUFFICIENT_SIZE), then to fill.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    handle: *mut c_void,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> Ret {
+    with_device(handle, |d| {
+        let Some(list) = &d.processes else { return NOT_SUPPORTED };
+        if count.is_null() {
+            return INVALID_ARGUMENT;
+        }
+        // SAFETY: checked non-null; `infos` holds `*count` entries when non-null.
+        unsafe {
+            let room = *count as usize;
+            *count = list.len() as c_uint;
+            if list.is_empty() {
+                return SUCCESS;
+            }
+            if infos.is_null() || room < list.len() {
+                return INSUFFICIENT_SIZE;
+            }
+            for (i, (pid, used)) in list.iter().enumerate() {
+                // u32::MAX marks "no MIG instance", as NVML does.
+                *infos.add(i) = ProcessInfo {
+                    pid: *pid,
+                    used_gpu_memory: *used,
+                    gpu_instance_id: u32::MAX,
+                    compute_instance_id: u32::MAX,
+                };
+            }
+        }
+        SUCCESS
     })
 }

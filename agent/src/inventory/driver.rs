@@ -5,6 +5,7 @@ use std::path::Path;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor, TemperatureThreshold};
+use nvml_wrapper::enums::device::UsedGpuMemory;
 
 /// One GPU as NVML reported it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,6 +23,12 @@ pub struct RawGpu {
     pub sm_clock_mhz: Option<u32>,
     pub compute_capability: Option<(i32, i32)>,
     pub ecc_uncorrected: Option<u64>,
+    pub pci_bus_id: Option<String>,
+    pub mig_enabled: Option<bool>,
+    pub throttle_reasons: Option<Vec<String>>,
+    pub numa_node: Option<u32>,
+    /// Compute processes: pid and memory used (None where the driver cannot say).
+    pub processes: Option<Vec<(u32, Option<u64>)>>,
 }
 
 /// A source of GPU readings: NVML, or a fake in tests.
@@ -71,6 +78,24 @@ impl GpuDriver for NvmlDriver {
             sm_clock_mhz: d.clock_info(Clock::SM).ok(),
             compute_capability: d.cuda_compute_capability().ok().map(|c| (c.major, c.minor)),
             ecc_uncorrected: d.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile).ok(),
+            pci_bus_id: d.pci_info().ok().map(|p| p.bus_id),
+            mig_enabled: d.mig_mode().ok().map(|m| m.current == 1),
+            throttle_reasons: d
+                .current_throttle_reasons()
+                .ok()
+                .map(|r| r.iter_names().map(|(name, _)| name.to_lowercase()).collect()),
+            numa_node: d.numa_node_id().ok(),
+            processes: d.running_compute_processes().ok().map(|ps| {
+                ps.into_iter()
+                    .map(|p| {
+                        let used = match p.used_gpu_memory {
+                            UsedGpuMemory::Used(b) => Some(b),
+                            UsedGpuMemory::Unavailable => None,
+                        };
+                        (p.pid, used)
+                    })
+                    .collect()
+            }),
         })
     }
 }

@@ -93,6 +93,8 @@ fn lost(known: &v1::GpuInfo, error: &str) -> v1::GpuInfo {
         power_mw: None,
         memory_used_bytes: None,
         sm_clock_mhz: None,
+        throttle_reasons: Vec::new(),
+        processes: Vec::new(),
         ..known.clone()
     }
 }
@@ -126,6 +128,16 @@ fn to_info(index: u32, raw: RawGpu) -> v1::GpuInfo {
         power_limit_mw: raw.power_limit_mw,
         ecc_uncorrected: raw.ecc_uncorrected,
         slowdown_temperature_c: raw.slowdown_temperature_c,
+        pci_bus_id: raw.pci_bus_id.unwrap_or_default(),
+        mig_enabled: raw.mig_enabled,
+        throttle_reasons: raw.throttle_reasons.unwrap_or_default(),
+        numa_node: raw.numa_node,
+        processes: raw
+            .processes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(pid, used_memory_bytes)| v1::GpuProcess { pid, used_memory_bytes })
+            .collect(),
     }
 }
 

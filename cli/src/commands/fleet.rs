@@ -91,6 +91,15 @@ pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
                 sm_clock_mhz: i.sm_clock_mhz,
                 power_limit_mw: i.power_limit_mw,
                 ecc_uncorrected: i.ecc_uncorrected,
+                pci_bus_id: i.pci_bus_id,
+                mig_enabled: i.mig_enabled,
+                throttle_reasons: i.throttle_reasons,
+                numa_node: i.numa_node,
+                processes: i
+                    .processes
+                    .iter()
+                    .map(|p| serde_json::json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes}))
+                    .collect(),
             }
         })
         .collect();
