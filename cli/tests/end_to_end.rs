@@ -294,8 +294,13 @@ fn a_gang_is_requeued_only_after_every_rank_of_the_failed_attempt_has_stopped() 
     let script = format!(
         r#"
 if [ "$GANTRY_ATTEMPT" = 1 ]; then
-  if [ "$RANK" = 1 ]; then echo "rank 1 failing"; exit 1; fi
+  if [ "$RANK" = 1 ]; then
+    # Fail only once rank 0 is ready for its SIGTERM, so the test does not race its trap.
+    while [ ! -e {m}/attempt1-rank0-ready ]; do sleep 0.05; done
+    echo "rank 1 failing"; exit 1
+  fi
   trap 'sleep 1; date +%s%N > {m}/attempt1-rank0-end; exit 143' TERM
+  touch {m}/attempt1-rank0-ready
   while true; do sleep 0.1; done
 fi
 date +%s%N > {m}/attempt2-rank$RANK-start

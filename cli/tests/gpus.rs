@@ -160,7 +160,7 @@ fn prometheus_scrapes_dcgm_named_gpu_metrics_from_the_coordinator() {
 fn a_job_on_a_gpu_that_turns_unhealthy_is_stopped_and_requeued_on_a_healthy_one() {
     let (fleet, nvml_dir) = gpu_fleet(json!({"devices": [h100(0, 0), h100(1, 0)]}));
     let script =
-        r#"echo "on=$CUDA_VISIBLE_DEVICES"; trap 'echo stopping; exit 143' TERM; while true; do sleep 0.1; done"#;
+        r#"trap 'echo stopping; exit 143' TERM; echo "on=$CUDA_VISIBLE_DEVICES"; while true; do sleep 0.1; done"#;
     let id = fleet.submit(&format!(
         "name: long\nresources: {{gpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
         serde_json::to_string(script).unwrap()
