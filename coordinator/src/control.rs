@@ -57,6 +57,14 @@ pub struct Coordinator {
     placements: std::sync::atomic::AtomicU64,
 }
 
+/// What running jobs hold on one node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeUsage {
+    pub jobs: Vec<String>,
+    pub cpus_used: f64,
+    pub memory_used_bytes: u64,
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -239,6 +247,20 @@ impl Coordinator {
                 })
             })
             .collect())
+    }
+
+    /// Per node: its running jobs and the CPUs and memory they hold.
+    pub fn usage_by_node(&self) -> Result<HashMap<String, NodeUsage>> {
+        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
+        for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {
+            for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
+                let entry = usage.entry(rank.node.clone()).or_default();
+                entry.jobs.push(job.id.clone());
+                entry.cpus_used += job.spec.resources.cpus;
+                entry.memory_used_bytes += job.spec.memory_bytes();
+            }
+        }
+        Ok(usage)
     }
 
     /// Jobs placed since this coordinator started.

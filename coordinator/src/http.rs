@@ -40,20 +40,15 @@ fn unavailable(e: crate::Error) -> (StatusCode, String) {
 
 async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
     let gpus = c.gpus().map_err(unavailable)?;
-    let jobs = c.store.jobs().map_err(unavailable)?;
+    let usage = c.usage_by_node().map_err(unavailable)?;
     let nodes: Vec<serde_json::Value> = c
         .nodes()
         .into_iter()
         .map(|(name, connected, inv, _)| {
-            let here: Vec<&crate::records::JobRecord> = jobs
-                .iter()
-                .filter(|j| j.state == JobState::Running)
-                .filter(|j| j.current_attempt().is_some_and(|a| a.placement.iter().any(|r| r.node == name)))
-                .collect();
+            let here = usage.get(&name).cloned().unwrap_or_default();
             serde_json::json!({
                 "name": name, "connected": connected, "drained": c.drained(&name), "cpus": inv.cpus,
-                "cpus_used": here.iter().map(|j| j.spec.resources.cpus).sum::<f64>(),
-                "gpus": inv.gpus.len(), "jobs": here.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+                "cpus_used": here.cpus_used, "gpus": inv.gpus.len(), "jobs": here.jobs,
             })
         })
         .collect();

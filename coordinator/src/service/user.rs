@@ -10,8 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{BoxStream, checkpoint_to_proto, job_to_proto};
-use crate::control::Coordinator;
-use crate::error::Error;
+use crate::control::{Coordinator, NodeUsage};
 use crate::logs::LogCursor;
 
 pub struct UserService {
@@ -117,7 +116,7 @@ impl v1::gantry_server::Gantry for UserService {
     }
 
     async fn list_nodes(&self, _req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
-        let usage = usage_by_node(&self.coordinator)?;
+        let usage = self.coordinator.usage_by_node()?;
         let nodes = self.coordinator.nodes().into_iter().map(|n| node_to_proto(&self.coordinator, &usage, n)).collect();
         Ok(Response::new(v1::ListNodesResponse { nodes }))
     }
@@ -125,7 +124,7 @@ impl v1::gantry_server::Gantry for UserService {
     async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::Node>, Status> {
         let req = req.into_inner();
         self.coordinator.drain(&req.node, req.drain)?;
-        let usage = usage_by_node(&self.coordinator)?;
+        let usage = self.coordinator.usage_by_node()?;
         let node = self
             .coordinator
             .nodes()
@@ -148,10 +147,10 @@ impl v1::gantry_server::Gantry for UserService {
 
 fn node_to_proto(
     coordinator: &Coordinator,
-    usage: &NodeUsage,
+    usage: &std::collections::HashMap<String, NodeUsage>,
     (name, connected, inventory, last_seen): (String, bool, v1::Inventory, std::time::Instant),
 ) -> v1::Node {
-    let (jobs, cpus_used, memory_used_bytes) = usage.get(&name).cloned().unwrap_or_default();
+    let NodeUsage { jobs, cpus_used, memory_used_bytes } = usage.get(&name).cloned().unwrap_or_default();
     v1::Node {
         drained: coordinator.drained(&name),
         name,
@@ -162,20 +161,4 @@ fn node_to_proto(
         cpus_used,
         memory_used_bytes,
     }
-}
-
-/// Per node: its running jobs, and the CPUs and memory they hold.
-type NodeUsage = std::collections::HashMap<String, (Vec<String>, f64, u64)>;
-
-fn usage_by_node(coordinator: &Coordinator) -> Result<NodeUsage, Error> {
-    let mut usage = NodeUsage::default();
-    for job in coordinator.store.jobs()?.iter().filter(|j| j.state == crate::records::JobState::Running) {
-        for rank in job.current_attempt().map(|a| a.placement.as_slice()).unwrap_or(&[]) {
-            let entry = usage.entry(rank.node.clone()).or_default();
-            entry.0.push(job.id.clone());
-            entry.1 += job.spec.resources.cpus;
-            entry.2 += job.spec.memory_bytes();
-        }
-    }
-    Ok(usage)
 }
