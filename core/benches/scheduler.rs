@@ -46,6 +46,7 @@ fn nodes(n: usize) -> Vec<Node> {
                     name: "NVIDIA H100 80GB HBM3".into(),
                     memory_total_bytes: 80 << 30,
                     healthy: true,
+                    ..Gpu::default()
                 })
                 .collect(),
         })

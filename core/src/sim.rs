@@ -190,6 +190,7 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
                     name: "GPU".into(),
                     memory_total_bytes: 80 << 30,
                     healthy: true,
+                    ..Gpu::default()
                 })
                 .collect(),
         })

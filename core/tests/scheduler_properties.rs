@@ -15,8 +15,9 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
         4u32..=32,
         prop::collection::vec(prop::bool::weighted(0.9), 8),
         prop::bool::weighted(0.9),
+        prop::bool::ANY,
     )
-        .prop_map(move |(gpus, h100, cpus, healthy, schedulable)| Node {
+        .prop_map(move |(gpus, h100, cpus, healthy, schedulable, topology)| Node {
             name: format!("n{i}"),
             schedulable,
             cpus: cpus as f64,
@@ -27,6 +28,9 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
                     name: if h100 { "NVIDIA H100 80GB HBM3".into() } else { "NVIDIA A100-SXM4-40GB".into() },
                     memory_total_bytes: if h100 { 80 * GIB } else { 40 * GIB },
                     healthy: healthy[g],
+                    // Half the nodes say how they are wired: bridged pairs, four GPUs per NUMA node.
+                    numa_node: topology.then_some(g as u32 / 4),
+                    nvlink_peers: if topology && (g ^ 1) < gpus { vec![format!("n{i}-g{}", g ^ 1)] } else { vec![] },
                 })
                 .collect(),
         })

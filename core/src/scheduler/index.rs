@@ -59,6 +59,8 @@ pub(crate) struct FleetIndex {
     by_kind: Vec<BTreeSet<(u32, usize)>>,
     /// Per kind: healthy GPUs of the kind per schedulable node, sorted (capacity, not usage).
     totals: Vec<Vec<u32>>,
+    /// Per node and GPU: its NVLink domain, where it has NVLink peers.
+    nvlink: Vec<Vec<Option<u32>>>,
     /// Schedulable nodes, fewest GPUs first: CPU-only jobs keep off GPU nodes when they can.
     cpu_order: Vec<usize>,
     max_cpus: f64,
@@ -95,6 +97,7 @@ impl FleetIndex {
                 })
                 .collect(),
             names: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
+            nvlink: nodes.iter().map(|n| super::topology::nvlink_domains(&n.gpus)).collect(),
             by_kind: vec![BTreeSet::new(); kinds.len()],
             totals: vec![Vec::new(); kinds.len()],
             kinds,
@@ -142,7 +145,7 @@ impl FleetIndex {
 
     fn matching_kinds(&self, r: &Resources) -> Vec<usize> {
         let probe =
-            |k: &Kind| Gpu { uuid: String::new(), name: k.name.clone(), memory_total_bytes: k.memory, healthy: true };
+            |k: &Kind| Gpu { name: k.name.clone(), memory_total_bytes: k.memory, healthy: true, ..Gpu::default() };
         (0..self.kinds.len()).filter(|&k| gpu_matches(&probe(&self.kinds[k]), r)).collect()
     }
 
@@ -224,10 +227,12 @@ impl FleetIndex {
     /// Takes one rank's resources on node `n`, choosing the GPUs; returns their UUIDs.
     pub fn take_best(&mut self, n: usize, r: &Resources) -> Vec<String> {
         let node = &self.nodes[n];
-        let picked: Vec<usize> = (0..node.gpus.len())
+        let candidates: Vec<usize> = (0..node.gpus.len())
             .filter(|&i| self.free[n].gpus[i] && node.gpus[i].healthy && gpu_matches(&node.gpus[i], r))
-            .take(r.gpus as usize)
             .collect();
+        let nvlink = |g: usize| self.nvlink[n][g];
+        let numa = |g: usize| node.gpus[g].numa_node;
+        let picked = super::topology::pick(&candidates, r.gpus as usize, &[&nvlink, &numa]);
         let uuids = picked.iter().map(|&i| node.gpus[i].uuid.clone()).collect();
         self.occupy(n, r, &picked);
         uuids

@@ -9,6 +9,9 @@
 //! - **Best fit.** A job goes to the node where it leaves the fewest matching GPUs free, so small
 //!   jobs fill partly used nodes and whole nodes stay whole for whole-node jobs. CPU-only jobs
 //!   prefer nodes with the fewest GPUs. A gang (`nodes: N`) gets N distinct nodes at once or none.
+//! - **Topology.** On a node, a rank's GPUs come from one NVLink domain, then one NUMA node,
+//!   where the inventory reports them; again best fit, so well-connected groups stay whole
+//!   ([`topology`]).
 //! - **Preemption.** A job that cannot fit may stop running jobs of strictly lower priority: on
 //!   the node(s) where that costs the lowest victim priority, then the fewest GPUs. Victims are
 //!   listed in the plan; the job waits until they have stopped (no more victims meanwhile), and
@@ -20,6 +23,7 @@
 //!   an estimated start.
 
 mod index;
+mod topology;
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -50,13 +54,16 @@ pub struct Node {
     pub gpus: Vec<Gpu>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Gpu {
     pub uuid: String,
     pub name: String,
     pub memory_total_bytes: u64,
     /// An unhealthy GPU receives nothing new.
     pub healthy: bool,
+    /// Where the inventory says: the GPU's NUMA node, and the UUIDs it reaches over NVLink.
+    pub numa_node: Option<u32>,
+    pub nvlink_peers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

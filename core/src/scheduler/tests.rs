@@ -14,6 +14,7 @@ pub(crate) fn node(name: &str, gpus: usize) -> Node {
                 name: "NVIDIA H100 80GB HBM3".into(),
                 memory_total_bytes: 80 << 30,
                 healthy: true,
+                ..Gpu::default()
             })
             .collect(),
     }
@@ -304,4 +305,42 @@ fn a_reservation_counts_the_exact_gpus_jobs_placed_in_the_same_pass_free() {
     let plan = schedule(&s);
     assert_eq!(placed(&plan), ["quick"]);
     assert_eq!(plan.waiting[0].estimated_start_ms, Some(4_273_000), "{:?}", plan.waiting);
+}
+
+#[test]
+fn a_rank_gets_gpus_on_one_numa_node_keeping_the_fuller_one_whole() {
+    // Two NUMA nodes of four GPUs; GPUs 0 and 1 are busy, so NUMA 0 has 2 free and NUMA 1 has 4.
+    let mut a = node("a", 8);
+    for (i, g) in a.gpus.iter_mut().enumerate() {
+        g.numa_node = Some(i as u32 / 4);
+    }
+    let s = Snapshot {
+        nodes: vec![a],
+        running: vec![running("r", 50, "a", 0..2)],
+        pending: vec![job("pair", 50, 1, 2, 1), job("quad", 50, 2, 4, 1)],
+        ..Default::default()
+    };
+    let plan = schedule(&s);
+    let gpus = |id: &str| plan.placements.iter().find(|p| p.job_id == id).unwrap().nodes[0].gpu_uuids.clone();
+    assert_eq!(gpus("pair"), ["a-gpu2", "a-gpu3"]);
+    assert_eq!(gpus("quad"), ["a-gpu4", "a-gpu5", "a-gpu6", "a-gpu7"]);
+}
+
+#[test]
+fn a_rank_gets_nvlink_bridged_gpus() {
+    // Bridged pairs (0,1) and (2,3); the one free GPU of the first pair is left to a single.
+    let mut a = node("a", 4);
+    for i in 0..4 {
+        a.gpus[i].nvlink_peers = vec![format!("a-gpu{}", i ^ 1)];
+    }
+    let s = Snapshot {
+        nodes: vec![a],
+        running: vec![running("r", 50, "a", 1..2)],
+        pending: vec![job("pair", 50, 1, 2, 1), job("single", 50, 2, 1, 1)],
+        ..Default::default()
+    };
+    let plan = schedule(&s);
+    let gpus = |id: &str| plan.placements.iter().find(|p| p.job_id == id).unwrap().nodes[0].gpu_uuids.clone();
+    assert_eq!(gpus("pair"), ["a-gpu2", "a-gpu3"]);
+    assert_eq!(gpus("single"), ["a-gpu0"]);
 }
