@@ -9,6 +9,7 @@ mod checkpoints;
 mod error;
 pub mod inventory;
 mod logship;
+mod metrics;
 mod runner;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,7 @@ type RankKey = (String, u32, u32);
 struct Held {
     report: v1::JobReport,
     stop: watch::Sender<Option<Duration>>,
+    metrics: metrics::MetricsTail,
 }
 
 struct Agent {
@@ -97,12 +99,22 @@ impl Agent {
     }
 
     fn heartbeat(&self) -> v1::AgentMessage {
-        let jobs = self.jobs().values().map(|h| h.report.clone()).collect();
+        let now_ms = now_ms();
+        let mut jobs = Vec::new();
+        let mut metrics = Vec::new();
+        for ((job_id, attempt, rank), held) in self.jobs().iter_mut() {
+            jobs.push(held.report.clone());
+            let points = held.metrics.read_new(now_ms);
+            if !points.is_empty() {
+                metrics.push(v1::RankMetrics { job_id: job_id.clone(), attempt: *attempt, rank: *rank, points });
+            }
+        }
         v1::AgentMessage {
             name: self.config.name.clone(),
             msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
                 inventory: Some(self.inventory.read()),
                 jobs,
+                metrics,
             })),
         }
     }
@@ -187,6 +199,8 @@ impl Agent {
             }
         };
         let (stop_tx, stop_rx) = watch::channel(None);
+        let dir =
+            self.config.work_dir.join("jobs").join(&a.job_id).join(format!("attempt-{}-rank-{}", a.attempt, a.rank));
         {
             let mut jobs = self.jobs();
             if jobs.contains_key(&key) {
@@ -199,10 +213,9 @@ impl Agent {
                 phase: v1::job_report::Phase::Running as i32,
                 ..Default::default()
             };
-            jobs.insert(key.clone(), Held { report, stop: stop_tx });
+            let metrics = metrics::MetricsTail::new(runner::metrics_file(&dir));
+            jobs.insert(key.clone(), Held { report, stop: stop_tx, metrics });
         }
-        let dir =
-            self.config.work_dir.join("jobs").join(&a.job_id).join(format!("attempt-{}-rank-{}", a.attempt, a.rank));
         let launch = runner::Launch {
             assignment: a,
             spec,
@@ -218,6 +231,9 @@ impl Agent {
             }
             let outbound = agent.outbound.lock().expect("outbound lock").clone();
             if let Some(tx) = outbound {
+                // A heartbeat first: it carries the metrics the rank wrote just before it
+                // exited, which would otherwise go with its slot once the exit is released.
+                let _ = tx.send(agent.heartbeat()).await;
                 let msg = v1::AgentMessage {
                     name: agent.config.name.clone(),
                     msg: Some(v1::agent_message::Msg::Job(report)),
@@ -252,4 +268,8 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

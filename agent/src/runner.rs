@@ -111,7 +111,7 @@ async fn run_child(
     cmd.args(&argv[1..])
         .current_dir(&launch.dir)
         .envs(&launch.spec.env)
-        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref()))
+        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -166,8 +166,18 @@ async fn run_child(
     Ok(Exit { code: status.code(), signal: status.signal() })
 }
 
-/// The environment of PRODUCT.md: gantry's names and torchrun's.
-fn job_env(a: &v1::Assignment, checkpoint_dir: &Path, resume_dir: Option<&Path>) -> Vec<(String, String)> {
+/// Where a rank appends its metrics (`GANTRY_METRICS_FILE`), in its attempt directory.
+pub fn metrics_file(dir: &Path) -> PathBuf {
+    dir.join("metrics.jsonl")
+}
+
+/// The environment of PRODUCT.md: gantry's names and torchrun's, and the metrics file.
+fn job_env(
+    a: &v1::Assignment,
+    checkpoint_dir: &Path,
+    resume_dir: Option<&Path>,
+    metrics_file: &Path,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("GANTRY_JOB_ID".to_string(), a.job_id.clone()),
         ("GANTRY_ATTEMPT".into(), a.attempt.to_string()),
@@ -179,6 +189,7 @@ fn job_env(a: &v1::Assignment, checkpoint_dir: &Path, resume_dir: Option<&Path>)
         // Empty for a CPU job: the job sees no GPU rather than every GPU.
         ("CUDA_VISIBLE_DEVICES".into(), a.gpu_uuids.join(",")),
         ("GANTRY_CHECKPOINT_DIR".into(), checkpoint_dir.display().to_string()),
+        ("GANTRY_METRICS_FILE".into(), metrics_file.display().to_string()),
     ];
     if let Some(dir) = resume_dir {
         env.push(("GANTRY_RESUME_DIR".into(), dir.display().to_string()));

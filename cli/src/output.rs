@@ -25,6 +25,16 @@ pub struct JobView {
     pub nodes: Vec<String>,
     pub message: String,
     pub attempts: Vec<AttemptView>,
+    /// The latest point each rank reported: `{"rank": 0, "step": 300, "values": {"loss": 0.1}}`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricsView>,
+}
+
+#[derive(Serialize)]
+pub struct MetricsView {
+    pub rank: u32,
+    pub step: u64,
+    pub values: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +87,14 @@ impl From<&v1::Job> for JobView {
             nodes: attempts.last().map(|a| a.nodes.clone()).unwrap_or_default(),
             message: job.message.clone(),
             attempts,
+            metrics: job
+                .metrics
+                .iter()
+                .filter_map(|r| {
+                    let p = r.points.last()?;
+                    Some(MetricsView { rank: r.rank, step: p.step, values: p.values.clone().into_iter().collect() })
+                })
+                .collect(),
         }
     }
 }
@@ -156,6 +174,15 @@ pub struct GpuView {
     /// Compute processes: pid and bytes used.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nvlink_peers: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cpu_affinity: String,
+    /// MIG instances: uuid, name, memory_total_bytes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mig_instances: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub xid_errors: Vec<u64>,
 }
 
 #[derive(Serialize)]

@@ -25,6 +25,14 @@ fn digits_job_trains_to_93_percent_and_its_checkpoint_downloads_intact() {
         .expect("test_accuracy in the final line");
     println!("digits test accuracy: {accuracy}");
     assert!(accuracy >= 0.93, "accuracy {accuracy}");
+    // The last epoch's figures reached the coordinator through GANTRY_METRICS_FILE.
+    let metrics = &fleet.json(&["job", &id])["metrics"][0];
+    assert_eq!(metrics["step"], 690, "{metrics}");
+    let reported = metrics["values"]["test_accuracy"].as_f64().unwrap();
+    assert!((reported - accuracy).abs() <= 5e-5, "the log rounds to 4 places: {metrics}");
+    for name in ["loss", "samples_per_s", "step_time_ms", "epoch"] {
+        assert!(metrics["values"][name].as_f64().is_some(), "{name} in {metrics}");
+    }
 
     let checkpoints = fleet.json(&["checkpoints", &id]);
     let list = checkpoints.as_array().unwrap();

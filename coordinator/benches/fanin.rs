@@ -69,6 +69,27 @@ async fn agents(url: String, n: usize) {
                 msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
                     inventory: Some(inventory(a, tick)),
                     jobs: vec![],
+                    // One training job per GPU, each reporting a step's figures.
+                    metrics: (0..8)
+                        .map(|g| v1::RankMetrics {
+                            job_id: format!("sim-{a}-{g}"),
+                            attempt: 1,
+                            rank: 0,
+                            points: vec![v1::MetricPoint {
+                                step: tick,
+                                time_ms: 0,
+                                values: [
+                                    ("loss", 0.5),
+                                    ("accuracy", 0.9),
+                                    ("samples_per_s", 1e4),
+                                    ("step_time_ms", 30.0),
+                                ]
+                                .into_iter()
+                                .map(|(k, v)| (k.to_string(), v))
+                                .collect(),
+                            }],
+                        })
+                        .collect(),
                 })),
             };
             tx.send(beat(0)).await.unwrap();

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::checkpoints::CheckpointFiles;
 use crate::error::{Error, Result};
 use crate::fleet::{AgentConn, Fleet, Session};
+use crate::job_metrics::JobMetrics;
 use crate::logs::LogStore;
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
 use crate::store::Store;
@@ -55,6 +56,8 @@ pub struct Coordinator {
     jobs_changed: watch::Sender<u64>,
     started: Instant,
     placements: std::sync::atomic::AtomicU64,
+    /// What jobs report about their training (loss, accuracy, ...), in memory.
+    pub metrics: JobMetrics,
 }
 
 /// What running jobs hold on one node.
@@ -105,6 +108,7 @@ impl Coordinator {
             jobs_changed: watch::channel(0).0,
             started: Instant::now(),
             placements: Default::default(),
+            metrics: JobMetrics::default(),
         })
     }
 
@@ -401,6 +405,9 @@ impl Coordinator {
         if !unhealthy.is_empty() {
             self.stop_jobs_on_unhealthy_gpus(name, &unhealthy)?;
         }
+        for m in hb.metrics {
+            self.metrics.record(m);
+        }
         // Every report, not only exits: a running attempt the coordinator moved on from is
         // stopped, and a stop the agent missed while away is sent again.
         for report in hb.jobs {
@@ -632,7 +639,11 @@ impl Coordinator {
                         uuid: g.uuid.clone(),
                         name: g.name.clone(),
                         memory_total_bytes: g.memory_total_bytes,
-                        healthy: g.healthy,
+                        // A GPU in MIG mode is usable only through its instances, which jobs
+                        // cannot ask for yet: no whole-GPU job goes there.
+                        healthy: g.healthy && g.mig_enabled != Some(true),
+                        numa_node: g.numa_node,
+                        nvlink_peers: g.nvlink_peers.clone(),
                     })
                     .collect(),
             })

@@ -18,6 +18,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/api/fleet", get(api_fleet))
         .route("/api/jobs", get(api_jobs))
         .route("/api/jobs/{id}/logs", get(api_logs))
+        .route("/api/jobs/{id}/metrics", get(api_metrics))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(coordinator)
@@ -60,6 +61,8 @@ async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
                 "memory_total_bytes": g.memory_total_bytes, "memory_used_bytes": g.memory_used_bytes,
                 "utilization_percent": g.utilization_percent, "temperature_c": g.temperature_c,
                 "power_mw": g.power_mw, "healthy": g.healthy, "health_reason": g.health_reason, "job_id": job,
+                "numa_node": g.numa_node, "nvlink_peers": g.nvlink_peers, "xid_errors": g.xid_errors,
+                "mig_instances": g.mig_instances.len(),
             })
         })
         .collect();
@@ -107,6 +110,28 @@ async fn api_logs(
     let next = lines.len();
     let fresh: Vec<String> = lines.into_iter().skip(q.after).map(|l| l.text).collect();
     Ok(axum::Json(serde_json::json!({ "lines": fresh, "next": next })))
+}
+
+/// A job's metric points, per rank of its newest attempt, oldest first.
+async fn api_metrics(
+    State(c): State<Arc<Coordinator>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult {
+    c.store.job(&id).map_err(unavailable)?;
+    let ranks: Vec<serde_json::Value> = c
+        .metrics
+        .series(&id)
+        .into_iter()
+        .map(|r| {
+            let points: Vec<serde_json::Value> = r
+                .points
+                .iter()
+                .map(|p| serde_json::json!({ "step": p.step, "time_ms": p.time_ms, "values": p.values }))
+                .collect();
+            serde_json::json!({ "rank": r.rank, "attempt": r.attempt, "points": points })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "ranks": ranks })))
 }
 
 async fn healthz(State(c): State<Arc<Coordinator>>) -> (StatusCode, &'static str) {
@@ -195,6 +220,16 @@ fn render_metrics(c: &Coordinator) -> crate::Result<String> {
     header(&mut out, "gantry_gpu_healthy", "gauge", "1 if the GPU takes new work, 0 if unhealthy.");
     for (node, g, job) in &gpus {
         let _ = writeln!(out, "gantry_gpu_healthy{{{}}} {}", label(node, g, job), u8::from(g.healthy));
+    }
+    header(&mut out, "gantry_job_metric", "gauge", "The latest value each rank of a running job reported.");
+    for j in jobs.iter().filter(|j| j.state == JobState::Running) {
+        for rank in c.metrics.latest(&j.id) {
+            for (name, v) in rank.points.iter().flat_map(|p| &p.values) {
+                let (job, metric) = (escape(&j.id), escape(name));
+                let _ =
+                    writeln!(out, "gantry_job_metric{{job=\"{job}\",rank=\"{}\",name=\"{metric}\"}} {v}", rank.rank);
+            }
+        }
     }
     Ok(out)
 }

@@ -10,6 +10,7 @@ pub mod control;
 mod error;
 mod fleet;
 mod http;
+mod job_metrics;
 mod logs;
 mod records;
 mod service;

@@ -17,12 +17,15 @@ pub struct RunEnv {
     pub checkpoint_dir: Option<PathBuf>,
     /// `GANTRY_RESUME_DIR`: a `step-<N>` directory to start from.
     pub resume_dir: Option<PathBuf>,
+    /// `GANTRY_METRICS_FILE`: each epoch's figures are appended there as a JSON line.
+    pub metrics_file: Option<PathBuf>,
     /// Set on SIGTERM: training saves a checkpoint and returns at the next step boundary.
     pub stop: Arc<AtomicBool>,
 }
 
 impl RunEnv {
-    /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR` and `GANTRY_RESUME_DIR`; unset or empty
+    /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR`, `GANTRY_RESUME_DIR` and
+    /// `GANTRY_METRICS_FILE`; unset or empty
     /// means none. The stop flag starts cleared.
     pub fn from_env() -> Self {
         let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -30,6 +33,7 @@ impl RunEnv {
             job_id: std::env::var(crate::JOB_ID_VAR).ok().filter(|v| !v.is_empty()),
             checkpoint_dir: path(crate::CHECKPOINT_DIR_VAR),
             resume_dir: path(crate::RESUME_DIR_VAR),
+            metrics_file: path(crate::METRICS_FILE_VAR),
             stop: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -39,3 +39,5 @@ pub const JOB_ID_VAR: &str = "GANTRY_JOB_ID";
 pub const CHECKPOINT_DIR_VAR: &str = "GANTRY_CHECKPOINT_DIR";
 /// A checkpoint to start from, read by [`RunEnv::from_env`].
 pub const RESUME_DIR_VAR: &str = "GANTRY_RESUME_DIR";
+/// Where metrics go, one JSON object per line, read by [`RunEnv::from_env`].
+pub const METRICS_FILE_VAR: &str = "GANTRY_METRICS_FILE";

@@ -152,16 +152,23 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
         pos.batch_in_epoch = 0;
         let acc = test.accuracy(&model);
         accuracy = Some(acc);
+        let loss = loss_sum / batches.max(1) as f64;
+        let samples_per_s = samples as f64 / train_secs.max(1e-9);
         emit(
             out,
             format_args!(
-                "epoch={} step={} loss={:.6} test_accuracy={acc:.4} samples_per_s={:.0}",
-                pos.epoch,
-                pos.step,
-                loss_sum / batches.max(1) as f64,
-                samples as f64 / train_secs.max(1e-9)
+                "epoch={} step={} loss={loss:.6} test_accuracy={acc:.4} samples_per_s={samples_per_s:.0}",
+                pos.epoch, pos.step,
             ),
         )?;
+        if let Some(file) = &env.metrics_file {
+            let step_time_ms = 1000.0 * train_secs / batches.max(1) as f64;
+            let line = serde_json::json!({
+                "step": pos.step, "epoch": pos.epoch, "loss": loss, "test_accuracy": acc,
+                "samples_per_s": samples_per_s, "step_time_ms": step_time_ms,
+            });
+            append_line(file, &line.to_string())?;
+        }
     }
 
     let test_accuracy = match accuracy {
@@ -308,6 +315,12 @@ impl TestSet {
 }
 
 /// Writes one progress line and flushes it: the agent and tests read them as they come.
+/// Appends one line; the whole line goes in one write, so a reader never sees half of it.
+fn append_line(file: &std::path::Path, line: &str) -> Result<(), JobsError> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(file).map_err(JobsError::Output)?;
+    f.write_all(format!("{line}\n").as_bytes()).map_err(JobsError::Output)
+}
+
 fn emit(out: &mut dyn Write, line: std::fmt::Arguments) -> Result<(), JobsError> {
     writeln!(out, "{line}").and_then(|()| out.flush()).map_err(JobsError::Output)
 }

@@ -55,6 +55,7 @@ fn env(job: &str, checkpoints: Option<&Path>, resume: Option<&Path>) -> RunEnv {
         job_id: Some(job.into()),
         checkpoint_dir: checkpoints.map(Path::to_path_buf),
         resume_dir: resume.map(Path::to_path_buf),
+        metrics_file: None,
         stop: Arc::new(AtomicBool::new(false)),
     }
 }

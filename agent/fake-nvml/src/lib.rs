@@ -4,6 +4,10 @@
 //!
 //! A field missing from the file answers NVML_ERROR_NOT_SUPPORTED; a device with `"lost": true`
 //! answers NVML_ERROR_GPU_IS_LOST. Nothing here may panic across `extern "C"`.
+//!
+//! Handles encode the device index + 1 in the low 16 bits and, for a MIG instance, its index + 1
+//! above them. XID events: each number appended to a device's `xid_events` is delivered once by
+//! `nvmlEventSetWait_v2` to every event set registered for that device.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
@@ -17,7 +21,11 @@ const SUCCESS: Ret = 0;
 const INVALID_ARGUMENT: Ret = 2;
 const NOT_SUPPORTED: Ret = 3;
 const INSUFFICIENT_SIZE: Ret = 7;
+const TIMEOUT: Ret = 10;
 const GPU_IS_LOST: Ret = 15;
+const NOT_FOUND: Ret = 6;
+/// nvmlEventTypeXidCriticalError.
+const XID_CRITICAL: u64 = 8;
 const UNKNOWN: Ret = 999;
 
 #[derive(Deserialize, Default)]
@@ -28,7 +36,7 @@ struct Fleet {
     devices: Vec<Device>,
 }
 
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Clone, Default)]
 struct Device {
     uuid: String,
     name: String,
@@ -50,8 +58,37 @@ struct Device {
     numa_node: Option<u32>,
     /// Compute processes: (pid, bytes used).
     processes: Option<Vec<(u32, u64)>>,
+    /// Per NVLink: the remote end's PCI bus id (another GPU, or an NVSwitch); null for a link
+    /// that is down. Absent: NVLink not supported.
+    nvlinks: Option<Vec<Option<String>>>,
+    /// CPUs close to the GPU.
+    cpu_affinity: Option<Vec<u32>>,
+    /// MIG instances, when MIG is on.
+    mig_instances: Option<Vec<MigInstance>>,
+    /// Critical XID errors so far; present means the device supports XID events.
+    xid_events: Option<Vec<u64>>,
     #[serde(default)]
     lost: bool,
+}
+
+#[derive(Deserialize, Clone)]
+struct MigInstance {
+    uuid: String,
+    name: String,
+    memory_total_bytes: u64,
+}
+
+impl Device {
+    /// A MIG instance answers as a device of its own, with only its identity and memory.
+    fn mig(&self, i: usize) -> Option<Device> {
+        let m = self.mig_instances.as_ref()?.get(i)?;
+        Some(Device {
+            uuid: m.uuid.clone(),
+            name: m.name.clone(),
+            memory_total_bytes: m.memory_total_bytes,
+            ..Device::default()
+        })
+    }
 }
 
 /// The file beside this library, found through the library's own path.
@@ -72,15 +109,17 @@ fn fleet() -> Option<Fleet> {
     serde_json::from_str(&text).ok()
 }
 
-/// Runs `f` with the device behind `handle` (index + 1), catching any panic.
+/// Runs `f` with the device (or MIG instance) behind `handle`, catching any panic.
 fn with_device(handle: *mut c_void, f: impl FnOnce(&Device) -> Ret) -> Ret {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let index = (handle as usize).wrapping_sub(1);
+        let index = (handle as usize & 0xffff).wrapping_sub(1);
+        let mig = (handle as usize >> 16).checked_sub(1);
         let Some(fleet) = fleet() else { return UNKNOWN };
-        match fleet.devices.get(index) {
-            Some(d) if d.lost => GPU_IS_LOST,
-            Some(d) => f(d),
-            None => INVALID_ARGUMENT,
+        match (fleet.devices.get(index), mig) {
+            (Some(d), _) if d.lost => GPU_IS_LOST,
+            (Some(d), None) => f(d),
+            (Some(d), Some(m)) => d.mig(m).map_or(INVALID_ARGUMENT, |m| f(&m)),
+            (None, _) => INVALID_ARGUMENT,
         }
     }))
     .unwrap_or(UNKNOWN)
@@ -308,24 +347,23 @@ pub struct PciInfo {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(handle: *mut c_void, out: *mut PciInfo) -> Ret {
     with_device(handle, |d| match &d.pci_bus_id {
-        _ if out.is_null() => INVALID_ARGUMENT,
-        Some(id) if id.len() < 32 => {
-            // SAFETY: checked non-null; every field is written, strings NUL-terminated.
-            unsafe {
-                std::ptr::write_bytes(out, 0, 1);
-                let legacy: Vec<u8> = id.bytes().take(15).collect();
-                std::ptr::copy_nonoverlapping(
-                    legacy.as_ptr(),
-                    (*out).bus_id_legacy.as_mut_ptr() as *mut u8,
-                    legacy.len(),
-                );
-                std::ptr::copy_nonoverlapping(id.as_ptr(), (*out).bus_id.as_mut_ptr() as *mut u8, id.len());
-            }
-            SUCCESS
-        }
-        Some(_) => INVALID_ARGUMENT,
+        Some(id) => write_pci(id, out),
         None => NOT_SUPPORTED,
     })
+}
+
+fn write_pci(id: &str, out: *mut PciInfo) -> Ret {
+    if out.is_null() || id.len() >= 32 {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null; every field is written, strings NUL-terminated.
+    unsafe {
+        std::ptr::write_bytes(out, 0, 1);
+        let legacy: Vec<u8> = id.bytes().take(15).collect();
+        std::ptr::copy_nonoverlapping(legacy.as_ptr(), (*out).bus_id_legacy.as_mut_ptr() as *mut u8, legacy.len());
+        std::ptr::copy_nonoverlapping(id.as_ptr(), (*out).bus_id.as_mut_ptr() as *mut u8, id.len());
+    }
+    SUCCESS
 }
 
 #[unsafe(no_mangle)]
@@ -405,4 +443,163 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         }
         SUCCESS
     })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(handle: *mut c_void, link: c_uint, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| match d.nvlinks.as_ref().map(|l| l.get(link as usize)) {
+        None => NOT_SUPPORTED,
+        Some(None) => INVALID_ARGUMENT,
+        Some(Some(remote)) => write_u32(Some(remote.is_some() as u32), out),
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkRemotePciInfo_v2(
+    handle: *mut c_void,
+    link: c_uint,
+    out: *mut PciInfo,
+) -> Ret {
+    with_device(handle, |d| match d.nvlinks.as_ref().map(|l| l.get(link as usize)) {
+        None => NOT_SUPPORTED,
+        Some(Some(Some(remote))) => write_pci(remote, out),
+        Some(_) => INVALID_ARGUMENT,
+    })
+}
+
+/// cpuSet: `size` words of 64 bits, bit i for CPU i.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCpuAffinity(handle: *mut c_void, size: c_uint, out: *mut u64) -> Ret {
+    with_device(handle, |d| match &d.cpu_affinity {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(cpus) => {
+            for cpu in cpus.iter().filter(|c| (**c as usize) < size as usize * 64) {
+                // SAFETY: checked non-null; the caller gave `size` words and the index is below it.
+                unsafe { *out.add(*cpu as usize / 64) |= 1 << (cpu % 64) };
+            }
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(handle: *mut c_void, out: *mut c_uint) -> Ret {
+    with_device(handle, |d| write_u32(d.mig_instances.as_ref().map(|m| m.len() as u32), out))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    handle: *mut c_void,
+    index: c_uint,
+    out: *mut *mut c_void,
+) -> Ret {
+    let parent = handle as usize & 0xffff;
+    with_device(handle, |d| match &d.mig_instances {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(list) if (index as usize) < list.len() => {
+            // SAFETY: checked non-null.
+            unsafe { *out = (parent | ((index as usize + 1) << 16)) as *mut c_void };
+            SUCCESS
+        }
+        Some(_) => NOT_FOUND,
+        None => NOT_SUPPORTED,
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(handle: *mut c_void, out: *mut u64) -> Ret {
+    with_device(handle, |d| match d.xid_events {
+        _ if out.is_null() => INVALID_ARGUMENT,
+        Some(_) => {
+            // SAFETY: checked non-null.
+            unsafe { *out = XID_CRITICAL };
+            SUCCESS
+        }
+        None => NOT_SUPPORTED,
+    })
+}
+
+/// An event set: the devices registered and how many of each one's XIDs were delivered.
+#[derive(Default)]
+struct EventSet {
+    devices: Vec<(usize, usize)>,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetCreate(out: *mut *mut c_void) -> Ret {
+    if out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: checked non-null; freed by nvmlEventSetFree.
+    unsafe { *out = Box::into_raw(Box::<EventSet>::default()) as *mut c_void };
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetFree(set: *mut c_void) -> Ret {
+    if !set.is_null() {
+        // SAFETY: made by nvmlEventSetCreate, freed once.
+        drop(unsafe { Box::from_raw(set as *mut EventSet) });
+    }
+    SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceRegisterEvents(handle: *mut c_void, types: u64, set: *mut c_void) -> Ret {
+    with_device(handle, |d| {
+        if set.is_null() || types & !XID_CRITICAL != 0 {
+            return if set.is_null() { INVALID_ARGUMENT } else { NOT_SUPPORTED };
+        }
+        let Some(seen) = d.xid_events.as_ref().map(|x| x.len()) else { return NOT_SUPPORTED };
+        // SAFETY: a set made by nvmlEventSetCreate; NVML's callers use one set from one thread.
+        let set = unsafe { &mut *(set as *mut EventSet) };
+        // Only errors after registration are delivered, as with the real driver.
+        set.devices.push((handle as usize & 0xffff, seen));
+        SUCCESS
+    })
+}
+
+/// nvmlEventData_t.
+#[repr(C)]
+pub struct EventData {
+    device: *mut c_void,
+    event_type: u64,
+    event_data: u64,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(set: *mut c_void, out: *mut EventData, timeout_ms: c_uint) -> Ret {
+    if set.is_null() || out.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: a set made by nvmlEventSetCreate, used from one thread.
+    let set = unsafe { &mut *(set as *mut EventSet) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+    loop {
+        let fleet = std::panic::catch_unwind(fleet).ok().flatten().unwrap_or_default();
+        for (handle, delivered) in &mut set.devices {
+            let xids = fleet.devices.get(*handle - 1).and_then(|d| d.xid_events.clone()).unwrap_or_default();
+            if let Some(xid) = xids.get(*delivered) {
+                *delivered += 1;
+                // SAFETY: checked non-null.
+                unsafe {
+                    *out = EventData {
+                        device: *handle as *mut c_void,
+                        event_type: XID_CRITICAL,
+                        event_data: *xid,
+                        gpu_instance_id: u32::MAX,
+                        compute_instance_id: u32::MAX,
+                    }
+                };
+                return SUCCESS;
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return TIMEOUT;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

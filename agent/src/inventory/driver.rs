@@ -2,10 +2,14 @@
 //! report is an `Option`; the logic above ([`super`]) decides what a reading means.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor, TemperatureThreshold};
 use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
 
 /// One GPU as NVML reported it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,6 +33,18 @@ pub struct RawGpu {
     pub numa_node: Option<u32>,
     /// Compute processes: pid and memory used (None where the driver cannot say).
     pub processes: Option<Vec<(u32, Option<u64>)>>,
+    /// The PCI bus id at the far end of each active NVLink (a GPU or an NVSwitch).
+    pub nvlink_remotes: Option<Vec<String>>,
+    /// CPUs close to this GPU.
+    pub cpu_affinity: Option<Vec<u32>>,
+    pub mig_instances: Option<Vec<RawMig>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawMig {
+    pub uuid: String,
+    pub name: String,
+    pub memory_total_bytes: u64,
 }
 
 /// A source of GPU readings: NVML, or a fake in tests.
@@ -37,7 +53,18 @@ pub trait GpuDriver: Send + Sync {
     fn count(&self) -> Result<u32, String>;
     /// Fails when the GPU does not answer at all (lost, fallen off the bus).
     fn read(&self, index: u32) -> Result<RawGpu, String>;
+    /// Blocks, calling `on_xid(uuid, xid)` for each critical XID error, until `stop` is set.
+    /// Fails at once where the driver cannot deliver XID events.
+    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<(), String> {
+        let _ = (stop, on_xid);
+        Err("XID events are not supported".into())
+    }
 }
+
+/// Enough `c_ulong` words for a cpuset of 1,024 CPUs, on any word size.
+const CPUSET_WORDS: usize = 1024 / std::ffi::c_ulong::BITS as usize;
+/// NVML_NVLINK_MAX_LINKS.
+const MAX_NVLINKS: u32 = 18;
 
 pub struct NvmlDriver(Nvml);
 
@@ -96,6 +123,88 @@ impl GpuDriver for NvmlDriver {
                     })
                     .collect()
             }),
+            nvlink_remotes: nvlink_remotes(&d),
+            cpu_affinity: d.cpu_affinity(CPUSET_WORDS).ok().map(|words| cpus_of(&words)),
+            mig_instances: mig_instances(&d),
         })
     }
+
+    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<(), String> {
+        let mut set = self.0.create_event_set().map_err(|e| e.to_string())?;
+        let mut watched = 0;
+        for index in 0..self.0.device_count().map_err(|e| e.to_string())? {
+            let Ok(d) = self.0.device_by_index(index) else { continue };
+            if !d.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR)) {
+                continue;
+            }
+            // On failure NVML frees the set, so one refusal ends the watch.
+            set = d.register_events(EventTypes::CRITICAL_XID_ERROR, set).map_err(|e| e.to_string())?;
+            watched += 1;
+        }
+        if watched == 0 {
+            return Err("no GPU delivers XID events".into());
+        }
+        while !stop.load(Ordering::Relaxed) {
+            match set.wait(500) {
+                Ok(event) => {
+                    let xid = match event.event_data {
+                        Some(XidError::Value(v)) => v,
+                        Some(XidError::Unknown) => 999,
+                        None => continue,
+                    };
+                    on_xid(event.device.uuid().unwrap_or_default(), xid);
+                }
+                Err(NvmlError::Timeout) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nvlink_remotes(d: &nvml_wrapper::Device) -> Option<Vec<String>> {
+    let mut remotes = Vec::new();
+    for link in 0..MAX_NVLINKS {
+        let l = d.link_wrapper_for(link);
+        match l.is_active() {
+            Ok(true) => {}
+            Ok(false) => continue,
+            // The first link answers "not supported" on GPUs without NVLink.
+            Err(NvmlError::NotSupported) if link == 0 => return None,
+            Err(_) => break,
+        }
+        if let Ok(pci) = l.remote_pci_info() {
+            remotes.push(pci.bus_id);
+        }
+    }
+    Some(remotes)
+}
+
+fn mig_instances(d: &nvml_wrapper::Device) -> Option<Vec<RawMig>> {
+    if d.mig_mode().ok()?.current != 1 {
+        return None;
+    }
+    let max = d.mig_device_count().ok()?;
+    // Slots without an instance answer "not found": skip them.
+    let instances = (0..max)
+        .filter_map(|i| d.mig_device_by_index(i).ok())
+        .filter_map(|m| {
+            Some(RawMig {
+                uuid: m.uuid().ok()?,
+                name: m.name().unwrap_or_default(),
+                memory_total_bytes: m.memory_info().map_or(0, |i| i.total),
+            })
+        })
+        .collect();
+    Some(instances)
+}
+
+/// The CPU numbers set in an NVML cpuset (words of `c_ulong`'s width).
+fn cpus_of(words: &[std::ffi::c_ulong]) -> Vec<u32> {
+    let bits = std::ffi::c_ulong::BITS;
+    let mut cpus = Vec::new();
+    for (w, word) in words.iter().enumerate() {
+        cpus.extend((0..bits).filter(|bit| word >> bit & 1 == 1).map(|bit| w as u32 * bits + bit));
+    }
+    cpus
 }

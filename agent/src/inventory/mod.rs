@@ -6,19 +6,32 @@
 //! never fails to start for lack of a GPU.
 
 pub mod driver;
+mod topology;
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use driver::{GpuDriver, NvmlDriver, RawGpu};
 use gantry_proto::v1;
 use tracing::{info, warn};
 
 pub struct Inventory {
-    driver: Option<Box<dyn GpuDriver>>,
+    driver: Option<Arc<dyn GpuDriver>>,
     base: v1::Inventory,
     /// The GPUs as last read, by index: a GPU that stops answering stays listed, unhealthy.
     last: Mutex<Vec<v1::GpuInfo>>,
+    /// Critical XID errors by GPU UUID, from the watcher thread. They stick until the agent
+    /// restarts: a GPU that reported one needs an operator's look.
+    xids: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    stop_watch: Arc<AtomicBool>,
+}
+
+impl Drop for Inventory {
+    fn drop(&mut self) {
+        self.stop_watch.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Inventory {
@@ -43,7 +56,34 @@ impl Inventory {
             nvml_error,
             ..Default::default()
         };
-        Inventory { driver, base, last: Mutex::new(Vec::new()) }
+        let driver: Option<Arc<dyn GpuDriver>> = driver.map(Arc::from);
+        let inventory =
+            Inventory { driver, base, last: Mutex::new(Vec::new()), xids: Arc::default(), stop_watch: Arc::default() };
+        inventory.watch_xids();
+        inventory
+    }
+
+    /// Listens for XID events on a thread of its own (NVML's wait blocks).
+    fn watch_xids(&self) {
+        let Some(driver) = self.driver.clone() else { return };
+        let (xids, stop) = (self.xids.clone(), self.stop_watch.clone());
+        let spawned = std::thread::Builder::new().name("xid-events".into()).spawn(move || {
+            let mut record = |uuid: String, xid: u64| {
+                warn!(gpu = %uuid, xid, "XID error: {}", xid_meaning(xid));
+                let mut xids = xids.lock().expect("xid lock poisoned");
+                let list = xids.entry(uuid).or_default();
+                list.push(xid);
+                if list.len() > MAX_XIDS {
+                    list.remove(0);
+                }
+            };
+            if let Err(e) = driver.watch_xids(&stop, &mut record) {
+                info!(error = %e, "not watching XID events");
+            }
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the XID watcher");
+        }
     }
 
     /// The current inventory with fresh telemetry and health.
@@ -51,14 +91,18 @@ impl Inventory {
         let mut out = self.base.clone();
         if let Some(driver) = &self.driver {
             let mut last = self.last.lock().expect("inventory lock poisoned");
-            out.gpus = read_gpus(driver.as_ref(), &last);
+            let xids = self.xids.lock().expect("xid lock poisoned").clone();
+            out.gpus = read_gpus(driver.as_ref(), &last, &xids);
             *last = out.gpus.clone();
         }
         out
     }
 }
 
-fn read_gpus(driver: &dyn GpuDriver, last: &[v1::GpuInfo]) -> Vec<v1::GpuInfo> {
+/// XID errors kept per GPU.
+const MAX_XIDS: usize = 16;
+
+fn read_gpus(driver: &dyn GpuDriver, last: &[v1::GpuInfo], xids: &HashMap<String, Vec<u64>>) -> Vec<v1::GpuInfo> {
     let count = match driver.count() {
         Ok(n) => n,
         Err(e) => {
@@ -66,10 +110,17 @@ fn read_gpus(driver: &dyn GpuDriver, last: &[v1::GpuInfo]) -> Vec<v1::GpuInfo> {
             return last.iter().map(|g| lost(g, &e)).collect();
         }
     };
+    let readings: Vec<(u32, Result<RawGpu, String>)> =
+        (0..count.max(last.len() as u32)).map(|i| (i, driver.read(i))).collect();
+    let peers = topology::nvlink_peers(readings.iter().filter_map(|(_, r)| r.as_ref().ok()));
     let mut gpus = Vec::new();
-    for index in 0..count.max(last.len() as u32) {
-        match driver.read(index) {
-            Ok(raw) => gpus.push(to_info(index, raw)),
+    for (index, reading) in readings {
+        match reading {
+            Ok(raw) => {
+                let xids = xids.get(&raw.uuid).cloned().unwrap_or_default();
+                let peers = peers.get(&raw.uuid).cloned().unwrap_or_default();
+                gpus.push(to_info(index, raw, peers, xids))
+            }
             // A GPU known before that no longer answers (lost, fallen off the bus) stays in the
             // inventory, unhealthy, so nothing more is placed on it and people see why.
             Err(e) => match last.get(index as usize) {
@@ -99,10 +150,13 @@ fn lost(known: &v1::GpuInfo, error: &str) -> v1::GpuInfo {
     }
 }
 
-/// A reading, and whether it is healthy: uncorrectable ECC errors, or a temperature at or above
-/// the slowdown threshold, make a GPU unhealthy.
-fn to_info(index: u32, raw: RawGpu) -> v1::GpuInfo {
+/// A reading, and whether it is healthy: uncorrectable ECC errors, a critical XID error, or a
+/// temperature at or above the slowdown threshold make a GPU unhealthy.
+fn to_info(index: u32, raw: RawGpu, nvlink_peers: Vec<String>, xid_errors: Vec<u64>) -> v1::GpuInfo {
     let mut problems = Vec::new();
+    if let Some(xid) = xid_errors.iter().rev().find(|x| !application_xid(**x)) {
+        problems.push(format!("XID {xid}: {}", xid_meaning(*xid)));
+    }
     if let Some(n) = raw.ecc_uncorrected.filter(|n| *n > 0) {
         problems.push(format!("{n} uncorrectable ECC errors"));
     }
@@ -138,6 +192,41 @@ fn to_info(index: u32, raw: RawGpu) -> v1::GpuInfo {
             .into_iter()
             .map(|(pid, used_memory_bytes)| v1::GpuProcess { pid, used_memory_bytes })
             .collect(),
+        nvlink_peers,
+        cpu_affinity: raw.cpu_affinity.map(|c| topology::cpu_list(&c)).unwrap_or_default(),
+        mig_instances: raw
+            .mig_instances
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| v1::MigInstance { uuid: m.uuid, name: m.name, memory_total_bytes: m.memory_total_bytes })
+            .collect(),
+        xid_errors,
+    }
+}
+
+/// XIDs caused by the application rather than the GPU (NVIDIA's device plugin skips the same
+/// ones): they say nothing about the GPU's health.
+fn application_xid(xid: u64) -> bool {
+    matches!(xid, 13 | 31 | 43 | 45 | 68 | 109)
+}
+
+/// The meaning of the XIDs operators meet most, from NVIDIA's XID catalogue.
+fn xid_meaning(xid: u64) -> &'static str {
+    match xid {
+        13 => "graphics engine exception (application)",
+        31 => "GPU memory page fault (application)",
+        43 => "GPU stopped processing (application)",
+        45 => "preemptive cleanup (application)",
+        48 => "double-bit ECC error",
+        63 => "ECC page retirement or row remapping",
+        64 => "ECC page retirement or row remapping failure",
+        74 => "NVLink error",
+        79 => "GPU has fallen off the bus",
+        92 => "high single-bit ECC error rate",
+        94 => "contained ECC error",
+        95 => "uncontained ECC error",
+        119 | 120 => "GSP error",
+        _ => "critical error reported by the driver",
     }
 }
 
@@ -189,6 +278,19 @@ mod tests {
     fn inventory(gpus: Vec<Option<RawGpu>>) -> (Inventory, std::sync::Arc<Mutex<Vec<Option<RawGpu>>>>) {
         let shared = std::sync::Arc::new(Mutex::new(gpus));
         (Inventory::with_driver(Some(Box::new(Fake(shared.clone()))), String::new()), shared)
+    }
+
+    #[test]
+    fn a_critical_xid_makes_a_gpu_unhealthy_and_an_application_xid_does_not() {
+        let (inv, _) = inventory(vec![Some(gpu("a")), Some(gpu("b"))]);
+        inv.xids.lock().unwrap().insert("a".into(), vec![79]);
+        inv.xids.lock().unwrap().insert("b".into(), vec![13, 31]);
+        let gpus = inv.read().gpus;
+        assert!(!gpus[0].healthy);
+        assert_eq!(gpus[0].health_reason, "XID 79: GPU has fallen off the bus");
+        assert_eq!(gpus[0].xid_errors, vec![79]);
+        assert!(gpus[1].healthy, "{:?}", gpus[1]);
+        assert_eq!(gpus[1].xid_errors, vec![13, 31], "listed all the same");
     }
 
     #[test]

@@ -100,6 +100,14 @@ pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
                     .iter()
                     .map(|p| serde_json::json!({"pid": p.pid, "used_memory_bytes": p.used_memory_bytes}))
                     .collect(),
+                nvlink_peers: i.nvlink_peers,
+                cpu_affinity: i.cpu_affinity,
+                mig_instances: i
+                    .mig_instances
+                    .iter()
+                    .map(|m| serde_json::json!({"uuid": m.uuid, "name": m.name, "memory_total_bytes": m.memory_total_bytes}))
+                    .collect(),
+                xid_errors: i.xid_errors,
             }
         })
         .collect();
@@ -120,10 +128,32 @@ pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
                 opt(g.power_mw.map(|p| format!("{:.0}W", p as f64 / 1000.0))),
                 if g.healthy { "ok".into() } else { format!("unhealthy: {}", g.health_reason) },
                 g.job_id.clone().unwrap_or_default(),
+                topology(g),
                 g.uuid.clone(),
             ]
         })
         .collect();
-    print_table(&["NODE", "GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HEALTH", "JOB", "UUID"], &rows);
+    print_table(
+        &["NODE", "GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HEALTH", "JOB", "TOPOLOGY", "UUID"],
+        &rows,
+    );
     Ok(())
+}
+
+/// "numa 0, nvlink 3 peers, cpus 0-23, mig 2": what the inventory says of how a GPU is wired.
+fn topology(g: &GpuView) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = g.numa_node {
+        parts.push(format!("numa {n}"));
+    }
+    if !g.nvlink_peers.is_empty() {
+        parts.push(format!("nvlink {} peers", g.nvlink_peers.len()));
+    }
+    if !g.cpu_affinity.is_empty() {
+        parts.push(format!("cpus {}", g.cpu_affinity));
+    }
+    if !g.mig_instances.is_empty() {
+        parts.push(format!("mig {}", g.mig_instances.len()));
+    }
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }

@@ -96,6 +96,10 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     if !view.message.is_empty() {
         println!("message:   {}", view.message);
     }
+    for m in &view.metrics {
+        let values: Vec<String> = m.values.iter().map(|(k, v)| format!("{k}={}", format_metric(*v))).collect();
+        println!("metrics:   rank {} step {}: {}", m.rank, m.step, values.join(" "));
+    }
     for a in &view.attempts {
         let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
         let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
@@ -197,4 +201,15 @@ pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Resu
         println!("download it with:  gantry checkpoint download {id} --out ./checkpoint-{id}");
     }
     Ok(if state == "succeeded" { 0 } else { 1 })
+}
+
+/// Five significant digits, without trailing noise: 0.12346, 12346, 1.5e-7.
+fn format_metric(v: f64) -> String {
+    if v != 0.0 && (v.abs() >= 1e6 || v.abs() < 1e-4) {
+        format!("{v:.4e}")
+    } else {
+        let digits = (4 - v.abs().log10().floor() as i32).clamp(0, 10) as usize;
+        let s = format!("{v:.digits$}");
+        if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
+    }
 }

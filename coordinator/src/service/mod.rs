@@ -28,7 +28,11 @@ pub(crate) fn state_name(s: JobState) -> &'static str {
     gantry_proto::job_state_name(state_to_proto(s))
 }
 
-pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<gantry_core::scheduler::Waiting>) -> v1::Job {
+pub(crate) fn job_to_proto(
+    job: &JobRecord,
+    waiting: Option<gantry_core::scheduler::Waiting>,
+    metrics: Vec<v1::RankMetrics>,
+) -> v1::Job {
     let (pending_reason, queue_position, estimated_start_ms) = match (job.state, waiting) {
         (JobState::Queued, Some(w)) => (w.reason, w.position, w.estimated_start_ms.map(|t| t as i64)),
         (JobState::Queued, None) => ("waiting for the next scheduling pass".to_string(), 0, None),
@@ -64,6 +68,7 @@ pub(crate) fn job_to_proto(job: &JobRecord, waiting: Option<gantry_core::schedul
         message: job.message.clone(),
         estimated_start_ms,
         preempted_by: job.preempted_by.clone().unwrap_or_default(),
+        metrics,
     }
 }
 

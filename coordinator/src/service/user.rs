@@ -31,18 +31,19 @@ impl v1::gantry_server::Gantry for UserService {
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let id = req.into_inner().job_id;
         let job = self.coordinator.store.job(&id)?;
-        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id))))
+        let metrics = self.coordinator.metrics.latest(&id);
+        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id), metrics)))
     }
 
     async fn list_jobs(&self, _req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         let jobs = self.coordinator.store.jobs()?;
-        let jobs = jobs.iter().map(|j| job_to_proto(j, self.coordinator.waiting(&j.id))).collect();
+        let jobs = jobs.iter().map(|j| job_to_proto(j, self.coordinator.waiting(&j.id), Vec::new())).collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
 
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
         let job = self.coordinator.cancel(&req.into_inner().job_id)?;
-        Ok(Response::new(job_to_proto(&job, None)))
+        Ok(Response::new(job_to_proto(&job, None, Vec::new())))
     }
 
     type LogsStream = BoxStream<v1::LogLines>;

@@ -1,0 +1,126 @@
+//! The numbers jobs report (loss, accuracy, samples/s, ...), per job and rank. Telemetry, like
+//! GPU readings: kept in memory and bounded, never written to the store, so a restarted
+//! coordinator starts with none and fills up again from the next heartbeats.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use gantry_proto::v1;
+
+/// Points kept per rank; the oldest go first.
+const MAX_POINTS_PER_RANK: usize = 2_000;
+/// Jobs kept; the one updated longest ago goes first.
+const MAX_JOBS: usize = 10_000;
+
+#[derive(Default)]
+pub struct JobMetrics {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<String, Series>,
+    /// Counts records: a series' `touched` is the count at its last update.
+    clock: u64,
+}
+
+struct Series {
+    attempt: u32,
+    ranks: BTreeMap<u32, VecDeque<v1::MetricPoint>>,
+    /// When it was last updated, in records: for eviction.
+    touched: u64,
+}
+
+impl JobMetrics {
+    /// Adds a rank's new points. A newer attempt starts the job's series afresh; points from an
+    /// older attempt than the one kept are dropped.
+    pub fn record(&self, m: v1::RankMetrics) {
+        let mut inner = self.inner.lock().expect("metrics lock poisoned");
+        inner.clock += 1;
+        let clock = inner.clock;
+        let jobs = &mut inner.jobs;
+        if !jobs.contains_key(&m.job_id) && jobs.len() >= MAX_JOBS {
+            let oldest = jobs.iter().min_by_key(|(_, s)| s.touched).map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                jobs.remove(&id);
+            }
+        }
+        let series =
+            jobs.entry(m.job_id).or_insert_with(|| Series { attempt: m.attempt, ranks: BTreeMap::new(), touched: 0 });
+        if m.attempt < series.attempt {
+            return;
+        }
+        if m.attempt > series.attempt {
+            *series = Series { attempt: m.attempt, ranks: BTreeMap::new(), touched: 0 };
+        }
+        series.touched = clock;
+        let points = series.ranks.entry(m.rank).or_default();
+        points.extend(m.points);
+        let excess = points.len().saturating_sub(MAX_POINTS_PER_RANK);
+        points.drain(..excess);
+    }
+
+    /// Every rank's points for a job, oldest first.
+    pub fn series(&self, job_id: &str) -> Vec<v1::RankMetrics> {
+        self.collect(job_id, usize::MAX)
+    }
+
+    /// Each rank's latest point.
+    pub fn latest(&self, job_id: &str) -> Vec<v1::RankMetrics> {
+        self.collect(job_id, 1)
+    }
+
+    fn collect(&self, job_id: &str, last: usize) -> Vec<v1::RankMetrics> {
+        let inner = self.inner.lock().expect("metrics lock poisoned");
+        let Some(series) = inner.jobs.get(job_id) else { return Vec::new() };
+        series
+            .ranks
+            .iter()
+            .map(|(rank, points)| v1::RankMetrics {
+                job_id: job_id.to_string(),
+                attempt: series.attempt,
+                rank: *rank,
+                points: points.iter().skip(points.len().saturating_sub(last)).cloned().collect(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: u64, loss: f64) -> v1::MetricPoint {
+        v1::MetricPoint { step, time_ms: 0, values: [("loss".to_string(), loss)].into() }
+    }
+
+    fn metrics(attempt: u32, rank: u32, points: Vec<v1::MetricPoint>) -> v1::RankMetrics {
+        v1::RankMetrics { job_id: "j".into(), attempt, rank, points }
+    }
+
+    #[test]
+    fn latest_is_per_rank_and_a_new_attempt_starts_afresh() {
+        let m = JobMetrics::default();
+        m.record(metrics(1, 0, vec![point(1, 0.9), point(2, 0.8)]));
+        m.record(metrics(1, 1, vec![point(2, 0.7)]));
+        let latest = m.latest("j");
+        assert_eq!(latest.len(), 2);
+        assert_eq!(latest[0].points, vec![point(2, 0.8)]);
+        assert_eq!(m.series("j")[0].points.len(), 2);
+        m.record(metrics(2, 0, vec![point(3, 0.5)]));
+        m.record(metrics(1, 1, vec![point(3, 0.6)]));
+        let latest = m.latest("j");
+        assert_eq!(latest.len(), 1, "attempt 1's ranks are gone and its late points dropped");
+        assert_eq!((latest[0].attempt, latest[0].points[0].step), (2, 3));
+    }
+
+    #[test]
+    fn a_rank_keeps_a_bounded_number_of_points() {
+        let m = JobMetrics::default();
+        let many: Vec<_> = (0..MAX_POINTS_PER_RANK as u64 + 10).map(|s| point(s, 0.0)).collect();
+        m.record(metrics(1, 0, many));
+        let series = m.series("j");
+        assert_eq!(series[0].points.len(), MAX_POINTS_PER_RANK);
+        assert_eq!(series[0].points[0].step, 10, "the oldest went first");
+    }
+}
