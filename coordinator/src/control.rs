@@ -51,6 +51,9 @@ pub struct Coordinator {
     fleet: Mutex<Fleet>,
     /// Why each queued job waits, and where it stands: from the last scheduling pass.
     waiting: Mutex<HashMap<String, scheduler::Waiting>>,
+    /// The jobs the last pass kept ahead of their priority (see `Snapshot::ahead`). In memory:
+    /// after a restart the first pass works them out again.
+    ahead: Mutex<Vec<String>>,
     wake: Notify,
     /// Ticks whenever a job changes state: log followers wait on it.
     jobs_changed: watch::Sender<u64>,
@@ -109,6 +112,7 @@ impl Coordinator {
             started: Instant::now(),
             placements: Default::default(),
             metrics: JobMetrics::default(),
+            ahead: Mutex::default(),
         })
     }
 
@@ -581,6 +585,7 @@ impl Coordinator {
         let jobs = self.store.jobs()?;
         let (snapshot, versions) = self.snapshot(&jobs);
         let plan = scheduler::schedule(&snapshot);
+        *self.ahead.lock().expect("ahead lock poisoned") = plan.ahead.clone();
         {
             let mut waiting = self.waiting.lock().expect("waiting lock poisoned");
             waiting.clear();
@@ -692,7 +697,8 @@ impl Coordinator {
         }
         let revision = jobs.iter().map(|j| j.version).sum();
         let queues = self.settings.queues.clone();
-        (Snapshot { revision, now_ms: now_ms() as u64, nodes, running, pending, queues }, versions)
+        let ahead = self.ahead.lock().expect("ahead lock poisoned").clone();
+        (Snapshot { revision, now_ms: now_ms() as u64, nodes, running, pending, queues, ahead }, versions)
     }
 
     /// Where a placed job starts from: its own latest checkpoint on a restart, else `init_from`.

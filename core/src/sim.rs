@@ -203,6 +203,8 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
     let mut started: BTreeMap<String, u64> = BTreeMap::new();
     let mut now = 0u64;
     let mut done = 0;
+    // The jobs gantry's last pass kept ahead, carried into the next as the coordinator does.
+    let mut ahead: Vec<String> = Vec::new();
     while done < jobs.len() {
         // Next event: a submit or an end, whichever is first.
         let next_end = running.iter().map(|r| r.1).min();
@@ -236,9 +238,16 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
             running: running.iter().map(|r| r.0.clone()).collect(),
             pending: pend,
             queues: Vec::new(),
+            ahead: Vec::new(),
         };
         let placements = match policy {
-            Policy::Gantry => scheduler::schedule(&snapshot(pending.iter().map(to_pending).collect())).placements,
+            Policy::Gantry => {
+                let mut snap = snapshot(pending.iter().map(to_pending).collect());
+                snap.ahead = std::mem::take(&mut ahead);
+                let plan = scheduler::schedule(&snap);
+                ahead = plan.ahead;
+                plan.placements
+            }
             Policy::Fifo => {
                 // The head only, one at a time, until it does not fit.
                 let mut out = Vec::new();

@@ -70,7 +70,9 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         let first: Vec<_> = (0..n_first).map(arb_job).collect();
         let pending: Vec<_> = (0..n_pending).map(|i| arb_job(1000 + i)).collect();
         let stopping = prop::collection::vec(prop::bool::weighted(0.1), n_first);
-        (nodes, first, pending, stopping).prop_map(move |(nodes, first, pending, stopping)| {
+        // Sometimes one of the pending jobs was at the front of the line in an earlier pass.
+        let front = prop::option::of(0..n_pending.max(1));
+        (nodes, first, pending, stopping, front).prop_map(move |(nodes, first, pending, stopping, front)| {
             let earlier = schedule(&Snapshot { nodes: nodes.clone(), pending: first.clone(), ..Default::default() });
             let running = earlier
                 .placements
@@ -101,6 +103,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                     Queue { name: "a".into(), weight: 1.0, gpu_quota: None },
                     Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
                 ],
+                ahead: front.filter(|i| *i < n_pending).map(|i| format!("j{}", 1000 + i)).into_iter().collect(),
             }
         })
     })
@@ -134,11 +137,16 @@ fn apply(s: &Snapshot, plan: &Plan) -> Snapshot {
         victim.stopping_for = Some(Claim { job_id: v.for_job.clone(), nodes: v.nodes.clone() });
     }
     next.pending.retain(|j| !placed.contains(j.id.as_str()));
+    next.ahead = plan.ahead.clone();
     next
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    // 1,000 cases in CI; PROPTEST_CASES=N asks for more.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn no_gpu_is_double_booked_and_no_capacity_exceeded(s in arb_snapshot()) {
@@ -191,25 +199,10 @@ proptest! {
         let plan = schedule(&s);
         let applied = apply(&s, &plan);
         let again = schedule(&applied);
-        // A job told to stop is never chosen again.
-        let stopping: HashSet<&str> = applied.running.iter().filter(|r| r.stopping).map(|r| r.id.as_str()).collect();
-        for p in &again.preemptions {
-            prop_assert!(!stopping.contains(p.job_id.as_str()), "{} preempted twice", p.job_id);
-        }
-        // The second pass picks no new victim and places nothing, except where (KNOWN GAPS)
-        // - jobs were already stopping (cancelled, or preempted earlier): their room goes to
-        //   waiting jobs as it frees up, in an order that moves with queue shares;
-        // - the first pass chose victims: the second places into the room they free;
-        // - the first pass made a backfill reservation: it is recomputed each pass, and what the
-        //   first pass placed can move it, freeing a node another job then takes or preempts on.
-        let reserved = plan.waiting.iter().any(|w| w.estimated_start_ms.is_some());
-        let stopping = s.running.iter().any(|r| r.stopping);
-        if !stopping && !reserved {
-            prop_assert!(again.preemptions.is_empty(), "preempted {:?} on the second pass", again.preemptions);
-            if plan.preemptions.is_empty() {
-                prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
-            }
-        }
+        // Nothing more: no new victim, no placement. (Stopping jobs, victims chosen in the first
+        // pass and backfill reservations included: the scheduler settles these itself.)
+        prop_assert!(again.preemptions.is_empty(), "preempted {:?} on the second pass", again.preemptions);
+        prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub(crate) struct FleetIndex {
     totals: Vec<Vec<u32>>,
     /// Per node and GPU: its NVLink domain, where it has NVLink peers.
     nvlink: Vec<Vec<Option<u32>>>,
+    /// Per node: whether the inventory reported any topology (NVLink, NUMA) for its GPUs.
+    topology: Vec<bool>,
     /// Schedulable nodes, fewest GPUs first: CPU-only jobs keep off GPU nodes when they can.
     cpu_order: Vec<usize>,
     max_cpus: f64,
@@ -98,6 +100,10 @@ impl FleetIndex {
                 .collect(),
             names: nodes.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect(),
             nvlink: nodes.iter().map(|n| super::topology::nvlink_domains(&n.gpus)).collect(),
+            topology: nodes
+                .iter()
+                .map(|n| n.gpus.iter().any(|g| g.numa_node.is_some() || !g.nvlink_peers.is_empty()))
+                .collect(),
             by_kind: vec![BTreeSet::new(); kinds.len()],
             totals: vec![Vec::new(); kinds.len()],
             kinds,
@@ -227,12 +233,16 @@ impl FleetIndex {
     /// Takes one rank's resources on node `n`, choosing the GPUs; returns their UUIDs.
     pub fn take_best(&mut self, n: usize, r: &Resources) -> Vec<String> {
         let node = &self.nodes[n];
-        let candidates: Vec<usize> = (0..node.gpus.len())
-            .filter(|&i| self.free[n].gpus[i] && node.gpus[i].healthy && gpu_matches(&node.gpus[i], r))
-            .collect();
-        let nvlink = |g: usize| self.nvlink[n][g];
-        let numa = |g: usize| node.gpus[g].numa_node;
-        let picked = super::topology::pick(&candidates, r.gpus as usize, &[&nvlink, &numa]);
+        let usable = (0..node.gpus.len())
+            .filter(|&i| self.free[n].gpus[i] && node.gpus[i].healthy && gpu_matches(&node.gpus[i], r));
+        let picked: Vec<usize> = if self.topology[n] {
+            let candidates: Vec<usize> = usable.collect();
+            let nvlink = |g: usize| self.nvlink[n][g];
+            let numa = |g: usize| node.gpus[g].numa_node;
+            super::topology::pick(&candidates, r.gpus as usize, &[&nvlink, &numa])
+        } else {
+            usable.take(r.gpus as usize).collect()
+        };
         let uuids = picked.iter().map(|&i| node.gpus[i].uuid.clone()).collect();
         self.occupy(n, r, &picked);
         uuids

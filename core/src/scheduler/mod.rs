@@ -18,7 +18,11 @@
 //!   those nodes take nothing else in the meantime.
 //! - **Backfill (EASY).** The first job that must wait for resources gets a reservation: the
 //!   earliest time enough of it frees up, from running jobs' `max_duration`. Later jobs may use
-//!   the reserved nodes only if they declare a `max_duration` that ends before it.
+//!   the reserved nodes only if they declare a `max_duration` that ends before it, and the
+//!   reserved job's share of its queue's quota not at all (the same holds for a job waiting on
+//!   preemption victims). The first job that must wait, and every job room is held
+//!   for, keep their turn at their priority in the next passes ([`Snapshot::ahead`]), so
+//!   neither a reservation nor room being freed wanders to another job as queue shares shift.
 //! - **Explanations.** Every waiting job gets a reason, its position, and, for the reserved job,
 //!   an estimated start.
 
@@ -42,6 +46,10 @@ pub struct Snapshot {
     pub pending: Vec<PendingJob>,
     /// Queue settings; a queue not listed has weight 1 and no quota.
     pub queues: Vec<Queue>,
+    /// Jobs that keep their turn ahead of the others of their priority, in this order: the
+    /// previous pass's [`Plan::ahead`]. So shifting queue shares cannot hand a reservation, or
+    /// the room stopping jobs free, to another job pass after pass.
+    pub ahead: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +123,10 @@ pub struct Plan {
     pub preemptions: Vec<Preemption>,
     /// Jobs left waiting, in the order they would be considered.
     pub waiting: Vec<Waiting>,
+    /// The first job that had to wait for room, and every job room is held for (it preempts,
+    /// waits for stopping jobs, or holds the backfill reservation), in the order considered:
+    /// the next snapshot's `ahead`.
+    pub ahead: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -153,9 +165,71 @@ pub(crate) fn memory_bytes(r: &Resources) -> u64 {
     (r.memory_gb * GIB) as u64
 }
 
-/// Places what fits under the policy above. Deterministic: the same snapshot gives the same plan.
+/// Places what fits under the policy above. Deterministic: the same snapshot gives the same plan,
+/// and the snapshot after applying a plan gives a plan that changes nothing more.
 pub fn schedule(snapshot: &Snapshot) -> Plan {
-    Pass::new(snapshot).run()
+    let (mut plan, settled) = Pass::new(snapshot).run();
+    if settled {
+        return plan;
+    }
+    // A pass can change what it saw earlier in itself: victims chosen late free room that jobs
+    // considered before could not count on (a reservation, say), and a job placed elsewhere
+    // lets go of room claimed for it. Pass again over the applied result, as the next pass
+    // would, until a pass does nothing more. Each round places or stops jobs, so this ends.
+    let mut world = snapshot.clone();
+    let mut placements = Vec::new();
+    let mut preemptions = Vec::new();
+    loop {
+        if plan.placements.is_empty() && plan.preemptions.is_empty() {
+            break;
+        }
+        apply(&mut world, &plan);
+        placements.append(&mut plan.placements);
+        preemptions.append(&mut plan.preemptions);
+        plan = Pass::new(&world).run().0;
+    }
+    // The last round saw the victims stopping; say what the job is waiting for.
+    for w in &mut plan.waiting {
+        let victims: Vec<&str> =
+            preemptions.iter().filter(|p| p.for_job == w.job_id).map(|p| p.job_id.as_str()).collect();
+        if !victims.is_empty() {
+            w.reason = preempting(&victims);
+        }
+    }
+    plan.placements = placements;
+    plan.preemptions = preemptions;
+    plan
+}
+
+fn preempting(victims: &[&str]) -> String {
+    format!("preempting lower-priority job(s) {}", victims.join(", "))
+}
+
+/// What the coordinator does with a plan, on the snapshot: placed jobs run from now, victims
+/// stop with the room they free claimed for the job they stop for.
+fn apply(world: &mut Snapshot, plan: &Plan) {
+    let placed: HashMap<&str, &Placement> = plan.placements.iter().map(|p| (p.job_id.as_str(), p)).collect();
+    for job in world.pending.iter().filter(|j| placed.contains_key(j.id.as_str())) {
+        world.running.push(RunningJob {
+            id: job.id.clone(),
+            priority: job.priority,
+            queue: job.queue.clone(),
+            resources: job.resources.clone(),
+            nodes: placed[job.id.as_str()].nodes.clone(),
+            started_at_ms: world.now_ms,
+            max_duration_ms: job.max_duration_ms,
+            stopping: false,
+            stopping_for: None,
+        });
+    }
+    world.pending.retain(|j| !placed.contains_key(j.id.as_str()));
+    for p in &plan.preemptions {
+        if let Some(victim) = world.running.iter_mut().find(|r| r.id == p.job_id) {
+            victim.stopping = true;
+            victim.stopping_for = Some(Claim { job_id: p.for_job.clone(), nodes: p.nodes.clone() });
+        }
+    }
+    world.ahead = plan.ahead.clone();
 }
 
 struct QueueUsage {
@@ -163,6 +237,8 @@ struct QueueUsage {
     quota: Option<u32>,
     gpus: f64,
     cpus: f64,
+    /// GPUs of the quota held for this pass's waiting jobs that have room held for them.
+    held: u32,
 }
 
 /// A reservation for the first job that must wait: where and from when.
@@ -180,8 +256,12 @@ struct Pass<'a> {
     total_cpus: f64,
     /// Running jobs on each node (indices into `snap.running`), for preemption and reservations.
     running_on: Vec<Vec<usize>>,
-    /// Jobs placed in this pass, for the reservation's what-if.
+    /// Jobs placed in this pass with a `max_duration`, for the reservation's what-if, and per
+    /// node the indices of those with a rank there.
     placed: Vec<PlacedNow>,
+    placed_on: Vec<Vec<usize>>,
+    /// Whether a job placed in this pass let go of room claimed for it.
+    claim_released: bool,
     victims: HashSet<usize>,
     /// Nodes whose stopping jobs were preempted for a pending job: only that job may use them.
     claims: HashMap<usize, &'a str>,
@@ -200,7 +280,10 @@ impl<'a> Pass<'a> {
         let mut running_on = vec![Vec::new(); snap.nodes.len()];
         let mut queues: BTreeMap<&str, QueueUsage> = BTreeMap::new();
         for q in &snap.queues {
-            queues.insert(&q.name, QueueUsage { weight: q.weight.max(1e-6), quota: q.gpu_quota, gpus: 0.0, cpus: 0.0 });
+            queues.insert(
+                &q.name,
+                QueueUsage { weight: q.weight.max(1e-6), quota: q.gpu_quota, gpus: 0.0, cpus: 0.0, held: 0 },
+            );
         }
         let mut min_victim_priority: Option<u32> = None;
         for (i, job) in snap.running.iter().enumerate() {
@@ -236,6 +319,8 @@ impl<'a> Pass<'a> {
             total_cpus,
             running_on,
             placed: Vec::new(),
+            placed_on: vec![Vec::new(); snap.nodes.len()],
+            claim_released: false,
             victims: HashSet::new(),
             claims,
             held: HashSet::new(),
@@ -246,21 +331,34 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn run(mut self) -> Plan {
+    /// The plan, and whether it is settled: nothing it did changed what it saw earlier.
+    fn run(mut self) -> (Plan, bool) {
         // Each queue's jobs in order; the heap yields the queue with the lowest weighted share.
         let mut per_queue: BTreeMap<&str, Vec<&PendingJob>> = BTreeMap::new();
         for job in &self.snap.pending {
             per_queue.entry(&job.queue).or_default().push(job);
             self.queues.entry(&job.queue).or_insert_with(default_queue);
         }
+        // Rank among the jobs kept ahead; the rest after them.
+        let ahead: HashMap<&str, usize> = self.snap.ahead.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+        let rank_ahead = |j: &PendingJob| ahead.get(j.id.as_str()).copied().unwrap_or(usize::MAX);
         for jobs in per_queue.values_mut() {
-            jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)).then(a.id.cmp(&b.id)));
+            jobs.sort_by(|a, b| {
+                b.priority
+                    .cmp(&a.priority)
+                    .then(rank_ahead(a).cmp(&rank_ahead(b)))
+                    .then(a.seq.cmp(&b.seq))
+                    .then(a.id.cmp(&b.id))
+            });
             jobs.reverse(); // pop from the end
         }
-        // Highest priority first across all queues; among equal priorities, the queue with the
-        // lowest weighted share. So no job is ever placed ahead of a higher-priority one.
-        let head = |jobs: &Vec<&PendingJob>| Reverse(jobs.last().map_or(0, |j| j.priority));
-        let mut heap: BinaryHeap<Reverse<(Reverse<u32>, Share, &str)>> =
+        // Highest priority first across all queues; among equal priorities, the last pass's
+        // jobs kept ahead, then the queue with the lowest weighted share. So no job is ever placed
+        // ahead of a higher-priority one.
+        let head = |jobs: &Vec<&PendingJob>| {
+            jobs.last().map_or((Reverse(0), usize::MAX), |j| (Reverse(j.priority), rank_ahead(j)))
+        };
+        let mut heap: BinaryHeap<Reverse<(HeadKey, Share, &str)>> =
             per_queue.iter().map(|(q, jobs)| Reverse((head(jobs), self.share(q), *q))).collect();
         while let Some(Reverse((_, _, queue))) = heap.pop() {
             let jobs = per_queue.get_mut(queue).expect("queue in heap");
@@ -273,7 +371,8 @@ impl<'a> Pass<'a> {
         for (i, w) in self.plan.waiting.iter_mut().enumerate() {
             w.position = i as u32 + 1;
         }
-        self.plan
+        let settled = self.plan.preemptions.is_empty() && !self.claim_released;
+        (self.plan, settled)
     }
 
     fn share(&self, queue: &str) -> Share {
@@ -285,17 +384,25 @@ impl<'a> Pass<'a> {
     fn consider(&mut self, job: &PendingJob) {
         let r = &job.resources;
         let gpus_wanted = r.gpus * r.nodes;
+        let ends_at = job.max_duration_ms.map(|d| self.snap.now_ms + d);
         let q = &self.queues[job.queue.as_str()];
-        if let Some(quota) = q.quota
-            && q.gpus + gpus_wanted as f64 > quota as f64
-        {
-            let reason = format!("queue {} is at its GPU quota ({} of {quota} in use)", job.queue, q.gpus);
-            return self.wait(job, reason, None);
+        if let Some(quota) = q.quota {
+            // A job that waits with room held for it (a reservation, nodes held while its
+            // victims stop) also holds its share of the quota, even against jobs that would end
+            // in time: otherwise it would find the quota taken at its turn.
+            let held = q.held;
+            if q.gpus + (gpus_wanted + held) as f64 > quota as f64 {
+                let mut reason = format!("queue {} is at its GPU quota ({} of {quota} in use", job.queue, q.gpus);
+                if held > 0 {
+                    reason += &format!(", {held} held for waiting jobs ahead of it");
+                }
+                reason += ")";
+                return self.wait(job, reason, None);
+            }
         }
         if let Some(why) = self.fleet.impossible(r) {
             return self.wait(job, format!("needs {}; {why}", describe(r)), None);
         }
-        let ends_at = job.max_duration_ms.map(|d| self.snap.now_ms + d);
         let reservation = &self.reservation;
         let held = &self.held;
         let allowed = |n: usize| {
@@ -322,12 +429,27 @@ impl<'a> Pass<'a> {
         let usage = self.queues.get_mut(job.queue.as_str()).expect("queue known");
         usage.gpus += (r.gpus * r.nodes) as f64;
         usage.cpus += r.cpus * r.nodes as f64;
-        self.placed.push(PlacedNow { nodes, ends_at, resources: r.clone(), assignments: assignments.clone() });
+        if let Some(ends_at) = ends_at {
+            for &n in &nodes {
+                self.placed_on[n].push(self.placed.len());
+            }
+            self.placed.push(PlacedNow { ends_at, resources: r.clone(), assignments: assignments.clone() });
+        }
+        // Placed, it needs the room claimed for it no more: others may have it, as they will
+        // in the next pass.
+        if !self.claims.is_empty() {
+            let before = self.claims.len();
+            self.claims.retain(|_, c| *c != job.id);
+            self.claim_released |= self.claims.len() != before;
+        }
         self.plan.placements.push(Placement { job_id: job.id.clone(), nodes: assignments });
     }
 
     /// The job fits the fleet but not now: preempt for it, reserve for it, or explain.
     fn blocked(&mut self, job: &PendingJob) {
+        if self.plan.ahead.is_empty() {
+            self.plan.ahead.push(job.id.clone());
+        }
         let r = &job.resources;
         let free = self.fleet.largest_free_block(r);
         let mut reason = if r.gpus > 0 && free < r.gpus as usize {
@@ -353,7 +475,7 @@ impl<'a> Pass<'a> {
                 Preempt::Victims(victims, nodes) => {
                     let names: Vec<String> = nodes.iter().map(|&n| self.snap.nodes[n].name.clone()).collect();
                     self.held.extend(nodes);
-                    let ids: Vec<String> = victims.iter().map(|&v| self.snap.running[v].id.clone()).collect();
+                    let ids: Vec<&str> = victims.iter().map(|&v| self.snap.running[v].id.as_str()).collect();
                     for &v in &victims {
                         self.victims.insert(v);
                         self.plan.preemptions.push(Preemption {
@@ -362,11 +484,13 @@ impl<'a> Pass<'a> {
                             nodes: names.clone(),
                         });
                     }
-                    let reason = format!("preempting lower-priority job(s) {}", ids.join(", "));
+                    let reason = preempting(&ids);
+                    self.hold_for(job);
                     return self.wait(job, reason, None);
                 }
                 Preempt::AlreadyStopping(nodes) => {
                     self.held.extend(nodes);
+                    self.hold_for(job);
                     return self.wait(job, "waiting for stopping jobs to free their resources".into(), None);
                 }
                 Preempt::No => {}
@@ -376,6 +500,7 @@ impl<'a> Pass<'a> {
         if self.reservation.is_none() {
             if let Some(res) = self.reserve(job) {
                 estimate = Some(res.start_ms);
+                self.hold_for(job);
                 reason += &format!("; reserved, estimated start in {}", in_time(res.start_ms - self.snap.now_ms));
                 self.reservation = Some(res);
             } else {
@@ -383,6 +508,16 @@ impl<'a> Pass<'a> {
             }
         }
         self.wait(job, reason, estimate)
+    }
+
+    /// Room is held for `job` (victims stopping, a reservation): it holds its share of its
+    /// queue's quota too, and keeps its place in the next passes.
+    fn hold_for(&mut self, job: &PendingJob) {
+        let q = self.queues.get_mut(job.queue.as_str()).expect("queue known");
+        q.held += job.resources.gpus * job.resources.nodes;
+        if !self.plan.ahead.contains(&job.id) {
+            self.plan.ahead.push(job.id.clone());
+        }
     }
 
     fn wait(&mut self, job: &PendingJob, reason: String, estimated_start_ms: Option<u64>) {
@@ -430,15 +565,29 @@ impl<'a> Pass<'a> {
                 let rj = &self.snap.running[j];
                 (rj.priority, rj.resources.gpus, Reverse(rj.started_at_ms), rj.id.clone())
             });
+            let node = &self.snap.nodes[n];
             let mut chosen = Vec::new();
             for j in candidates {
-                if free.fits(&self.snap.nodes[n], r) {
+                if free.fits(node, r) {
                     break;
                 }
-                free.release(&self.snap.running[j].resources, &self.snap.running[j].nodes, &self.snap.nodes[n]);
+                free.release(&self.snap.running[j].resources, &self.snap.running[j].nodes, node);
                 chosen.push(j);
             }
-            if !chosen.is_empty() && free.fits(&self.snap.nodes[n], r) {
+            // Spare any victim the job fits without (a CPU job chosen before the GPU job that
+            // actually blocks), costliest first.
+            if free.fits(node, r) {
+                for k in (0..chosen.len()).rev() {
+                    let mut without = self.fleet.free_of(n);
+                    for &j in chosen.iter().enumerate().filter(|(i, _)| *i != k).map(|(_, j)| j) {
+                        without.release(&self.snap.running[j].resources, &self.snap.running[j].nodes, node);
+                    }
+                    if without.fits(node, r) {
+                        chosen.remove(k);
+                    }
+                }
+            }
+            if !chosen.is_empty() && free.fits(node, r) {
                 let cost = Cost {
                     max_priority: chosen.iter().map(|&j| self.snap.running[j].priority).max().unwrap_or(0),
                     gpus: chosen.iter().map(|&j| self.snap.running[j].resources.gpus).sum(),
@@ -448,6 +597,9 @@ impl<'a> Pass<'a> {
             }
         }
         if stopping_would_do.len() >= r.nodes as usize {
+            // The nodes claimed for it when its victims were chosen come first, so a later pass
+            // holds the same nodes as the pass that preempted.
+            stopping_would_do.sort_by_key(|n| (self.claims.get(n) != Some(&job.id.as_str()), *n));
             stopping_would_do.truncate(r.nodes as usize);
             return Preempt::AlreadyStopping(stopping_would_do);
         }
@@ -491,12 +643,8 @@ impl<'a> Pass<'a> {
                 let Some(end) = end else { continue };
                 ends.push((end, NodeFreeDelta::Running(j)));
             }
-            for (p, placed) in self.placed.iter().enumerate() {
-                if placed.nodes.contains(&n)
-                    && let Some(end) = placed.ends_at
-                {
-                    ends.push((end, NodeFreeDelta::Placed(p)));
-                }
+            for &p in &self.placed_on[n] {
+                ends.push((self.placed[p].ends_at, NodeFreeDelta::Placed(p)));
             }
             ends.sort_by_key(|e| e.0);
             let node = &self.snap.nodes[n];
@@ -535,8 +683,7 @@ impl<'a> Pass<'a> {
 }
 
 struct PlacedNow {
-    nodes: Vec<usize>,
-    ends_at: Option<u64>,
+    ends_at: u64,
     resources: Resources,
     assignments: Vec<NodeAssignment>,
 }
@@ -560,6 +707,10 @@ struct Cost {
     jobs: usize,
 }
 
+/// A queue's head job, for the heap: its priority (highest first), then its rank among the jobs
+/// kept ahead (`usize::MAX` for the rest).
+type HeadKey = (Reverse<u32>, usize);
+
 /// A queue's weighted dominant share; totally ordered for the heap.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Share(f64);
@@ -576,7 +727,7 @@ impl Ord for Share {
 }
 
 fn default_queue() -> QueueUsage {
-    QueueUsage { weight: 1.0, quota: None, gpus: 0.0, cpus: 0.0 }
+    QueueUsage { weight: 1.0, quota: None, gpus: 0.0, cpus: 0.0, held: 0 }
 }
 
 fn in_time(ms: u64) -> String {

@@ -344,3 +344,58 @@ fn a_rank_gets_nvlink_bridged_gpus() {
     assert_eq!(gpus("pair"), ["a-gpu2", "a-gpu3"]);
     assert_eq!(gpus("single"), ["a-gpu0"]);
 }
+
+#[test]
+fn preemption_spares_victims_the_job_does_not_need() {
+    // The CPU job is the cheapest candidate but frees no GPU: only the GPU job is stopped.
+    let s = Snapshot {
+        nodes: vec![node("a", 1)],
+        running: vec![running("cpu", 10, "a", 0..0), running("gpu", 10, "a", 0..1)],
+        pending: vec![job("urgent", 90, 1, 1, 1)],
+        ..Default::default()
+    };
+    let victims: Vec<String> = schedule(&s).preemptions.into_iter().map(|p| p.job_id).collect();
+    assert_eq!(victims, ["gpu"]);
+}
+
+#[test]
+fn a_reserved_job_keeps_its_turn_when_queue_shares_shift() {
+    // Two queues, equal priority; queue b runs less, so its job would come first by share.
+    let mut busy = running("busy", 50, "a", 0..4);
+    busy.max_duration_ms = Some(3_600_000);
+    let mut big_a = job("big-a", 50, 1, 8, 1);
+    big_a.queue = "qa".into();
+    let mut big_b = job("big-b", 50, 2, 8, 1);
+    big_b.queue = "qb".into();
+    busy.queue = "qa".into();
+    let s =
+        Snapshot { nodes: vec![node("a", 8)], running: vec![busy], pending: vec![big_a, big_b], ..Default::default() };
+    let first = schedule(&s);
+    assert_eq!(first.waiting[0].job_id, "big-b", "the lower share goes first");
+    assert!(first.waiting[0].estimated_start_ms.is_some());
+    // Had the reservation gone to big-a in an earlier pass, big-a keeps it.
+    let kept = schedule(&Snapshot { ahead: vec!["big-a".into()], ..s });
+    assert_eq!(kept.waiting[0].job_id, "big-a");
+    assert!(kept.waiting[0].estimated_start_ms.is_some());
+    assert_eq!(kept.ahead, ["big-a"]);
+}
+
+#[test]
+fn a_quota_keeps_room_for_the_reserved_job() {
+    // Quota 8: the 8-GPU job is reserved; a short job of the same queue could fit the idle
+    // node but would take the quota it needs at its start.
+    let mut busy = running("busy", 50, "a", 0..4);
+    busy.max_duration_ms = Some(3_600_000);
+    let mut short = job("short", 40, 2, 2, 1);
+    short.max_duration_ms = Some(60_000);
+    let s = Snapshot {
+        nodes: vec![node("a", 8), node("b", 4)],
+        running: vec![busy],
+        pending: vec![job("big", 50, 1, 8, 1), short],
+        queues: vec![Queue { name: "default".into(), weight: 1.0, gpu_quota: Some(12) }],
+        ..Default::default()
+    };
+    let plan = schedule(&s);
+    assert!(placed(&plan).is_empty(), "{:?}", plan.placements);
+    assert!(reason(&plan, "short").contains("8 held for waiting jobs ahead of it"), "{:?}", plan.waiting);
+}
