@@ -2,8 +2,9 @@
 //!
 //! The bench runs the coordinator in this process and re-executes itself as a second process
 //! that simulates the agents (each with its own connection, 8 GPUs, a heartbeat a second), so
-//! the CPU time measured here (getrusage) is the coordinator's alone. Baseline: the same
-//! coordinator idle over the same window. One JSON object per line.
+//! the CPU time measured here (getrusage) is the coordinator's alone. Baselines: the same
+//! coordinator idle over the same window, and heartbeats without job metrics before heartbeats
+//! with them. One JSON object per line.
 
 use std::time::{Duration, Instant};
 
@@ -44,8 +45,9 @@ fn inventory(agent: usize, tick: u64) -> v1::Inventory {
     }
 }
 
-/// The agents' side: `n` agents heartbeating once a second until killed.
-async fn agents(url: String, n: usize) {
+/// The agents' side: `n` agents heartbeating once a second until killed, each heartbeat with
+/// `jobs` training jobs' metric points.
+async fn agents(url: String, n: usize, jobs: u32) {
     let mut tasks = Vec::new();
     for a in 0..n {
         let url = url.clone();
@@ -69,8 +71,8 @@ async fn agents(url: String, n: usize) {
                 msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
                     inventory: Some(inventory(a, tick)),
                     jobs: vec![],
-                    // One training job per GPU, each reporting a step's figures.
-                    metrics: (0..8)
+                    // Training jobs (one per GPU at most), each reporting a step's figures.
+                    metrics: (0..jobs)
                         .map(|g| v1::RankMetrics {
                             job_id: format!("sim-{a}-{g}"),
                             attempt: 1,
@@ -114,9 +116,10 @@ async fn agents(url: String, n: usize) {
 
 fn main() {
     if let Ok(spec) = std::env::var("GANTRY_FANIN_AGENTS") {
-        let (url, n) = spec.split_once(' ').expect("URL N");
+        let parts: Vec<&str> = spec.split(' ').collect();
+        let [url, n, jobs] = parts[..] else { panic!("GANTRY_FANIN_AGENTS is `URL N JOBS`") };
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(agents(url.to_string(), n.parse().unwrap()));
+        rt.block_on(agents(url.to_string(), n.parse().unwrap(), jobs.parse().unwrap()));
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -137,11 +140,12 @@ fn main() {
     std::thread::sleep(WINDOW);
     let idle = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
 
-    // 1,000 agents: the fleet size the goal is stated for.
-    {
+    // 1,000 agents: the fleet size the goal is stated for. First GPU telemetry alone (the
+    // same-run baseline), then with 8 training jobs' metrics in every heartbeat.
+    for jobs in [0u32, 8] {
         let n = 1000usize;
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("GANTRY_FANIN_AGENTS", format!("{url} {n}"))
+            .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs}"))
             .spawn()
             .unwrap();
         std::thread::sleep(WARMUP);
@@ -160,6 +164,7 @@ fn main() {
             "{}",
             serde_json::json!({
                 "bench": "fanin", "agents": n, "agents_connected": connected, "gpus_per_agent": 8, "heartbeat_hz": 1,
+                "job_metrics_per_heartbeat": jobs,
                 "window_s": WINDOW.as_secs(), "coordinator_core_fraction": busy,
                 "baseline_idle_core_fraction": idle, "heartbeats_per_s": n,
                 "cpu_us_per_heartbeat": (busy - idle) * 1e6 / n as f64, "goal_core_fraction": 0.25
