@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
+use crate::coordinators::Coordinators;
 use crate::error::{Error, Result};
 
 const CHUNK: usize = 1 << 20;
@@ -74,7 +75,7 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
 pub struct Uploader {
     pub job_id: String,
     pub attempt: u32,
-    pub client: AgentsClient<Channel>,
+    pub coordinators: Coordinators,
     pub dir: PathBuf,
     pub done: BTreeSet<u64>,
 }
@@ -152,7 +153,7 @@ impl Uploader {
             }
             Ok::<_, Error>(())
         });
-        let ack = self.client.upload_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        let ack = self.coordinators.client().upload_checkpoint(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         producer.await.map_err(|e| Error::Checkpoint(format!("reading files failed: {e}")))??;
         let ack = ack?.into_inner();
         info!(job = %self.job_id, step = ack.step, sha256 = %ack.sha256, "checkpoint uploaded");

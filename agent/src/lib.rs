@@ -6,6 +6,7 @@
 //! buffered, and exits are repeated in every heartbeat until the coordinator releases them.
 
 mod checkpoints;
+mod coordinators;
 mod error;
 pub mod inventory;
 mod logship;
@@ -19,17 +20,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gantry_core::JobSpec;
-use gantry_proto::v1::agents_client::AgentsClient;
 use gantry_proto::{PROTOCOL_VERSION, v1};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
+use coordinators::Coordinators;
 pub use error::{Error, Result};
 use inventory::Inventory;
 
 pub struct Config {
-    /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7070`.
+    /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7070`; with an HA control plane,
+    /// several separated by commas.
     pub coordinator: String,
     pub name: String,
     pub work_dir: PathBuf,
@@ -48,7 +49,7 @@ struct Held {
 
 struct Agent {
     config: Config,
-    client: AgentsClient<Channel>,
+    coordinators: Coordinators,
     inventory: Inventory,
     /// Every rank held: running, or exited and not yet released. A std mutex: never held across
     /// an await.
@@ -59,16 +60,16 @@ struct Agent {
 
 /// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| Error::Fatal(format!("bad coordinator URL `{}`: {e}", config.coordinator)))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let client = AgentsClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 << 20);
+    let coordinators = Coordinators::new(&config.coordinator)?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
-    let agent =
-        Arc::new(Agent { config, client, inventory, jobs: Mutex::new(BTreeMap::new()), outbound: Mutex::new(None) });
+    let agent = Arc::new(Agent {
+        config,
+        coordinators,
+        inventory,
+        jobs: Mutex::new(BTreeMap::new()),
+        outbound: Mutex::new(None),
+    });
     let sessions = {
         let agent = agent.clone();
         async move {
@@ -80,6 +81,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     Ok(()) => warn!("coordinator closed the session; reconnecting"),
                 }
                 *agent.outbound.lock().expect("outbound lock") = None;
+                // Another coordinator may lead now.
+                agent.coordinators.next();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -121,7 +124,7 @@ impl Agent {
 
     /// Registers, opens the session, and serves it until it breaks.
     async fn session(self: Arc<Self>) -> Result<()> {
-        let mut client = self.client.clone();
+        let mut client = self.coordinators.client();
         let reply = client
             .register(v1::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -141,7 +144,7 @@ impl Agent {
         tx.send(self.heartbeat()).await.expect("receiver alive");
         let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         *self.outbound.lock().expect("outbound lock") = Some(tx.clone());
-        info!(coordinator = %self.config.coordinator, name = %self.config.name, "session open");
+        info!(coordinator = %self.coordinators.url(), name = %self.config.name, "session open");
 
         let beats = {
             let agent = self.clone();
@@ -221,7 +224,7 @@ impl Agent {
             spec,
             dir,
             train_program: self.config.train_program.clone(),
-            client: self.client.clone(),
+            coordinators: self.coordinators.clone(),
         };
         let agent = self.clone();
         tokio::spawn(async move {

@@ -5,10 +5,10 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use gantry_proto::v1;
-use gantry_proto::v1::agents_client::AgentsClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tracing::{debug, warn};
+
+use crate::coordinators::Coordinators;
 
 const MAX_BATCH: usize = 1000;
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -17,12 +17,12 @@ pub struct LogShipper {
     pub job_id: String,
     pub attempt: u32,
     pub rank: u32,
-    pub client: AgentsClient<Channel>,
+    pub coordinators: Coordinators,
 }
 
 impl LogShipper {
     /// Runs until `lines` closes and everything received has been acknowledged.
-    pub async fn run(mut self, mut lines: mpsc::Receiver<String>) {
+    pub async fn run(self, mut lines: mpsc::Receiver<String>) {
         let mut pending: VecDeque<String> = VecDeque::new();
         let mut base: u64 = 0; // sequence number of pending[0]
         let mut open = true;
@@ -60,7 +60,7 @@ impl LogShipper {
                 first_seq: base,
                 lines: batch,
             };
-            match self.client.upload_logs(request).await {
+            match self.coordinators.client().upload_logs(request).await {
                 Ok(ack) => {
                     let next = ack.into_inner().next_seq;
                     // Drop what the coordinator holds; anything after `next` is sent again.

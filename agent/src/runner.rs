@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use gantry_core::JobSpec;
 use gantry_proto::v1;
-use gantry_proto::v1::agents_client::AgentsClient;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::checkpoints::{self, Uploader};
+use crate::coordinators::Coordinators;
 use crate::logship::LogShipper;
 
 pub struct Launch {
@@ -25,7 +24,7 @@ pub struct Launch {
     pub dir: PathBuf,
     /// The `gantry` binary, run as `gantry train --spec FILE` for `train:` jobs.
     pub train_program: PathBuf,
-    pub client: AgentsClient<Channel>,
+    pub coordinators: Coordinators,
 }
 
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
@@ -41,8 +40,12 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
         ..Default::default()
     };
     let (line_tx, line_rx) = mpsc::channel::<String>(4096);
-    let shipper =
-        LogShipper { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, client: launch.client.clone() };
+    let shipper = LogShipper {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        coordinators: launch.coordinators.clone(),
+    };
     let shipping = tokio::spawn(shipper.run(line_rx));
 
     let outcome = run_child(&launch, &line_tx, &mut stop).await;
@@ -82,7 +85,7 @@ async fn run_child(
     if let Some(r) = &a.resume {
         let dest = launch.dir.join("resume");
         let _ = std::fs::remove_dir_all(&dest);
-        let mut client = launch.client.clone();
+        let mut client = launch.coordinators.client();
         checkpoints::download(&mut client, r, &dest)
             .await
             .map_err(|e| format!("could not download checkpoint step {} of job {}: {e}", r.step, r.job_id))?;
@@ -132,7 +135,7 @@ async fn run_child(
     let uploader = Uploader {
         job_id: a.job_id.clone(),
         attempt: a.attempt,
-        client: launch.client.clone(),
+        coordinators: launch.coordinators.clone(),
         dir: checkpoint_dir,
         done: BTreeSet::new(),
     };

@@ -5,16 +5,18 @@ use std::time::Duration;
 use gantry_proto::v1::gantry_client::GantryClient;
 use tonic::transport::{Channel, Endpoint};
 
-pub async fn connect(url: &str) -> anyhow::Result<GantryClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070)"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|_| {
-        anyhow::anyhow!(
-            "cannot reach the coordinator at {url}: is it running? (set --coordinator or GANTRY_COORDINATOR)"
-        )
-    })?;
-    Ok(GantryClient::new(channel).max_decoding_message_size(64 << 20))
+/// `urls`: one coordinator URL, or several separated by commas (a highly available control
+/// plane, where only the leader listens): the first that answers is used.
+pub async fn connect(urls: &str) -> anyhow::Result<GantryClient<Channel>> {
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070)"))?
+            .connect_timeout(Duration::from_secs(5));
+        if let Ok(channel) = endpoint.connect().await {
+            return Ok(GantryClient::new(channel).max_decoding_message_size(64 << 20));
+        }
+    }
+    anyhow::bail!("cannot reach the coordinator at {urls}: is it running? (set --coordinator or GANTRY_COORDINATOR)")
 }
 
 /// A gRPC failure as the coordinator worded it.

@@ -2,7 +2,7 @@
 //! what agents report, requeue work from lost agents. The gRPC services are thin layers over this.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gantry_core::JobSpec;
@@ -17,7 +17,7 @@ use crate::fleet::{AgentConn, Fleet, Session};
 use crate::job_metrics::JobMetrics;
 use crate::logs::LogStore;
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
-use crate::store::Store;
+use crate::store::{EmbeddedStore, StateStore};
 
 /// Settings with defaults that suit one machine; tests shorten the timeouts.
 #[derive(Debug, Clone)]
@@ -43,7 +43,7 @@ impl Default for Settings {
 }
 
 pub struct Coordinator {
-    pub store: Store,
+    pub store: Arc<dyn StateStore>,
     pub logs: LogStore,
     pub checkpoints: CheckpointFiles,
     pub settings: Settings,
@@ -81,9 +81,20 @@ fn master_port(job_id: &str) -> u32 {
 }
 
 impl Coordinator {
+    /// A coordinator on the embedded store under `data_dir`.
     pub fn open(data_dir: &std::path::Path, settings: Settings) -> Result<Coordinator> {
         std::fs::create_dir_all(data_dir).map_err(Error::io(format!("creating {}", data_dir.display())))?;
-        let store = Store::open(&data_dir.join("state.redb"))?;
+        let store = Arc::new(EmbeddedStore::open(&data_dir.join("state.redb"))?);
+        Coordinator::with_store(store, data_dir, settings)
+    }
+
+    /// A coordinator on `store`; logs and checkpoint files live under `data_dir`.
+    pub fn with_store(
+        store: Arc<dyn StateStore>,
+        data_dir: &std::path::Path,
+        settings: Settings,
+    ) -> Result<Coordinator> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io(format!("creating {}", data_dir.display())))?;
         let jobs_dir = data_dir.join("jobs");
         let mut fleet = Fleet::default();
         // Agents registered before a restart are known, but not connected, until they return.
@@ -148,7 +159,7 @@ impl Coordinator {
 
     pub fn cancel(&self, id: &str) -> Result<JobRecord> {
         let now = now_ms();
-        let updated = self.store.update_job(id, |job| {
+        let updated = self.store.update(id, |job| {
             if job.state.is_terminal() || job.cancel_requested {
                 return false;
             }
@@ -208,7 +219,7 @@ impl Coordinator {
     /// Stops a running job so a higher-priority one can run; it returns to the queue and
     /// resumes from its latest checkpoint, without counting as a failed attempt.
     fn preempt(&self, id: &str, for_job: &str, nodes: &[String]) -> Result<()> {
-        let updated = self.store.update_job(id, |job| {
+        let updated = self.store.update(id, |job| {
             if job.state != JobState::Running || job.preempted_by.is_some() || job.cancel_requested {
                 return false;
             }
@@ -475,7 +486,7 @@ impl Coordinator {
     fn end_attempt(&self, id: &str, attempt: u32, rank: u32, code: Option<i32>, why: String) -> Result<()> {
         let now = now_ms();
         let mut stop_others = false;
-        let updated = self.store.update_job(id, |job| {
+        let updated = self.store.update(id, |job| {
             if job.state != JobState::Running || job.attempt != attempt {
                 return false;
             }
@@ -725,7 +736,7 @@ impl Coordinator {
 
     fn fail_before_start(&self, id: &str, why: String) -> Result<()> {
         let now = now_ms();
-        self.store.update_job(id, |job| {
+        self.store.update(id, |job| {
             if job.state != JobState::Queued {
                 return false;
             }

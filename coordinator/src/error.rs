@@ -19,6 +19,11 @@ pub enum Error {
     NotFound(String),
     #[error("data corrupted in transit: {0}")]
     DataLoss(String),
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// A write refused because this coordinator no longer holds leadership.
+    #[error("not the leader: {0}")]
+    Fenced(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,6 +54,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
             Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             Error::DataLoss(_) => Status::data_loss(e.to_string()),
+            Error::Etcd(_) | Error::Fenced(_) => Status::unavailable(e.to_string()),
             Error::Store(_) | Error::Codec(_) | Error::Io { .. } => {
                 tracing::error!(error = %e, "internal error");
                 Status::internal(e.to_string())

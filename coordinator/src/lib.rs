@@ -12,9 +12,9 @@ mod fleet;
 mod http;
 mod job_metrics;
 mod logs;
-mod records;
+pub mod records;
 mod service;
-mod store;
+pub mod store;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,8 +29,11 @@ pub use control::{Coordinator, Settings};
 pub use error::{Error, Result};
 
 pub struct Config {
+    /// Logs and checkpoint files, and the embedded store's file when `store` is `None`.
     pub data_dir: PathBuf,
     pub settings: Settings,
+    /// The state store; `None` for the embedded one under `data_dir`.
+    pub store: Option<Arc<dyn store::StateStore>>,
 }
 
 /// Serves until `shutdown` completes. Takes bound listeners so callers (and tests) can bind
@@ -41,7 +44,10 @@ pub async fn serve(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let coordinator = Arc::new(Coordinator::open(&config.data_dir, config.settings)?);
+    let coordinator = Arc::new(match config.store {
+        Some(store) => Coordinator::with_store(store, &config.data_dir, config.settings)?,
+        None => Coordinator::open(&config.data_dir, config.settings)?,
+    });
     info!(
         grpc = %grpc.local_addr().map_err(Error::io("reading the gRPC address"))?,
         http = %http.local_addr().map_err(Error::io("reading the HTTP address"))?,
@@ -53,10 +59,30 @@ pub async fn serve(
         tokio::spawn(async move { c.run_scheduler().await })
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    // A coordinator that lost leadership stops serving at once: its writes are refused anyway,
+    // and clients and agents then find the new leader.
+    let deposed = {
+        let c = coordinator.clone();
+        async move {
+            while !c.store.deposed() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let was_deposed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let was_deposed = was_deposed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = deposed => {
+                    tracing::error!("lost leadership: stopping");
+                    was_deposed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
     let mut http_stop = stop_rx.clone();
     let http_server = axum::serve(http, http::router(coordinator.clone())).with_graceful_shutdown(async move {
         let _ = http_stop.wait_for(|s| *s).await;
@@ -85,5 +111,8 @@ pub async fn serve(
     };
     scheduler.abort();
     let _ = http_task.await;
+    if was_deposed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Fenced("another coordinator took over".into()));
+    }
     result.map_err(|e| Error::Io { context: "serving gRPC".into(), source: std::io::Error::other(e) })
 }

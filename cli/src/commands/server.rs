@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use gantry_coordinator::{Config, Settings};
 use gantry_core::scheduler::Queue;
@@ -25,8 +25,14 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
     store: String,
     /// etcd endpoints, comma-separated (with --store etcd).
-    #[arg(long)]
-    etcd: Option<String>,
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd: String,
+    /// The key prefix in etcd: one etcd can hold several gantry clusters.
+    #[arg(long, default_value = "/gantry")]
+    etcd_prefix: String,
+    /// Seconds a silent leader keeps leadership (its etcd lease).
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    leader_ttl: Duration,
     #[command(flatten)]
     timing: Timing,
 }
@@ -146,17 +152,52 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     init_logging("info");
-    if args.store == "etcd" {
-        bail!(
-            "the etcd store is not available in this release yet (endpoints given: {}); use --store embedded",
-            args.etcd.as_deref().unwrap_or("none")
-        );
-    }
+    // With etcd, a coordinator first waits to lead; only the leader listens, so clients and
+    // agents given every coordinator's URL reach the leader.
+    let store = match args.store.as_str() {
+        "etcd" => Some(etcd_store(&args).await?),
+        _ => None,
+    };
     let grpc = bind(&args.listen, "gRPC").await?;
     let http = bind(&args.http, "HTTP").await?;
-    let config = Config { data_dir: args.data_dir.unwrap_or_else(default_data_dir), settings: args.timing.settings() };
+    let config =
+        Config { data_dir: args.data_dir.unwrap_or_else(default_data_dir), settings: args.timing.settings(), store };
     gantry_coordinator::serve(config, grpc, http, shutdown_signal()).await?;
     Ok(())
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_store(
+    args: &CoordinatorArgs,
+) -> anyhow::Result<std::sync::Arc<dyn gantry_coordinator::store::StateStore>> {
+    use gantry_coordinator::store::{EtcdOptions, EtcdStore};
+    let options = EtcdOptions {
+        endpoints: args.etcd.split(',').map(|e| e.trim().to_string()).collect(),
+        prefix: args.etcd_prefix.clone(),
+        name: format!("{}@{}", hostname(), args.listen),
+        lease_ttl: args.leader_ttl,
+    };
+    info!(etcd = %args.etcd, "connecting to etcd; waiting to lead");
+    let store = tokio::task::spawn_blocking(move || EtcdStore::connect(options))
+        .await?
+        .with_context(|| format!("cannot use etcd at {}", args.etcd))?;
+    Ok(std::sync::Arc::new(store))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_store(
+    args: &CoordinatorArgs,
+) -> anyhow::Result<std::sync::Arc<dyn gantry_coordinator::store::StateStore>> {
+    anyhow::bail!(
+        "this gantry was built without etcd support (etcd {} given); build it with `--features etcd`",
+        args.etcd
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn agent_config(
@@ -165,12 +206,7 @@ fn agent_config(
     work_dir: PathBuf,
     nvml_lib: Option<PathBuf>,
 ) -> anyhow::Result<gantry_agent::Config> {
-    let name = match name {
-        Some(n) => n,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into()),
-    };
+    let name = name.unwrap_or_else(hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
     Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program })
 }
@@ -195,7 +231,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let config = Config { data_dir: data_dir.clone(), settings: args.timing.settings() };
+    let config = Config { data_dir: data_dir.clone(), settings: args.timing.settings(), store: None };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
     let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib)?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));

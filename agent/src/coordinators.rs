@@ -1,0 +1,65 @@
+//! The coordinators an agent may talk to. With a highly available control plane there are
+//! several, and only the leader serves: followers wait for leadership before they listen. The
+//! session loop moves to the next URL whenever a session fails, so it finds the leader by
+//! itself; uploads take whichever client is current on each try.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gantry_proto::v1::agents_client::AgentsClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct Coordinators {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    urls: Vec<String>,
+    clients: Vec<AgentsClient<Channel>>,
+    current: AtomicUsize,
+}
+
+impl Coordinators {
+    /// `spec`: one URL, or several separated by commas.
+    pub fn new(spec: &str) -> Result<Coordinators> {
+        let urls: Vec<String> = spec.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() {
+            return Err(Error::Fatal("no coordinator URL given".into()));
+        }
+        let mut clients = Vec::new();
+        for url in &urls {
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::Fatal(format!("bad coordinator URL `{url}`: {e}")))?
+                .connect_timeout(Duration::from_secs(3))
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
+            clients.push(AgentsClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 << 20));
+        }
+        Ok(Coordinators { inner: Arc::new(Inner { urls, clients, current: AtomicUsize::new(0) }) })
+    }
+
+    /// The client of the coordinator currently believed to lead.
+    pub fn client(&self) -> AgentsClient<Channel> {
+        self.inner.clients[self.index()].clone()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.inner.urls[self.index()]
+    }
+
+    /// The current one failed: try the next.
+    pub fn next(&self) {
+        let n = self.inner.urls.len();
+        if n > 1 {
+            let _ = self.inner.current.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+        }
+    }
+
+    fn index(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed) % self.inner.urls.len()
+    }
+}

@@ -1,0 +1,388 @@
+//! The etcd backend: state in etcd, so a coordinator can die and another take over.
+//!
+//! Leadership and fencing: a coordinator writes only while it holds the leader key, a key bound
+//! to its lease. The key's create revision is its fencing token, and every write is one etcd
+//! transaction that also compares the leader key's create revision with that token. A leader
+//! that lost its lease (paused, partitioned) finds the key gone or re-created by its successor,
+//! and its write is refused whatever its own clock says.
+//!
+//! Reads come from memory: only the leader writes, so after loading everything once it knows
+//! every job. Each change is committed to etcd before the cache and the caller see it.
+//!
+//! Keys, under the prefix: `jobs/<seq, 20 digits>`, `checkpoints/<job>/<step>`,
+//! `agents/<name>`, and `leader`. Values are the same JSON records as the embedded store's.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use tracing::{info, warn};
+
+use super::{StateStore, job_key, new_job};
+use crate::error::{Error, Result};
+use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
+
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Every key lives under it: one etcd can serve several gantry clusters (and tests).
+    pub prefix: String,
+    /// This coordinator's name, written in the leader key.
+    pub name: String,
+    /// How long a silent leader keeps the leader key.
+    pub lease_ttl: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/gantry".into(),
+            name: "coordinator".into(),
+            lease_ttl: Duration::from_secs(3),
+        }
+    }
+}
+
+pub struct EtcdStore {
+    /// The store's own runtime: the contract is synchronous and may be called from any thread,
+    /// the coordinator's runtime included.
+    rt: Option<tokio::runtime::Runtime>,
+    client: Client,
+    prefix: String,
+    lease: i64,
+    /// The leader key's create revision: every write requires it unchanged.
+    token: i64,
+    cache: Mutex<Cache>,
+    /// Set when etcd no longer renews the lease: the store is deposed.
+    lost: Arc<AtomicBool>,
+    /// Set by tests: renewals stop, as if the process were paused; nothing else changes.
+    paused: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// Every job by sequence number, with the mod revision of its key.
+    jobs: BTreeMap<u64, (JobRecord, i64)>,
+    next_id: u64,
+}
+
+fn etcd(e: etcd_client::Error) -> Error {
+    Error::Etcd(e.to_string())
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+impl EtcdStore {
+    /// Connects, waits to become the leader (campaigning while another coordinator holds the
+    /// leader key), then loads the jobs.
+    pub fn connect(options: EtcdOptions) -> Result<EtcdStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd-store")
+            .enable_all()
+            .build()
+            .map_err(Error::io("starting the etcd client's runtime"))?;
+        let prefix = options.prefix.trim_end_matches('/').to_string();
+        let ttl = options.lease_ttl.as_secs().max(1) as i64;
+        let (client, lease, token, lost, paused) = rt.block_on(async {
+            let connect =
+                ConnectOptions::new().with_connect_timeout(Duration::from_secs(3)).with_timeout(Duration::from_secs(5));
+            let mut client = Client::connect(&options.endpoints, Some(connect)).await.map_err(etcd)?;
+            let lease = client.lease_grant(ttl, None).await.map_err(etcd)?.id();
+            let (lost, paused) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+            tokio::spawn(keep_alive(client.clone(), lease, ttl, lost.clone(), paused.clone()));
+            let token = campaign(&mut client, &format!("{prefix}/leader"), &options.name, lease).await?;
+            Ok::<_, Error>((client, lease, token, lost, paused))
+        })?;
+        info!(name = %options.name, token, "leading: holding the etcd leader key");
+        let store = EtcdStore { rt: Some(rt), client, prefix, lease, token, cache: Mutex::default(), lost, paused };
+        store.load()?;
+        Ok(store)
+    }
+
+    /// The fencing token: the leader key's create revision.
+    pub fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// Stops renewing the lease, as a paused (SIGSTOP) or cut-off leader would, without telling
+    /// the rest of the store: what stops its writes then is etcd's fencing alone. For tests.
+    pub fn pause_renewals(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    fn block<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().expect("the etcd store's runtime stopped")
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
+    fn job_key(seq: u64) -> String {
+        format!("jobs/{seq:020}")
+    }
+
+    /// The value and mod revision of every key under `rest`, in key order, a page at a time.
+    fn range(&self, rest: &str) -> Result<Vec<(Vec<u8>, i64)>> {
+        let (start, end) = (self.key(rest), prefix_end(&self.key(rest)));
+        let mut client = self.client.clone();
+        self.block(async move {
+            let mut out = Vec::new();
+            let mut from = start.into_bytes();
+            loop {
+                let options = GetOptions::new().with_range(end.clone()).with_limit(1000);
+                let resp = client.get(from.clone(), Some(options)).await.map_err(etcd)?;
+                for kv in resp.kvs() {
+                    out.push((kv.value().to_vec(), kv.mod_revision()));
+                }
+                match resp.kvs().last() {
+                    Some(last) if resp.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => return Ok(out),
+                }
+            }
+        })
+    }
+
+    fn load(&self) -> Result<()> {
+        let mut cache = Cache::default();
+        for (value, rev) in self.range("jobs/")? {
+            let job: JobRecord = serde_json::from_slice(&value)?;
+            cache.next_id = cache.next_id.max(job.seq);
+            cache.jobs.insert(job.seq, (job, rev));
+        }
+        cache.next_id += 1;
+        *self.cache.lock().expect("cache lock poisoned") = cache;
+        Ok(())
+    }
+
+    /// Commits `ops` if `compares` hold and this store still leads. Returns the revision of
+    /// the commit, or `None` when a compare other than leadership failed.
+    fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Option<i64>> {
+        if self.lost.load(Ordering::Relaxed) {
+            return Err(Error::Fenced("this coordinator's etcd lease is gone".into()));
+        }
+        let leader = self.key("leader");
+        let token = self.token;
+        let mut all = vec![Compare::create_revision(leader.clone(), CompareOp::Equal, token)];
+        all.extend(compares);
+        let txn = Txn::new().when(all).and_then(ops).or_else(vec![TxnOp::get(leader, None)]);
+        let mut client = self.client.clone();
+        let resp = self.block(async move { client.txn(txn).await }).map_err(etcd)?;
+        if resp.succeeded() {
+            return Ok(Some(resp.header().map_or(0, |h| h.revision())));
+        }
+        let still_leader = resp.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| kv.create_revision() == token),
+            _ => false,
+        });
+        if still_leader {
+            Ok(None)
+        } else {
+            Err(Error::Fenced("another coordinator leads now; this one may not write".into()))
+        }
+    }
+
+    fn put(&self, key: String, value: Vec<u8>) -> Result<i64> {
+        let revision = self.commit(vec![], vec![TxnOp::put(key, value, None)])?;
+        revision.ok_or_else(|| Error::Etcd("etcd refused an unconditional write".into()))
+    }
+
+    /// A job read from etcd itself, after a conflict.
+    fn fetch_job(&self, seq: u64) -> Result<Option<(JobRecord, i64)>> {
+        let key = self.key(&Self::job_key(seq));
+        let mut client = self.client.clone();
+        let resp = self.block(async move { client.get(key, None).await }).map_err(etcd)?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some((serde_json::from_slice(kv.value())?, kv.mod_revision()))),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for EtcdStore {
+    /// Hands leadership over at once rather than after the lease's TTL.
+    fn drop(&mut self) {
+        if !self.lost.swap(true, Ordering::Relaxed) {
+            let (mut client, lease) = (self.client.clone(), self.lease);
+            self.block(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+            });
+        }
+        // Without waiting: the store may be dropped on another runtime's thread.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Takes the leader key, waiting while another holds it. Returns the key's create revision.
+async fn campaign(client: &mut Client, key: &str, name: &str, lease: i64) -> Result<i64> {
+    let mut logged = false;
+    loop {
+        let txn = Txn::new().when(vec![Compare::create_revision(key, CompareOp::Equal, 0)]).and_then(vec![TxnOp::put(
+            key,
+            name,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let resp = client.txn(txn).await.map_err(etcd)?;
+        if resp.succeeded() {
+            return Ok(resp.header().map_or(0, |h| h.revision()));
+        }
+        if !logged {
+            info!(key, "another coordinator leads; waiting for its lease to end");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Renews the lease a few times per TTL until `lost` is set or etcd says it expired.
+async fn keep_alive(mut client: Client, lease: i64, ttl: i64, lost: Arc<AtomicBool>, paused: Arc<AtomicBool>) {
+    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
+    let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!(error = %e, "cannot renew the etcd lease");
+            lost.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    while !lost.load(Ordering::Relaxed) {
+        if paused.load(Ordering::Relaxed) {
+            return;
+        }
+        let renewed = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(every, renewed).await {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+            Ok(Ok(_)) => {
+                warn!("the etcd lease expired: this coordinator no longer leads");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            // A slow or failed renewal: try again; etcd, not this loop, decides when it expires.
+            Ok(Err(e)) => warn!(error = %e, "renewing the etcd lease failed"),
+            Err(_) => warn!("renewing the etcd lease timed out"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+impl StateStore for EtcdStore {
+    fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
+        let seq = {
+            let mut cache = self.cache.lock().expect("cache lock poisoned");
+            cache.next_id += 1;
+            cache.next_id - 1
+        };
+        let job = new_job(seq, spec, now_ms);
+        let key = self.key(&Self::job_key(seq));
+        let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+        let put = TxnOp::put(key, serde_json::to_vec(&job)?, None);
+        match self.commit(vec![absent], vec![put])? {
+            Some(rev) => {
+                self.cache.lock().expect("cache lock poisoned").jobs.insert(seq, (job.clone(), rev));
+                Ok(job)
+            }
+            None => Err(Error::Etcd(format!("job id {seq} is taken: another writer without the leader key"))),
+        }
+    }
+
+    fn job(&self, id: &str) -> Result<JobRecord> {
+        let seq = job_key(id)?;
+        let cache = self.cache.lock().expect("cache lock poisoned");
+        cache.jobs.get(&seq).map(|(j, _)| j.clone()).ok_or_else(|| Error::JobNotFound(id.to_string()))
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRecord>> {
+        Ok(self.cache.lock().expect("cache lock poisoned").jobs.values().map(|(j, _)| j.clone()).collect())
+    }
+
+    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>> {
+        let seq = job_key(id)?;
+        let mut current = {
+            let cache = self.cache.lock().expect("cache lock poisoned");
+            cache.jobs.get(&seq).cloned().ok_or_else(|| Error::JobNotFound(id.to_string()))?
+        };
+        loop {
+            let (mut job, rev) = current;
+            if !change(&mut job) {
+                return Ok(None);
+            }
+            job.version += 1;
+            let key = self.key(&Self::job_key(seq));
+            let same = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
+            let put = TxnOp::put(key, serde_json::to_vec(&job)?, None);
+            if let Some(new_rev) = self.commit(vec![same], vec![put])? {
+                let mut cache = self.cache.lock().expect("cache lock poisoned");
+                cache.jobs.insert(seq, (job.clone(), new_rev));
+                return Ok(Some(job));
+            }
+            // Changed underneath (a concurrent update of the same job): start from etcd's copy.
+            current = self.fetch_job(seq)?.ok_or_else(|| Error::JobNotFound(id.to_string()))?;
+            self.cache.lock().expect("cache lock poisoned").jobs.insert(seq, current.clone());
+        }
+    }
+
+    fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
+        let key = self.key(&format!("checkpoints/{:020}/{:020}", job_key(&record.job_id)?, record.step));
+        self.put(key, serde_json::to_vec(record)?).map(|_| ())
+    }
+
+    fn checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>> {
+        let rest = format!("checkpoints/{:020}/", job_key(job_id)?);
+        self.range(&rest)?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
+    }
+
+    fn put_agent(&self, record: &AgentRecord) -> Result<()> {
+        self.put(self.key(&format!("agents/{}", record.name)), serde_json::to_vec(record)?).map(|_| ())
+    }
+
+    fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
+        let key = self.key(&format!("agents/{name}"));
+        loop {
+            let mut client = self.client.clone();
+            let k = key.clone();
+            let resp = self.block(async move { client.get(k, None).await }).map_err(etcd)?;
+            let Some(kv) = resp.kvs().first() else { return Ok(false) };
+            let mut record: AgentRecord = serde_json::from_slice(kv.value())?;
+            record.drained = drained;
+            let same = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
+            let put = TxnOp::put(key.clone(), serde_json::to_vec(&record)?, None);
+            if self.commit(vec![same], vec![put])?.is_some() {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn deposed(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>> {
+        self.range("agents/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
+    }
+}

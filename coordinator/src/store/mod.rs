@@ -1,0 +1,115 @@
+//! Durable state: jobs and their attempts, checkpoint records, agents. One contract, two
+//! backends: [`EmbeddedStore`] (redb, one machine) and, with the `etcd` feature, `EtcdStore`
+//! (a highly available control plane).
+//!
+//! The contract speaks the domain (submit a job, change a job, start an attempt if the plan is
+//! still current), not get/put: as Apache Ballista learned, a generic key-value layer is too low
+//! to carry the promises. Every method commits durably before it returns, so whatever the
+//! coordinator acknowledges survives `kill -9`; and a backend that can have a second writer
+//! refuses a deposed one's writes (fencing). Heartbeats and telemetry never come here.
+//! `tests/store_conformance.rs` holds both backends to the same promises.
+
+mod embedded;
+#[cfg(feature = "etcd")]
+mod etcd;
+
+pub use embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdOptions, EtcdStore};
+
+use crate::error::{Error, Result};
+use crate::records::{AgentRecord, AttemptRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
+
+pub trait StateStore: Send + Sync {
+    /// Queues a new job and returns it, with the next id (1, 2, 3, ...: short enough to type).
+    fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord>;
+
+    fn job(&self, id: &str) -> Result<JobRecord>;
+
+    /// Every job, in submit order.
+    fn jobs(&self) -> Result<Vec<JobRecord>>;
+
+    /// Changes one job atomically. `change` returns false to leave it untouched (the method then
+    /// returns `None`); otherwise the job's version is bumped and the change committed. A backend
+    /// may call `change` again on a fresher copy if the job changed underneath it.
+    fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>>;
+
+    /// Records a verified checkpoint.
+    fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()>;
+
+    /// A job's committed checkpoints, oldest step first.
+    fn checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>>;
+
+    /// Registers (or re-registers) an agent.
+    fn put_agent(&self, record: &AgentRecord) -> Result<()>;
+
+    /// Marks an agent drained or not; false if no agent has that name.
+    fn set_drained(&self, name: &str, drained: bool) -> Result<bool>;
+
+    fn agents(&self) -> Result<Vec<AgentRecord>>;
+
+    /// True once this store may no longer write (another coordinator leads).
+    fn deposed(&self) -> bool {
+        false
+    }
+}
+
+impl dyn StateStore {
+    /// [`StateStore::update_job`] with any closure.
+    pub fn update(&self, id: &str, mut change: impl FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>> {
+        self.update_job(id, &mut change)
+    }
+
+    /// Starts the next attempt of a queued job, only if the job is unchanged since `version`
+    /// (the version the plan was computed from). Returns the started job, or `None` on conflict.
+    pub fn start_attempt(
+        &self,
+        id: &str,
+        version: u64,
+        placement: Vec<RankPlacement>,
+        now_ms: i64,
+    ) -> Result<Option<JobRecord>> {
+        self.update(id, |job| {
+            if job.version != version || job.state != JobState::Queued || job.cancel_requested {
+                return false;
+            }
+            job.attempt += 1;
+            job.state = JobState::Running;
+            job.attempts.push(AttemptRecord {
+                attempt: job.attempt,
+                placement: placement.clone(),
+                started_at_ms: now_ms,
+                ended_at_ms: None,
+                exit_code: None,
+                outcome: String::new(),
+                lost: false,
+                rank_exits: Default::default(),
+            });
+            true
+        })
+    }
+}
+
+/// Job ids are decimal sequence numbers; anything else names no job.
+fn job_key(id: &str) -> Result<u64> {
+    id.parse::<u64>().map_err(|_| Error::JobNotFound(id.to_string()))
+}
+
+fn new_job(seq: u64, spec: gantry_core::JobSpec, now_ms: i64) -> JobRecord {
+    JobRecord {
+        id: seq.to_string(),
+        seq,
+        spec,
+        state: JobState::Queued,
+        attempt: 0,
+        submitted_at_ms: now_ms,
+        ended_at_ms: None,
+        attempts: Vec::new(),
+        cancel_requested: false,
+        message: String::new(),
+        version: 1,
+        preempted_by: None,
+        preempted_for_nodes: Vec::new(),
+        preemptions: 0,
+    }
+}
