@@ -1,10 +1,16 @@
-//! The embedded backend (redb), for one machine. Every change is one transaction, committed
-//! durably (fsync) before it returns. redb locks its file, so a second coordinator on the same
-//! data directory is refused at open: there is never a second writer to fence.
+//! The embedded backend (redb), for one machine. redb locks its file, so a second coordinator
+//! on the same data directory is refused at open: there is never a second writer to fence.
+//!
+//! Group commit: each change is its own transaction, committed without fsync, and then waits
+//! for a durable commit that covers it. One waiter at a time makes that commit (an empty one:
+//! redb's durable commit persists every commit before it) while the others queue behind it, so
+//! concurrent changes share one fsync, and none returns before it is on disk.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{StateStore, job_key, new_job};
 use crate::error::{Error, Result};
@@ -17,6 +23,17 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub struct EmbeddedStore {
     db: Database,
+    /// Commits made so far, durable or not.
+    committed: AtomicU64,
+    sync: Mutex<SyncState>,
+    synced_cv: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Every commit up to this count is on disk.
+    synced: u64,
+    syncing: bool,
 }
 
 impl EmbeddedStore {
@@ -29,13 +46,47 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(EmbeddedStore { db })
+        Ok(EmbeddedStore { db, committed: AtomicU64::new(0), sync: Mutex::default(), synced_cv: Condvar::new() })
+    }
+
+    fn begin(&self) -> Result<WriteTransaction> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None).map_err(|e| Error::Store(e.into()))?;
+        Ok(txn)
+    }
+
+    /// Commits `txn` and returns once it is durable.
+    fn commit(&self, txn: WriteTransaction) -> Result<()> {
+        txn.commit()?;
+        let mine = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut state = self.sync.lock().expect("sync lock poisoned");
+        loop {
+            if state.synced >= mine {
+                return Ok(());
+            }
+            if state.syncing {
+                state = self.synced_cv.wait(state).expect("sync lock poisoned");
+                continue;
+            }
+            state.syncing = true;
+            drop(state);
+            // Every commit counted now finished before this durable one begins.
+            let target = self.committed.load(Ordering::SeqCst);
+            let result: Result<()> = (|| Ok(self.db.begin_write()?.commit()?))();
+            state = self.sync.lock().expect("sync lock poisoned");
+            state.syncing = false;
+            if result.is_ok() {
+                state.synced = state.synced.max(target);
+            }
+            self.synced_cv.notify_all();
+            result?;
+        }
     }
 }
 
 impl StateStore for EmbeddedStore {
     fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin()?;
         let job = {
             let mut meta = txn.open_table(META)?;
             let seq = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
@@ -44,7 +95,7 @@ impl StateStore for EmbeddedStore {
             txn.open_table(JOBS)?.insert(seq, serde_json::to_vec(&job)?.as_slice())?;
             job
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(job)
     }
 
@@ -69,7 +120,7 @@ impl StateStore for EmbeddedStore {
 
     fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>> {
         let key = job_key(id)?;
-        let txn = self.db.begin_write()?;
+        let txn = self.begin()?;
         let updated = {
             let mut table = txn.open_table(JOBS)?;
             let mut job: JobRecord = {
@@ -85,7 +136,7 @@ impl StateStore for EmbeddedStore {
             }
         };
         if updated.is_some() {
-            txn.commit()?;
+            self.commit(txn)?;
         } else {
             txn.abort()?;
         }
@@ -94,9 +145,9 @@ impl StateStore for EmbeddedStore {
 
     fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
         let key = (job_key(&record.job_id)?, record.step);
-        let txn = self.db.begin_write()?;
+        let txn = self.begin()?;
         txn.open_table(CHECKPOINTS)?.insert(key, serde_json::to_vec(record)?.as_slice())?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
@@ -113,14 +164,14 @@ impl StateStore for EmbeddedStore {
     }
 
     fn put_agent(&self, record: &AgentRecord) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin()?;
         txn.open_table(AGENTS)?.insert(record.name.as_str(), serde_json::to_vec(record)?.as_slice())?;
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(())
     }
 
     fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
-        let txn = self.db.begin_write()?;
+        let txn = self.begin()?;
         let found = {
             let mut table = txn.open_table(AGENTS)?;
             let record: Option<AgentRecord> = match table.get(name)? {
@@ -136,7 +187,7 @@ impl StateStore for EmbeddedStore {
                 None => false,
             }
         };
-        txn.commit()?;
+        self.commit(txn)?;
         Ok(found)
     }
 
