@@ -1,16 +1,15 @@
 //! The embedded backend (redb), for one machine. redb locks its file, so a second coordinator
 //! on the same data directory is refused at open: there is never a second writer to fence.
 //!
-//! Group commit: each change is its own transaction, committed without fsync, and then waits
-//! for a durable commit that covers it. One waiter at a time makes that commit (an empty one:
-//! redb's durable commit persists every commit before it) while the others queue behind it, so
-//! concurrent changes share one fsync, and none returns before it is on disk.
+//! Group commit: concurrent changes share one write transaction and one durable commit. Each
+//! change runs in the open transaction, then waits until that transaction is on disk; one of
+//! the waiters commits it. While it commits, the next changes queue for the next transaction,
+//! so under load each fsync carries many changes, and none is acknowledged before it is durable.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::{StateStore, job_key, new_job};
 use crate::error::{Error, Result};
@@ -23,17 +22,21 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub struct EmbeddedStore {
     db: Database,
-    /// Commits made so far, durable or not.
-    committed: AtomicU64,
-    sync: Mutex<SyncState>,
-    synced_cv: Condvar,
+    batch: Mutex<Batch>,
+    settled: Condvar,
 }
 
+/// The write transaction being filled, and which batches are settled.
 #[derive(Default)]
-struct SyncState {
-    /// Every commit up to this count is on disk.
-    synced: u64,
-    syncing: bool,
+struct Batch {
+    txn: Option<WriteTransaction>,
+    /// The number of the batch `txn` holds.
+    open: u64,
+    /// Every batch up to this number has committed (or failed).
+    settled: u64,
+    committing: bool,
+    /// The last batch whose commit failed, and why.
+    failed: Option<(u64, String)>,
 }
 
 impl EmbeddedStore {
@@ -46,57 +49,67 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(EmbeddedStore { db, committed: AtomicU64::new(0), sync: Mutex::default(), synced_cv: Condvar::new() })
+        Ok(EmbeddedStore { db, batch: Mutex::default(), settled: Condvar::new() })
     }
 
-    fn begin(&self) -> Result<WriteTransaction> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None).map_err(|e| Error::Store(e.into()))?;
-        Ok(txn)
+    fn lock(&self) -> MutexGuard<'_, Batch> {
+        self.batch.lock().expect("batch lock poisoned")
     }
 
-    /// Commits `txn` and returns once it is durable.
-    fn commit(&self, txn: WriteTransaction) -> Result<()> {
-        txn.commit()?;
-        let mine = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut state = self.sync.lock().expect("sync lock poisoned");
+    /// Runs `change` in the open batch; if it wrote (it returns true beside its result), returns
+    /// once the batch is durable.
+    fn write<R>(&self, change: impl FnOnce(&WriteTransaction) -> Result<(R, bool)>) -> Result<R> {
+        let mut b = self.lock();
+        if b.txn.is_none() {
+            // Blocks while the previous batch commits: meanwhile the next changes gather here.
+            b.txn = Some(self.db.begin_write()?);
+            b.open += 1;
+        }
+        let batch = b.open;
+        let (out, wrote) = change(b.txn.as_ref().expect("a batch is open"))?;
+        if !wrote {
+            return Ok(out);
+        }
         loop {
-            if state.synced >= mine {
-                return Ok(());
+            if b.settled >= batch {
+                return match &b.failed {
+                    Some((failed, why)) if *failed == batch => Err(Error::Io {
+                        context: "committing the store".into(),
+                        source: std::io::Error::other(why.clone()),
+                    }),
+                    _ => Ok(out),
+                };
             }
-            if state.syncing {
-                state = self.synced_cv.wait(state).expect("sync lock poisoned");
+            if !b.committing && b.open == batch && b.txn.is_some() {
+                b.committing = true;
+                let txn = b.txn.take().expect("checked");
+                drop(b);
+                let result = txn.commit();
+                b = self.lock();
+                b.committing = false;
+                b.settled = batch;
+                if let Err(e) = result {
+                    b.failed = Some((batch, e.to_string()));
+                }
+                self.settled.notify_all();
                 continue;
             }
-            state.syncing = true;
-            drop(state);
-            // Every commit counted now finished before this durable one begins.
-            let target = self.committed.load(Ordering::SeqCst);
-            let result: Result<()> = (|| Ok(self.db.begin_write()?.commit()?))();
-            state = self.sync.lock().expect("sync lock poisoned");
-            state.syncing = false;
-            if result.is_ok() {
-                state.synced = state.synced.max(target);
-            }
-            self.synced_cv.notify_all();
-            result?;
+            b = self.settled.wait(b).expect("batch lock poisoned");
         }
     }
 }
 
 impl StateStore for EmbeddedStore {
     fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
-        let txn = self.begin()?;
-        let job = {
+        self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let seq = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
-            meta.insert("next_job", seq + 1)?;
             let job = new_job(seq, spec, now_ms);
-            txn.open_table(JOBS)?.insert(seq, serde_json::to_vec(&job)?.as_slice())?;
-            job
-        };
-        self.commit(txn)?;
-        Ok(job)
+            let bytes = serde_json::to_vec(&job)?;
+            meta.insert("next_job", seq + 1)?;
+            txn.open_table(JOBS)?.insert(seq, bytes.as_slice())?;
+            Ok((job, true))
+        })
     }
 
     fn job(&self, id: &str) -> Result<JobRecord> {
@@ -120,35 +133,28 @@ impl StateStore for EmbeddedStore {
 
     fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>> {
         let key = job_key(id)?;
-        let txn = self.begin()?;
-        let updated = {
+        self.write(|txn| {
             let mut table = txn.open_table(JOBS)?;
             let mut job: JobRecord = {
                 let value = table.get(key)?.ok_or_else(|| Error::JobNotFound(id.to_string()))?;
                 serde_json::from_slice(value.value())?
             };
             if !change(&mut job) {
-                None
-            } else {
-                job.version += 1;
-                table.insert(key, serde_json::to_vec(&job)?.as_slice())?;
-                Some(job)
+                return Ok((None, false));
             }
-        };
-        if updated.is_some() {
-            self.commit(txn)?;
-        } else {
-            txn.abort()?;
-        }
-        Ok(updated)
+            job.version += 1;
+            table.insert(key, serde_json::to_vec(&job)?.as_slice())?;
+            Ok((Some(job), true))
+        })
     }
 
     fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
         let key = (job_key(&record.job_id)?, record.step);
-        let txn = self.begin()?;
-        txn.open_table(CHECKPOINTS)?.insert(key, serde_json::to_vec(record)?.as_slice())?;
-        self.commit(txn)?;
-        Ok(())
+        let bytes = serde_json::to_vec(record)?;
+        self.write(|txn| {
+            txn.open_table(CHECKPOINTS)?.insert(key, bytes.as_slice())?;
+            Ok(((), true))
+        })
     }
 
     fn checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>> {
@@ -164,31 +170,25 @@ impl StateStore for EmbeddedStore {
     }
 
     fn put_agent(&self, record: &AgentRecord) -> Result<()> {
-        let txn = self.begin()?;
-        txn.open_table(AGENTS)?.insert(record.name.as_str(), serde_json::to_vec(record)?.as_slice())?;
-        self.commit(txn)?;
-        Ok(())
+        let bytes = serde_json::to_vec(record)?;
+        self.write(|txn| {
+            txn.open_table(AGENTS)?.insert(record.name.as_str(), bytes.as_slice())?;
+            Ok(((), true))
+        })
     }
 
     fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
-        let txn = self.begin()?;
-        let found = {
+        self.write(|txn| {
             let mut table = txn.open_table(AGENTS)?;
             let record: Option<AgentRecord> = match table.get(name)? {
                 Some(v) => Some(serde_json::from_slice(v.value())?),
                 None => None,
             };
-            match record {
-                Some(mut r) => {
-                    r.drained = drained;
-                    table.insert(name, serde_json::to_vec(&r)?.as_slice())?;
-                    true
-                }
-                None => false,
-            }
-        };
-        self.commit(txn)?;
-        Ok(found)
+            let Some(mut r) = record else { return Ok((false, false)) };
+            r.drained = drained;
+            table.insert(name, serde_json::to_vec(&r)?.as_slice())?;
+            Ok((true, true))
+        })
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
