@@ -22,6 +22,8 @@ pub async fn connect(urls: &str) -> anyhow::Result<GantryClient<Channel>> {
 /// A gRPC failure as the coordinator worded it.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     match s.code() {
+        // A deposed leader says so; the next command finds the new one.
+        tonic::Code::Unavailable if s.message().starts_with("not the leader") => anyhow::anyhow!("{}", s.message()),
         tonic::Code::Unavailable => anyhow::anyhow!("the coordinator became unreachable: {}", s.message()),
         _ => anyhow::anyhow!("{}", s.message()),
     }

@@ -1,0 +1,303 @@
+//! A highly available control plane of real processes: a real etcd, two `gantry coordinator
+//! --store etcd` (one leads, one waits), an agent and the CLI given both coordinators' URLs.
+//! Needs the `etcd` feature (`.ci/run` builds with it) and Debian's etcd-server.
+
+#![cfg(feature = "etcd")]
+
+mod support;
+
+#[path = "../../coordinator/tests/support/etcd_server.rs"]
+mod etcd_server;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_server::EtcdServer;
+use support::{GANTRY, free_port};
+
+struct HaFleet {
+    _etcd: EtcdServer,
+    dir: tempfile::TempDir,
+    etcd_url: String,
+    ports: Vec<u16>,
+    coordinators: Vec<Option<Child>>,
+    agent: Option<Child>,
+}
+
+impl HaFleet {
+    /// etcd and two coordinators with default leadership settings; the first leads.
+    fn start() -> HaFleet {
+        let etcd = EtcdServer::start();
+        let etcd_url = etcd.url.clone();
+        let mut fleet = HaFleet {
+            _etcd: etcd,
+            dir: tempfile::tempdir().unwrap(),
+            etcd_url,
+            ports: vec![free_port(), free_port()],
+            coordinators: vec![None, None],
+            agent: None,
+        };
+        fleet.start_coordinator(0);
+        fleet.wait_listening(0, Duration::from_secs(20));
+        fleet.start_coordinator(1);
+        fleet
+    }
+
+    fn start_coordinator(&mut self, i: usize) {
+        let log = std::fs::File::create(self.log_path(&format!("coordinator-{i}"))).unwrap();
+        let child = Command::new(GANTRY)
+            .args(["coordinator", "--store", "etcd", "--etcd", &self.etcd_url])
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports[i])])
+            .args(["--http", &format!("127.0.0.1:{}", free_port())])
+            // Logs and checkpoint files: a shared volume in a real deployment.
+            .arg("--data-dir")
+            .arg(self.dir.path().join("shared"))
+            .args(["--agent-timeout", "10s", "--grace-period", "3s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.coordinators[i] = Some(child);
+    }
+
+    fn start_agent(&mut self) {
+        let log = std::fs::File::create(self.log_path("agent")).unwrap();
+        let child = Command::new(GANTRY)
+            .args(["agent", "--coordinator", &self.urls(), "--name", "node-a", "--work-dir"])
+            .arg(self.dir.path().join("agent"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    fn urls(&self) -> String {
+        self.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    fn listening(&self, i: usize) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_ok()
+    }
+
+    fn wait_listening(&self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.listening(i) {
+            assert!(
+                Instant::now() < deadline,
+                "coordinator {i} did not start leading:\n{}",
+                self.log(&format!("coordinator-{i}"))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn gantry(&self, urls: &str, args: &[&str]) -> std::process::Output {
+        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", urls).output().unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.gantry(&self.urls(), &all);
+        assert!(out.status.success(), "gantry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Submits `spec`; the id on success.
+    fn submit(&self, urls: &str, spec: &str) -> Result<String, String> {
+        let file = self.dir.path().join(format!("spec-{}.yaml", free_port()));
+        std::fs::write(&file, spec).unwrap();
+        let out = self.gantry(urls, &["submit", file.to_str().unwrap()]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.coordinators[i].as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+}
+
+impl Drop for HaFleet {
+    fn drop(&mut self) {
+        for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A job that fails loudly if another instance of it runs at the same time.
+fn exclusive_job(locks: &std::path::Path) -> String {
+    let script = format!(
+        r#"mkdir "{dir}/$GANTRY_JOB_ID" 2>/dev/null || {{ echo "DUPLICATE $GANTRY_JOB_ID"; exit 3; }}; sleep 0.3; rmdir "{dir}/$GANTRY_JOB_ID""#,
+        dir = locks.display()
+    );
+    // Small, so that many run at once on the test machine's two cores.
+    let resources = "resources: {cpus: 0.1, memory_gb: 0.1}";
+    format!("name: storm\n{resources}\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(&script).unwrap())
+}
+
+#[test]
+fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
+    let mut fleet = HaFleet::start();
+    fleet.start_agent();
+    let locks = fleet.dir.path().join("locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    let spec = exclusive_job(&locks);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.json(&["nodes"]).as_array().unwrap().iter().all(|n| n["connected"] != true) {
+        assert!(Instant::now() < deadline, "the agent did not connect:\n{}", fleet.log("agent"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Four submitters, each submitting one job after another, recording what was acknowledged.
+    // (when the submit started, when it was acknowledged, the job id)
+    let acked: Arc<Mutex<Vec<(Instant, Instant, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let urls = fleet.urls();
+    let storm: Vec<_> = (0..4)
+        .map(|_| {
+            let (acked, stop, urls, spec) = (acked.clone(), stop.clone(), urls.clone(), spec.clone());
+            let dir = fleet.dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let file = dir.join(format!("storm-{}.yaml", free_port()));
+                    let started = Instant::now();
+                    std::fs::write(&file, &spec).unwrap();
+                    let out = Command::new(GANTRY)
+                        .args(["submit", file.to_str().unwrap()])
+                        .env("GANTRY_COORDINATOR", &urls)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                        acked.lock().unwrap().push((started, Instant::now(), id));
+                    }
+                    // About 40 submits a second in all: a storm the agent can also run.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_secs(3));
+    let before = acked.lock().unwrap().len();
+    assert!(before > 0, "no submit was acknowledged before the kill");
+    // kill -9 of the leader.
+    let killed = Instant::now();
+    let mut leader = fleet.coordinators[0].take().unwrap();
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    // From the kill to the first acknowledgement of a submit sent after it.
+    let recovered = loop {
+        let first_after = acked.lock().unwrap().iter().find(|(sent, _, _)| *sent > killed).map(|(_, at, _)| *at);
+        if let Some(at) = first_after {
+            break at - killed;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "no submit succeeded after the leader died");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("failover: a submit succeeded again {:.2} s after kill -9 of the leader", recovered.as_secs_f64());
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in storm {
+        t.join().unwrap();
+    }
+    let acked: BTreeSet<String> = acked.lock().unwrap().iter().map(|(_, _, id)| id.clone()).collect();
+    println!("{} submits acknowledged, {before} of them before the kill", acked.len());
+
+    // Every acknowledged job is there, and each ran to success exactly once at a time.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let jobs = fleet.json(&["jobs"]);
+        let states: std::collections::HashMap<String, String> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| (j["id"].as_str().unwrap().to_string(), j["state"].as_str().unwrap().to_string()))
+            .collect();
+        for id in &acked {
+            assert!(states.contains_key(id), "acknowledged job {id} is lost");
+            assert_ne!(states[id], "failed", "job {id} failed: {:?}", fleet.json(&["job", id]));
+        }
+        if acked.iter().all(|id| states[id] == "succeeded") {
+            break;
+        }
+        let tail = |name: &str| fleet.log(name).lines().rev().take(30).collect::<Vec<_>>().join("\n");
+        assert!(
+            Instant::now() < deadline,
+            "not every acknowledged job finished: {states:?}\nagent:\n{}\nnew leader:\n{}",
+            tail("agent"),
+            tail("coordinator-1")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sample = acked.iter().next().unwrap();
+    let logs = fleet.gantry(&fleet.urls(), &["logs", sample]);
+    assert!(!String::from_utf8_lossy(&logs.stdout).contains("DUPLICATE"));
+}
+
+#[test]
+fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
+    let mut fleet = HaFleet::start();
+    let first = fleet.submit(&fleet.urls(), "name: before\nresources: {cpus: 1000}\ncommand: [\"true\"]\n").unwrap();
+    assert!(!fleet.listening(1), "the follower must not serve while the leader leads");
+
+    // SIGSTOP the leader: it stops renewing its lease, and the follower takes over.
+    fleet.signal(0, "-STOP");
+    let paused = Instant::now();
+    fleet.wait_listening(1, Duration::from_secs(30));
+    println!("the follower led {:.2} s after the leader was paused", paused.elapsed().as_secs_f64());
+    let b_only = format!("http://127.0.0.1:{}", fleet.ports[1]);
+    let second = fleet.submit(&b_only, "name: after\nresources: {cpus: 1000}\ncommand: [\"true\"]\n").unwrap();
+
+    // The old leader wakes still believing it leads. A submit sent to it alone is not committed.
+    fleet.signal(0, "-CONT");
+    let a_only = format!("http://127.0.0.1:{}", fleet.ports[0]);
+    let refused = fleet.submit(&a_only, "name: stale\ncommand: [\"true\"]\n");
+    assert!(refused.is_err(), "the deposed leader acknowledged a submit: {refused:?}");
+    println!("the woken leader answered: {}", refused.unwrap_err());
+
+    // It notices and stops by itself, with an error status.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = fleet.coordinators[0].as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the deposed leader kept running:\n{}", fleet.log("coordinator-0"));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = fleet.log("coordinator-0");
+    assert!(log.contains("lost leadership") || log.contains("not the leader"), "{log}");
+
+    let names: Vec<String> =
+        fleet.json(&["jobs"]).as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()), "{names:?}");
+    assert!(!names.contains(&"stale".to_string()), "the deposed leader's submit got in: {names:?}");
+    assert!(!first.is_empty() && !second.is_empty());
+}
