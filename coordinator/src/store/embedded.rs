@@ -23,7 +23,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub struct EmbeddedStore {
     db: Database,
     batch: Mutex<Batch>,
-    settled: Condvar,
+    /// Waiters on batch n wait on `settled[n % 2]`, so settling a batch wakes its own changes,
+    /// not every writer of the next batch too.
+    settled: [Condvar; 2],
 }
 
 /// The write transaction being filled, and which batches are settled.
@@ -49,7 +51,7 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(EmbeddedStore { db, batch: Mutex::default(), settled: Condvar::new() })
+        Ok(EmbeddedStore { db, batch: Mutex::default(), settled: [Condvar::new(), Condvar::new()] })
     }
 
     fn lock(&self) -> MutexGuard<'_, Batch> {
@@ -91,10 +93,12 @@ impl EmbeddedStore {
                 if let Err(e) = result {
                     b.failed = Some((batch, e.to_string()));
                 }
-                self.settled.notify_all();
+                self.settled[(batch % 2) as usize].notify_all();
+                // One writer of the next batch takes over committing.
+                self.settled[((batch + 1) % 2) as usize].notify_one();
                 continue;
             }
-            b = self.settled.wait(b).expect("batch lock poisoned");
+            b = self.settled[(batch % 2) as usize].wait(b).expect("batch lock poisoned");
         }
     }
 }
