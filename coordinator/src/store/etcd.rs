@@ -62,7 +62,20 @@ pub struct EtcdStore {
     lost: Arc<AtomicBool>,
     /// Set by tests: renewals stop, as if the process were paused; nothing else changes.
     paused: Arc<AtomicBool>,
+    /// To the writer task, which commits concurrent writes together.
+    writes: tokio::sync::mpsc::UnboundedSender<Write>,
 }
+
+/// One key to write, on a condition, and where the outcome goes.
+struct Write {
+    key: String,
+    condition: Option<Compare>,
+    value: Vec<u8>,
+    reply: std::sync::mpsc::SyncSender<Result<Option<i64>>>,
+}
+
+/// Writes per transaction: etcd's default `--max-txn-ops` is 128.
+const MAX_BATCH: usize = 100;
 
 #[derive(Default)]
 struct Cache {
@@ -107,7 +120,10 @@ impl EtcdStore {
             Ok::<_, Error>((client, lease, token, lost, paused))
         })?;
         info!(name = %options.name, token, "leading: holding the etcd leader key");
-        let store = EtcdStore { rt: Some(rt), client, prefix, lease, token, cache: Mutex::default(), lost, paused };
+        let (writes, queue) = tokio::sync::mpsc::unbounded_channel();
+        rt.spawn(write_batches(client.clone(), format!("{prefix}/leader"), token, queue));
+        let store =
+            EtcdStore { rt: Some(rt), client, prefix, lease, token, cache: Mutex::default(), lost, paused, writes };
         store.load()?;
         Ok(store)
     }
@@ -176,35 +192,21 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Commits `ops` if `compares` hold and this store still leads. Returns the revision of
-    /// the commit, or `None` when a compare other than leadership failed.
-    fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Option<i64>> {
+    /// Writes `value` at `key` if `condition` holds and this store still leads. Returns the
+    /// revision of the commit, or `None` when `condition` failed.
+    fn commit(&self, key: String, condition: Option<Compare>, value: Vec<u8>) -> Result<Option<i64>> {
         if self.lost.load(Ordering::Relaxed) {
             return Err(Error::Fenced("this coordinator's etcd lease is gone".into()));
         }
-        let leader = self.key("leader");
-        let token = self.token;
-        let mut all = vec![Compare::create_revision(leader.clone(), CompareOp::Equal, token)];
-        all.extend(compares);
-        let txn = Txn::new().when(all).and_then(ops).or_else(vec![TxnOp::get(leader, None)]);
-        let mut client = self.client.clone();
-        let resp = self.block(async move { client.txn(txn).await }).map_err(etcd)?;
-        if resp.succeeded() {
-            return Ok(Some(resp.header().map_or(0, |h| h.revision())));
-        }
-        let still_leader = resp.op_responses().into_iter().any(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| kv.create_revision() == token),
-            _ => false,
-        });
-        if still_leader {
-            Ok(None)
-        } else {
-            Err(Error::Fenced("another coordinator leads now; this one may not write".into()))
-        }
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.writes
+            .send(Write { key, condition, value, reply })
+            .map_err(|_| Error::Etcd("the etcd writer stopped".into()))?;
+        answer.recv().map_err(|_| Error::Etcd("the etcd writer stopped".into()))?
     }
 
     fn put(&self, key: String, value: Vec<u8>) -> Result<i64> {
-        let revision = self.commit(vec![], vec![TxnOp::put(key, value, None)])?;
+        let revision = self.commit(key, None, value)?;
         revision.ok_or_else(|| Error::Etcd("etcd refused an unconditional write".into()))
     }
 
@@ -233,6 +235,73 @@ impl Drop for EtcdStore {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Group commit: the writes queued while a transaction is in flight go together in the next
+/// one (distinct keys only: etcd refuses a key twice in one transaction). Every transaction also
+/// requires the leader key unchanged. If a batch fails, its writes are tried one by one, so
+/// each gets its own answer.
+async fn write_batches(
+    client: Client,
+    leader: String,
+    token: i64,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Write>,
+) {
+    let mut carried: Option<Write> = None;
+    loop {
+        let first = match carried.take() {
+            Some(w) => w,
+            None => match queue.recv().await {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let mut keys = std::collections::HashSet::from([first.key.clone()]);
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            let Ok(next) = queue.try_recv() else { break };
+            if !keys.insert(next.key.clone()) {
+                carried = Some(next);
+                break;
+            }
+            batch.push(next);
+        }
+        let together = if batch.len() > 1 { Some(transact(&client, &leader, token, &batch).await) } else { None };
+        match together {
+            Some(Ok(Some(revision))) => {
+                for w in batch {
+                    let _ = w.reply.send(Ok(Some(revision)));
+                }
+            }
+            _ => {
+                for w in batch {
+                    let outcome = transact(&client, &leader, token, std::slice::from_ref(&w)).await;
+                    let _ = w.reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for `writes`: the revision if every condition held, `None` if one failed.
+async fn transact(client: &Client, leader: &str, token: i64, writes: &[Write]) -> Result<Option<i64>> {
+    let mut compares = vec![Compare::create_revision(leader, CompareOp::Equal, token)];
+    compares.extend(writes.iter().filter_map(|w| w.condition.clone()));
+    let ops: Vec<TxnOp> = writes.iter().map(|w| TxnOp::put(w.key.clone(), w.value.clone(), None)).collect();
+    let txn = Txn::new().when(compares).and_then(ops).or_else(vec![TxnOp::get(leader, None)]);
+    let resp = client.clone().txn(txn).await.map_err(etcd)?;
+    if resp.succeeded() {
+        return Ok(Some(resp.header().map_or(0, |h| h.revision())));
+    }
+    let still_leader = resp.op_responses().into_iter().any(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| kv.create_revision() == token),
+        _ => false,
+    });
+    if still_leader {
+        Ok(None)
+    } else {
+        Err(Error::Fenced("another coordinator leads now; this one may not write".into()))
     }
 }
 
@@ -301,8 +370,7 @@ impl StateStore for EtcdStore {
         let job = new_job(seq, spec, now_ms);
         let key = self.key(&Self::job_key(seq));
         let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
-        let put = TxnOp::put(key, serde_json::to_vec(&job)?, None);
-        match self.commit(vec![absent], vec![put])? {
+        match self.commit(key, Some(absent), serde_json::to_vec(&job)?)? {
             Some(rev) => {
                 self.cache.lock().expect("cache lock poisoned").jobs.insert(seq, (job.clone(), rev));
                 Ok(job)
@@ -335,8 +403,7 @@ impl StateStore for EtcdStore {
             job.version += 1;
             let key = self.key(&Self::job_key(seq));
             let same = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
-            let put = TxnOp::put(key, serde_json::to_vec(&job)?, None);
-            if let Some(new_rev) = self.commit(vec![same], vec![put])? {
+            if let Some(new_rev) = self.commit(key, Some(same), serde_json::to_vec(&job)?)? {
                 let mut cache = self.cache.lock().expect("cache lock poisoned");
                 cache.jobs.insert(seq, (job.clone(), new_rev));
                 return Ok(Some(job));
@@ -371,8 +438,7 @@ impl StateStore for EtcdStore {
             let mut record: AgentRecord = serde_json::from_slice(kv.value())?;
             record.drained = drained;
             let same = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
-            let put = TxnOp::put(key.clone(), serde_json::to_vec(&record)?, None);
-            if self.commit(vec![same], vec![put])?.is_some() {
+            if self.commit(key.clone(), Some(same), serde_json::to_vec(&record)?)?.is_some() {
                 return Ok(true);
             }
         }
