@@ -1,13 +1,18 @@
 //! The embedded backend (redb), for one machine. redb locks its file, so a second coordinator
 //! on the same data directory is refused at open: there is never a second writer to fence.
 //!
-//! Group commit: concurrent changes share one write transaction and one durable commit. Each
-//! change runs in the open transaction, then waits until that transaction is on disk; one of
-//! the waiters commits it. While it commits, the next changes queue for the next transaction,
-//! so under load each fsync carries many changes, and none is acknowledged before it is durable.
+//! Jobs are read from memory, loaded once at open: the scheduler reads every job on every pass.
+//! Changes are prepared by their callers (the change applied, the record encoded) and committed
+//! by one writer thread, which takes every change queued while it was committing into one write
+//! transaction and one fsync (group commit). A change is acknowledged, and visible to readers,
+//! only once it is durable. A job change carries the version it was made from; if the job moved
+//! on meanwhile, the caller redoes it on the fresh copy.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -20,25 +25,49 @@ const CHECKPOINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ch
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Changes per write transaction, at most.
+const MAX_BATCH: usize = 1024;
+
 pub struct EmbeddedStore {
-    db: Database,
-    batch: Mutex<Batch>,
-    /// Waiters on batch n wait on `settled[n % 2]`, so settling a batch wakes its own changes,
-    /// not every writer of the next batch too.
-    settled: [Condvar; 2],
+    db: Arc<Database>,
+    /// Every job by sequence number, as committed.
+    jobs: Arc<Mutex<BTreeMap<u64, JobRecord>>>,
+    next_id: AtomicU64,
+    writes: Mutex<Option<SyncSender<Write>>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The write transaction being filled, and which batches are settled.
-#[derive(Default)]
-struct Batch {
-    txn: Option<WriteTransaction>,
-    /// The number of the batch `txn` holds.
-    open: u64,
-    /// Every batch up to this number has committed (or failed).
-    settled: u64,
-    committing: bool,
-    /// The last batch whose commit failed, and why.
-    failed: Option<(u64, String)>,
+/// A prepared change, and where its outcome goes.
+struct Write {
+    change: Change,
+    reply: SyncSender<Result<bool>>,
+}
+
+enum Change {
+    /// A new job; `next_job` moves past it.
+    Submit {
+        job: JobRecord,
+        bytes: Vec<u8>,
+    },
+    /// A changed job, made from version `from`: refused (false) if the job is at another.
+    Job {
+        job: JobRecord,
+        bytes: Vec<u8>,
+        from: u64,
+    },
+    Checkpoint {
+        key: (u64, u64),
+        bytes: Vec<u8>,
+    },
+    Agent {
+        name: String,
+        bytes: Vec<u8>,
+    },
+    /// Drained or not; false if no such agent.
+    Drain {
+        name: String,
+        drained: bool,
+    },
 }
 
 impl EmbeddedStore {
@@ -51,114 +80,181 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(EmbeddedStore { db, batch: Mutex::default(), settled: [Condvar::new(), Condvar::new()] })
+        let mut jobs = BTreeMap::new();
+        let next_id = {
+            let txn = db.begin_read()?;
+            for entry in txn.open_table(JOBS)?.iter()? {
+                let (key, value) = entry?;
+                jobs.insert(key.value(), serde_json::from_slice::<JobRecord>(value.value())?);
+            }
+            txn.open_table(META)?.get("next_job")?.map(|v| v.value()).unwrap_or(1)
+        };
+        let (db, jobs) = (Arc::new(db), Arc::new(Mutex::new(jobs)));
+        let (writes, queue) = sync_channel(MAX_BATCH);
+        let writer = {
+            let (db, jobs) = (db.clone(), jobs.clone());
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || write_batches(&db, &jobs, queue))
+                .map_err(Error::io("starting the store's writer"))?
+        };
+        Ok(EmbeddedStore {
+            db,
+            jobs,
+            next_id: AtomicU64::new(next_id),
+            writes: Mutex::new(Some(writes)),
+            writer: Some(writer),
+        })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Batch> {
-        self.batch.lock().expect("batch lock poisoned")
+    /// Hands `change` to the writer; returns once it is durable.
+    fn write(&self, change: Change) -> Result<bool> {
+        let (reply, outcome) = sync_channel(1);
+        let sender = self.writes.lock().expect("writes lock poisoned").clone();
+        let stopped =
+            || Error::Io { context: "the store's writer stopped".into(), source: std::io::ErrorKind::Other.into() };
+        sender.ok_or_else(stopped)?.send(Write { change, reply }).map_err(|_| stopped())?;
+        outcome.recv().map_err(|_| stopped())?
     }
+}
 
-    /// Runs `change` in the open batch; if it wrote (it returns true beside its result), returns
-    /// once the batch is durable.
-    fn write<R>(&self, change: impl FnOnce(&WriteTransaction) -> Result<(R, bool)>) -> Result<R> {
-        let mut b = self.lock();
-        if b.txn.is_none() {
-            // Blocks while the previous batch commits: meanwhile the next changes gather here.
-            b.txn = Some(self.db.begin_write()?);
-            b.open += 1;
-        }
-        let batch = b.open;
-        let (out, wrote) = change(b.txn.as_ref().expect("a batch is open"))?;
-        if !wrote {
-            return Ok(out);
-        }
-        loop {
-            if b.settled >= batch {
-                return match &b.failed {
-                    Some((failed, why)) if *failed == batch => Err(Error::Io {
-                        context: "committing the store".into(),
-                        source: std::io::Error::other(why.clone()),
-                    }),
-                    _ => Ok(out),
-                };
-            }
-            if !b.committing && b.open == batch && b.txn.is_some() {
-                b.committing = true;
-                let txn = b.txn.take().expect("checked");
-                drop(b);
-                let result = txn.commit();
-                b = self.lock();
-                b.committing = false;
-                b.settled = batch;
-                if let Err(e) = result {
-                    b.failed = Some((batch, e.to_string()));
-                }
-                self.settled[(batch % 2) as usize].notify_all();
-                // One writer of the next batch takes over committing.
-                self.settled[((batch + 1) % 2) as usize].notify_one();
-                continue;
-            }
-            b = self.settled[(batch % 2) as usize].wait(b).expect("batch lock poisoned");
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what it holds.
+        self.writes.lock().expect("writes lock poisoned").take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
 }
 
+/// The writer thread: one transaction per batch of queued changes, then the cache, then the
+/// answers.
+fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: Receiver<Write>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        // The versions as this batch leaves them, so two changes of one job in a batch chain.
+        let mut versions: BTreeMap<u64, u64> = BTreeMap::new();
+        let outcome = (|| -> Result<Vec<bool>> {
+            let txn = db.begin_write()?;
+            let applied = {
+                let cache = jobs.lock().expect("jobs lock poisoned");
+                batch.iter().map(|w| apply(&txn, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
+            };
+            txn.commit()?;
+            Ok(applied)
+        })();
+        match outcome {
+            Ok(applied) => {
+                let mut cache = jobs.lock().expect("jobs lock poisoned");
+                for (w, ok) in batch.iter().zip(&applied) {
+                    if let (true, Change::Submit { job, .. } | Change::Job { job, .. }) = (ok, &w.change) {
+                        cache.insert(job.seq, job.clone());
+                    }
+                }
+                drop(cache);
+                for (w, ok) in batch.into_iter().zip(applied) {
+                    let _ = w.reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                for w in batch {
+                    let source = std::io::Error::other(why.clone());
+                    let _ = w.reply.send(Err(Error::Io { context: "committing the store".into(), source }));
+                }
+            }
+        }
+    }
+}
+
+/// Stages one change in `txn`; false if it does not apply (a stale job change, an unknown agent).
+fn apply(
+    txn: &WriteTransaction,
+    cache: &BTreeMap<u64, JobRecord>,
+    versions: &mut BTreeMap<u64, u64>,
+    change: &Change,
+) -> Result<bool> {
+    match change {
+        Change::Submit { job, bytes } => {
+            txn.open_table(JOBS)?.insert(job.seq, bytes.as_slice())?;
+            let mut meta = txn.open_table(META)?;
+            let next = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1).max(job.seq + 1);
+            meta.insert("next_job", next)?;
+            versions.insert(job.seq, job.version);
+        }
+        Change::Job { job, bytes, from } => {
+            let current = versions.get(&job.seq).copied().or_else(|| cache.get(&job.seq).map(|j| j.version));
+            if current != Some(*from) {
+                return Ok(false);
+            }
+            txn.open_table(JOBS)?.insert(job.seq, bytes.as_slice())?;
+            versions.insert(job.seq, job.version);
+        }
+        Change::Checkpoint { key, bytes } => {
+            txn.open_table(CHECKPOINTS)?.insert(*key, bytes.as_slice())?;
+        }
+        Change::Agent { name, bytes } => {
+            txn.open_table(AGENTS)?.insert(name.as_str(), bytes.as_slice())?;
+        }
+        Change::Drain { name, drained } => {
+            let mut table = txn.open_table(AGENTS)?;
+            let record: Option<AgentRecord> = match table.get(name.as_str())? {
+                Some(v) => Some(serde_json::from_slice(v.value())?),
+                None => None,
+            };
+            let Some(mut record) = record else { return Ok(false) };
+            record.drained = *drained;
+            table.insert(name.as_str(), serde_json::to_vec(&record)?.as_slice())?;
+        }
+    }
+    Ok(true)
+}
+
 impl StateStore for EmbeddedStore {
     fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
-        self.write(|txn| {
-            let mut meta = txn.open_table(META)?;
-            let seq = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
-            let job = new_job(seq, spec, now_ms);
-            let bytes = serde_json::to_vec(&job)?;
-            meta.insert("next_job", seq + 1)?;
-            txn.open_table(JOBS)?.insert(seq, bytes.as_slice())?;
-            Ok((job, true))
-        })
+        let seq = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let job = new_job(seq, spec, now_ms);
+        let bytes = serde_json::to_vec(&job)?;
+        self.write(Change::Submit { job: job.clone(), bytes })?;
+        Ok(job)
     }
 
     fn job(&self, id: &str) -> Result<JobRecord> {
         let key = job_key(id)?;
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(JOBS)?;
-        let value = table.get(key)?.ok_or_else(|| Error::JobNotFound(id.to_string()))?;
-        Ok(serde_json::from_slice(value.value())?)
+        let jobs = self.jobs.lock().expect("jobs lock poisoned");
+        jobs.get(&key).cloned().ok_or_else(|| Error::JobNotFound(id.to_string()))
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(JOBS)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (_, value) = entry?;
-            out.push(serde_json::from_slice(value.value())?);
-        }
-        Ok(out)
+        Ok(self.jobs.lock().expect("jobs lock poisoned").values().cloned().collect())
     }
 
     fn update_job(&self, id: &str, change: &mut dyn FnMut(&mut JobRecord) -> bool) -> Result<Option<JobRecord>> {
-        let key = job_key(id)?;
-        self.write(|txn| {
-            let mut table = txn.open_table(JOBS)?;
-            let mut job: JobRecord = {
-                let value = table.get(key)?.ok_or_else(|| Error::JobNotFound(id.to_string()))?;
-                serde_json::from_slice(value.value())?
-            };
+        loop {
+            let mut job = self.job(id)?;
+            let from = job.version;
             if !change(&mut job) {
-                return Ok((None, false));
+                return Ok(None);
             }
-            job.version += 1;
-            table.insert(key, serde_json::to_vec(&job)?.as_slice())?;
-            Ok((Some(job), true))
-        })
+            job.version = from + 1;
+            let bytes = serde_json::to_vec(&job)?;
+            if self.write(Change::Job { job: job.clone(), bytes, from })? {
+                return Ok(Some(job));
+            }
+            // Another change of this job got in first: redo this one on the fresh copy.
+        }
     }
 
     fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
         let key = (job_key(&record.job_id)?, record.step);
-        let bytes = serde_json::to_vec(record)?;
-        self.write(|txn| {
-            txn.open_table(CHECKPOINTS)?.insert(key, bytes.as_slice())?;
-            Ok(((), true))
-        })
+        self.write(Change::Checkpoint { key, bytes: serde_json::to_vec(record)? }).map(|_| ())
     }
 
     fn checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>> {
@@ -174,25 +270,11 @@ impl StateStore for EmbeddedStore {
     }
 
     fn put_agent(&self, record: &AgentRecord) -> Result<()> {
-        let bytes = serde_json::to_vec(record)?;
-        self.write(|txn| {
-            txn.open_table(AGENTS)?.insert(record.name.as_str(), bytes.as_slice())?;
-            Ok(((), true))
-        })
+        self.write(Change::Agent { name: record.name.clone(), bytes: serde_json::to_vec(record)? }).map(|_| ())
     }
 
     fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
-        self.write(|txn| {
-            let mut table = txn.open_table(AGENTS)?;
-            let record: Option<AgentRecord> = match table.get(name)? {
-                Some(v) => Some(serde_json::from_slice(v.value())?),
-                None => None,
-            };
-            let Some(mut r) = record else { return Ok((false, false)) };
-            r.drained = drained;
-            table.insert(name, serde_json::to_vec(&r)?.as_slice())?;
-            Ok((true, true))
-        })
+        self.write(Change::Drain { name: name.to_string(), drained })
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
