@@ -24,7 +24,12 @@ impl v1::gantry_server::Gantry for UserService {
     async fn submit(&self, req: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitResponse>, Status> {
         let wire = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec = JobSpec::try_from(wire).map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?;
-        let job = self.coordinator.submit(spec)?;
+        // On a blocking thread: the store waits for its group commit, and concurrent submits
+        // must be able to wait together to share it.
+        let coordinator = self.coordinator.clone();
+        let job = tokio::task::spawn_blocking(move || coordinator.submit(spec))
+            .await
+            .map_err(|e| Status::internal(format!("submit: {e}")))??;
         Ok(Response::new(v1::SubmitResponse { job_id: job.id }))
     }
 
@@ -42,7 +47,11 @@ impl v1::gantry_server::Gantry for UserService {
     }
 
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
-        let job = self.coordinator.cancel(&req.into_inner().job_id)?;
+        let coordinator = self.coordinator.clone();
+        let id = req.into_inner().job_id;
+        let job = tokio::task::spawn_blocking(move || coordinator.cancel(&id))
+            .await
+            .map_err(|e| Status::internal(format!("cancel: {e}")))??;
         Ok(Response::new(job_to_proto(&job, None, Vec::new())))
     }
 
