@@ -1,5 +1,6 @@
 //! A highly available control plane of real processes: a real etcd, two `gantry coordinator
-//! --store etcd` (one leads, one waits), an agent and the CLI given both coordinators' URLs.
+//! --store etcd` (one leads, the other forwards to it), an agent and the CLI given both
+//! coordinators' URLs.
 //! Needs the `etcd` feature (`.ci/run` builds with it) and Debian's etcd-server.
 
 #![cfg(feature = "etcd")]
@@ -41,8 +42,9 @@ impl HaFleet {
             agent: None,
         };
         fleet.start_coordinator(0);
-        fleet.wait_listening(0, Duration::from_secs(20));
+        fleet.wait_leading(0, Duration::from_secs(20));
         fleet.start_coordinator(1);
+        fleet.wait_listening(1, Duration::from_secs(20));
         fleet
     }
 
@@ -91,12 +93,23 @@ impl HaFleet {
         std::net::TcpStream::connect(("127.0.0.1", self.ports[i])).is_ok()
     }
 
+    /// Until coordinator `i` leads and listens as the leader.
+    fn wait_leading(&self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let name = format!("coordinator-{i}");
+        while !self.log(&name).contains("coordinator listening") {
+            assert!(Instant::now() < deadline, "coordinator {i} did not start leading:\n{}", self.log(&name));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_listening(i, timeout);
+    }
+
     fn wait_listening(&self, i: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.listening(i) {
             assert!(
                 Instant::now() < deadline,
-                "coordinator {i} did not start leading:\n{}",
+                "coordinator {i} does not listen:\n{}",
                 self.log(&format!("coordinator-{i}"))
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -136,8 +149,12 @@ impl HaFleet {
 impl Drop for HaFleet {
     fn drop(&mut self) {
         for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            if child.try_wait().ok().flatten().is_some() {
+                continue;
+            }
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+            let _ = Command::new("kill").arg(&pid).status();
         }
         let deadline = Instant::now() + Duration::from_secs(15);
         for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
@@ -265,14 +282,17 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
 fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
     let mut fleet = HaFleet::start();
     let first = fleet.submit(&fleet.urls(), "name: before\nresources: {cpus: 1000}\ncommand: [\"true\"]\n").unwrap();
-    assert!(!fleet.listening(1), "the follower must not serve while the leader leads");
+    // The follower forwards to the leader: it answers with the leader's jobs.
+    let b_only = format!("http://127.0.0.1:{}", fleet.ports[1]);
+    let via_follower = fleet.gantry(&b_only, &["job", &first]);
+    assert!(via_follower.status.success(), "{}", String::from_utf8_lossy(&via_follower.stderr));
+    assert!(!fleet.log("coordinator-1").contains("coordinator listening"), "only one leads");
 
     // SIGSTOP the leader: it stops renewing its lease, and the follower takes over.
     fleet.signal(0, "-STOP");
     let paused = Instant::now();
-    fleet.wait_listening(1, Duration::from_secs(30));
+    fleet.wait_leading(1, Duration::from_secs(30));
     println!("the follower led {:.2} s after the leader was paused", paused.elapsed().as_secs_f64());
-    let b_only = format!("http://127.0.0.1:{}", fleet.ports[1]);
     let second = fleet.submit(&b_only, "name: after\nresources: {cpus: 1000}\ncommand: [\"true\"]\n").unwrap();
 
     // The old leader wakes still believing it leads. A submit sent to it alone is not committed.

@@ -3,5 +3,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod server;
 pub mod sim;
+#[cfg(feature = "etcd")]
+mod standby;
 pub mod top;
 pub mod train;

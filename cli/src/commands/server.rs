@@ -33,6 +33,10 @@ pub struct CoordinatorArgs {
     /// Seconds a silent leader keeps leadership (its etcd lease).
     #[arg(long, default_value = "3s", value_parser = duration)]
     leader_ttl: Duration,
+    /// The host other coordinators use to reach this one (with --store etcd) [default: the
+    /// --listen and --http addresses as given].
+    #[arg(long)]
+    advertise_host: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -152,41 +156,65 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     init_logging("info");
-    // With etcd, a coordinator first waits to lead; only the leader listens, so clients and
-    // agents given every coordinator's URL reach the leader.
-    let store = match args.store.as_str() {
-        "etcd" => Some(etcd_store(&args).await?),
-        _ => None,
-    };
     let grpc = bind(&args.listen, "gRPC").await?;
     let http = bind(&args.http, "HTTP").await?;
+    // With etcd, a coordinator forwards every connection to the leader until it leads itself;
+    // then it listens again, as the leader.
+    let (store, grpc, http) = match args.store.as_str() {
+        "etcd" => {
+            let store = etcd_store(&args, grpc, http).await?;
+            (Some(store), bind(&args.listen, "gRPC").await?, bind(&args.http, "HTTP").await?)
+        }
+        _ => (None, grpc, http),
+    };
     let config =
         Config { data_dir: args.data_dir.unwrap_or_else(default_data_dir), settings: args.timing.settings(), store };
     gantry_coordinator::serve(config, grpc, http, shutdown_signal()).await?;
     Ok(())
 }
 
+/// Campaigns for leadership, forwarding connections on `grpc` and `http` to the leader
+/// meanwhile; returns the store once this coordinator leads (the listeners are closed by then).
 #[cfg(feature = "etcd")]
 async fn etcd_store(
     args: &CoordinatorArgs,
+    grpc: TcpListener,
+    http: TcpListener,
 ) -> anyhow::Result<std::sync::Arc<dyn gantry_coordinator::store::StateStore>> {
+    use super::standby::{Port, advertise, forward};
     use gantry_coordinator::store::{EtcdOptions, EtcdStore};
+    let endpoints: Vec<String> = args.etcd.split(',').map(|e| e.trim().to_string()).collect();
+    let reach = |addr: std::net::SocketAddr| match &args.advertise_host {
+        Some(host) => format!("{host}:{}", addr.port()),
+        None => addr.to_string(),
+    };
     let options = EtcdOptions {
-        endpoints: args.etcd.split(',').map(|e| e.trim().to_string()).collect(),
+        endpoints: endpoints.clone(),
         prefix: args.etcd_prefix.clone(),
-        name: format!("{}@{}", hostname(), args.listen),
+        name: advertise(&reach(grpc.local_addr()?), &reach(http.local_addr()?)),
         lease_ttl: args.leader_ttl,
     };
-    info!(etcd = %args.etcd, "connecting to etcd; waiting to lead");
-    let store = tokio::task::spawn_blocking(move || EtcdStore::connect(options))
-        .await?
-        .with_context(|| format!("cannot use etcd at {}", args.etcd))?;
+    let prefix = args.etcd_prefix.clone();
+    let standby = tokio::spawn(async move {
+        tokio::join!(
+            forward(grpc, Port::Grpc, endpoints.clone(), prefix.clone()),
+            forward(http, Port::Http, endpoints, prefix)
+        )
+    });
+    info!(etcd = %args.etcd, "connecting to etcd; forwarding to the leader until this coordinator leads");
+    let store = tokio::task::spawn_blocking(move || EtcdStore::connect(options)).await?;
+    // Stop forwarding and close the listeners; the caller listens again as the leader.
+    standby.abort();
+    let _ = standby.await;
+    let store = store.with_context(|| format!("cannot use etcd at {}", args.etcd))?;
     Ok(std::sync::Arc::new(store))
 }
 
 #[cfg(not(feature = "etcd"))]
 async fn etcd_store(
     args: &CoordinatorArgs,
+    _grpc: TcpListener,
+    _http: TcpListener,
 ) -> anyhow::Result<std::sync::Arc<dyn gantry_coordinator::store::StateStore>> {
     anyhow::bail!(
         "this gantry was built without etcd support (etcd {} given); build it with `--features etcd`",

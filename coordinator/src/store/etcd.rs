@@ -31,7 +31,8 @@ pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     /// Every key lives under it: one etcd can serve several gantry clusters (and tests).
     pub prefix: String,
-    /// This coordinator's name, written in the leader key.
+    /// How to reach this coordinator, written in the leader key while it leads: followers
+    /// forward there (see [`leader_of`]).
     pub name: String,
     /// How long a silent leader keeps the leader key.
     pub lease_ttl: Duration,
@@ -303,6 +304,16 @@ async fn transact(client: &Client, leader: &str, token: i64, writes: &[Write]) -
     } else {
         Err(Error::Fenced("another coordinator leads now; this one may not write".into()))
     }
+}
+
+/// What the current leader wrote in the leader key under `prefix` (its `name`), if one leads.
+pub async fn leader_of(endpoints: &[String], prefix: &str) -> Result<Option<String>> {
+    let connect =
+        ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
+    let mut client = Client::connect(endpoints, Some(connect)).await.map_err(etcd)?;
+    let key = format!("{}/leader", prefix.trim_end_matches('/'));
+    let resp = client.get(key, None).await.map_err(etcd)?;
+    Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
 }
 
 /// Takes the leader key, waiting while another holds it. Returns the key's create revision.

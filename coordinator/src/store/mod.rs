@@ -15,7 +15,7 @@ mod etcd;
 
 pub use embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, leader_of};
 
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, AttemptRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
