@@ -75,6 +75,9 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// Threads applying one pass's placements.
+const PLACING_THREADS: usize = 16;
+
 /// Ports for torchrun's MASTER_PORT: spread by job id so jobs on one node rarely collide.
 fn master_port(job_id: &str) -> u32 {
     29500 + (job_id.parse::<u64>().unwrap_or(0) % 2000) as u32
@@ -607,33 +610,56 @@ impl Coordinator {
         for p in &plan.preemptions {
             self.preempt(&p.job_id, &p.for_job, &p.nodes)?;
         }
-        for placement in plan.placements {
-            let job = jobs.iter().find(|j| j.id == placement.job_id).expect("plan names snapshot jobs");
-            let resume = match self.resume_point(job) {
-                Ok(r) => r,
-                Err(why) => {
-                    self.fail_before_start(&job.id, why)?;
-                    continue;
-                }
-            };
-            let ranks: Vec<RankPlacement> = placement
-                .nodes
-                .iter()
-                .enumerate()
-                .map(|(rank, n)| RankPlacement {
-                    rank: rank as u32,
-                    node: n.node.clone(),
-                    gpu_uuids: n.gpu_uuids.clone(),
+        let by_id: HashMap<&str, &JobRecord> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+        let place = |placement: &scheduler::Placement| {
+            let job = by_id[placement.job_id.as_str()];
+            self.place(job, versions[&job.id], placement)
+        };
+        // Placements commit from several threads at once, so that one group commit of the
+        // store carries many of them rather than one fsync each.
+        let threads = plan.placements.len().min(PLACING_THREADS);
+        if threads <= 1 {
+            return plan.placements.iter().try_for_each(place);
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            match plan.placements.get(i) {
+                                Some(p) => place(p)?,
+                                None => return Ok(()),
+                            }
+                        }
+                    })
                 })
                 .collect();
-            let Some(started) = self.store.start_attempt(&job.id, versions[&job.id], ranks.clone(), now_ms())? else {
-                continue; // changed since the snapshot: the next pass sees it fresh
-            };
-            self.placements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            info!(job = %started.id, attempt = started.attempt, nodes = ?ranks.iter().map(|r| &r.node).collect::<Vec<_>>(), "job placed");
-            self.send_assignments(&started, &ranks, resume);
-            self.changed();
-        }
+            workers.into_iter().try_for_each(|w| w.join().expect("a placing thread panicked"))
+        })
+    }
+
+    /// Starts the attempt a placement gives, if the job is unchanged since `version`, and sends
+    /// its ranks to their agents.
+    fn place(&self, job: &JobRecord, version: u64, placement: &scheduler::Placement) -> Result<()> {
+        let resume = match self.resume_point(job) {
+            Ok(r) => r,
+            Err(why) => return self.fail_before_start(&job.id, why),
+        };
+        let ranks: Vec<RankPlacement> = placement
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(rank, n)| RankPlacement { rank: rank as u32, node: n.node.clone(), gpu_uuids: n.gpu_uuids.clone() })
+            .collect();
+        let Some(started) = self.store.start_attempt(&job.id, version, ranks.clone(), now_ms())? else {
+            return Ok(()); // changed since the snapshot: the next pass sees it fresh
+        };
+        self.placements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(job = %started.id, attempt = started.attempt, nodes = ?ranks.iter().map(|r| &r.node).collect::<Vec<_>>(), "job placed");
+        self.send_assignments(&started, &ranks, resume);
+        self.changed();
         Ok(())
     }
 
