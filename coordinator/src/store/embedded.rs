@@ -33,7 +33,8 @@ pub struct EmbeddedStore {
     /// Every job by sequence number, as committed.
     jobs: Arc<Mutex<BTreeMap<u64, JobRecord>>>,
     next_id: AtomicU64,
-    writes: Mutex<Option<SyncSender<Write>>>,
+    /// To the writer; taken on drop, which ends it.
+    writes: Option<SyncSender<Write>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -44,7 +45,7 @@ struct Write {
 }
 
 enum Change {
-    /// A new job; `next_job` moves past it.
+    /// A new job; `next_job` moves past it (once per batch).
     Submit {
         job: JobRecord,
         bytes: Vec<u8>,
@@ -98,22 +99,16 @@ impl EmbeddedStore {
                 .spawn(move || write_batches(&db, &jobs, queue))
                 .map_err(Error::io("starting the store's writer"))?
         };
-        Ok(EmbeddedStore {
-            db,
-            jobs,
-            next_id: AtomicU64::new(next_id),
-            writes: Mutex::new(Some(writes)),
-            writer: Some(writer),
-        })
+        Ok(EmbeddedStore { db, jobs, next_id: AtomicU64::new(next_id), writes: Some(writes), writer: Some(writer) })
     }
 
     /// Hands `change` to the writer; returns once it is durable.
     fn write(&self, change: Change) -> Result<bool> {
         let (reply, outcome) = sync_channel(1);
-        let sender = self.writes.lock().expect("writes lock poisoned").clone();
         let stopped =
             || Error::Io { context: "the store's writer stopped".into(), source: std::io::ErrorKind::Other.into() };
-        sender.ok_or_else(stopped)?.send(Write { change, reply }).map_err(|_| stopped())?;
+        let sender = self.writes.as_ref().ok_or_else(stopped)?;
+        sender.send(Write { change, reply }).map_err(|_| stopped())?;
         outcome.recv().map_err(|_| stopped())?
     }
 }
@@ -121,7 +116,7 @@ impl EmbeddedStore {
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         // Closing the queue ends the writer once it has committed what it holds.
-        self.writes.lock().expect("writes lock poisoned").take();
+        self.writes.take();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -147,6 +142,16 @@ fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: R
                 let cache = jobs.lock().expect("jobs lock poisoned");
                 batch.iter().map(|w| apply(&txn, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
             };
+            // Once per batch: the next id moves past every job submitted in it.
+            let submitted = batch.iter().filter_map(|w| match &w.change {
+                Change::Submit { job, .. } => Some(job.seq + 1),
+                _ => None,
+            });
+            if let Some(next) = submitted.max() {
+                let mut meta = txn.open_table(META)?;
+                let stored = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
+                meta.insert("next_job", stored.max(next))?;
+            }
             txn.commit()?;
             Ok(applied)
         })();
@@ -184,9 +189,6 @@ fn apply(
     match change {
         Change::Submit { job, bytes } => {
             txn.open_table(JOBS)?.insert(job.seq, bytes.as_slice())?;
-            let mut meta = txn.open_table(META)?;
-            let next = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1).max(job.seq + 1);
-            meta.insert("next_job", next)?;
             versions.insert(job.seq, job.version);
         }
         Change::Job { job, bytes, from } => {
