@@ -157,15 +157,17 @@ fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: R
         })();
         match outcome {
             Ok(applied) => {
+                let mut replies = Vec::with_capacity(batch.len());
                 let mut cache = jobs.lock().expect("jobs lock poisoned");
-                for (w, ok) in batch.iter().zip(&applied) {
-                    if let (true, Change::Submit { job, .. } | Change::Job { job, .. }) = (ok, &w.change) {
-                        cache.insert(job.seq, job.clone());
+                for (w, ok) in batch.into_iter().zip(applied) {
+                    if let (true, Change::Submit { job, .. } | Change::Job { job, .. }) = (ok, w.change) {
+                        cache.insert(job.seq, job);
                     }
+                    replies.push((w.reply, ok));
                 }
                 drop(cache);
-                for (w, ok) in batch.into_iter().zip(applied) {
-                    let _ = w.reply.send(Ok(ok));
+                for (reply, ok) in replies {
+                    let _ = reply.send(Ok(ok));
                 }
             }
             Err(e) => {
