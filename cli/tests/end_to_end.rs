@@ -49,6 +49,29 @@ fn digits_job_trains_to_93_percent_and_its_checkpoint_downloads_intact() {
     }
     let total: u64 = files.iter().map(|f| f["size"].as_u64().unwrap()).sum();
     assert_eq!(latest["bytes"].as_u64().unwrap(), total);
+
+    // The weights leave gantry as SafeTensors: Hugging Face's own reader loads them, and a
+    // NumPy forward pass in PyTorch's layout classifies the digits as well as the runtime does.
+    let check = r#"
+import sys, numpy as np
+from safetensors.numpy import load_file
+w = load_file(sys.argv[1])
+assert w["fc1.weight"].shape == (128, 64) and w["fc1.weight"].dtype == np.float32
+data = np.loadtxt(sys.argv[2], delimiter=",")
+x, y = data[:, :64] / 16.0, data[:, 64]
+h = np.maximum(x @ w["fc1.weight"].T + w["fc1.bias"], 0)
+print((np.argmax(h @ w["fc2.weight"].T + w["fc2.bias"], axis=1) == y).mean())
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", check])
+        .arg(out.join("model.safetensors"))
+        .arg(repo_root().join("jobs/data/digits.csv"))
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let numpy_accuracy: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    println!("accuracy of the exported weights in NumPy, all 1,797 digits: {numpy_accuracy:.4}");
+    assert!(numpy_accuracy >= 0.95, "{numpy_accuracy}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use crate::error::JobsError;
 
 /// The model's weights (burn named MessagePack, full precision).
 pub const MODEL_FILE: &str = "model.mpk";
+/// The same weights in SafeTensors, PyTorch's layout: for use outside gantry.
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
 /// The optimizer's state (Adam moments), same encoding.
 pub const OPTIMIZER_FILE: &str = "optimizer.mpk";
 /// Where the run stood: [`CheckpointState`] as JSON.
@@ -44,13 +46,14 @@ pub fn checkpoint_name(step: u64) -> String {
 
 type Rec = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
-/// Writes checkpoint `step-<state.step>` into `dir` unless it already exists. Returns its path
-/// and whether this call wrote it.
+/// Writes checkpoint `step-<state.step>` into `dir` unless it already exists, with the model
+/// also `exported` as SafeTensors. Returns its path and whether this call wrote it.
 pub(crate) fn save<B: Backend, M: Record<B>, O: Record<B>>(
     dir: &Path,
     state: &CheckpointState,
     model: M,
     optimizer: O,
+    exported: &[u8],
 ) -> Result<(PathBuf, bool), JobsError> {
     let name = checkpoint_name(state.step);
     let path = dir.join(&name);
@@ -78,7 +81,13 @@ pub(crate) fn save<B: Backend, M: Record<B>, O: Record<B>>(
     let optimizer_bytes = encode(OPTIMIZER_FILE, Recorder::<B>::record(&recorder, optimizer, ()))?;
     let state_bytes = serde_json::to_vec_pretty(state)
         .map_err(|source| JobsError::CheckpointState { path: tmp.join(STATE_FILE), source })?;
-    for (file, bytes) in [(MODEL_FILE, &model_bytes), (OPTIMIZER_FILE, &optimizer_bytes), (STATE_FILE, &state_bytes)] {
+    let files = [
+        (MODEL_FILE, model_bytes.as_slice()),
+        (OPTIMIZER_FILE, optimizer_bytes.as_slice()),
+        (STATE_FILE, state_bytes.as_slice()),
+        (SAFETENSORS_FILE, exported),
+    ];
+    for (file, bytes) in files {
         write_synced(&tmp.join(file), bytes)?;
     }
     sync_dir(&tmp)?;

@@ -24,11 +24,14 @@ mod checkpoint;
 mod data;
 mod env;
 mod error;
+mod export;
 mod model;
 mod rng;
 mod train;
 
-pub use checkpoint::{CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, checkpoint_name};
+pub use checkpoint::{
+    CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, SAFETENSORS_FILE, STATE_FILE, checkpoint_name,
+};
 pub use env::{RunEnv, install_sigterm_handler};
 pub use error::JobsError;
 pub use train::{Outcome, train};

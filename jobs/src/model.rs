@@ -40,6 +40,30 @@ impl<B: Backend> Mlp<B> {
         ids
     }
 
+    /// The weights as PyTorch names and lays them out (`nn.Linear` keeps `weight` as
+    /// [out, in]; burn keeps [in, out]), so a `torch.nn.Sequential(Linear(64, 128), ReLU(),
+    /// Linear(128, 10))` with these keys renamed loads them as they are.
+    pub(crate) fn export(&self) -> Vec<crate::export::Tensor> {
+        let mut out = Vec::new();
+        for (name, layer) in [("fc1", &self.fc1), ("fc2", &self.fc2)] {
+            let weight = layer.weight.val().transpose();
+            out.push(crate::export::Tensor {
+                name: format!("{name}.weight"),
+                shape: weight.dims().to_vec(),
+                values: weight.into_data().to_vec::<f32>().expect("float32 weights"),
+            });
+            if let Some(bias) = &layer.bias {
+                let bias = bias.val();
+                out.push(crate::export::Tensor {
+                    name: format!("{name}.bias"),
+                    shape: bias.dims().to_vec(),
+                    values: bias.into_data().to_vec::<f32>().expect("float32 weights"),
+                });
+            }
+        }
+        out
+    }
+
     /// `x`: [batch, 64] -> logits [batch, 10].
     pub(crate) fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.fc2.forward(relu(self.fc1.forward(x)))
@@ -100,6 +124,31 @@ mod tests {
         };
         let err = check_record(&wide.into_record()).unwrap_err();
         assert!(err.contains("fc1.weight"), "{err}");
+    }
+
+    /// The exported weights, applied as PyTorch applies them (y = x W^T + b, ReLU between),
+    /// give the model's own logits: names, shapes and layout are right.
+    #[test]
+    fn exported_weights_in_pytorch_layout_reproduce_the_forward_pass() {
+        let device = Default::default();
+        let model = Mlp::<NdArray>::init(7, &device);
+        let bytes = crate::export::safetensors(&model.export(), &Default::default());
+        let (t, _) = crate::export::tests::read(&bytes);
+        assert_eq!(t["fc1.weight"].0, [HIDDEN, FEATURES]);
+        assert_eq!(t["fc2.weight"].0, [CLASSES, HIDDEN]);
+        assert_eq!(t["fc2.bias"].0, [CLASSES]);
+        let x: Vec<f32> = (0..FEATURES).map(|i| (i % 17) as f32 / 4.0).collect();
+        let linear = |input: &[f32], w: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>)| -> Vec<f32> {
+            let (out, inp) = (w.0[0], w.0[1]);
+            (0..out).map(|o| b.1[o] + (0..inp).map(|i| w.1[o * inp + i] * input[i]).sum::<f32>()).collect()
+        };
+        let hidden: Vec<f32> = linear(&x, &t["fc1.weight"], &t["fc1.bias"]).into_iter().map(|v| v.max(0.0)).collect();
+        let by_hand = linear(&hidden, &t["fc2.weight"], &t["fc2.bias"]);
+        let input = Tensor::<NdArray, 2>::from_data(TensorData::new(x, [1, FEATURES]), &device);
+        let logits = model.forward(input).into_data().to_vec::<f32>().unwrap();
+        for (a, b) in by_hand.iter().zip(&logits) {
+            assert!((a - b).abs() < 1e-4, "{by_hand:?} vs {logits:?}");
+        }
     }
 
     #[test]

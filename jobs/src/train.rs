@@ -282,7 +282,15 @@ fn save<O: Optimizer<Mlp<Train>, Train>>(
         dataset: spec.dataset.clone(),
         format_version: FORMAT_VERSION,
     };
-    let (path, written) = checkpoint::save::<Train, _, _>(dir, &state, model.clone().into_record(), optim.to_record())?;
+    let metadata = std::collections::BTreeMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("gantry.model".to_string(), spec.model.clone()),
+        ("gantry.dataset".to_string(), spec.dataset.clone()),
+        ("gantry.step".to_string(), pos.step.to_string()),
+    ]);
+    let exported = crate::export::safetensors(&model.valid().export(), &metadata);
+    let (path, written) =
+        checkpoint::save::<Train, _, _>(dir, &state, model.clone().into_record(), optim.to_record(), &exported)?;
     if written {
         emit(out, format_args!("checkpoint step={} path={}", pos.step, checkpoint::checkpoint_name(pos.step)))?;
     }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use gantry_core::spec::TrainSpec;
-use gantry_jobs::{CheckpointState, JobsError, MODEL_FILE, OPTIMIZER_FILE, Outcome, RunEnv, STATE_FILE, train};
+use gantry_jobs::{
+    CheckpointState, JobsError, MODEL_FILE, OPTIMIZER_FILE, Outcome, RunEnv, SAFETENSORS_FILE, STATE_FILE, train,
+};
 
 /// Collects the output lines; optionally sets the stop flag once a line starting with a prefix
 /// appears, the way SIGTERM would arrive in the middle of a run.
@@ -191,8 +193,16 @@ fn checkpoints_appear_whole_with_their_state() {
         let mut files: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         files.sort();
-        assert_eq!(files, [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE]);
+        assert_eq!(files, [MODEL_FILE, SAFETENSORS_FILE, OPTIMIZER_FILE, STATE_FILE]);
     }
+    // The SafeTensors header names the weights in PyTorch's layout, with the step.
+    let bytes = std::fs::read(dirs.path().join("step-46").join(SAFETENSORS_FILE)).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["fc1.weight"]["shape"], serde_json::json!([128, 64]));
+    assert_eq!(header["fc2.bias"]["shape"], serde_json::json!([10]));
+    assert_eq!(header["__metadata__"]["gantry.step"], "46");
+    assert_eq!(bytes.len() - 8 - n, 4 * (128 * 64 + 128 + 10 * 128 + 10), "float32 data follows");
     let state = |name: &str| -> CheckpointState {
         serde_json::from_slice(&std::fs::read(dirs.path().join(name).join(STATE_FILE)).unwrap()).unwrap()
     };
