@@ -29,7 +29,7 @@ pub(crate) fn safetensors(tensors: &[Tensor], metadata: &BTreeMap<String, String
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON object serializes");
     // The data starts 8-byte aligned, so readers can map it in place.
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + data.len());
@@ -73,7 +73,7 @@ pub(crate) mod tests {
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = safetensors(&tensors, &metadata);
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!((8 + n) % 8, 0);
+        assert!((8 + n).is_multiple_of(8));
         assert_eq!(bytes.len(), 8 + n + 8 * 4);
         let (read, meta) = read(&bytes);
         assert_eq!(read["a.weight"], (vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]));
