@@ -43,8 +43,11 @@ pub(crate) fn safetensors(tensors: &[Tensor], metadata: &BTreeMap<String, String
 pub(crate) mod tests {
     use super::*;
 
+    /// Shape and values.
+    pub(crate) type Read = (Vec<usize>, Vec<f32>);
+
     /// A reader, from the format's description: name -> (shape, values), and the metadata.
-    pub(crate) fn read(bytes: &[u8]) -> (BTreeMap<String, (Vec<usize>, Vec<f32>)>, BTreeMap<String, String>) {
+    pub(crate) fn read(bytes: &[u8]) -> (BTreeMap<String, Read>, BTreeMap<String, String>) {
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
         let data = &bytes[8 + n..];

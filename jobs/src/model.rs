@@ -138,7 +138,8 @@ mod tests {
         assert_eq!(t["fc2.weight"].0, [CLASSES, HIDDEN]);
         assert_eq!(t["fc2.bias"].0, [CLASSES]);
         let x: Vec<f32> = (0..FEATURES).map(|i| (i % 17) as f32 / 4.0).collect();
-        let linear = |input: &[f32], w: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>)| -> Vec<f32> {
+        use crate::export::tests::Read;
+        let linear = |input: &[f32], w: &Read, b: &Read| -> Vec<f32> {
             let (out, inp) = (w.0[0], w.0[1]);
             (0..out).map(|o| b.1[o] + (0..inp).map(|i| w.1[o * inp + i] * input[i]).sum::<f32>()).collect()
         };
