@@ -99,6 +99,20 @@ pub struct TrainSpec {
     /// Seeds weight initialisation and data order, so a run is reproducible.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Train and test on these classes (digits) only; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<u32>,
+    /// At most this many training examples per class (the first ones of the fixed split): to
+    /// try learning from little data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub examples_per_class: Option<u32>,
+    /// Train the output layer only, keeping the rest as `init_from` gave it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_backbone: bool,
+    /// With `init_from`: take only the backbone, and start the output layer afresh (for classes
+    /// the checkpoint was not trained on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_head: bool,
 }
 
 impl Default for TrainSpec {
@@ -112,6 +126,10 @@ impl Default for TrainSpec {
             checkpoint_every_steps: default_checkpoint_every(),
             init_from: None,
             seed: default_seed(),
+            classes: Vec::new(),
+            examples_per_class: None,
+            freeze_backbone: false,
+            new_head: false,
         }
     }
 }
@@ -238,6 +256,16 @@ impl TrainSpec {
                 "train.dataset",
                 format!("unknown dataset `{}`, expected one of: {}", self.dataset, TRAIN_DATASETS.join(", ")),
             ));
+        }
+        if let Some(c) = self.classes.iter().find(|c| **c >= 10) {
+            return Err(SpecError::new("train.classes", format!("digits are 0 to 9, got {c}")));
+        }
+        let distinct: std::collections::BTreeSet<&u32> = self.classes.iter().collect();
+        if distinct.len() != self.classes.len() || self.classes.len() == 1 {
+            return Err(SpecError::new("train.classes", "must be two or more distinct digits, or empty for all"));
+        }
+        if self.examples_per_class == Some(0) {
+            return Err(SpecError::new("train.examples_per_class", "must be at least 1"));
         }
         if self.epochs == 0 {
             return Err(SpecError::new("train.epochs", "must be at least 1"));
@@ -368,6 +396,19 @@ mod tests {
         let err = JobSpec::from_yaml("name: x\ncommand: [true]\nresources:\n  gpuz: 1\n").unwrap_err();
         assert_eq!(err.field, "resources");
         assert!(err.reason.contains("unknown field `gpuz`"), "{err}");
+    }
+
+    #[test]
+    fn train_subsets_are_checked() {
+        let err = |extra: &str| JobSpec::from_yaml(&format!("name: t\ntrain: {{{extra}}}\n")).unwrap_err().to_string();
+        assert!(err("classes: [3, 12]").contains("train.classes"), "{}", err("classes: [3, 12]"));
+        assert!(err("classes: [3, 3]").contains("distinct"));
+        assert!(err("classes: [3]").contains("two or more"));
+        assert!(err("examples_per_class: 0").contains("train.examples_per_class"));
+        let ok =
+            JobSpec::from_yaml("name: t\ntrain: {classes: [5, 6], examples_per_class: 50, freeze_backbone: true}\n");
+        let train = ok.unwrap().train.unwrap();
+        assert_eq!((train.classes, train.examples_per_class, train.freeze_backbone), (vec![5, 6], Some(50), true));
     }
 
     #[test]

@@ -32,6 +32,24 @@ impl Samples {
         self.y.len()
     }
 
+    /// The samples of `classes` (all if empty), at most `per_class` of each, in split order.
+    pub(crate) fn select(&self, classes: &[u32], per_class: Option<u32>) -> Samples {
+        let mut taken = [0u32; CLASSES];
+        let keep: Vec<usize> = (0..self.len())
+            .filter(|&i| {
+                let class = self.y[i] as usize;
+                let wanted = classes.is_empty() || classes.contains(&(class as u32));
+                let room = per_class.is_none_or(|n| taken[class] < n);
+                if wanted && room {
+                    taken[class] += 1;
+                }
+                wanted && room
+            })
+            .collect();
+        let (x, y) = self.gather(&keep);
+        Samples { x, y }
+    }
+
     /// Copies the given samples into fresh buffers, ready to become tensors.
     pub(crate) fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<i64>) {
         let mut x = Vec::with_capacity(indices.len() * FEATURES);

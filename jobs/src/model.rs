@@ -64,6 +64,16 @@ impl<B: Backend> Mlp<B> {
         out
     }
 
+    /// This model with `other`'s output layer: a backbone from one task, a fresh head for another.
+    pub(crate) fn with_head_of(self, other: Mlp<B>) -> Mlp<B> {
+        Mlp { fc1: self.fc1, fc2: other.fc2 }
+    }
+
+    /// The ids of the layers below the output (weight, bias): what `freeze_backbone` keeps.
+    pub(crate) fn backbone_ids(&self) -> (ParamId, ParamId) {
+        (self.fc1.weight.id, self.fc1.bias.as_ref().expect("built with a bias").id)
+    }
+
     /// `x`: [batch, 64] -> logits [batch, 10].
     pub(crate) fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.fc2.forward(relu(self.fc1.forward(x)))

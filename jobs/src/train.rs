@@ -60,7 +60,9 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
     let digits = data::digits()?;
     let device = NdArrayDevice::default();
     let batch_size = spec.batch_size as usize;
-    let n_train = digits.train.len();
+    let (train_set, test_set) =
+        (digits.train.select(&spec.classes, spec.examples_per_class), digits.test.select(&spec.classes, None));
+    let n_train = train_set.len();
     let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
 
     emit(
@@ -69,7 +71,7 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
             "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={}",
             spec.model,
             spec.dataset,
-            digits.test.len(),
+            test_set.len(),
             spec.epochs,
             spec.batch_size
         ),
@@ -91,11 +93,14 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
                 // A restart of this very job: continue the same run.
                 pos = resume_position(dir, &state, spec, per_epoch)?;
                 let record: OptimRecord = checkpoint::load_record(dir, OPTIMIZER_FILE, &device)?;
-                check_optimizer_record(dir, &record, &model, pos.step)?;
+                check_optimizer_record(dir, &record, &model, pos.step, spec.freeze_backbone)?;
                 optim = optim.load_record(record);
                 emit(out, format_args!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display()))?;
             } else {
                 // Another job's weights: transfer learning, with a fresh optimizer from step 0.
+                if spec.new_head {
+                    model = model.with_head_of(Mlp::<Train>::init(spec.seed, &device));
+                }
                 emit(out, format_args!("initialised weights from={}", dir.display()))?;
             }
         }
@@ -106,7 +111,7 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
         }
     }
 
-    let test = TestSet::new(&digits.test, &device);
+    let test = TestSet::new(&test_set, &device);
     let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&device);
     let checkpoint_dir = env.checkpoint_dir.as_deref();
     let mut last_checkpoint = None;
@@ -125,13 +130,19 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
             }
             let first = pos.batch_in_epoch as usize * batch_size;
             let indices = &order[first..(first + batch_size).min(n_train)];
-            let (x, y) = digits.train.gather(indices);
+            let (x, y) = train_set.gather(indices);
             let x = Tensor::<Train, 2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), &device);
             let y = Tensor::<Train, 1, Int>::from_data(TensorData::new(y, [indices.len()]), &device);
 
             let loss = loss_fn.forward(model.forward(x), y);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            if spec.freeze_backbone {
+                // No gradient, no update: the optimizer leaves these weights as they are.
+                let (weight, bias) = model.backbone_ids();
+                grads.remove::<Inner, 2>(weight);
+                grads.remove::<Inner, 1>(bias);
+            }
             model = optim.step(spec.learning_rate, model, grads);
 
             pos.step += 1;
@@ -244,8 +255,19 @@ fn resume_position(
 
 /// Adam's state is keyed by parameter id: state under other ids would be silently ignored and
 /// the run would no longer continue the same run. Before the first step there is none.
-fn check_optimizer_record(dir: &Path, record: &OptimRecord, model: &Mlp<Train>, step: u64) -> Result<(), JobsError> {
+fn check_optimizer_record(
+    dir: &Path,
+    record: &OptimRecord,
+    model: &Mlp<Train>,
+    step: u64,
+    frozen: bool,
+) -> Result<(), JobsError> {
     let mut expected = model.param_ids();
+    if frozen {
+        // Frozen layers get no updates, so no optimizer state either.
+        let (weight, bias) = model.backbone_ids();
+        expected.retain(|id| *id != weight && *id != bias);
+    }
     let mut found: Vec<_> = record.keys().copied().collect();
     expected.sort();
     found.sort();

@@ -310,3 +310,49 @@ fn sigterm_sets_the_stop_flag() {
     signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
     assert!(stop.load(Ordering::SeqCst));
 }
+
+/// The raw bytes of one tensor of a SafeTensors file.
+fn tensor_bytes(file: &Path, name: &str) -> Vec<u8> {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let [start, end]: [usize; 2] = serde_json::from_value(header[name]["data_offsets"].clone()).unwrap();
+    bytes[8 + n + start..8 + n + end].to_vec()
+}
+
+/// Transfer from digits 0-4 to 5-9 with 50 labelled examples each, against the same model from
+/// scratch, both printed. On this small MLP the transfer does NOT beat scratch (see issue 6's
+/// note), so that is not asserted; what is asserted: the subsets hold what they say, and a
+/// frozen backbone stays exactly the pretrained one while the new head learns.
+#[test]
+fn transfer_from_digits_0_to_4_to_5_to_9_keeps_a_frozen_backbone_exactly() {
+    let dirs = tempfile::tempdir().unwrap();
+    let pretrained_dir = dirs.path().join("pretrain");
+    let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], ..TrainSpec::default() };
+    let (pretrained, _) = run(&pretrain, &env("pretrain", Some(&pretrained_dir), None), None);
+    let checkpoint = pretrained.last_checkpoint.unwrap();
+
+    // Digits 5 to 9, 50 labelled examples of each; the same budget for every run.
+    let few =
+        TrainSpec { classes: vec![5, 6, 7, 8, 9], examples_per_class: Some(50), epochs: 60, ..TrainSpec::default() };
+    let (scratch, out) = run(&few, &env("scratch", None, None), None);
+    assert!(out.lines()[0].contains("train_samples=250"), "{}", out.lines()[0]);
+    let tuned_spec = TrainSpec { init_from: Some("pretrain".into()), new_head: true, ..few.clone() };
+    let (tuned, _) = run(&tuned_spec, &env("tuned", None, Some(&checkpoint)), None);
+    let frozen_dir = dirs.path().join("frozen");
+    let frozen_spec = TrainSpec { freeze_backbone: true, ..tuned_spec.clone() };
+    assert!(pretrained.test_accuracy > 0.97, "0-4 only is an easier task: {}", pretrained.test_accuracy);
+    let (frozen, _) = run(&frozen_spec, &env("frozen", Some(&frozen_dir), Some(&checkpoint)), None);
+    println!(
+        "digits 5-9 from 50 examples each: from scratch {:.4}, fine-tuned from 0-4 {:.4}, backbone frozen {:.4} \
+         (the 0-4 model: {:.4} on 0-4)",
+        scratch.test_accuracy, tuned.test_accuracy, frozen.test_accuracy, pretrained.test_accuracy
+    );
+    assert!(tuned.test_accuracy > 0.9, "fine-tuned {}", tuned.test_accuracy);
+    assert!(frozen.test_accuracy > 0.5, "a new head on frozen features learns: {}", frozen.test_accuracy);
+    // Frozen means frozen: the backbone is exactly the pretrained one; the head moved.
+    let (before, after) = (checkpoint.join(SAFETENSORS_FILE), frozen.last_checkpoint.unwrap().join(SAFETENSORS_FILE));
+    assert_eq!(tensor_bytes(&before, "fc1.weight"), tensor_bytes(&after, "fc1.weight"));
+    assert_eq!(tensor_bytes(&before, "fc1.bias"), tensor_bytes(&after, "fc1.bias"));
+    assert_ne!(tensor_bytes(&before, "fc2.weight"), tensor_bytes(&after, "fc2.weight"));
+}
