@@ -109,7 +109,13 @@ impl Agent {
             jobs.push(held.report.clone());
             let points = held.metrics.read_new(now_ms);
             if !points.is_empty() {
-                metrics.push(v1::RankMetrics { job_id: job_id.clone(), attempt: *attempt, rank: *rank, points });
+                metrics.push(v1::RankMetrics {
+                    job_id: job_id.clone(),
+                    attempt: *attempt,
+                    rank: *rank,
+                    points,
+                    straggler: false,
+                });
             }
         }
         v1::AgentMessage {

@@ -35,6 +35,8 @@ pub struct MetricsView {
     pub rank: u32,
     pub step: u64,
     pub values: std::collections::BTreeMap<String, f64>,
+    /// Its step time is far above the other ranks'.
+    pub straggler: bool,
 }
 
 #[derive(Serialize)]
@@ -92,7 +94,12 @@ impl From<&v1::Job> for JobView {
                 .iter()
                 .filter_map(|r| {
                     let p = r.points.last()?;
-                    Some(MetricsView { rank: r.rank, step: p.step, values: p.values.clone().into_iter().collect() })
+                    Some(MetricsView {
+                        rank: r.rank,
+                        step: p.step,
+                        values: p.values.clone().into_iter().collect(),
+                        straggler: r.straggler,
+                    })
                 })
                 .collect(),
         }

@@ -377,3 +377,35 @@ fn a_drained_node_keeps_its_jobs_and_takes_no_new_ones_until_undrained() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node named no-such-node"));
 }
+
+#[test]
+fn a_rank_much_slower_than_the_others_is_flagged_as_a_straggler() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    // Two ranks on two nodes; rank 1 reports steps three times as long as rank 0's.
+    let script = r#"trap 'exit 143' TERM
+for i in $(seq 1 600); do
+  echo "{\"step\": $i, \"step_time_ms\": $(( RANK == 1 ? 300 : 100 ))}" >> "$GANTRY_METRICS_FILE"; sleep 0.1
+done"#;
+    let id = fleet.submit(&format!(
+        "name: gang\nresources: {{nodes: 2, cpus: 0.5}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let job = fleet.json(&["job", &id]);
+        if job["metrics"].as_array().is_some_and(|m| m.len() == 2) {
+            break job["metrics"].clone();
+        }
+        assert!(Instant::now() < deadline, "no metrics from both ranks: {job}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!((metrics[0]["rank"].as_u64(), metrics[0]["straggler"].as_bool()), (Some(0), Some(false)));
+    assert_eq!((metrics[1]["rank"].as_u64(), metrics[1]["straggler"].as_bool()), (Some(1), Some(true)));
+    assert!(fleet.ok(&["job", &id]).contains("rank 1 step"));
+    assert!(fleet.ok(&["job", &id]).contains("straggler"));
+    let (_, text) = support::http_get(fleet.http, "/metrics").unwrap();
+    assert!(text.contains(&format!("gantry_job_straggler{{job=\"{id}\",rank=\"1\"}} 1")), "{text}");
+    fleet.ok(&["cancel", &id]);
+}

@@ -90,6 +90,7 @@ async fn agents(url: String, n: usize, jobs: u32) {
                                 .map(|(k, v)| (k.to_string(), v))
                                 .collect(),
                             }],
+                            straggler: false,
                         })
                         .collect(),
                 })),

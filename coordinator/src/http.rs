@@ -131,7 +131,8 @@ async fn api_metrics(
             serde_json::json!({ "rank": r.rank, "attempt": r.attempt, "points": points })
         })
         .collect();
-    Ok(axum::Json(serde_json::json!({ "ranks": ranks })))
+    let stragglers: Vec<u32> = c.metrics.latest(&id).iter().filter(|r| r.straggler).map(|r| r.rank).collect();
+    Ok(axum::Json(serde_json::json!({ "ranks": ranks, "stragglers": stragglers })))
 }
 
 async fn healthz(State(c): State<Arc<Coordinator>>) -> (StatusCode, &'static str) {
@@ -222,14 +223,27 @@ fn render_metrics(c: &Coordinator) -> crate::Result<String> {
         let _ = writeln!(out, "gantry_gpu_healthy{{{}}} {}", label(node, g, job), u8::from(g.healthy));
     }
     header(&mut out, "gantry_job_metric", "gauge", "The latest value each rank of a running job reported.");
+    let mut stragglers = Vec::new();
     for j in jobs.iter().filter(|j| j.state == JobState::Running) {
         for rank in c.metrics.latest(&j.id) {
+            if rank.straggler {
+                stragglers.push((escape(&j.id), rank.rank));
+            }
             for (name, v) in rank.points.iter().flat_map(|p| &p.values) {
                 let (job, metric) = (escape(&j.id), escape(name));
                 let _ =
                     writeln!(out, "gantry_job_metric{{job=\"{job}\",rank=\"{}\",name=\"{metric}\"}} {v}", rank.rank);
             }
         }
+    }
+    header(
+        &mut out,
+        "gantry_job_straggler",
+        "gauge",
+        "1 for a rank whose steps take far longer than its job's others.",
+    );
+    for (job, rank) in stragglers {
+        let _ = writeln!(out, "gantry_job_straggler{{job=\"{job}\",rank=\"{rank}\"}} 1");
     }
     Ok(out)
 }

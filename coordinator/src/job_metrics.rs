@@ -11,6 +11,11 @@ use gantry_proto::v1;
 const MAX_POINTS_PER_RANK: usize = 2_000;
 /// Jobs kept; the one updated longest ago goes first.
 const MAX_JOBS: usize = 10_000;
+/// A rank is a straggler when its latest step takes this many times the median of the other
+/// ranks' (data-parallel ranks wait for the slowest at every step, so one slow rank slows all).
+const STRAGGLER_FACTOR: f64 = 1.5;
+/// The metric a straggler is judged by.
+const STEP_TIME: &str = "step_time_ms";
 
 #[derive(Default)]
 pub struct JobMetrics {
@@ -65,9 +70,23 @@ impl JobMetrics {
         self.collect(job_id, usize::MAX)
     }
 
-    /// Each rank's latest point.
+    /// Each rank's latest point, stragglers marked.
     pub fn latest(&self, job_id: &str) -> Vec<v1::RankMetrics> {
-        self.collect(job_id, 1)
+        let mut ranks = self.collect(job_id, 1);
+        let step_time = |r: &v1::RankMetrics| r.points.last().and_then(|p| p.values.get(STEP_TIME).copied());
+        let times: Vec<Option<f64>> = ranks.iter().map(step_time).collect();
+        for (i, rank) in ranks.iter_mut().enumerate() {
+            let Some(mine) = times[i] else { continue };
+            let mut others: Vec<f64> =
+                times.iter().enumerate().filter(|(j, _)| *j != i).filter_map(|(_, t)| *t).collect();
+            if others.is_empty() {
+                continue;
+            }
+            others.sort_by(f64::total_cmp);
+            let median = others[others.len() / 2];
+            rank.straggler = median > 0.0 && mine > STRAGGLER_FACTOR * median;
+        }
+        ranks
     }
 
     fn collect(&self, job_id: &str, last: usize) -> Vec<v1::RankMetrics> {
@@ -81,6 +100,7 @@ impl JobMetrics {
                 attempt: series.attempt,
                 rank: *rank,
                 points: points.iter().skip(points.len().saturating_sub(last)).cloned().collect(),
+                straggler: false,
             })
             .collect()
     }
@@ -95,7 +115,7 @@ mod tests {
     }
 
     fn metrics(attempt: u32, rank: u32, points: Vec<v1::MetricPoint>) -> v1::RankMetrics {
-        v1::RankMetrics { job_id: "j".into(), attempt, rank, points }
+        v1::RankMetrics { job_id: "j".into(), attempt, rank, points, straggler: false }
     }
 
     #[test]
@@ -112,6 +132,27 @@ mod tests {
         let latest = m.latest("j");
         assert_eq!(latest.len(), 1, "attempt 1's ranks are gone and its late points dropped");
         assert_eq!((latest[0].attempt, latest[0].points[0].step), (2, 3));
+    }
+
+    #[test]
+    fn a_rank_far_slower_than_the_others_is_a_straggler() {
+        let m = JobMetrics::default();
+        let step = |ms: f64| v1::MetricPoint { step: 1, time_ms: 0, values: [(STEP_TIME.to_string(), ms)].into() };
+        for (rank, ms) in [(0, 100.0), (1, 110.0), (2, 95.0), (3, 240.0)] {
+            m.record(metrics(1, rank, vec![step(ms)]));
+        }
+        let flagged: Vec<u32> = m.latest("j").iter().filter(|r| r.straggler).map(|r| r.rank).collect();
+        assert_eq!(flagged, [3]);
+        // One rank alone is nobody's straggler.
+        let alone = JobMetrics::default();
+        alone.record(v1::RankMetrics {
+            job_id: "k".into(),
+            attempt: 1,
+            rank: 0,
+            points: vec![step(500.0)],
+            straggler: false,
+        });
+        assert!(!alone.latest("k")[0].straggler);
     }
 
     #[test]

@@ -98,7 +98,9 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     }
     for m in &view.metrics {
         let values: Vec<String> = m.values.iter().map(|(k, v)| format!("{k}={}", format_metric(*v))).collect();
-        println!("metrics:   rank {} step {}: {}", m.rank, m.step, values.join(" "));
+        let straggler =
+            if m.straggler { "  <- straggler: its steps take far longer than the other ranks'" } else { "" };
+        println!("metrics:   rank {} step {}: {}{straggler}", m.rank, m.step, values.join(" "));
     }
     for a in &view.attempts {
         let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
