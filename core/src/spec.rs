@@ -22,7 +22,7 @@ impl SpecError {
 }
 
 /// Models and datasets the built-in training runtime knows.
-pub const TRAIN_MODELS: &[&str] = &["mlp"];
+pub const TRAIN_MODELS: &[&str] = &["mlp", "cnn"];
 pub const TRAIN_DATASETS: &[&str] = &["digits"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,16 +4,27 @@
 
 use std::collections::BTreeMap;
 
+use burn::tensor::backend::Backend;
+
 /// One float32 tensor: name, shape, values in row-major order.
-pub(crate) struct Tensor {
+pub(crate) struct Named {
     pub name: String,
     pub shape: Vec<usize>,
     pub values: Vec<f32>,
 }
 
+/// A burn tensor's values, as they are laid out (transpose first where PyTorch differs).
+pub(crate) fn tensor<B: Backend, const D: usize>(name: &str, t: burn::tensor::Tensor<B, D>) -> Named {
+    Named {
+        name: name.into(),
+        shape: t.dims().to_vec(),
+        values: t.into_data().to_vec::<f32>().expect("float32 weights"),
+    }
+}
+
 /// The file's bytes. `metadata` goes in the header's `__metadata__` (strings only, as the
 /// format requires).
-pub(crate) fn safetensors(tensors: &[Tensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+pub(crate) fn safetensors(tensors: &[Named], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
     let mut data = Vec::new();
@@ -70,8 +81,8 @@ pub(crate) mod tests {
     #[test]
     fn tensors_and_metadata_round_trip_and_data_is_aligned() {
         let tensors = [
-            Tensor { name: "a.weight".into(), shape: vec![2, 3], values: vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5] },
-            Tensor { name: "a.bias".into(), shape: vec![2], values: vec![0.25, f32::MIN_POSITIVE] },
+            Named { name: "a.weight".into(), shape: vec![2, 3], values: vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5] },
+            Named { name: "a.bias".into(), shape: vec![2], values: vec![0.25, f32::MIN_POSITIVE] },
         ];
         let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = safetensors(&tensors, &metadata);

@@ -21,6 +21,7 @@
 //! [`STATE_FILE`]; it appears whole (written as `.tmp-step-<N>`, then renamed).
 
 mod checkpoint;
+mod cnn;
 mod data;
 mod env;
 mod error;

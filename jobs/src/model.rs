@@ -6,6 +6,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::data::{CLASSES, FEATURES};
+use crate::export;
 use crate::rng::SplitMix64;
 
 const HIDDEN: usize = 128;
@@ -19,10 +20,34 @@ pub(crate) struct Mlp<B: Backend> {
     fc2: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
-    /// Weights drawn from our own seeded generator (PyTorch's default range, U(-k, k) with
-    /// k = 1/sqrt(fan_in)), so a seed gives the same model whatever else runs in the process.
-    pub(crate) fn init(seed: u64, device: &B::Device) -> Self {
+/// What the training loop needs of a model, whichever it is.
+pub(crate) trait Net<B: Backend>: Module<B> + Sized {
+    /// Weights drawn from our own seeded generator (PyTorch's default ranges), so a seed gives
+    /// the same model whatever else runs in the process.
+    fn init(seed: u64, device: &B::Device) -> Self;
+
+    /// `x`: [batch, 64] pixels -> logits [batch, 10].
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
+
+    /// The ids the optimizer state is keyed by.
+    fn param_ids(&self) -> Vec<ParamId>;
+
+    /// The parameters below the output layer, what `freeze_backbone` keeps: id and rank.
+    fn backbone(&self) -> Vec<(ParamId, usize)>;
+
+    /// This model with `other`'s output layer: a backbone from one task, a fresh head for another.
+    fn with_head_of(self, other: Self) -> Self;
+
+    /// The weights as PyTorch names and lays them out, for SafeTensors.
+    fn export(&self) -> Vec<export::Named>;
+
+    /// Checks a loaded record has this model's shapes: burn's `load_record` does not, and a
+    /// wrong shape would only surface later as a panic inside a matmul.
+    fn check_record(record: &<Self as Module<B>>::Record) -> Result<(), String>;
+}
+
+impl<B: Backend> Net<B> for Mlp<B> {
+    fn init(seed: u64, device: &B::Device) -> Self {
         let mut rng = SplitMix64::for_stream(seed, INIT_STREAM);
         Mlp {
             fc1: linear(&mut rng, [1, 2], FEATURES, HIDDEN, device),
@@ -30,8 +55,11 @@ impl<B: Backend> Mlp<B> {
         }
     }
 
-    /// The ids the optimizer state is keyed by.
-    pub(crate) fn param_ids(&self) -> Vec<ParamId> {
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2.forward(relu(self.fc1.forward(x)))
+    }
+
+    fn param_ids(&self) -> Vec<ParamId> {
         let mut ids = Vec::with_capacity(4);
         for layer in [&self.fc1, &self.fc2] {
             ids.push(layer.weight.id);
@@ -40,72 +68,61 @@ impl<B: Backend> Mlp<B> {
         ids
     }
 
-    /// The weights as PyTorch names and lays them out (`nn.Linear` keeps `weight` as
-    /// [out, in]; burn keeps [in, out]), so a `torch.nn.Sequential(Linear(64, 128), ReLU(),
-    /// Linear(128, 10))` with these keys renamed loads them as they are.
-    pub(crate) fn export(&self) -> Vec<crate::export::Tensor> {
+    fn backbone(&self) -> Vec<(ParamId, usize)> {
+        let mut ids = vec![(self.fc1.weight.id, 2)];
+        ids.extend(self.fc1.bias.as_ref().map(|b| (b.id, 1)));
+        ids
+    }
+
+    fn with_head_of(self, other: Self) -> Self {
+        Mlp { fc1: self.fc1, fc2: other.fc2 }
+    }
+
+    /// `nn.Linear` keeps `weight` as [out, in]; burn keeps [in, out]. So a
+    /// `torch.nn.Sequential(Linear(64, 128), ReLU(), Linear(128, 10))` with these keys renamed
+    /// loads them as they are.
+    fn export(&self) -> Vec<export::Named> {
         let mut out = Vec::new();
         for (name, layer) in [("fc1", &self.fc1), ("fc2", &self.fc2)] {
-            let weight = layer.weight.val().transpose();
-            out.push(crate::export::Tensor {
-                name: format!("{name}.weight"),
-                shape: weight.dims().to_vec(),
-                values: weight.into_data().to_vec::<f32>().expect("float32 weights"),
-            });
+            out.push(export::tensor(&format!("{name}.weight"), layer.weight.val().transpose()));
             if let Some(bias) = &layer.bias {
-                let bias = bias.val();
-                out.push(crate::export::Tensor {
-                    name: format!("{name}.bias"),
-                    shape: bias.dims().to_vec(),
-                    values: bias.into_data().to_vec::<f32>().expect("float32 weights"),
-                });
+                out.push(export::tensor(&format!("{name}.bias"), bias.val()));
             }
         }
         out
     }
 
-    /// This model with `other`'s output layer: a backbone from one task, a fresh head for another.
-    pub(crate) fn with_head_of(self, other: Mlp<B>) -> Mlp<B> {
-        Mlp { fc1: self.fc1, fc2: other.fc2 }
-    }
-
-    /// The ids of the layers below the output (weight, bias): what `freeze_backbone` keeps.
-    pub(crate) fn backbone_ids(&self) -> (ParamId, ParamId) {
-        (self.fc1.weight.id, self.fc1.bias.as_ref().expect("built with a bias").id)
-    }
-
-    /// `x`: [batch, 64] -> logits [batch, 10].
-    pub(crate) fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(relu(self.fc1.forward(x)))
-    }
-}
-
-/// Checks a loaded record has this model's shapes: burn's `load_record` does not, and a wrong
-/// shape would only surface later as a panic inside a matmul.
-pub(crate) fn check_record<B: Backend>(record: &MlpRecord<B>) -> Result<(), String> {
-    fn check<B: Backend>(
-        name: &str,
-        layer: &burn::nn::LinearRecord<B>,
-        d_in: usize,
-        d_out: usize,
-    ) -> Result<(), String> {
-        let weight = layer.weight.val().dims();
-        if weight != [d_in, d_out] {
-            return Err(format!("{name}.weight has shape {weight:?}, expected [{d_in}, {d_out}]"));
+    fn check_record(record: &MlpRecord<B>) -> Result<(), String> {
+        fn check<B: Backend>(
+            name: &str,
+            layer: &burn::nn::LinearRecord<B>,
+            d_in: usize,
+            d_out: usize,
+        ) -> Result<(), String> {
+            let weight = layer.weight.val().dims();
+            if weight != [d_in, d_out] {
+                return Err(format!("{name}.weight has shape {weight:?}, expected [{d_in}, {d_out}]"));
+            }
+            match &layer.bias {
+                Some(bias) if bias.val().dims() == [d_out] => Ok(()),
+                Some(bias) => Err(format!("{name}.bias has shape {:?}, expected [{d_out}]", bias.val().dims())),
+                None => Err(format!("{name}.bias is missing")),
+            }
         }
-        match &layer.bias {
-            Some(bias) if bias.val().dims() == [d_out] => Ok(()),
-            Some(bias) => Err(format!("{name}.bias has shape {:?}, expected [{d_out}]", bias.val().dims())),
-            None => Err(format!("{name}.bias is missing")),
-        }
+        check("fc1", &record.fc1, FEATURES, HIDDEN)?;
+        check("fc2", &record.fc2, HIDDEN, CLASSES)
     }
-    check("fc1", &record.fc1, FEATURES, HIDDEN)?;
-    check("fc2", &record.fc2, HIDDEN, CLASSES)
 }
 
 /// Parameter ids are fixed rather than random so that two runs that reach the same weights
 /// write byte-identical model records (and the optimizer state, keyed by these ids, matches).
-fn linear<B: Backend>(rng: &mut SplitMix64, ids: [u64; 2], d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
+pub(crate) fn linear<B: Backend>(
+    rng: &mut SplitMix64,
+    ids: [u64; 2],
+    d_in: usize,
+    d_out: usize,
+    device: &B::Device,
+) -> Linear<B> {
     let k = 1.0 / (d_in as f32).sqrt();
     let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * k).collect() };
     let weight = Tensor::<B, 2>::from_data(TensorData::new(uniform(d_in * d_out), [d_in, d_out]), device);
@@ -127,12 +144,12 @@ mod tests {
     fn records_of_other_shapes_are_refused() {
         let device = Default::default();
         let good = Mlp::<NdArray>::init(1, &device);
-        assert!(check_record(&good.into_record()).is_ok());
+        assert!(Mlp::<NdArray>::check_record(&good.into_record()).is_ok());
         let wide = Mlp::<NdArray> {
             fc1: LinearConfig::new(FEATURES, 100).init(&device),
             fc2: LinearConfig::new(100, CLASSES).init(&device),
         };
-        let err = check_record(&wide.into_record()).unwrap_err();
+        let err = Mlp::<NdArray>::check_record(&wide.into_record()).unwrap_err();
         assert!(err.contains("fc1.weight"), "{err}");
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::backend::ndarray::NdArrayDevice;
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -16,16 +16,21 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use gantry_core::spec::TrainSpec;
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
+use crate::cnn::Cnn;
 use crate::data::{self, FEATURES, Samples};
 use crate::env::RunEnv;
 use crate::error::JobsError;
-use crate::model::{self, Mlp, MlpRecord};
+use crate::model::{Mlp, Net};
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
 type Inner = NdArray<f32>;
 type Train = Autodiff<Inner>;
-type Adam = OptimizerAdaptor<burn::optim::Adam, Mlp<Train>, Train>;
-type OptimRecord = <Adam as Optimizer<Mlp<Train>, Train>>::Record;
+type Adam<M> = OptimizerAdaptor<burn::optim::Adam, M, Train>;
+type OptimRecord<M> = <Adam<M> as Optimizer<M, Train>>::Record;
+
+/// A model the loop can train: it trains on `Train` and evaluates on `Inner`.
+trait Trainable: Net<Train> + AutodiffModule<Train, InnerModule: Net<Inner>> {}
+impl<M: Net<Train> + AutodiffModule<Train, InnerModule: Net<Inner>>> Trainable for M {}
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,13 @@ struct Position {
 /// `checkpoint_every_steps`, at the end, and when `env.stop` is set (checked between steps).
 pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     check_spec(spec)?;
+    match spec.model.as_str() {
+        "cnn" => train_model::<Cnn<Train>>(spec, env, out),
+        _ => train_model::<Mlp<Train>>(spec, env, out),
+    }
+}
+
+fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     let digits = data::digits()?;
     let device = NdArrayDevice::default();
     let batch_size = spec.batch_size as usize;
@@ -77,29 +89,29 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
         ),
     )?;
 
-    let mut model = Mlp::<Train>::init(spec.seed, &device);
-    let mut optim = AdamConfig::new().init::<Train, Mlp<Train>>();
+    let mut model = M::init(spec.seed, &device);
+    let mut optim = AdamConfig::new().init::<Train, M>();
     let mut pos = Position { step: 0, epoch: 0, batch_in_epoch: 0 };
 
     match &env.resume_dir {
         Some(dir) => {
             let state = checkpoint::read_state(dir)?;
             check_compatible(dir, &state, spec)?;
-            let record: MlpRecord<Train> = checkpoint::load_record(dir, MODEL_FILE, &device)?;
-            model::check_record(&record)
+            let record: <M as burn::module::Module<Train>>::Record = checkpoint::load_record(dir, MODEL_FILE, &device)?;
+            M::check_record(&record)
                 .map_err(|reason| JobsError::CheckpointMismatch { path: dir.join(MODEL_FILE), reason })?;
             model = model.load_record(record);
             if state.job_id.is_some() && state.job_id == env.job_id {
                 // A restart of this very job: continue the same run.
                 pos = resume_position(dir, &state, spec, per_epoch)?;
-                let record: OptimRecord = checkpoint::load_record(dir, OPTIMIZER_FILE, &device)?;
+                let record: OptimRecord<M> = checkpoint::load_record(dir, OPTIMIZER_FILE, &device)?;
                 check_optimizer_record(dir, &record, &model, pos.step, spec.freeze_backbone)?;
                 optim = optim.load_record(record);
                 emit(out, format_args!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display()))?;
             } else {
                 // Another job's weights: transfer learning, with a fresh optimizer from step 0.
                 if spec.new_head {
-                    model = model.with_head_of(Mlp::<Train>::init(spec.seed, &device));
+                    model = model.with_head_of(M::init(spec.seed, &device));
                 }
                 emit(out, format_args!("initialised weights from={}", dir.display()))?;
             }
@@ -139,9 +151,13 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
             if spec.freeze_backbone {
                 // No gradient, no update: the optimizer leaves these weights as they are.
-                let (weight, bias) = model.backbone_ids();
-                grads.remove::<Inner, 2>(weight);
-                grads.remove::<Inner, 1>(bias);
+                for (id, rank) in model.backbone() {
+                    match rank {
+                        1 => drop(grads.remove::<Inner, 1>(id)),
+                        2 => drop(grads.remove::<Inner, 2>(id)),
+                        _ => drop(grads.remove::<Inner, 4>(id)),
+                    }
+                }
             }
             model = optim.step(spec.learning_rate, model, grads);
 
@@ -200,8 +216,8 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
 
 fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {
     let bad = |reason: String| Err(JobsError::Spec(reason));
-    if spec.model != "mlp" {
-        return bad(format!("unknown model `{}` (this runtime has: mlp)", spec.model));
+    if !["mlp", "cnn"].contains(&spec.model.as_str()) {
+        return bad(format!("unknown model `{}` (this runtime has: mlp, cnn)", spec.model));
     }
     if spec.dataset != "digits" {
         return bad(format!("unknown dataset `{}` (this runtime has: digits)", spec.dataset));
@@ -255,18 +271,18 @@ fn resume_position(
 
 /// Adam's state is keyed by parameter id: state under other ids would be silently ignored and
 /// the run would no longer continue the same run. Before the first step there is none.
-fn check_optimizer_record(
+fn check_optimizer_record<M: Trainable>(
     dir: &Path,
-    record: &OptimRecord,
-    model: &Mlp<Train>,
+    record: &OptimRecord<M>,
+    model: &M,
     step: u64,
     frozen: bool,
 ) -> Result<(), JobsError> {
     let mut expected = model.param_ids();
     if frozen {
         // Frozen layers get no updates, so no optimizer state either.
-        let (weight, bias) = model.backbone_ids();
-        expected.retain(|id| *id != weight && *id != bias);
+        let backbone: Vec<_> = model.backbone().into_iter().map(|(id, _)| id).collect();
+        expected.retain(|id| !backbone.contains(id));
     }
     let mut found: Vec<_> = record.keys().copied().collect();
     expected.sort();
@@ -285,12 +301,12 @@ fn normalised(pos: Position, per_epoch: u64) -> Position {
     if pos.batch_in_epoch >= per_epoch { Position { epoch: pos.epoch + 1, batch_in_epoch: 0, ..pos } } else { pos }
 }
 
-fn save<O: Optimizer<Mlp<Train>, Train>>(
+fn save<M: Trainable, O: Optimizer<M, Train>>(
     dir: &Path,
     pos: Position,
     spec: &TrainSpec,
     env: &RunEnv,
-    model: &Mlp<Train>,
+    model: &M,
     optim: &O,
     out: &mut dyn Write,
 ) -> Result<PathBuf, JobsError> {
@@ -336,7 +352,7 @@ impl TestSet {
         }
     }
 
-    fn accuracy(&self, model: &Mlp<Train>) -> f64 {
+    fn accuracy<M: Trainable>(&self, model: &M) -> f64 {
         // `valid()` drops autodiff: no graph is recorded for evaluation.
         let predicted = model.valid().forward(self.x.clone()).argmax(1).reshape([self.n]);
         let correct = predicted.equal(self.y.clone()).int().sum().into_scalar().elem::<i64>();

@@ -100,9 +100,13 @@ fn default_training_reaches_93_percent() {
 
 /// Training N steps, stopping, and resuming must give exactly the uninterrupted run.
 fn check_exact_resume(stop_at: u64) {
+    check_exact_resume_of("mlp", stop_at);
+}
+
+fn check_exact_resume_of(model: &str, stop_at: u64) {
     let dirs = tempfile::tempdir().unwrap();
     let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
-    let spec = small_spec(3, stop_at);
+    let spec = TrainSpec { model: model.into(), ..small_spec(3, stop_at) };
 
     let (full, full_out) = run(&spec, &env("job-1", Some(&full_dir), None), None);
 
@@ -355,4 +359,15 @@ fn transfer_from_digits_0_to_4_to_5_to_9_keeps_a_frozen_backbone_exactly() {
     assert_eq!(tensor_bytes(&before, "fc1.weight"), tensor_bytes(&after, "fc1.weight"));
     assert_eq!(tensor_bytes(&before, "fc1.bias"), tensor_bytes(&after, "fc1.bias"));
     assert_ne!(tensor_bytes(&before, "fc2.weight"), tensor_bytes(&after, "fc2.weight"));
+}
+
+#[test]
+fn the_cnn_trains_to_95_percent_and_resumes_bit_exactly() {
+    let started = Instant::now();
+    let spec = TrainSpec { model: "cnn".into(), ..TrainSpec::default() };
+    let (outcome, out) = run(&spec, &RunEnv::default(), None);
+    println!("cnn: accuracy {:.4} in {:.1?}", outcome.test_accuracy, started.elapsed());
+    assert!(out.lines()[0].starts_with("start model=cnn dataset=digits train_samples=1437"));
+    assert!(outcome.test_accuracy >= 0.95, "accuracy {}", outcome.test_accuracy);
+    check_exact_resume_of("cnn", 30);
 }
