@@ -115,6 +115,17 @@ fn restart(open: impl FnOnce() -> Arc<dyn StateStore>, data_dir: &std::path::Pat
     secs
 }
 
+/// One line per number of writers; the store is dropped (closed) at the end.
+fn rates(store: Arc<dyn StateStore>, backend: &str, goal: u64, baseline: f64) {
+    for writers in WRITERS {
+        let rate = changes_per_second(store.clone(), writers);
+        print(serde_json::json!({
+            "bench": "store", "backend": backend, "writers": writers, "changes_per_s": rate,
+            "vs_fsync_loop": rate / baseline, "goal_changes_per_s": goal
+        }));
+    }
+}
+
 fn print(value: serde_json::Value) {
     println!("{value}");
 }
@@ -127,15 +138,7 @@ fn main() {
     );
 
     let path = dir.path().join("state.redb");
-    let embedded: Arc<dyn StateStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
-    for writers in WRITERS {
-        let rate = changes_per_second(embedded.clone(), writers);
-        print(serde_json::json!({
-            "bench": "store", "backend": "embedded", "writers": writers, "changes_per_s": rate,
-            "vs_fsync_loop": rate / baseline, "goal_changes_per_s": 50_000
-        }));
-    }
-    drop(embedded);
+    rates(Arc::new(EmbeddedStore::open(&path).unwrap()), "embedded", 50_000, baseline);
 
     let fresh = dir.path().join("restart.redb");
     let filling = Instant::now();
@@ -161,15 +164,7 @@ fn etcd(dir: &std::path::Path, baseline: f64) {
         name: "bench".into(),
         lease_ttl: Duration::from_secs(3),
     };
-    let store: Arc<dyn StateStore> = Arc::new(EtcdStore::connect(options("/rate")).unwrap());
-    for writers in WRITERS {
-        let rate = changes_per_second(store.clone(), writers);
-        print(serde_json::json!({
-            "bench": "store", "backend": "etcd (one local member)", "writers": writers, "changes_per_s": rate,
-            "vs_fsync_loop": rate / baseline, "goal_changes_per_s": 7_500
-        }));
-    }
-    drop(store);
+    rates(Arc::new(EtcdStore::connect(options("/rate")).unwrap()), "etcd (one local member)", 7_500, baseline);
 
     let filling = Instant::now();
     fill(&(Arc::new(EtcdStore::connect(options("/restart")).unwrap()) as Arc<dyn StateStore>));

@@ -230,7 +230,8 @@ fn xid_meaning(xid: u64) -> &'static str {
     }
 }
 
-fn hostname() -> String {
+/// This machine's name, as the kernel has it; "localhost" if unreadable.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

@@ -222,19 +222,13 @@ async fn etcd_store(
     )
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 fn agent_config(
     coordinator: String,
     name: Option<String>,
     work_dir: PathBuf,
     nvml_lib: Option<PathBuf>,
 ) -> anyhow::Result<gantry_agent::Config> {
-    let name = name.unwrap_or_else(hostname);
+    let name = name.unwrap_or_else(gantry_agent::inventory::hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
     Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program })
 }
