@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{StateStore, job_key, new_job};
 use crate::error::{Error, Result};
@@ -123,9 +123,42 @@ impl Drop for EmbeddedStore {
     }
 }
 
-/// The writer thread: one transaction per batch of queued changes, then the cache, then the
-/// answers.
+/// Answers for one batch: each writer's reply channel and its outcome.
+type Answers = Vec<(SyncSender<Result<bool>>, Result<bool>)>;
+
+/// The writer thread: one transaction per batch of queued changes, then the cache. Waking the
+/// waiting callers is left to a second thread, so the next batch's transaction starts at once:
+/// with many writers, waking them cost the writer as much as the commit.
 fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: Receiver<Write>) {
+    let (answers, to_wake) = std::sync::mpsc::channel::<Answers>();
+    let waker = std::thread::Builder::new().name("store-waker".into()).spawn(move || {
+        for batch in to_wake {
+            for (reply, outcome) in batch {
+                let _ = reply.send(outcome);
+            }
+        }
+    });
+    let Ok(waker) = waker else {
+        // No second thread: answer from this one.
+        return write_loop(db, jobs, queue, &mut |batch| {
+            for (reply, outcome) in batch {
+                let _ = reply.send(outcome);
+            }
+        });
+    };
+    write_loop(db, jobs, queue, &mut |batch| {
+        let _ = answers.send(batch);
+    });
+    drop(answers);
+    let _ = waker.join();
+}
+
+fn write_loop(
+    db: &Database,
+    jobs: &Mutex<BTreeMap<u64, JobRecord>>,
+    queue: Receiver<Write>,
+    answer: &mut dyn FnMut(Answers),
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -134,63 +167,76 @@ fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: R
                 Err(_) => break,
             }
         }
-        // The versions as this batch leaves them, so two changes of one job in a batch chain.
-        let mut versions: BTreeMap<u64, u64> = BTreeMap::new();
-        let outcome = (|| -> Result<Vec<bool>> {
-            let txn = db.begin_write()?;
-            let applied = {
-                let cache = jobs.lock().expect("jobs lock poisoned");
-                batch.iter().map(|w| apply(&txn, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
-            };
-            // Once per batch: the next id moves past every job submitted in it.
-            let submitted = batch.iter().filter_map(|w| match &w.change {
-                Change::Submit { job, .. } => Some(job.seq + 1),
-                _ => None,
-            });
-            if let Some(next) = submitted.max() {
-                let mut meta = txn.open_table(META)?;
-                let stored = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
-                meta.insert("next_job", stored.max(next))?;
-            }
-            txn.commit()?;
-            Ok(applied)
-        })();
-        match outcome {
+        let answers = match commit(db, jobs, &batch) {
             Ok(applied) => {
-                let mut replies = Vec::with_capacity(batch.len());
+                let mut answers = Vec::with_capacity(batch.len());
                 let mut cache = jobs.lock().expect("jobs lock poisoned");
                 for (w, ok) in batch.into_iter().zip(applied) {
                     if let (true, Change::Submit { job, .. } | Change::Job { job, .. }) = (ok, w.change) {
                         cache.insert(job.seq, job);
                     }
-                    replies.push((w.reply, ok));
+                    answers.push((w.reply, Ok(ok)));
                 }
-                drop(cache);
-                for (reply, ok) in replies {
-                    let _ = reply.send(Ok(ok));
-                }
+                answers
             }
             Err(e) => {
                 let why = e.to_string();
-                for w in batch {
+                let failed = |w: Write| {
                     let source = std::io::Error::other(why.clone());
-                    let _ = w.reply.send(Err(Error::Io { context: "committing the store".into(), source }));
-                }
+                    (w.reply, Err(Error::Io { context: "committing the store".into(), source }))
+                };
+                batch.into_iter().map(failed).collect()
             }
-        }
+        };
+        answer(answers);
     }
 }
 
-/// Stages one change in `txn`; false if it does not apply (a stale job change, an unknown agent).
+/// Commits `batch` in one write transaction: which changes applied.
+fn commit(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, batch: &[Write]) -> Result<Vec<bool>> {
+    // The versions as this batch leaves them, so two changes of one job in a batch chain.
+    let mut versions: BTreeMap<u64, u64> = BTreeMap::new();
+    let txn = db.begin_write()?;
+    let applied = {
+        let mut tables = Tables {
+            jobs: txn.open_table(JOBS)?,
+            checkpoints: txn.open_table(CHECKPOINTS)?,
+            agents: txn.open_table(AGENTS)?,
+        };
+        let cache = jobs.lock().expect("jobs lock poisoned");
+        batch.iter().map(|w| apply(&mut tables, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
+    };
+    // Once per batch: the next id moves past every job submitted in it.
+    let submitted = batch.iter().filter_map(|w| match &w.change {
+        Change::Submit { job, .. } => Some(job.seq + 1),
+        _ => None,
+    });
+    if let Some(next) = submitted.max() {
+        let mut meta = txn.open_table(META)?;
+        let stored = meta.get("next_job")?.map(|v| v.value()).unwrap_or(1);
+        meta.insert("next_job", stored.max(next))?;
+    }
+    txn.commit()?;
+    Ok(applied)
+}
+
+/// A batch's tables, opened once for all its changes.
+struct Tables<'txn> {
+    jobs: redb::Table<'txn, u64, &'static [u8]>,
+    checkpoints: redb::Table<'txn, (u64, u64), &'static [u8]>,
+    agents: redb::Table<'txn, &'static str, &'static [u8]>,
+}
+
+/// Stages one change; false if it does not apply (a stale job change, an unknown agent).
 fn apply(
-    txn: &WriteTransaction,
+    tables: &mut Tables,
     cache: &BTreeMap<u64, JobRecord>,
     versions: &mut BTreeMap<u64, u64>,
     change: &Change,
 ) -> Result<bool> {
     match change {
         Change::Submit { job, bytes } => {
-            txn.open_table(JOBS)?.insert(job.seq, bytes.as_slice())?;
+            tables.jobs.insert(job.seq, bytes.as_slice())?;
             versions.insert(job.seq, job.version);
         }
         Change::Job { job, bytes, from } => {
@@ -198,24 +244,23 @@ fn apply(
             if current != Some(*from) {
                 return Ok(false);
             }
-            txn.open_table(JOBS)?.insert(job.seq, bytes.as_slice())?;
+            tables.jobs.insert(job.seq, bytes.as_slice())?;
             versions.insert(job.seq, job.version);
         }
         Change::Checkpoint { key, bytes } => {
-            txn.open_table(CHECKPOINTS)?.insert(*key, bytes.as_slice())?;
+            tables.checkpoints.insert(*key, bytes.as_slice())?;
         }
         Change::Agent { name, bytes } => {
-            txn.open_table(AGENTS)?.insert(name.as_str(), bytes.as_slice())?;
+            tables.agents.insert(name.as_str(), bytes.as_slice())?;
         }
         Change::Drain { name, drained } => {
-            let mut table = txn.open_table(AGENTS)?;
-            let record: Option<AgentRecord> = match table.get(name.as_str())? {
+            let record: Option<AgentRecord> = match tables.agents.get(name.as_str())? {
                 Some(v) => Some(serde_json::from_slice(v.value())?),
                 None => None,
             };
             let Some(mut record) = record else { return Ok(false) };
             record.drained = *drained;
-            table.insert(name.as_str(), serde_json::to_vec(&record)?.as_slice())?;
+            tables.agents.insert(name.as_str(), serde_json::to_vec(&record)?.as_slice())?;
         }
     }
     Ok(true)
