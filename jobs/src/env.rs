@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use crate::dist::DistEnv;
 use crate::error::JobsError;
 
 /// A run's environment.
@@ -21,21 +22,25 @@ pub struct RunEnv {
     pub metrics_file: Option<PathBuf>,
     /// Set on SIGTERM: training saves a checkpoint and returns at the next step boundary.
     pub stop: Arc<AtomicBool>,
+    /// `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` when `WORLD_SIZE` > 1: this process
+    /// is one rank of a data-parallel run.
+    pub dist: Option<DistEnv>,
 }
 
 impl RunEnv {
-    /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR`, `GANTRY_RESUME_DIR` and
-    /// `GANTRY_METRICS_FILE`; unset or empty
-    /// means none. The stop flag starts cleared.
-    pub fn from_env() -> Self {
+    /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR`, `GANTRY_RESUME_DIR`,
+    /// `GANTRY_METRICS_FILE` (unset or empty means none) and torchrun's variables (refused if
+    /// malformed). The stop flag starts cleared.
+    pub fn from_env() -> Result<Self, JobsError> {
         let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-        RunEnv {
+        Ok(RunEnv {
             job_id: std::env::var(crate::JOB_ID_VAR).ok().filter(|v| !v.is_empty()),
             checkpoint_dir: path(crate::CHECKPOINT_DIR_VAR),
             resume_dir: path(crate::RESUME_DIR_VAR),
             metrics_file: path(crate::METRICS_FILE_VAR),
             stop: Arc::new(AtomicBool::new(false)),
-        }
+            dist: DistEnv::from_env()?,
+        })
     }
 }
 

@@ -54,4 +54,16 @@ pub enum JobsError {
     /// A checkpoint was read but does not fit this run (other model, wrong shapes, bad position).
     #[error("checkpoint {path} cannot be used: {reason}")]
     CheckpointMismatch { path: PathBuf, reason: String },
+
+    /// The data-parallel group could not be formed from the environment.
+    #[error("data-parallel group: {0}")]
+    Group(String),
+
+    /// Talking to another rank failed (it stopped, or the network did).
+    #[error("data-parallel group: {context}")]
+    GroupIo {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -23,9 +23,11 @@
 mod checkpoint;
 mod cnn;
 mod data;
+mod dist;
 mod env;
 mod error;
 mod export;
+mod grad_sync;
 mod model;
 mod rng;
 mod train;
@@ -33,6 +35,7 @@ mod train;
 pub use checkpoint::{
     CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, SAFETENSORS_FILE, STATE_FILE, checkpoint_name,
 };
+pub use dist::DistEnv;
 pub use env::{RunEnv, install_sigterm_handler};
 pub use error::JobsError;
 pub use train::{Outcome, train};

@@ -18,8 +18,10 @@ use gantry_core::spec::TrainSpec;
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
 use crate::cnn::Cnn;
 use crate::data::{self, FEATURES, Samples};
+use crate::dist::Ring;
 use crate::env::RunEnv;
 use crate::error::JobsError;
+use crate::grad_sync;
 use crate::model::{Mlp, Net};
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
@@ -123,9 +125,21 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         }
     }
 
+    // Data parallel: every rank trains the same model on its share of each global batch.
+    let (rank, world) = env.dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
+    let mut ring = match &env.dist {
+        Some(dist) => {
+            let ring = Ring::join(dist)?;
+            emit(out, format_args!("joined rank={rank} world_size={world}"))?;
+            Some(ring)
+        }
+        None => None,
+    };
+
     let test = TestSet::new(&test_set, &device);
     let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&device);
-    let checkpoint_dir = env.checkpoint_dir.as_deref();
+    // Every rank holds the same weights: rank 0 alone writes them.
+    let checkpoint_dir = if rank == 0 { env.checkpoint_dir.as_deref() } else { None };
     let mut last_checkpoint = None;
     let mut stopped = false;
     // The accuracy of the current weights, when known (saves re-evaluating at the end).
@@ -136,19 +150,36 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         let started = Instant::now();
         let (mut loss_sum, mut batches, mut samples) = (0.0f64, 0u64, 0usize);
         while pos.batch_in_epoch < per_epoch {
-            if env.stop.load(Ordering::SeqCst) {
+            // One process stops before a step; ranks decide together, in the step's exchange.
+            if ring.is_none() && env.stop.load(Ordering::SeqCst) {
                 stopped = true;
                 break 'epochs;
             }
             let first = pos.batch_in_epoch as usize * batch_size;
-            let indices = &order[first..(first + batch_size).min(n_train)];
-            let (x, y) = train_set.gather(indices);
-            let x = Tensor::<Train, 2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), &device);
-            let y = Tensor::<Train, 1, Int>::from_data(TensorData::new(y, [indices.len()]), &device);
-
-            let loss = loss_fn.forward(model.forward(x), y);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let batch = &order[first..(first + batch_size).min(n_train)];
+            let indices = shard(batch, rank, world);
+            let (mut grads, mut loss) = match indices.is_empty() {
+                true => (GradientsParams::new(), 0.0),
+                false => {
+                    let (x, y) = train_set.gather(indices);
+                    let x = Tensor::<Train, 2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), &device);
+                    let y = Tensor::<Train, 1, Int>::from_data(TensorData::new(y, [indices.len()]), &device);
+                    let loss = loss_fn.forward(model.forward(x), y);
+                    let value = loss.clone().into_scalar().elem::<f64>();
+                    (GradientsParams::from_grads(loss.backward(), &model), value)
+                }
+            };
+            let mut stop_now = false;
+            if let Some(ring) = ring.as_mut() {
+                // Each rank's mean gradient, weighted by its share of the batch, summed: the
+                // global batch's mean gradient, as one process would compute it.
+                let share = indices.len() as f32 / batch.len() as f32;
+                let mut extra = [loss as f32 * share, f32::from(u8::from(env.stop.load(Ordering::SeqCst)))];
+                grad_sync::all_reduce(ring, &model, &mut grads, share, &mut extra)?;
+                loss = f64::from(extra[0]);
+                stop_now = extra[1] > 0.0;
+            }
+            loss_sum += loss;
             if spec.freeze_backbone {
                 // No gradient, no update: the optimizer leaves these weights as they are.
                 for (id, rank) in model.backbone() {
@@ -172,6 +203,10 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
             {
                 let at = normalised(pos, per_epoch);
                 last_checkpoint = Some(save(dir, at, spec, env, &model, &optim, out)?);
+            }
+            if stop_now {
+                stopped = true;
+                break 'epochs;
             }
         }
         let train_secs = started.elapsed().as_secs_f64();
@@ -198,6 +233,9 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         }
     }
 
+    // A stop after an epoch's last batch leaves the position at the next epoch's start.
+    pos = normalised(pos, per_epoch);
+    stopped &= pos.epoch < spec.epochs;
     let test_accuracy = match accuracy {
         Some(acc) => acc,
         None => test.accuracy(&model),
@@ -212,6 +250,12 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         emit(out, format_args!("done steps={} test_accuracy={test_accuracy:.4} checkpoint={shown}", pos.step))?;
     }
     Ok(Outcome { steps: pos.step, epochs_done: pos.epoch, test_accuracy, last_checkpoint, stopped })
+}
+
+/// Rank `rank`'s part of a global batch: contiguous, sizes differing by at most one.
+fn shard(batch: &[usize], rank: usize, world: usize) -> &[usize] {
+    let n = batch.len();
+    &batch[rank * n / world..(rank + 1) * n / world]
 }
 
 fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {

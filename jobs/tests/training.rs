@@ -59,6 +59,7 @@ fn env(job: &str, checkpoints: Option<&Path>, resume: Option<&Path>) -> RunEnv {
         resume_dir: resume.map(Path::to_path_buf),
         metrics_file: None,
         stop: Arc::new(AtomicBool::new(false)),
+        dist: None,
     }
 }
 
@@ -370,4 +371,111 @@ fn the_cnn_trains_to_95_percent_and_resumes_bit_exactly() {
     assert!(out.lines()[0].starts_with("start model=cnn dataset=digits train_samples=1437"));
     assert!(outcome.test_accuracy >= 0.95, "accuracy {}", outcome.test_accuracy);
     check_exact_resume_of("cnn", 30);
+}
+
+/// Every tensor of a SafeTensors file as f32 values, by name.
+fn tensors(file: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .keys()
+        .filter(|name| *name != "__metadata__")
+        .map(|name| {
+            let raw = tensor_bytes(file, name);
+            (name.clone(), raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        })
+        .collect()
+}
+
+/// Trains `spec` as `world` ranks (threads, joined over loopback TCP as separate processes
+/// would be); rank 0 checkpoints into `dir`. Returns each rank's outcome and output.
+fn run_ranks(
+    spec: &TrainSpec,
+    world: usize,
+    dir: &Path,
+    resume: Option<&Path>,
+    stop_rank_on: Option<(usize, &str)>,
+) -> Vec<(Outcome, Lines)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::thread::scope(|scope| {
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                scope.spawn(move || {
+                    let mut env = env("dp", Some(dir), resume);
+                    env.dist = Some(gantry_jobs::DistEnv {
+                        rank,
+                        world_size: world,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    });
+                    let stop_on = stop_rank_on.filter(|(r, _)| *r == rank).map(|(_, prefix)| prefix);
+                    run(spec, &env, stop_on)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
+/// The largest difference between two checkpoints' weights, over every tensor.
+fn max_weight_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (tensors(&a.join(SAFETENSORS_FILE)), tensors(&b.join(SAFETENSORS_FILE)));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().flat_map(|(name, x)| x.iter().zip(&b[name]).map(|(x, y)| (x - y).abs())).fold(0.0, f32::max)
+}
+
+/// Two ranks, each on half of every batch, with gradients averaged each step, train the same
+/// model as one process on the whole batch: same losses, same accuracy, weights equal within
+/// float rounding (the sums are added in another order).
+#[test]
+fn two_rank_data_parallel_matches_one_process() {
+    for model in ["mlp", "cnn"] {
+        let dirs = tempfile::tempdir().unwrap();
+        let spec = TrainSpec { model: model.into(), epochs: 3, checkpoint_every_steps: 1000, ..TrainSpec::default() };
+        let (single, single_out) = run(&spec, &env("dp", Some(&dirs.path().join("one")), None), None);
+        let ranks = run_ranks(&spec, 2, &dirs.path().join("two"), None, None);
+
+        let diff = max_weight_difference(
+            single.last_checkpoint.as_ref().unwrap(),
+            ranks[0].0.last_checkpoint.as_ref().unwrap(),
+        );
+        println!("{model}: 1 process vs 2 ranks after {} steps: max weight difference {diff:e}", single.steps);
+        assert!(diff < 1e-4, "{model}: weights differ by {diff}");
+        assert!(ranks[1].0.last_checkpoint.is_none(), "only rank 0 writes checkpoints");
+        assert!(ranks[1].1.lines().iter().any(|l| l == "joined rank=1 world_size=2"));
+        for (rank, (outcome, out)) in ranks.iter().enumerate() {
+            assert_eq!(outcome.steps, single.steps, "rank {rank}");
+            assert_eq!(outcome.test_accuracy, ranks[0].0.test_accuracy, "rank {rank}: ranks hold the same weights");
+            // Per-epoch losses of the global batch, as one process measures them.
+            for (a, b) in out.starting("epoch=").iter().zip(single_out.starting("epoch=")) {
+                let (la, lb): (f64, f64) = (field(a, "loss").parse().unwrap(), field(&b, "loss").parse().unwrap());
+                assert!((la - lb).abs() < 1e-4, "{model} rank {rank}: {a} vs {b}");
+            }
+        }
+        assert!((ranks[0].0.test_accuracy - single.test_accuracy).abs() <= 1.0 / 360.0 + 1e-9);
+    }
+}
+
+/// A stop seen by one rank stops every rank at the same step; rank 0 checkpoints it, and the
+/// run resumed from there ends where an uninterrupted one does.
+#[test]
+fn a_stop_on_one_rank_stops_all_at_the_same_step_and_resumes() {
+    let dirs = tempfile::tempdir().unwrap();
+    let spec = TrainSpec { epochs: 2, checkpoint_every_steps: 1000, ..TrainSpec::default() };
+    let ranks = run_ranks(&spec, 2, &dirs.path().join("stopped"), None, Some((1, "joined")));
+    let steps: Vec<u64> = ranks.iter().map(|(o, _)| o.steps).collect();
+    assert!(ranks.iter().all(|(o, _)| o.stopped), "{steps:?}");
+    assert_eq!(steps[0], steps[1]);
+    assert!(steps[0] < 46, "stopped early: {steps:?}");
+    let checkpoint = ranks[0].0.last_checkpoint.clone().unwrap();
+    assert!(checkpoint.ends_with(format!("step-{}", steps[0])), "{checkpoint:?}");
+    assert!(ranks[1].0.last_checkpoint.is_none());
+
+    let resumed = run_ranks(&spec, 2, &dirs.path().join("stopped"), Some(&checkpoint), None);
+    assert!(resumed[1].1.lines().iter().any(|l| l.starts_with("resumed ")), "every rank resumes");
+    let whole = run_ranks(&spec, 2, &dirs.path().join("whole"), None, None);
+    let (a, b) = (resumed[0].0.last_checkpoint.as_ref().unwrap(), whole[0].0.last_checkpoint.as_ref().unwrap());
+    assert_eq!(resumed[0].0.steps, whole[0].0.steps);
+    assert_eq!(std::fs::read(a.join(SAFETENSORS_FILE)).unwrap(), std::fs::read(b.join(SAFETENSORS_FILE)).unwrap());
 }

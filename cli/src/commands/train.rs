@@ -12,7 +12,7 @@ pub fn run(spec_file: &Path) -> anyhow::Result<i32> {
     let spec: TrainSpec =
         serde_json::from_str(&text).with_context(|| format!("{}: not a train spec (JSON)", spec_file.display()))?;
     spec.validate().map_err(|e| anyhow::anyhow!("{}: {e}", spec_file.display()))?;
-    let env = gantry_jobs::RunEnv::from_env();
+    let env = gantry_jobs::RunEnv::from_env()?;
     gantry_jobs::install_sigterm_handler(env.stop.clone())?;
     let mut out = std::io::stdout();
     let outcome = gantry_jobs::train(&spec, &env, &mut out)?;
