@@ -409,3 +409,51 @@ done"#;
     assert!(text.contains(&format!("gantry_job_straggler{{job=\"{id}\",rank=\"1\"}} 1")), "{text}");
     fleet.ok(&["cancel", &id]);
 }
+
+/// A data-parallel gang of 2 nodes x 1 rank, through gantry on two agents, trains the same
+/// weights as one process on one node: the ranks find each other from MASTER_ADDR and
+/// MASTER_PORT and average gradients every step.
+#[test]
+fn a_two_node_data_parallel_gang_matches_the_single_node_run() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    let train = "train: {model: mlp, epochs: 3, checkpoint_every_steps: 1000}";
+    let gang = fleet.submit(&format!("name: dp-gang\nresources: {{nodes: 2, cpus: 1}}\n{train}\n"));
+    let single = fleet.submit(&format!("name: dp-single\nresources: {{nodes: 1, cpus: 1}}\n{train}\n"));
+    for id in [&gang, &single] {
+        let state = fleet.wait_state(id, &["succeeded", "failed"], Duration::from_secs(180));
+        assert_eq!(state, "succeeded", "{}", fleet.ok(&["logs", id]));
+    }
+    let job = fleet.json(&["job", &gang]);
+    let nodes: std::collections::BTreeSet<&str> =
+        job["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "one rank per node: {job}");
+    let logs = fleet.ok(&["logs", &gang]);
+    for rank in 0..2 {
+        assert!(logs.contains(&format!("joined rank={rank} world_size=2")), "{logs}");
+    }
+
+    let download = |id: &str| {
+        let out = fleet.dir.path().join(format!("download-{id}"));
+        fleet.ok(&["checkpoint", "download", id, "--out", out.to_str().unwrap()]);
+        out.join("model.safetensors")
+    };
+    let compare = r#"
+import sys
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys(), (a.keys(), b.keys())
+print(max(float(abs(a[k] - b[k]).max()) for k in a))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", compare])
+        .arg(download(&gang))
+        .arg(download(&single))
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let diff: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    println!("2 nodes x 1 rank vs 1 node: max weight difference {diff:e}");
+    assert!(diff < 1e-4, "the gang's weights differ from the single run's by {diff}");
+}
