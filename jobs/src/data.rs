@@ -32,22 +32,32 @@ impl Samples {
         self.y.len()
     }
 
-    /// The samples of `classes` (all if empty), at most `per_class` of each, in split order.
-    pub(crate) fn select(&self, classes: &[u32], per_class: Option<u32>) -> Samples {
+    /// The samples of `classes` (all if empty), at most `per_class` of each, in split order;
+    /// and the samples of those classes left over by the limit.
+    pub(crate) fn select(&self, classes: &[u32], per_class: Option<u32>) -> (Samples, Samples) {
         let mut taken = [0u32; CLASSES];
-        let keep: Vec<usize> = (0..self.len())
-            .filter(|&i| {
-                let class = self.y[i] as usize;
-                let wanted = classes.is_empty() || classes.contains(&(class as u32));
-                let room = per_class.is_none_or(|n| taken[class] < n);
-                if wanted && room {
-                    taken[class] += 1;
-                }
-                wanted && room
-            })
-            .collect();
-        let (x, y) = self.gather(&keep);
-        Samples { x, y }
+        let (mut keep, mut rest) = (Vec::new(), Vec::new());
+        for i in 0..self.len() {
+            let class = self.y[i] as usize;
+            if !(classes.is_empty() || classes.contains(&(class as u32))) {
+                continue;
+            }
+            if per_class.is_none_or(|n| taken[class] < n) {
+                taken[class] += 1;
+                keep.push(i);
+            } else {
+                rest.push(i);
+            }
+        }
+        let ((x, y), (rx, ry)) = (self.gather(&keep), self.gather(&rest));
+        (Samples { x, y }, Samples { x: rx, y: ry })
+    }
+
+    /// Both sets of samples, `self`'s first.
+    pub(crate) fn join(mut self, other: Samples) -> Samples {
+        self.x.extend(other.x);
+        self.y.extend(other.y);
+        self
     }
 
     /// Copies the given samples into fresh buffers, ready to become tensors.

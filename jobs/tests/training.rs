@@ -325,41 +325,68 @@ fn tensor_bytes(file: &Path, name: &str) -> Vec<u8> {
     bytes[8 + n + start..8 + n + end].to_vec()
 }
 
-/// Transfer from digits 0-4 to 5-9 with 50 labelled examples each, against the same model from
-/// scratch, both printed. On this small MLP the transfer does NOT beat scratch (see issue 6's
-/// note), so that is not asserted; what is asserted: the subsets hold what they say, and a
-/// frozen backbone stays exactly the pretrained one while the new head learns.
+/// A frozen backbone stays exactly the pretrained one while a new head learns on other classes;
+/// the subsets hold what they say.
 #[test]
-fn transfer_from_digits_0_to_4_to_5_to_9_keeps_a_frozen_backbone_exactly() {
+fn a_frozen_backbone_stays_exactly_the_pretrained_one() {
     let dirs = tempfile::tempdir().unwrap();
     let pretrained_dir = dirs.path().join("pretrain");
-    let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], ..TrainSpec::default() };
-    let (pretrained, _) = run(&pretrain, &env("pretrain", Some(&pretrained_dir), None), None);
+    let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], epochs: 10, ..TrainSpec::default() };
+    let (pretrained, out) = run(&pretrain, &env("pretrain", Some(&pretrained_dir), None), None);
+    assert!(out.lines()[0].contains("test_samples=177"), "0-4 of the 360 held out: {}", out.lines()[0]);
     let checkpoint = pretrained.last_checkpoint.unwrap();
 
-    // Digits 5 to 9, 50 labelled examples of each; the same budget for every run.
-    let few =
-        TrainSpec { classes: vec![5, 6, 7, 8, 9], examples_per_class: Some(50), epochs: 60, ..TrainSpec::default() };
-    let (scratch, out) = run(&few, &env("scratch", None, None), None);
-    assert!(out.lines()[0].contains("train_samples=250"), "{}", out.lines()[0]);
-    let tuned_spec = TrainSpec { init_from: Some("pretrain".into()), new_head: true, ..few.clone() };
-    let (tuned, _) = run(&tuned_spec, &env("tuned", None, Some(&checkpoint)), None);
+    let frozen_spec = TrainSpec {
+        classes: vec![5, 6, 7, 8, 9],
+        examples_per_class: Some(50),
+        epochs: 20,
+        init_from: Some("pretrain".into()),
+        new_head: true,
+        freeze_backbone: true,
+        ..TrainSpec::default()
+    };
     let frozen_dir = dirs.path().join("frozen");
-    let frozen_spec = TrainSpec { freeze_backbone: true, ..tuned_spec.clone() };
-    assert!(pretrained.test_accuracy > 0.97, "0-4 only is an easier task: {}", pretrained.test_accuracy);
-    let (frozen, _) = run(&frozen_spec, &env("frozen", Some(&frozen_dir), Some(&checkpoint)), None);
-    println!(
-        "digits 5-9 from 50 examples each: from scratch {:.4}, fine-tuned from 0-4 {:.4}, backbone frozen {:.4} \
-         (the 0-4 model: {:.4} on 0-4)",
-        scratch.test_accuracy, tuned.test_accuracy, frozen.test_accuracy, pretrained.test_accuracy
-    );
-    assert!(tuned.test_accuracy > 0.9, "fine-tuned {}", tuned.test_accuracy);
+    let (frozen, out) = run(&frozen_spec, &env("frozen", Some(&frozen_dir), Some(&checkpoint)), None);
+    // 50 of each of 5 classes train; the rest of those classes' samples are held out.
+    assert!(out.lines()[0].contains("train_samples=250 test_samples=646"), "{}", out.lines()[0]);
     assert!(frozen.test_accuracy > 0.5, "a new head on frozen features learns: {}", frozen.test_accuracy);
-    // Frozen means frozen: the backbone is exactly the pretrained one; the head moved.
     let (before, after) = (checkpoint.join(SAFETENSORS_FILE), frozen.last_checkpoint.unwrap().join(SAFETENSORS_FILE));
     assert_eq!(tensor_bytes(&before, "fc1.weight"), tensor_bytes(&after, "fc1.weight"));
     assert_eq!(tensor_bytes(&before, "fc1.bias"), tensor_bytes(&after, "fc1.bias"));
     assert_ne!(tensor_bytes(&before, "fc2.weight"), tensor_bytes(&after, "fc2.weight"));
+}
+
+/// Transfer learning: the CNN pretrained on digits 0-4, fine-tuned with a new head on 5-9 from
+/// 50 labelled examples each, against the same CNN from scratch, on the same data and the same
+/// budget of 15 epochs (60 steps), for three seeds. Both figures are printed. (Trained to
+/// convergence, 60 epochs, the two end level: see the README.)
+#[test]
+fn a_cnn_fine_tuned_from_digits_0_to_4_beats_scratch_on_5_to_9_from_50_examples_each() {
+    let dirs = tempfile::tempdir().unwrap();
+    let cnn = TrainSpec { model: "cnn".into(), ..TrainSpec::default() };
+    let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], ..cnn.clone() };
+    let (pretrained, _) = run(&pretrain, &env("pretrain", Some(dirs.path()), None), None);
+    let checkpoint = pretrained.last_checkpoint.unwrap();
+
+    let (mut scratch_sum, mut tuned_sum) = (0.0, 0.0);
+    for seed in 1..=3 {
+        let few =
+            TrainSpec { classes: vec![5, 6, 7, 8, 9], examples_per_class: Some(50), epochs: 15, seed, ..cnn.clone() };
+        let (scratch, _) = run(&few, &env("scratch", None, None), None);
+        let tuned_spec = TrainSpec { init_from: Some("pretrain".into()), new_head: true, ..few };
+        let (tuned, out) = run(&tuned_spec, &env("tuned", None, Some(&checkpoint)), None);
+        assert!(out.lines().iter().any(|l| l.starts_with("initialised weights from=")));
+        println!(
+            "cnn, digits 5-9 from 50 examples each, 15 epochs, seed {seed}: from scratch {:.4}, fine-tuned from 0-4 {:.4}",
+            scratch.test_accuracy, tuned.test_accuracy
+        );
+        assert!(tuned.test_accuracy >= scratch.test_accuracy, "seed {seed}");
+        scratch_sum += scratch.test_accuracy;
+        tuned_sum += tuned.test_accuracy;
+    }
+    let (scratch, tuned) = (scratch_sum / 3.0, tuned_sum / 3.0);
+    println!("mean of 3 seeds: from scratch {scratch:.4}, fine-tuned {tuned:.4}");
+    assert!(tuned > scratch + 0.02, "fine-tuned {tuned:.4} against scratch {scratch:.4}");
 }
 
 #[test]
