@@ -22,8 +22,8 @@ impl SpecError {
 }
 
 /// Models and datasets the built-in training runtime knows.
-pub const TRAIN_MODELS: &[&str] = &["mlp", "cnn"];
-pub const TRAIN_DATASETS: &[&str] = &["digits"];
+pub const TRAIN_MODELS: &[&str] = &["mlp", "cnn", "transformer"];
+pub const TRAIN_DATASETS: &[&str] = &["digits", "genesis"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +257,19 @@ impl TrainSpec {
                 format!("unknown dataset `{}`, expected one of: {}", self.dataset, TRAIN_DATASETS.join(", ")),
             ));
         }
+        // The digits are images, genesis is text: each model reads one kind.
+        let text_model = self.model == "transformer";
+        if text_model != (self.dataset == "genesis") {
+            let reason = if text_model {
+                "the transformer is a language model: it trains on `genesis`"
+            } else {
+                "`genesis` is text: only `transformer` trains on it"
+            };
+            return Err(SpecError::new("train.dataset", reason));
+        }
+        if self.dataset != "digits" && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
+            return Err(SpecError::new("train.classes", "classes and examples_per_class apply to `digits` only"));
+        }
         if let Some(c) = self.classes.iter().find(|c| **c >= 10) {
             return Err(SpecError::new("train.classes", format!("digits are 0 to 9, got {c}")));
         }
@@ -409,6 +422,15 @@ mod tests {
             JobSpec::from_yaml("name: t\ntrain: {classes: [5, 6], examples_per_class: 50, freeze_backbone: true}\n");
         let train = ok.unwrap().train.unwrap();
         assert_eq!((train.classes, train.examples_per_class, train.freeze_backbone), (vec![5, 6], Some(50), true));
+    }
+
+    #[test]
+    fn each_model_trains_on_its_kind_of_data() {
+        let err = |train: &str| JobSpec::from_yaml(&format!("name: t\ntrain: {{{train}}}\n")).unwrap_err().to_string();
+        assert!(err("model: transformer").contains("trains on `genesis`"), "{}", err("model: transformer"));
+        assert!(err("model: mlp, dataset: genesis").contains("only `transformer`"));
+        assert!(err("model: transformer, dataset: genesis, classes: [1, 2]").contains("`digits` only"));
+        assert!(JobSpec::from_yaml("name: t\ntrain: {model: transformer, dataset: genesis}\n").is_ok());
     }
 
     #[test]

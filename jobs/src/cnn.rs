@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::data::CLASSES;
 use crate::export;
-use crate::model::{Net, linear};
+use crate::model::{Input, Net, linear};
 use crate::rng::SplitMix64;
 
 const INIT_STREAM: u64 = u64::MAX - 1;
@@ -82,7 +82,8 @@ impl<B: Backend> Net<B> for Cnn<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Input<B>) -> Tensor<B, 2> {
+        let x = x.pixels();
         let [batch, _] = x.dims();
         let x = x.reshape([batch, 1, 8, 8]);
         let x = pool2(relu(conv3x3(&self.conv1, x)));
@@ -145,7 +146,7 @@ mod tests {
     fn records_of_other_shapes_are_refused_and_init_follows_the_seed() {
         let device = Default::default();
         let model = Cnn::<NdArray>::init(3, &device);
-        assert_eq!(model.forward(Tensor::zeros([5, 64], &device)).dims(), [5, CLASSES]);
+        assert_eq!(model.forward(Input::Pixels(Tensor::zeros([5, 64], &device))).dims(), [5, CLASSES]);
         let same = Cnn::<NdArray>::init(3, &device);
         assert_eq!(model.conv2.weight.val().into_data(), same.conv2.weight.val().into_data());
         assert!(Cnn::<NdArray>::check_record(&model.into_record()).is_ok());

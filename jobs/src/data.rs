@@ -3,7 +3,11 @@
 
 use std::sync::OnceLock;
 
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+
 use crate::error::JobsError;
+use crate::examples::Examples;
+use crate::model::Input;
 use crate::rng::SplitMix64;
 
 /// 8x8 pixels.
@@ -27,11 +31,22 @@ pub(crate) struct Samples {
     pub(crate) y: Vec<i64>,
 }
 
-impl Samples {
-    pub(crate) fn len(&self) -> usize {
+impl Examples for Samples {
+    fn len(&self) -> usize {
         self.y.len()
     }
 
+    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+        let (x, y) = self.gather(indices);
+        let n = indices.len();
+        (
+            Input::Pixels(Tensor::from_data(TensorData::new(x, [n, FEATURES]), device)),
+            Tensor::from_data(TensorData::new(y, [n]), device),
+        )
+    }
+}
+
+impl Samples {
     /// The samples of `classes` (all if empty), at most `per_class` of each, in split order;
     /// and the samples of those classes left over by the limit.
     pub(crate) fn select(&self, classes: &[u32], per_class: Option<u32>) -> (Samples, Samples) {

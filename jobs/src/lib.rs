@@ -1,7 +1,8 @@
-//! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP on
-//! the digits data set) with burn on the CPU (ndarray backend), writing progress lines and
-//! atomic checkpoints so the agent can preempt, restart and resume a job exactly where it was,
-//! or start a new job from another job's weights.
+//! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP or
+//! a small CNN on the digits, a character-level transformer on Genesis) with burn on the CPU
+//! (ndarray backend), writing progress lines and atomic checkpoints so the agent can preempt,
+//! restart and resume a job exactly where it was, or start a new job from another job's
+//! weights. With `WORLD_SIZE` > 1 it trains data-parallel across processes ([`DistEnv`]).
 //!
 //! [`train`] writes one line per event to its output, flushed at once:
 //!
@@ -10,7 +11,8 @@
 //! resumed step=30 epoch=1 from=/ckpt/job-1/step-30         (a restart of the same job)
 //! initialised weights from=/ckpt/job-0/step-690            (another job's weights)
 //! checkpoint step=100 path=step-100                         (path relative to the checkpoint dir)
-//! epoch=3 step=69 loss=0.123456 test_accuracy=0.9500 samples_per_s=12345
+//! joined rank=1 world_size=2                               (a data-parallel rank)
+//! epoch=3 step=69 loss=0.123456 test_loss=0.180000 test_accuracy=0.9500 samples_per_s=12345
 //! done steps=690 test_accuracy=0.9694 checkpoint=/ckpt/job-1/step-690   (or checkpoint=none)
 //! stopped step=120 checkpoint=/ckpt/job-1/step-120                      (stop flag / SIGTERM)
 //! ```
@@ -26,11 +28,14 @@ mod data;
 mod dist;
 mod env;
 mod error;
+mod examples;
 mod export;
 mod grad_sync;
 mod model;
 mod rng;
+mod text;
 mod train;
+mod transformer;
 
 pub use checkpoint::{
     CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, SAFETENSORS_FILE, STATE_FILE, checkpoint_name,

@@ -3,7 +3,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
 use burn::tensor::activation::relu;
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use crate::data::{CLASSES, FEATURES};
 use crate::export;
@@ -20,14 +20,49 @@ pub(crate) struct Mlp<B: Backend> {
     fc2: Linear<B>,
 }
 
+/// What a model reads: pixels (the digits models) or token ids (the language model).
+pub(crate) enum Input<B: Backend> {
+    /// [batch, 64] pixel intensities.
+    Pixels(Tensor<B, 2>),
+    /// [batch, context] token ids.
+    Tokens(Tensor<B, 2, Int>),
+}
+
+impl<B: Backend> Clone for Input<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Input::Pixels(x) => Input::Pixels(x.clone()),
+            Input::Tokens(x) => Input::Tokens(x.clone()),
+        }
+    }
+}
+
+impl<B: Backend> Input<B> {
+    /// `check_spec` pairs each model with its data set, so a mismatch is a bug, not bad input.
+    pub(crate) fn pixels(self) -> Tensor<B, 2> {
+        match self {
+            Input::Pixels(x) => x,
+            Input::Tokens(_) => unreachable!("a pixel model was given tokens"),
+        }
+    }
+
+    pub(crate) fn tokens(self) -> Tensor<B, 2, Int> {
+        match self {
+            Input::Tokens(x) => x,
+            Input::Pixels(_) => unreachable!("a token model was given pixels"),
+        }
+    }
+}
+
 /// What the training loop needs of a model, whichever it is.
 pub(crate) trait Net<B: Backend>: Module<B> + Sized {
     /// Weights drawn from our own seeded generator (PyTorch's default ranges), so a seed gives
     /// the same model whatever else runs in the process.
     fn init(seed: u64, device: &B::Device) -> Self;
 
-    /// `x`: [batch, 64] pixels -> logits [batch, 10].
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
+    /// Logits, one row per prediction: [batch, 10] for the digits, [batch * context, vocab]
+    /// for the language model.
+    fn forward(&self, x: Input<B>) -> Tensor<B, 2>;
 
     /// The ids the optimizer state is keyed by.
     fn param_ids(&self) -> Vec<ParamId>;
@@ -55,8 +90,8 @@ impl<B: Backend> Net<B> for Mlp<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(relu(self.fc1.forward(x)))
+    fn forward(&self, x: Input<B>) -> Tensor<B, 2> {
+        self.fc2.forward(relu(self.fc1.forward(x.pixels())))
     }
 
     fn param_ids(&self) -> Vec<ParamId> {
@@ -173,7 +208,7 @@ mod tests {
         let hidden: Vec<f32> = linear(&x, &t["fc1.weight"], &t["fc1.bias"]).into_iter().map(|v| v.max(0.0)).collect();
         let by_hand = linear(&hidden, &t["fc2.weight"], &t["fc2.bias"]);
         let input = Tensor::<NdArray, 2>::from_data(TensorData::new(x, [1, FEATURES]), &device);
-        let logits = model.forward(input).into_data().to_vec::<f32>().unwrap();
+        let logits = model.forward(Input::Pixels(input)).into_data().to_vec::<f32>().unwrap();
         for (a, b) in by_hand.iter().zip(&logits) {
             assert!((a - b).abs() < 1e-4, "{by_hand:?} vs {logits:?}");
         }

@@ -29,6 +29,13 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Standard normal (Box-Muller; the second value is dropped to keep the stream simple).
+    pub(crate) fn next_normal(&mut self) -> f32 {
+        // 1 - u is in (0, 1], so the logarithm is finite.
+        let (u, v) = (1.0 - self.next_f32(), self.next_f32());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+
     /// Uniform in 0..n (n > 0); the modulo bias is negligible for the small n used here.
     pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize

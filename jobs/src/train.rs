@@ -12,17 +12,20 @@ use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use gantry_core::spec::TrainSpec;
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
 use crate::cnn::Cnn;
-use crate::data::{self, FEATURES, Samples};
+use crate::data;
 use crate::dist::Ring;
 use crate::env::RunEnv;
 use crate::error::JobsError;
+use crate::examples::Examples;
 use crate::grad_sync;
-use crate::model::{Mlp, Net};
+use crate::model::{Input, Mlp, Net};
+use crate::text;
+use crate::transformer::Transformer;
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
 type Inner = NdArray<f32>;
@@ -41,9 +44,12 @@ pub struct Outcome {
     pub steps: u64,
     /// Epochs completed since the job first started.
     pub epochs_done: u32,
-    /// Accuracy on the held-out samples of the run's classes (360 for all ten digits; with
-    /// `examples_per_class`, the unused training samples too) at the end of the run.
+    /// Accuracy on the held-out samples at the end of the run: for the digits, those of the
+    /// run's classes (360 for all ten; with `examples_per_class`, the unused training samples
+    /// too); for text, of every next character of the held-out tail.
     pub test_accuracy: f64,
+    /// Mean cross-entropy (nats) on the same samples.
+    pub test_loss: f64,
     /// The last checkpoint directory written or found, when there is a checkpoint dir.
     pub last_checkpoint: Option<PathBuf>,
     /// Whether the stop flag ended the run before its last epoch.
@@ -65,20 +71,30 @@ struct Position {
 /// `checkpoint_every_steps`, at the end, and when `env.stop` is set (checked between steps).
 pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     check_spec(spec)?;
-    match spec.model.as_str() {
-        "cnn" => train_model::<Cnn<Train>>(spec, env, out),
-        _ => train_model::<Mlp<Train>>(spec, env, out),
+    if spec.dataset == "genesis" {
+        let text = text::genesis()?;
+        return train_model::<Transformer<Train>, _>(spec, env, out, &text.train, &text.test);
     }
-}
-
-fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     let digits = data::digits()?;
-    let device = NdArrayDevice::default();
-    let batch_size = spec.batch_size as usize;
     // With few examples per class, the training samples left out are unseen too: they join
     // the held-out ones, so accuracy is measured on hundreds of samples rather than ~36 a class.
     let (train_set, unused) = digits.train.select(&spec.classes, spec.examples_per_class);
     let test_set = digits.test.select(&spec.classes, None).0.join(unused);
+    match spec.model.as_str() {
+        "cnn" => train_model::<Cnn<Train>, _>(spec, env, out, &train_set, &test_set),
+        _ => train_model::<Mlp<Train>, _>(spec, env, out, &train_set, &test_set),
+    }
+}
+
+fn train_model<M: Trainable, E: Examples>(
+    spec: &TrainSpec,
+    env: &RunEnv,
+    out: &mut dyn Write,
+    train_set: &E,
+    test_set: &E,
+) -> Result<Outcome, JobsError> {
+    let device = NdArrayDevice::default();
+    let batch_size = spec.batch_size as usize;
     let n_train = train_set.len();
     let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
 
@@ -139,14 +155,14 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         None => None,
     };
 
-    let test = TestSet::new(&test_set, &device);
+    let test = TestSet::new(test_set, &device);
     let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&device);
     // Every rank holds the same weights: rank 0 alone writes them.
     let checkpoint_dir = if rank == 0 { env.checkpoint_dir.as_deref() } else { None };
     let mut last_checkpoint = None;
     let mut stopped = false;
-    // The accuracy of the current weights, when known (saves re-evaluating at the end).
-    let mut accuracy = None;
+    // The test loss and accuracy of the current weights, when known (saves re-evaluating).
+    let mut evaluated = None;
 
     'epochs: while pos.epoch < spec.epochs {
         let order = data::epoch_order(spec.seed, pos.epoch, n_train);
@@ -164,9 +180,7 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
             let (mut grads, mut loss) = match indices.is_empty() {
                 true => (GradientsParams::new(), 0.0),
                 false => {
-                    let (x, y) = train_set.gather(indices);
-                    let x = Tensor::<Train, 2>::from_data(TensorData::new(x, [indices.len(), FEATURES]), &device);
-                    let y = Tensor::<Train, 1, Int>::from_data(TensorData::new(y, [indices.len()]), &device);
+                    let (x, y) = train_set.batch::<Train>(indices, &device);
                     let loss = loss_fn.forward(model.forward(x), y);
                     let value = loss.clone().into_scalar().elem::<f64>();
                     (GradientsParams::from_grads(loss.backward(), &model), value)
@@ -199,7 +213,7 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
             pos.batch_in_epoch += 1;
             batches += 1;
             samples += indices.len();
-            accuracy = None;
+            evaluated = None;
 
             if pos.step.is_multiple_of(spec.checkpoint_every_steps)
                 && let Some(dir) = checkpoint_dir
@@ -215,21 +229,22 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
         let train_secs = started.elapsed().as_secs_f64();
         pos.epoch += 1;
         pos.batch_in_epoch = 0;
-        let acc = test.accuracy(&model);
-        accuracy = Some(acc);
+        let (test_loss, acc) = test.evaluate(&model);
+        evaluated = Some((test_loss, acc));
         let loss = loss_sum / batches.max(1) as f64;
         let samples_per_s = samples as f64 / train_secs.max(1e-9);
         emit(
             out,
             format_args!(
-                "epoch={} step={} loss={loss:.6} test_accuracy={acc:.4} samples_per_s={samples_per_s:.0}",
+                "epoch={} step={} loss={loss:.6} test_loss={test_loss:.6} test_accuracy={acc:.4} \
+                 samples_per_s={samples_per_s:.0}",
                 pos.epoch, pos.step,
             ),
         )?;
         if let Some(file) = &env.metrics_file {
             let step_time_ms = 1000.0 * train_secs / batches.max(1) as f64;
             let line = serde_json::json!({
-                "step": pos.step, "epoch": pos.epoch, "loss": loss, "test_accuracy": acc,
+                "step": pos.step, "epoch": pos.epoch, "loss": loss, "test_loss": test_loss, "test_accuracy": acc,
                 "samples_per_s": samples_per_s, "step_time_ms": step_time_ms,
             });
             append_line(file, &line.to_string())?;
@@ -239,9 +254,9 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
     // A stop after an epoch's last batch leaves the position at the next epoch's start.
     pos = normalised(pos, per_epoch);
     stopped &= pos.epoch < spec.epochs;
-    let test_accuracy = match accuracy {
-        Some(acc) => acc,
-        None => test.accuracy(&model),
+    let (test_loss, test_accuracy) = match evaluated {
+        Some(figures) => figures,
+        None => test.evaluate(&model),
     };
     if let Some(dir) = checkpoint_dir {
         last_checkpoint = Some(save(dir, pos, spec, env, &model, &optim, out)?);
@@ -252,7 +267,7 @@ fn train_model<M: Trainable>(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write
     } else {
         emit(out, format_args!("done steps={} test_accuracy={test_accuracy:.4} checkpoint={shown}", pos.step))?;
     }
-    Ok(Outcome { steps: pos.step, epochs_done: pos.epoch, test_accuracy, last_checkpoint, stopped })
+    Ok(Outcome { steps: pos.step, epochs_done: pos.epoch, test_accuracy, test_loss, last_checkpoint, stopped })
 }
 
 /// Rank `rank`'s part of a global batch: contiguous, sizes differing by at most one.
@@ -261,21 +276,10 @@ fn shard(batch: &[usize], rank: usize, world: usize) -> &[usize] {
     &batch[rank * n / world..(rank + 1) * n / world]
 }
 
+/// The spec's own rules (the coordinator checked them at submit; a spec file given directly to
+/// `gantry train` was not).
 fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {
-    let bad = |reason: String| Err(JobsError::Spec(reason));
-    if !["mlp", "cnn"].contains(&spec.model.as_str()) {
-        return bad(format!("unknown model `{}` (this runtime has: mlp, cnn)", spec.model));
-    }
-    if spec.dataset != "digits" {
-        return bad(format!("unknown dataset `{}` (this runtime has: digits)", spec.dataset));
-    }
-    if spec.epochs == 0 || spec.batch_size == 0 || spec.checkpoint_every_steps == 0 {
-        return bad("epochs, batch_size and checkpoint_every_steps must be at least 1".into());
-    }
-    if !(spec.learning_rate.is_finite() && spec.learning_rate > 0.0) {
-        return bad(format!("learning_rate must be a positive number, got {}", spec.learning_rate));
-    }
-    Ok(())
+    spec.validate().map_err(|e| JobsError::Spec(e.to_string()))
 }
 
 /// Any checkpoint we load weights from must hold this model for this data set.
@@ -384,26 +388,29 @@ fn save<M: Trainable, O: Optimizer<M, Train>>(
 
 /// The held-out samples as tensors, built once.
 struct TestSet {
-    x: Tensor<Inner, 2>,
+    x: Input<Inner>,
     y: Tensor<Inner, 1, Int>,
+    /// Predictions made: one per target.
     n: usize,
 }
 
 impl TestSet {
-    fn new(samples: &Samples, device: &NdArrayDevice) -> Self {
-        let n = samples.len();
-        TestSet {
-            x: Tensor::from_data(TensorData::new(samples.x.clone(), [n, FEATURES]), device),
-            y: Tensor::from_data(TensorData::new(samples.y.clone(), [n]), device),
-            n,
-        }
+    fn new<E: Examples>(examples: &E, device: &NdArrayDevice) -> Self {
+        let all: Vec<usize> = (0..examples.len()).collect();
+        let (x, y) = examples.batch::<Inner>(&all, device);
+        let n = y.dims()[0];
+        TestSet { x, y, n }
     }
 
-    fn accuracy<M: Trainable>(&self, model: &M) -> f64 {
+    /// Mean cross-entropy and accuracy.
+    fn evaluate<M: Trainable>(&self, model: &M) -> (f64, f64) {
         // `valid()` drops autodiff: no graph is recorded for evaluation.
-        let predicted = model.valid().forward(self.x.clone()).argmax(1).reshape([self.n]);
+        let logits = model.valid().forward(self.x.clone());
+        let loss =
+            CrossEntropyLossConfig::new().init::<Inner>(&logits.device()).forward(logits.clone(), self.y.clone());
+        let predicted = logits.argmax(1).reshape([self.n]);
         let correct = predicted.equal(self.y.clone()).int().sum().into_scalar().elem::<i64>();
-        correct as f64 / self.n as f64
+        (loss.into_scalar().elem::<f64>(), correct as f64 / self.n as f64)
     }
 }
 

@@ -1,0 +1,253 @@
+//! The "transformer" model: a small GPT-style character-level language model. Token and
+//! position embeddings, `LAYERS` pre-norm transformer blocks with causal self-attention, a
+//! final layer norm, and a linear head over the vocabulary.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+
+use crate::export;
+use crate::model::{Input, Net};
+use crate::rng::SplitMix64;
+use crate::text::{CONTEXT, VOCAB};
+
+const INIT_STREAM: u64 = u64::MAX - 2;
+const WIDTH: usize = 64;
+const HEADS: usize = 4;
+const LAYERS: usize = 2;
+const FEED_FORWARD: usize = 4 * WIDTH;
+/// GPT-2's initial spread of weights.
+const INIT_STD: f32 = 0.02;
+
+#[derive(Module, Debug)]
+pub(crate) struct Transformer<B: Backend> {
+    tokens: Embedding<B>,
+    positions: Embedding<B>,
+    blocks: TransformerEncoder<B>,
+    norm: LayerNorm<B>,
+    head: Linear<B>,
+}
+
+impl<B: Backend> Net<B> for Transformer<B> {
+    fn init(seed: u64, device: &B::Device) -> Self {
+        let blocks = TransformerEncoderConfig::new(WIDTH, FEED_FORWARD, HEADS, LAYERS)
+            .with_norm_first(true)
+            // No dropout: it would draw from the backend's process-wide generator, and data
+            // parallel ranks and exact resume need every step to be reproducible.
+            .with_dropout(0.0)
+            .init(device);
+        let model = Transformer {
+            tokens: EmbeddingConfig::new(VOCAB, WIDTH).init(device),
+            positions: EmbeddingConfig::new(CONTEXT, WIDTH).init(device),
+            blocks,
+            norm: LayerNormConfig::new(WIDTH).init(device),
+            head: LinearConfig::new(WIDTH, VOCAB).init(device),
+        };
+        // burn drew those from its own generator; redraw every weight from the seed, with
+        // fixed ids, as the other models do.
+        model.map(&mut Reinit { rng: SplitMix64::for_stream(seed, INIT_STREAM), path: Vec::new(), next_id: 100 })
+    }
+
+    fn forward(&self, x: Input<B>) -> Tensor<B, 2> {
+        let tokens = x.tokens();
+        let [batch, len] = tokens.dims();
+        let device = tokens.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..len as i64, &device).reshape([1, len]).repeat_dim(0, batch);
+        let h = self.tokens.forward(tokens) + self.positions.forward(positions);
+        let mask = generate_autoregressive_mask::<B>(batch, len, &device);
+        let h = self.blocks.forward(TransformerEncoderInput::new(h).mask_attn(mask));
+        self.head.forward(self.norm.forward(h)).reshape([batch * len, VOCAB])
+    }
+
+    fn param_ids(&self) -> Vec<ParamId> {
+        self.params().into_iter().map(|p| p.id).collect()
+    }
+
+    fn backbone(&self) -> Vec<(ParamId, usize)> {
+        let head = [Some(self.head.weight.id), self.head.bias.as_ref().map(|b| b.id)];
+        self.params().into_iter().filter(|p| !head.contains(&Some(p.id))).map(|p| (p.id, p.shape.len())).collect()
+    }
+
+    fn with_head_of(self, other: Self) -> Self {
+        Transformer { head: other.head, ..self }
+    }
+
+    /// Named by module path ("blocks.layers.0.mha.query.weight"); linear weights transposed to
+    /// PyTorch's [out, in].
+    fn export(&self) -> Vec<export::Named> {
+        self.params()
+            .into_iter()
+            .map(|p| {
+                let mut values = p.values;
+                let mut shape = p.shape;
+                if p.in_linear && shape.len() == 2 {
+                    values = transpose(&values, shape[0], shape[1]);
+                    shape.reverse();
+                }
+                export::Named { name: p.path, shape, values }
+            })
+            .collect()
+    }
+
+    fn check_record(record: &TransformerRecord<B>) -> Result<(), String> {
+        let shape = |name: &str, got: &[usize], want: &[usize]| {
+            if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
+        };
+        shape("tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
+        shape("positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
+        shape("head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
+        let layers = &record.blocks.layers;
+        if layers.len() != LAYERS {
+            return Err(format!("it has {} transformer blocks, expected {LAYERS}", layers.len()));
+        }
+        for (i, layer) in layers.iter().enumerate() {
+            let inner = layer.pwff.linear_inner.weight.val().dims();
+            shape(&format!("blocks.layers.{i}.pwff.linear_inner.weight"), &inner, &[WIDTH, FEED_FORWARD])?;
+        }
+        Ok(())
+    }
+}
+
+/// One parameter, as a visit finds it.
+struct ParamInfo {
+    id: ParamId,
+    path: String,
+    shape: Vec<usize>,
+    values: Vec<f32>,
+    in_linear: bool,
+}
+
+impl<B: Backend> Transformer<B> {
+    fn params(&self) -> Vec<ParamInfo> {
+        let mut visitor = Params { path: Vec::new(), found: Vec::new() };
+        self.visit(&mut visitor);
+        visitor.found
+    }
+}
+
+/// Collects every float parameter with its module path.
+struct Params {
+    /// (field name, type of the module holding it) of each step down.
+    path: Vec<(String, String)>,
+    found: Vec<ParamInfo>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Params {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push((name.into(), container_type.into()));
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        // Each entry names a field and the type that holds it: a weight of a Linear.
+        let in_linear = self.path.last().is_some_and(|(_, holder)| holder == "Struct:Linear");
+        self.found.push(ParamInfo {
+            id: param.id,
+            path: self.path.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join("."),
+            shape: value.dims().to_vec(),
+            values: value.into_data().convert::<f32>().to_vec::<f32>().expect("f32 weights"),
+            in_linear,
+        });
+    }
+}
+
+/// Redraws every float parameter from our generator, by kind: layer-norm scales 1, biases and
+/// shifts 0, every weight matrix normal(0, 0.02). Ids are numbered in visit order.
+struct Reinit {
+    rng: SplitMix64,
+    path: Vec<String>,
+    next_id: u64,
+}
+
+impl<B: Backend> ModuleMapper<B> for Reinit {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (_, tensor, _) = param.consume();
+        let (shape, device) = (tensor.shape(), tensor.device());
+        let n = shape.num_elements();
+        let values: Vec<f32> = match self.path.last().map(String::as_str) {
+            Some("gamma") => vec![1.0; n],
+            Some("beta" | "bias") => vec![0.0; n],
+            _ => (0..n).map(|_| self.rng.next_normal() * INIT_STD).collect(),
+        };
+        let id = ParamId::from(self.next_id);
+        self.next_id += 1;
+        Param::initialized(id, Tensor::from_data(TensorData::new(values, shape), &device).require_grad())
+    }
+}
+
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols).flat_map(|c| (0..rows).map(move |r| values[r * cols + c])).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+
+    use super::*;
+
+    #[test]
+    fn the_model_predicts_every_next_character_and_only_looks_back() {
+        let device = Default::default();
+        let model = Transformer::<NdArray>::init(1, &device);
+        let tokens = |last: i64| {
+            let mut t: Vec<i64> = (0..CONTEXT as i64).map(|i| i % 50 + 1).collect();
+            t[CONTEXT - 1] = last;
+            Input::Tokens(Tensor::<NdArray, 2, Int>::from_data(TensorData::new(t, [1, CONTEXT]), &device))
+        };
+        let (a, b) = (model.forward(tokens(5)), model.forward(tokens(9)));
+        assert_eq!(a.dims(), [CONTEXT, VOCAB]);
+        let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        // Changing the last character changes only the last position's prediction: causal.
+        let before = (CONTEXT - 1) * VOCAB;
+        assert_eq!(a[..before], b[..before]);
+        assert_ne!(a[before..], b[before..]);
+    }
+
+    #[test]
+    fn init_follows_the_seed_and_export_names_the_weights() {
+        let device = Default::default();
+        let names = |seed| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+            Transformer::<NdArray>::init(seed, &device)
+                .export()
+                .into_iter()
+                .map(|t| (t.name, t.shape, t.values))
+                .collect()
+        };
+        let (a, b, c) = (names(1), names(1), names(2));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let find = |name: &str| a.iter().find(|t| t.0 == name).unwrap_or_else(|| panic!("{name} in {a:?}"));
+        assert_eq!(find("tokens.weight").1, [VOCAB, WIDTH]);
+        assert_eq!(find("head.weight").1, [VOCAB, WIDTH], "PyTorch's [out, in]");
+        assert!(find("norm.gamma").2.iter().all(|v| *v == 1.0));
+        assert!(
+            a.iter().any(|t| t.0.starts_with("blocks.layers.1.")),
+            "{:?}",
+            a.iter().map(|t| &t.0).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn records_of_other_shapes_are_refused() {
+        let device = Default::default();
+        let good = Transformer::<NdArray>::init(1, &device);
+        assert!(Transformer::<NdArray>::check_record(&good.clone().into_record()).is_ok());
+        let wide = Transformer { head: LinearConfig::new(WIDTH, 10).init(&device), ..good };
+        let err = Transformer::<NdArray>::check_record(&wide.into_record()).unwrap_err();
+        assert!(err.contains("head.weight"), "{err}");
+    }
+}
