@@ -51,6 +51,18 @@ impl Coordinators {
         &self.inner.urls[self.index()]
     }
 
+    /// This machine's IP on the route to the current coordinator: where peers on the same
+    /// network reach it. A connected UDP socket asks the kernel for the route; nothing is sent.
+    pub fn local_ip(&self) -> Option<String> {
+        use std::net::{ToSocketAddrs, UdpSocket};
+        let url = self.url();
+        let authority = url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next()?;
+        let target = authority.to_socket_addrs().ok()?.next()?;
+        let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        socket.connect(target).ok()?;
+        Some(socket.local_addr().ok()?.ip().to_string())
+    }
+
     /// The current one failed: try the next.
     pub fn next(&self) {
         let n = self.inner.urls.len();

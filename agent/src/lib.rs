@@ -37,6 +37,9 @@ pub struct Config {
     pub nvml_lib: Option<PathBuf>,
     /// The `gantry` binary, run for `train:` jobs.
     pub train_program: PathBuf,
+    /// The IP other agents reach this one at; by default the local end of the route to the
+    /// coordinator.
+    pub advertise_addr: Option<String>,
 }
 
 type RankKey = (String, u32, u32);
@@ -92,6 +95,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         r = sessions => r,
         _ = shutdown => Ok(()),
     };
+    // The machine is leaving, not the jobs failing: their exits (143 after our SIGTERM) must
+    // not reach the coordinator as failures. Silent, the agent is taken as lost and its jobs are
+    // requeued without counting against max_restarts, to resume from their checkpoints.
+    *agent.outbound.lock().expect("outbound lock") = None;
     agent.stop_all().await;
     result
 }
@@ -136,6 +143,10 @@ impl Agent {
                 protocol_version: PROTOCOL_VERSION,
                 name: self.config.name.clone(),
                 inventory: Some(self.inventory.read()),
+                advertise_addr: match &self.config.advertise_addr {
+                    Some(addr) => addr.clone(),
+                    None => self.coordinators.local_ip().unwrap_or_default(),
+                },
             })
             .await;
         let reply = match reply {

@@ -227,6 +227,7 @@ fn an_agent_of_another_protocol_version_is_refused_at_registration() {
             protocol_version: gantry_proto::PROTOCOL_VERSION + 1,
             name: "future".into(),
             inventory: Some(v1::Inventory::default()),
+            ..Default::default()
         };
         client.register(req).await.unwrap_err()
     });

@@ -230,3 +230,21 @@ fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The image the chart runs is the one the repository's Dockerfile builds and the compose fleet
+/// runs (`containers.rs` builds it under this tag and runs it): `gantry:<version>`, whose
+/// entrypoint is the `gantry` binary, so the chart's arguments start with a subcommand.
+#[test]
+fn the_chart_runs_the_image_the_dockerfile_builds() {
+    let objs = objects(&render(&[], &[]).unwrap());
+    let want = format!("gantry:{}", env!("CARGO_PKG_VERSION"));
+    for (workload, subcommand) in [("StatefulSet/t-gantry", "coordinator"), ("DaemonSet/t-gantry-agent", "agent")] {
+        let container = &objs[workload]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["image"].as_str(), Some(want.as_str()), "{workload}");
+        assert_eq!(strings(&container["args"])[0], subcommand, "{workload}");
+    }
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/gantry"]"#), "the image's entrypoint is gantry");
+    let compose = std::fs::read_to_string(repo_root().join("compose/compose.yaml")).unwrap();
+    assert!(compose.contains(&format!("image: {want}")), "compose runs {want}");
+}

@@ -63,6 +63,7 @@ async fn agents(url: String, n: usize, jobs: u32) {
                 protocol_version: PROTOCOL_VERSION,
                 name: name.clone(),
                 inventory: Some(inventory(a, 0)),
+                ..Default::default()
             };
             client.register(req).await.expect("register");
             let (tx, rx) = tokio::sync::mpsc::channel(4);

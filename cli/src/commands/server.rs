@@ -94,6 +94,10 @@ pub struct AgentArgs {
     /// The NVML library to load instead of the system's libnvidia-ml.so.1.
     #[arg(long)]
     nvml_lib: Option<PathBuf>,
+    /// The IP other agents reach this one at (a gang's MASTER_ADDR) [default: this machine's
+    /// address on the route to the coordinator].
+    #[arg(long)]
+    advertise_addr: Option<String>,
 }
 
 #[derive(Args)]
@@ -227,16 +231,17 @@ fn agent_config(
     name: Option<String>,
     work_dir: PathBuf,
     nvml_lib: Option<PathBuf>,
+    advertise_addr: Option<String>,
 ) -> anyhow::Result<gantry_agent::Config> {
     let name = name.unwrap_or_else(gantry_agent::inventory::hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
-    Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program })
+    Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program, advertise_addr })
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     init_logging("info");
     let work_dir = args.work_dir.unwrap_or_else(|| default_data_dir().join("agent"));
-    let config = agent_config(args.coordinator, args.name, work_dir, args.nvml_lib)?;
+    let config = agent_config(args.coordinator, args.name, work_dir, args.nvml_lib, args.advertise_addr)?;
     gantry_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
@@ -255,7 +260,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     };
     let config = Config { data_dir: data_dir.clone(), settings: args.timing.settings(), store: None };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
-    let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib)?;
+    let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib, None)?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
 
     let code = match args.run {

@@ -105,20 +105,63 @@ impl Fleet {
         std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
     }
 
-    /// Runs the CLI against this fleet.
+    /// The CLI pointed at this fleet; failures show the coordinator's log.
+    pub fn cli(&self) -> Cli {
+        Cli { url: self.url(), dir: self.dir.path().to_path_buf(), log: Some(self.dir.path().join("coordinator.log")) }
+    }
+
     pub fn gantry(&self, args: &[&str]) -> Output {
-        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", self.url()).output().unwrap()
+        self.cli().gantry(args)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.cli().ok(args)
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli().json(args)
+    }
+
+    pub fn submit(&self, spec: &str) -> String {
+        self.cli().submit(spec)
+    }
+
+    pub fn submit_file(&self, file: &Path) -> String {
+        self.cli().submit_file(file)
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        self.cli().state(id)
+    }
+
+    pub fn wait_state(&self, id: &str, want: &[&str], timeout: Duration) -> String {
+        self.cli().wait_state(id, want, timeout)
+    }
+
+    pub fn wait_for_nodes(&self, n: usize) {
+        self.cli().wait_for_nodes(n, Duration::from_secs(20))
+    }
+}
+
+/// The `gantry` CLI against a coordinator URL (or several, comma-separated).
+pub struct Cli {
+    pub url: String,
+    /// Where spec files are written.
+    pub dir: PathBuf,
+    /// A log worth showing when a command fails.
+    pub log: Option<PathBuf>,
+}
+
+impl Cli {
+    pub fn gantry(&self, args: &[&str]) -> Output {
+        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", &self.url).output().unwrap()
     }
 
     /// Runs the CLI, asserts success, returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.gantry(args);
-        assert!(
-            out.status.success(),
-            "gantry {args:?} failed: {}\ncoordinator log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.coordinator_log()
-        );
+        let log = self.log.as_ref().and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+        assert!(out.status.success(), "gantry {args:?} failed: {}\nlog:\n{log}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -129,7 +172,7 @@ impl Fleet {
     }
 
     pub fn submit(&self, spec: &str) -> String {
-        let file = self.dir.path().join(format!("spec-{}.yaml", free_port()));
+        let file = self.dir.join(format!("spec-{}.yaml", free_port()));
         std::fs::write(&file, spec).unwrap();
         self.submit_file(&file)
     }
@@ -161,11 +204,15 @@ impl Fleet {
         }
     }
 
-    pub fn wait_for_nodes(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    pub fn wait_for_nodes(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
-            let nodes = self.json(&["nodes"]);
-            let ready = nodes.as_array().unwrap().iter().filter(|n| n["connected"] == true).count();
+            // A coordinator that is still starting answers with an error: wait for it too.
+            let out = self.gantry(&["nodes", "-o", "json"]);
+            let ready = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|nodes| nodes.as_array().map(|a| a.iter().filter(|n| n["connected"] == true).count()))
+                .unwrap_or(0);
             if ready >= n {
                 return;
             }

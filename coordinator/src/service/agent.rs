@@ -21,8 +21,9 @@ const SESSION_BUFFER: usize = 1024;
 #[tonic::async_trait]
 impl v1::agents_server::Agents for AgentService {
     async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
-        let addr = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        let seen = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "127.0.0.1".into());
         let req = req.into_inner();
+        let addr = if req.advertise_addr.is_empty() { seen } else { req.advertise_addr.clone() };
         if req.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "agent speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}: run the same gantry release on both",

@@ -1,0 +1,147 @@
+//! The compose fleet (`compose/compose.yaml`) on the Docker engine, with images built offline
+//! from this build's `gantry` binary: etcd, two coordinators, three agents with fake GPUs, each
+//! in its own container. A 2-node data-parallel gang and a GPU job run across the containers,
+//! and stopping the container of a running job's agent moves the job to another one.
+//! The coordinators share etcd, so the binary must be built with the `etcd` feature.
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{Cli, fake_nvml, repo_root};
+
+fn run(program: &str, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Builds `gantry:VERSION` and `gantry-etcd:VERSION` as the Dockerfiles say to offline.
+fn build_images(root: &Path) {
+    let stage = root.join("compose/stage-binaries");
+    let stage = stage.to_str().unwrap();
+    let docker = root.join("target/docker");
+    run("sh", &[stage, env!("CARGO_BIN_EXE_gantry"), docker.to_str().unwrap()], root);
+    let etcd = run("sh", &["-c", "command -v etcd"], root);
+    run("sh", &[stage, etcd.trim(), root.join("target/docker-etcd").to_str().unwrap()], root);
+    // The tags compose.yaml and the Helm chart name (helm_chart.rs checks the chart's).
+    let version = env!("CARGO_PKG_VERSION");
+    run("docker", &["build", "-q", "--target", "runtime", "-t", &format!("gantry:{version}"), "."], root);
+    let etcd_tag = format!("gantry-etcd:{version}");
+    run("docker", &["build", "-q", "-f", "compose/etcd.Dockerfile", "-t", &etcd_tag, "."], root);
+}
+
+/// A running compose project, taken down (with its networks and volumes) on drop.
+struct Project {
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn compose(&self, args: &[&str]) -> String {
+        let file = self.dir.path().join("compose.yaml");
+        let mut all = vec!["-p", &self.name, "-f", file.to_str().unwrap()];
+        all.extend(args);
+        run("docker-compose", &all, self.dir.path())
+    }
+
+    /// The host address of a service's published port.
+    fn port(&self, service: &str, port: &str) -> String {
+        self.compose(&["port", service, port]).trim().to_string()
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let file = self.dir.path().join("compose.yaml");
+        let _ = Command::new("docker-compose")
+            .args(["-p", &self.name, "-f", file.to_str().unwrap(), "down", "-v", "-t", "2"])
+            .output();
+    }
+}
+
+fn gpu(agent: usize, index: usize) -> serde_json::Value {
+    serde_json::json!({
+        "uuid": format!("GPU-{agent}0000000-0000-0000-0000-00000000000{index}"),
+        "name": "NVIDIA H100 80GB HBM3", "memory_total_bytes": 85_899_345_920u64,
+        "memory_used_bytes": 0, "utilization_percent": 0,
+    })
+}
+
+#[test]
+fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() {
+    let root = repo_root();
+    build_images(&root);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(root.join("compose/compose.yaml"), dir.path().join("compose.yaml")).unwrap();
+    for agent in 1..=3 {
+        fake_nvml(
+            &dir.path().join(format!("fake-gpu/agent-{agent}")),
+            &serde_json::json!({"devices": [gpu(agent, 0), gpu(agent, 1)]}),
+        );
+    }
+    let project = Project { name: format!("gantrytest{}", std::process::id()), dir };
+    project.compose(&["up", "-d"]);
+
+    let urls: Vec<String> =
+        ["coordinator-1", "coordinator-2"].iter().map(|s| format!("http://{}", project.port(s, "7070"))).collect();
+    let cli = Cli { url: urls.join(","), dir: project.dir.path().to_path_buf(), log: None };
+    cli.wait_for_nodes(3, Duration::from_secs(90));
+    let gpus = cli.json(&["gpus"]);
+    assert_eq!(gpus.as_array().unwrap().len(), 6, "{gpus}");
+
+    // A data-parallel gang across two agent containers, and a job on one fake GPU.
+    let gang = cli.submit("name: gang\nresources: {nodes: 2, cpus: 1}\ntrain: {epochs: 3}\n");
+    let on_gpu = cli.submit("name: on-gpu\nresources: {gpus: 1, cpus: 1}\ntrain: {epochs: 3}\n");
+    for id in [&gang, &on_gpu] {
+        let state = cli.wait_state(id, &["succeeded", "failed"], Duration::from_secs(180));
+        assert_eq!(state, "succeeded", "{}", String::from_utf8_lossy(&cli.gantry(&["logs", id]).stdout));
+    }
+    let logs = cli.ok(&["logs", &gang]);
+    assert!(logs.contains("joined rank=1 world_size=2"), "{logs}");
+    let job = cli.json(&["job", &gang]);
+    assert_eq!(job["nodes"].as_array().unwrap().len(), 2, "{job}");
+    let job = cli.json(&["job", &on_gpu]);
+    let placed = &job["attempts"][0]["gpus"];
+    assert!(placed.as_array().unwrap().len() == 1 && placed[0].as_str().unwrap().starts_with("GPU-"), "{job}");
+
+    // A longer job; stop its agent's container: it is noticed, and the job runs elsewhere.
+    let long = cli.submit(
+        "name: long\nresources: {cpus: 1}\nmax_restarts: 0\n\
+         train: {model: transformer, dataset: genesis, epochs: 1, batch_size: 32, checkpoint_every_steps: 10}\n",
+    );
+    cli.wait_state(&long, &["running"], Duration::from_secs(60));
+    let first = cli.json(&["job", &long])["nodes"][0].as_str().unwrap().to_string();
+    // Let it commit a checkpoint first, so the next attempt resumes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cli.json(&["checkpoints", &long]).as_array().is_none_or(|c| c.is_empty()) {
+        assert!(Instant::now() < deadline, "no checkpoint of job {long}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    project.compose(&["stop", "-t", "1", &first]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = cli.json(&["nodes"]);
+        let gone = nodes.as_array().unwrap().iter().any(|n| n["name"] == first.as_str() && n["connected"] == false);
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stopped agent {first} was not noticed: {nodes}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let state = cli.wait_state(&long, &["succeeded", "failed"], Duration::from_secs(240));
+    let job = cli.json(&["job", &long]);
+    assert_eq!(state, "succeeded", "{job}");
+    let last = job["nodes"][0].as_str().unwrap();
+    assert_ne!(last, first, "the job ran again on another agent: {job}");
+    let logs = cli.ok(&["logs", &long]);
+    assert!(logs.contains("resumed step="), "it resumed from its checkpoint:\n{logs}");
+}
