@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_server::EtcdServer;
-use support::{GANTRY, free_port};
+use support::{Cli, GANTRY, free_port};
 
 struct HaFleet {
     _etcd: EtcdServer,
@@ -116,28 +116,22 @@ impl HaFleet {
         }
     }
 
+    /// The CLI against `urls` (some or all of the coordinators).
+    fn cli(&self, urls: &str) -> Cli {
+        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None }
+    }
+
     fn gantry(&self, urls: &str, args: &[&str]) -> std::process::Output {
-        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", urls).output().unwrap()
+        self.cli(urls).gantry(args)
     }
 
     fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        let out = self.gantry(&self.urls(), &all);
-        assert!(out.status.success(), "gantry {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.cli(&self.urls()).json(args)
     }
 
     /// Submits `spec`; the id on success.
     fn submit(&self, urls: &str, spec: &str) -> Result<String, String> {
-        let file = self.dir.path().join(format!("spec-{}.yaml", free_port()));
-        std::fs::write(&file, spec).unwrap();
-        let out = self.gantry(urls, &["submit", file.to_str().unwrap()]);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+        self.cli(urls).try_submit(spec)
     }
 
     fn signal(&self, i: usize, signal: &str) {

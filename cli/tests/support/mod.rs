@@ -177,6 +177,18 @@ impl Cli {
         self.submit_file(&file)
     }
 
+    /// Submits `spec`: the new job's id, or the CLI's error line.
+    pub fn try_submit(&self, spec: &str) -> Result<String, String> {
+        let file = self.dir.join(format!("spec-{}.yaml", free_port()));
+        std::fs::write(&file, spec).unwrap();
+        let out = self.gantry(&["submit", file.to_str().unwrap()]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
     pub fn submit_file(&self, file: &Path) -> String {
         let out = self.ok(&["submit", file.to_str().unwrap()]);
         let id = out.trim().to_string();
