@@ -294,6 +294,15 @@ impl Coordinator {
         self.waiting.lock().expect("waiting lock poisoned").get(id).cloned()
     }
 
+    /// Every job with its place in the queue, in the order people read them (the CLI, the web
+    /// page and `gantry top` all show this order): see [`display_order`].
+    pub fn listed_jobs(&self) -> Result<Vec<(JobRecord, Option<scheduler::Waiting>)>> {
+        let mut jobs: Vec<_> =
+            self.store.jobs()?.into_iter().map(|j| (self.waiting(&j.id), j)).map(|(w, j)| (j, w)).collect();
+        display_order(&mut jobs);
+        Ok(jobs)
+    }
+
     pub fn nodes(&self) -> Vec<(String, bool, v1::Inventory, Instant)> {
         self.fleet()
             .agents
@@ -842,5 +851,45 @@ fn describe_exit(report: &v1::JobReport) -> String {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         (None, None) => "ended".into(),
+    }
+}
+
+/// The queue first, in the order it will run; then running jobs; then the rest; newest first
+/// within the last two.
+pub fn display_order(jobs: &mut [(JobRecord, Option<scheduler::Waiting>)]) {
+    jobs.sort_by_key(|(j, w)| match j.state {
+        JobState::Queued => (0, w.as_ref().map_or(i64::from(u32::MAX), |w| i64::from(w.position)), j.seq),
+        JobState::Running => (1, -(j.seq as i64), j.seq),
+        _ => (2, -(j.seq as i64), j.seq),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_list_queue_in_run_order_then_running_then_the_rest_newest_first() {
+        let spec = JobSpec::from_yaml("name: j\ncommand: [\"true\"]\n").unwrap();
+        let job = |seq, state| JobRecord { state, ..crate::store::new_job(seq, spec.clone(), 0) };
+        let waiting = |position| {
+            Some(scheduler::Waiting {
+                job_id: String::new(),
+                reason: String::new(),
+                position,
+                estimated_start_ms: None,
+            })
+        };
+        let mut jobs = vec![
+            (job(1, JobState::Succeeded), None),
+            (job(2, JobState::Running), None),
+            (job(3, JobState::Queued), waiting(2)),
+            (job(4, JobState::Failed), None),
+            (job(5, JobState::Queued), waiting(1)),
+            (job(6, JobState::Running), None),
+        ];
+        display_order(&mut jobs);
+        let order: Vec<u64> = jobs.iter().map(|(j, _)| j.seq).collect();
+        assert_eq!(order, [5, 3, 6, 2, 4, 1]);
     }
 }

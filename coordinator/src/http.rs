@@ -69,14 +69,9 @@ async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
     Ok(axum::Json(serde_json::json!({ "nodes": nodes, "gpus": gpus })))
 }
 
-/// Jobs as `gantry jobs` orders them: the queue in order, then the rest, newest first.
+/// Jobs in the order `gantry jobs` shows them.
 async fn api_jobs(State(c): State<Arc<Coordinator>>) -> ApiResult {
-    let mut jobs: Vec<(crate::records::JobRecord, Option<gantry_core::scheduler::Waiting>)> =
-        c.store.jobs().map_err(unavailable)?.into_iter().map(|j| (c.waiting(&j.id), j)).map(|(w, j)| (j, w)).collect();
-    jobs.sort_by_key(|(j, w)| {
-        let queued = j.state == JobState::Queued;
-        (!queued, if queued { w.as_ref().map_or(u32::MAX, |w| w.position) as i64 } else { -(j.seq as i64) })
-    });
+    let jobs = c.listed_jobs().map_err(unavailable)?;
     let out: Vec<serde_json::Value> = jobs
         .iter()
         .map(|(j, w)| {

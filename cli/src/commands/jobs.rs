@@ -38,12 +38,8 @@ pub async fn submit(url: &str, file: &Path, follow: bool, json: bool) -> anyhow:
 
 pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
-    let mut jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
-    // The queue first, in the order it will run; then everything else, newest first.
-    jobs.sort_by_key(|j| {
-        let queued = output::state(j) == "queued";
-        (!queued, if queued { j.queue_position as i64 } else { -j.submitted_at_ms }, j.id.parse::<u64>().unwrap_or(0))
-    });
+    // In the coordinator's order: the queue as it will run, then running jobs, then the rest.
+    let jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
     let views: Vec<JobView> = jobs.iter().map(JobView::from).collect();
     if json {
         return print_json(&views);

@@ -24,13 +24,8 @@ async fn fetch(url: &str) -> anyhow::Result<(Vec<v1::Gpu>, Vec<v1::Node>, Vec<v1
     let mut c = connect(url).await?;
     let gpus = c.list_gpus(v1::ListGpusRequest {}).await.map_err(client::status)?.into_inner().gpus;
     let nodes = c.list_nodes(v1::ListNodesRequest {}).await.map_err(client::status)?.into_inner().nodes;
-    let mut jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
-    // The queue first, in order; then running; then the most recent others.
-    jobs.sort_by_key(|j| match output::state(j) {
-        "queued" => (0, j.queue_position as i64),
-        "running" => (1, 0),
-        _ => (2, -j.submitted_at_ms),
-    });
+    // In the coordinator's order: the queue as it will run, then running jobs, then the rest.
+    let jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
     Ok((gpus, nodes, jobs))
 }
 

@@ -41,8 +41,8 @@ impl v1::gantry_server::Gantry for UserService {
     }
 
     async fn list_jobs(&self, _req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
-        let jobs = self.coordinator.store.jobs()?;
-        let jobs = jobs.iter().map(|j| job_to_proto(j, self.coordinator.waiting(&j.id), Vec::new())).collect();
+        let jobs = self.coordinator.listed_jobs()?;
+        let jobs = jobs.into_iter().map(|(j, waiting)| job_to_proto(&j, waiting, Vec::new())).collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
 

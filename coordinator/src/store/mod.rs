@@ -95,7 +95,7 @@ fn job_key(id: &str) -> Result<u64> {
     id.parse::<u64>().map_err(|_| Error::JobNotFound(id.to_string()))
 }
 
-fn new_job(seq: u64, spec: gantry_core::JobSpec, now_ms: i64) -> JobRecord {
+pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, now_ms: i64) -> JobRecord {
     JobRecord {
         id: seq.to_string(),
         seq,
