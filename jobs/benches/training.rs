@@ -1,4 +1,4 @@
-//! `cargo bench --bench training`: samples/s of gantry's training runtime against PyTorch on
+//! `cargo bench --bench training [-- MODEL...]`: samples/s of gantry's training runtime against PyTorch on
 //! the same model, data set and batch size, in the same run, on this machine's CPU. PyTorch runs
 //! `benches/pytorch_reference.py` where `python3 -c "import torch"` works; otherwise its rows
 //! say it was skipped. One JSON object per line.
@@ -84,7 +84,9 @@ fn main() {
     let root: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let torch_present = Command::new("python3").args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    for case in &CASES {
+    // Model names after `--` pick cases; cargo's own flags (--bench) are not names.
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    for case in CASES.iter().filter(|c| wanted.is_empty() || wanted.iter().any(|w| w == c.model)) {
         let (mut ours, mut theirs, mut threads, mut version) = (Vec::new(), Vec::new(), 0, String::new());
         let mut skipped = (!torch_present).then(|| "PyTorch is not installed (import torch failed)".to_string());
         for _ in 0..RUNS {
