@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::data::CLASSES;
 use crate::export;
-use crate::model::{Input, Net, linear};
+use crate::model::{Input, Net, expect_shape, linear};
 use crate::rng::SplitMix64;
 
 const INIT_STREAM: u64 = u64::MAX - 1;
@@ -125,12 +125,9 @@ impl<B: Backend> Net<B> for Cnn<B> {
     }
 
     fn check_record(record: &CnnRecord<B>) -> Result<(), String> {
-        let shape = |name: &str, got: Vec<usize>, want: &[usize]| {
-            if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
-        };
-        shape("conv1.weight", record.conv1.weight.val().dims().to_vec(), &[C1, 1, 3, 3])?;
-        shape("conv2.weight", record.conv2.weight.val().dims().to_vec(), &[C2, C1, 3, 3])?;
-        shape("fc.weight", record.fc.weight.val().dims().to_vec(), &[FLAT, CLASSES])?;
+        expect_shape("conv1.weight", &record.conv1.weight.val().dims(), &[C1, 1, 3, 3])?;
+        expect_shape("conv2.weight", &record.conv2.weight.val().dims(), &[C2, C1, 3, 3])?;
+        expect_shape("fc.weight", &record.fc.weight.val().dims(), &[FLAT, CLASSES])?;
         Ok(())
     }
 }

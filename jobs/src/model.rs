@@ -134,19 +134,20 @@ impl<B: Backend> Net<B> for Mlp<B> {
             d_in: usize,
             d_out: usize,
         ) -> Result<(), String> {
-            let weight = layer.weight.val().dims();
-            if weight != [d_in, d_out] {
-                return Err(format!("{name}.weight has shape {weight:?}, expected [{d_in}, {d_out}]"));
-            }
+            expect_shape(&format!("{name}.weight"), &layer.weight.val().dims(), &[d_in, d_out])?;
             match &layer.bias {
-                Some(bias) if bias.val().dims() == [d_out] => Ok(()),
-                Some(bias) => Err(format!("{name}.bias has shape {:?}, expected [{d_out}]", bias.val().dims())),
+                Some(bias) => expect_shape(&format!("{name}.bias"), &bias.val().dims(), &[d_out]),
                 None => Err(format!("{name}.bias is missing")),
             }
         }
         check("fc1", &record.fc1, FEATURES, HIDDEN)?;
         check("fc2", &record.fc2, HIDDEN, CLASSES)
     }
+}
+
+/// A record check's verdict on one tensor.
+pub(crate) fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), String> {
+    if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
 }
 
 /// Parameter ids are fixed rather than random so that two runs that reach the same weights

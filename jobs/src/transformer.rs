@@ -9,7 +9,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use crate::export;
-use crate::model::{Input, Net};
+use crate::model::{Input, Net, expect_shape};
 use crate::rng::SplitMix64;
 use crate::text::{CONTEXT, VOCAB};
 
@@ -62,12 +62,13 @@ impl<B: Backend> Net<B> for Transformer<B> {
     }
 
     fn param_ids(&self) -> Vec<ParamId> {
-        self.params().into_iter().map(|p| p.id).collect()
+        self.params(false).into_iter().map(|p| p.id).collect()
     }
 
+    /// Read on every step of a frozen-backbone run: ids and ranks only, no weights copied.
     fn backbone(&self) -> Vec<(ParamId, usize)> {
         let head = [Some(self.head.weight.id), self.head.bias.as_ref().map(|b| b.id)];
-        self.params().into_iter().filter(|p| !head.contains(&Some(p.id))).map(|p| (p.id, p.shape.len())).collect()
+        self.params(false).into_iter().filter(|p| !head.contains(&Some(p.id))).map(|p| (p.id, p.shape.len())).collect()
     }
 
     fn with_head_of(self, other: Self) -> Self {
@@ -77,7 +78,7 @@ impl<B: Backend> Net<B> for Transformer<B> {
     /// Named by module path ("blocks.layers.0.mha.query.weight"); linear weights transposed to
     /// PyTorch's [out, in].
     fn export(&self) -> Vec<export::Named> {
-        self.params()
+        self.params(true)
             .into_iter()
             .map(|p| {
                 let mut values = p.values;
@@ -92,19 +93,16 @@ impl<B: Backend> Net<B> for Transformer<B> {
     }
 
     fn check_record(record: &TransformerRecord<B>) -> Result<(), String> {
-        let shape = |name: &str, got: &[usize], want: &[usize]| {
-            if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
-        };
-        shape("tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
-        shape("positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
-        shape("head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
+        expect_shape("tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
+        expect_shape("positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
+        expect_shape("head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
         let layers = &record.blocks.layers;
         if layers.len() != LAYERS {
             return Err(format!("it has {} transformer blocks, expected {LAYERS}", layers.len()));
         }
         for (i, layer) in layers.iter().enumerate() {
             let inner = layer.pwff.linear_inner.weight.val().dims();
-            shape(&format!("blocks.layers.{i}.pwff.linear_inner.weight"), &inner, &[WIDTH, FEED_FORWARD])?;
+            expect_shape(&format!("blocks.layers.{i}.pwff.linear_inner.weight"), &inner, &[WIDTH, FEED_FORWARD])?;
         }
         Ok(())
     }
@@ -115,13 +113,14 @@ struct ParamInfo {
     id: ParamId,
     path: String,
     shape: Vec<usize>,
+    /// The weights, when asked for (export); empty otherwise.
     values: Vec<f32>,
     in_linear: bool,
 }
 
 impl<B: Backend> Transformer<B> {
-    fn params(&self) -> Vec<ParamInfo> {
-        let mut visitor = Params { path: Vec::new(), found: Vec::new() };
+    fn params(&self, with_values: bool) -> Vec<ParamInfo> {
+        let mut visitor = Params { path: Vec::new(), found: Vec::new(), with_values };
         self.visit(&mut visitor);
         visitor.found
     }
@@ -132,6 +131,7 @@ struct Params {
     /// (field name, type of the module holding it) of each step down.
     path: Vec<(String, String)>,
     found: Vec<ParamInfo>,
+    with_values: bool,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Params {
@@ -151,7 +151,10 @@ impl<B: Backend> ModuleVisitor<B> for Params {
             id: param.id,
             path: self.path.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join("."),
             shape: value.dims().to_vec(),
-            values: value.into_data().convert::<f32>().to_vec::<f32>().expect("f32 weights"),
+            values: match self.with_values {
+                true => value.into_data().convert::<f32>().to_vec::<f32>().expect("f32 weights"),
+                false => Vec::new(),
+            },
             in_linear,
         });
     }
