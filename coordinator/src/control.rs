@@ -297,8 +297,16 @@ impl Coordinator {
     /// Every job with its place in the queue, in the order people read them (the CLI, the web
     /// page and `gantry top` all show this order): see [`display_order`].
     pub fn listed_jobs(&self) -> Result<Vec<(JobRecord, Option<scheduler::Waiting>)>> {
-        let mut jobs: Vec<_> =
-            self.store.jobs()?.into_iter().map(|j| (self.waiting(&j.id), j)).map(|(w, j)| (j, w)).collect();
+        let jobs = self.store.jobs()?;
+        let mut jobs: Vec<_> = {
+            let waiting = self.waiting.lock().expect("waiting lock poisoned");
+            jobs.into_iter()
+                .map(|j| {
+                    let w = waiting.get(&j.id).cloned();
+                    (j, w)
+                })
+                .collect()
+        };
         display_order(&mut jobs);
         Ok(jobs)
     }

@@ -131,26 +131,23 @@ type Answers = Vec<(SyncSender<Result<bool>>, Result<bool>)>;
 /// with many writers, waking them cost the writer as much as the commit.
 fn write_batches(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, queue: Receiver<Write>) {
     let (answers, to_wake) = std::sync::mpsc::channel::<Answers>();
-    let waker = std::thread::Builder::new().name("store-waker".into()).spawn(move || {
-        for batch in to_wake {
-            for (reply, outcome) in batch {
-                let _ = reply.send(outcome);
-            }
-        }
-    });
+    let waker =
+        std::thread::Builder::new().name("store-waker".into()).spawn(move || to_wake.into_iter().for_each(wake));
     let Ok(waker) = waker else {
         // No second thread: answer from this one.
-        return write_loop(db, jobs, queue, &mut |batch| {
-            for (reply, outcome) in batch {
-                let _ = reply.send(outcome);
-            }
-        });
+        return write_loop(db, jobs, queue, &mut wake);
     };
     write_loop(db, jobs, queue, &mut |batch| {
         let _ = answers.send(batch);
     });
     drop(answers);
     let _ = waker.join();
+}
+
+fn wake(batch: Answers) {
+    for (reply, outcome) in batch {
+        let _ = reply.send(outcome);
+    }
 }
 
 fn write_loop(
