@@ -13,6 +13,8 @@
 # The GPU agent needs nothing more in the image: the NVIDIA container runtime mounts the driver's
 # libnvidia-ml.so.1 (NVML) into the container. gantry's own training runtime runs on the CPU.
 
+# S3 over https needs CA certificates: stage-binaries copies the build machine's bundle.
+
 # --- offline: binaries staged on the host -------------------------------------------------
 FROM scratch AS staged
 COPY target/docker/ /
@@ -30,7 +32,9 @@ ENTRYPOINT ["/usr/local/bin/gantry"]
 FROM rust:1.92-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p gantry-cli \
+# protoc: etcd-client's build. Both features, so the image serves the Helm chart's HA settings.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev
+RUN cargo build --release -p gantry-cli --features etcd,s3 \
     && sh compose/stage-binaries target/release/gantry /out
 
 FROM scratch AS from-source

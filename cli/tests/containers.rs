@@ -1,7 +1,9 @@
 //! The compose fleet (`compose/compose.yaml`) on the Docker engine, with images built offline
 //! from this build's `gantry` binary: etcd, two coordinators, three agents with fake GPUs, each
-//! in its own container. A 2-node data-parallel gang and a GPU job run across the containers,
-//! and stopping the container of a running job's agent moves the job to another one.
+//! in its own container, each agent on its own network with the coordinators and on a shared
+//! fabric network for gangs. A 2-node data-parallel gang and a GPU job run across the
+//! containers; stopping the container of a running job's agent, or cutting it off its network,
+//! moves the job to another one.
 //! The coordinators share etcd, so the binary must be built with the `etcd` feature.
 #![cfg(feature = "etcd")]
 
@@ -127,16 +129,7 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
         std::thread::sleep(Duration::from_millis(300));
     }
     project.compose(&["stop", "-t", "1", &first]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let nodes = cli.json(&["nodes"]);
-        let gone = nodes.as_array().unwrap().iter().any(|n| n["name"] == first.as_str() && n["connected"] == false);
-        if gone {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the stopped agent {first} was not noticed: {nodes}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_connected(&cli, &first, false);
     let state = cli.wait_state(&long, &["succeeded", "failed"], Duration::from_secs(240));
     let job = cli.json(&["job", &long]);
     assert_eq!(state, "succeeded", "{job}");
@@ -144,4 +137,45 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
     assert_ne!(last, first, "the job ran again on another agent: {job}");
     let logs = cli.ok(&["logs", &long]);
     assert!(logs.contains("resumed step="), "it resumed from its checkpoint:\n{logs}");
+
+    // Cut a running job's agent off its network (it and the coordinators no longer reach each
+    // other; it keeps its fabric): it is noticed and the job runs on the last agent. Connected
+    // again, the agent rejoins.
+    let cut = cli.submit(
+        "name: cut\nresources: {cpus: 1}\nmax_restarts: 0\n\
+         train: {model: transformer, dataset: genesis, epochs: 1, batch_size: 32, checkpoint_every_steps: 10}\n",
+    );
+    cli.wait_state(&cut, &["running"], Duration::from_secs(60));
+    let node = cli.json(&["job", &cut])["nodes"][0].as_str().unwrap().to_string();
+    let container = project.compose(&["ps", "-q", &node]).trim().to_string();
+    let rack = format!("{}_rack-{}", project.name, node.trim_start_matches("agent-"));
+    let networks = run(
+        "docker",
+        &["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &container],
+        &root,
+    );
+    let mut networks: Vec<&str> = networks.split_whitespace().collect();
+    networks.sort();
+    assert_eq!(networks, [format!("{}_fabric", project.name), rack.clone()], "{node}'s networks");
+    run("docker", &["network", "disconnect", &rack, &container], &root);
+    wait_connected(&cli, &node, false);
+    let state = cli.wait_state(&cut, &["succeeded", "failed"], Duration::from_secs(240));
+    let job = cli.json(&["job", &cut]);
+    assert_eq!(state, "succeeded", "{job}");
+    assert_ne!(job["nodes"][0].as_str().unwrap(), node, "the job ran again on another agent: {job}");
+    run("docker", &["network", "connect", &rack, &container], &root);
+    wait_connected(&cli, &node, true);
+}
+
+/// Until the coordinators see `node` connected (or not).
+fn wait_connected(cli: &Cli, node: &str, connected: bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = cli.json(&["nodes"]);
+        if nodes.as_array().unwrap().iter().any(|n| n["name"] == node && n["connected"] == connected) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{node} not seen with connected={connected}: {nodes}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

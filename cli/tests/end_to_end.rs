@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Fleet, free_port, processes_in_group, repo_root, sha256_file};
@@ -353,6 +354,43 @@ echo "attempt 2 rank $RANK of $WORLD_SIZE"
         let started = read(&format!("attempt2-rank{rank}-start"));
         assert!(started > ended, "rank {rank} of attempt 2 started before attempt 1 had stopped");
     }
+}
+
+/// An agent that goes silent without closing its connection (frozen here; a cut-off network
+/// does the same) is shown disconnected after the agent timeout, its job runs elsewhere, and it
+/// rejoins when it wakes.
+#[test]
+fn a_frozen_agent_is_shown_disconnected_its_job_moves_and_it_rejoins_when_it_wakes() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    let job = fleet.submit("name: sleeper\nresources: {cpus: 1}\ncommand: [\"sleep\", \"600\"]\n");
+    fleet.wait_state(&job, &["running"], Duration::from_secs(30));
+    let first = fleet.json(&["job", &job])["nodes"][0].as_str().unwrap().to_string();
+    let index = if first == "node-a" { 0 } else { 1 };
+    let pid = fleet.agents[index].id().to_string();
+    let connected = |fleet: &Fleet| {
+        let nodes = fleet.json(&["nodes"]);
+        nodes.as_array().unwrap().iter().find(|n| n["name"] == first.as_str()).unwrap()["connected"] == true
+    };
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while connected(&fleet) {
+        assert!(Instant::now() < deadline, "the frozen agent {first} is still shown connected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.json(&["job", &job])["nodes"][0] == first.as_str() || fleet.state(&job) != "running" {
+        assert!(Instant::now() < deadline, "the job did not move: {}", fleet.json(&["job", &job]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !connected(&fleet) {
+        assert!(Instant::now() < deadline, "the woken agent {first} did not rejoin");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.ok(&["cancel", &job]);
 }
 
 #[test]

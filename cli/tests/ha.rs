@@ -1,7 +1,8 @@
 //! A highly available control plane of real processes: a real etcd, two `gantry coordinator
 //! --store etcd` (one leads, the other forwards to it), an agent and the CLI given both
 //! coordinators' URLs.
-//! Needs the `etcd` feature (`.ci/run` builds with it) and Debian's etcd-server.
+//! Needs the `etcd` feature (`.ci/run` builds with it) and Debian's etcd-server; the object
+//! storage test also the `s3` feature and moto's S3 server.
 
 #![cfg(feature = "etcd")]
 
@@ -16,6 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "s3")]
+#[path = "support/s3_server.rs"]
+mod s3_server;
+
 use etcd_server::EtcdServer;
 use support::{Cli, GANTRY, free_port};
 
@@ -25,12 +30,19 @@ struct HaFleet {
     etcd_url: String,
     ports: Vec<u16>,
     coordinators: Vec<Option<Child>>,
-    agent: Option<Child>,
+    agents: Vec<Child>,
+    /// `--object-store` and the environment that reaches it. Without it the coordinators
+    /// share one data directory (a shared volume in a real deployment); with it each has its own.
+    object_store: Option<(String, Vec<(String, String)>)>,
 }
 
 impl HaFleet {
     /// etcd and two coordinators with default leadership settings; the first leads.
     fn start() -> HaFleet {
+        HaFleet::start_with(None)
+    }
+
+    fn start_with(object_store: Option<(String, Vec<(String, String)>)>) -> HaFleet {
         let etcd = EtcdServer::start();
         let etcd_url = etcd.url.clone();
         let mut fleet = HaFleet {
@@ -39,7 +51,8 @@ impl HaFleet {
             etcd_url,
             ports: vec![free_port(), free_port()],
             coordinators: vec![None, None],
-            agent: None,
+            agents: Vec::new(),
+            object_store,
         };
         fleet.start_coordinator(0);
         fleet.wait_leading(0, Duration::from_secs(20));
@@ -50,31 +63,38 @@ impl HaFleet {
 
     fn start_coordinator(&mut self, i: usize) {
         let log = std::fs::File::create(self.log_path(&format!("coordinator-{i}"))).unwrap();
-        let child = Command::new(GANTRY)
+        let mut command = Command::new(GANTRY);
+        command
             .args(["coordinator", "--store", "etcd", "--etcd", &self.etcd_url])
             .args(["--listen", &format!("127.0.0.1:{}", self.ports[i])])
             .args(["--http", &format!("127.0.0.1:{}", free_port())])
-            // Logs and checkpoint files: a shared volume in a real deployment.
             .arg("--data-dir")
-            .arg(self.dir.path().join("shared"))
-            .args(["--agent-timeout", "10s", "--grace-period", "3s"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .arg(self.data_dir(i))
+            .args(["--agent-timeout", "10s", "--grace-period", "3s"]);
+        if let Some((url, env)) = &self.object_store {
+            command.args(["--object-store", url]).envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.coordinators[i] = Some(child);
     }
 
-    fn start_agent(&mut self) {
-        let log = std::fs::File::create(self.log_path("agent")).unwrap();
+    fn data_dir(&self, i: usize) -> PathBuf {
+        match self.object_store {
+            Some(_) => self.dir.path().join(format!("data-{i}")),
+            None => self.dir.path().join("shared"),
+        }
+    }
+
+    fn start_agent(&mut self, name: &str) {
+        let log = std::fs::File::create(self.log_path(name)).unwrap();
         let child = Command::new(GANTRY)
-            .args(["agent", "--coordinator", &self.urls(), "--name", "node-a", "--work-dir"])
-            .arg(self.dir.path().join("agent"))
+            .args(["agent", "--coordinator", &self.urls(), "--name", name, "--work-dir"])
+            .arg(self.dir.path().join(name))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        self.agent = Some(child);
+        self.agents.push(child);
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
@@ -134,6 +154,14 @@ impl HaFleet {
         self.cli(urls).try_submit(spec)
     }
 
+    fn wait_connected(&self, agent: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.json(&["nodes"]).as_array().unwrap().iter().any(|n| n["name"] == agent && n["connected"] == true) {
+            assert!(Instant::now() < deadline, "agent {agent} did not connect:\n{}", self.log(agent));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn signal(&self, i: usize, signal: &str) {
         let pid = self.coordinators[i].as_ref().unwrap().id().to_string();
         assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
@@ -142,7 +170,7 @@ impl HaFleet {
 
 impl Drop for HaFleet {
     fn drop(&mut self) {
-        for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
+        for child in self.coordinators.iter_mut().flatten().chain(self.agents.iter_mut()) {
             if child.try_wait().ok().flatten().is_some() {
                 continue;
             }
@@ -151,7 +179,7 @@ impl Drop for HaFleet {
             let _ = Command::new("kill").arg(&pid).status();
         }
         let deadline = Instant::now() + Duration::from_secs(15);
-        for child in self.coordinators.iter_mut().flatten().chain(self.agent.as_mut()) {
+        for child in self.coordinators.iter_mut().flatten().chain(self.agents.iter_mut()) {
             while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -175,13 +203,13 @@ fn exclusive_job(locks: &std::path::Path) -> String {
 #[test]
 fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
     let mut fleet = HaFleet::start();
-    fleet.start_agent();
+    fleet.start_agent("node-a");
     let locks = fleet.dir.path().join("locks");
     std::fs::create_dir_all(&locks).unwrap();
     let spec = exclusive_job(&locks);
     let deadline = Instant::now() + Duration::from_secs(30);
     while fleet.json(&["nodes"]).as_array().unwrap().iter().all(|n| n["connected"] != true) {
-        assert!(Instant::now() < deadline, "the agent did not connect:\n{}", fleet.log("agent"));
+        assert!(Instant::now() < deadline, "the agent did not connect:\n{}", fleet.log("node-a"));
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -262,7 +290,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
         assert!(
             Instant::now() < deadline,
             "not every acknowledged job finished: {states:?}\nagent:\n{}\nnew leader:\n{}",
-            tail("agent"),
+            tail("node-a"),
             tail("coordinator-1")
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -314,4 +342,92 @@ fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
     assert!(names.contains(&"before".to_string()) && names.contains(&"after".to_string()), "{names:?}");
     assert!(!names.contains(&"stale".to_string()), "the deposed leader's submit got in: {names:?}");
     assert!(!first.is_empty() && !second.is_empty());
+}
+
+/// Coordinators with their own data directories share checkpoints and logs through S3: a job
+/// checkpoints through the leader, its agent stops, the leader is killed, and the job resumes on
+/// another agent from the checkpoint the new leader reads back from S3, which also has the first
+/// attempt's output.
+#[cfg(feature = "s3")]
+#[test]
+fn with_checkpoints_in_s3_a_job_resumes_through_a_new_leader_with_its_own_data_dir() {
+    let s3 = s3_server::S3Server::start("gantry-checkpoints");
+    let mut fleet = HaFleet::start_with(Some(("s3://gantry-checkpoints/cluster-a".into(), s3.env())));
+    fleet.start_agent("node-a");
+    fleet.wait_connected("node-a");
+    let job = fleet
+        .submit(
+            &fleet.urls(),
+            "name: shared\nresources: {cpus: 1}\nmax_restarts: 0\n\
+             train: {model: transformer, dataset: genesis, epochs: 1, batch_size: 32, checkpoint_every_steps: 10}\n",
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let listed = loop {
+        let listed = fleet.json(&["checkpoints", &job]);
+        if listed.as_array().is_some_and(|c| !c.is_empty()) {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint of job {job}:\n{}", fleet.log("node-a"));
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    // The checkpoint is in the bucket, file for file, and in neither data directory.
+    let first = &listed[0];
+    let objects = s3.objects(&format!("cluster-a/jobs/{job}/checkpoints/step-{}/", first["step"]));
+    let files = first["files"].as_array().unwrap();
+    assert_eq!(objects.len(), files.len(), "{objects:?} against {first}");
+    for file in files {
+        let path = file["path"].as_str().unwrap();
+        let (key, size) = objects.iter().find(|(k, _)| k.ends_with(&format!("/{path}"))).expect(path);
+        assert_eq!(*size, file["size"].as_u64().unwrap(), "{key}");
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s3.get(key)));
+        assert_eq!(sha, file["sha256"].as_str().unwrap(), "{key}");
+    }
+    for i in 0..2 {
+        let local = fleet.data_dir(i).join("jobs").join(&job).join("checkpoints");
+        assert!(!local.exists(), "checkpoint files in {}", local.display());
+    }
+
+    // Its agent stops (the job is requeued), then the leader dies.
+    let agent = fleet.agents[0].id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &agent]).status().unwrap().success());
+    let state = fleet.cli(&fleet.urls()).wait_state(&job, &["queued"], Duration::from_secs(60));
+    assert_eq!(state, "queued");
+    // The leader ships the output it holds to S3 within a second or so.
+    let before = fleet.cli(&fleet.urls()).ok(&["logs", &job]);
+    let held = before.lines().count() as u64;
+    assert!(held > 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let segments = s3.objects(&format!("cluster-a/jobs/{job}/logs/attempt-0001-rank-0000/"));
+        let archived = segments
+            .iter()
+            .filter_map(|(key, _)| key.rsplit(['-', '/']).next()?.strip_suffix(".log")?.parse::<u64>().ok())
+            .max();
+        if archived == Some(held) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{held} lines held, archived: {segments:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fleet.signal(0, "-KILL");
+    fleet.wait_leading(1, Duration::from_secs(30));
+
+    // A new agent, with nothing of the job on disk, resumes it through the new leader.
+    fleet.start_agent("node-b");
+    let state = fleet.cli(&fleet.urls()).wait_state(&job, &["succeeded", "failed"], Duration::from_secs(240));
+    let logs = fleet.cli(&fleet.urls()).ok(&["logs", &job]);
+    assert_eq!(state, "succeeded", "{logs}\n{}", fleet.log("coordinator-1"));
+    assert!(logs.contains("resumed step="), "it resumed from its checkpoint:\n{logs}");
+    let shown = fleet.json(&["job", &job]);
+    assert_eq!(shown["nodes"][0], "node-b", "{shown}");
+    assert!(logs.starts_with(&before), "the first attempt's output, from S3:\n{before}\n---\n{logs}");
+
+    // The new leader serves every checkpoint from the bucket, verified file by file.
+    let out = fleet.dir.path().join("download");
+    fleet.cli(&fleet.urls()).ok(&["checkpoint", "download", &job, "--out", out.to_str().unwrap()]);
+    assert!(std::fs::read_dir(&out).unwrap().count() > 0);
+    let local = fleet.data_dir(1).join("jobs").join(&job).join("checkpoints");
+    assert!(!local.exists(), "checkpoint files in {}", local.display());
 }

@@ -1,10 +1,15 @@
 //! The Helm chart (`charts/gantry`), with a real helm and offline Kubernetes schemas: it lints,
 //! renders with every value set, validates against Kubernetes 1.30 and 1.33, refuses bad
 //! values, and what it renders means what an operator needs (GPU nodes only, probes on real
-//! endpoints, the store's settings in the coordinator's arguments). `.ci/run` installs helm and
-//! kubernetes-validate; `HELM` and `KUBERNETES_VALIDATE` may name them.
+//! endpoints, the store's and the checkpoint storage's settings in the coordinator's arguments,
+//! a coordinator started as the chart starts it using a real S3 server). `.ci/run` installs helm,
+//! kubernetes-validate and moto; `HELM` and `KUBERNETES_VALIDATE` may name them.
 
 mod support;
+
+#[cfg(feature = "s3")]
+#[path = "support/s3_server.rs"]
+mod s3_server;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -90,7 +95,7 @@ fn the_chart_lints_and_every_value_set_renders_valid_kubernetes_1_30_and_1_33() 
     assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
     let validate = tool("KUBERNETES_VALIDATE", "kubernetes-validate");
     let dir = tempfile::tempdir().unwrap();
-    let sets = ["", "ha-etcd-values.yaml", "external-etcd-values.yaml", "cpu-agents-values.yaml"];
+    let sets = ["", "ha-etcd-values.yaml", "external-etcd-values.yaml", "s3-values.yaml", "cpu-agents-values.yaml"];
     for set in sets {
         let values: Vec<String> = (!set.is_empty()).then(|| ci_values(set)).into_iter().collect();
         let refs: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -124,6 +129,11 @@ fn values_of_the_wrong_type_and_unknown_keys_are_refused() {
     // More than one coordinator without any etcd is refused with the way out.
     let err = render(&[], &["coordinator.replicas=3"]).unwrap_err();
     assert!(err.contains("needs etcd"), "{err}");
+    // Or without shared checkpoint storage: each coordinator has its own volume.
+    let err = render(&[], &["coordinator.replicas=3", "etcd.deploy=true"]).unwrap_err();
+    assert!(err.contains("needs objectStore.url"), "{err}");
+    let err = render(&[], &["objectStore.url=gs://bucket"]).unwrap_err();
+    assert!(err.contains("objectStore.url"), "only s3:// is supported: {err}");
 }
 
 #[test]
@@ -184,51 +194,165 @@ fn the_store_settings_reach_the_coordinators_arguments() {
     let embedded = objects(&render(&[], &[]).unwrap());
     let (args, _) = coordinator_args(&embedded, "10.0.0.7");
     assert!(args.contains(&"--store=embedded".to_string()), "{args:?}");
-    assert!(!args.iter().any(|a| a.starts_with("--etcd")), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--etcd") || a.starts_with("--checkpoint")), "{args:?}");
 }
 
-/// The real `gantry` binary, started with exactly the arguments and environment the chart
-/// gives the coordinator, serves what the probes ask for.
 #[test]
-fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
-    let (grpc, http) = (free_port(), free_port());
-    let objs = objects(
-        &render(&[], &[&format!("coordinator.grpcPort={grpc}"), &format!("coordinator.httpPort={http}")]).unwrap(),
-    );
-    let container = &objs["StatefulSet/t-gantry"]["spec"]["template"]["spec"]["containers"][0];
-    let (args, config) = coordinator_args(&objs, "127.0.0.1");
-    let data = tempfile::tempdir().unwrap();
-    let mount = container["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "data").unwrap();
-    let mount = mount["mountPath"].as_str().unwrap();
-    let args: Vec<String> = args.into_iter().map(|a| a.replace(mount, data.path().to_str().unwrap())).collect();
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_gantry")).args(&args).envs(&config).spawn().expect("gantry starts");
+fn the_object_store_settings_reach_the_coordinator() {
+    // An S3-compatible store with keys from a Secret.
+    let objs = objects(&render(&[&ci_values("s3-values.yaml")], &[]).unwrap());
+    let (args, config) = coordinator_args(&objs, "10.0.0.7");
+    assert!(args.contains(&"--object-store=s3://gantry-checkpoints/cluster-a".to_string()), "{args:?}");
+    assert_eq!(config["AWS_ENDPOINT_URL"], "http://minio.storage:9000");
+    assert_eq!(config["AWS_REGION"], "eu-west-1");
+    assert_eq!(config["AWS_ALLOW_HTTP"], "true");
+    let keys = secret_env(&objs);
+    assert_eq!(keys["AWS_ACCESS_KEY_ID"], ("gantry-s3".to_string(), "AWS_ACCESS_KEY_ID".to_string()));
+    assert_eq!(keys["AWS_SECRET_ACCESS_KEY"], ("gantry-s3".to_string(), "AWS_SECRET_ACCESS_KEY".to_string()));
 
-    let ports: BTreeMap<String, u64> = container["ports"]
+    // AWS S3 with the pods' IAM role: no keys, no endpoint, the role on the ServiceAccount.
+    let ha = objects(&render(&[&ci_values("ha-etcd-values.yaml")], &[]).unwrap());
+    let (args, config) = coordinator_args(&ha, "10.0.0.7");
+    assert!(args.contains(&"--object-store=s3://gantry-checkpoints".to_string()), "{args:?}");
+    assert!(!config.keys().any(|k| k.starts_with("AWS_")), "{config:?}");
+    assert!(secret_env(&ha).is_empty());
+    let role = &ha["ServiceAccount/t-gantry"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"];
+    assert_eq!(role, "arn:aws:iam::123456789012:role/gantry");
+}
+
+/// The coordinator's environment variables taken from Secrets: name -> (secret, key).
+fn secret_env(objs: &BTreeMap<String, Value>) -> BTreeMap<String, (String, String)> {
+    let container = &objs["StatefulSet/t-gantry"]["spec"]["template"]["spec"]["containers"][0];
+    container["env"]
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_string(), p["containerPort"].as_u64().unwrap()))
-        .collect();
-    for probe in ["readinessProbe", "livenessProbe"] {
-        let get = &container[probe]["httpGet"];
-        let port = ports[get["port"].as_str().unwrap()] as u16;
-        let path = get["path"].as_str().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let answer = loop {
-            match http_get(port, path) {
-                Ok(answer) => break answer,
-                Err(e) if Instant::now() > deadline => panic!("{probe} {path} on port {port}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        assert_eq!(answer.0, 200, "{probe}: {path} answered {answer:?}");
+        .filter_map(|e| {
+            let secret = &e["valueFrom"]["secretKeyRef"];
+            let name = secret["name"].as_str()?.to_string();
+            Some((e["name"].as_str().unwrap().to_string(), (name, secret["key"].as_str().unwrap().to_string())))
+        })
+        .collect()
+}
+
+/// The real `gantry` binary, started with exactly the arguments and environment the chart
+/// gives the coordinator (`secrets` stand in for the Secrets it names), on free ports.
+struct ChartCoordinator {
+    child: std::process::Child,
+    objs: BTreeMap<String, Value>,
+    _data: tempfile::TempDir,
+}
+
+impl ChartCoordinator {
+    fn start(values: &[&str], set: &[&str], secrets: &BTreeMap<String, String>) -> ChartCoordinator {
+        let (grpc, http) = (free_port(), free_port());
+        let ports = [format!("coordinator.grpcPort={grpc}"), format!("coordinator.httpPort={http}")];
+        let set: Vec<&str> = set.iter().copied().chain(ports.iter().map(String::as_str)).collect();
+        let objs = objects(&render(values, &set).unwrap());
+        let container = &objs["StatefulSet/t-gantry"]["spec"]["template"]["spec"]["containers"][0];
+        let (args, mut env) = coordinator_args(&objs, "127.0.0.1");
+        for (name, (_, key)) in secret_env(&objs) {
+            env.insert(name, secrets.get(&key).unwrap_or_else(|| panic!("no secret value for {key}")).clone());
+        }
+        let data = tempfile::tempdir().unwrap();
+        let mount = container["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "data").unwrap();
+        let mount = mount["mountPath"].as_str().unwrap();
+        let args: Vec<String> = args.into_iter().map(|a| a.replace(mount, data.path().to_str().unwrap())).collect();
+        let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(&args)
+            .envs(&env)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("gantry starts");
+        ChartCoordinator { child, objs, _data: data }
+    }
+
+    fn container(&self) -> &Value {
+        &self.objs["StatefulSet/t-gantry"]["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    /// Every probe's answer, once the coordinator listens.
+    fn probe(&mut self) -> Vec<(String, u16, String)> {
+        let container = self.container().clone();
+        let ports = self.ports();
+        let mut answers = Vec::new();
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let get = &container[probe]["httpGet"];
+            let port = ports[get["port"].as_str().unwrap()] as u16;
+            let path = get["path"].as_str().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let answer = loop {
+                match http_get(port, path) {
+                    Ok(answer) => break answer,
+                    Err(e) if Instant::now() > deadline => panic!("{probe} {path} on port {port}: {e}"),
+                    Err(_) => {
+                        if let Some(status) = self.child.try_wait().unwrap() {
+                            let mut err = String::new();
+                            std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                            panic!("the coordinator exited ({status}):\n{err}");
+                        }
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                }
+            };
+            answers.push((probe.to_string(), answer.0, path.to_string()));
+        }
+        answers
+    }
+
+    fn ports(&self) -> BTreeMap<String, u64> {
+        self.container()["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].as_str().unwrap().to_string(), p["containerPort"].as_u64().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for ChartCoordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The probes point at real endpoints of the real binary.
+#[test]
+fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
+    let mut coordinator = ChartCoordinator::start(&[], &[], &BTreeMap::new());
+    for (probe, code, path) in coordinator.probe() {
+        assert_eq!(code, 200, "{probe}: {path} answered {code}");
     }
     // The gRPC port the Service names is the one the coordinator listens on.
-    assert_eq!(ports["grpc"], u64::from(grpc));
+    let grpc = coordinator.ports()["grpc"] as u16;
     assert!(std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok());
-    child.kill().unwrap();
-    child.wait().unwrap();
+}
+
+/// With the S3 value set pointed at a real S3 server, the coordinator opens the bucket and
+/// serves; with a bucket that does not exist it stops at once and says why.
+#[cfg(feature = "s3")]
+#[test]
+fn the_coordinator_started_with_the_charts_s3_settings_uses_a_real_s3_server() {
+    let s3 = s3_server::S3Server::start("gantry-checkpoints");
+    let endpoint = format!("objectStore.endpoint={}", s3.endpoint());
+    let secrets: BTreeMap<String, String> =
+        s3.env().into_iter().filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET")).collect();
+    let mut coordinator = ChartCoordinator::start(&[&ci_values("s3-values.yaml")], &[&endpoint], &secrets);
+    for (probe, code, path) in coordinator.probe() {
+        assert_eq!(code, 200, "{probe}: {path} answered {code}");
+    }
+
+    let mut missing = ChartCoordinator::start(
+        &[&ci_values("s3-values.yaml")],
+        &[&endpoint, "objectStore.url=s3://no-such-bucket"],
+        &secrets,
+    );
+    let status = missing.child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(missing.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("s3://no-such-bucket") && err.contains("NoSuchBucket"), "{err}");
 }
 
 /// The image the chart runs is the one the repository's Dockerfile builds and the compose fleet

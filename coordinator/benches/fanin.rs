@@ -133,8 +133,12 @@ fn main() {
         )
     });
     let url = format!("http://{}", grpc.local_addr().unwrap());
-    let config =
-        gantry_coordinator::Config { data_dir: dir.path().to_path_buf(), settings: Default::default(), store: None };
+    let config = gantry_coordinator::Config {
+        data_dir: dir.path().to_path_buf(),
+        settings: Default::default(),
+        store: None,
+        object_store: None,
+    };
     rt.spawn(gantry_coordinator::serve(config, grpc, http, std::future::pending()));
 
     // Baseline: the coordinator idle.

@@ -11,7 +11,7 @@ use gantry_proto::v1;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{info, warn};
 
-use crate::checkpoints::CheckpointFiles;
+use crate::checkpoints::CheckpointStorage;
 use crate::error::{Error, Result};
 use crate::fleet::{AgentConn, Fleet, Session};
 use crate::job_metrics::JobMetrics;
@@ -45,7 +45,7 @@ impl Default for Settings {
 pub struct Coordinator {
     pub store: Arc<dyn StateStore>,
     pub logs: LogStore,
-    pub checkpoints: CheckpointFiles,
+    pub checkpoints: CheckpointStorage,
     pub settings: Settings,
     /// A std mutex: held for map updates only, never across an await.
     fleet: Mutex<Fleet>,
@@ -117,7 +117,7 @@ impl Coordinator {
         Ok(Coordinator {
             store,
             logs: LogStore::new(jobs_dir.clone()),
-            checkpoints: CheckpointFiles::new(jobs_dir),
+            checkpoints: CheckpointStorage::on_disk(jobs_dir),
             settings,
             fleet: Mutex::new(fleet),
             waiting: Mutex::new(HashMap::new()),
@@ -571,14 +571,24 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Requeues work from agents that have been silent past the timeout. Agents known from
-    /// before a restart count from the restart, so they have the same time to come back.
+    /// Requeues work from agents that have been silent past the timeout, and closes their
+    /// sessions: a cut-off network leaves the connection open, silent, with nobody to notice.
+    /// (When the network returns, the agent sees its session end, and opens a new one.) Agents
+    /// known from before a restart count from the restart, so they have the same time to come
+    /// back.
     pub fn reap_lost_agents(&self) -> Result<()> {
         let timeout = self.settings.agent_timeout;
         let (lost, known): (Vec<String>, Vec<String>) = {
-            let fleet = self.fleet();
-            let lost = fleet.agents.iter().filter(|(_, a)| a.last_seen.elapsed() > timeout).map(|(n, _)| n.clone());
-            (lost.collect(), fleet.agents.keys().cloned().collect())
+            let mut fleet = self.fleet();
+            let lost: Vec<String> =
+                fleet.agents.iter().filter(|(_, a)| a.last_seen.elapsed() > timeout).map(|(n, _)| n.clone()).collect();
+            for name in &lost {
+                let agent = fleet.agents.get_mut(name).expect("listed above");
+                if agent.session.take().is_some() {
+                    warn!(agent = %name, silent_s = agent.last_seen.elapsed().as_secs(), "agent silent: closing its session");
+                }
+            }
+            (lost, fleet.agents.keys().cloned().collect())
         };
         let grace_over = self.started.elapsed() > timeout;
         for job in self.store.jobs()?.into_iter().filter(|j| j.state == JobState::Running) {

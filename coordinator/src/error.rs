@@ -19,6 +19,8 @@ pub enum Error {
     NotFound(String),
     #[error("data corrupted in transit: {0}")]
     DataLoss(String),
+    #[error("checkpoint storage: {context}: {reason}")]
+    Storage { context: String, reason: String },
     #[error("etcd: {0}")]
     Etcd(String),
     /// A write refused because this coordinator no longer holds leadership.
@@ -55,6 +57,11 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             Error::DataLoss(_) => Status::data_loss(e.to_string()),
             Error::Etcd(_) | Error::Fenced(_) => Status::unavailable(e.to_string()),
+            // Object storage out of reach: agents retry their uploads.
+            Error::Storage { .. } => {
+                tracing::warn!(error = %e, "checkpoint storage failed");
+                Status::unavailable(e.to_string())
+            }
             Error::Store(_) | Error::Codec(_) | Error::Io { .. } => {
                 tracing::error!(error = %e, "internal error");
                 Status::internal(e.to_string())

@@ -101,6 +101,7 @@ async fn api_logs(
     axum::extract::Query(q): axum::extract::Query<After>,
 ) -> ApiResult {
     c.store.job(&id).map_err(unavailable)?;
+    c.logs.restore(&id).await.map_err(unavailable)?;
     let lines = c.logs.read_new(&id, &mut Default::default()).map_err(unavailable)?;
     let next = lines.len();
     let fresh: Vec<String> = lines.into_iter().skip(q.after).map(|l| l.text).collect();

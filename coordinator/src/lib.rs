@@ -12,6 +12,7 @@ mod fleet;
 mod http;
 mod job_metrics;
 mod logs;
+mod objects;
 pub mod records;
 mod service;
 pub mod store;
@@ -34,6 +35,9 @@ pub struct Config {
     pub settings: Settings,
     /// The state store; `None` for the embedded one under `data_dir`.
     pub store: Option<Arc<dyn store::StateStore>>,
+    /// Object storage for checkpoint files and logs (`s3://BUCKET[/PREFIX]`); `None` keeps them
+    /// in `data_dir` only. Coordinators sharing etcd share checkpoints and logs through it.
+    pub object_store: Option<String>,
 }
 
 /// Serves until `shutdown` completes. Takes bound listeners so callers (and tests) can bind
@@ -44,20 +48,31 @@ pub async fn serve(
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let coordinator = Arc::new(match config.store {
+    let mut coordinator = match config.store {
         Some(store) => Coordinator::with_store(store, &config.data_dir, config.settings)?,
         None => Coordinator::open(&config.data_dir, config.settings)?,
-    });
+    };
+    if let Some(url) = &config.object_store {
+        let objects = objects::Objects::open(url).await?;
+        coordinator.checkpoints.keep_in(objects.clone());
+        coordinator.logs.archive_to(objects);
+    }
+    let coordinator = Arc::new(coordinator);
     info!(
         grpc = %grpc.local_addr().map_err(Error::io("reading the gRPC address"))?,
         http = %http.local_addr().map_err(Error::io("reading the HTTP address"))?,
         data_dir = %config.data_dir.display(),
+        checkpoints = %coordinator.checkpoints.describe(),
         "coordinator listening"
     );
     let scheduler = {
         let c = coordinator.clone();
         tokio::spawn(async move { c.run_scheduler().await })
     };
+    let log_shipper = coordinator.logs.archived().then(|| {
+        let c = coordinator.clone();
+        tokio::spawn(async move { ship_logs(&c).await })
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // A coordinator that lost leadership stops serving at once: its writes are refused anyway,
     // and clients and agents then find the new leader.
@@ -111,8 +126,30 @@ pub async fn serve(
     };
     scheduler.abort();
     let _ = http_task.await;
+    if let Some(shipper) = log_shipper {
+        shipper.abort();
+        // What arrived since the last shipment, unless another coordinator leads by now.
+        if !was_deposed.load(std::sync::atomic::Ordering::Relaxed)
+            && let Err(e) = coordinator.logs.ship().await
+        {
+            tracing::warn!(error = %e, "could not ship the last logs to object storage");
+        }
+    }
     if was_deposed.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Error::Fenced("another coordinator took over".into()));
     }
     result.map_err(|e| Error::Io { context: "serving gRPC".into(), source: std::io::Error::other(e) })
+}
+
+/// Ships logs to object storage soon after they grow: at most every half second, so a busy job
+/// makes a few segments a second, not one per batch.
+async fn ship_logs(coordinator: &Coordinator) {
+    let mut changes = coordinator.logs.subscribe();
+    while changes.changed().await.is_ok() {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        changes.mark_unchanged();
+        if let Err(e) = coordinator.logs.ship().await {
+            tracing::warn!(error = %e, "could not ship logs to object storage; retrying");
+        }
+    }
 }

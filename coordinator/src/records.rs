@@ -96,6 +96,9 @@ pub struct CheckpointRecord {
     pub sha256: String,
     pub files: Vec<FileRecord>,
     pub committed_at_ms: i64,
+    /// Where its files are in object storage; none for the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -98,11 +98,14 @@ mod checks {
                 sha256: format!("sha-{step}"),
                 files: vec![],
                 committed_at_ms: 0,
+                location: (step == 100).then(|| "objects/jobs/a/checkpoints/step-100/a1".to_string()),
             };
             s.put_checkpoint(&record).unwrap();
         }
         let steps: Vec<u64> = s.checkpoints(&a.id).unwrap().iter().map(|c| c.step).collect();
         assert_eq!(steps, [20, 100, 300]);
+        let locations: Vec<Option<String>> = s.checkpoints(&a.id).unwrap().into_iter().map(|c| c.location).collect();
+        assert_eq!(locations, [None, Some("objects/jobs/a/checkpoints/step-100/a1".into()), None]);
         assert_eq!(s.checkpoints(&b.id).unwrap().len(), 1);
     }
 

@@ -37,6 +37,11 @@ pub struct CoordinatorArgs {
     /// --listen and --http addresses as given].
     #[arg(long)]
     advertise_host: Option<String>,
+    /// Keep checkpoint files and logs in object storage, `s3://BUCKET[/PREFIX]`, which every
+    /// coordinator sharing etcd reads. Credentials, region and endpoint come from the usual AWS_*
+    /// variables (AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for MinIO and the like).
+    #[arg(long, env = "GANTRY_OBJECT_STORE")]
+    object_store: Option<String>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -171,8 +176,12 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         _ => (None, grpc, http),
     };
-    let config =
-        Config { data_dir: args.data_dir.unwrap_or_else(default_data_dir), settings: args.timing.settings(), store };
+    let config = Config {
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        settings: args.timing.settings(),
+        store,
+        object_store: args.object_store,
+    };
     gantry_coordinator::serve(config, grpc, http, shutdown_signal()).await?;
     Ok(())
 }
@@ -258,7 +267,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let config = Config { data_dir: data_dir.clone(), settings: args.timing.settings(), store: None };
+    let config =
+        Config { data_dir: data_dir.clone(), settings: args.timing.settings(), store: None, object_store: None };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
     let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib, None)?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));

@@ -86,6 +86,7 @@ impl v1::agents_server::Agents for AgentService {
     async fn upload_logs(&self, req: Request<v1::LogBatch>) -> Result<Response<v1::LogAck>, Status> {
         let b = req.into_inner();
         self.coordinator.store.job(&b.job_id)?;
+        self.coordinator.logs.restore(&b.job_id).await?;
         let next_seq = self.coordinator.logs.append(&b.job_id, b.attempt, b.rank, b.first_seq, &b.lines)?;
         Ok(Response::new(v1::LogAck { next_seq }))
     }
@@ -104,23 +105,30 @@ impl v1::agents_server::Agents for AgentService {
         loop {
             match stream.message().await {
                 Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
-                    if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data) {
-                        incoming.abandon();
+                    if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data).await {
+                        incoming.abandon().await;
                         return Err(e.into());
                     }
                 }
                 Ok(Some(_)) => {
-                    incoming.abandon();
+                    incoming.abandon().await;
                     return Err(Status::invalid_argument("a checkpoint upload has one header"));
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    incoming.abandon();
+                    incoming.abandon().await;
                     return Err(e);
                 }
             }
         }
-        let record = self.coordinator.commit_checkpoint(incoming.finish()?)?;
+        let uploaded = incoming.finish().await?;
+        let committed = self.coordinator.commit_checkpoint(uploaded.clone());
+        // Not recorded, or the same step was recorded first from another upload: this one's
+        // files are not referenced by any record.
+        if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
+            self.coordinator.checkpoints.discard(&uploaded).await;
+        }
+        let record = committed?;
         Ok(Response::new(v1::CheckpointAck { step: record.step, sha256: record.sha256 }))
     }
 

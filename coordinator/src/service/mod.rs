@@ -3,14 +3,15 @@
 pub mod agent;
 pub mod user;
 
-use std::path::PathBuf;
 use std::pin::Pin;
 
+use futures::TryStreamExt;
 use gantry_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
+use crate::checkpoints::{CHUNK, CheckpointStorage};
 use crate::control::Coordinator;
 use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState};
 
@@ -97,12 +98,11 @@ pub(crate) fn checkpoint_from_proto(c: v1::Checkpoint) -> CheckpointRecord {
         sha256: c.sha256,
         files: c.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect(),
         committed_at_ms: c.committed_at_ms,
+        location: None,
     }
 }
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-const CHUNK: usize = 1 << 20;
 
 /// A checkpoint download, for people and agents alike: the given step or the latest.
 pub(crate) fn download(
@@ -110,16 +110,14 @@ pub(crate) fn download(
     req: v1::DownloadCheckpointRequest,
 ) -> Result<BoxStream<v1::CheckpointData>, Status> {
     let record = coordinator.find_checkpoint(&req.job_id, req.step)?;
-    let dir = coordinator.checkpoints.step_dir(&record.job_id, record.step);
-    Ok(Box::pin(stream_checkpoint(dir, record)))
+    Ok(Box::pin(stream_checkpoint(coordinator.checkpoints.clone(), record)))
 }
 
-/// Streams a committed checkpoint: its header, then every file in 1 MiB chunks.
+/// Streams a committed checkpoint: its header, then every file in chunks of up to 1 MiB.
 fn stream_checkpoint(
-    dir: PathBuf,
+    storage: CheckpointStorage,
     record: CheckpointRecord,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<v1::CheckpointData, Status>> {
-    use tokio::io::AsyncReadExt;
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let header = v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Header(checkpoint_to_proto(&record))) };
@@ -127,38 +125,42 @@ fn stream_checkpoint(
             return;
         }
         for file in &record.files {
-            let mut f = match tokio::fs::File::open(dir.join(&file.path)).await {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.send(Err(Status::internal(format!("reading {}: {e}", file.path)))).await;
-                    return;
-                }
-            };
-            let mut offset = 0u64;
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                let n = match f.read(&mut buf).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading {}: {e}", file.path)))).await;
-                        return;
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                let chunk = v1::FileChunk { path: file.path.clone(), offset, data: buf };
-                offset += n as u64;
-                if tx
-                    .send(Ok(v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Chunk(chunk)) }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+            if let Err(e) = send_file(&storage, &record, file, &tx).await {
+                let _ = tx.send(Err(e.into())).await;
+                return;
             }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Sends one file, its pieces gathered into chunks of up to 1 MiB (an object store's HTTP body
+/// comes in much smaller pieces). Returns early, without error, if the receiver is gone.
+async fn send_file(
+    storage: &CheckpointStorage,
+    record: &CheckpointRecord,
+    file: &FileRecord,
+    tx: &mpsc::Sender<Result<v1::CheckpointData, Status>>,
+) -> crate::Result<()> {
+    let mut pieces = storage.read(record, file).await?;
+    let mut offset = 0u64;
+    let mut buf = Vec::with_capacity(CHUNK);
+    loop {
+        let piece = pieces.try_next().await?;
+        if let Some(piece) = &piece {
+            buf.extend_from_slice(piece);
+        }
+        let last = piece.is_none();
+        while buf.len() >= CHUNK || (last && !buf.is_empty()) {
+            let data: Vec<u8> = buf.drain(..buf.len().min(CHUNK)).collect();
+            let chunk = v1::FileChunk { path: file.path.clone(), offset, data };
+            offset += chunk.data.len() as u64;
+            if tx.send(Ok(v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Chunk(chunk)) })).await.is_err() {
+                return Ok(());
+            }
+        }
+        if last {
+            return Ok(());
+        }
+    }
 }

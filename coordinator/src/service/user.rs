@@ -60,6 +60,7 @@ impl v1::gantry_server::Gantry for UserService {
     async fn logs(&self, req: Request<v1::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
         let req = req.into_inner();
         self.coordinator.store.job(&req.job_id)?;
+        self.coordinator.logs.restore(&req.job_id).await?;
         let coordinator = self.coordinator.clone();
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(async move {

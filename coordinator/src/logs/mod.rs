@@ -1,7 +1,10 @@
 //! Job output on disk: one file per (job, attempt, rank) under `<data-dir>/jobs/<id>/logs/`.
 //!
 //! Agents upload numbered lines and may resend after a reconnect; a line is appended only once
-//! (its sequence number is the file's line count), so retries never duplicate output.
+//! (its sequence number is the file's line count), so retries never duplicate output. With object
+//! storage, the files are also shipped there (`archive`), for the next leader.
+
+mod archive;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -9,6 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::objects::Objects;
+
+/// What stands for a line that never arrived.
+const LOST: &str = "[gantry: line lost]";
 
 /// The most lines a batch may say were lost before it (a bound on what a client can make us write).
 const MAX_GAP: u64 = 100_000;
@@ -19,6 +26,7 @@ pub struct LogStore {
     /// held only around a file append, never across an await.
     next_seq: Mutex<HashMap<(String, u32, u32), u64>>,
     changed: tokio::sync::watch::Sender<u64>,
+    archive: Option<archive::Archive>,
 }
 
 /// Where a reader of a job's logs is: how far it got in each file.
@@ -36,7 +44,53 @@ pub struct Line {
 
 impl LogStore {
     pub fn new(jobs_dir: PathBuf) -> LogStore {
-        LogStore { root: jobs_dir, next_seq: Mutex::new(HashMap::new()), changed: tokio::sync::watch::channel(0).0 }
+        LogStore {
+            root: jobs_dir,
+            next_seq: Mutex::new(HashMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+            archive: None,
+        }
+    }
+
+    /// Also keeps the logs in object storage.
+    pub fn archive_to(&mut self, objects: Objects) {
+        self.archive = Some(archive::Archive::new(objects));
+    }
+
+    pub fn archived(&self) -> bool {
+        self.archive.is_some()
+    }
+
+    /// Brings a job's files up to what object storage holds; call before a job's first append
+    /// or read in this process (later calls return at once).
+    pub async fn restore(&self, job: &str) -> Result<()> {
+        match &self.archive {
+            Some(archive) => archive.restore(self, job).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Ships what object storage does not hold yet.
+    pub async fn ship(&self) -> Result<()> {
+        match &self.archive {
+            Some(archive) => archive.ship(self).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Lines held per file appended to in this process.
+    fn held(&self) -> Vec<((String, u32, u32), u64)> {
+        self.next_seq.lock().expect("log index poisoned").iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Appends lines restored from object storage; the file then holds `lines` lines.
+    fn append_restored(&self, job: &str, attempt: u32, rank: u32, text: &str, lines: u64) -> Result<()> {
+        let mut seqs = self.next_seq.lock().expect("log index poisoned");
+        archive::append_text(&self.file(job, attempt, rank), text)?;
+        seqs.insert((job.to_string(), attempt, rank), lines);
+        drop(seqs);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     fn dir(&self, job: &str) -> PathBuf {
@@ -66,7 +120,7 @@ impl LogStore {
         let lost = first_seq.saturating_sub(next);
         let skip = next.saturating_sub(first_seq) as usize;
         let fresh = lines.get(skip..).unwrap_or(&[]);
-        let mut marked: Vec<String> = (0..lost).map(|_| "[gantry: line lost]".to_string()).collect();
+        let mut marked: Vec<String> = (0..lost).map(|_| LOST.to_string()).collect();
         marked.extend(fresh.iter().cloned());
         let fresh = marked;
         if !fresh.is_empty() {
@@ -178,5 +232,68 @@ mod tests {
         store.append("1", 1, 0, 0, &["first".into()]).unwrap();
         let got = store.read_new("1", &mut LogCursor::default()).unwrap();
         assert_eq!(got.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["first", "second"]);
+    }
+
+    fn archived_store(dir: &Path, objects: &std::sync::Arc<object_store::memory::InMemory>) -> LogStore {
+        let objects = Objects::new(objects.clone(), "cluster", "memory://cluster").unwrap();
+        let mut store = LogStore::new(dir.to_path_buf());
+        store.archive_to(objects);
+        store
+    }
+
+    async fn all_lines(store: &LogStore, job: &str) -> Vec<String> {
+        store.restore(job).await.unwrap();
+        store.read_new(job, &mut LogCursor::default()).unwrap().into_iter().map(|l| l.text).collect()
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_with_an_empty_data_dir_restores_shipped_lines_and_goes_on() {
+        let objects = std::sync::Arc::new(object_store::memory::InMemory::new());
+        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = archived_store(a.path(), &objects);
+        leader.restore("1").await.unwrap();
+        assert_eq!(leader.append("1", 1, 0, 0, &lines(0..5)).unwrap(), 5);
+        leader.append("1", 1, 1, 0, &lines(100..102)).unwrap();
+        leader.ship().await.unwrap();
+        // Received after the last shipment: lost with this leader.
+        leader.append("1", 1, 0, 5, &lines(5..8)).unwrap();
+
+        let next = archived_store(b.path(), &objects);
+        let mut want = lines(0..5);
+        want.extend(lines(100..102));
+        assert_eq!(all_lines(&next, "1").await, want);
+        // The agent resends from its last acknowledged line (8): 5..8 are marked lost.
+        assert_eq!(next.append("1", 1, 0, 8, &lines(8..10)).unwrap(), 10);
+        next.ship().await.unwrap();
+
+        let third = archived_store(c.path(), &objects);
+        let mut want = lines(0..5);
+        want.extend(std::iter::repeat_n(LOST.to_string(), 3));
+        want.extend(lines(8..10));
+        want.extend(lines(100..102));
+        assert_eq!(all_lines(&third, "1").await, want);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_coordinator_ships_what_it_had_not() {
+        let objects = std::sync::Arc::new(object_store::memory::InMemory::new());
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = archived_store(a.path(), &objects);
+        first.restore("1").await.unwrap();
+        first.append("1", 1, 0, 0, &lines(0..5)).unwrap();
+        first.ship().await.unwrap();
+        first.append("1", 1, 0, 5, &lines(5..8)).unwrap();
+        // Same data directory, new process: it holds 8 lines, the archive 5.
+        let again = archived_store(a.path(), &objects);
+        assert_eq!(all_lines(&again, "1").await, lines(0..8));
+        assert_eq!(again.append("1", 1, 0, 8, &lines(8..9)).unwrap(), 9);
+        again.ship().await.unwrap();
+        let elsewhere = archived_store(b.path(), &objects);
+        assert_eq!(all_lines(&elsewhere, "1").await, lines(0..9));
+        // Shipping again with nothing new writes nothing.
+        use futures::StreamExt;
+        let before = object_store::ObjectStore::list(objects.as_ref(), None).count().await;
+        again.ship().await.unwrap();
+        assert_eq!(object_store::ObjectStore::list(objects.as_ref(), None).count().await, before);
     }
 }
