@@ -7,7 +7,7 @@
 //! was not acknowledged, so they show as `[gantry: line lost]` (numbering is kept).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use bytes::Bytes;
@@ -159,17 +159,4 @@ fn byte_offset_of_line(path: &Path, n: u64) -> Result<u64> {
         offset += read as u64;
     }
     Ok(offset)
-}
-
-/// Appends restored text to a log file (used by `LogStore::append_restored`).
-pub(super) fn append_text(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io("creating the log directory"))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(Error::io(format!("opening {}", path.display())))?;
-    f.write_all(text.as_bytes()).map_err(Error::io("restoring logs"))
 }

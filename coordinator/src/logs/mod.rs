@@ -86,7 +86,7 @@ impl LogStore {
     /// Appends lines restored from object storage; the file then holds `lines` lines.
     fn append_restored(&self, job: &str, attempt: u32, rank: u32, text: &str, lines: u64) -> Result<()> {
         let mut seqs = self.next_seq.lock().expect("log index poisoned");
-        archive::append_text(&self.file(job, attempt, rank), text)?;
+        append_text(&self.file(job, attempt, rank), text)?;
         seqs.insert((job.to_string(), attempt, rank), lines);
         drop(seqs);
         self.changed.send_modify(|v| *v += 1);
@@ -124,19 +124,13 @@ impl LogStore {
         marked.extend(fresh.iter().cloned());
         let fresh = marked;
         if !fresh.is_empty() {
-            std::fs::create_dir_all(self.dir(job)).map_err(Error::io("creating the log directory"))?;
             let mut buf = String::with_capacity(fresh.iter().map(|l| l.len() + 1).sum());
             for line in &fresh {
                 // A line never contains a newline: the agent splits on them.
                 buf.push_str(&line.replace('\n', " "));
                 buf.push('\n');
             }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(Error::io(format!("opening {}", path.display())))?;
-            f.write_all(buf.as_bytes()).map_err(Error::io("appending logs"))?;
+            append_text(&path, &buf)?;
         }
         let next = next + fresh.len() as u64;
         seqs.insert(key, next);
@@ -181,6 +175,19 @@ fn parse_name(path: &Path) -> Option<(u32, u32, PathBuf)> {
     let name = path.file_name()?.to_str()?.strip_prefix("attempt-")?.strip_suffix(".log")?;
     let (attempt, rank) = name.split_once("-rank-")?;
     Some((attempt.parse().ok()?, rank.parse().ok()?, path.to_path_buf()))
+}
+
+/// Appends whole lines to a log file, creating it (and its directory) if need be.
+fn append_text(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io("creating the log directory"))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    f.write_all(text.as_bytes()).map_err(Error::io("appending logs"))
 }
 
 fn count_lines(path: &Path) -> Result<u64> {
