@@ -25,7 +25,7 @@ struct Case {
 
 const CASES: [Case; 3] = [
     Case { model: "mlp", dataset: "digits", epochs: 20, batch_size: 64, goal_ratio: Some(1.5) },
-    Case { model: "cnn", dataset: "digits", epochs: 4, batch_size: 64, goal_ratio: Some(1.0) },
+    Case { model: "cnn", dataset: "digits", epochs: 10, batch_size: 64, goal_ratio: Some(1.0) },
     Case { model: "transformer", dataset: "genesis", epochs: 1, batch_size: 32, goal_ratio: None },
 ];
 

@@ -4,9 +4,9 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
+use crate::conv_block::ConvBlockOps;
 use crate::data::CLASSES;
 use crate::export;
 use crate::model::{Input, Net, expect_shape, linear};
@@ -36,43 +36,15 @@ fn conv<B: Backend>(rng: &mut SplitMix64, ids: [u64; 2], c_in: usize, c_out: usi
     layer
 }
 
-/// A 3x3 convolution with zero padding, as one matrix product: the nine shifted views of the
-/// padded input stacked into columns (im2col). burn's ndarray convolution, with autodiff, ran
-/// at about 15 samples/s on this model; the matrix product runs at thousands.
-fn conv3x3<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, c_in, h, w] = x.dims();
-    let weight = layer.weight.val();
-    let c_out = weight.dims()[0];
-    let padded = x.pad((1, 1, 1, 1), burn::tensor::ops::PadMode::Constant(0.0));
-    let mut shifted = Vec::with_capacity(9);
-    for dy in 0..3 {
-        for dx in 0..3 {
-            shifted.push(padded.clone().slice([0..batch, 0..c_in, dy..dy + h, dx..dx + w]).reshape([
-                batch,
-                c_in,
-                1,
-                h * w,
-            ]));
-        }
-    }
-    // [batch, c_in, 9, h*w] -> [batch, c_in*9, h*w]: channel-major, then kernel position, as
-    // the weight [c_out, c_in, 3, 3] flattens.
-    let columns = Tensor::cat(shifted, 2).reshape([batch, c_in * 9, h * w]);
-    let kernel = weight.reshape([1, c_out, c_in * 9]).expand([batch, c_out, c_in * 9]);
-    let mut out = kernel.matmul(columns);
-    if let Some(bias) = &layer.bias {
-        out = out + bias.val().reshape([1, c_out, 1]);
-    }
-    out.reshape([batch, c_out, h, w])
+fn block<B: ConvBlockOps>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let bias = match &layer.bias {
+        Some(bias) => bias.val(),
+        None => Tensor::zeros([layer.weight.dims()[0]], &x.device()),
+    };
+    B::conv_relu_pool(x, layer.weight.val(), bias)
 }
 
-/// 2x2 max pooling with stride 2, as reshapes and maxima.
-fn pool2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, c, h, w] = x.dims();
-    x.reshape([batch, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([batch, c, h / 2, w / 2])
-}
-
-impl<B: Backend> Net<B> for Cnn<B> {
+impl<B: ConvBlockOps> Net<B> for Cnn<B> {
     fn init(seed: u64, device: &B::Device) -> Self {
         let mut rng = SplitMix64::for_stream(seed, INIT_STREAM);
         Cnn {
@@ -86,8 +58,8 @@ impl<B: Backend> Net<B> for Cnn<B> {
         let x = x.pixels();
         let [batch, _] = x.dims();
         let x = x.reshape([batch, 1, 8, 8]);
-        let x = pool2(relu(conv3x3(&self.conv1, x)));
-        let x = pool2(relu(conv3x3(&self.conv2, x)));
+        let x = block(&self.conv1, x);
+        let x = block(&self.conv2, x);
         self.fc.forward(x.reshape([batch, FLAT]))
     }
 

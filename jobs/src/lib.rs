@@ -24,6 +24,7 @@
 
 mod checkpoint;
 mod cnn;
+mod conv_block;
 mod data;
 mod dist;
 mod env;
@@ -31,6 +32,7 @@ mod error;
 mod examples;
 mod export;
 mod grad_sync;
+mod kernels;
 mod model;
 mod rng;
 mod text;
