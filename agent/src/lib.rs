@@ -241,6 +241,7 @@ impl Agent {
             spec,
             dir,
             train_program: self.config.train_program.clone(),
+            kernel_cache: self.config.work_dir.join("kernel-cache"),
             coordinators: self.coordinators.clone(),
         };
         let agent = self.clone();

@@ -24,6 +24,9 @@ pub struct Launch {
     pub dir: PathBuf,
     /// The `gantry` binary, run as `gantry train --spec FILE` for `train:` jobs.
     pub train_program: PathBuf,
+    /// This agent's GPU kernel cache, shared by its jobs (`GANTRY_KERNEL_CACHE`): compiled
+    /// kernels and autotune results outlive a job, so the next one on this GPU model skips the JIT.
+    pub kernel_cache: PathBuf,
     pub coordinators: Coordinators,
 }
 
@@ -114,7 +117,7 @@ async fn run_child(
     cmd.args(&argv[1..])
         .current_dir(&launch.dir)
         .envs(&launch.spec.env)
-        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir)))
+        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -180,6 +183,7 @@ fn job_env(
     checkpoint_dir: &Path,
     resume_dir: Option<&Path>,
     metrics_file: &Path,
+    kernel_cache: &Path,
 ) -> Vec<(String, String)> {
     let mut env = vec![
         ("GANTRY_JOB_ID".to_string(), a.job_id.clone()),
@@ -193,6 +197,7 @@ fn job_env(
         ("CUDA_VISIBLE_DEVICES".into(), a.gpu_uuids.join(",")),
         ("GANTRY_CHECKPOINT_DIR".into(), checkpoint_dir.display().to_string()),
         ("GANTRY_METRICS_FILE".into(), metrics_file.display().to_string()),
+        ("GANTRY_KERNEL_CACHE".into(), kernel_cache.display().to_string()),
     ];
     if let Some(dir) = resume_dir {
         env.push(("GANTRY_RESUME_DIR".into(), dir.display().to_string()));

@@ -86,6 +86,7 @@ head -c 52428800 /dev/urandom > "$GANTRY_CHECKPOINT_DIR/.tmp/weights.bin"
 echo "{\"job\": \"$GANTRY_JOB_ID\", \"attempt\": $GANTRY_ATTEMPT, \"rank\": $RANK, \"world\": $WORLD_SIZE}" > "$GANTRY_CHECKPOINT_DIR/.tmp/state.json"
 mv "$GANTRY_CHECKPOINT_DIR/.tmp" "$GANTRY_CHECKPOINT_DIR/step-1"
 echo "cuda=[$CUDA_VISIBLE_DEVICES] resume=[${GANTRY_RESUME_DIR:-unset}]"
+echo "kernel_cache=[$GANTRY_KERNEL_CACHE]"
 "#;
     let spec = format!("name: lines\ncommand: [\"bash\", \"-c\", {}]\n", serde_json::to_string(script).unwrap());
     let id = fleet.submit(&spec);
@@ -98,6 +99,13 @@ echo "cuda=[$CUDA_VISIBLE_DEVICES] resume=[${GANTRY_RESUME_DIR:-unset}]"
     assert!(
         logs.contains("cuda=[] resume=[unset]"),
         "a CPU job sees no GPU and no resume dir:\n{}",
+        &logs[logs.len().saturating_sub(300)..]
+    );
+    // The agent's GPU kernel cache, shared by its jobs.
+    let cache = fleet.work_dir("node-a").join("kernel-cache");
+    assert!(
+        logs.contains(&format!("kernel_cache=[{}]", cache.display())),
+        "{}",
         &logs[logs.len().saturating_sub(300)..]
     );
 

@@ -2,7 +2,8 @@
 same data set and sample counts, the same batch size and optimizer (Adam, PyTorch's defaults),
 timed the same way (the training loop of each epoch, evaluation excluded).
 
-Usage: pytorch_reference.py MODEL EPOCHS BATCH_SIZE REPO_ROOT
+Usage: pytorch_reference.py MODEL EPOCHS BATCH_SIZE REPO_ROOT [DEVICE]
+DEVICE is cpu (the default) or cuda, with PyTorch's default precision settings.
 Prints one JSON object: samples/s of each epoch, and torch's thread count.
 """
 import json
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 model_name, epochs, batch_size, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+device = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
 torch.manual_seed(42)
 CONTEXT = 64
 
@@ -47,7 +49,7 @@ class Lm(nn.Module):
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CONTEXT))
 
     def forward(self, x):
-        h = self.tokens(x) + self.positions(torch.arange(x.shape[1]))
+        h = self.tokens(x) + self.positions(torch.arange(x.shape[1], device=x.device))
         h = self.blocks(h, mask=self.mask, is_causal=True)
         return self.head(self.norm(h)).reshape(-1, 96)
 
@@ -67,11 +69,12 @@ else:
     x, y = genesis()
     model = Lm()
 
+model, x, y = model.to(device), x.to(device), y.to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 loss_fn = nn.CrossEntropyLoss()
 rates = []
 for epoch in range(epochs):
-    order = torch.randperm(len(x))
+    order = torch.randperm(len(x), device=device)
     started = time.perf_counter()
     for first in range(0, len(x), batch_size):
         batch = order[first : first + batch_size]

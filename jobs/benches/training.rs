@@ -3,6 +3,11 @@
 //! `benches/pytorch_reference.py` where `python3 -c "import torch"` works; otherwise its rows
 //! say it was skipped. One JSON object per line.
 //!
+//! Built with `--features cuda` on a machine whose GPU answers, the same rows follow for GPU 0
+//! (PyTorch on `cuda`, with its default precision settings), and for each model the time from
+//! the start of a `train` call to the end of its first step in a fresh process: once with an
+//! empty kernel cache, once with the cache that run left (`GANTRY_KERNEL_CACHE`).
+//!
 //! Both sides time only the training loop of an epoch (evaluation excluded). Each figure is the
 //! median over runs that alternate between the two, and within a run over its epochs after
 //! the first (which pays for warm-up) where there are several.
@@ -14,6 +19,8 @@ use gantry_core::spec::TrainSpec;
 use gantry_jobs::{RunEnv, train};
 
 const RUNS: usize = 3;
+/// The flag of the child process that times one run's first step.
+const FIRST_STEP: &str = "--first-step-of";
 
 struct Case {
     model: &'static str,
@@ -39,17 +46,20 @@ fn steady(rates: Vec<f64>) -> f64 {
     median(if rates.len() > 1 { rates[1..].to_vec() } else { rates })
 }
 
-fn gantry(case: &Case) -> f64 {
-    let spec = TrainSpec {
+fn spec(case: &Case) -> TrainSpec {
+    TrainSpec {
         model: case.model.into(),
         dataset: case.dataset.into(),
         epochs: case.epochs,
         batch_size: case.batch_size,
         checkpoint_every_steps: u64::MAX,
         ..TrainSpec::default()
-    };
+    }
+}
+
+fn gantry(case: &Case, env: &RunEnv) -> f64 {
     let mut out = Vec::new();
-    train(&spec, &RunEnv::default(), &mut out).expect("training runs");
+    train(&spec(case), env, &mut out).expect("training runs");
     let rates = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -63,12 +73,13 @@ fn gantry(case: &Case) -> f64 {
 }
 
 /// PyTorch's samples/s and thread count, or why there are none.
-fn pytorch(case: &Case, root: &Path) -> Result<(f64, u64, String), String> {
+fn pytorch(case: &Case, root: &Path, device: &str) -> Result<(f64, u64, String), String> {
     let script = root.join("jobs/benches/pytorch_reference.py");
     let out = Command::new("python3")
         .arg(&script)
         .args([case.model, &case.epochs.to_string(), &case.batch_size.to_string()])
         .arg(root)
+        .arg(device)
         .output()
         .map_err(|e| format!("python3: {e}"))?;
     if !out.status.success() {
@@ -81,45 +92,136 @@ fn pytorch(case: &Case, root: &Path) -> Result<(f64, u64, String), String> {
 }
 
 fn main() {
-    let root: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, model, cache] = &args[..]
+        && flag == FIRST_STEP
+    {
+        return first_step_child(model, cache);
+    }
+    // The repository root: where the bench was built, or the current directory where it runs
+    // as a copied binary (on a GPU machine, from `.ci/device-check`).
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let here = std::env::current_dir().unwrap_or_default();
+    let root: PathBuf = if here.join("jobs/benches/pytorch_reference.py").exists() { here } else { built };
     let torch_present = Command::new("python3").args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     // Model names after `--` pick cases; cargo's own flags (--bench) are not names.
-    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    for case in CASES.iter().filter(|c| wanted.is_empty() || wanted.iter().any(|w| w == c.model)) {
-        let (mut ours, mut theirs, mut threads, mut version) = (Vec::new(), Vec::new(), 0, String::new());
-        let mut skipped = (!torch_present).then(|| "PyTorch is not installed (import torch failed)".to_string());
-        for _ in 0..RUNS {
-            ours.push(gantry(case));
-            if skipped.is_none() {
-                match pytorch(case, &root) {
-                    Ok((rate, t, v)) => {
-                        theirs.push(rate);
-                        (threads, version) = (t, v);
-                    }
-                    Err(why) => skipped = Some(why),
-                }
-            }
-        }
-        let ours = median(ours);
-        let mut line = serde_json::json!({
-            "bench": "training", "device": "cpu", "cores": cores, "model": case.model,
-            "dataset": case.dataset, "batch_size": case.batch_size, "runs": RUNS,
-            "gantry_samples_per_s": ours.round(),
-        });
-        match skipped {
-            Some(why) => line["pytorch_skipped"] = why.into(),
-            None => {
-                let torch = median(theirs);
-                line["pytorch_samples_per_s"] = torch.round().into();
-                line["pytorch_threads"] = threads.into();
-                line["pytorch_version"] = version.into();
-                line["vs_pytorch"] = ((ours / torch * 100.0).round() / 100.0).into();
-            }
-        }
+    let wanted: Vec<String> = args.into_iter().filter(|a| !a.starts_with("--")).collect();
+    let cases: Vec<&Case> = CASES.iter().filter(|c| wanted.is_empty() || wanted.iter().any(|w| w == c.model)).collect();
+    for case in &cases {
+        let mut line = compare(case, &root, torch_present, &RunEnv::default(), "cpu");
+        line["cores"] = cores.into();
         if let Some(goal) = case.goal_ratio {
             line["goal_vs_pytorch"] = goal.into();
         }
         println!("{line}");
+    }
+    gpu::rows(&cases, &root, torch_present);
+}
+
+/// One row: gantry and PyTorch on `device` ("cpu" or "cuda"), medians of alternating runs.
+fn compare(case: &Case, root: &Path, torch_present: bool, env: &RunEnv, device: &str) -> serde_json::Value {
+    let (mut ours, mut theirs, mut threads, mut version) = (Vec::new(), Vec::new(), 0, String::new());
+    let mut skipped = (!torch_present).then(|| "PyTorch is not installed (import torch failed)".to_string());
+    for _ in 0..RUNS {
+        ours.push(gantry(case, env));
+        if skipped.is_none() {
+            match pytorch(case, root, device) {
+                Ok((rate, t, v)) => {
+                    theirs.push(rate);
+                    (threads, version) = (t, v);
+                }
+                Err(why) => skipped = Some(why),
+            }
+        }
+    }
+    let ours = median(ours);
+    let mut line = serde_json::json!({
+        "bench": "training", "device": device, "model": case.model,
+        "dataset": case.dataset, "batch_size": case.batch_size, "runs": RUNS,
+        "gantry_samples_per_s": ours.round(),
+    });
+    match skipped {
+        Some(why) => line["pytorch_skipped"] = why.into(),
+        None => {
+            let torch = median(theirs);
+            line["pytorch_samples_per_s"] = torch.round().into();
+            line["pytorch_threads"] = threads.into();
+            line["pytorch_version"] = version.into();
+            line["vs_pytorch"] = ((ours / torch * 100.0).round() / 100.0).into();
+        }
+    }
+    line
+}
+
+/// In a child process: a one-epoch run of `model` with kernel cache `cache`; prints the
+/// `first_step` line's seconds.
+fn first_step_child(model: &str, cache: &str) {
+    let case = CASES.iter().find(|c| c.model == model).expect("a bench model");
+    let env = RunEnv { gpus: vec!["0".into()], kernel_cache: Some(cache.into()), ..RunEnv::default() };
+    let mut out = Vec::new();
+    train(&TrainSpec { epochs: 1, ..spec(case) }, &env, &mut out).expect("training runs");
+    let out = String::from_utf8(out).unwrap();
+    let line = out.lines().find(|l| l.starts_with("first_step ")).expect("a first_step line");
+    assert!(out.lines().next().is_some_and(|l| l.ends_with("device=cuda:0")), "not on the GPU: {out}");
+    println!("{}", line.rsplit_once("seconds=").unwrap().1);
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub fn rows(_: &[&super::Case], _: &std::path::Path, _: bool) {}
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::path::Path;
+    use std::process::Command;
+
+    use gantry_jobs::{RunEnv, train};
+
+    use super::{Case, FIRST_STEP, compare, spec};
+
+    /// GPU samples/s against PyTorch on the same GPU; the goal is 0.8x.
+    const GOAL: f64 = 0.8;
+    /// Seconds to the first step with a warm kernel cache; the goal is at most this.
+    const GOAL_FIRST_STEP: f64 = 5.0;
+
+    pub fn rows(cases: &[&Case], root: &Path, torch_present: bool) {
+        let cache = tempfile::tempdir().expect("a temporary directory");
+        let env =
+            RunEnv { gpus: vec!["0".into()], kernel_cache: Some(cache.path().join("in-process")), ..RunEnv::default() };
+        let mut out = Vec::new();
+        let probe = super::Case { epochs: 1, ..*cases.first().copied().unwrap_or(&super::CASES[0]) };
+        train(&spec(&probe), &env, &mut out).expect("training runs");
+        let first = String::from_utf8_lossy(&out).lines().find(|l| l.starts_with("start ")).unwrap_or("").to_string();
+        if !first.ends_with("device=cuda:0") {
+            let why =
+                String::from_utf8_lossy(&out).lines().find(|l| l.starts_with("[gantry]")).unwrap_or("").to_string();
+            println!("{}", serde_json::json!({"bench": "training", "device": "cuda", "skipped": why}));
+            return;
+        }
+        for case in cases {
+            let mut line = compare(case, root, torch_present, &env, "cuda");
+            line["goal_vs_pytorch"] = GOAL.into();
+            println!("{line}");
+        }
+        let exe = std::env::current_exe().expect("this bench's path");
+        for case in cases {
+            let dir = cache.path().join(format!("first-step-{}", case.model));
+            let time = || -> f64 {
+                let out = Command::new(&exe).args([FIRST_STEP, case.model]).arg(&dir).output().expect("the bench runs");
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                String::from_utf8_lossy(&out.stdout).trim().parse().expect("seconds")
+            };
+            let (cold, warm) = (time(), time());
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "training", "device": "cuda", "model": case.model, "batch_size": case.batch_size,
+                    "first_step_s_empty_cache": cold, "first_step_s_warm_cache": warm,
+                    "goal_first_step_s_warm_cache": GOAL_FIRST_STEP,
+                })
+            );
+        }
     }
 }

@@ -16,6 +16,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ndarray::{NdArrayDevice, NdArrayTensor};
 use burn::tensor::activation::relu;
+use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::ops::{FloatTensor, PadMode};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
@@ -34,6 +36,30 @@ pub(crate) trait ConvBlockOps: Backend {
 /// of backends without kernels of their own.
 pub(crate) fn composed<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
     pool2(relu(conv3x3(x, weight, bias)))
+}
+
+/// The block from burn's module ops (convolution and max pooling kernels of their own): the
+/// path of GPU backends, whose kernels for these beat a composition of small ops.
+// Without the `cuda` feature only its test uses it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn native<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    let y = relu(conv2d(x, weight, Some(bias), options));
+    max_pool2d(y, [2, 2], [2, 2], [0, 0], [1, 1], false)
+}
+
+#[cfg(feature = "cuda")]
+impl ConvBlockOps for burn::backend::Cuda {
+    fn conv_relu_pool(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>) -> Tensor<Self, 4> {
+        native(x, weight, bias)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ConvBlockOps for Autodiff<burn::backend::Cuda> {
+    fn conv_relu_pool(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>) -> Tensor<Self, 4> {
+        native(x, weight, bias)
+    }
 }
 
 /// A 3x3 convolution with zero padding, as one matrix product: the nine shifted views of the
@@ -195,6 +221,17 @@ mod tests {
         let (x, weight, bias) = (x.inner(), weight.inner(), bias.inner());
         let inner = <Cpu as ConvBlockOps>::conv_relu_pool(x.clone(), weight.clone(), bias.clone());
         assert_close("inner output", inner, composed(x, weight, bias));
+    }
+
+    /// The GPU path's module ops compute the same block (checked here on the CPU backend, where
+    /// burn's conv2d is slow but correct).
+    #[test]
+    fn the_module_ops_compute_the_same_block() {
+        let mut rng = SplitMix64::for_stream(9, 0);
+        let x = random::<4>(&mut rng, [3, 2, 8, 8]).inner();
+        let weight = random::<4>(&mut rng, [4, 2, 3, 3]).inner();
+        let bias = random::<1>(&mut rng, [4]).inner();
+        assert_close("native", native(x.clone(), weight.clone(), bias.clone()), composed(x, weight, bias));
     }
 
     /// An input that needs no gradient (the pixels) gets none; the weights still do.

@@ -22,6 +22,10 @@ pub struct RunEnv {
     pub metrics_file: Option<PathBuf>,
     /// Set on SIGTERM: training saves a checkpoint and returns at the next step boundary.
     pub stop: Arc<AtomicBool>,
+    /// `CUDA_VISIBLE_DEVICES`: the GPUs the process sees; it trains on the first.
+    pub gpus: Vec<String>,
+    /// `GANTRY_KERNEL_CACHE`: where compiled GPU kernels and autotune results persist.
+    pub kernel_cache: Option<PathBuf>,
     /// `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` when `WORLD_SIZE` > 1: this process
     /// is one rank of a data-parallel run.
     pub dist: Option<DistEnv>,
@@ -29,7 +33,8 @@ pub struct RunEnv {
 
 impl RunEnv {
     /// Reads `GANTRY_JOB_ID`, `GANTRY_CHECKPOINT_DIR`, `GANTRY_RESUME_DIR`,
-    /// `GANTRY_METRICS_FILE` (unset or empty means none) and torchrun's variables (refused if
+    /// `GANTRY_METRICS_FILE`, `GANTRY_KERNEL_CACHE` (unset or empty means none),
+    /// `CUDA_VISIBLE_DEVICES` and torchrun's variables (refused if
     /// malformed). The stop flag starts cleared.
     pub fn from_env() -> Result<Self, JobsError> {
         let path = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
@@ -38,6 +43,8 @@ impl RunEnv {
             checkpoint_dir: path(crate::CHECKPOINT_DIR_VAR),
             resume_dir: path(crate::RESUME_DIR_VAR),
             metrics_file: path(crate::METRICS_FILE_VAR),
+            gpus: crate::device::visible_gpus(std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref()),
+            kernel_cache: path(crate::KERNEL_CACHE_VAR),
             stop: Arc::new(AtomicBool::new(false)),
             dist: DistEnv::from_env()?,
         })

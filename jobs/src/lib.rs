@@ -1,17 +1,20 @@
 //! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP or
-//! a small CNN on the digits, a character-level transformer on Genesis) with burn on the CPU
-//! (ndarray backend), writing progress lines and atomic checkpoints so the agent can preempt,
+//! a small CNN on the digits, a character-level transformer on Genesis) with burn, on the CPU
+//! (ndarray backend) or, built with the `cuda` feature, on the first GPU `CUDA_VISIBLE_DEVICES`
+//! names, writing progress lines and atomic checkpoints so the agent can preempt,
 //! restart and resume a job exactly where it was, or start a new job from another job's
 //! weights. With `WORLD_SIZE` > 1 it trains data-parallel across processes ([`DistEnv`]).
 //!
 //! [`train`] writes one line per event to its output, flushed at once:
 //!
 //! ```text
-//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64
+//! [gantry] CUDA_VISIBLE_DEVICES names GPU-... but ...: training on the CPU   (a GPU not used)
+//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64 device=cpu
 //! resumed step=30 epoch=1 from=/ckpt/job-1/step-30         (a restart of the same job)
 //! initialised weights from=/ckpt/job-0/step-690            (another job's weights)
 //! checkpoint step=100 path=step-100                         (path relative to the checkpoint dir)
 //! joined rank=1 world_size=2                               (a data-parallel rank)
+//! first_step step=1 seconds=0.052                          (from the call to the first step's end)
 //! epoch=3 step=69 loss=0.123456 test_loss=0.180000 test_accuracy=0.9500 samples_per_s=12345
 //! done steps=690 test_accuracy=0.9694 checkpoint=/ckpt/job-1/step-690   (or checkpoint=none)
 //! stopped step=120 checkpoint=/ckpt/job-1/step-120                      (stop flag / SIGTERM)
@@ -26,6 +29,7 @@ mod checkpoint;
 mod cnn;
 mod conv_block;
 mod data;
+mod device;
 mod dist;
 mod env;
 mod error;
@@ -55,3 +59,5 @@ pub const CHECKPOINT_DIR_VAR: &str = "GANTRY_CHECKPOINT_DIR";
 pub const RESUME_DIR_VAR: &str = "GANTRY_RESUME_DIR";
 /// Where metrics go, one JSON object per line, read by [`RunEnv::from_env`].
 pub const METRICS_FILE_VAR: &str = "GANTRY_METRICS_FILE";
+/// Where a GPU run keeps compiled kernels and autotune results, read by [`RunEnv::from_env`].
+pub const KERNEL_CACHE_VAR: &str = "GANTRY_KERNEL_CACHE";

@@ -12,12 +12,15 @@ use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
 use gantry_core::spec::TrainSpec;
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
 use crate::cnn::Cnn;
+use crate::conv_block::ConvBlockOps;
 use crate::data;
+use crate::device::{self, Device};
 use crate::dist::Ring;
 use crate::env::RunEnv;
 use crate::error::JobsError;
@@ -28,14 +31,19 @@ use crate::text;
 use crate::transformer::Transformer;
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
-type Inner = NdArray<f32>;
-type Train = Autodiff<Inner>;
-type Adam<M> = OptimizerAdaptor<burn::optim::Adam, M, Train>;
-type OptimRecord<M> = <Adam<M> as Optimizer<M, Train>>::Record;
+type Cpu = NdArray<f32>;
 
-/// A model the loop can train: it trains on `Train` and evaluates on `Inner`.
-trait Trainable: Net<Train> + AutodiffModule<Train, InnerModule: Net<Inner>> {}
-impl<M: Net<Train> + AutodiffModule<Train, InnerModule: Net<Inner>>> Trainable for M {}
+/// A backend the loop trains on: autodiff over an inner backend that evaluates, both with the
+/// CNN's conv block.
+trait TrainBackend: AutodiffBackend<InnerBackend: ConvBlockOps> + ConvBlockOps {}
+impl<B: AutodiffBackend<InnerBackend: ConvBlockOps> + ConvBlockOps> TrainBackend for B {}
+
+type Adam<M, B> = OptimizerAdaptor<burn::optim::Adam, M, B>;
+type OptimRecord<M, B> = <Adam<M, B> as Optimizer<M, B>>::Record;
+
+/// A model the loop can train: it trains on `B` and evaluates on `B`'s inner backend.
+trait Trainable<B: TrainBackend>: Net<B> + AutodiffModule<B, InnerModule: Net<B::InnerBackend>> {}
+impl<B: TrainBackend, M: Net<B> + AutodiffModule<B, InnerModule: Net<B::InnerBackend>>> Trainable<B> for M {}
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,10 +78,30 @@ struct Position {
 /// weights of another job's checkpoint. Checkpoints go to `env.checkpoint_dir` every
 /// `checkpoint_every_steps`, at the end, and when `env.stop` is set (checked between steps).
 pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outcome, JobsError> {
+    let began = Instant::now();
     check_spec(spec)?;
+    let choice = device::choose(&env.gpus, env.kernel_cache.as_deref());
+    if let Some(note) = &choice.note {
+        emit(out, format_args!("[gantry] {note}"))?;
+    }
+    match choice.device {
+        Device::Cpu => {
+            train_on::<Autodiff<Cpu>>(Run { spec, env, shown: choice.device, began, device: &NdArrayDevice::Cpu }, out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let gpu = burn::backend::cuda::CudaDevice::new(n);
+            train_on::<Autodiff<burn::backend::Cuda>>(Run { spec, env, shown: choice.device, began, device: &gpu }, out)
+        }
+    }
+}
+
+/// The model and data set of `spec`, on backend `B`.
+fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome, JobsError> {
+    let spec = run.spec;
     if spec.dataset == "genesis" {
         let text = text::genesis()?;
-        return train_model::<Transformer<Train>, _>(spec, env, out, &text.train, &text.test);
+        return train_model::<B, Transformer<B>, _>(run, out, &text.train, &text.test);
     }
     let digits = data::digits()?;
     // With few examples per class, the training samples left out are unseen too: they join
@@ -81,19 +109,29 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
     let (train_set, unused) = digits.train.select(&spec.classes, spec.examples_per_class);
     let test_set = digits.test.select(&spec.classes, None).0.join(unused);
     match spec.model.as_str() {
-        "cnn" => train_model::<Cnn<Train>, _>(spec, env, out, &train_set, &test_set),
-        _ => train_model::<Mlp<Train>, _>(spec, env, out, &train_set, &test_set),
+        "cnn" => train_model::<B, Cnn<B>, _>(run, out, &train_set, &test_set),
+        _ => train_model::<B, Mlp<B>, _>(run, out, &train_set, &test_set),
     }
 }
 
-fn train_model<M: Trainable, E: Examples>(
-    spec: &TrainSpec,
-    env: &RunEnv,
+/// What a run is, apart from its model and data.
+struct Run<'a, B: TrainBackend> {
+    spec: &'a TrainSpec,
+    env: &'a RunEnv,
+    /// The device as the start line shows it.
+    shown: Device,
+    /// When `train` was called: the first step's line says how long it took to get there.
+    began: Instant,
+    device: &'a B::Device,
+}
+
+fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
+    run: Run<B>,
     out: &mut dyn Write,
     train_set: &E,
     test_set: &E,
 ) -> Result<Outcome, JobsError> {
-    let device = NdArrayDevice::default();
+    let Run { spec, env, shown, began, device } = run;
     let batch_size = spec.batch_size as usize;
     let n_train = train_set.len();
     let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
@@ -101,7 +139,7 @@ fn train_model<M: Trainable, E: Examples>(
     emit(
         out,
         format_args!(
-            "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={}",
+            "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={} device={shown}",
             spec.model,
             spec.dataset,
             test_set.len(),
@@ -110,29 +148,29 @@ fn train_model<M: Trainable, E: Examples>(
         ),
     )?;
 
-    let mut model = M::init(spec.seed, &device);
-    let mut optim = AdamConfig::new().init::<Train, M>();
+    let mut model = M::init(spec.seed, device);
+    let mut optim = AdamConfig::new().init::<B, M>();
     let mut pos = Position { step: 0, epoch: 0, batch_in_epoch: 0 };
 
     match &env.resume_dir {
         Some(dir) => {
             let state = checkpoint::read_state(dir)?;
             check_compatible(dir, &state, spec)?;
-            let record: <M as burn::module::Module<Train>>::Record = checkpoint::load_record(dir, MODEL_FILE, &device)?;
+            let record: <M as burn::module::Module<B>>::Record = checkpoint::load_record(dir, MODEL_FILE, device)?;
             M::check_record(&record)
                 .map_err(|reason| JobsError::CheckpointMismatch { path: dir.join(MODEL_FILE), reason })?;
             model = model.load_record(record);
             if state.job_id.is_some() && state.job_id == env.job_id {
                 // A restart of this very job: continue the same run.
                 pos = resume_position(dir, &state, spec, per_epoch)?;
-                let record: OptimRecord<M> = checkpoint::load_record(dir, OPTIMIZER_FILE, &device)?;
+                let record: OptimRecord<M, B> = checkpoint::load_record(dir, OPTIMIZER_FILE, device)?;
                 check_optimizer_record(dir, &record, &model, pos.step, spec.freeze_backbone)?;
                 optim = optim.load_record(record);
                 emit(out, format_args!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display()))?;
             } else {
                 // Another job's weights: transfer learning, with a fresh optimizer from step 0.
                 if spec.new_head {
-                    model = model.with_head_of(M::init(spec.seed, &device));
+                    model = model.with_head_of(M::init(spec.seed, device));
                 }
                 emit(out, format_args!("initialised weights from={}", dir.display()))?;
             }
@@ -155,14 +193,15 @@ fn train_model<M: Trainable, E: Examples>(
         None => None,
     };
 
-    let test = TestSet::new(test_set, &device);
-    let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&device);
+    let test = TestSet::<B::InnerBackend>::new(test_set, device);
+    let loss_fn = CrossEntropyLossConfig::new().init::<B>(device);
     // Every rank holds the same weights: rank 0 alone writes them.
     let checkpoint_dir = if rank == 0 { env.checkpoint_dir.as_deref() } else { None };
     let mut last_checkpoint = None;
     let mut stopped = false;
     // The test loss and accuracy of the current weights, when known (saves re-evaluating).
     let mut evaluated = None;
+    let mut first_step_said = false;
 
     'epochs: while pos.epoch < spec.epochs {
         let order = data::epoch_order(spec.seed, pos.epoch, n_train);
@@ -180,7 +219,7 @@ fn train_model<M: Trainable, E: Examples>(
             let (mut grads, mut loss) = match indices.is_empty() {
                 true => (GradientsParams::new(), 0.0),
                 false => {
-                    let (x, y) = train_set.batch::<Train>(indices, &device);
+                    let (x, y) = train_set.batch::<B>(indices, device);
                     let loss = loss_fn.forward(model.forward(x), y);
                     let value = loss.clone().into_scalar().elem::<f64>();
                     (GradientsParams::from_grads(loss.backward(), &model), value)
@@ -201,14 +240,22 @@ fn train_model<M: Trainable, E: Examples>(
                 // No gradient, no update: the optimizer leaves these weights as they are.
                 for (id, rank) in model.backbone() {
                     match rank {
-                        1 => drop(grads.remove::<Inner, 1>(id)),
-                        2 => drop(grads.remove::<Inner, 2>(id)),
-                        _ => drop(grads.remove::<Inner, 4>(id)),
+                        1 => drop(grads.remove::<B::InnerBackend, 1>(id)),
+                        2 => drop(grads.remove::<B::InnerBackend, 2>(id)),
+                        _ => drop(grads.remove::<B::InnerBackend, 4>(id)),
                     }
                 }
             }
             model = optim.step(spec.learning_rate, model, grads);
 
+            if !first_step_said {
+                first_step_said = true;
+                // Set-up, data, and on a GPU the kernels' compilation and autotuning.
+                emit(
+                    out,
+                    format_args!("first_step step={} seconds={:.3}", pos.step + 1, began.elapsed().as_secs_f64()),
+                )?;
+            }
             pos.step += 1;
             pos.batch_in_epoch += 1;
             batches += 1;
@@ -322,9 +369,9 @@ fn resume_position(
 
 /// Adam's state is keyed by parameter id: state under other ids would be silently ignored and
 /// the run would no longer continue the same run. Before the first step there is none.
-fn check_optimizer_record<M: Trainable>(
+fn check_optimizer_record<B: TrainBackend, M: Trainable<B>>(
     dir: &Path,
-    record: &OptimRecord<M>,
+    record: &OptimRecord<M, B>,
     model: &M,
     step: u64,
     frozen: bool,
@@ -352,7 +399,7 @@ fn normalised(pos: Position, per_epoch: u64) -> Position {
     if pos.batch_in_epoch >= per_epoch { Position { epoch: pos.epoch + 1, batch_in_epoch: 0, ..pos } } else { pos }
 }
 
-fn save<M: Trainable, O: Optimizer<M, Train>>(
+fn save<B: TrainBackend, M: Trainable<B>, O: Optimizer<M, B>>(
     dir: &Path,
     pos: Position,
     spec: &TrainSpec,
@@ -379,7 +426,7 @@ fn save<M: Trainable, O: Optimizer<M, Train>>(
     ]);
     let exported = crate::export::safetensors(&model.valid().export(), &metadata);
     let (path, written) =
-        checkpoint::save::<Train, _, _>(dir, &state, model.clone().into_record(), optim.to_record(), &exported)?;
+        checkpoint::save::<B, _, _>(dir, &state, model.clone().into_record(), optim.to_record(), &exported)?;
     if written {
         emit(out, format_args!("checkpoint step={} path={}", pos.step, checkpoint::checkpoint_name(pos.step)))?;
     }
@@ -387,27 +434,26 @@ fn save<M: Trainable, O: Optimizer<M, Train>>(
 }
 
 /// The held-out samples as tensors, built once.
-struct TestSet {
-    x: Input<Inner>,
-    y: Tensor<Inner, 1, Int>,
+struct TestSet<B: Backend> {
+    x: Input<B>,
+    y: Tensor<B, 1, Int>,
     /// Predictions made: one per target.
     n: usize,
 }
 
-impl TestSet {
-    fn new<E: Examples>(examples: &E, device: &NdArrayDevice) -> Self {
+impl<B: ConvBlockOps> TestSet<B> {
+    fn new<E: Examples>(examples: &E, device: &B::Device) -> Self {
         let all: Vec<usize> = (0..examples.len()).collect();
-        let (x, y) = examples.batch::<Inner>(&all, device);
+        let (x, y) = examples.batch::<B>(&all, device);
         let n = y.dims()[0];
         TestSet { x, y, n }
     }
 
     /// Mean cross-entropy and accuracy.
-    fn evaluate<M: Trainable>(&self, model: &M) -> (f64, f64) {
+    fn evaluate<T: TrainBackend<InnerBackend = B>, M: Trainable<T>>(&self, model: &M) -> (f64, f64) {
         // `valid()` drops autodiff: no graph is recorded for evaluation.
         let logits = model.valid().forward(self.x.clone());
-        let loss =
-            CrossEntropyLossConfig::new().init::<Inner>(&logits.device()).forward(logits.clone(), self.y.clone());
+        let loss = CrossEntropyLossConfig::new().init::<B>(&logits.device()).forward(logits.clone(), self.y.clone());
         let predicted = logits.argmax(1).reshape([self.n]);
         let correct = predicted.equal(self.y.clone()).int().sum().into_scalar().elem::<i64>();
         (loss.into_scalar().elem::<f64>(), correct as f64 / self.n as f64)
