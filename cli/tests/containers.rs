@@ -179,3 +179,38 @@ fn wait_connected(cli: &Cli, node: &str, connected: bool) {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// The GPU image (`compose/gpu.Dockerfile`) holds what the CUDA backend loads besides the
+/// driver. On this machine, with no GPU and no driver, a `train` job in it that is told to use
+/// GPU 0 must find NVRTC and the CUDA headers, report only the driver missing, and train on the
+/// CPU. It needs a `gantry` built with `--features cuda` (`GANTRY_CUDA_BIN`, a file named
+/// `gantry`), which `.ci/run` builds before running this test.
+#[test]
+#[ignore = "needs GANTRY_CUDA_BIN, a gantry built with --features cuda (.ci/run provides it)"]
+fn the_gpu_image_holds_nvrtc_and_the_cuda_headers() {
+    let bin = std::env::var("GANTRY_CUDA_BIN").expect("GANTRY_CUDA_BIN: a gantry built with --features cuda");
+    let root = repo_root();
+    let staged = root.join("target/docker-gpu");
+    let staged = staged.to_str().unwrap();
+    run("sh", &[root.join("compose/stage-binaries").to_str().unwrap(), &bin, staged], &root);
+    run("sh", &[root.join("compose/stage-cuda-runtime").to_str().unwrap(), staged], &root);
+    let tag = format!("gantry:{}-cuda", env!("CARGO_PKG_VERSION"));
+    run("docker", &["build", "-q", "-f", "compose/gpu.Dockerfile", "-t", &tag, "."], &root);
+
+    let spec = tempfile::tempdir().unwrap();
+    std::fs::write(spec.path().join("train.json"), r#"{"model": "mlp", "dataset": "digits", "epochs": 1}"#).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(spec.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mount = format!("{}:/spec:ro", spec.path().display());
+    let args = ["run", "--pull", "never", "--rm", "--network", "none", "-e", "CUDA_VISIBLE_DEVICES=0", "-v", &mount];
+    let out = run("docker", &[&args[..], &[tag.as_str(), "train", "--spec", "/spec/train.json"]].concat(), &root);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0],
+        "[gantry] CUDA_VISIBLE_DEVICES names 0 but the GPU did not answer (missing the NVIDIA driver's libcuda.so.1): \
+         training on the CPU",
+        "{out}"
+    );
+    assert!(lines[1].ends_with(" device=cpu"), "{out}");
+    assert!(out.contains("\ndone steps=23 "), "{out}");
+}
