@@ -65,12 +65,19 @@ impl Sink {
 
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         let writer = self.writer.as_mut().expect("a file is open");
-        writer.write_all(data).await.map_err(|e| Error::Storage { context: "writing".into(), reason: e.to_string() })
+        let failed = writer.write_all(data).await.err();
+        failed.map_or(Ok(()), |e| Err(self.failed("writing", e)))
     }
 
     pub async fn close(&mut self) -> Result<()> {
         let mut writer = self.writer.take().expect("a file is open");
-        writer.shutdown().await.map_err(|e| Error::Storage { context: "completing".into(), reason: e.to_string() })
+        writer.shutdown().await.map_err(|e| self.failed("completing", e))
+    }
+
+    /// An error naming the object the open file goes to.
+    fn failed(&self, doing: &str, e: std::io::Error) -> Error {
+        let object = self.written.last().map_or_else(String::new, |key| format!(" {key}"));
+        Error::Storage { context: format!("{doing}{object}"), reason: e.to_string() }
     }
 
     pub async fn discard(mut self) {
