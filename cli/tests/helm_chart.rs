@@ -161,6 +161,22 @@ fn agents_reach_only_gpu_nodes_with_the_nvidia_runtime_and_no_rbac_is_granted() 
     assert!(pod["runtimeClassName"].is_null() && pod["nodeSelector"].is_null(), "{pod:?}");
 }
 
+/// GPU nodes can run the GPU flavour of the image while the coordinators keep the plain one.
+#[test]
+fn the_agents_image_can_be_the_gpu_flavour() {
+    let image = |objs: &BTreeMap<String, Value>, workload: &str| {
+        objs[workload]["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap().to_string()
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    let plain = objects(&render(&[], &[]).unwrap());
+    assert_eq!(image(&plain, "DaemonSet/t-gantry-agent"), format!("gantry:{version}"));
+    let gpu = objects(&render(&[], &[&format!("agent.image.tag={version}-cuda")]).unwrap());
+    assert_eq!(image(&gpu, "DaemonSet/t-gantry-agent"), format!("gantry:{version}-cuda"));
+    assert_eq!(image(&gpu, "StatefulSet/t-gantry"), format!("gantry:{version}"));
+    let elsewhere = objects(&render(&[], &["image.repository=team/gantry"]).unwrap());
+    assert_eq!(image(&elsewhere, "DaemonSet/t-gantry-agent"), format!("team/gantry:{version}"));
+}
+
 #[test]
 fn the_store_settings_reach_the_coordinators_arguments() {
     let objs = objects(&render(&[&ci_values("external-etcd-values.yaml")], &[]).unwrap());
