@@ -154,17 +154,37 @@ fn compare(case: &Case, root: &Path, torch_present: bool, env: &RunEnv, device: 
     line
 }
 
-/// In a child process: a one-epoch run of `model` with kernel cache `cache`; prints the
-/// `first_step` line's seconds.
+/// In a child process: a run of `model` with kernel cache `cache`, stopped after its first
+/// step; prints the `first_step` line's seconds.
 fn first_step_child(model: &str, cache: &str) {
     let case = CASES.iter().find(|c| c.model == model).expect("a bench model");
     let env = RunEnv { gpus: vec!["0".into()], kernel_cache: Some(cache.into()), ..RunEnv::default() };
-    let mut out = Vec::new();
+    let mut out = StopAtFirstStep { text: Vec::new(), stop: env.stop.clone() };
     train(&TrainSpec { epochs: 1, ..spec(case) }, &env, &mut out).expect("training runs");
-    let out = String::from_utf8(out).unwrap();
+    let out = String::from_utf8(out.text).unwrap();
     let line = out.lines().find(|l| l.starts_with("first_step ")).expect("a first_step line");
     assert!(out.lines().next().is_some_and(|l| l.ends_with("device=cuda:0")), "not on the GPU: {out}");
     println!("{}", line.rsplit_once("seconds=").unwrap().1);
+}
+
+/// Keeps a run's output and raises its stop flag once the first step is reported.
+struct StopAtFirstStep {
+    text: Vec<u8>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::io::Write for StopAtFirstStep {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.write(buf)
+    }
+
+    /// The runtime flushes after each line.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.text.windows(11).any(|w| w == b"first_step ") {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

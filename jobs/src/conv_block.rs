@@ -2,7 +2,7 @@
 //!
 //! Every backend gets the composition of burn's tensor ops (`composed`), which autodiff
 //! differentiates by itself. The CPU backend, with and without autodiff, runs the hand-written
-//! kernels of `kernels.rs` instead: one matrix product each way for the whole batch, and its own
+//! kernels of `kernels.rs` instead: matrix products over the whole batch, and their own
 //! backward pass registered with burn's autodiff graph.
 
 use std::borrow::Cow;
@@ -39,7 +39,8 @@ pub(crate) fn composed<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: 
 }
 
 /// The block from burn's module ops (convolution and max pooling kernels of their own): the
-/// path of GPU backends, whose kernels for these beat a composition of small ops.
+/// path of GPU backends, where one kernel per op is expected to beat many small ones (not yet
+/// measured: no GPU has run it).
 // Without the `cuda` feature only its test uses it.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn native<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {

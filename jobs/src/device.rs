@@ -93,11 +93,13 @@ mod cuda {
 
     /// Compiled kernels and autotune results go under `dir`, so a job does not pay the JIT and
     /// autotuning again on a GPU model this agent has trained on before. The configuration is
-    /// per process and can be set once, before the first kernel.
+    /// per process and can be set once, before the first kernel: a later call with another
+    /// directory, in the same process, changes nothing.
     pub(super) fn use_kernel_cache(dir: &Path) {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
-            let mut config = CubeClRuntimeConfig::default();
+            // cubecl.toml and CUBECL_* settings as cubecl itself would read them, plus the cache.
+            let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
             config.autotune.cache = CacheConfig::File(dir.join("autotune"));
             config.compilation.cache = Some(CacheConfig::File(dir.join("kernels")));
             // Set only if nothing has read the configuration yet (it panics otherwise).
@@ -115,7 +117,10 @@ mod cuda {
             missing.push("the NVIDIA driver's libcuda.so.1".to_string());
         }
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            missing.push("NVRTC's libnvrtc.so.13 (install it, or add its directory to LD_LIBRARY_PATH)".to_string());
+            missing.push(
+                "NVRTC's libnvrtc.so.13, from CUDA 13 (install it, or add its directory to LD_LIBRARY_PATH)"
+                    .to_string(),
+            );
         }
         let headers = cubecl::cuda::install::cuda_path().map(|p| p.join("include"));
         if !headers.as_ref().is_some_and(|dir| dir.join("cuda_runtime.h").exists()) {
@@ -170,12 +175,14 @@ mod tests {
     fn a_named_gpu_is_used_where_the_driver_answers() {
         let choice = choose(&["0".to_string()], None);
         if Path::new("/proc/driver/nvidia/version").exists() {
-            assert_eq!(choice, Choice { device: Device::Cuda(0), note: None });
+            // With a driver, the GPU is used, or something other than the driver is missing.
+            let driver_said_missing = choice.note.as_ref().is_some_and(|n| n.contains("libcuda.so.1"));
+            assert!(choice.device == Device::Cuda(0) || !driver_said_missing, "{choice:?}");
         } else {
             assert_eq!(choice.device, Device::Cpu);
             let note = choice.note.unwrap();
             assert!(
-                note.contains("names 0 but the GPU did not answer (missing the NVIDIA driver's libcuda.so.1;"),
+                note.contains("names 0 but the GPU did not answer (missing the NVIDIA driver's libcuda.so.1"),
                 "{note}"
             );
         }

@@ -24,7 +24,8 @@ pub struct RunEnv {
     pub stop: Arc<AtomicBool>,
     /// `CUDA_VISIBLE_DEVICES`: the GPUs the process sees; it trains on the first.
     pub gpus: Vec<String>,
-    /// `GANTRY_KERNEL_CACHE`: where compiled GPU kernels and autotune results persist.
+    /// `GANTRY_KERNEL_CACHE`: where compiled GPU kernels and autotune results persist. cubecl's
+    /// configuration is per process: the first GPU run in a process sets it for the others.
     pub kernel_cache: Option<PathBuf>,
     /// `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` when `WORLD_SIZE` > 1: this process
     /// is one rank of a data-parallel run.

@@ -250,7 +250,9 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
 
             if !first_step_said {
                 first_step_said = true;
-                // Set-up, data, and on a GPU the kernels' compilation and autotuning.
+                // Set-up, data, and on a GPU the kernels' compilation and autotuning. GPU work is
+                // queued: wait for the step to finish before reading the clock.
+                let _ = B::sync(device);
                 emit(
                     out,
                     format_args!("first_step step={} seconds={:.3}", pos.step + 1, began.elapsed().as_secs_f64()),

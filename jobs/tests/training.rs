@@ -563,12 +563,14 @@ fn the_transformer_learns_genesis_below_2_nats_and_resumes_bit_exactly() {
 #[test]
 #[ignore = "needs an NVIDIA GPU, its driver and NVRTC"]
 fn on_a_gpu_each_digits_model_trains_checkpoints_and_resumes() {
+    // One cache for the process: cubecl takes its configuration once.
+    let cache = tempfile::tempdir().unwrap();
     for model in ["mlp", "cnn"] {
         let dirs = tempfile::tempdir().unwrap();
         let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
         let gpu = |dir: &Path, resume: Option<&Path>| RunEnv {
             gpus: vec!["0".into()],
-            kernel_cache: Some(dirs.path().join("kernels")),
+            kernel_cache: Some(cache.path().to_path_buf()),
             ..env("job-1", Some(dir), resume)
         };
         let spec = TrainSpec { model: model.into(), ..small_spec(3, 30) };
