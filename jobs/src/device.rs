@@ -112,11 +112,13 @@ mod cuda {
     /// the CUDA headers NVRTC reads. Then one small kernel on GPU `index` catches the rest.
     pub(super) fn probe(index: usize) -> Result<(), String> {
         let mut missing = Vec::new();
-        // SAFETY: each loads a shared library once (dlopen), as every CUDA program does.
+        // SAFETY: each loads a shared library (dlopen), as every CUDA program does; their
+        // initialisers are NVIDIA's, run by any CUDA program.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             missing.push("the NVIDIA driver's libcuda.so.1".to_string());
         }
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        // By name: the kernels are built for CUDA 13's API, and cudarc would take an older one.
+        if unsafe { libloading::Library::new("libnvrtc.so.13") }.is_err() {
             missing.push(
                 "NVRTC's libnvrtc.so.13, from CUDA 13 (install it, or add its directory to LD_LIBRARY_PATH)"
                     .to_string(),
