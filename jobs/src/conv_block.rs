@@ -1,9 +1,9 @@
 //! The CNN's conv block, `maxpool2x2(relu(conv3x3(x) + bias))`, as a backend operation.
 //!
-//! Every backend gets the composition of burn's tensor ops (`composed`), which autodiff
-//! differentiates by itself. The CPU backend, with and without autodiff, runs the hand-written
-//! kernels of `kernels.rs` instead: matrix products over the whole batch, and their own
-//! backward pass registered with burn's autodiff graph.
+//! Every backend gets burn's module ops (`native`), which autodiff differentiates by itself.
+//! The CPU backend, with and without autodiff, runs the hand-written kernels of `kernels.rs`
+//! instead: matrix products over the whole batch, and their own backward pass registered with
+//! burn's autodiff graph.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -18,8 +18,8 @@ use burn::backend::ndarray::{NdArrayDevice, NdArrayTensor};
 use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::ops::{FloatTensor, PadMode};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
 
 use crate::kernels::{Block, Saved};
@@ -28,72 +28,25 @@ use crate::kernels::{Block, Saved};
 pub(crate) trait ConvBlockOps: Backend {
     /// `x` [n, c_in, h, w], `weight` [c_out, c_in, 3, 3], `bias` [c_out] -> [n, c_out, h/2, w/2].
     fn conv_relu_pool(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>) -> Tensor<Self, 4> {
-        composed(x, weight, bias)
+        native(x, weight, bias)
     }
-}
-
-/// The block from burn's own ops: the reference the kernels are tested against, and the path
-/// of backends without kernels of their own.
-pub(crate) fn composed<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
-    pool2(relu(conv3x3(x, weight, bias)))
 }
 
 /// The block from burn's module ops (convolution and max pooling kernels of their own): the
 /// path of GPU backends, where one kernel per op is expected to beat many small ones (not yet
-/// measured: no GPU has run it).
-// Without the `cuda` feature only its test uses it.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn native<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
+/// measured: no GPU has run it). On the CPU, burn's conv2d with autodiff ran at about 15
+/// samples/s on the CNN, hence the kernels below.
+fn native<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
     let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
     let y = relu(conv2d(x, weight, Some(bias), options));
     max_pool2d(y, [2, 2], [2, 2], [0, 0], [1, 1], false)
 }
 
 #[cfg(feature = "cuda")]
-impl ConvBlockOps for burn::backend::Cuda {
-    fn conv_relu_pool(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>) -> Tensor<Self, 4> {
-        native(x, weight, bias)
-    }
-}
+impl ConvBlockOps for burn::backend::Cuda {}
 
 #[cfg(feature = "cuda")]
-impl ConvBlockOps for Autodiff<burn::backend::Cuda> {
-    fn conv_relu_pool(x: Tensor<Self, 4>, weight: Tensor<Self, 4>, bias: Tensor<Self, 1>) -> Tensor<Self, 4> {
-        native(x, weight, bias)
-    }
-}
-
-/// A 3x3 convolution with zero padding, as one matrix product: the nine shifted views of the
-/// padded input stacked into columns (im2col). burn's own conv2d, with autodiff on ndarray,
-/// ran at about 15 samples/s on the CNN.
-fn conv3x3<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
-    let [batch, c_in, h, w] = x.dims();
-    let c_out = weight.dims()[0];
-    let padded = x.pad((1, 1, 1, 1), PadMode::Constant(0.0));
-    let mut shifted = Vec::with_capacity(9);
-    for dy in 0..3 {
-        for dx in 0..3 {
-            shifted.push(padded.clone().slice([0..batch, 0..c_in, dy..dy + h, dx..dx + w]).reshape([
-                batch,
-                c_in,
-                1,
-                h * w,
-            ]));
-        }
-    }
-    // [batch, c_in, 9, h*w] -> [batch, c_in*9, h*w]: channel-major, then kernel position, as
-    // the weight [c_out, c_in, 3, 3] flattens.
-    let columns = Tensor::cat(shifted, 2).reshape([batch, c_in * 9, h * w]);
-    let kernel = weight.reshape([1, c_out, c_in * 9]).expand([batch, c_out, c_in * 9]);
-    let out = kernel.matmul(columns) + bias.reshape([1, c_out, 1]);
-    out.reshape([batch, c_out, h, w])
-}
-
-/// 2x2 max pooling with stride 2, as reshapes and maxima.
-fn pool2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [batch, c, h, w] = x.dims();
-    x.reshape([batch, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([batch, c, h / 2, w / 2])
-}
+impl ConvBlockOps for Autodiff<burn::backend::Cuda> {}
 
 type Cpu = NdArray<f32>;
 
@@ -177,10 +130,49 @@ impl ConvBlockOps for Autodiff<Cpu> {
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::ops::PadMode;
+
     use super::*;
     use crate::rng::SplitMix64;
 
     type Train = Autodiff<Cpu>;
+
+    /// The block from burn's tensor ops, differentiated by burn itself: the reference both
+    /// other paths are tested against.
+    fn composed<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
+        pool2(relu(conv3x3(x, weight, bias)))
+    }
+
+    /// A 3x3 convolution with zero padding, as one matrix product: the nine shifted views of the
+    /// padded input stacked into columns (im2col).
+    fn conv3x3<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Tensor<B, 1>) -> Tensor<B, 4> {
+        let [batch, c_in, h, w] = x.dims();
+        let c_out = weight.dims()[0];
+        let padded = x.pad((1, 1, 1, 1), PadMode::Constant(0.0));
+        let mut shifted = Vec::with_capacity(9);
+        for dy in 0..3 {
+            for dx in 0..3 {
+                shifted.push(padded.clone().slice([0..batch, 0..c_in, dy..dy + h, dx..dx + w]).reshape([
+                    batch,
+                    c_in,
+                    1,
+                    h * w,
+                ]));
+            }
+        }
+        // [batch, c_in, 9, h*w] -> [batch, c_in*9, h*w]: channel-major, then kernel position, as
+        // the weight [c_out, c_in, 3, 3] flattens.
+        let columns = Tensor::cat(shifted, 2).reshape([batch, c_in * 9, h * w]);
+        let kernel = weight.reshape([1, c_out, c_in * 9]).expand([batch, c_out, c_in * 9]);
+        let out = kernel.matmul(columns) + bias.reshape([1, c_out, 1]);
+        out.reshape([batch, c_out, h, w])
+    }
+
+    /// 2x2 max pooling with stride 2, as reshapes and maxima.
+    fn pool2<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [batch, c, h, w] = x.dims();
+        x.reshape([batch, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([batch, c, h / 2, w / 2])
+    }
 
     fn random<const D: usize>(rng: &mut SplitMix64, dims: [usize; D]) -> Tensor<Train, D> {
         let values: Vec<f32> = (0..dims.iter().product()).map(|_| rng.next_f32() * 2.0 - 1.0).collect();

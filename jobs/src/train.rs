@@ -201,7 +201,8 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     let mut stopped = false;
     // The test loss and accuracy of the current weights, when known (saves re-evaluating).
     let mut evaluated = None;
-    let mut first_step_said = false;
+    // The first step this process takes is the one that says how long it took to get there.
+    let first_step = pos.step;
 
     'epochs: while pos.epoch < spec.epochs {
         let order = data::epoch_order(spec.seed, pos.epoch, n_train);
@@ -248,8 +249,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
             }
             model = optim.step(spec.learning_rate, model, grads);
 
-            if !first_step_said {
-                first_step_said = true;
+            if pos.step == first_step {
                 // Set-up, data, and on a GPU the kernels' compilation and autotuning. GPU work is
                 // queued: wait for the step to finish before reading the clock.
                 let _ = B::sync(device);

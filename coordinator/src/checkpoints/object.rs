@@ -65,8 +65,10 @@ impl Sink {
 
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         let writer = self.writer.as_mut().expect("a file is open");
-        let failed = writer.write_all(data).await.err();
-        failed.map_or(Ok(()), |e| Err(self.failed("writing", e)))
+        if let Err(e) = writer.write_all(data).await {
+            return Err(self.failed("writing", e));
+        }
+        Ok(())
     }
 
     pub async fn close(&mut self) -> Result<()> {
