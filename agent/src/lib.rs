@@ -163,7 +163,10 @@ impl Agent {
         *self.outbound.lock().expect("outbound lock") = Some(tx.clone());
         info!(coordinator = %self.coordinators.url(), name = %self.config.name, "session open");
 
-        let beats = {
+        // Heartbeats end with the session, also when the session is dropped unfinished (the
+        // agent shutting down): a beat sent after that would report the exits of the jobs the
+        // agent is stopping (143) as failures, where its silence should requeue them.
+        let _beats = AbortOnDrop({
             let agent = self.clone();
             tokio::spawn(async move {
                 loop {
@@ -173,16 +176,14 @@ impl Agent {
                     }
                 }
             })
-        };
-        let result = loop {
+        });
+        loop {
             match inbound.message().await {
                 Ok(Some(msg)) => self.handle(msg),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e.into()),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
-        };
-        beats.abort();
-        result
+        }
     }
 
     fn handle(self: &Arc<Self>, msg: v1::CoordinatorMessage) {
@@ -288,6 +289,15 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
