@@ -113,6 +113,36 @@ pub struct TrainSpec {
     /// the checkpoint was not trained on).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub new_head: bool,
+    /// What the forward and backward passes compute in; the weights stay f32 either way.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision: activations, their gradients and the matrix products in bf16 on a GPU
+    /// that has it; weights, their gradients and the optimizer's state in f32.
+    Bf16,
+}
+
+impl Precision {
+    fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
 }
 
 impl Default for TrainSpec {
@@ -130,6 +160,7 @@ impl Default for TrainSpec {
             examples_per_class: None,
             freeze_backbone: false,
             new_head: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -224,7 +255,17 @@ impl JobSpec {
                     return Err(SpecError::new("command", "must name a program to run"));
                 }
             }
-            (Some(t), None) => t.validate()?,
+            (Some(t), None) => {
+                t.validate()?;
+                // The CPU backend computes in f32 only: asking a CPU job for bf16 is a mistake
+                // better told now than found in its log.
+                if t.precision == Precision::Bf16 && r.gpus == 0 {
+                    return Err(SpecError::new(
+                        "train.precision",
+                        "bf16 runs on GPUs only: this job asks for none (resources.gpus is 0)",
+                    ));
+                }
+            }
         }
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -409,6 +450,23 @@ mod tests {
         let err = JobSpec::from_yaml("name: x\ncommand: [true]\nresources:\n  gpuz: 1\n").unwrap_err();
         assert_eq!(err.field, "resources");
         assert!(err.reason.contains("unknown field `gpuz`"), "{err}");
+    }
+
+    #[test]
+    fn precision_is_f32_or_bf16_and_bf16_needs_a_gpu() {
+        let spec = |text: &str| JobSpec::from_yaml(text);
+        assert_eq!(spec(GOOD).unwrap().train.unwrap().precision, Precision::F32);
+        let gpu = spec("name: t\nresources: {gpus: 1}\ntrain: {precision: bf16}\n").unwrap();
+        assert_eq!(gpu.train.as_ref().unwrap().precision, Precision::Bf16);
+        // It survives the trip through the coordinator's JSON.
+        let again: JobSpec = serde_json::from_str(&serde_json::to_string(&gpu).unwrap()).unwrap();
+        assert_eq!(again, gpu);
+
+        let err = spec("name: t\ntrain: {precision: bf16}\n").unwrap_err();
+        assert_eq!(err.field, "train.precision");
+        assert!(err.reason.contains("GPUs only"), "{err}");
+        let err = spec("name: t\nresources: {gpus: 1}\ntrain: {precision: fp16}\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `fp16`"), "{err}");
     }
 
     #[test]

@@ -2,10 +2,13 @@
 same data set and sample counts, the same batch size and optimizer (Adam, PyTorch's defaults),
 timed the same way (the training loop of each epoch, evaluation excluded).
 
-Usage: pytorch_reference.py MODEL EPOCHS BATCH_SIZE REPO_ROOT [DEVICE]
-DEVICE is cpu (the default) or cuda, with PyTorch's default precision settings.
+Usage: pytorch_reference.py MODEL EPOCHS BATCH_SIZE REPO_ROOT [DEVICE [PRECISION]]
+DEVICE is cpu (the default) or cuda, with PyTorch's default precision settings. PRECISION is
+f32 (the default) or bf16: the forward pass and loss under torch.autocast(bfloat16), as
+gantry's `precision: bf16` (f32 weights and optimizer).
 Prints one JSON object: samples/s of each epoch, and torch's thread count.
 """
+import contextlib
 import json
 import sys
 import time
@@ -15,6 +18,9 @@ from torch import nn
 
 model_name, epochs, batch_size, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 device = torch.device(sys.argv[5] if len(sys.argv) > 5 else "cpu")
+precision = sys.argv[6] if len(sys.argv) > 6 else "f32"
+if precision not in ("f32", "bf16"):
+    sys.exit(f"unknown precision {precision}: expected f32 or bf16")
 torch.manual_seed(42)
 CONTEXT = 64
 
@@ -73,12 +79,14 @@ model, x, y = model.to(device), x.to(device), y.to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 loss_fn = nn.CrossEntropyLoss()
 rates = []
+autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 for epoch in range(epochs):
     order = torch.randperm(len(x), device=device)
     started = time.perf_counter()
     for first in range(0, len(x), batch_size):
         batch = order[first : first + batch_size]
-        loss = loss_fn(model(x[batch]), y[batch].reshape(-1))
+        with autocast():
+            loss = loss_fn(model(x[batch]), y[batch].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

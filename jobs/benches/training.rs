@@ -4,7 +4,8 @@
 //! say it was skipped. One JSON object per line.
 //!
 //! Built with `--features cuda` on a machine whose GPU answers, the same rows follow for GPU 0
-//! (PyTorch on `cuda`, with its default precision settings), and for each model the time from
+//! (PyTorch on `cuda`, with its default precision settings), again in bf16 mixed precision
+//! (`precision: bf16` against PyTorch's autocast to bfloat16), and for each model the time from
 //! the start of a `train` call to the end of its first step in a fresh process: once with an
 //! empty kernel cache, once with the cache that run left (`GANTRY_KERNEL_CACHE`).
 //!
@@ -15,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gantry_core::spec::TrainSpec;
+use gantry_core::spec::{Precision, TrainSpec};
 use gantry_jobs::{RunEnv, train};
 
 const RUNS: usize = 3;
@@ -46,8 +47,9 @@ fn steady(rates: Vec<f64>) -> f64 {
     median(if rates.len() > 1 { rates[1..].to_vec() } else { rates })
 }
 
-fn spec(case: &Case) -> TrainSpec {
+fn spec(case: &Case, precision: Precision) -> TrainSpec {
     TrainSpec {
+        precision,
         model: case.model.into(),
         dataset: case.dataset.into(),
         epochs: case.epochs,
@@ -57,9 +59,9 @@ fn spec(case: &Case) -> TrainSpec {
     }
 }
 
-fn gantry(case: &Case, env: &RunEnv) -> f64 {
+fn gantry(case: &Case, env: &RunEnv, precision: Precision) -> f64 {
     let mut out = Vec::new();
-    train(&spec(case), env, &mut out).expect("training runs");
+    train(&spec(case, precision), env, &mut out).expect("training runs");
     let rates = String::from_utf8(out)
         .unwrap()
         .lines()
@@ -73,13 +75,14 @@ fn gantry(case: &Case, env: &RunEnv) -> f64 {
 }
 
 /// PyTorch's samples/s and thread count, or why there are none.
-fn pytorch(case: &Case, root: &Path, device: &str) -> Result<(f64, u64, String), String> {
+fn pytorch(case: &Case, root: &Path, device: &str, precision: Precision) -> Result<(f64, u64, String), String> {
     let script = root.join("jobs/benches/pytorch_reference.py");
     let out = Command::new("python3")
         .arg(&script)
         .args([case.model, &case.epochs.to_string(), &case.batch_size.to_string()])
         .arg(root)
         .arg(device)
+        .arg(precision.to_string())
         .output()
         .map_err(|e| format!("python3: {e}"))?;
     if !out.status.success() {
@@ -109,7 +112,7 @@ fn main() {
     let wanted: Vec<String> = args.into_iter().filter(|a| !a.starts_with("--")).collect();
     let cases: Vec<&Case> = CASES.iter().filter(|c| wanted.is_empty() || wanted.iter().any(|w| w == c.model)).collect();
     for case in &cases {
-        let mut line = compare(case, &root, torch_present, &RunEnv::default(), "cpu");
+        let mut line = compare(case, &root, torch_present, &RunEnv::default(), "cpu", Precision::F32);
         line["cores"] = cores.into();
         if let Some(goal) = case.goal_ratio {
             line["goal_vs_pytorch"] = goal.into();
@@ -119,14 +122,22 @@ fn main() {
     gpu::rows(&cases, &root, torch_present);
 }
 
-/// One row: gantry and PyTorch on `device` ("cpu" or "cuda"), medians of alternating runs.
-fn compare(case: &Case, root: &Path, torch_present: bool, env: &RunEnv, device: &str) -> serde_json::Value {
+/// One row: gantry and PyTorch on `device` ("cpu" or "cuda") in `precision`, medians of
+/// alternating runs.
+fn compare(
+    case: &Case,
+    root: &Path,
+    torch_present: bool,
+    env: &RunEnv,
+    device: &str,
+    precision: Precision,
+) -> serde_json::Value {
     let (mut ours, mut theirs, mut threads, mut version) = (Vec::new(), Vec::new(), 0, String::new());
     let mut skipped = (!torch_present).then(|| "PyTorch is not installed (import torch failed)".to_string());
     for _ in 0..RUNS {
-        ours.push(gantry(case, env));
+        ours.push(gantry(case, env, precision));
         if skipped.is_none() {
-            match pytorch(case, root, device) {
+            match pytorch(case, root, device, precision) {
                 Ok((rate, t, v)) => {
                     theirs.push(rate);
                     (threads, version) = (t, v);
@@ -137,7 +148,7 @@ fn compare(case: &Case, root: &Path, torch_present: bool, env: &RunEnv, device: 
     }
     let ours = median(ours);
     let mut line = serde_json::json!({
-        "bench": "training", "device": device, "model": case.model,
+        "bench": "training", "device": device, "precision": precision.to_string(), "model": case.model,
         "dataset": case.dataset, "batch_size": case.batch_size, "runs": RUNS,
         "gantry_samples_per_s": ours.round(),
     });
@@ -160,7 +171,7 @@ fn first_step_child(model: &str, cache: &str) {
     let case = CASES.iter().find(|c| c.model == model).expect("a bench model");
     let env = RunEnv { gpus: vec!["0".into()], kernel_cache: Some(cache.into()), ..RunEnv::default() };
     let mut out = StopAtFirstStep { text: Vec::new(), stop: env.stop.clone() };
-    train(&TrainSpec { epochs: 1, ..spec(case) }, &env, &mut out).expect("training runs");
+    train(&TrainSpec { epochs: 1, ..spec(case, Precision::F32) }, &env, &mut out).expect("training runs");
     let out = String::from_utf8(out.text).unwrap();
     let line = out.lines().find(|l| l.starts_with("first_step ")).expect("a first_step line");
     assert!(out.lines().next().is_some_and(|l| l.ends_with("device=cuda:0")), "not on the GPU: {out}");
@@ -197,6 +208,7 @@ mod gpu {
     use std::path::Path;
     use std::process::Command;
 
+    use gantry_core::spec::Precision;
     use gantry_jobs::{RunEnv, train};
 
     use super::{Case, FIRST_STEP, compare, spec};
@@ -212,7 +224,7 @@ mod gpu {
             RunEnv { gpus: vec!["0".into()], kernel_cache: Some(cache.path().join("in-process")), ..RunEnv::default() };
         let mut out = Vec::new();
         let probe = super::Case { epochs: 1, ..*cases.first().copied().unwrap_or(&super::CASES[0]) };
-        train(&spec(&probe), &env, &mut out).expect("training runs");
+        train(&spec(&probe, Precision::F32), &env, &mut out).expect("training runs");
         let first = String::from_utf8_lossy(&out).lines().find(|l| l.starts_with("start ")).unwrap_or("").to_string();
         if !first.ends_with("device=cuda:0") {
             let why =
@@ -220,10 +232,12 @@ mod gpu {
             println!("{}", serde_json::json!({"bench": "training", "device": "cuda", "skipped": why}));
             return;
         }
-        for case in cases {
-            let mut line = compare(case, root, torch_present, &env, "cuda");
-            line["goal_vs_pytorch"] = GOAL.into();
-            println!("{line}");
+        for precision in [Precision::F32, Precision::Bf16] {
+            for case in cases {
+                let mut line = compare(case, root, torch_present, &env, "cuda", precision);
+                line["goal_vs_pytorch"] = GOAL.into();
+                println!("{line}");
+            }
         }
         let exe = std::env::current_exe().expect("this bench's path");
         for case in cases {

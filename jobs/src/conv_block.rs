@@ -48,6 +48,13 @@ impl ConvBlockOps for burn::backend::Cuda {}
 #[cfg(feature = "cuda")]
 impl ConvBlockOps for Autodiff<burn::backend::Cuda> {}
 
+// The bf16 tests' backend.
+#[cfg(test)]
+impl ConvBlockOps for burn_flex::Flex {}
+
+#[cfg(test)]
+impl ConvBlockOps for Autodiff<burn_flex::Flex> {}
+
 type Cpu = NdArray<f32>;
 
 /// A CPU tensor's values, borrowed where they are laid out in order (as they are here).

@@ -9,7 +9,8 @@
 //!
 //! ```text
 //! [gantry] CUDA_VISIBLE_DEVICES names GPU-... but ...: training on the CPU   (a GPU not used)
-//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64 device=cpu
+//! [gantry] precision bf16 asked for, but device cpu has no bf16: training in f32
+//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64 precision=f32 device=cpu
 //! resumed step=30 epoch=1 from=/ckpt/job-1/step-30         (a restart of the same job)
 //! initialised weights from=/ckpt/job-0/step-690            (another job's weights)
 //! checkpoint step=100 path=step-100                         (path relative to the checkpoint dir)
@@ -38,6 +39,7 @@ mod export;
 mod grad_sync;
 mod kernels;
 mod model;
+mod precision;
 mod rng;
 mod text;
 mod train;

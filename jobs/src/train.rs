@@ -27,6 +27,7 @@ use crate::error::JobsError;
 use crate::examples::Examples;
 use crate::grad_sync;
 use crate::model::{Input, Mlp, Net};
+use crate::precision::Compute;
 use crate::text;
 use crate::transformer::Transformer;
 
@@ -132,6 +133,10 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     test_set: &E,
 ) -> Result<Outcome, JobsError> {
     let Run { spec, env, shown, began, device } = run;
+    let (compute, note) = Compute::choose::<B>(spec.precision, device, shown);
+    if let Some(note) = note {
+        emit(out, format_args!("[gantry] {note}"))?;
+    }
     let batch_size = spec.batch_size as usize;
     let n_train = train_set.len();
     let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
@@ -139,12 +144,13 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     emit(
         out,
         format_args!(
-            "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={} device={shown}",
+            "start model={} dataset={} train_samples={n_train} test_samples={} epochs={} batch_size={} precision={} device={shown}",
             spec.model,
             spec.dataset,
             test_set.len(),
             spec.epochs,
-            spec.batch_size
+            spec.batch_size,
+            compute.precision,
         ),
     )?;
 
@@ -193,7 +199,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
         None => None,
     };
 
-    let test = TestSet::<B::InnerBackend>::new(test_set, device);
+    let test = TestSet::<B::InnerBackend>::new(test_set, device, compute);
     let loss_fn = CrossEntropyLossConfig::new().init::<B>(device);
     // Every rank holds the same weights: rank 0 alone writes them.
     let checkpoint_dir = if rank == 0 { env.checkpoint_dir.as_deref() } else { None };
@@ -221,7 +227,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
                 true => (GradientsParams::new(), 0.0),
                 false => {
                     let (x, y) = train_set.batch::<B>(indices, device);
-                    let loss = loss_fn.forward(model.forward(x), y);
+                    let loss = loss_fn.forward(compute.forward(&model, x), y);
                     let value = loss.clone().into_scalar().elem::<f64>();
                     (GradientsParams::from_grads(loss.backward(), &model), value)
                 }
@@ -441,20 +447,22 @@ struct TestSet<B: Backend> {
     y: Tensor<B, 1, Int>,
     /// Predictions made: one per target.
     n: usize,
+    /// Evaluated in the precision the run trains in.
+    compute: Compute,
 }
 
 impl<B: ConvBlockOps> TestSet<B> {
-    fn new<E: Examples>(examples: &E, device: &B::Device) -> Self {
+    fn new<E: Examples>(examples: &E, device: &B::Device, compute: Compute) -> Self {
         let all: Vec<usize> = (0..examples.len()).collect();
         let (x, y) = examples.batch::<B>(&all, device);
         let n = y.dims()[0];
-        TestSet { x, y, n }
+        TestSet { x, y, n, compute }
     }
 
     /// Mean cross-entropy and accuracy.
     fn evaluate<T: TrainBackend<InnerBackend = B>, M: Trainable<T>>(&self, model: &M) -> (f64, f64) {
         // `valid()` drops autodiff: no graph is recorded for evaluation.
-        let logits = model.valid().forward(self.x.clone());
+        let logits = self.compute.forward(&model.valid(), self.x.clone());
         let loss = CrossEntropyLossConfig::new().init::<B>(&logits.device()).forward(logits.clone(), self.y.clone());
         let predicted = logits.argmax(1).reshape([self.n]);
         let correct = predicted.equal(self.y.clone()).int().sum().into_scalar().elem::<i64>();
@@ -471,4 +479,38 @@ fn append_line(file: &std::path::Path, line: &str) -> Result<(), JobsError> {
 
 fn emit(out: &mut dyn Write, line: std::fmt::Arguments) -> Result<(), JobsError> {
     writeln!(out, "{line}").and_then(|()| out.flush()).map_err(JobsError::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn_flex::{Flex, FlexDevice};
+    use gantry_core::spec::Precision;
+
+    use super::*;
+
+    /// Trains `spec` on a CPU backend that has bf16 (ndarray has not).
+    fn train_on_flex(spec: &TrainSpec) -> (Outcome, String) {
+        let mut out = Vec::new();
+        let run = Run { spec, env: &RunEnv::default(), shown: Device::Cpu, began: Instant::now(), device: &FlexDevice };
+        let outcome = train_on::<Autodiff<Flex>>(run, &mut out).expect("training runs");
+        (outcome, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn training_in_bf16_learns_the_digits_about_as_well_as_f32() {
+        for model in ["mlp", "cnn"] {
+            let spec = TrainSpec { model: model.into(), epochs: 8, ..TrainSpec::default() };
+            let (full, _) = train_on_flex(&spec);
+            let (half, out) = train_on_flex(&TrainSpec { precision: Precision::Bf16, ..spec });
+            println!("{out}");
+            println!("{model} after 8 epochs: f32 {:.4}, bf16 {:.4}", full.test_accuracy, half.test_accuracy);
+            assert!(out.lines().next().unwrap().contains(" precision=bf16 "), "{out}");
+            assert!(!out.contains("[gantry]"), "{out}");
+            // bf16 rounds every activation: not the same run, but as good a model.
+            assert_ne!(half.test_loss.to_bits(), full.test_loss.to_bits());
+            assert!(full.test_accuracy >= 0.9, "{model} in f32: {}", full.test_accuracy);
+            let gap = (half.test_accuracy - full.test_accuracy).abs();
+            assert!(gap <= 0.03, "{model}: bf16 {} vs f32 {}", half.test_accuracy, full.test_accuracy);
+        }
+    }
 }

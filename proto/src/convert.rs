@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use gantry_core::spec::{JobSpec, Resources, TrainSpec};
+use gantry_core::spec::{JobSpec, Precision, Resources, TrainSpec};
 
 use crate::v1;
 
@@ -33,6 +33,11 @@ impl From<&JobSpec> for v1::JobSpec {
                 examples_per_class: t.examples_per_class,
                 freeze_backbone: t.freeze_backbone,
                 new_head: t.new_head,
+                precision: match t.precision {
+                    Precision::F32 => v1::Precision::F32,
+                    Precision::Bf16 => v1::Precision::Bf16,
+                }
+                .into(),
             })),
             (None, Some(argv)) => Some(v1::job_spec::Workload::Command(v1::CommandSpec { argv: argv.clone() })),
             (None, None) => None,
@@ -77,6 +82,14 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     examples_per_class: t.examples_per_class,
                     freeze_backbone: t.freeze_backbone,
                     new_head: t.new_head,
+                    precision: match v1::Precision::try_from(t.precision) {
+                        Ok(v1::Precision::F32) => Precision::F32,
+                        Ok(v1::Precision::Bf16) => Precision::Bf16,
+                        Err(_) => {
+                            let reason = format!("unknown precision {}", t.precision);
+                            return Err(ConvertError { field: "spec.train.precision", reason });
+                        }
+                    },
                 }),
                 None,
             ),
@@ -133,11 +146,20 @@ mod tests {
     #[test]
     fn spec_round_trips_through_the_wire() {
         let spec = JobSpec::from_yaml(
-            "name: x\npriority: 70\nresources: {gpus: 2, gpu_model: H100}\ntrain: {epochs: 3, init_from: j1@10}\nenv: {A: b}\n",
+            "name: x\npriority: 70\nresources: {gpus: 2, gpu_model: H100}\ntrain: {epochs: 3, init_from: j1@10, precision: bf16}\nenv: {A: b}\n",
         )
         .unwrap();
         let wire = v1::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn an_unknown_precision_is_an_error_not_a_default() {
+        let spec = JobSpec::from_yaml("name: x\nresources: {gpus: 1}\ntrain: {precision: bf16}\n").unwrap();
+        let mut wire = v1::JobSpec::from(&spec);
+        let Some(v1::job_spec::Workload::Train(train)) = wire.workload.as_mut() else { unreachable!() };
+        train.precision = 7;
+        assert_eq!(JobSpec::try_from(wire).unwrap_err().to_string(), "spec.train.precision: unknown precision 7");
     }
 
     #[test]
