@@ -401,6 +401,55 @@ fn a_frozen_agent_is_shown_disconnected_its_job_moves_and_it_rejoins_when_it_wak
     fleet.ok(&["cancel", &job]);
 }
 
+/// An agent told to stop (SIGTERM: the machine is leaving) stops its jobs and falls silent at
+/// once, before they have exited: their exits (143) must not reach the coordinator as failures.
+/// The job is lost with its agent and runs elsewhere, without counting against max_restarts.
+#[test]
+fn a_stopping_agent_falls_silent_before_its_jobs_exit_and_they_move_elsewhere() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    // A job that takes 4 s to stop: the agent is still alive, stopping it, all that time.
+    let slow = r#"trap 'sleep 4; exit 143' TERM; echo ready; sleep 600 & wait"#;
+    let spec = format!(
+        "name: slow-stop\nmax_restarts: 0\ncommand: [\"bash\", \"-c\", {}]\n",
+        serde_json::to_string(slow).unwrap()
+    );
+    let job = fleet.submit(&spec);
+    fleet.wait_state(&job, &["running"], Duration::from_secs(30));
+    let first = fleet.json(&["job", &job])["nodes"][0].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fleet.ok(&["logs", &job]).contains("ready") {
+        assert!(Instant::now() < deadline, "the job never said it was ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let index = if first == "node-a" { 0 } else { 1 };
+    assert!(Command::new("kill").arg(fleet.agents[index].id().to_string()).status().unwrap().success());
+
+    let connected = |fleet: &Fleet| {
+        let nodes = fleet.json(&["nodes"]);
+        nodes.as_array().unwrap().iter().find(|n| n["name"] == first.as_str()).unwrap()["connected"] == true
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while connected(&fleet) {
+        assert!(Instant::now() < deadline, "{first} still talks to the coordinator 3 s after it was told to stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(fleet.agents[index].try_wait().unwrap().is_none(), "{first} had exited already: silence proves nothing");
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let view = fleet.json(&["job", &job]);
+        assert_ne!(view["state"], "failed", "the stopped job's exit was reported as a failure: {view}");
+        if view["state"] == "running" && view["nodes"][0] != first.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not move: {view}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.ok(&["cancel", &job]);
+}
+
 #[test]
 fn a_drained_node_keeps_its_jobs_and_takes_no_new_ones_until_undrained() {
     let fleet = Fleet::start();
