@@ -490,10 +490,62 @@ mod tests {
 
     /// Trains `spec` on a CPU backend that has bf16 (ndarray has not).
     fn train_on_flex(spec: &TrainSpec) -> (Outcome, String) {
-        let mut out = Vec::new();
-        let run = Run { spec, env: &RunEnv::default(), shown: Device::Cpu, began: Instant::now(), device: &FlexDevice };
+        train_on_flex_in(spec, &RunEnv::default(), None)
+    }
+
+    /// Same, in `env`, raising its stop flag once a line starts with `stop_on`.
+    fn train_on_flex_in(spec: &TrainSpec, env: &RunEnv, stop_on: Option<&str>) -> (Outcome, String) {
+        let mut out = StopOn { text: Vec::new(), prefix: stop_on.map(str::as_bytes), env };
+        let run = Run { spec, env, shown: Device::Cpu, began: Instant::now(), device: &FlexDevice };
         let outcome = train_on::<Autodiff<Flex>>(run, &mut out).expect("training runs");
-        (outcome, String::from_utf8(out).unwrap())
+        (outcome, String::from_utf8(out.text).unwrap())
+    }
+
+    /// Keeps a run's output; raises the stop flag when a line starts with `prefix`.
+    struct StopOn<'a> {
+        text: Vec<u8>,
+        prefix: Option<&'a [u8]>,
+        env: &'a RunEnv,
+    }
+
+    impl Write for StopOn<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.text.write(buf)
+        }
+
+        /// `emit` flushes after each whole line.
+        fn flush(&mut self) -> std::io::Result<()> {
+            let body = self.text.strip_suffix(b"\n").unwrap_or(&self.text);
+            let last = body.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+            if self.prefix.is_some_and(|p| last.starts_with(p)) {
+                self.env.stop.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        }
+    }
+
+    /// The weights stay f32 and the bf16 forward pass is deterministic on this backend, so a
+    /// bf16 run stopped at a checkpoint and resumed ends with the uninterrupted run's weights.
+    #[test]
+    fn a_bf16_run_resumes_bit_exactly() {
+        let dirs = tempfile::tempdir().unwrap();
+        let spec =
+            TrainSpec { epochs: 3, checkpoint_every_steps: 30, precision: Precision::Bf16, ..TrainSpec::default() };
+        let env = |dir: &str, resume: Option<PathBuf>| RunEnv {
+            job_id: Some("job-1".into()),
+            checkpoint_dir: Some(dirs.path().join(dir)),
+            resume_dir: resume,
+            ..RunEnv::default()
+        };
+        let (full, _) = train_on_flex_in(&spec, &env("full", None), None);
+        let (first, _) = train_on_flex_in(&spec, &env("split", None), Some("checkpoint step=30 "));
+        assert!(first.stopped && first.steps == 30, "{first:?}");
+        let (second, out) = train_on_flex_in(&spec, &env("split", first.last_checkpoint.clone()), None);
+        assert!(out.contains("resumed step=30 "), "{out}");
+        assert_eq!(second.steps, full.steps);
+        let weights = |o: &Outcome| std::fs::read(o.last_checkpoint.as_ref().unwrap().join(MODEL_FILE)).unwrap();
+        assert!(weights(&second) == weights(&full), "resumed weights differ");
+        assert_eq!(second.test_loss.to_bits(), full.test_loss.to_bits());
     }
 
     #[test]
