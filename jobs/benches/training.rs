@@ -59,11 +59,17 @@ fn spec(case: &Case, precision: Precision) -> TrainSpec {
     }
 }
 
-fn gantry(case: &Case, env: &RunEnv, precision: Precision) -> f64 {
+/// gantry's samples/s, or the note it printed when it did not train in `precision` (bf16 on a
+/// GPU without it).
+fn gantry(case: &Case, env: &RunEnv, precision: Precision) -> Result<f64, String> {
     let mut out = Vec::new();
     train(&spec(case, precision), env, &mut out).expect("training runs");
-    let rates = String::from_utf8(out)
-        .unwrap()
+    let out = String::from_utf8(out).unwrap();
+    let start = out.lines().find(|l| l.starts_with("start ")).expect("a start line");
+    if !start.contains(&format!(" precision={precision} ")) {
+        return Err(out.lines().find(|l| l.starts_with("[gantry]")).unwrap_or(start).to_string());
+    }
+    let rates = out
         .lines()
         .filter(|l| l.starts_with("epoch="))
         .map(|l| {
@@ -71,7 +77,7 @@ fn gantry(case: &Case, env: &RunEnv, precision: Precision) -> f64 {
             v.parse().unwrap()
         })
         .collect();
-    steady(rates)
+    Ok(steady(rates))
 }
 
 /// PyTorch's samples/s and thread count, or why there are none.
@@ -135,7 +141,16 @@ fn compare(
     let (mut ours, mut theirs, mut threads, mut version) = (Vec::new(), Vec::new(), 0, String::new());
     let mut skipped = (!torch_present).then(|| "PyTorch is not installed (import torch failed)".to_string());
     for _ in 0..RUNS {
-        ours.push(gantry(case, env, precision));
+        match gantry(case, env, precision) {
+            Ok(rate) => ours.push(rate),
+            Err(note) => {
+                let line = serde_json::json!({
+                    "bench": "training", "device": device, "precision": precision.to_string(),
+                    "model": case.model, "skipped": note,
+                });
+                return line;
+            }
+        }
         if skipped.is_none() {
             match pytorch(case, root, device, precision) {
                 Ok((rate, t, v)) => {

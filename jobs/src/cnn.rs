@@ -39,7 +39,8 @@ fn conv<B: Backend>(rng: &mut SplitMix64, ids: [u64; 2], c_in: usize, c_out: usi
 fn block<B: ConvBlockOps>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     let bias = match &layer.bias {
         Some(bias) => bias.val(),
-        None => Tensor::zeros([layer.weight.dims()[0]], &x.device()),
+        // In the input's dtype: bf16 in a bf16 run.
+        None => Tensor::<B, 1>::zeros([layer.weight.dims()[0]], &x.device()).cast(x.dtype()),
     };
     B::conv_relu_pool(x, layer.weight.val(), bias)
 }

@@ -28,6 +28,17 @@ impl std::fmt::Display for Device {
 pub(crate) struct Choice {
     pub device: Device,
     pub note: Option<String>,
+    /// Why the chosen GPU cannot compute in bf16, where it cannot (cubecl reports bf16 on
+    /// every GPU, whatever its hardware; the CPU backend answers for itself).
+    pub no_bf16: Option<String>,
+}
+
+/// Why a GPU of compute capability `major.minor` cannot compute in bf16, if it cannot: bf16
+/// arithmetic and tensor cores came with Ampere (8.0).
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn bf16_lacking(device: Device, (major, minor): (i32, i32)) -> Option<String> {
+    (major < 8)
+        .then(|| format!("device {device} has compute capability {major}.{minor} and bf16 needs 8.0 (Ampere) or later"))
 }
 
 /// The GPUs a `CUDA_VISIBLE_DEVICES` value names. Empty, unset, or starting with an invalid
@@ -48,7 +59,7 @@ pub(crate) fn visible_gpus(value: Option<&str>) -> Vec<String> {
 /// and autotune results persist between runs.
 pub(crate) fn choose(gpus: &[String], kernel_cache: Option<&Path>) -> Choice {
     if gpus.is_empty() {
-        return Choice { device: Device::Cpu, note: None };
+        return Choice { device: Device::Cpu, note: None, no_bf16: None };
     }
     gpu(gpus, kernel_cache)
 }
@@ -61,6 +72,7 @@ fn gpu(gpus: &[String], _kernel_cache: Option<&Path>) -> Choice {
             "CUDA_VISIBLE_DEVICES names {} but this build has no CUDA backend (cargo feature `cuda`): training on the CPU",
             gpus.join(",")
         )),
+        no_bf16: None,
     }
 }
 
@@ -70,13 +82,21 @@ fn gpu(gpus: &[String], kernel_cache: Option<&Path>) -> Choice {
         cuda::use_kernel_cache(dir);
     }
     match cuda::probe(0) {
-        Ok(()) => Choice { device: Device::Cuda(0), note: None },
+        Ok(capability) => {
+            let device = Device::Cuda(0);
+            let no_bf16 = match capability {
+                Ok(capability) => bf16_lacking(device, capability),
+                Err(why) => Some(format!("the compute capability of device {device} could not be read ({why})")),
+            };
+            Choice { device, note: None, no_bf16 }
+        }
         Err(why) => Choice {
             device: Device::Cpu,
             note: Some(format!(
                 "CUDA_VISIBLE_DEVICES names {} but the GPU did not answer ({why}): training on the CPU",
                 gpus.join(",")
             )),
+            no_bf16: None,
         },
     }
 }
@@ -90,6 +110,8 @@ mod cuda {
     use burn::tensor::Tensor;
     use cubecl::config::cache::CacheConfig;
     use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    use cudarc::driver::result::{self, DriverError};
+    use cudarc::driver::sys::CUdevice_attribute;
 
     /// Compiled kernels and autotune results go under `dir`, so a job does not pay the JIT and
     /// autotuning again on a GPU model this agent has trained on before. The configuration is
@@ -110,7 +132,8 @@ mod cuda {
     /// What a GPU run needs besides the GPU, checked before the first kernel so that every
     /// missing part is named at once: the driver, NVRTC (kernels are compiled at run time) and
     /// the CUDA headers NVRTC reads. Then one small kernel on GPU `index` catches the rest.
-    pub(super) fn probe(index: usize) -> Result<(), String> {
+    /// Answers the GPU's compute capability, or why it could not be read.
+    pub(super) fn probe(index: usize) -> Result<Result<(i32, i32), String>, String> {
         let mut missing = Vec::new();
         // SAFETY: each loads a shared library (dlopen), as every CUDA program does; their
         // initialisers are NVIDIA's, run by any CUDA program.
@@ -139,7 +162,7 @@ mod cuda {
             (x + 1.0).into_data().into_vec::<f32>()
         });
         match run {
-            Ok(Ok(v)) if v == [2.0, 3.0] => Ok(()),
+            Ok(Ok(v)) if v == [2.0, 3.0] => Ok(compute_capability(index)),
             Ok(Ok(v)) => Err(format!("a test kernel computed {v:?}, not [2.0, 3.0]")),
             Ok(Err(e)) => Err(format!("{e:?}")),
             Err(panic) => Err(panic
@@ -148,6 +171,23 @@ mod cuda {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "the CUDA runtime panicked".into())),
         }
+    }
+
+    /// `(major, minor)` of visible GPU `index`, from the driver (the kernel probe has
+    /// initialised it).
+    fn compute_capability(index: usize) -> Result<(i32, i32), String> {
+        let read = || {
+            result::init()?;
+            let dev = result::device::get(index as i32)?;
+            // SAFETY: `dev` is a device handle the driver just gave; reading attributes
+            // changes nothing.
+            let attribute = |a| unsafe { result::device::get_attribute(dev, a) };
+            Ok::<_, DriverError>((
+                attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            ))
+        };
+        read().map_err(|e| format!("{e:?}"))
     }
 }
 
@@ -167,7 +207,19 @@ mod tests {
 
     #[test]
     fn no_gpu_means_the_cpu_without_a_note() {
-        assert_eq!(choose(&[], None), Choice { device: Device::Cpu, note: None });
+        assert_eq!(choose(&[], None), Choice { device: Device::Cpu, note: None, no_bf16: None });
+    }
+
+    #[test]
+    fn bf16_needs_ampere_or_later() {
+        let gpu = Device::Cpu; // The device only names itself in the reason.
+        assert_eq!(
+            bf16_lacking(gpu, (7, 5)).unwrap(),
+            "device cpu has compute capability 7.5 and bf16 needs 8.0 (Ampere) or later"
+        );
+        for ok in [(8, 0), (8, 6), (9, 0), (10, 0), (12, 0)] {
+            assert_eq!(bf16_lacking(gpu, ok), None, "{ok:?}");
+        }
     }
 
     /// With the CUDA backend, a named GPU is used where an NVIDIA driver is loaded; where none

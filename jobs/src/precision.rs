@@ -1,7 +1,8 @@
-//! bf16 mixed precision (`train.precision: bf16`), as PyTorch's autocast and Lightning's
-//! "bf16-mixed" do it: the weights, their gradients and Adam's state stay f32; each step
-//! computes with a bf16 copy of the weights, so the forward pass, the matrix products and the
-//! activations' gradients run in bf16, and the logits go back to f32 for the loss.
+//! bf16 mixed precision (`train.precision: bf16`) with f32 master weights: the weights, their
+//! gradients and Adam's state stay f32; each step computes with a bf16 copy of the weights, so
+//! the forward pass, the matrix products and the activations' gradients run in bf16, and the
+//! logits go back to f32 for the loss. Unlike PyTorch's autocast, layer norms and softmax run
+//! in bf16 too: burn's modules compute in their input's dtype.
 //!
 //! The copy is made with burn's differentiable cast: the gradient of each f32 weight flows back
 //! through it, so the optimizer and checkpoints never see a bf16 tensor, and a checkpoint of a
@@ -25,16 +26,23 @@ impl Compute {
     pub(crate) const F32: Compute = Compute { precision: Precision::F32 };
 
     /// `asked` on `device`, or f32 with a note saying why when the device cannot compute in
-    /// bf16 (the CPU backend, a GPU older than Ampere).
-    /// `shown` is how the run names the device.
-    pub(crate) fn choose<B: Backend>(asked: Precision, device: &B::Device, shown: Device) -> (Compute, Option<String>) {
-        match asked {
-            Precision::Bf16 if !B::supports_dtype(device, DType::BF16) => (
-                Compute::F32,
-                Some(format!("precision bf16 asked for, but device {shown} has no bf16: training in f32")),
-            ),
-            precision => (Compute { precision }, None),
+    /// bf16: the backend has no bf16 (the CPU's), or `no_bf16` says why the hardware has none
+    /// (a GPU older than Ampere). `shown` is how the run names the device.
+    pub(crate) fn choose<B: Backend>(
+        asked: Precision,
+        device: &B::Device,
+        shown: Device,
+        no_bf16: Option<&str>,
+    ) -> (Compute, Option<String>) {
+        if asked != Precision::Bf16 {
+            return (Compute { precision: asked }, None);
         }
+        let why = match no_bf16 {
+            Some(why) => why.to_string(),
+            None if !B::supports_dtype(device, DType::BF16) => format!("device {shown} has no bf16"),
+            None => return (Compute { precision: asked }, None),
+        };
+        (Compute::F32, Some(format!("precision bf16 asked for, but {why}: training in f32")))
     }
 
     /// `model`'s logits for `x`, in f32, computed in this precision.
@@ -94,12 +102,16 @@ mod tests {
 
     #[test]
     fn bf16_is_used_where_the_backend_has_it_and_refused_with_a_reason_where_not() {
-        assert_eq!(Compute::choose::<Train>(Precision::Bf16, &FlexDevice, Device::Cpu), (BF16, None));
-        let (compute, note) =
-            Compute::choose::<Autodiff<NdArray<f32>>>(Precision::Bf16, &NdArrayDevice::Cpu, Device::Cpu);
+        assert_eq!(Compute::choose::<Train>(Precision::Bf16, &FlexDevice, Device::Cpu, None), (BF16, None));
+        let cpu = NdArrayDevice::Cpu;
+        let (compute, note) = Compute::choose::<Autodiff<NdArray<f32>>>(Precision::Bf16, &cpu, Device::Cpu, None);
         assert_eq!(compute, Compute::F32);
         assert_eq!(note.unwrap(), "precision bf16 asked for, but device cpu has no bf16: training in f32");
-        assert_eq!(Compute::choose::<Train>(Precision::F32, &FlexDevice, Device::Cpu), (Compute::F32, None));
+        assert_eq!(Compute::choose::<Train>(Precision::F32, &FlexDevice, Device::Cpu, None), (Compute::F32, None));
+        // The hardware's word wins over the backend's (cubecl says bf16 on every GPU).
+        let (compute, note) = Compute::choose::<Train>(Precision::Bf16, &FlexDevice, Device::Cpu, Some("it is old"));
+        assert_eq!(compute, Compute::F32);
+        assert_eq!(note.unwrap(), "precision bf16 asked for, but it is old: training in f32");
     }
 
     /// Every float weight's value (or gradient) with its dtype, in visiting order.
@@ -180,7 +192,7 @@ mod tests {
         let model = optim.step(1e-3, model, grads);
         let after = weights(&model, None);
         assert!(after.iter().all(|(dtype, _)| *dtype == DType::F32), "the weights stay f32");
-        assert!(after.iter().zip(&before).all(|((_, a), (_, b))| a != b), "every weight was updated");
+        assert!(after.iter().zip(&before).all(|((_, a), (_, b))| a != b), "every weight tensor was updated");
     }
 
     #[test]
