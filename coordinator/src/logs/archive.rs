@@ -13,7 +13,7 @@ use std::path::Path;
 use bytes::Bytes;
 use object_store::path::Path as Key;
 
-use super::{LOST, LogStore, count_lines};
+use super::{LOST, LogStore};
 use crate::error::{Error, Result};
 use crate::objects::Objects;
 
@@ -67,8 +67,9 @@ impl Archive {
         for ((attempt, rank), mut segments) in files {
             segments.sort_by_key(|s| s.first);
             let path = store.file(job, attempt, rank);
-            let mut held = count_lines(&path)?;
             let archived = segments.iter().map(|s| s.end).max().unwrap_or(0);
+            // One read of the local file: its lines, and where the archived part ends.
+            let (mut held, mut bytes) = lines_and_offset(&path, archived)?;
             if archived > held {
                 let mut text = String::new();
                 for segment in &segments {
@@ -87,8 +88,9 @@ impl Archive {
                     held = segment.end;
                 }
                 store.append_restored(job, attempt, rank, &text, held)?;
+                // The file held fewer lines than were archived: it now ends where they do.
+                bytes += text.len() as u64;
             }
-            let bytes = byte_offset_of_line(&path, archived)?;
             let key = (job.to_string(), attempt, rank);
             self.shipped.lock().expect("shipped poisoned").insert(key, Shipped { lines: archived, bytes });
         }
@@ -140,23 +142,47 @@ fn read_whole_lines(path: &Path, offset: u64) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Where line `n` (counted from 0) starts; the file's length if it has fewer lines.
-fn byte_offset_of_line(path: &Path, n: u64) -> Result<u64> {
+/// The file's lines (a last one without its line break counts), and where line `n` (counted
+/// from 0) starts: the file's length if it has fewer lines. A missing file has none.
+fn lines_and_offset(path: &Path, n: u64) -> Result<(u64, u64)> {
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(e) => return Err(Error::io("reading a log")(e)),
     };
-    let mut offset = 0u64;
+    let (mut lines, mut offset) = (0u64, 0u64);
     let mut reader = BufReader::new(f);
     let mut line = Vec::new();
-    for _ in 0..n {
+    loop {
         line.clear();
         let read = reader.read_until(b'\n', &mut line).map_err(Error::io("reading a log"))?;
         if read == 0 {
-            break;
+            return Ok((lines, offset));
         }
-        offset += read as u64;
+        if lines < n {
+            offset += read as u64;
+        }
+        lines += 1;
     }
-    Ok(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_offset_counts_every_line_and_finds_where_line_n_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        assert_eq!(lines_and_offset(&path, 2).unwrap(), (0, 0), "a missing file has no lines");
+        std::fs::write(&path, "one\ntwo\nthree\n").unwrap();
+        assert_eq!(lines_and_offset(&path, 0).unwrap(), (3, 0));
+        assert_eq!(lines_and_offset(&path, 2).unwrap(), (3, 8));
+        assert_eq!(lines_and_offset(&path, 3).unwrap(), (3, 14));
+        assert_eq!(lines_and_offset(&path, 5).unwrap(), (3, 14), "fewer lines: the file's length");
+        // A last line cut short (a crash mid-write) still counts.
+        std::fs::write(&path, "one\ntw").unwrap();
+        assert_eq!(lines_and_offset(&path, 1).unwrap(), (2, 4));
+        assert_eq!(lines_and_offset(&path, 9).unwrap(), (2, 6));
+    }
 }
