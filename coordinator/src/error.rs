@@ -1,28 +1,56 @@
+//! Everything the coordinator can fail with, in domain terms, and the one place where each
+//! kind of failure becomes a gRPC status and an HTTP status ([`Code`]).
+
+use axum::http::StatusCode;
 use tonic::Status;
 
-/// Everything the coordinator can fail with. Mapped to gRPC status codes in one place, below.
+/// A source error of any backend (redb, etcd, object storage), kept with its chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("store: {0}")]
-    Store(#[from] redb::Error),
+    /// No job has this id.
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    /// No agent has registered under this name.
+    #[error("no node named {0} (see gantry nodes)")]
+    NodeNotFound(String),
+    /// The job exists but has no such checkpoint (`step` None: none at all yet).
+    #[error("job {job} has no checkpoint {}", step.map_or("yet".to_string(), |s| format!("at step {s}")))]
+    CheckpointNotFound { job: String, step: Option<u64> },
+    /// A job spec the validation refused: the field and why.
+    #[error("invalid job spec: {0}")]
+    InvalidSpec(#[source] gantry_core::spec::SpecError),
+    /// A request that names something wrongly or leaves something out; the words say what.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An agent opened a session before registering.
+    #[error("agent {0} must register before opening a session")]
+    NotRegistered(String),
+    /// An agent speaking another protocol version.
+    #[error(
+        "agent speaks protocol version {agent}, this coordinator speaks {ours}: run the same gantry release on both"
+    )]
+    ProtocolMismatch { agent: u32, ours: u32 },
+    /// A checkpoint kept in object storage, on a coordinator started without it.
+    #[error(
+        "checkpoint step {step} of job {job} is in object storage ({location}), but this coordinator was started without --object-store"
+    )]
+    NoObjectStore { job: String, step: u64, location: String },
+    /// Uploaded bytes that do not match their digest.
+    #[error("data corrupted in transit: {0}")]
+    DataLoss(String),
+    /// Object storage failed or is out of reach, while doing `context`.
+    #[error("checkpoint storage: {context}: {source}")]
+    Storage { context: String, source: BoxError },
+    /// The state store (redb or etcd) failed or is out of reach.
+    #[error("store ({backend}): {source}")]
+    Store { backend: &'static str, source: BoxError },
+    /// A stored record that does not decode.
     #[error("store record is corrupt: {0}")]
     Codec(#[from] serde_json::Error),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
-    #[error("job {0} not found")]
-    JobNotFound(String),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("data corrupted in transit: {0}")]
-    DataLoss(String),
-    #[error("checkpoint storage: {context}: {reason}")]
-    Storage { context: String, reason: String },
-    #[error("etcd: {0}")]
-    Etcd(String),
     /// A write refused because this coordinator no longer holds leadership.
     #[error("not the leader: {0}")]
     Fenced(String),
@@ -30,10 +58,91 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What kind of failure an error is, for whoever asked: the only thing the gRPC and HTTP edges
+/// look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// The request is wrong: fix it and retry.
+    InvalidArgument,
+    /// The caller may not do this.
+    PermissionDenied,
+    NotFound,
+    /// The request is fine but the state does not allow it now.
+    Conflict,
+    /// Try again (later, or at another coordinator).
+    Unavailable,
+    DataLoss,
+    Internal,
+}
+
 impl Error {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
+    }
+
+    pub fn store(backend: &'static str) -> impl FnOnce(BoxError) -> Error {
+        move |source| Error::Store { backend, source }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::JobNotFound(_) | Error::NodeNotFound(_) | Error::CheckpointNotFound { .. } => Code::NotFound,
+            Error::InvalidSpec(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotRegistered(_) | Error::ProtocolMismatch { .. } | Error::NoObjectStore { .. } => Code::Conflict,
+            Error::DataLoss(_) => Code::DataLoss,
+            Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
+            Error::Codec(_) | Error::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl Code {
+    pub fn grpc(self) -> tonic::Code {
+        match self {
+            Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::PermissionDenied => tonic::Code::PermissionDenied,
+            Code::NotFound => tonic::Code::NotFound,
+            Code::Conflict => tonic::Code::FailedPrecondition,
+            Code::Unavailable => tonic::Code::Unavailable,
+            Code::DataLoss => tonic::Code::DataLoss,
+            Code::Internal => tonic::Code::Internal,
+        }
+    }
+
+    pub fn http(self) -> StatusCode {
+        match self {
+            Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Conflict => StatusCode::CONFLICT,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            // The bytes were refused: nothing the client can retry differently is known.
+            Code::DataLoss | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Logs what the caller cannot fix, once, where the error leaves the coordinator.
+fn log(e: &Error) {
+    match e.code() {
+        Code::Unavailable => tracing::warn!(error = %e, "unavailable"),
+        Code::Internal | Code::DataLoss => tracing::error!(error = %e, "internal error"),
+        _ => {}
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        log(&e);
+        Status::new(e.code().grpc(), e.to_string())
+    }
+}
+
+impl axum::response::IntoResponse for Error {
+    fn into_response(self) -> axum::response::Response {
+        log(&self);
+        (self.code().http(), format!("{self}\n")).into_response()
     }
 }
 
@@ -42,30 +151,55 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Store(e.into())
+                Error::Store { backend: "embedded", source: Box::new(redb::Error::from(e)) }
             }
         }
     )*};
 }
-from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        match &e {
-            Error::JobNotFound(_) | Error::NotFound(_) => Status::not_found(e.to_string()),
-            Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            Error::DataLoss(_) => Status::data_loss(e.to_string()),
-            Error::Etcd(_) | Error::Fenced(_) => Status::unavailable(e.to_string()),
-            // Object storage out of reach: agents retry their uploads.
-            Error::Storage { .. } => {
-                tracing::warn!(error = %e, "checkpoint storage failed");
-                Status::unavailable(e.to_string())
-            }
-            Error::Store(_) | Error::Codec(_) | Error::Io { .. } => {
-                tracing::error!(error = %e, "internal error");
-                Status::internal(e.to_string())
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_error_has_one_grpc_and_one_http_status() {
+        let table = [
+            (Code::InvalidArgument, tonic::Code::InvalidArgument, 400),
+            (Code::PermissionDenied, tonic::Code::PermissionDenied, 403),
+            (Code::NotFound, tonic::Code::NotFound, 404),
+            (Code::Conflict, tonic::Code::FailedPrecondition, 409),
+            (Code::Unavailable, tonic::Code::Unavailable, 503),
+            (Code::DataLoss, tonic::Code::DataLoss, 500),
+            (Code::Internal, tonic::Code::Internal, 500),
+        ];
+        for (code, grpc, http) in table {
+            assert_eq!((code.grpc(), code.http().as_u16()), (grpc, http), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn domain_errors_map_to_what_they_mean() {
+        let spec_error = gantry_core::JobSpec::from_yaml("name: x\n").unwrap_err();
+        let cases = [
+            (Error::JobNotFound("4".into()), 404),
+            (Error::NodeNotFound("a".into()), 404),
+            (Error::CheckpointNotFound { job: "4".into(), step: Some(10) }, 404),
+            (Error::InvalidSpec(spec_error), 400),
+            (Error::NotRegistered("a".into()), 409),
+            (Error::Fenced("b leads".into()), 503),
+            (Error::store("etcd")("connection refused".into()), 503),
+            (Error::Io { context: "reading".into(), source: std::io::Error::other("disk") }, 500),
+        ];
+        for (e, http) in cases {
+            assert_eq!(e.code().http().as_u16(), http, "{e}");
         }
     }
 }

@@ -2,7 +2,7 @@
 //! last heard from, and the channel that reaches each one. Heartbeats never touch the store.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use gantry_proto::v1;
 use tokio::sync::mpsc;

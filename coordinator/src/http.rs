@@ -11,6 +11,7 @@ use axum::routing::get;
 
 use crate::control::Coordinator;
 use crate::records::JobState;
+use crate::service::Reasons;
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
     Router::new()
@@ -30,26 +31,20 @@ async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(PAGE)
 }
 
-type ApiResult = Result<axum::Json<serde_json::Value>, (StatusCode, String)>;
-
-fn unavailable(e: crate::Error) -> (StatusCode, String) {
-    match e {
-        crate::Error::JobNotFound(_) => (StatusCode::NOT_FOUND, e.to_string()),
-        e => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
+/// Errors answer with the status [`crate::Code::http`] gives their kind.
+type ApiResult = Result<axum::Json<serde_json::Value>, crate::Error>;
 
 async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
-    let gpus = c.gpus().map_err(unavailable)?;
-    let usage = c.usage_by_node().map_err(unavailable)?;
+    let gpus = c.gpus()?;
+    let usage = c.usage_by_node()?;
     let nodes: Vec<serde_json::Value> = c
         .nodes()
         .into_iter()
-        .map(|(name, connected, inv, _)| {
-            let here = usage.get(&name).cloned().unwrap_or_default();
+        .map(|n| {
+            let here = usage.get(&n.name).cloned().unwrap_or_default();
             serde_json::json!({
-                "name": name, "connected": connected, "drained": c.drained(&name), "cpus": inv.cpus,
-                "cpus_used": here.cpus_used, "gpus": inv.gpus.len(), "jobs": here.jobs,
+                "name": n.name, "connected": n.connected, "drained": c.drained(&n.name), "cpus": n.inventory.cpus,
+                "cpus_used": here.cpus_used, "gpus": n.inventory.gpus.len(), "jobs": here.jobs,
             })
         })
         .collect();
@@ -71,16 +66,20 @@ async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
 
 /// Jobs in the order `gantry jobs` shows them.
 async fn api_jobs(State(c): State<Arc<Coordinator>>) -> ApiResult {
-    let jobs = c.listed_jobs().map_err(unavailable)?;
+    let jobs = c.listed_jobs()?;
     let out: Vec<serde_json::Value> = jobs
         .iter()
         .map(|(j, w)| {
             let queued = j.state == JobState::Queued;
+            let reasons = Reasons::of(j, w.as_ref());
             serde_json::json!({
                 "id": j.id, "name": j.spec.name, "state": crate::service::state_name(j.state),
                 "attempt": j.user_attempt(), "queue": j.spec.queue, "priority": j.spec.priority,
                 "queue_position": w.as_ref().filter(|_| queued).map(|w| w.position),
-                "pending_reason": w.as_ref().filter(|_| queued).map(|w| w.reason.clone()),
+                "pending_reason": reasons.pending.as_ref().map(|p| &p.1),
+                "pending_code": reasons.pending.as_ref().map(|p| p.0),
+                "stop_reason": reasons.stopping.as_ref().map(|s| &s.1),
+                "stop_code": reasons.stopping.as_ref().map(|s| s.0),
                 "message": j.message,
             })
         })
@@ -100,9 +99,9 @@ async fn api_logs(
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(q): axum::extract::Query<After>,
 ) -> ApiResult {
-    c.store.job(&id).map_err(unavailable)?;
-    c.logs.restore(&id).await.map_err(unavailable)?;
-    let lines = c.logs.read_new(&id, &mut Default::default()).map_err(unavailable)?;
+    c.store.job(&id)?;
+    c.logs.restore(&id).await?;
+    let lines = c.logs.read_new(&id, &mut Default::default())?;
     let next = lines.len();
     let fresh: Vec<String> = lines.into_iter().skip(q.after).map(|l| l.text).collect();
     Ok(axum::Json(serde_json::json!({ "lines": fresh, "next": next })))
@@ -113,7 +112,7 @@ async fn api_metrics(
     State(c): State<Arc<Coordinator>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult {
-    c.store.job(&id).map_err(unavailable)?;
+    c.store.job(&id)?;
     let ranks: Vec<serde_json::Value> = c
         .metrics
         .series(&id)
@@ -171,16 +170,44 @@ fn render_metrics(c: &Coordinator) -> crate::Result<String> {
         let _ = writeln!(out, "gantry_queue_depth{{queue=\"{}\"}} {n}", escape(queue));
     }
     header(&mut out, "gantry_oldest_pending_seconds", "gauge", "How long the oldest queued job has waited.");
-    let now = crate::control::now_ms();
+    let now = c.now_ms();
     let oldest =
         jobs.iter().filter(|j| j.state == JobState::Queued).map(|j| now - j.submitted_at_ms).max().unwrap_or(0);
     let _ = writeln!(out, "gantry_oldest_pending_seconds {}", oldest.max(0) as f64 / 1000.0);
     header(&mut out, "gantry_placements_total", "counter", "Jobs placed since the coordinator started.");
     let _ = writeln!(out, "gantry_placements_total {}", c.placements());
+    header(
+        &mut out,
+        "gantry_placements_refused_total",
+        "counter",
+        "Placements not applied because a node changed between the snapshot and the commit.",
+    );
+    let _ = writeln!(out, "gantry_placements_refused_total {}", c.stale_placements());
+    // Why each queued job waits and why each stopping job stops, in the words `gantry job` uses.
+    let (mut pending, mut stopping) = (String::new(), String::new());
+    for (j, w) in c.listed_jobs()? {
+        let reasons = Reasons::of(&j, w.as_ref());
+        for (lines, reason) in [(&mut pending, reasons.pending), (&mut stopping, reasons.stopping)] {
+            if let Some((code, words)) = reason {
+                let _ =
+                    writeln!(lines, "{{job=\"{}\",code=\"{code}\",reason=\"{}\"}} 1", escape(&j.id), escape(&words));
+            }
+        }
+    }
+    let families = [
+        ("gantry_job_pending_reason", "1 for each queued job, labelled with why it waits.", pending),
+        ("gantry_job_stop_reason", "1 for each running job being stopped, labelled with why.", stopping),
+    ];
+    for (name, help, lines) in families {
+        header(&mut out, name, "gauge", help);
+        for line in lines.lines() {
+            let _ = writeln!(out, "{name}{line}");
+        }
+    }
 
     let nodes = c.nodes();
     header(&mut out, "gantry_agents_connected", "gauge", "Agents with an open session.");
-    let _ = writeln!(out, "gantry_agents_connected {}", nodes.iter().filter(|n| n.1).count());
+    let _ = writeln!(out, "gantry_agents_connected {}", nodes.iter().filter(|n| n.connected).count());
 
     let gpus = c.gpus()?;
     let label = |node: &str, g: &gantry_proto::v1::GpuInfo, job: &Option<String>| {

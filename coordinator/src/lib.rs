@@ -6,11 +6,13 @@
 //! here, uploads are verified before they are recorded.
 
 mod checkpoints;
+pub mod clock;
 pub mod control;
 mod error;
 mod fleet;
 mod http;
 mod job_metrics;
+pub mod lifecycle;
 mod logs;
 mod objects;
 pub mod records;
@@ -26,8 +28,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
+pub use clock::Clock;
 pub use control::{Coordinator, Settings};
-pub use error::{Error, Result};
+pub use error::{Code, Error, Result};
 
 pub struct Config {
     /// Logs and checkpoint files, and the embedded store's file when `store` is `None`.

@@ -23,13 +23,13 @@ pub struct Objects {
 /// An object store failure, with what was being done.
 pub fn error(context: impl Into<String>) -> impl FnOnce(object_store::Error) -> Error {
     let context = context.into();
-    move |source| Error::Storage { context, reason: source.to_string() }
+    move |source| Error::Storage { context, source: Box::new(source) }
 }
 
 /// A key as `Key::to_string` wrote it (kept in records).
 pub fn parse(location: &str) -> Result<Key> {
     Key::parse(location)
-        .map_err(|e| Error::Storage { context: format!("object key `{location}`"), reason: e.to_string() })
+        .map_err(|e| Error::Storage { context: format!("object key `{location}`"), source: Box::new(e) })
 }
 
 impl Objects {
@@ -50,7 +50,7 @@ impl Objects {
         if bucket.is_empty() {
             return Err(refuse("no bucket named"));
         }
-        let objects = Objects::new(s3(bucket).map_err(|e| refuse(&e))?, prefix.trim_matches('/'), url)?;
+        let objects = Objects::new(s3(bucket, url)?, prefix.trim_matches('/'), url)?;
         objects.store.list_with_delimiter(Some(&objects.prefix)).await.map_err(error(format!("cannot list {url}")))?;
         Ok(objects)
     }
@@ -89,7 +89,7 @@ impl Objects {
         let got = self.store.get(key).await.map_err(error(format!("reading {name}")))?;
         Ok(Box::pin(
             got.into_stream()
-                .map_err(move |e| Error::Storage { context: format!("reading {name}"), reason: e.to_string() }),
+                .map_err(move |e| Error::Storage { context: format!("reading {name}"), source: Box::new(e) }),
         ))
     }
 
@@ -103,12 +103,14 @@ impl Objects {
 }
 
 #[cfg(feature = "s3")]
-fn s3(bucket: &str) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+fn s3(bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
     let store = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).build();
-    Ok(Arc::new(store.map_err(|e| e.to_string())?))
+    Ok(Arc::new(store.map_err(|e| Error::InvalidArgument(format!("object store `{url}`: {e}")))?))
 }
 
 #[cfg(not(feature = "s3"))]
-fn s3(_bucket: &str) -> std::result::Result<Arc<dyn ObjectStore>, String> {
-    Err("this gantry was built without S3 support; build it with `--features s3`".into())
+fn s3(_bucket: &str, url: &str) -> Result<Arc<dyn ObjectStore>> {
+    Err(Error::InvalidArgument(format!(
+        "object store `{url}`: this gantry was built without S3 support; build it with `--features s3`"
+    )))
 }

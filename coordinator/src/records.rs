@@ -38,12 +38,10 @@ pub struct JobRecord {
     pub message: String,
     /// Bumped on every change: a plan computed from an older version is refused.
     pub version: u64,
-    /// Set while the job is being stopped for a higher-priority job (that job's id).
-    #[serde(default)]
-    pub preempted_by: Option<String>,
-    /// The nodes held for that job while this one stops.
-    #[serde(default)]
-    pub preempted_for_nodes: Vec<String>,
+    /// Why the current attempt is being stopped, while it is; cleared when it has ended.
+    /// (Records written before this field named a preempting job or a GPU in `preempted_by`.)
+    #[serde(default, alias = "preempted_by", deserialize_with = "crate::lifecycle::stop_reason_compat")]
+    pub stopping: Option<StopReason>,
     /// Runs ended by preemption: they do not count as attempts.
     #[serde(default)]
     pub preemptions: u32,
@@ -63,6 +61,24 @@ impl JobRecord {
         let attempt = self.attempt;
         self.attempts.iter_mut().rev().find(|a| a.attempt == attempt)
     }
+}
+
+/// Why a running attempt is being stopped. Data, turned into words (its `Display`) only where
+/// people read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StopReason {
+    /// Someone cancelled the job.
+    Cancelled,
+    /// A higher-priority job needs its room; `nodes` are held for that job meanwhile. Requeued,
+    /// and not counted as an attempt.
+    Preempted { for_job: String, nodes: Vec<String> },
+    /// A GPU it runs on turned unhealthy: requeued elsewhere, not counted as an attempt.
+    GpuUnhealthy { node: String, gpu: String, why: String },
+    /// The node of one of its ranks was lost: the other ranks stop, the job is requeued.
+    AgentLost { node: String },
+    /// One of its ranks failed: the other ranks stop.
+    RankFailed { rank: u32, why: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

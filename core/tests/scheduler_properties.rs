@@ -94,7 +94,6 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                 })
                 .collect();
             Snapshot {
-                revision: 1,
                 now_ms: now,
                 nodes,
                 running,
@@ -210,8 +209,7 @@ proptest! {
         let plan = schedule(&s);
         let after = apply(&s, &plan);
         for w in &plan.waiting {
-            let explained = ["reserved", "preempting", "stopping", "quota", "held"].iter().any(|k| w.reason.contains(k));
-            if explained {
+            if w.reason.waits_by_policy() {
                 continue;
             }
             let r = resources_of(&s, &w.job_id);

@@ -93,11 +93,9 @@ impl CheckpointStorage {
         match (&record.location, &self.objects) {
             (None, _) => self.disk.read(record, &path).await,
             (Some(location), Some(objects)) => object::read(objects, location, &path).await,
-            (Some(location), None) => Err(Error::FailedPrecondition(format!(
-                "checkpoint step {} of job {} is in object storage ({location}), but this coordinator was \
-                 started without --object-store",
-                record.step, record.job_id
-            ))),
+            (Some(location), None) => {
+                Err(Error::NoObjectStore { job: record.job_id.clone(), step: record.step, location: location.clone() })
+            }
         }
     }
 

@@ -79,7 +79,7 @@ impl Sink {
     /// An error naming the object the open file goes to.
     fn failed(&self, doing: &str, e: std::io::Error) -> Error {
         let object = self.written.last().map_or_else(String::new, |key| format!(" {key}"));
-        Error::Storage { context: format!("{doing}{object}"), reason: e.to_string() }
+        Error::Storage { context: format!("{doing}{object}"), source: Box::new(e) }
     }
 
     pub async fn discard(mut self) {

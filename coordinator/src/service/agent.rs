@@ -25,10 +25,7 @@ impl v1::agents_server::Agents for AgentService {
         let req = req.into_inner();
         let addr = if req.advertise_addr.is_empty() { seen } else { req.advertise_addr.clone() };
         if req.protocol_version != PROTOCOL_VERSION {
-            return Err(Status::failed_precondition(format!(
-                "agent speaks protocol version {}, this coordinator speaks {PROTOCOL_VERSION}: run the same gantry release on both",
-                req.protocol_version
-            )));
+            return Err(crate::Error::ProtocolMismatch { agent: req.protocol_version, ours: PROTOCOL_VERSION }.into());
         }
         if req.name.is_empty() {
             return Err(Status::invalid_argument("agent name must not be empty"));

@@ -13,7 +13,7 @@ use tonic::Status;
 
 use crate::checkpoints::{CHUNK, CheckpointStorage};
 use crate::control::Coordinator;
-use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState};
+use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState, StopReason};
 
 pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
     match s {
@@ -34,10 +34,10 @@ pub(crate) fn job_to_proto(
     waiting: Option<gantry_core::scheduler::Waiting>,
     metrics: Vec<v1::RankMetrics>,
 ) -> v1::Job {
-    let (pending_reason, queue_position, estimated_start_ms) = match (job.state, waiting) {
-        (JobState::Queued, Some(w)) => (w.reason, w.position, w.estimated_start_ms.map(|t| t as i64)),
-        (JobState::Queued, None) => ("waiting for the next scheduling pass".to_string(), 0, None),
-        _ => (String::new(), 0, None),
+    let words = Reasons::of(job, waiting.as_ref());
+    let (queue_position, estimated_start_ms) = match (job.state, waiting) {
+        (JobState::Queued, Some(w)) => (w.position, w.estimated_start_ms.map(|t| t as i64)),
+        _ => (0, None),
     };
     v1::Job {
         id: job.id.clone(),
@@ -47,7 +47,8 @@ pub(crate) fn job_to_proto(
         attempt: job.user_attempt(),
         submitted_at_ms: job.submitted_at_ms,
         ended_at_ms: job.ended_at_ms,
-        pending_reason,
+        pending_reason: words.pending.clone().map(|p| p.1).unwrap_or_default(),
+        pending_code: words.pending.map(|p| p.0.to_string()).unwrap_or_default(),
         queue_position,
         attempts: job
             .attempts
@@ -68,8 +69,38 @@ pub(crate) fn job_to_proto(
         cancel_requested: job.cancel_requested,
         message: job.message.clone(),
         estimated_start_ms,
-        preempted_by: job.preempted_by.clone().unwrap_or_default(),
+        preempted_by: match &job.stopping {
+            Some(StopReason::Preempted { for_job, .. }) => for_job.clone(),
+            _ => String::new(),
+        },
+        stop_reason: words.stopping.clone().map(|s| s.1).unwrap_or_default(),
+        stop_code: words.stopping.map(|s| s.0.to_string()).unwrap_or_default(),
         metrics,
+    }
+}
+
+/// A job's reasons as people read them, with their codes: the words every edge (gRPC for the
+/// CLI, the web page's JSON, `/metrics`) shows, made in this one place.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Reasons {
+    /// Why a queued job waits.
+    pub pending: Option<(&'static str, String)>,
+    /// Why a running job is being stopped.
+    pub stopping: Option<(&'static str, String)>,
+}
+
+impl Reasons {
+    pub fn of(job: &JobRecord, waiting: Option<&gantry_core::scheduler::Waiting>) -> Reasons {
+        let pending = match (job.state, waiting) {
+            (JobState::Queued, Some(w)) => Some((w.reason.code().as_str(), w.reason.to_string())),
+            (JobState::Queued, None) => Some(("unscheduled", "waiting for the next scheduling pass".to_string())),
+            _ => None,
+        };
+        let stopping = match job.state {
+            JobState::Running => job.stopping.as_ref().map(|s| (s.code(), s.to_string())),
+            _ => None,
+        };
+        Reasons { pending, stopping }
     }
 }
 

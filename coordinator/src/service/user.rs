@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{BoxStream, checkpoint_to_proto, job_to_proto};
-use crate::control::{Coordinator, NodeUsage};
+use crate::control::{Coordinator, NodeUsage, NodeView};
 use crate::logs::LogCursor;
 
 pub struct UserService {
@@ -23,7 +23,8 @@ const LOG_BATCH: usize = 1000;
 impl v1::gantry_server::Gantry for UserService {
     async fn submit(&self, req: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitResponse>, Status> {
         let wire = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-        let spec = JobSpec::try_from(wire).map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?;
+        let spec =
+            JobSpec::try_from(wire).map_err(|e| crate::Error::InvalidArgument(format!("invalid job spec: {e}")))?;
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
         let coordinator = self.coordinator.clone();
@@ -140,8 +141,8 @@ impl v1::gantry_server::Gantry for UserService {
             .coordinator
             .nodes()
             .into_iter()
-            .find(|n| n.0 == req.node)
-            .ok_or_else(|| Status::not_found(format!("no node named {}", req.node)))?;
+            .find(|n| n.name == req.node)
+            .ok_or_else(|| crate::Error::NodeNotFound(req.node.clone()))?;
         Ok(Response::new(node_to_proto(&self.coordinator, &usage, node)))
     }
 
@@ -159,7 +160,7 @@ impl v1::gantry_server::Gantry for UserService {
 fn node_to_proto(
     coordinator: &Coordinator,
     usage: &std::collections::HashMap<String, NodeUsage>,
-    (name, connected, inventory, last_seen): (String, bool, v1::Inventory, std::time::Instant),
+    NodeView { name, connected, inventory, last_seen_ms }: NodeView,
 ) -> v1::Node {
     let NodeUsage { jobs, cpus_used, memory_used_bytes } = usage.get(&name).cloned().unwrap_or_default();
     v1::Node {
@@ -167,7 +168,7 @@ fn node_to_proto(
         name,
         connected,
         inventory: Some(inventory),
-        last_seen_ms: crate::control::now_ms() - last_seen.elapsed().as_millis() as i64,
+        last_seen_ms,
         jobs,
         cpus_used,
         memory_used_bytes,

@@ -86,7 +86,7 @@ struct Cache {
 }
 
 fn etcd(e: etcd_client::Error) -> Error {
-    Error::Etcd(e.to_string())
+    Error::Store { backend: "etcd", source: Box::new(e) }
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -202,13 +202,13 @@ impl EtcdStore {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         self.writes
             .send(Write { key, condition, value, reply })
-            .map_err(|_| Error::Etcd("the etcd writer stopped".into()))?;
-        answer.recv().map_err(|_| Error::Etcd("the etcd writer stopped".into()))?
+            .map_err(|_| Error::store("etcd")("the etcd writer stopped".into()))?;
+        answer.recv().map_err(|_| Error::store("etcd")("the etcd writer stopped".into()))?
     }
 
     fn put(&self, key: String, value: Vec<u8>) -> Result<i64> {
         let revision = self.commit(key, None, value)?;
-        revision.ok_or_else(|| Error::Etcd("etcd refused an unconditional write".into()))
+        revision.ok_or_else(|| Error::store("etcd")("etcd refused an unconditional write".into()))
     }
 
     /// A job read from etcd itself, after a conflict.
@@ -386,7 +386,9 @@ impl StateStore for EtcdStore {
                 self.cache.lock().expect("cache lock poisoned").jobs.insert(seq, (job.clone(), rev));
                 Ok(job)
             }
-            None => Err(Error::Etcd(format!("job id {seq} is taken: another writer without the leader key"))),
+            None => Err(Error::store("etcd")(
+                format!("job id {seq} is taken: another writer without the leader key").into(),
+            )),
         }
     }
 

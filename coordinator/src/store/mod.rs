@@ -18,7 +18,7 @@ pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore, leader_of};
 
 use crate::error::{Error, Result};
-use crate::records::{AgentRecord, AttemptRecord, CheckpointRecord, JobRecord, JobState, RankPlacement};
+use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState};
 
 pub trait StateStore: Send + Sync {
     /// Queues a new job and returns it, with the next id (1, 2, 3, ...: short enough to type).
@@ -61,32 +61,15 @@ impl dyn StateStore {
     }
 
     /// Starts the next attempt of a queued job, only if the job is unchanged since `version`
-    /// (the version the plan was computed from). Returns the started job, or `None` on conflict.
+    /// (see [`JobRecord::start_attempt`]). Returns the started job, or `None` on conflict.
     pub fn start_attempt(
         &self,
         id: &str,
         version: u64,
-        placement: Vec<RankPlacement>,
+        placement: Vec<crate::records::RankPlacement>,
         now_ms: i64,
     ) -> Result<Option<JobRecord>> {
-        self.update(id, |job| {
-            if job.version != version || job.state != JobState::Queued || job.cancel_requested {
-                return false;
-            }
-            job.attempt += 1;
-            job.state = JobState::Running;
-            job.attempts.push(AttemptRecord {
-                attempt: job.attempt,
-                placement: placement.clone(),
-                started_at_ms: now_ms,
-                ended_at_ms: None,
-                exit_code: None,
-                outcome: String::new(),
-                lost: false,
-                rank_exits: Default::default(),
-            });
-            true
-        })
+        self.update(id, |job| job.start_attempt(version, placement.clone(), now_ms).changed())
     }
 }
 
@@ -108,8 +91,7 @@ pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, now_ms: i64) -> JobR
         cancel_requested: false,
         message: String::new(),
         version: 1,
-        preempted_by: None,
-        preempted_for_nodes: Vec::new(),
+        stopping: None,
         preemptions: 0,
     }
 }

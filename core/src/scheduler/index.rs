@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Gpu, Node, NodeAssignment, gpu_matches, memory_bytes};
+use super::{Gpu, Node, NodeAssignment, Unfit, gpu_matches, memory_bytes};
 use crate::spec::Resources;
 
 /// What is free on one node.
@@ -156,19 +156,19 @@ impl FleetIndex {
     }
 
     /// Why a job can never run on this fleet as it is, if it cannot.
-    pub fn impossible(&self, r: &Resources) -> Option<String> {
+    pub fn impossible(&self, r: &Resources) -> Option<Unfit> {
         if self.cpu_order.is_empty() {
-            return Some("no agent is connected and taking new work (disconnected or drained)".into());
+            return Some(Unfit::NoNodes);
         }
         if r.cpus > self.max_cpus + 1e-9 {
-            return Some(format!("no node has {} CPUs (the most is {})", r.cpus, self.max_cpus));
+            return Some(Unfit::Cpus { want: r.cpus, most: self.max_cpus });
         }
         if memory_bytes(r) > self.max_memory {
-            return Some(format!("no node has {} GB of memory", r.memory_gb));
+            return Some(Unfit::Memory { gb: r.memory_gb });
         }
         if r.gpus == 0 {
             return (self.cpu_order.len() < r.nodes as usize)
-                .then(|| format!("only {} nodes are connected", self.cpu_order.len()));
+                .then_some(Unfit::Nodes { connected: self.cpu_order.len() });
         }
         let kinds = self.matching_kinds(r);
         let mut enough = 0;
@@ -181,11 +181,7 @@ impl FleetIndex {
         if enough >= r.nodes as usize {
             return None;
         }
-        Some(if most < r.gpus {
-            format!("no node has that many matching GPUs (the most on one node is {most})")
-        } else {
-            format!("only {enough} nodes have that many matching GPUs")
-        })
+        Some(if most < r.gpus { Unfit::GpusPerNode { most } } else { Unfit::GpuNodes { enough } })
     }
 
     /// The most matching GPUs free on any one node.

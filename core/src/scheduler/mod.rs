@@ -27,6 +27,7 @@
 //!   an estimated start.
 
 mod index;
+mod reason;
 mod topology;
 
 use std::cmp::{Ordering, Reverse};
@@ -34,11 +35,10 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use crate::spec::Resources;
 use index::FleetIndex;
+pub use reason::{Short, Start, Unfit, WaitCode, WaitReason, describe};
 
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// The store revision the snapshot was read at; copied into the plan.
-    pub revision: u64,
     pub now_ms: u64,
     pub nodes: Vec<Node>,
     pub running: Vec<RunningJob>,
@@ -117,7 +117,6 @@ pub struct Queue {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
-    pub revision: u64,
     pub placements: Vec<Placement>,
     /// Running jobs to stop so that a higher-priority job can run.
     pub preemptions: Vec<Preemption>,
@@ -153,7 +152,7 @@ pub struct Preemption {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waiting {
     pub job_id: String,
-    pub reason: String,
+    pub reason: WaitReason,
     /// 1-based position among waiting jobs.
     pub position: u32,
     pub estimated_start_ms: Option<u64>,
@@ -190,19 +189,15 @@ pub fn schedule(snapshot: &Snapshot) -> Plan {
     }
     // The last round saw the victims stopping; say what the job is waiting for.
     for w in &mut plan.waiting {
-        let victims: Vec<&str> =
-            preemptions.iter().filter(|p| p.for_job == w.job_id).map(|p| p.job_id.as_str()).collect();
+        let victims: Vec<String> =
+            preemptions.iter().filter(|p| p.for_job == w.job_id).map(|p| p.job_id.clone()).collect();
         if !victims.is_empty() {
-            w.reason = preempting(&victims);
+            w.reason = WaitReason::Preempting { victims };
         }
     }
     plan.placements = placements;
     plan.preemptions = preemptions;
     plan
-}
-
-fn preempting(victims: &[&str]) -> String {
-    format!("preempting lower-priority job(s) {}", victims.join(", "))
 }
 
 /// What the coordinator does with a plan, on the snapshot: placed jobs run from now, victims
@@ -327,7 +322,7 @@ impl<'a> Pass<'a> {
             reservation: None,
             min_victim_priority,
             any_stopping: snap.running.iter().any(|r| r.stopping),
-            plan: Plan { revision: snap.revision, ..Plan::default() },
+            plan: Plan::default(),
         }
     }
 
@@ -392,16 +387,12 @@ impl<'a> Pass<'a> {
             // in time: otherwise it would find the quota taken at its turn.
             let held = q.held;
             if q.gpus + (gpus_wanted + held) as f64 > quota as f64 {
-                let mut reason = format!("queue {} is at its GPU quota ({} of {quota} in use", job.queue, q.gpus);
-                if held > 0 {
-                    reason += &format!(", {held} held for waiting jobs ahead of it");
-                }
-                reason += ")";
+                let reason = WaitReason::Quota { queue: job.queue.clone(), in_use: q.gpus as u32, quota, held };
                 return self.wait(job, reason, None);
             }
         }
         if let Some(why) = self.fleet.impossible(r) {
-            return self.wait(job, format!("needs {}; {why}", describe(r)), None);
+            return self.wait(job, WaitReason::CannotFit { needs: r.clone(), why }, None);
         }
         let reservation = &self.reservation;
         let held = &self.held;
@@ -452,30 +443,25 @@ impl<'a> Pass<'a> {
         }
         let r = &job.resources;
         let free = self.fleet.largest_free_block(r);
-        let mut reason = if r.gpus > 0 && free < r.gpus as usize {
-            format!("needs {}; the largest free block is {free}", describe(r))
+        let short = if r.gpus > 0 && free < r.gpus as usize {
+            Short::Gpus { largest_free: free }
         } else if r.nodes > 1 {
-            format!("needs {}; not enough nodes have room at once", describe(r))
+            Short::Nodes
         } else {
-            format!("needs {}; waiting for CPUs or memory to free up", describe(r))
+            Short::CpusOrMemory
         };
-        if self.reservation.as_ref().is_some_and(|res| res.job_id != job.id) {
-            reason += "; nodes are reserved for a job ahead of it";
-        }
+        let reserved_ahead = self.reservation.as_ref().is_some_and(|res| res.job_id != job.id);
         let kept = |n: &usize| self.held.contains(n) || self.claims.get(n).is_some_and(|c| *c != job.id);
         let any_kept = !self.held.is_empty() || !self.claims.is_empty();
-        if any_kept
-            && self.held.iter().chain(self.claims.keys()).filter(|n| kept(n)).any(|&n| self.fleet.fits_now(n, r))
-        {
-            reason += "; room it could use is held for a higher-priority job";
-        }
+        let held_for_higher = any_kept
+            && self.held.iter().chain(self.claims.keys()).filter(|n| kept(n)).any(|&n| self.fleet.fits_now(n, r));
         // Stopping jobs' room goes to the first blocked job it suits, which keeps it.
         if self.any_stopping || self.min_victim_priority.is_some_and(|p| p < job.priority) {
             match self.preempt_for(job) {
                 Preempt::Victims(victims, nodes) => {
                     let names: Vec<String> = nodes.iter().map(|&n| self.snap.nodes[n].name.clone()).collect();
                     self.held.extend(nodes);
-                    let ids: Vec<&str> = victims.iter().map(|&v| self.snap.running[v].id.as_str()).collect();
+                    let ids: Vec<String> = victims.iter().map(|&v| self.snap.running[v].id.clone()).collect();
                     for &v in &victims {
                         self.victims.insert(v);
                         self.plan.preemptions.push(Preemption {
@@ -484,29 +470,30 @@ impl<'a> Pass<'a> {
                             nodes: names.clone(),
                         });
                     }
-                    let reason = preempting(&ids);
                     self.hold_for(job);
-                    return self.wait(job, reason, None);
+                    return self.wait(job, WaitReason::Preempting { victims: ids }, None);
                 }
                 Preempt::AlreadyStopping(nodes) => {
                     self.held.extend(nodes);
                     self.hold_for(job);
-                    return self.wait(job, "waiting for stopping jobs to free their resources".into(), None);
+                    return self.wait(job, WaitReason::WaitingForStopping, None);
                 }
                 Preempt::No => {}
             }
         }
         let mut estimate = None;
+        let mut start = Start::NotEstimated;
         if self.reservation.is_none() {
             if let Some(res) = self.reserve(job) {
                 estimate = Some(res.start_ms);
                 self.hold_for(job);
-                reason += &format!("; reserved, estimated start in {}", in_time(res.start_ms - self.snap.now_ms));
+                start = Start::Reserved { in_ms: res.start_ms - self.snap.now_ms };
                 self.reservation = Some(res);
             } else {
-                reason += "; no start estimate (running jobs have no max_duration)";
+                start = Start::Unknown;
             }
         }
+        let reason = WaitReason::NoRoom { needs: r.clone(), short, reserved_ahead, held_for_higher, start };
         self.wait(job, reason, estimate)
     }
 
@@ -520,7 +507,7 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn wait(&mut self, job: &PendingJob, reason: String, estimated_start_ms: Option<u64>) {
+    fn wait(&mut self, job: &PendingJob, reason: WaitReason, estimated_start_ms: Option<u64>) {
         self.plan.waiting.push(Waiting { job_id: job.id.clone(), reason, position: 0, estimated_start_ms });
     }
 
@@ -730,34 +717,10 @@ fn default_queue() -> QueueUsage {
     QueueUsage { weight: 1.0, quota: None, gpus: 0.0, cpus: 0.0, held: 0 }
 }
 
-fn in_time(ms: u64) -> String {
-    let secs = ms.div_ceil(1000);
-    if secs < 60 { format!("{secs}s") } else { crate::spec::format_duration(secs.div_ceil(60) * 60) }
-}
-
 pub(crate) fn gpu_matches(gpu: &Gpu, want: &Resources) -> bool {
     let model_ok = want.gpu_model.as_ref().is_none_or(|m| gpu.name.to_lowercase().contains(&m.to_lowercase()));
     let memory_ok = want.gpu_memory_gb.is_none_or(|gb| gpu.memory_total_bytes as f64 >= gb * GIB * 0.98);
     model_ok && memory_ok
-}
-
-/// "8 GPUs of model H100, 4 CPUs, 32 GB memory on one node"
-pub fn describe(want: &Resources) -> String {
-    let mut parts = Vec::new();
-    if want.gpus > 0 {
-        let mut g = format!("{} GPU{}", want.gpus, if want.gpus == 1 { "" } else { "s" });
-        if let Some(m) = &want.gpu_model {
-            g += &format!(" of model {m}");
-        }
-        if let Some(gb) = want.gpu_memory_gb {
-            g += &format!(" with at least {gb} GB");
-        }
-        parts.push(g);
-    }
-    parts.push(format!("{} CPUs", want.cpus));
-    parts.push(format!("{} GB memory", want.memory_gb));
-    let each = if want.nodes > 1 { format!(" on each of {} nodes", want.nodes) } else { " on one node".into() };
-    format!("{}{each}", parts.join(", "))
 }
 
 #[cfg(test)]

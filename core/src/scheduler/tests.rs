@@ -52,8 +52,8 @@ fn placed(plan: &Plan) -> Vec<&str> {
     plan.placements.iter().map(|p| p.job_id.as_str()).collect()
 }
 
-fn reason<'a>(plan: &'a Plan, id: &str) -> &'a str {
-    &plan.waiting.iter().find(|w| w.job_id == id).unwrap().reason
+fn reason(plan: &Plan, id: &str) -> String {
+    plan.waiting.iter().find(|w| w.job_id == id).unwrap().reason.to_string()
 }
 
 #[test]
@@ -267,7 +267,8 @@ fn backfill_runs_short_jobs_in_the_gap_but_never_delays_the_reservation() {
     assert_eq!(placed(&plan), ["short"], "{:?}", plan.waiting);
     let big = plan.waiting.iter().find(|w| w.job_id == "big").unwrap();
     assert_eq!(big.estimated_start_ms, Some(3_600_000));
-    assert!(big.reason.contains("estimated start in 1h"), "{}", big.reason);
+    assert_eq!(big.reason.code(), WaitCode::Reserved);
+    assert!(big.reason.to_string().contains("estimated start in 1h"), "{}", big.reason);
     assert!(reason(&plan, "long").contains("reserved for a job ahead"));
 }
 

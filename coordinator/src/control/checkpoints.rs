@@ -1,0 +1,32 @@
+//! Checkpoint records: committing a verified upload, and finding the one a download asks for.
+
+use tracing::info;
+
+use super::Coordinator;
+use crate::error::{Error, Result};
+use crate::records::CheckpointRecord;
+
+impl Coordinator {
+    pub fn commit_checkpoint(&self, record: CheckpointRecord) -> Result<CheckpointRecord> {
+        // A step already recorded keeps its first record: its files are the ones on disk.
+        if let Some(existing) = self.store.checkpoints(&record.job_id)?.into_iter().find(|c| c.step == record.step) {
+            return Ok(existing);
+        }
+        let mut record = record;
+        record.committed_at_ms = self.now_ms();
+        self.store.put_checkpoint(&record)?;
+        info!(job = %record.job_id, step = record.step, bytes = record.bytes, "checkpoint committed");
+        Ok(record)
+    }
+
+    /// The checkpoint a download asks for: the given step, or the latest.
+    pub fn find_checkpoint(&self, job_id: &str, step: Option<u64>) -> Result<CheckpointRecord> {
+        self.store.job(job_id)?;
+        let all = self.store.checkpoints(job_id)?;
+        let found = match step {
+            Some(step) => all.into_iter().find(|c| c.step == step),
+            None => all.into_iter().last(),
+        };
+        found.ok_or_else(|| Error::CheckpointNotFound { job: job_id.to_string(), step })
+    }
+}

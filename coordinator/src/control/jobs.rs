@@ -1,0 +1,99 @@
+//! Changing jobs: submit and cancel for people, and applying the lifecycle's transitions
+//! ([`crate::lifecycle`]) through the store, then doing what they ask.
+
+use gantry_core::JobSpec;
+use tracing::{info, warn};
+
+use super::Coordinator;
+use crate::error::{Error, Result};
+use crate::lifecycle::{RankEnd, Transition};
+use crate::records::{JobRecord, JobState, StopReason};
+
+impl Coordinator {
+    pub fn submit(&self, spec: JobSpec) -> Result<JobRecord> {
+        spec.validate().map_err(Error::InvalidSpec)?;
+        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref()) {
+            let (job, _) = gantry_core::spec::parse_checkpoint_ref(from)
+                .map_err(|e| Error::InvalidArgument(format!("train.init_from: {e}")))?;
+            self.store
+                .job(&job)
+                .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
+        }
+        let job = self.store.submit(spec, self.now_ms())?;
+        info!(job = %job.id, name = %job.spec.name, "job queued");
+        self.changed();
+        Ok(job)
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<JobRecord> {
+        let now = self.now_ms();
+        let (job, transition) = self.transition(id, |job| job.cancel(now))?;
+        if transition.changed() {
+            info!(job = %id, "cancel requested");
+        }
+        Ok(job)
+    }
+
+    /// Stops a running job to requeue it: for a higher-priority job, or off an unhealthy GPU.
+    pub(super) fn requeue(&self, id: &str, reason: StopReason) -> Result<()> {
+        let words = reason.to_string();
+        let (_, transition) = self.transition(id, |job| job.requeue_for(reason.clone()))?;
+        if transition.changed() {
+            info!(job = %id, reason = %words, "stopping to requeue");
+        }
+        Ok(())
+    }
+
+    /// Records that a rank ended (idempotent), and stops the attempt's other ranks if it failed.
+    pub(super) fn end_rank(&self, id: &str, attempt: u32, rank: u32, end: RankEnd) -> Result<()> {
+        let now = self.now_ms();
+        let (job, transition) = self.transition(id, |job| job.on_rank_exit(attempt, rank, end.clone(), now))?;
+        if transition.changed() {
+            info!(job = %id, attempt, rank, state = ?job.state, end = ?end, "rank ended");
+        }
+        Ok(())
+    }
+
+    pub(super) fn fail_before_start(&self, id: &str, why: &str) -> Result<()> {
+        let now = self.now_ms();
+        let (_, transition) = self.transition(id, |job| job.fail_before_start(why, now))?;
+        if transition.changed() {
+            warn!(job = %id, reason = %why, "job failed before it started");
+        }
+        Ok(())
+    }
+
+    /// Applies one transition atomically in the store, then what it asks: stop the ranks, wake
+    /// the scheduler and log followers. Returns the job as it now is.
+    fn transition(
+        &self,
+        id: &str,
+        mut rule: impl FnMut(&mut JobRecord) -> Transition,
+    ) -> Result<(JobRecord, Transition)> {
+        let mut transition = Transition::Unchanged;
+        let updated = self.store.update(id, |job| {
+            transition = rule(job);
+            transition.changed()
+        })?;
+        let Some(job) = updated else { return Ok((self.store.job(id)?, Transition::Unchanged)) };
+        if transition.stops_ranks() {
+            self.stop_ranks(&job);
+        }
+        self.changed();
+        Ok((job, transition))
+    }
+
+    /// Sends SIGTERM-with-grace to every rank of the job's current attempt.
+    pub(super) fn stop_ranks(&self, job: &JobRecord) {
+        let Some(attempt) = job.current_attempt() else { return };
+        if job.state != JobState::Running {
+            return;
+        }
+        let fleet = self.fleet();
+        for rank in &attempt.placement {
+            if let Some(tx) = fleet.sender(&rank.node) {
+                let _ = tx.try_send(self.cancel_message(&job.id, job.attempt));
+            }
+        }
+    }
+}

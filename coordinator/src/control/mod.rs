@@ -1,0 +1,148 @@
+//! The coordinator's decisions around the pure parts: it keeps the agents' sessions
+//! ([`sessions`]), runs the placement loop and applies its plans ([`placement`]), changes jobs
+//! through the lifecycle's transitions ([`jobs`]), records checkpoints ([`checkpoints`]) and
+//! answers the read views ([`queries`]). The gRPC and HTTP services are thin layers over this.
+
+mod checkpoints;
+mod jobs;
+mod placement;
+mod queries;
+mod sessions;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_core::scheduler;
+use gantry_proto::v1;
+use tokio::sync::{Notify, watch};
+
+use crate::checkpoints::CheckpointStorage;
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::fleet::{AgentConn, Fleet};
+use crate::job_metrics::JobMetrics;
+use crate::logs::LogStore;
+use crate::store::{EmbeddedStore, StateStore};
+
+pub use queries::{NodeUsage, NodeView, display_order};
+
+/// Settings with defaults that suit one machine; tests shorten the timeouts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// An agent silent this long is lost: its jobs are requeued.
+    pub agent_timeout: Duration,
+    /// How long a cancelled job has between SIGTERM and SIGKILL.
+    pub grace_period: Duration,
+    pub heartbeat_interval: Duration,
+    /// Queue weights and GPU quotas; unlisted queues have weight 1 and no quota.
+    pub queues: Vec<scheduler::Queue>,
+    /// Where time comes from: the system's, or tokio's paused clock in tests.
+    pub clock: Clock,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            agent_timeout: Duration::from_secs(20),
+            grace_period: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            queues: Vec::new(),
+            clock: Clock::system(),
+        }
+    }
+}
+
+pub struct Coordinator {
+    pub store: Arc<dyn StateStore>,
+    pub logs: LogStore,
+    pub checkpoints: CheckpointStorage,
+    pub settings: Settings,
+    /// A std mutex: held for map updates only, never across an await.
+    fleet: Mutex<Fleet>,
+    /// Why each queued job waits, and where it stands: from the last scheduling pass.
+    waiting: Mutex<HashMap<String, scheduler::Waiting>>,
+    /// The jobs the last pass kept ahead of their priority (see `Snapshot::ahead`). In memory:
+    /// after a restart the first pass works them out again.
+    ahead: Mutex<Vec<String>>,
+    wake: Notify,
+    /// Ticks whenever a job changes state: log followers wait on it.
+    jobs_changed: watch::Sender<u64>,
+    started: tokio::time::Instant,
+    placements: std::sync::atomic::AtomicU64,
+    /// Placements refused at apply time because a node changed since the snapshot.
+    stale_placements: std::sync::atomic::AtomicU64,
+    /// What jobs report about their training (loss, accuracy, ...), in memory.
+    pub metrics: JobMetrics,
+}
+
+impl Coordinator {
+    /// A coordinator on the embedded store under `data_dir`.
+    pub fn open(data_dir: &std::path::Path, settings: Settings) -> Result<Coordinator> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io(format!("creating {}", data_dir.display())))?;
+        let store = Arc::new(EmbeddedStore::open(&data_dir.join("state.redb"))?);
+        Coordinator::with_store(store, data_dir, settings)
+    }
+
+    /// A coordinator on `store`; logs and checkpoint files live under `data_dir`.
+    pub fn with_store(
+        store: Arc<dyn StateStore>,
+        data_dir: &std::path::Path,
+        settings: Settings,
+    ) -> Result<Coordinator> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io(format!("creating {}", data_dir.display())))?;
+        let jobs_dir = data_dir.join("jobs");
+        let mut fleet = Fleet::default();
+        let now = settings.clock.now();
+        // Agents registered before a restart are known, but not connected, until they return.
+        for agent in store.agents()? {
+            let inventory = prost::Message::decode(agent.inventory.as_slice()).unwrap_or_default();
+            fleet.agents.insert(
+                agent.name.clone(),
+                AgentConn { inventory, addr: String::new(), last_seen: now, session: None, drained: agent.drained },
+            );
+        }
+        Ok(Coordinator {
+            store,
+            logs: LogStore::new(jobs_dir.clone()),
+            checkpoints: CheckpointStorage::on_disk(jobs_dir),
+            started: now,
+            settings,
+            fleet: Mutex::new(fleet),
+            waiting: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            jobs_changed: watch::channel(0).0,
+            placements: Default::default(),
+            stale_placements: Default::default(),
+            metrics: JobMetrics::default(),
+            ahead: Mutex::default(),
+        })
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.settings.clock.now_ms()
+    }
+
+    fn fleet(&self) -> std::sync::MutexGuard<'_, Fleet> {
+        self.fleet.lock().expect("fleet lock poisoned")
+    }
+
+    fn changed(&self) {
+        self.jobs_changed.send_modify(|v| *v += 1);
+        self.wake.notify_one();
+    }
+
+    pub fn subscribe_jobs(&self) -> watch::Receiver<u64> {
+        self.jobs_changed.subscribe()
+    }
+
+    fn cancel_message(&self, job_id: &str, attempt: u32) -> v1::CoordinatorMessage {
+        v1::CoordinatorMessage {
+            msg: Some(v1::coordinator_message::Msg::Cancel(v1::Cancel {
+                job_id: job_id.to_string(),
+                attempt,
+                grace_period_ms: self.settings.grace_period.as_millis() as u64,
+            })),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The job lifecycle as pure transitions on a [`JobRecord`]: no store, no clock, no network.
+//! The coordinator reads a record, calls one of these inside the store's atomic update, and then
+//! does what the returned [`Transition`] asks (stop ranks, wake the scheduler). Each rule has a
+//! unit test named for it below.
+//!
+//! queued -> running (start) -> queued again (requeued: preempted, GPU unhealthy, node lost, a
+//! failure within `max_restarts`) or succeeded | failed | cancelled.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::records::{AttemptRecord, JobRecord, JobState, RankPlacement, StopReason};
+
+/// What a transition did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Nothing: the record is left as it was (and not written).
+    Unchanged,
+    /// The record changed; `stop_ranks`: the ranks of the current attempt still running must be
+    /// told to stop (SIGTERM, then SIGKILL after the grace period).
+    Changed { stop_ranks: bool },
+}
+
+impl Transition {
+    pub fn changed(self) -> bool {
+        self != Transition::Unchanged
+    }
+    pub fn stops_ranks(self) -> bool {
+        self == Transition::Changed { stop_ranks: true }
+    }
+}
+
+/// How one rank of an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RankEnd {
+    /// The process exited: its code (negative: killed by that signal), and the agent's words.
+    Exited { code: i32, why: String },
+    /// Its node was lost, or no longer had it.
+    Lost { why: String },
+}
+
+/// What to do with an agent's report about one attempt of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportAction {
+    /// It ended: record the rank's end (idempotent), then release it.
+    End,
+    /// It ended, but the coordinator moved on from that attempt: release it only.
+    Release,
+    /// It runs an attempt the coordinator moved on from (requeued while the agent was away): stop it.
+    StopStale,
+    /// It runs, but was told to stop: say so again, in case the agent was away when it was sent.
+    RepeatStop,
+    /// It runs as expected.
+    Nothing,
+}
+
+impl JobRecord {
+    /// A queued job ends at once; a running one is told to stop and ends when its ranks have.
+    pub fn cancel(&mut self, now_ms: i64) -> Transition {
+        if self.state.is_terminal() || self.cancel_requested {
+            return Transition::Unchanged;
+        }
+        self.cancel_requested = true;
+        match self.state {
+            JobState::Queued => {
+                self.state = JobState::Cancelled;
+                self.ended_at_ms = Some(now_ms);
+                self.message = "cancelled before it started".into();
+                Transition::Changed { stop_ranks: false }
+            }
+            _ => {
+                self.stopping = Some(StopReason::Cancelled);
+                Transition::Changed { stop_ranks: true }
+            }
+        }
+    }
+
+    /// Stops a running job that is not already stopping, to requeue it (preempted for a job, or
+    /// on an unhealthy GPU). Its ranks are told to stop; it does not count as a failed attempt.
+    pub fn requeue_for(&mut self, reason: StopReason) -> Transition {
+        if self.state != JobState::Running || self.stopping.is_some() || self.cancel_requested {
+            return Transition::Unchanged;
+        }
+        self.stopping = Some(reason);
+        Transition::Changed { stop_ranks: true }
+    }
+
+    /// Starts the next attempt on `placement`, if the job is still queued and unchanged since
+    /// `version`, the version the plan was computed from.
+    pub fn start_attempt(&mut self, version: u64, placement: Vec<RankPlacement>, now_ms: i64) -> Transition {
+        if self.version != version || self.state != JobState::Queued || self.cancel_requested {
+            return Transition::Unchanged;
+        }
+        self.attempt += 1;
+        self.state = JobState::Running;
+        self.attempts.push(AttemptRecord {
+            attempt: self.attempt,
+            placement,
+            started_at_ms: now_ms,
+            ended_at_ms: None,
+            exit_code: None,
+            outcome: String::new(),
+            lost: false,
+            rank_exits: Default::default(),
+        });
+        Transition::Changed { stop_ranks: false }
+    }
+
+    /// A queued job that cannot start (its `init_from` checkpoint is missing, say) fails.
+    pub fn fail_before_start(&mut self, why: &str, now_ms: i64) -> Transition {
+        if self.state != JobState::Queued {
+            return Transition::Unchanged;
+        }
+        self.state = JobState::Failed;
+        self.message = why.to_string();
+        self.ended_at_ms = Some(now_ms);
+        Transition::Changed { stop_ranks: false }
+    }
+
+    /// Records that `rank` of `attempt` ended. The first rank to fail decides the attempt's
+    /// outcome and the others are stopped; the attempt ends only once every rank has ended, so a
+    /// requeued job never starts while ranks of its last attempt still run. Then:
+    /// cancelled -> `cancelled`; stopped to requeue -> `queued`, not counted; all ranks exited 0
+    /// -> `succeeded`; a lost node, or a failure within `max_restarts` -> `queued`; else `failed`.
+    /// Idempotent: a rank's second report changes nothing.
+    pub fn on_rank_exit(&mut self, attempt: u32, rank: u32, end: RankEnd, now_ms: i64) -> Transition {
+        if self.state != JobState::Running || self.attempt != attempt {
+            return Transition::Unchanged;
+        }
+        let Some(current) = self.current_attempt_mut() else { return Transition::Unchanged };
+        if current.rank_exits.contains_key(&rank) || !current.placement.iter().any(|r| r.rank == rank) {
+            return Transition::Unchanged;
+        }
+        let (code, why) = match &end {
+            RankEnd::Exited { code, why } => (Some(*code), why.clone()),
+            RankEnd::Lost { why } => (None, why.clone()),
+        };
+        current.rank_exits.insert(rank, code.unwrap_or(-1));
+        let world = current.placement.len();
+        let mut first_failure = false;
+        if code != Some(0) && current.outcome.is_empty() {
+            current.outcome = why.clone();
+            current.exit_code = code;
+            current.lost = code.is_none();
+            first_failure = true;
+        }
+        if current.rank_exits.len() < world {
+            // Other ranks still run (or are being stopped): a first failure stops them.
+            let node = current.placement.iter().find(|r| r.rank == rank).map(|r| r.node.clone()).unwrap_or_default();
+            let stop = first_failure && self.stopping.is_none();
+            if stop {
+                self.stopping = Some(match end {
+                    RankEnd::Lost { .. } => StopReason::AgentLost { node },
+                    RankEnd::Exited { .. } => StopReason::RankFailed { rank, why },
+                });
+            }
+            return Transition::Changed { stop_ranks: first_failure };
+        }
+        current.ended_at_ms = Some(now_ms);
+        let all_ok = current.outcome.is_empty();
+        if all_ok {
+            current.outcome = "succeeded".into();
+            current.exit_code = Some(0);
+        }
+        let (lost, outcome) = (current.lost, current.outcome.clone());
+        let stopping = self.stopping.take();
+        if self.cancel_requested {
+            self.state = JobState::Cancelled;
+            self.message = "cancelled".into();
+        } else if let Some(reason @ (StopReason::Preempted { .. } | StopReason::GpuUnhealthy { .. })) = stopping {
+            // Whatever the exit (a job may save and exit 0 on SIGTERM), a run stopped to requeue
+            // is not a failed attempt.
+            self.preemptions += 1;
+            self.state = JobState::Queued;
+            self.message = format!("{reason}; requeued to resume from its latest checkpoint");
+            return Transition::Changed { stop_ranks: false };
+        } else if all_ok {
+            self.state = JobState::Succeeded;
+            self.message.clear();
+        } else if lost || self.user_attempt() <= self.spec.max_restarts {
+            // Lost nodes do not make a job fail; failures count against max_restarts.
+            self.state = JobState::Queued;
+            self.message = format!("attempt {attempt} ended ({outcome}); requeued");
+            return Transition::Changed { stop_ranks: false };
+        } else {
+            self.state = JobState::Failed;
+            self.message = format!("{outcome} (attempt {attempt} of {})", self.spec.max_restarts + 1);
+        }
+        self.ended_at_ms = Some(now_ms);
+        Transition::Changed { stop_ranks: false }
+    }
+
+    /// What to do with a report from `node` about `rank` of `attempt` (`exited`: it ended).
+    pub fn on_report(&self, node: &str, attempt: u32, rank: u32, exited: bool) -> ReportAction {
+        let expected = self.state == JobState::Running
+            && self.attempt == attempt
+            && self.current_attempt().is_some_and(|a| a.placement.iter().any(|r| r.rank == rank && r.node == node));
+        match (exited, expected) {
+            (true, true) => ReportAction::End,
+            (true, false) => ReportAction::Release,
+            (false, false) => ReportAction::StopStale,
+            (false, true) if self.is_stopping() => ReportAction::RepeatStop,
+            (false, true) => ReportAction::Nothing,
+        }
+    }
+
+    /// Whether the current attempt has been told to stop (cancelled, requeued, or ending after a
+    /// rank failed): its resources free up soon.
+    pub fn is_stopping(&self) -> bool {
+        self.cancel_requested
+            || self.stopping.is_some()
+            || self.current_attempt().is_some_and(|a| !a.outcome.is_empty() && a.ended_at_ms.is_none())
+    }
+
+    /// Ranks of the current attempt that have not ended and whose node is `lost`.
+    pub fn ranks_on(&self, lost: impl Fn(&str) -> bool) -> Vec<(u32, String)> {
+        if self.state != JobState::Running {
+            return Vec::new();
+        }
+        let Some(attempt) = self.current_attempt() else { return Vec::new() };
+        attempt
+            .placement
+            .iter()
+            .filter(|r| !attempt.rank_exits.contains_key(&r.rank) && lost(&r.node))
+            .map(|r| (r.rank, r.node.clone()))
+            .collect()
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::Cancelled => write!(f, "cancelled"),
+            StopReason::Preempted { for_job, .. } => write!(f, "preempted by job {for_job}"),
+            StopReason::GpuUnhealthy { gpu, why, .. } => write!(f, "GPU {gpu} unhealthy ({why})"),
+            StopReason::AgentLost { node } => write!(f, "agent {node} lost"),
+            StopReason::RankFailed { rank, why } => write!(f, "rank {rank} failed ({why})"),
+        }
+    }
+}
+
+impl StopReason {
+    /// The stable name of its kind, for scripts and Prometheus labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Preempted { .. } => "preempted",
+            StopReason::GpuUnhealthy { .. } => "gpu_unhealthy",
+            StopReason::AgentLost { .. } => "agent_lost",
+            StopReason::RankFailed { .. } => "rank_failed",
+        }
+    }
+}
+
+/// Reads `stopping`, or the `preempted_by` text of records written before it: a job id, or
+/// "GPU <uuid> unhealthy (<why>)".
+pub(crate) fn stop_reason_compat<'de, D: Deserializer<'de>>(d: D) -> Result<Option<StopReason>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Typed(StopReason),
+        Legacy(String),
+    }
+    Ok(match Option::<Either>::deserialize(d)? {
+        None => None,
+        Some(Either::Typed(reason)) => Some(reason),
+        Some(Either::Legacy(text)) => Some(match text.strip_prefix("GPU ") {
+            Some(rest) => {
+                let (gpu, why) = rest.split_once(" unhealthy").unwrap_or((rest, ""));
+                let why = why.trim().trim_start_matches('(').trim_end_matches(')');
+                StopReason::GpuUnhealthy { node: String::new(), gpu: gpu.to_string(), why: why.to_string() }
+            }
+            None => StopReason::Preempted { for_job: text, nodes: Vec::new() },
+        }),
+    })
+}
+
+#[cfg(test)]
+#[path = "lifecycle_tests.rs"]
+mod tests;
