@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::checkpoints::{self, Uploader};
 use crate::coordinators::Coordinators;
+use crate::error::{Error, Result};
 use crate::logship::LogShipper;
 
 pub struct Launch {
@@ -57,7 +58,8 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
             report.exit_code = code;
             report.signal = signal;
         }
-        Err(message) => {
+        Err(e) => {
+            let message = e.to_string();
             let _ = line_tx.send(format!("[gantry] {message}")).await;
             report.message = message;
         }
@@ -78,20 +80,22 @@ async fn run_child(
     launch: &Launch,
     lines: &mpsc::Sender<String>,
     stop: &mut watch::Receiver<Option<Duration>>,
-) -> Result<Exit, String> {
+) -> Result<Exit> {
     let a = &launch.assignment;
     let checkpoint_dir = launch.dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoint_dir)
-        .map_err(|e| format!("could not create {}: {e}", checkpoint_dir.display()))?;
+        .map_err(Error::io(format!("could not create {}", checkpoint_dir.display())))?;
 
     let mut resume_dir = None;
     if let Some(r) = &a.resume {
         let dest = launch.dir.join("resume");
         let _ = std::fs::remove_dir_all(&dest);
         let mut client = launch.coordinators.client();
-        checkpoints::download(&mut client, r, &dest)
-            .await
-            .map_err(|e| format!("could not download checkpoint step {} of job {}: {e}", r.step, r.job_id))?;
+        checkpoints::download(&mut client, r, &dest).await.map_err(|e| Error::ResumeDownload {
+            job_id: r.job_id.clone(),
+            step: r.step,
+            source: Box::new(e),
+        })?;
         let _ = lines.send(format!("[gantry] resuming from job {} step {}", r.job_id, r.step)).await;
         resume_dir = Some(dest);
     }
@@ -99,9 +103,8 @@ async fn run_child(
     let argv = match (&launch.spec.train, &launch.spec.command) {
         (Some(train), _) => {
             let file = launch.dir.join("train.json");
-            let text =
-                serde_json::to_vec_pretty(train).map_err(|e| format!("could not write the train config: {e}"))?;
-            std::fs::write(&file, text).map_err(|e| format!("could not write {}: {e}", file.display()))?;
+            let text = serde_json::to_vec_pretty(train).map_err(Error::TrainConfig)?;
+            std::fs::write(&file, text).map_err(Error::io(format!("could not write {}", file.display())))?;
             vec![
                 launch.train_program.display().to_string(),
                 "train".into(),
@@ -110,7 +113,7 @@ async fn run_child(
             ]
         }
         (None, Some(argv)) => argv.clone(),
-        (None, None) => return Err("the job has neither `train` nor `command`".into()),
+        (None, None) => return Err(Error::NothingToRun),
     };
 
     let mut cmd = tokio::process::Command::new(&argv[0]);
@@ -126,8 +129,8 @@ async fn run_child(
     if resume_dir.is_none() {
         cmd.env_remove("GANTRY_RESUME_DIR");
     }
-    let mut child = cmd.spawn().map_err(|e| format!("could not start `{}`: {e}", argv[0]))?;
-    let pgid = child.id().map(|p| p as i32).ok_or("the job exited before it could be tracked")?;
+    let mut child = cmd.spawn().map_err(Error::io(format!("could not start `{}`", argv[0])))?;
+    let pgid = child.id().map(|p| p as i32).ok_or(Error::Untracked)?;
     info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, pid = pgid, "job started");
 
     let readers = [
@@ -167,7 +170,7 @@ async fn run_child(
     }
     let _ = upload_stop_tx.send(true);
     let _ = uploading.await;
-    let status = status.map_err(|e| format!("waiting for the job failed: {e}"))?;
+    let status = status.map_err(Error::io("waiting for the job failed"))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(Exit { code: status.code(), signal: status.signal() })
 }

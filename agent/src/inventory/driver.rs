@@ -11,6 +11,8 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 
+use crate::error::{Error, Result};
+
 /// One GPU as NVML reported it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RawGpu {
@@ -50,14 +52,14 @@ pub struct RawMig {
 /// A source of GPU readings: NVML, or a fake in tests.
 pub trait GpuDriver: Send + Sync {
     fn driver_version(&self) -> Option<String>;
-    fn count(&self) -> Result<u32, String>;
+    fn count(&self) -> Result<u32>;
     /// Fails when the GPU does not answer at all (lost, fallen off the bus).
-    fn read(&self, index: u32) -> Result<RawGpu, String>;
+    fn read(&self, index: u32) -> Result<RawGpu>;
     /// Blocks, calling `on_xid(uuid, xid)` for each critical XID error, until `stop` is set.
     /// Fails at once where the driver cannot deliver XID events.
-    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<(), String> {
+    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<()> {
         let _ = (stop, on_xid);
-        Err("XID events are not supported".into())
+        Err(Error::XidEventsUnavailable("XID events are not supported"))
     }
 }
 
@@ -70,11 +72,11 @@ pub struct NvmlDriver(Nvml);
 
 impl NvmlDriver {
     /// Loads `lib` (or the system's `libnvidia-ml.so.1`).
-    pub fn load(lib: Option<&Path>) -> Result<NvmlDriver, String> {
+    pub fn load(lib: Option<&Path>) -> Result<NvmlDriver> {
         let mut builder = Nvml::builder();
         let default = std::ffi::OsStr::new("libnvidia-ml.so.1");
         builder.lib_path(lib.map(|p| p.as_os_str()).unwrap_or(default));
-        builder.init().map(NvmlDriver).map_err(|e| e.to_string())
+        builder.init().map(NvmlDriver).map_err(Error::nvml("nvmlInit"))
     }
 }
 
@@ -83,13 +85,13 @@ impl GpuDriver for NvmlDriver {
         self.0.sys_driver_version().ok()
     }
 
-    fn count(&self) -> Result<u32, String> {
-        self.0.device_count().map_err(|e| e.to_string())
+    fn count(&self) -> Result<u32> {
+        self.0.device_count().map_err(Error::nvml("nvmlDeviceGetCount"))
     }
 
-    fn read(&self, index: u32) -> Result<RawGpu, String> {
-        let d = self.0.device_by_index(index).map_err(|e| e.to_string())?;
-        let uuid = d.uuid().map_err(|e| e.to_string())?;
+    fn read(&self, index: u32) -> Result<RawGpu> {
+        let d = self.0.device_by_index(index).map_err(Error::nvml("nvmlDeviceGetHandleByIndex"))?;
+        let uuid = d.uuid().map_err(Error::nvml("nvmlDeviceGetUUID"))?;
         let memory = d.memory_info().ok();
         Ok(RawGpu {
             uuid,
@@ -129,20 +131,23 @@ impl GpuDriver for NvmlDriver {
         })
     }
 
-    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<(), String> {
-        let mut set = self.0.create_event_set().map_err(|e| e.to_string())?;
+    fn watch_xids(&self, stop: &AtomicBool, on_xid: &mut dyn FnMut(String, u64)) -> Result<()> {
+        let mut set = self.0.create_event_set().map_err(Error::nvml("nvmlEventSetCreate"))?;
         let mut watched = 0;
-        for index in 0..self.0.device_count().map_err(|e| e.to_string())? {
+        for index in 0..self.count()? {
             let Ok(d) = self.0.device_by_index(index) else { continue };
             if !d.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR)) {
                 continue;
             }
-            // On failure NVML frees the set, so one refusal ends the watch.
-            set = d.register_events(EventTypes::CRITICAL_XID_ERROR, set).map_err(|e| e.to_string())?;
+            // On failure NVML frees the set, so one refusal ends the watch. (The error's `source`
+            // is a failure of that freeing, which changes nothing here.)
+            set = d
+                .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                .map_err(|e| Error::nvml("nvmlDeviceRegisterEvents")(e.error))?;
             watched += 1;
         }
         if watched == 0 {
-            return Err("no GPU delivers XID events".into());
+            return Err(Error::XidEventsUnavailable("no GPU delivers XID events"));
         }
         while !stop.load(Ordering::Relaxed) {
             match set.wait(500) {
@@ -155,7 +160,7 @@ impl GpuDriver for NvmlDriver {
                     on_xid(event.device.uuid().unwrap_or_default(), xid);
                 }
                 Err(NvmlError::Timeout) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Error::nvml("nvmlEventSetWait")(e)),
             }
         }
         Ok(())

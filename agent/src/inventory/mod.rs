@@ -41,7 +41,7 @@ impl Inventory {
             Ok(driver) => Inventory::with_driver(Some(Box::new(driver)), String::new()),
             Err(e) => {
                 info!(error = %e, "no NVIDIA library: offering CPU only");
-                Inventory::with_driver(None, e)
+                Inventory::with_driver(None, e.to_string())
             }
         }
     }
@@ -110,7 +110,7 @@ fn read_gpus(driver: &dyn GpuDriver, last: &[v1::GpuInfo], xids: &HashMap<String
             return last.iter().map(|g| lost(g, &e)).collect();
         }
     };
-    let readings: Vec<(u32, Result<RawGpu, String>)> =
+    let readings: Vec<(u32, crate::Result<RawGpu>)> =
         (0..count.max(last.len() as u32)).map(|i| (i, driver.read(i))).collect();
     let peers = topology::nvlink_peers(readings.iter().filter_map(|(_, r)| r.as_ref().ok()));
     let mut gpus = Vec::new();
@@ -135,7 +135,7 @@ fn read_gpus(driver: &dyn GpuDriver, last: &[v1::GpuInfo], xids: &HashMap<String
     gpus
 }
 
-fn lost(known: &v1::GpuInfo, error: &str) -> v1::GpuInfo {
+fn lost(known: &v1::GpuInfo, error: &crate::Error) -> v1::GpuInfo {
     v1::GpuInfo {
         healthy: false,
         health_reason: format!("NVML: {error}"),
@@ -246,6 +246,8 @@ fn total_memory() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use nvml_wrapper::error::NvmlError;
+
     use super::*;
 
     /// Readings by index, changeable by the test; `None` is a GPU that does not answer.
@@ -255,11 +257,12 @@ mod tests {
         fn driver_version(&self) -> Option<String> {
             Some("fake".into())
         }
-        fn count(&self) -> Result<u32, String> {
+        fn count(&self) -> crate::Result<u32> {
             Ok(self.0.lock().unwrap().len() as u32)
         }
-        fn read(&self, index: u32) -> Result<RawGpu, String> {
-            self.0.lock().unwrap()[index as usize].clone().ok_or_else(|| "GPU is lost".to_string())
+        fn read(&self, index: u32) -> crate::Result<RawGpu> {
+            let lost = crate::Error::Nvml { call: "nvmlDeviceGetHandleByIndex", source: NvmlError::GpuLost };
+            self.0.lock().unwrap()[index as usize].clone().ok_or(lost)
         }
     }
 
@@ -324,7 +327,7 @@ mod tests {
         let gpus = inv.read().gpus;
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].uuid, "a");
-        assert!(!gpus[0].healthy && gpus[0].health_reason.contains("GPU is lost"));
+        assert!(!gpus[0].healthy && gpus[0].health_reason.contains("fell off the bus"), "{:?}", gpus[0]);
     }
 
     #[test]
