@@ -8,6 +8,7 @@ mod output;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use output::errln;
 
 #[derive(Parser)]
 #[command(name = "gantry", version, about = "Schedule deep-learning training jobs on a GPU fleet")]
@@ -87,12 +88,18 @@ enum CheckpointCommand {
     },
 }
 
+/// The exit status when the reader of stdout goes away first (`gantry jobs | head -1`): 128 +
+/// SIGPIPE, what a shell reports for a Unix tool that SIGPIPE ended. The command stops at once
+/// and quietly; it did not finish, so `submit --follow` and `dev --run` do not claim success.
+const STDOUT_CLOSED_EXIT: i32 = 128 + 13;
+
 fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
+        Err(e) if output::stdout_closed(&e) => STDOUT_CLOSED_EXIT,
         Err(e) => {
-            eprintln!("error: {}", client::one_line(&e));
+            errln!("error: {}", client::one_line(&e));
             1
         }
     };

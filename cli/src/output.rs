@@ -1,7 +1,67 @@
-//! How things look: JSON views with the names scripts rely on, and plain tables for people.
+//! How things look: JSON views with the names scripts rely on, and plain tables for people;
+//! and where they go: [`Stdout`], which reports a reader that went away instead of panicking.
+
+use std::io::{self, Write};
 
 use gantry_proto::{job_state_name, v1};
 use serde::Serialize;
+
+/// Standard output for everything the CLI prints. `println!` panics when the reader has gone
+/// away (`gantry jobs | head -1`); this returns the error, and a closed pipe comes back as
+/// [`StdoutClosed`], on which `main` ends quietly as Unix tools do.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        io::stdout().write(buf).map_err(closed)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush().map_err(closed)
+    }
+}
+
+/// The reader of stdout went away (EPIPE): nobody wants the rest of the output.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the reader of standard output went away")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn closed(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe { io::Error::new(io::ErrorKind::BrokenPipe, StdoutClosed) } else { e }
+}
+
+/// Whether `e` is, or was caused by, a write to [`Stdout`] that found its reader gone.
+pub fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<StdoutClosed>())
+    })
+}
+
+/// `println!` through [`Stdout`]: returns `io::Result<()>` instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!($crate::output::Stdout, $($arg)*)
+    }};
+}
+pub(crate) use outln;
+
+/// `eprintln!` that drops the message when stderr is gone instead of panicking: nobody can read
+/// it, and the exit status still tells how the command ended.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use errln;
 
 #[derive(Serialize)]
 pub struct JobView {
@@ -208,26 +268,27 @@ pub struct NodeView {
 }
 
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
 /// Left-aligned columns, two spaces apart.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: &[String]| {
         let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
     for row in rows {
-        line(row.clone());
+        line(row)?;
     }
+    Ok(())
 }
 
 pub fn bytes(n: u64) -> String {

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
 use crate::client::{self, connect};
-use crate::output::{CheckpointView, bytes, print_json, print_table};
+use crate::output::{CheckpointView, bytes, outln, print_json, print_table};
 
 pub async fn list(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
@@ -28,7 +28,7 @@ pub async fn list(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
             vec![c.step.to_string(), bytes(c.bytes), c.files.len().to_string(), c.attempt.to_string(), c.sha256.clone()]
         })
         .collect();
-    print_table(&["STEP", "SIZE", "FILES", "ATTEMPT", "SHA256"], &rows);
+    print_table(&["STEP", "SIZE", "FILES", "ATTEMPT", "SHA256"], &rows)?;
     Ok(())
 }
 
@@ -90,13 +90,13 @@ pub async fn download(url: &str, id: &str, step: Option<u64>, out: &Path, json: 
     if json {
         return print_json(&CheckpointView::from(&header));
     }
-    println!(
+    outln!(
         "downloaded checkpoint step {} of job {id} ({}, {} files, sha256 verified) to {}",
         header.step,
         bytes(header.bytes),
         header.files.len(),
         out.display()
-    );
+    )?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 use gantry_proto::v1;
 
 use crate::client::{self, connect};
-use crate::output::{GpuView, NodeView, bytes, print_json, print_table};
+use crate::output::{GpuView, NodeView, bytes, outln, print_json, print_table};
 
 pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
@@ -30,7 +30,7 @@ pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["NODE", "STATUS", "CPUS", "MEMORY", "GPUS", "JOBS"], &rows);
+    print_table(&["NODE", "STATUS", "CPUS", "MEMORY", "GPUS", "JOBS"], &rows)?;
     Ok(())
 }
 
@@ -42,9 +42,9 @@ pub async fn drain(url: &str, node: &str, drain: bool, json: bool) -> anyhow::Re
         return print_json(&node_view(&n));
     }
     if drain {
-        println!("node {node} drained: it keeps its {} running job(s) and takes no new ones", n.jobs.len());
+        outln!("node {node} drained: it keeps its {} running job(s) and takes no new ones", n.jobs.len())?;
     } else {
-        println!("node {node} takes new jobs again");
+        outln!("node {node} takes new jobs again")?;
     }
     Ok(())
 }
@@ -136,7 +136,7 @@ pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
     print_table(
         &["NODE", "GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HEALTH", "JOB", "TOPOLOGY", "UUID"],
         &rows,
-    );
+    )?;
     Ok(())
 }
 

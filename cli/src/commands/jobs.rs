@@ -8,7 +8,7 @@ use gantry_proto::v1;
 use tokio_stream::StreamExt;
 
 use crate::client::{self, connect};
-use crate::output::{self, JobView, print_json, print_table};
+use crate::output::{self, JobView, errln, outln, print_json, print_table};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -25,14 +25,14 @@ pub async fn submit(url: &str, file: &Path, follow: bool, json: bool) -> anyhow:
     let mut c = connect(url).await?;
     let reply = c.submit(v1::SubmitRequest { spec: Some(v1::JobSpec::from(&spec)) }).await.map_err(client::status)?;
     let id = reply.into_inner().job_id;
-    println!("{id}");
+    outln!("{id}")?;
     if !follow {
         return Ok(0);
     }
     stream_logs(url, &id, true, json).await?;
     let job = c.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
     let state = output::state(&job);
-    eprintln!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+    errln!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
     Ok(if state == "succeeded" { 0 } else { 1 })
 }
 
@@ -59,7 +59,7 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "STATE", "ATTEMPT", "QUEUE", "PRIO", "NODES", "REASON"], &rows);
+    print_table(&["ID", "NAME", "STATE", "ATTEMPT", "QUEUE", "PRIO", "NODES", "REASON"], &rows)?;
     Ok(())
 }
 
@@ -70,39 +70,39 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&view);
     }
-    println!("id:        {}", view.id);
-    println!("name:      {}", view.name);
-    println!("state:     {}", view.state);
-    println!("queue:     {} (priority {})", view.queue, view.priority);
-    println!("attempt:   {}", view.attempt);
+    outln!("id:        {}", view.id)?;
+    outln!("name:      {}", view.name)?;
+    outln!("state:     {}", view.state)?;
+    outln!("queue:     {} (priority {})", view.queue, view.priority)?;
+    outln!("attempt:   {}", view.attempt)?;
     if let Some(reason) = &view.pending_reason {
-        println!("pending:   {reason}");
+        outln!("pending:   {reason}")?;
     }
     if let Some(pos) = view.queue_position {
-        println!("position:  {pos} in the queue");
+        outln!("position:  {pos} in the queue")?;
     }
     if let Some(at) = view.estimated_start_ms {
         let secs = ((at - now_ms()) / 1000).max(0) as u64;
-        println!("estimated: starts in about {} (backfill reservation)", gantry_core::spec::format_duration(secs));
+        outln!("estimated: starts in about {} (backfill reservation)", gantry_core::spec::format_duration(secs))?;
     }
     if let Some(by) = &view.preempted_by {
         let why = if by.starts_with("GPU ") { by.clone() } else { format!("preempted for job {by}") };
-        println!("stopping:  {why}; it will resume from its latest checkpoint");
+        outln!("stopping:  {why}; it will resume from its latest checkpoint")?;
     }
     if !view.message.is_empty() {
-        println!("message:   {}", view.message);
+        outln!("message:   {}", view.message)?;
     }
     for m in &view.metrics {
         let values: Vec<String> = m.values.iter().map(|(k, v)| format!("{k}={}", format_metric(*v))).collect();
         let straggler =
             if m.straggler { "  <- straggler: its steps take far longer than the other ranks'" } else { "" };
-        println!("metrics:   rank {} step {}: {}{straggler}", m.rank, m.step, values.join(" "));
+        outln!("metrics:   rank {} step {}: {}{straggler}", m.rank, m.step, values.join(" "))?;
     }
     for a in &view.attempts {
         let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
         let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
         let outcome = if a.outcome.is_empty() { "running".to_string() } else { a.outcome.clone() };
-        println!("attempt {}: on {} ({gpus}): {outcome}{exit}", a.attempt, a.nodes.join(","));
+        outln!("attempt {}: on {} ({gpus}): {outcome}{exit}", a.attempt, a.nodes.join(","))?;
     }
     Ok(())
 }
@@ -115,9 +115,9 @@ pub async fn cancel(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
         return print_json(&view);
     }
     if view.state == "running" {
-        println!("job {id}: cancel requested; it gets SIGTERM and a grace period to checkpoint");
+        outln!("job {id}: cancel requested; it gets SIGTERM and a grace period to checkpoint")?;
     } else {
-        println!("job {id}: {}", view.state);
+        outln!("job {id}: {}", view.state)?;
     }
     Ok(())
 }
@@ -132,10 +132,9 @@ async fn stream_logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::R
     let req = v1::LogsRequest { job_id: id.to_string(), follow };
     let mut stream = c.logs(req).await.map_err(client::status)?.into_inner();
     let mut last_attempt = None;
-    let stdout = std::io::stdout();
+    let mut out = output::Stdout;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(client::status)?;
-        let mut out = stdout.lock();
         for line in batch.lines {
             if json {
                 let value = serde_json::json!({"attempt": line.attempt, "rank": line.rank, "text": line.text});
@@ -177,7 +176,7 @@ pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Resu
         .map_err(client::status)?
         .into_inner()
         .job_id;
-    eprintln!("submitted job {id} ({})", spec.name);
+    errln!("submitted job {id} ({})", spec.name);
     stream_logs(url, &id, true, false).await?;
     let job = c.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map_err(client::status)?.into_inner();
     let checkpoints = c
@@ -186,17 +185,17 @@ pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Resu
         .map_err(client::status)?
         .into_inner();
     let state = output::state(&job);
-    println!();
-    println!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) });
+    outln!()?;
+    outln!("job {id} {state}{}", if job.message.is_empty() { String::new() } else { format!(": {}", job.message) })?;
     if let Some(latest) = checkpoints.checkpoints.last() {
         let dir = data_dir.join("jobs").join(&id).join("checkpoints").join(format!("step-{}", latest.step));
-        println!(
+        outln!(
             "latest checkpoint: step {} ({}), stored at {}",
             latest.step,
             output::bytes(latest.bytes),
             dir.display()
-        );
-        println!("download it with:  gantry checkpoint download {id} --out ./checkpoint-{id}");
+        )?;
+        outln!("download it with:  gantry checkpoint download {id} --out ./checkpoint-{id}")?;
     }
     Ok(if state == "succeeded" { 0 } else { 1 })
 }

@@ -142,7 +142,9 @@ fn default_data_dir() -> PathBuf {
 pub fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // With stderr gone, tracing's own report of the failed write would panic (`eprintln!`).
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     if std::env::var("GANTRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

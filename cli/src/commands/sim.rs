@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use gantry_core::sim::{self, Policy, Report};
 
+use crate::output::outln;
+
 #[derive(Args)]
 pub struct SimArgs {
     /// A trace in the Helios CSV schema (job_id, user or vc, gpu_num, node_num, submit_time,
@@ -58,10 +60,10 @@ pub fn run(args: SimArgs, json: bool) -> anyhow::Result<()> {
                 "utilisation": r.utilisation, "wait_median_s": r.wait_median_s, "wait_p99_s": r.wait_p99_s,
                 "jct_median_s": r.jct_median_s, "makespan_s": r.makespan_s, "queues": queues,
             });
-            println!("{line}");
+            outln!("{line}")?;
             continue;
         }
-        println!(
+        outln!(
             "{:<7} jobs {:>5}  utilisation {:>5.1}%  wait median {:>7}s  p99 {:>8}s  JCT median {:>7}s  makespan {}s",
             r.policy,
             r.jobs,
@@ -70,12 +72,14 @@ pub fn run(args: SimArgs, json: bool) -> anyhow::Result<()> {
             r.wait_p99_s,
             r.jct_median_s,
             r.makespan_s
-        );
+        )?;
         for (q, v) in &r.queues {
-            println!(
+            outln!(
                 "        queue {q:<10} jobs {:>5}  GPU-hours {:>9.1}  wait median {:>7}s",
-                v.jobs, v.gpu_hours, v.wait_median_s
-            );
+                v.jobs,
+                v.gpu_hours,
+                v.wait_median_s
+            )?;
         }
     }
     Ok(())

@@ -14,7 +14,8 @@ pub fn run(spec_file: &Path) -> anyhow::Result<i32> {
     spec.validate().map_err(|e| anyhow::anyhow!("{}: {e}", spec_file.display()))?;
     let env = gantry_jobs::RunEnv::from_env()?;
     gantry_jobs::install_sigterm_handler(env.stop.clone())?;
-    let mut out = std::io::stdout();
+    // A stdout that reports a closed pipe as such, so `main` ends quietly on it.
+    let mut out = crate::output::Stdout;
     let outcome = gantry_jobs::train(&spec, &env, &mut out)?;
     Ok(if outcome.stopped { 143 } else { 0 })
 }
