@@ -7,7 +7,7 @@ mod output;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use output::errln;
 
 #[derive(Parser)]
@@ -68,6 +68,12 @@ enum Command {
     Undrain { node: String },
     /// Replay a job trace through the scheduler in simulated time: FIFO against gantry's policy.
     Sim(commands::sim::SimArgs),
+    /// Print shell completions: `source <(gantry completion bash)`, or save them where the shell
+    /// loads completions from.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Run gantry's training runtime in this process (what agents run for `train:` jobs).
     Train {
         /// The `train:` section as JSON.
@@ -115,6 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Agent(args) => runtime.block_on(commands::server::agent(args)).map(|_| 0),
         Command::Dev(args) => runtime.block_on(commands::server::dev(args)),
         Command::Sim(args) => commands::sim::run(args, json).map(|_| 0),
+        Command::Completion { shell } => completion(shell).map(|_| 0),
         Command::Train { spec } => {
             drop(runtime);
             commands::train::run(&spec)
@@ -134,4 +141,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Drain { node } => runtime.block_on(commands::fleet::drain(&url, &node, true, json)).map(|_| 0),
         Command::Undrain { node } => runtime.block_on(commands::fleet::drain(&url, &node, false, json)).map(|_| 0),
     }
+}
+
+/// Writes the script to a buffer first: clap_complete panics on a failed write, and a closed
+/// stdout must end the command quietly (see [`output::Stdout`]).
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut script);
+    output::Stdout.write_all(&script)?;
+    Ok(())
 }

@@ -1,4 +1,5 @@
-//! `gantry` in a shell: a pipe whose reader stops early (`gantry jobs | head -1`).
+//! `gantry` in a shell: a pipe whose reader stops early (`gantry jobs | head -1`), and the
+//! completion scripts of `gantry completion SHELL`.
 
 mod support;
 
@@ -33,7 +34,8 @@ fn assert_ends_quietly(args: &[&str], out: &Output) {
 
 #[test]
 fn a_closed_stdout_ends_offline_commands_quietly_with_status_141() {
-    let commands: [&[&str]; 2] = [&["sim", "--generate", "20"], &["sim", "--generate", "20", "-o", "json"]];
+    let commands: [&[&str]; 3] =
+        [&["completion", "bash"], &["sim", "--generate", "20"], &["sim", "--generate", "20", "-o", "json"]];
     for args in commands {
         assert_ends_quietly(args, &with_stdout_closed(args, None));
     }
@@ -62,4 +64,45 @@ fn a_closed_stdout_ends_client_commands_quietly_instead_of_panicking() {
     ] {
         assert_ends_quietly(args, &with_stdout_closed(args, Some(&url)));
     }
+}
+
+fn completion(shell: &str) -> String {
+    let out = Command::new(GANTRY).args(["completion", shell]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn installed(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_name_the_subcommands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = completion(shell);
+        for word in ["submit", "checkpoints", "drain", "completion"] {
+            assert!(script.contains(word), "{shell} completion lacks `{word}`:\n{script}");
+        }
+    }
+}
+
+#[test]
+fn the_bash_completion_loads_in_bash() {
+    if !installed("bash") {
+        eprintln!("bash is not installed: not loading the completion");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gantry.bash");
+    std::fs::write(&file, completion("bash")).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"set -e; source "$1"; complete -p gantry"#)
+        .arg("bash")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "sourcing the completion failed: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gantry"), "no completion registered for gantry");
 }
