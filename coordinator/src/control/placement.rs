@@ -308,3 +308,85 @@ fn nodes_take(fleet: &Fleet, ranks: &[RankPlacement]) -> std::result::Result<(),
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use gantry_core::JobSpec;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::control::Settings;
+
+    fn gpu(uuid: &str, healthy: bool) -> v1::GpuInfo {
+        v1::GpuInfo {
+            uuid: uuid.into(),
+            name: "NVIDIA H100".into(),
+            memory_total_bytes: 80 << 30,
+            healthy,
+            ..Default::default()
+        }
+    }
+
+    fn inventory(healthy: bool) -> v1::Inventory {
+        v1::Inventory { cpus: 8, memory_bytes: 64 << 30, gpus: vec![gpu("GPU-0", healthy)], ..Default::default() }
+    }
+
+    /// A coordinator with agent `a` (one GPU) connected, a queued one-GPU job, and the plan the
+    /// scheduler made for it.
+    fn planned()
+    -> (tempfile::TempDir, Coordinator, mpsc::Receiver<v1::CoordinatorMessage>, JobRecord, u64, scheduler::Placement)
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Coordinator::open(dir.path(), Settings::default()).unwrap();
+        c.register_agent("a", inventory(true), "127.0.0.1".into()).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        c.attach_session("a", v1::Heartbeat { inventory: Some(inventory(true)), ..Default::default() }, tx).unwrap();
+        let job =
+            c.submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap()).unwrap();
+        let (snapshot, versions) = c.snapshot(&c.store.jobs().unwrap());
+        let plan = scheduler::schedule(&snapshot);
+        assert_eq!(plan.placements.len(), 1, "{plan:?}");
+        let version = versions[&job.id];
+        (dir, c, rx, job, version, plan.placements[0].clone())
+    }
+
+    #[test]
+    fn a_placement_on_a_node_drained_since_the_snapshot_is_refused() {
+        let (_dir, c, _rx, job, version, placement) = planned();
+        c.drain("a", true).unwrap();
+        let applied = c.place(&job, version, &placement).unwrap();
+        assert_eq!(applied, Err(Refused::Node { node: "a".into(), why: "drained" }));
+        assert_eq!(c.store.job(&job.id).unwrap().state, JobState::Queued);
+        assert_eq!((c.placements(), c.stale_placements()), (0, 1));
+    }
+
+    #[test]
+    fn a_placement_on_a_gpu_unhealthy_since_the_snapshot_is_refused() {
+        let (_dir, c, _rx, job, version, placement) = planned();
+        c.heartbeat("a", v1::Heartbeat { inventory: Some(inventory(false)), ..Default::default() }).unwrap();
+        let applied = c.place(&job, version, &placement).unwrap();
+        assert_eq!(applied, Err(Refused::Node { node: "a".into(), why: "a placed GPU is unhealthy" }));
+        assert_eq!(c.store.job(&job.id).unwrap().state, JobState::Queued);
+    }
+
+    #[test]
+    fn a_placement_on_a_node_disconnected_since_the_snapshot_is_refused() {
+        let (_dir, c, rx, job, version, placement) = planned();
+        drop(rx);
+        let session = 1; // the only session opened
+        c.detach_session("a", session);
+        let applied = c.place(&job, version, &placement).unwrap();
+        assert_eq!(applied, Err(Refused::Node { node: "a".into(), why: "disconnected" }));
+    }
+
+    #[test]
+    fn an_unchanged_placement_starts_the_job_and_sends_its_assignment() {
+        let (_dir, c, mut rx, job, version, placement) = planned();
+        assert_eq!(c.place(&job, version, &placement).unwrap(), Ok(()));
+        assert_eq!(c.store.job(&job.id).unwrap().state, JobState::Running);
+        let sent = rx.try_recv().unwrap();
+        assert!(matches!(sent.msg, Some(v1::coordinator_message::Msg::Assign(a)) if a.gpu_uuids == ["GPU-0"]));
+        // Applying the same plan again is refused: the job changed.
+        assert_eq!(c.place(&job, version, &placement).unwrap(), Err(Refused::JobChanged));
+    }
+}

@@ -1,0 +1,109 @@
+//! The coordinator's promises about agents, on tokio's paused clock: a whole `serve()` in this
+//! process, agents played by the test over real gRPC. Timeouts of many seconds pass in
+//! milliseconds, and nothing waits on the machine's speed.
+
+#[path = "support/inprocess.rs"]
+mod inprocess;
+
+use std::time::Duration;
+
+use inprocess::{TestAgent, TestCoordinator, running, wait_for};
+
+const SLEEPER: &str = "name: sleeper\ncommand: [\"sleep\", \"1000\"]\nmax_restarts: 0\n";
+
+fn state(job: &gantry_proto::v1::Job) -> &'static str {
+    gantry_proto::job_state_name(job.state())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_agent_is_lost_after_the_timeout_and_its_job_runs_again_elsewhere() {
+    let wall = std::time::Instant::now();
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    let first = a.next_assignment().await;
+    assert_eq!(first.attempt, 1);
+    let mut b = TestAgent::join(&c, "b").await;
+
+    a.fall_silent();
+    let silent_at = tokio::time::Instant::now();
+    let second = b.next_assignment().await;
+    let moved_after = silent_at.elapsed();
+    assert_eq!((second.job_id.as_str(), second.attempt), (id.as_str(), 2));
+    // Lost once silent past the 10 s timeout, and placed on the next pass (a tick is 1 s).
+    assert!(moved_after > Duration::from_secs(10), "moved after only {moved_after:?}");
+    assert!(moved_after < Duration::from_secs(13), "moved only after {moved_after:?}");
+    let job = c.job(&id).await;
+    assert_eq!(state(&job), "running", "max_restarts is 0, yet a lost node is no failure");
+    assert_eq!(job.attempts[0].outcome, "agent a lost");
+    assert!(a.session_closed().await, "the silent agent's session is closed");
+    assert!(wall.elapsed() < Duration::from_secs(10), "took {:?} of real time", wall.elapsed());
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_reconnects_holding_its_job_keeps_it() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    let assigned = a.next_assignment().await;
+    a.leave();
+    // Back within the timeout, still running it: nothing is requeued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _a = TestAgent::join_holding(&c, "a", vec![running(&id, assigned.attempt, 0)]).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let job = c.job(&id).await;
+    assert_eq!((state(&job), job.attempts.len()), ("running", 1), "{job:?}");
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_reconnects_without_its_job_has_it_requeued_at_once() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    a.next_assignment().await;
+    a.leave();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Restarted (its processes gone): it holds nothing, well before the timeout.
+    let mut a = TestAgent::join(&c, "a").await;
+    let again = a.next_assignment().await;
+    assert_eq!(again.attempt, 2);
+    let job = c.job(&id).await;
+    assert_eq!(job.attempts[0].outcome, "lost: agent a no longer had it");
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_attempt_is_requeued_within_max_restarts_then_the_job_fails() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit("name: flaky\ncommand: [\"false\"]\nmax_restarts: 1\n").await;
+    let first = a.next_assignment().await;
+    a.exit(&id, first.attempt, 0, 1).await;
+    let second = a.next_assignment().await;
+    assert_eq!(second.attempt, 2);
+    a.exit(&id, second.attempt, 0, 1).await;
+    let job = wait_for(&c, &id, "fail", |j| state(j) == "failed").await;
+    assert_eq!(job.message, "exit code 1 (attempt 2 of 2)");
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_job_is_told_to_stop_again_until_its_agent_reports_the_exit() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    let assigned = a.next_assignment().await;
+    c.users().cancel_job(gantry_proto::v1::CancelJobRequest { job_id: id.clone() }).await.unwrap();
+    let stop = a.next_cancel().await;
+    assert_eq!((stop.job_id.as_str(), stop.attempt, stop.grace_period_ms), (id.as_str(), 1, 3000));
+    let job = c.job(&id).await;
+    assert_eq!((state(&job), job.stop_code.as_str(), job.stop_reason.as_str()), ("running", "cancelled", "cancelled"));
+    // The agent keeps reporting it running (it missed the first cancel, say): told again.
+    a.next_cancel().await;
+    a.exit(&id, assigned.attempt, 0, 143).await;
+    let job = wait_for(&c, &id, "end cancelled", |j| state(j) == "cancelled").await;
+    assert!(job.stop_reason.is_empty(), "a job that has ended is no longer stopping");
+    c.stop().await;
+}
