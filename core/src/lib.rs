@@ -4,8 +4,10 @@
 //! This crate must never do I/O, spawn tasks or read the clock: time and state come in as data
 //! (see [`scheduler::Snapshot`]), so every decision is reproducible in a test.
 
+pub mod error;
 pub mod scheduler;
 pub mod sim;
 pub mod spec;
 
-pub use spec::{JobSpec, Resources, SpecError, TrainSpec};
+pub use error::ParseError;
+pub use spec::{DatasetKind, JobSpec, ModelKind, Resources, SpecError, TrainSpec};

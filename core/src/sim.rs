@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::error::ParseError;
 use crate::scheduler::{self, Gpu, Node, NodeAssignment, PendingJob, RunningJob, Snapshot};
 use crate::spec::Resources;
 
@@ -51,11 +52,11 @@ pub struct QueueReport {
 /// Parses a CSV with a header naming at least `job_id`, `user` (or `vc`), `gpu_num`,
 /// `submit_time` and `duration` (`node_num` optional). Times are seconds; `submit_time` may
 /// also be `YYYY-MM-DD HH:MM:SS`. Rows with zero duration are skipped.
-pub fn parse_trace(text: &str) -> Result<Vec<TraceJob>, String> {
+pub fn parse_trace(text: &str) -> Result<Vec<TraceJob>, ParseError> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().ok_or("empty trace")?.split(',').map(str::trim).collect();
+    let header: Vec<&str> = lines.next().ok_or(ParseError::EmptyTrace)?.split(',').map(str::trim).collect();
     let col = |names: &[&str]| header.iter().position(|h| names.contains(h));
-    let need = |names: &[&str]| col(names).ok_or_else(|| format!("trace header lacks `{}`", names[0]));
+    let need = |names: &[&'static str]| col(names).ok_or(ParseError::TraceColumn(names[0]));
     let (id, user, gpus, submit, duration) = (
         need(&["job_id", "jobid"])?,
         need(&["user", "vc"])?,
@@ -67,15 +68,16 @@ pub fn parse_trace(text: &str) -> Result<Vec<TraceJob>, String> {
     let mut out = Vec::new();
     let mut first_submit = None;
     for (n, line) in lines.enumerate() {
+        let row = n + 2;
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let field = |i: usize| f.get(i).copied().ok_or_else(|| format!("row {}: too few columns", n + 2));
-        let num = |i: usize| -> Result<u64, String> {
+        let field = |i: usize| f.get(i).copied().ok_or(ParseError::TraceRowShort { row });
+        let num = |i: usize| -> Result<u64, ParseError> {
             let v = field(i)?;
-            v.parse::<f64>().map(|x| x as u64).map_err(|_| format!("row {}: `{v}` is not a number", n + 2))
+            v.parse::<f64>().map(|x| x as u64).map_err(|_| ParseError::TraceNumber { row, value: v.to_string() })
         };
         let submit_s = match field(submit)?.parse::<f64>() {
             Ok(s) => s as u64,
-            Err(_) => parse_datetime(field(submit)?).ok_or_else(|| format!("row {}: bad submit_time", n + 2))?,
+            Err(_) => parse_datetime(field(submit)?).ok_or(ParseError::TraceSubmitTime { row })?,
         };
         let duration_s = num(duration)?;
         if duration_s == 0 {
@@ -104,13 +106,16 @@ pub fn parse_trace(text: &str) -> Result<Vec<TraceJob>, String> {
     Ok(out)
 }
 
+/// Seconds since 2000-01-01 (months of 31 days, years of 366: enough to order and subtract).
+/// `None` for anything else, a month or day of 0 and numbers too large included.
 fn parse_datetime(s: &str) -> Option<u64> {
-    // Seconds since 2000-01-01, enough to order and subtract.
     let (date, time) = s.split_once(' ')?;
     let d: Vec<u64> = date.split('-').map(|p| p.parse().ok()).collect::<Option<_>>()?;
     let t: Vec<u64> = time.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
-    let days = (d.first()?.checked_sub(2000)?) * 366 + (d.get(1)? - 1) * 31 + (d.get(2)? - 1);
-    Some(days * 86400 + t.first()? * 3600 + t.get(1)? * 60 + t.get(2).copied().unwrap_or(0))
+    let (years, months, days) = (d.first()?.checked_sub(2000)?, d.get(1)?.checked_sub(1)?, d.get(2)?.checked_sub(1)?);
+    let days = years.checked_mul(366)?.checked_add(months.checked_mul(31)?)?.checked_add(days)?;
+    let seconds = t.first()?.checked_mul(3600)?.checked_add(t.get(1)?.checked_mul(60)?)?;
+    days.checked_mul(86400)?.checked_add(seconds)?.checked_add(t.get(2).copied().unwrap_or(0))
 }
 
 /// A synthetic trace that looks like a shared GPU cluster: Poisson arrivals, mostly small jobs
@@ -232,7 +237,6 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
             max_duration_ms: Some(j.duration_s * 1000),
         };
         let snapshot = |pend: Vec<PendingJob>| Snapshot {
-            revision: 0,
             now_ms: now * 1000,
             nodes: fleet.clone(),
             running: running.iter().map(|r| r.0.clone()).collect(),
@@ -367,6 +371,31 @@ mod tests {
         let jobs = parse_trace(csv).unwrap();
         assert_eq!(jobs.len(), 1, "zero-duration rows are skipped");
         assert_eq!((jobs[0].gpus, jobs[0].nodes, jobs[0].duration_s), (8, 1, 600));
+    }
+
+    #[test]
+    fn a_broken_trace_is_an_error_naming_the_row() {
+        let header = "job_id,user,gpu_num,submit_time,duration\n";
+        assert_eq!(parse_trace(""), Err(ParseError::EmptyTrace));
+        assert_eq!(parse_trace("job_id,user,gpu_num,duration\n"), Err(ParseError::TraceColumn("submit_time")));
+        let err = parse_trace(&format!("{header}a,u,1,0,60\nb,u,two,0,60\n")).unwrap_err();
+        assert_eq!(err.to_string(), "row 3: `two` is not a number");
+        assert_eq!(parse_trace(&format!("{header}a,u,1\n")), Err(ParseError::TraceRowShort { row: 2 }));
+    }
+
+    /// A month or day of 0 underflowed (a panic in a debug build, a wild submit time in a
+    /// release one), and so did a year too large to count in seconds.
+    #[test]
+    fn a_submit_time_out_of_range_is_an_error_not_a_panic() {
+        let header = "job_id,user,gpu_num,submit_time,duration\n";
+        for bad in
+            ["2020-00-01 00:00:00", "2020-04-00 00:00:00", "99999999999999999-01-01 00:00:00", "1999-12-31 23:59:59"]
+        {
+            let err = parse_trace(&format!("{header}a,u,1,{bad},60\n")).unwrap_err();
+            assert_eq!(err, ParseError::TraceSubmitTime { row: 2 }, "{bad}");
+        }
+        let ok = parse_trace(&format!("{header}a,u,1,2020-04-01 00:00:10,60\nb,u,1,2020-04-01 00:01:00,60\n"));
+        assert_eq!(ok.unwrap().iter().map(|j| j.submit_s).collect::<Vec<_>>(), [0, 50]);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::ParseError;
 
 /// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
 /// and why.
@@ -20,10 +23,6 @@ impl SpecError {
         SpecError { field: field.into(), reason: reason.into() }
     }
 }
-
-/// Models and datasets the built-in training runtime knows.
-pub const TRAIN_MODELS: &[&str] = &["mlp", "cnn", "transformer"];
-pub const TRAIN_DATASETS: &[&str] = &["digits", "genesis"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,10 +80,10 @@ impl Default for Resources {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
-    #[serde(default = "default_model")]
-    pub model: String,
-    #[serde(default = "default_dataset")]
-    pub dataset: String,
+    #[serde(default)]
+    pub model: ModelKind,
+    #[serde(default)]
+    pub dataset: DatasetKind,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     #[serde(default = "default_batch_size")]
@@ -118,6 +117,122 @@ pub struct TrainSpec {
     pub precision: Precision,
 }
 
+/// `train.model`: the models the built-in training runtime knows, by their lowercase names.
+/// An unknown name is refused with the valid ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// A multi-layer perceptron on the digits' pixels.
+    #[default]
+    Mlp,
+    /// A small convolutional network on the digits' 8x8 images.
+    Cnn,
+    /// A small character-level language model (GPT-style) on text.
+    Transformer,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::Mlp, ModelKind::Cnn, ModelKind::Transformer];
+
+    /// The name specs, checkpoints and progress lines use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::Cnn => "cnn",
+            ModelKind::Transformer => "transformer",
+        }
+    }
+
+    /// Every name, for messages: "mlp, cnn, transformer".
+    pub fn names() -> String {
+        ModelKind::ALL.map(ModelKind::name).join(", ")
+    }
+
+    /// Whether the model reads text (token ids) rather than images.
+    pub fn reads_text(self) -> bool {
+        match self {
+            ModelKind::Mlp | ModelKind::Cnn => false,
+            ModelKind::Transformer => true,
+        }
+    }
+}
+
+/// `train.dataset`: the data sets built into the training runtime, by their lowercase names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DatasetKind {
+    /// The UCI 8x8 handwritten digits, ten classes.
+    #[default]
+    Digits,
+    /// The Book of Genesis, as characters.
+    Genesis,
+}
+
+impl DatasetKind {
+    pub const ALL: [DatasetKind; 2] = [DatasetKind::Digits, DatasetKind::Genesis];
+
+    /// The name specs, checkpoints and progress lines use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Digits => "digits",
+            DatasetKind::Genesis => "genesis",
+        }
+    }
+
+    /// Every name, for messages: "digits, genesis".
+    pub fn names() -> String {
+        DatasetKind::ALL.map(DatasetKind::name).join(", ")
+    }
+
+    /// Whether the data set is text rather than images.
+    pub fn is_text(self) -> bool {
+        match self {
+            DatasetKind::Digits => false,
+            DatasetKind::Genesis => true,
+        }
+    }
+
+    /// Whether the data set has classes that `classes` and `examples_per_class` can pick.
+    pub fn has_classes(self) -> bool {
+        match self {
+            DatasetKind::Digits => true,
+            DatasetKind::Genesis => false,
+        }
+    }
+}
+
+/// `Display`, `FromStr`, `Serialize` and `Deserialize` of a kind, all by `name()`.
+macro_rules! impl_names {
+    ($kind:ty, $unknown:path) => {
+        impl std::fmt::Display for $kind {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $kind {
+            type Err = ParseError;
+
+            fn from_str(name: &str) -> Result<Self, ParseError> {
+                <$kind>::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| $unknown(name.to_string()))
+            }
+        }
+
+        impl Serialize for $kind {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $kind {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_str(Parsed(|name| name.parse()))
+            }
+        }
+    };
+}
+
+impl_names!(ModelKind, ParseError::UnknownModel);
+impl_names!(DatasetKind, ParseError::UnknownDataset);
+
 /// `train.precision`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -148,8 +263,8 @@ impl std::fmt::Display for Precision {
 impl Default for TrainSpec {
     fn default() -> Self {
         TrainSpec {
-            model: default_model(),
-            dataset: default_dataset(),
+            model: ModelKind::default(),
+            dataset: DatasetKind::default(),
             epochs: default_epochs(),
             batch_size: default_batch_size(),
             learning_rate: default_learning_rate(),
@@ -179,12 +294,6 @@ fn one() -> u32 {
 }
 fn one_f() -> f64 {
     1.0
-}
-fn default_model() -> String {
-    "mlp".into()
-}
-fn default_dataset() -> String {
-    "digits".into()
 }
 fn default_epochs() -> u32 {
     30
@@ -286,29 +395,15 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 impl TrainSpec {
     /// The rules of the `train:` section (field names in errors are prefixed `train.`).
     pub fn validate(&self) -> Result<(), SpecError> {
-        if !TRAIN_MODELS.contains(&self.model.as_str()) {
-            return Err(SpecError::new(
-                "train.model",
-                format!("unknown model `{}`, expected one of: {}", self.model, TRAIN_MODELS.join(", ")),
-            ));
-        }
-        if !TRAIN_DATASETS.contains(&self.dataset.as_str()) {
-            return Err(SpecError::new(
-                "train.dataset",
-                format!("unknown dataset `{}`, expected one of: {}", self.dataset, TRAIN_DATASETS.join(", ")),
-            ));
-        }
         // The digits are images, genesis is text: each model reads one kind.
-        let text_model = self.model == "transformer";
-        if text_model != (self.dataset == "genesis") {
-            let reason = if text_model {
-                "the transformer is a language model: it trains on `genesis`"
-            } else {
-                "`genesis` is text: only `transformer` trains on it"
+        if self.model.reads_text() != self.dataset.is_text() {
+            let reason = match self.model {
+                ModelKind::Transformer => "the transformer is a language model: it trains on `genesis`",
+                ModelKind::Mlp | ModelKind::Cnn => "`genesis` is text: only `transformer` trains on it",
             };
             return Err(SpecError::new("train.dataset", reason));
         }
-        if self.dataset != "digits" && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
+        if !self.dataset.has_classes() && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
             return Err(SpecError::new("train.classes", "classes and examples_per_class apply to `digits` only"));
         }
         if let Some(c) = self.classes.iter().find(|c| **c >= 10) {
@@ -334,23 +429,23 @@ impl TrainSpec {
             return Err(SpecError::new("train.checkpoint_every_steps", "must be at least 1"));
         }
         if let Some(from) = &self.init_from {
-            parse_checkpoint_ref(from).map_err(|reason| SpecError::new("train.init_from", reason))?;
+            parse_checkpoint_ref(from).map_err(|e| SpecError::new("train.init_from", e.to_string()))?;
         }
         Ok(())
     }
 }
 
 /// `JOB_ID` or `JOB_ID@STEP` → (job id, step).
-pub fn parse_checkpoint_ref(text: &str) -> Result<(String, Option<u64>), String> {
+pub fn parse_checkpoint_ref(text: &str) -> Result<(String, Option<u64>), ParseError> {
     let (job, step) = match text.split_once('@') {
         Some((job, step)) => {
-            let step = step.parse::<u64>().map_err(|_| format!("`{step}` is not a step number (use JOB_ID@STEP)"))?;
+            let step = step.parse::<u64>().map_err(|_| ParseError::CheckpointStep(step.to_string()))?;
             (job, Some(step))
         }
         None => (text, None),
     };
     if job.is_empty() {
-        return Err("must name a job id (JOB_ID or JOB_ID@STEP)".into());
+        return Err(ParseError::CheckpointJob);
     }
     Ok((job.to_string(), step))
 }
@@ -370,10 +465,10 @@ fn yaml_error(e: serde_yaml::Error) -> SpecError {
 }
 
 /// `90s`, `30m`, `2h`, `1h30m`, `1d` → seconds.
-pub fn parse_duration(text: &str) -> Result<u64, String> {
+pub fn parse_duration(text: &str) -> Result<u64, ParseError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("empty duration".into());
+        return Err(ParseError::EmptyDuration);
     }
     let mut total: u64 = 0;
     let mut number = String::new();
@@ -387,18 +482,17 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             'm' => 60,
             'h' => 3600,
             'd' => 86400,
-            _ => return Err(format!("`{text}` is not a duration (use e.g. 90s, 30m, 2h, 1h30m)")),
+            _ => return Err(ParseError::NotADuration(text.to_string())),
         };
-        let n: u64 =
-            number.parse().map_err(|_| format!("`{text}` is not a duration (use e.g. 90s, 30m, 2h, 1h30m)"))?;
+        let n: u64 = number.parse().map_err(|_| ParseError::NotADuration(text.to_string()))?;
         total = total.saturating_add(n.saturating_mul(unit));
         number.clear();
     }
     if !number.is_empty() {
-        return Err(format!("`{text}` needs a unit (s, m, h or d)"));
+        return Err(ParseError::DurationWithoutUnit(text.to_string()));
     }
     if total == 0 {
-        return Err("must be longer than zero".into());
+        return Err(ParseError::ZeroDuration);
     }
     Ok(total)
 }
@@ -419,8 +513,46 @@ pub fn format_duration(secs: u64) -> String {
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let text: Option<String> = Option::deserialize(d)?;
-    text.map(|t| parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
+    struct MaybeDuration;
+
+    impl<'de> Visitor<'de> for MaybeDuration {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration such as 90s, 30m, 2h or 1h30m")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(Parsed(parse_duration)).map(Some)
+        }
+    }
+
+    d.deserialize_option(MaybeDuration)
+}
+
+/// Reads a string with `.0`. A value is checked while its own deserializer runs, so that
+/// serde_yaml's error names its field: checked after it is read, it would name the parent
+/// (`train: unknown model ...`, or no field at all).
+struct Parsed<T>(fn(&str) -> Result<T, ParseError>);
+
+impl<T> Visitor<'_> for Parsed<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        (self.0)(text).map_err(E::custom)
+    }
 }
 
 fn ser_duration<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
@@ -492,6 +624,39 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_model_or_dataset_is_refused_with_its_field_and_the_valid_names() {
+        let err = JobSpec::from_yaml("name: t\ntrain:\n  model: resnet\n").unwrap_err();
+        assert_eq!(err.field, "train.model", "{err}");
+        assert!(err.reason.starts_with("unknown model `resnet`, expected one of: mlp, cnn, transformer"), "{err}");
+        let err = JobSpec::from_yaml("name: t\ntrain: {dataset: mnist}\n").unwrap_err();
+        assert_eq!(err.field, "train.dataset", "{err}");
+        assert!(err.reason.starts_with("unknown dataset `mnist`, expected one of: digits, genesis"), "{err}");
+        // The coordinator keeps specs as JSON: same check there.
+        let err = serde_json::from_str::<TrainSpec>(r#"{"model": "MLP"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown model `MLP`"), "{err}");
+    }
+
+    #[test]
+    fn model_and_dataset_names_are_the_lowercase_ones_in_yaml_and_json() {
+        let spec = JobSpec::from_yaml("name: t\ntrain: {model: transformer, dataset: genesis}\n").unwrap();
+        let train = spec.train.as_ref().unwrap();
+        assert_eq!((train.model, train.dataset), (ModelKind::Transformer, DatasetKind::Genesis));
+        let yaml = serde_yaml::to_string(&spec).unwrap();
+        assert!(yaml.contains("model: transformer\n") && yaml.contains("dataset: genesis\n"), "{yaml}");
+        let json = serde_json::to_string(train).unwrap();
+        assert!(json.contains(r#""model":"transformer","dataset":"genesis""#), "{json}");
+        assert_eq!(serde_json::from_str::<TrainSpec>(&json).unwrap(), *train);
+        for kind in ModelKind::ALL {
+            assert_eq!(kind.name().parse::<ModelKind>(), Ok(kind));
+        }
+        for kind in DatasetKind::ALL {
+            assert_eq!(kind.to_string().parse::<DatasetKind>(), Ok(kind));
+        }
+        let defaults = JobSpec::from_yaml(GOOD).unwrap().train.unwrap();
+        assert_eq!((defaults.model, defaults.dataset), (ModelKind::Mlp, DatasetKind::Digits));
+    }
+
+    #[test]
     fn negative_gpus_is_refused() {
         let err = JobSpec::from_yaml("name: x\ncommand: [true]\nresources:\n  gpus: -1\n").unwrap_err();
         assert_eq!(err.field, "resources.gpus");
@@ -516,16 +681,34 @@ mod tests {
     fn durations_round_trip() {
         assert_eq!(parse_duration("1h30m").unwrap(), 5400);
         assert_eq!(format_duration(5400), "1h30m");
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_duration("10"), Err(ParseError::DurationWithoutUnit("10".into())));
+        assert_eq!(
+            parse_duration("5x").unwrap_err().to_string(),
+            "`5x` is not a duration (use e.g. 90s, 30m, 2h, 1h30m)"
+        );
+        assert_eq!(parse_duration("0s"), Err(ParseError::ZeroDuration));
+        // The field is named: it used to be "broken YAML: `2x` is not a duration".
+        let err = JobSpec::from_yaml("name: x\ncommand: [true]\nmax_duration: 2x\n").unwrap_err();
+        assert_eq!(err.field, "max_duration", "{err}");
+        let err = JobSpec::from_yaml("name: x\ncommand: [true]\nmax_duration: 90\n").unwrap_err();
+        assert!(err.to_string().starts_with("max_duration: `90` needs a unit"), "{err}");
+        let none = JobSpec::from_yaml("name: x\ncommand: [true]\nmax_duration: null\n").unwrap();
+        assert_eq!(none.max_duration_secs, None);
         let spec = JobSpec::from_yaml("name: x\ncommand: [true]\nmax_duration: 2h\n").unwrap();
         assert_eq!(spec.max_duration_secs, Some(7200));
+        // As the coordinator keeps it.
+        for spec in [spec, none] {
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
+        }
     }
 
     #[test]
     fn checkpoint_refs_parse() {
         assert_eq!(parse_checkpoint_ref("j1").unwrap(), ("j1".into(), None));
         assert_eq!(parse_checkpoint_ref("j1@200").unwrap(), ("j1".into(), Some(200)));
-        assert!(parse_checkpoint_ref("j1@x").is_err());
+        assert_eq!(parse_checkpoint_ref("j1@x"), Err(ParseError::CheckpointStep("x".into())));
+        let err = JobSpec::from_yaml("name: t\ntrain: {init_from: \"@5\"}\n").unwrap_err();
+        assert_eq!(err.to_string(), "train.init_from: must name a job id (JOB_ID or JOB_ID@STEP)");
     }
 }

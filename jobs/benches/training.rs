@@ -50,8 +50,8 @@ fn steady(rates: Vec<f64>) -> f64 {
 fn spec(case: &Case, precision: Precision) -> TrainSpec {
     TrainSpec {
         precision,
-        model: case.model.into(),
-        dataset: case.dataset.into(),
+        model: case.model.parse().expect("a model name"),
+        dataset: case.dataset.parse().expect("a dataset name"),
         epochs: case.epochs,
         batch_size: case.batch_size,
         checkpoint_every_steps: u64::MAX,

@@ -14,7 +14,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
-use gantry_core::spec::TrainSpec;
+use gantry_core::spec::{DatasetKind, ModelKind, TrainSpec};
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
 use crate::cnn::Cnn;
@@ -103,19 +103,34 @@ pub fn train(spec: &TrainSpec, env: &RunEnv, out: &mut dyn Write) -> Result<Outc
 /// The model and data set of `spec`, on backend `B`.
 fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     let spec = run.spec;
-    if spec.dataset == "genesis" {
-        let text = text::genesis()?;
-        return train_model::<B, Transformer<B>, _>(run, out, &text.train, &text.test);
+    match (spec.model, spec.dataset) {
+        (ModelKind::Transformer, DatasetKind::Genesis) => {
+            let text = text::genesis()?;
+            train_model::<B, Transformer<B>, _>(run, out, &text.train, &text.test)
+        }
+        (ModelKind::Mlp, DatasetKind::Digits) => {
+            let (train_set, test_set) = digits_subset(spec)?;
+            train_model::<B, Mlp<B>, _>(run, out, &train_set, &test_set)
+        }
+        (ModelKind::Cnn, DatasetKind::Digits) => {
+            let (train_set, test_set) = digits_subset(spec)?;
+            train_model::<B, Cnn<B>, _>(run, out, &train_set, &test_set)
+        }
+        // `check_spec` refused these already.
+        (ModelKind::Transformer, DatasetKind::Digits) | (ModelKind::Mlp | ModelKind::Cnn, DatasetKind::Genesis) => {
+            Err(JobsError::Spec(format!("model {} does not train on {}", spec.model, spec.dataset)))
+        }
     }
+}
+
+/// The digits the spec trains and tests on: its classes, and at most `examples_per_class` of each.
+fn digits_subset(spec: &TrainSpec) -> Result<(data::Samples, data::Samples), JobsError> {
     let digits = data::digits()?;
     // With few examples per class, the training samples left out are unseen too: they join
     // the held-out ones, so accuracy is measured on hundreds of samples rather than ~36 a class.
     let (train_set, unused) = digits.train.select(&spec.classes, spec.examples_per_class);
     let test_set = digits.test.select(&spec.classes, None).0.join(unused);
-    match spec.model.as_str() {
-        "cnn" => train_model::<B, Cnn<B>, _>(run, out, &train_set, &test_set),
-        _ => train_model::<B, Mlp<B>, _>(run, out, &train_set, &test_set),
-    }
+    Ok((train_set, test_set))
 }
 
 /// What a run is, apart from its model and data.
@@ -344,7 +359,7 @@ fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {
 
 /// Any checkpoint we load weights from must hold this model for this data set.
 fn check_compatible(dir: &Path, state: &CheckpointState, spec: &TrainSpec) -> Result<(), JobsError> {
-    if state.model != spec.model || state.dataset != spec.dataset {
+    if state.model != spec.model.name() || state.dataset != spec.dataset.name() {
         return Err(JobsError::CheckpointMismatch {
             path: dir.to_path_buf(),
             reason: format!(
@@ -427,14 +442,14 @@ fn save<B: TrainBackend, M: Trainable<B>, O: Optimizer<M, B>>(
         epoch: pos.epoch,
         batch_in_epoch: pos.batch_in_epoch,
         seed: spec.seed,
-        model: spec.model.clone(),
-        dataset: spec.dataset.clone(),
+        model: spec.model.to_string(),
+        dataset: spec.dataset.to_string(),
         format_version: FORMAT_VERSION,
     };
     let metadata = std::collections::BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
-        ("gantry.model".to_string(), spec.model.clone()),
-        ("gantry.dataset".to_string(), spec.dataset.clone()),
+        ("gantry.model".to_string(), spec.model.to_string()),
+        ("gantry.dataset".to_string(), spec.dataset.to_string()),
         ("gantry.step".to_string(), pos.step.to_string()),
     ]);
     let exported = crate::export::safetensors(&model.valid().export(), &metadata);
@@ -536,8 +551,8 @@ mod tests {
     fn the_transformer_in_bf16_learns_genesis_about_as_well_as_in_f32() {
         let dirs = tempfile::tempdir().unwrap();
         let spec = TrainSpec {
-            model: "transformer".into(),
-            dataset: "genesis".into(),
+            model: ModelKind::Transformer,
+            dataset: DatasetKind::Genesis,
             epochs: 1,
             batch_size: 32,
             learning_rate: 0.003,
@@ -591,8 +606,8 @@ mod tests {
 
     #[test]
     fn training_in_bf16_learns_the_digits_about_as_well_as_f32() {
-        for model in ["mlp", "cnn"] {
-            let spec = TrainSpec { model: model.into(), epochs: 8, ..TrainSpec::default() };
+        for model in [ModelKind::Mlp, ModelKind::Cnn] {
+            let spec = TrainSpec { model, epochs: 8, ..TrainSpec::default() };
             let (full, _) = train_on_flex(&spec);
             let (half, out) = train_on_flex(&TrainSpec { precision: Precision::Bf16, ..spec });
             println!("{out}");

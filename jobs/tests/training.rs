@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use gantry_core::spec::{Precision, TrainSpec};
+use gantry_core::spec::{DatasetKind, ModelKind, Precision, TrainSpec};
 use gantry_jobs::{
     CheckpointState, JobsError, MODEL_FILE, OPTIMIZER_FILE, Outcome, RunEnv, SAFETENSORS_FILE, STATE_FILE, train,
 };
@@ -114,13 +114,13 @@ fn bf16_asked_of_the_cpu_trains_in_f32_and_says_why() {
 
 /// Training N steps, stopping, and resuming must give exactly the uninterrupted run.
 fn check_exact_resume(stop_at: u64) {
-    check_exact_resume_of("mlp", stop_at);
+    check_exact_resume_of(ModelKind::Mlp, stop_at);
 }
 
-fn check_exact_resume_of(model: &str, stop_at: u64) {
+fn check_exact_resume_of(model: ModelKind, stop_at: u64) {
     let dirs = tempfile::tempdir().unwrap();
     let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
-    let spec = TrainSpec { model: model.into(), ..small_spec(3, stop_at) };
+    let spec = TrainSpec { model, ..small_spec(3, stop_at) };
 
     let (full, full_out) = run(&spec, &env("job-1", Some(&full_dir), None), None);
 
@@ -376,7 +376,7 @@ fn a_frozen_backbone_stays_exactly_the_pretrained_one() {
 #[test]
 fn a_cnn_fine_tuned_from_digits_0_to_4_beats_scratch_on_5_to_9_from_50_examples_each() {
     let dirs = tempfile::tempdir().unwrap();
-    let cnn = TrainSpec { model: "cnn".into(), ..TrainSpec::default() };
+    let cnn = TrainSpec { model: ModelKind::Cnn, ..TrainSpec::default() };
     let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], ..cnn.clone() };
     let (pretrained, _) = run(&pretrain, &env("pretrain", Some(dirs.path()), None), None);
     let checkpoint = pretrained.last_checkpoint.unwrap();
@@ -405,12 +405,12 @@ fn a_cnn_fine_tuned_from_digits_0_to_4_beats_scratch_on_5_to_9_from_50_examples_
 #[test]
 fn the_cnn_trains_to_95_percent_and_resumes_bit_exactly() {
     let started = Instant::now();
-    let spec = TrainSpec { model: "cnn".into(), ..TrainSpec::default() };
+    let spec = TrainSpec { model: ModelKind::Cnn, ..TrainSpec::default() };
     let (outcome, out) = run(&spec, &RunEnv::default(), None);
     println!("cnn: accuracy {:.4} in {:.1?}", outcome.test_accuracy, started.elapsed());
     assert!(out.lines()[0].starts_with("start model=cnn dataset=digits train_samples=1437"));
     assert!(outcome.test_accuracy >= 0.95, "accuracy {}", outcome.test_accuracy);
-    check_exact_resume_of("cnn", 30);
+    check_exact_resume_of(ModelKind::Cnn, 30);
 }
 
 /// Every tensor of a SafeTensors file as f32 values, by name.
@@ -470,9 +470,9 @@ fn max_weight_difference(a: &Path, b: &Path) -> f32 {
 /// float rounding (the sums are added in another order).
 #[test]
 fn two_rank_data_parallel_matches_one_process() {
-    for model in ["mlp", "cnn"] {
+    for model in [ModelKind::Mlp, ModelKind::Cnn] {
         let dirs = tempfile::tempdir().unwrap();
-        let spec = TrainSpec { model: model.into(), epochs: 3, checkpoint_every_steps: 1000, ..TrainSpec::default() };
+        let spec = TrainSpec { model, epochs: 3, checkpoint_every_steps: 1000, ..TrainSpec::default() };
         let (single, single_out) = run(&spec, &env("dp", Some(&dirs.path().join("one")), None), None);
         let ranks = run_ranks(&spec, 2, &dirs.path().join("two"), None, None);
 
@@ -529,8 +529,8 @@ fn the_transformer_learns_genesis_below_2_nats_and_resumes_bit_exactly() {
     let dirs = tempfile::tempdir().unwrap();
     let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
     let spec = TrainSpec {
-        model: "transformer".into(),
-        dataset: "genesis".into(),
+        model: ModelKind::Transformer,
+        dataset: DatasetKind::Genesis,
         epochs: 3,
         batch_size: 32,
         learning_rate: 0.003,
@@ -577,7 +577,12 @@ fn the_transformer_learns_genesis_below_2_nats_and_resumes_bit_exactly() {
 fn on_a_gpu_each_digits_model_trains_checkpoints_and_resumes() {
     // One cache for the process: cubecl takes its configuration once.
     let cache = tempfile::tempdir().unwrap();
-    let cases = [("mlp", Precision::F32), ("cnn", Precision::F32), ("mlp", Precision::Bf16), ("cnn", Precision::Bf16)];
+    let cases = [
+        (ModelKind::Mlp, Precision::F32),
+        (ModelKind::Cnn, Precision::F32),
+        (ModelKind::Mlp, Precision::Bf16),
+        (ModelKind::Cnn, Precision::Bf16),
+    ];
     for (model, precision) in cases {
         let dirs = tempfile::tempdir().unwrap();
         let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
@@ -586,7 +591,7 @@ fn on_a_gpu_each_digits_model_trains_checkpoints_and_resumes() {
             kernel_cache: Some(cache.path().to_path_buf()),
             ..env("job-1", Some(dir), resume)
         };
-        let spec = TrainSpec { model: model.into(), precision, ..small_spec(3, 30) };
+        let spec = TrainSpec { model, precision, ..small_spec(3, 30) };
         let started = Instant::now();
         let (full, out) = run(&spec, &gpu(&full_dir, None), None);
         println!("{model} {precision} on the GPU: {}", out.lines().join("\n"));

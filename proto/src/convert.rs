@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 
+use gantry_core::ParseError;
 use gantry_core::spec::{JobSpec, Precision, Resources, TrainSpec};
 
 use crate::v1;
@@ -16,13 +17,17 @@ fn missing(field: &'static str) -> ConvertError {
     ConvertError { field, reason: "missing".into() }
 }
 
+fn invalid(field: &'static str, e: ParseError) -> ConvertError {
+    ConvertError { field, reason: e.to_string() }
+}
+
 impl From<&JobSpec> for v1::JobSpec {
     fn from(s: &JobSpec) -> Self {
         let r = &s.resources;
         let workload = match (&s.train, &s.command) {
             (Some(t), _) => Some(v1::job_spec::Workload::Train(v1::TrainSpec {
-                model: t.model.clone(),
-                dataset: t.dataset.clone(),
+                model: t.model.name().to_string(),
+                dataset: t.dataset.name().to_string(),
                 epochs: t.epochs,
                 batch_size: t.batch_size,
                 learning_rate: t.learning_rate,
@@ -70,8 +75,9 @@ impl TryFrom<v1::JobSpec> for JobSpec {
         let (train, command) = match s.workload.ok_or_else(|| missing("spec.workload (train or command)"))? {
             v1::job_spec::Workload::Train(t) => (
                 Some(TrainSpec {
-                    model: t.model,
-                    dataset: t.dataset,
+                    // Names on the wire, as in a spec file: one this build does not know is refused.
+                    model: t.model.parse().map_err(|e| invalid("spec.train.model", e))?,
+                    dataset: t.dataset.parse().map_err(|e| invalid("spec.train.dataset", e))?,
                     epochs: t.epochs,
                     batch_size: t.batch_size,
                     learning_rate: t.learning_rate,
@@ -160,6 +166,28 @@ mod tests {
         let Some(v1::job_spec::Workload::Train(train)) = wire.workload.as_mut() else { unreachable!() };
         train.precision = 7;
         assert_eq!(JobSpec::try_from(wire).unwrap_err().to_string(), "spec.train.precision: unknown precision 7");
+    }
+
+    #[test]
+    fn an_unknown_model_or_dataset_is_an_error_not_a_default() {
+        let spec = JobSpec::from_yaml("name: x\ntrain: {model: cnn}\n").unwrap();
+        let wire = v1::JobSpec::from(&spec);
+        let Some(v1::job_spec::Workload::Train(train)) = &wire.workload else { unreachable!() };
+        assert_eq!((train.model.as_str(), train.dataset.as_str()), ("cnn", "digits"));
+        let with = |edit: &dyn Fn(&mut v1::TrainSpec)| {
+            let mut wire = wire.clone();
+            let Some(v1::job_spec::Workload::Train(train)) = wire.workload.as_mut() else { unreachable!() };
+            edit(train);
+            JobSpec::try_from(wire).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with(&|t| t.model = "resnet".into()),
+            "spec.train.model: unknown model `resnet`, expected one of: mlp, cnn, transformer"
+        );
+        assert_eq!(
+            with(&|t| t.dataset = String::new()),
+            "spec.train.dataset: unknown dataset ``, expected one of: digits, genesis"
+        );
     }
 
     #[test]

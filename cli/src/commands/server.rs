@@ -128,7 +128,7 @@ fn duration(text: &str) -> Result<Duration, String> {
     if let Some(ms) = text.strip_suffix("ms") {
         return ms.parse().map(Duration::from_millis).map_err(|_| format!("`{text}` is not a duration"));
     }
-    gantry_core::spec::parse_duration(text).map(Duration::from_secs)
+    gantry_core::spec::parse_duration(text).map(Duration::from_secs).map_err(|e| e.to_string())
 }
 
 fn default_data_dir() -> PathBuf {
