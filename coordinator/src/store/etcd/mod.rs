@@ -19,8 +19,15 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
-use tracing::{info, warn};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions};
+use tracing::info;
+
+mod leader;
+mod writer;
+
+pub use leader::leader_of;
+use leader::{campaign, keep_alive};
+use writer::{Write, write_batches};
 
 use super::{StateStore, job_key, new_job};
 use crate::error::{Error, Result};
@@ -66,17 +73,6 @@ pub struct EtcdStore {
     /// To the writer task, which commits concurrent writes together.
     writes: tokio::sync::mpsc::UnboundedSender<Write>,
 }
-
-/// One key to write, on a condition, and where the outcome goes.
-struct Write {
-    key: String,
-    condition: Option<Compare>,
-    value: Vec<u8>,
-    reply: std::sync::mpsc::SyncSender<Result<Option<i64>>>,
-}
-
-/// Writes per transaction: etcd's default `--max-txn-ops` is 128.
-const MAX_BATCH: usize = 100;
 
 #[derive(Default)]
 struct Cache {
@@ -236,138 +232,6 @@ impl Drop for EtcdStore {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
-    }
-}
-
-/// Group commit: the writes queued while a transaction is in flight go together in the next
-/// one (distinct keys only: etcd refuses a key twice in one transaction). Every transaction also
-/// requires the leader key unchanged. If a batch fails, its writes are tried one by one, so
-/// each gets its own answer.
-async fn write_batches(
-    client: Client,
-    leader: String,
-    token: i64,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<Write>,
-) {
-    let mut carried: Option<Write> = None;
-    loop {
-        let first = match carried.take() {
-            Some(w) => w,
-            None => match queue.recv().await {
-                Some(w) => w,
-                None => return,
-            },
-        };
-        let mut keys = std::collections::HashSet::from([first.key.clone()]);
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let Ok(next) = queue.try_recv() else { break };
-            if !keys.insert(next.key.clone()) {
-                carried = Some(next);
-                break;
-            }
-            batch.push(next);
-        }
-        let together = if batch.len() > 1 { Some(transact(&client, &leader, token, &batch).await) } else { None };
-        match together {
-            Some(Ok(Some(revision))) => {
-                for w in batch {
-                    let _ = w.reply.send(Ok(Some(revision)));
-                }
-            }
-            _ => {
-                for w in batch {
-                    let outcome = transact(&client, &leader, token, std::slice::from_ref(&w)).await;
-                    let _ = w.reply.send(outcome);
-                }
-            }
-        }
-    }
-}
-
-/// One transaction for `writes`: the revision if every condition held, `None` if one failed.
-async fn transact(client: &Client, leader: &str, token: i64, writes: &[Write]) -> Result<Option<i64>> {
-    let mut compares = vec![Compare::create_revision(leader, CompareOp::Equal, token)];
-    compares.extend(writes.iter().filter_map(|w| w.condition.clone()));
-    let ops: Vec<TxnOp> = writes.iter().map(|w| TxnOp::put(w.key.clone(), w.value.clone(), None)).collect();
-    let txn = Txn::new().when(compares).and_then(ops).or_else(vec![TxnOp::get(leader, None)]);
-    let resp = client.clone().txn(txn).await.map_err(etcd)?;
-    if resp.succeeded() {
-        return Ok(Some(resp.header().map_or(0, |h| h.revision())));
-    }
-    let still_leader = resp.op_responses().into_iter().any(|op| match op {
-        TxnOpResponse::Get(get) => get.kvs().first().is_some_and(|kv| kv.create_revision() == token),
-        _ => false,
-    });
-    if still_leader {
-        Ok(None)
-    } else {
-        Err(Error::Fenced("another coordinator leads now; this one may not write".into()))
-    }
-}
-
-/// What the current leader wrote in the leader key under `prefix` (its `name`), if one leads.
-pub async fn leader_of(endpoints: &[String], prefix: &str) -> Result<Option<String>> {
-    let connect =
-        ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(2));
-    let mut client = Client::connect(endpoints, Some(connect)).await.map_err(etcd)?;
-    let key = format!("{}/leader", prefix.trim_end_matches('/'));
-    let resp = client.get(key, None).await.map_err(etcd)?;
-    Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
-}
-
-/// Takes the leader key, waiting while another holds it. Returns the key's create revision.
-async fn campaign(client: &mut Client, key: &str, name: &str, lease: i64) -> Result<i64> {
-    let mut logged = false;
-    loop {
-        let txn = Txn::new().when(vec![Compare::create_revision(key, CompareOp::Equal, 0)]).and_then(vec![TxnOp::put(
-            key,
-            name,
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-        let resp = client.txn(txn).await.map_err(etcd)?;
-        if resp.succeeded() {
-            return Ok(resp.header().map_or(0, |h| h.revision()));
-        }
-        if !logged {
-            info!(key, "another coordinator leads; waiting for its lease to end");
-            logged = true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Renews the lease a few times per TTL until `lost` is set or etcd says it expired.
-async fn keep_alive(mut client: Client, lease: i64, ttl: i64, lost: Arc<AtomicBool>, paused: Arc<AtomicBool>) {
-    let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
-    let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
-        Ok(pair) => pair,
-        Err(e) => {
-            warn!(error = %e, "cannot renew the etcd lease");
-            lost.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    while !lost.load(Ordering::Relaxed) {
-        if paused.load(Ordering::Relaxed) {
-            return;
-        }
-        let renewed = async {
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match tokio::time::timeout(every, renewed).await {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
-            Ok(Ok(_)) => {
-                warn!("the etcd lease expired: this coordinator no longer leads");
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            // A slow or failed renewal: try again; etcd, not this loop, decides when it expires.
-            Ok(Err(e)) => warn!(error = %e, "renewing the etcd lease failed"),
-            Err(_) => warn!("renewing the etcd lease timed out"),
-        }
-        tokio::time::sleep(every).await;
     }
 }
 
