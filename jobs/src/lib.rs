@@ -26,24 +26,21 @@
 //! A checkpoint is a directory `step-<N>` holding [`MODEL_FILE`], [`OPTIMIZER_FILE`] and
 //! [`STATE_FILE`]; it appears whole (written as `.tmp-step-<N>`, then renamed).
 
+// Models and data sets meet only in `input` (what a model reads) and in `train`, which pairs
+// them: neither of `models` and `datasets` uses the other.
 mod checkpoint;
-mod cnn;
-mod conv_block;
-mod data;
+mod datasets;
 mod device;
 mod dist;
 mod env;
 mod error;
-mod examples;
 mod export;
 mod grad_sync;
-mod kernels;
-mod model;
+mod input;
+mod models;
 mod precision;
 mod rng;
-mod text;
 mod train;
-mod transformer;
 
 pub use checkpoint::{
     CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, SAFETENSORS_FILE, STATE_FILE, checkpoint_name,

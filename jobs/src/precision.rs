@@ -14,7 +14,8 @@ use burn::tensor::{DType, FloatDType, Tensor};
 use gantry_core::spec::Precision;
 
 use crate::device::Device;
-use crate::model::{Input, Net};
+use crate::input::Input;
+use crate::models::Net;
 
 /// What a run computes in, once the device has had its say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +91,8 @@ mod tests {
     use burn_flex::{Flex, FlexDevice};
 
     use super::*;
-    use crate::cnn::Cnn;
-    use crate::examples::Examples;
-    use crate::model::Mlp;
-    use crate::transformer::Transformer;
-    use crate::{data, text};
+    use crate::datasets::{self, Examples};
+    use crate::models::{Cnn, Mlp, Transformer};
 
     /// A backend that computes in bf16 on the CPU.
     type Train = Autodiff<Flex>;
@@ -197,16 +195,16 @@ mod tests {
 
     #[test]
     fn a_bf16_step_of_the_mlp_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Mlp<Train>>(&data::digits().unwrap().train, 64);
+        one_step::<Mlp<Train>>(&datasets::digits().unwrap().train, 64);
     }
 
     #[test]
     fn a_bf16_step_of_the_cnn_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Cnn<Train>>(&data::digits().unwrap().train, 64);
+        one_step::<Cnn<Train>>(&datasets::digits().unwrap().train, 64);
     }
 
     #[test]
     fn a_bf16_step_of_the_transformer_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Transformer<Train>>(&text::genesis().unwrap().train, 8);
+        one_step::<Transformer<Train>>(&datasets::genesis().unwrap().train, 8);
     }
 }

@@ -17,19 +17,15 @@ use burn::tensor::{ElementConversion, Int, Tensor};
 use gantry_core::spec::{DatasetKind, ModelKind, TrainSpec};
 
 use crate::checkpoint::{self, CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE};
-use crate::cnn::Cnn;
-use crate::conv_block::ConvBlockOps;
-use crate::data;
+use crate::datasets::{self, Examples, Samples};
 use crate::device::{self, Device};
 use crate::dist::Ring;
 use crate::env::RunEnv;
 use crate::error::JobsError;
-use crate::examples::Examples;
 use crate::grad_sync;
-use crate::model::{Input, Mlp, Net};
+use crate::input::Input;
+use crate::models::{Cnn, ConvBlockOps, Mlp, Net, Transformer};
 use crate::precision::Compute;
-use crate::text;
-use crate::transformer::Transformer;
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
 type Cpu = NdArray<f32>;
@@ -105,7 +101,7 @@ fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome
     let spec = run.spec;
     match (spec.model, spec.dataset) {
         (ModelKind::Transformer, DatasetKind::Genesis) => {
-            let text = text::genesis()?;
+            let text = datasets::genesis()?;
             train_model::<B, Transformer<B>, _>(run, out, &text.train, &text.test)
         }
         (ModelKind::Mlp, DatasetKind::Digits) => {
@@ -124,8 +120,8 @@ fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome
 }
 
 /// The digits the spec trains and tests on: its classes, and at most `examples_per_class` of each.
-fn digits_subset(spec: &TrainSpec) -> Result<(data::Samples, data::Samples), JobsError> {
-    let digits = data::digits()?;
+fn digits_subset(spec: &TrainSpec) -> Result<(Samples, Samples), JobsError> {
+    let digits = datasets::digits()?;
     // With few examples per class, the training samples left out are unseen too: they join
     // the held-out ones, so accuracy is measured on hundreds of samples rather than ~36 a class.
     let (train_set, unused) = digits.train.select(&spec.classes, spec.examples_per_class);
@@ -159,7 +155,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     }
     let batch_size = spec.batch_size as usize;
     let n_train = train_set.len();
-    let per_epoch = data::batches_per_epoch(n_train, batch_size) as u64;
+    let per_epoch = datasets::batches_per_epoch(n_train, batch_size) as u64;
 
     emit(
         out,
@@ -231,7 +227,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     let first_step = pos.step;
 
     'epochs: while pos.epoch < spec.epochs {
-        let order = data::epoch_order(spec.seed, pos.epoch, n_train);
+        let order = datasets::epoch_order(spec.seed, pos.epoch, n_train);
         let started = Instant::now();
         let (mut loss_sum, mut batches, mut samples) = (0.0f64, 0u64, 0usize);
         while pos.batch_in_epoch < per_epoch {

@@ -22,7 +22,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
 
-use crate::kernels::{Block, Saved};
+use super::kernels::{Block, Saved};
 
 /// Backends the CNN runs on.
 pub(crate) trait ConvBlockOps: Backend {

@@ -1,22 +1,16 @@
-//! The digits data set: parsing the embedded CSV, the fixed train/test split, and the per-epoch
-//! batch order.
+//! The digits data set: parsing the embedded CSV, and the fixed train/test split.
 
 use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+use super::Examples;
 use crate::error::JobsError;
-use crate::examples::Examples;
-use crate::model::Input;
+use crate::input::{CLASSES, FEATURES, Input};
 use crate::rng::SplitMix64;
 
-/// 8x8 pixels.
-pub(crate) const FEATURES: usize = 64;
-/// Digits 0..9.
-pub(crate) const CLASSES: usize = 10;
-
 /// Embedded so the binary is self-contained; see data/README.md for source and licence.
-const DIGITS_CSV: &str = include_str!("../data/digits.csv");
+const DIGITS_CSV: &str = include_str!("../../data/digits.csv");
 
 /// The split must not depend on the spec's seed: a job initialised from another job's weights
 /// would otherwise be evaluated on samples it was trained on.
@@ -141,19 +135,6 @@ fn parse_and_split(csv: &str) -> Result<Digits, (usize, String)> {
     Ok(Digits { train: Samples { x: train_x, y: train_y }, test: Samples { x: test_x, y: test_y } })
 }
 
-/// The training order of one epoch: a permutation determined by (seed, epoch) alone, so a run
-/// resumed in the middle of an epoch replays exactly the batches it would have seen.
-pub(crate) fn epoch_order(seed: u64, epoch: u32, n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    SplitMix64::for_stream(seed, u64::from(epoch)).shuffle(&mut order);
-    order
-}
-
-/// Batches per epoch; the last, shorter batch is kept so every sample is seen each epoch.
-pub(crate) fn batches_per_epoch(n: usize, batch_size: usize) -> usize {
-    n.div_ceil(batch_size)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,26 +153,9 @@ mod tests {
     }
 
     #[test]
-    fn epoch_order_depends_on_seed_and_epoch_only() {
-        let a = epoch_order(42, 3, 100);
-        assert_eq!(a, epoch_order(42, 3, 100));
-        assert_ne!(a, epoch_order(42, 4, 100));
-        assert_ne!(a, epoch_order(43, 3, 100));
-        let mut sorted = a.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
-    }
-
-    #[test]
     fn broken_csv_is_an_error() {
         assert_eq!(parse_and_split("1,2,3\n").unwrap_err().0, 1);
         let bad_label = format!("{}17\n", "0,".repeat(FEATURES));
         assert!(parse_and_split(&bad_label).unwrap_err().1.contains("label"));
-    }
-
-    #[test]
-    fn batches_keep_the_remainder() {
-        assert_eq!(batches_per_epoch(1437, 64), 23);
-        assert_eq!(batches_per_epoch(128, 64), 2);
     }
 }

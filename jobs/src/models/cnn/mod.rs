@@ -6,10 +6,14 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
-use crate::conv_block::ConvBlockOps;
-use crate::data::CLASSES;
+mod conv_block;
+mod kernels;
+
+pub(crate) use conv_block::ConvBlockOps;
+
+use super::{Net, expect_shape, linear};
 use crate::export;
-use crate::model::{Input, Net, expect_shape, linear};
+use crate::input::{CLASSES, Input};
 use crate::rng::SplitMix64;
 
 const INIT_STREAM: u64 = u64::MAX - 1;

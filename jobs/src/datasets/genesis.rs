@@ -9,17 +9,12 @@ use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+use super::Examples;
 use crate::error::JobsError;
-use crate::examples::Examples;
-use crate::model::Input;
+use crate::input::{CONTEXT, Input};
 
 /// Embedded so the binary is self-contained.
-const GENESIS: &str = include_str!("../data/genesis.txt");
-
-/// Characters a model sees at once.
-pub(crate) const CONTEXT: usize = 64;
-/// The line break, then printable ASCII.
-pub(crate) const VOCAB: usize = 96;
+const GENESIS: &str = include_str!("../../data/genesis.txt");
 /// The held-out tail: the last tenth of the lines.
 const TEST_PERCENT: usize = 10;
 
@@ -112,6 +107,13 @@ mod tests {
         assert_eq!(text, "In the begin");
         assert_eq!(x[1..CONTEXT], y[..CONTEXT - 1]);
         assert_eq!(y[CONTEXT - 1], x[CONTEXT], "window 1 starts where window 0's targets end");
+    }
+
+    #[test]
+    fn every_token_is_below_the_vocabulary_size_the_models_are_built_for() {
+        let tokens: Vec<i64> = (0..=u8::MAX).filter_map(token).collect();
+        assert_eq!(tokens.len(), crate::input::VOCAB);
+        assert_eq!(tokens.iter().max(), Some(&(crate::input::VOCAB as i64 - 1)));
     }
 
     #[test]

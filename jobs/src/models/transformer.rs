@@ -8,10 +8,10 @@ use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, Transf
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+use super::{Net, expect_shape};
 use crate::export;
-use crate::model::{Input, Net, expect_shape};
+use crate::input::{CONTEXT, Input, VOCAB};
 use crate::rng::SplitMix64;
-use crate::text::{CONTEXT, VOCAB};
 
 const INIT_STREAM: u64 = u64::MAX - 2;
 const WIDTH: usize = 64;

@@ -1,12 +1,13 @@
 //! The "mlp" model: 64 -> 128 -> ReLU -> 10.
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, ParamId};
 use burn::nn::Linear;
 use burn::tensor::activation::relu;
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
-use crate::data::{CLASSES, FEATURES};
+use super::{Net, expect_shape, linear};
 use crate::export;
+use crate::input::{CLASSES, FEATURES, Input};
 use crate::rng::SplitMix64;
 
 const HIDDEN: usize = 128;
@@ -18,67 +19,6 @@ const INIT_STREAM: u64 = u64::MAX;
 pub(crate) struct Mlp<B: Backend> {
     fc1: Linear<B>,
     fc2: Linear<B>,
-}
-
-/// What a model reads: pixels (the digits models) or token ids (the language model).
-pub(crate) enum Input<B: Backend> {
-    /// [batch, 64] pixel intensities.
-    Pixels(Tensor<B, 2>),
-    /// [batch, context] token ids.
-    Tokens(Tensor<B, 2, Int>),
-}
-
-impl<B: Backend> Clone for Input<B> {
-    fn clone(&self) -> Self {
-        match self {
-            Input::Pixels(x) => Input::Pixels(x.clone()),
-            Input::Tokens(x) => Input::Tokens(x.clone()),
-        }
-    }
-}
-
-impl<B: Backend> Input<B> {
-    /// `check_spec` pairs each model with its data set, so a mismatch is a bug, not bad input.
-    pub(crate) fn pixels(self) -> Tensor<B, 2> {
-        match self {
-            Input::Pixels(x) => x,
-            Input::Tokens(_) => unreachable!("a pixel model was given tokens"),
-        }
-    }
-
-    pub(crate) fn tokens(self) -> Tensor<B, 2, Int> {
-        match self {
-            Input::Tokens(x) => x,
-            Input::Pixels(_) => unreachable!("a token model was given pixels"),
-        }
-    }
-}
-
-/// What the training loop needs of a model, whichever it is.
-pub(crate) trait Net<B: Backend>: Module<B> + Sized {
-    /// Weights drawn from our own seeded generator (PyTorch's default ranges), so a seed gives
-    /// the same model whatever else runs in the process.
-    fn init(seed: u64, device: &B::Device) -> Self;
-
-    /// Logits, one row per prediction: [batch, 10] for the digits, [batch * context, vocab]
-    /// for the language model.
-    fn forward(&self, x: Input<B>) -> Tensor<B, 2>;
-
-    /// The ids the optimizer state is keyed by.
-    fn param_ids(&self) -> Vec<ParamId>;
-
-    /// The parameters below the output layer, what `freeze_backbone` keeps: id and rank.
-    fn backbone(&self) -> Vec<(ParamId, usize)>;
-
-    /// This model with `other`'s output layer: a backbone from one task, a fresh head for another.
-    fn with_head_of(self, other: Self) -> Self;
-
-    /// The weights as PyTorch names and lays them out, for SafeTensors.
-    fn export(&self) -> Vec<export::Named>;
-
-    /// Checks a loaded record has this model's shapes: burn's `load_record` does not, and a
-    /// wrong shape would only surface later as a panic inside a matmul.
-    fn check_record(record: &<Self as Module<B>>::Record) -> Result<(), String>;
 }
 
 impl<B: Backend> Net<B> for Mlp<B> {
@@ -145,34 +85,11 @@ impl<B: Backend> Net<B> for Mlp<B> {
     }
 }
 
-/// A record check's verdict on one tensor.
-pub(crate) fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), String> {
-    if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
-}
-
-/// Parameter ids are fixed rather than random so that two runs that reach the same weights
-/// write byte-identical model records (and the optimizer state, keyed by these ids, matches).
-pub(crate) fn linear<B: Backend>(
-    rng: &mut SplitMix64,
-    ids: [u64; 2],
-    d_in: usize,
-    d_out: usize,
-    device: &B::Device,
-) -> Linear<B> {
-    let k = 1.0 / (d_in as f32).sqrt();
-    let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * k).collect() };
-    let weight = Tensor::<B, 2>::from_data(TensorData::new(uniform(d_in * d_out), [d_in, d_out]), device);
-    let bias = Tensor::<B, 1>::from_data(TensorData::new(uniform(d_out), [d_out]), device);
-    Linear {
-        weight: Param::initialized(ParamId::from(ids[0]), weight.require_grad()),
-        bias: Some(Param::initialized(ParamId::from(ids[1]), bias.require_grad())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
     use burn::nn::LinearConfig;
+    use burn::tensor::TensorData;
 
     use super::*;
 
