@@ -82,9 +82,9 @@ fn gpu(gpus: &[String], kernel_cache: Option<&Path>) -> Choice {
         cuda::use_kernel_cache(dir);
     }
     match cuda::probe(0) {
-        Ok(capability) => {
+        Ok(()) => {
             let device = Device::Cuda(0);
-            let no_bf16 = match capability {
+            let no_bf16 = match cuda::compute_capability(0) {
                 Ok(capability) => bf16_lacking(device, capability),
                 Err(why) => Some(format!("the compute capability of device {device} could not be read ({why})")),
             };
@@ -113,6 +113,8 @@ mod cuda {
     use cudarc::driver::result::{self, DriverError};
     use cudarc::driver::sys::CUdevice_attribute;
 
+    use crate::error::JobsError;
+
     /// Compiled kernels and autotune results go under `dir`, so a job does not pay the JIT and
     /// autotuning again on a GPU model this agent has trained on before. The configuration is
     /// per process and can be set once, before the first kernel: a later call with another
@@ -132,8 +134,7 @@ mod cuda {
     /// What a GPU run needs besides the GPU, checked before the first kernel so that every
     /// missing part is named at once: the driver, NVRTC (kernels are compiled at run time) and
     /// the CUDA headers NVRTC reads. Then one small kernel on GPU `index` catches the rest.
-    /// Answers the GPU's compute capability, or why it could not be read.
-    pub(super) fn probe(index: usize) -> Result<Result<(i32, i32), String>, String> {
+    pub(super) fn probe(index: usize) -> Result<(), JobsError> {
         let mut missing = Vec::new();
         // SAFETY: each loads a shared library (dlopen), as every CUDA program does; their
         // initialisers are NVIDIA's, run by any CUDA program.
@@ -154,28 +155,29 @@ mod cuda {
                 .push(format!("the CUDA headers in {place} (set CUDA_PATH to a directory whose include/ holds them)"));
         }
         if !missing.is_empty() {
-            return Err(format!("missing {}", missing.join("; ")));
+            return Err(JobsError::GpuMissing(missing));
         }
         let run = std::panic::catch_unwind(|| {
             let device = CudaDevice::new(index);
             let x = Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &device);
             (x + 1.0).into_data().into_vec::<f32>()
         });
-        match run {
-            Ok(Ok(v)) if v == [2.0, 3.0] => Ok(compute_capability(index)),
-            Ok(Ok(v)) => Err(format!("a test kernel computed {v:?}, not [2.0, 3.0]")),
-            Ok(Err(e)) => Err(format!("{e:?}")),
-            Err(panic) => Err(panic
+        let failed = match run {
+            Ok(Ok(v)) if v == [2.0, 3.0] => return Ok(()),
+            Ok(Ok(v)) => format!("a test kernel computed {v:?}, not [2.0, 3.0]"),
+            Ok(Err(e)) => format!("{e:?}"),
+            Err(panic) => panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the CUDA runtime panicked".into())),
-        }
+                .unwrap_or_else(|| "the CUDA runtime panicked".into()),
+        };
+        Err(JobsError::GpuFailed(failed))
     }
 
     /// `(major, minor)` of visible GPU `index`, from the driver (the kernel probe has
     /// initialised it).
-    fn compute_capability(index: usize) -> Result<(i32, i32), String> {
+    pub(super) fn compute_capability(index: usize) -> Result<(i32, i32), JobsError> {
         let read = || {
             result::init()?;
             let dev = result::device::get(index as i32)?;
@@ -187,7 +189,7 @@ mod cuda {
                 attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             ))
         };
-        read().map_err(|e| format!("{e:?}"))
+        read().map_err(|e| JobsError::GpuAttribute(format!("{e:?}")))
     }
 }
 

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use burn::record::RecorderError;
 
-/// Everything that can stop a training run before it finishes.
+/// Everything that can stop a training run before it finishes, and why a GPU the run was given
+/// is not used (those end up in a note, and the run goes on on the CPU or in f32).
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
     /// The spec asks for something this runtime cannot run.
@@ -54,6 +55,21 @@ pub enum JobsError {
     /// A checkpoint was read but does not fit this run (other model, wrong shapes, bad position).
     #[error("checkpoint {path} cannot be used: {reason}")]
     CheckpointMismatch { path: PathBuf, reason: String },
+
+    /// A GPU named for the run lacks what the CUDA backend needs besides it: the driver's
+    /// library, NVRTC, the CUDA headers (one entry each). The run trains on the CPU and says so.
+    #[error("missing {}", .0.join("; "))]
+    GpuMissing(Vec<String>),
+
+    /// A GPU named for the run did not compute a test kernel right: the backend's error, its
+    /// panic, or the wrong result. The run trains on the CPU and says so.
+    #[error("{0}")]
+    GpuFailed(String),
+
+    /// The driver did not tell a GPU's compute capability (its error, as the driver gives it):
+    /// the run then computes in f32 whatever the spec asks.
+    #[error("{0}")]
+    GpuAttribute(String),
 
     /// The data-parallel group could not be formed from the environment.
     #[error("data-parallel group: {0}")]

@@ -179,8 +179,7 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
             let state = checkpoint::read_state(dir)?;
             check_compatible(dir, &state, spec)?;
             let record: <M as burn::module::Module<B>>::Record = checkpoint::load_record(dir, MODEL_FILE, device)?;
-            M::check_record(&record)
-                .map_err(|reason| JobsError::CheckpointMismatch { path: dir.join(MODEL_FILE), reason })?;
+            M::check_record(&record, &dir.join(MODEL_FILE))?;
             model = model.load_record(record);
             if state.job_id.is_some() && state.job_id == env.job_id {
                 // A restart of this very job: continue the same run.

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-use super::Examples;
+use super::{BadLine, Examples, parsed_once};
 use crate::error::JobsError;
 use crate::input::{CLASSES, FEATURES, Input};
 use crate::rng::SplitMix64;
@@ -89,39 +89,39 @@ pub(crate) struct Digits {
 
 /// The data set, parsed and split once per process.
 pub(crate) fn digits() -> Result<&'static Digits, JobsError> {
-    static DIGITS: OnceLock<Result<Digits, (usize, String)>> = OnceLock::new();
-    DIGITS
-        .get_or_init(|| parse_and_split(DIGITS_CSV))
-        .as_ref()
-        .map_err(|(line, reason)| JobsError::Dataset { line: *line, reason: reason.clone() })
+    static DIGITS: OnceLock<Result<Digits, BadLine>> = OnceLock::new();
+    parsed_once(&DIGITS, || parse_and_split(DIGITS_CSV))
 }
 
-fn parse_and_split(csv: &str) -> Result<Digits, (usize, String)> {
+fn parse_and_split(csv: &str) -> Result<Digits, BadLine> {
     let mut x = Vec::new();
     let mut y = Vec::new();
     for (n, line) in csv.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let line_no = n + 1;
         let mut count = 0;
         for (col, field) in line.split(',').enumerate() {
-            let value: u8 = field
-                .trim()
-                .parse()
-                .map_err(|_| (line_no, format!("column {}: `{field}` is not a number", col + 1)))?;
+            let value: u8 = field.trim().parse().map_err(|_| BadLine {
+                line: line_no,
+                reason: format!("column {}: `{field}` is not a number", col + 1),
+            })?;
             if col < FEATURES {
                 if value > 16 {
-                    return Err((line_no, format!("pixel {} is {value}, expected 0..16", col + 1)));
+                    return Err(BadLine {
+                        line: line_no,
+                        reason: format!("pixel {} is {value}, expected 0..16", col + 1),
+                    });
                 }
                 x.push(f32::from(value) / 16.0);
             } else if col == FEATURES {
                 if usize::from(value) >= CLASSES {
-                    return Err((line_no, format!("label is {value}, expected 0..9")));
+                    return Err(BadLine { line: line_no, reason: format!("label is {value}, expected 0..9") });
                 }
                 y.push(i64::from(value));
             }
             count += 1;
         }
         if count != FEATURES + 1 {
-            return Err((line_no, format!("{count} columns, expected {}", FEATURES + 1)));
+            return Err(BadLine { line: line_no, reason: format!("{count} columns, expected {}", FEATURES + 1) });
         }
     }
 
@@ -154,8 +154,8 @@ mod tests {
 
     #[test]
     fn broken_csv_is_an_error() {
-        assert_eq!(parse_and_split("1,2,3\n").unwrap_err().0, 1);
+        assert_eq!(parse_and_split("1,2,3\n").unwrap_err().line, 1);
         let bad_label = format!("{}17\n", "0,".repeat(FEATURES));
-        assert!(parse_and_split(&bad_label).unwrap_err().1.contains("label"));
+        assert!(parse_and_split(&bad_label).unwrap_err().reason.contains("label"));
     }
 }

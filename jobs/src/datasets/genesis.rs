@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-use super::Examples;
+use super::{BadLine, Examples, parsed_once};
 use crate::error::JobsError;
 use crate::input::{CONTEXT, Input};
 
@@ -33,11 +33,11 @@ pub(crate) struct Windows {
 
 impl Windows {
     /// Tokens of the text, in windows of `CONTEXT` (plus the one after each, its last target).
-    fn new(text: &str, first_line: usize) -> Result<Windows, JobsError> {
+    fn new(text: &str, first_line: usize) -> Result<Windows, BadLine> {
         let mut tokens = Vec::with_capacity(text.len());
         for (i, line) in text.split_inclusive('\n').enumerate() {
             for c in line.bytes() {
-                let t = token(c).ok_or_else(|| JobsError::Dataset {
+                let t = token(c).ok_or_else(|| BadLine {
                     line: first_line + i + 1,
                     reason: format!("character {c:#04x} is not printable ASCII"),
                 })?;
@@ -75,14 +75,11 @@ pub(crate) struct Corpus {
 
 /// The embedded corpus, split once per process.
 pub(crate) fn genesis() -> Result<&'static Corpus, JobsError> {
-    static CORPUS: OnceLock<Result<Corpus, String>> = OnceLock::new();
-    CORPUS
-        .get_or_init(|| split(GENESIS).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|reason| JobsError::Dataset { line: 0, reason: reason.clone() })
+    static CORPUS: OnceLock<Result<Corpus, BadLine>> = OnceLock::new();
+    parsed_once(&CORPUS, || split(GENESIS))
 }
 
-fn split(text: &str) -> Result<Corpus, JobsError> {
+fn split(text: &str) -> Result<Corpus, BadLine> {
     let lines = text.split_inclusive('\n').count();
     let train_lines = lines - lines * TEST_PERCENT / 100;
     let cut: usize = text.split_inclusive('\n').take(train_lines).map(str::len).sum();
@@ -119,6 +116,8 @@ mod tests {
     #[test]
     fn text_outside_printable_ascii_is_refused_with_its_line() {
         let err = Windows::new("fine\nnot fine: \u{e9}\n", 0).err().unwrap();
-        assert!(err.to_string().contains("line 2"), "{err}");
+        assert_eq!(err, BadLine { line: 2, reason: "character 0xc3 is not printable ASCII".into() });
+        // Lines of the held-out part count on from the training part's.
+        assert_eq!(Windows::new("\u{e9}", 10).err().unwrap().line, 11);
     }
 }

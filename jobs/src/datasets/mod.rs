@@ -5,11 +5,14 @@
 mod digits;
 mod genesis;
 
+use std::sync::OnceLock;
+
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 pub(crate) use digits::{Samples, digits};
 pub(crate) use genesis::genesis;
 
+use crate::error::JobsError;
 use crate::input::Input;
 use crate::rng::SplitMix64;
 
@@ -20,6 +23,24 @@ pub(crate) trait Examples {
 
     /// The inputs of `indices`, and one target per row of the logits the model gives for them.
     fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>);
+}
+
+/// A line of an embedded data set that does not parse (a build problem, not a user one). Kept
+/// apart from [`JobsError`], which cannot be cloned, because the data sets are parsed once per
+/// process and every caller gets the failure.
+#[derive(Debug, Clone, PartialEq)]
+struct BadLine {
+    /// 1-based, in the embedded file.
+    line: usize,
+    reason: String,
+}
+
+/// The data set in `cell`, parsed by `parse` on first use.
+fn parsed_once<T>(
+    cell: &'static OnceLock<Result<T, BadLine>>,
+    parse: impl FnOnce() -> Result<T, BadLine>,
+) -> Result<&'static T, JobsError> {
+    cell.get_or_init(parse).as_ref().map_err(|bad| JobsError::Dataset { line: bad.line, reason: bad.reason.clone() })
 }
 
 /// The training order of one epoch: a permutation determined by (seed, epoch) alone, so a run
@@ -48,6 +69,17 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+    }
+
+    /// Genesis used to keep its failure as the error's text and wrap it again, as "dataset line
+    /// 0: dataset line N: ...".
+    #[test]
+    fn a_data_set_that_does_not_parse_is_the_same_error_with_its_line_for_every_caller() {
+        static BROKEN: OnceLock<Result<(), BadLine>> = OnceLock::new();
+        for _ in 0..2 {
+            let err = parsed_once(&BROKEN, || Err(BadLine { line: 7, reason: "not a number".into() })).unwrap_err();
+            assert_eq!(err.to_string(), "dataset line 7: not a number");
+        }
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The "mlp" model: 64 -> 128 -> ReLU -> 10.
 
+use std::path::Path;
+
 use burn::module::{Module, ParamId};
 use burn::nn::Linear;
 use burn::tensor::activation::relu;
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::{Net, expect_shape, linear};
+use super::{Net, expect_shape, linear, record_mismatch};
+use crate::error::JobsError;
 use crate::export;
 use crate::input::{CLASSES, FEATURES, Input};
 use crate::rng::SplitMix64;
@@ -67,19 +70,14 @@ impl<B: Backend> Net<B> for Mlp<B> {
         out
     }
 
-    fn check_record(record: &MlpRecord<B>) -> Result<(), String> {
-        fn check<B: Backend>(
-            name: &str,
-            layer: &burn::nn::LinearRecord<B>,
-            d_in: usize,
-            d_out: usize,
-        ) -> Result<(), String> {
-            expect_shape(&format!("{name}.weight"), &layer.weight.val().dims(), &[d_in, d_out])?;
+    fn check_record(record: &MlpRecord<B>, path: &Path) -> Result<(), JobsError> {
+        let check = |name: &str, layer: &burn::nn::LinearRecord<B>, d_in: usize, d_out: usize| {
+            expect_shape(path, &format!("{name}.weight"), &layer.weight.val().dims(), &[d_in, d_out])?;
             match &layer.bias {
-                Some(bias) => expect_shape(&format!("{name}.bias"), &bias.val().dims(), &[d_out]),
-                None => Err(format!("{name}.bias is missing")),
+                Some(bias) => expect_shape(path, &format!("{name}.bias"), &bias.val().dims(), &[d_out]),
+                None => Err(record_mismatch(path, format!("{name}.bias is missing"))),
             }
-        }
+        };
         check("fc1", &record.fc1, FEATURES, HIDDEN)?;
         check("fc2", &record.fc2, HIDDEN, CLASSES)
     }
@@ -97,13 +95,17 @@ mod tests {
     fn records_of_other_shapes_are_refused() {
         let device = Default::default();
         let good = Mlp::<NdArray>::init(1, &device);
-        assert!(Mlp::<NdArray>::check_record(&good.into_record()).is_ok());
+        let path = Path::new("step-5/model.mpk");
+        assert!(Mlp::<NdArray>::check_record(&good.into_record(), path).is_ok());
         let wide = Mlp::<NdArray> {
             fc1: LinearConfig::new(FEATURES, 100).init(&device),
             fc2: LinearConfig::new(100, CLASSES).init(&device),
         };
-        let err = Mlp::<NdArray>::check_record(&wide.into_record()).unwrap_err();
-        assert!(err.contains("fc1.weight"), "{err}");
+        let err = Mlp::<NdArray>::check_record(&wide.into_record(), path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "checkpoint step-5/model.mpk cannot be used: fc1.weight has shape [64, 100], expected [64, 128]"
+        );
     }
 
     /// The exported weights, applied as PyTorch applies them (y = x W^T + b, ReLU between),

@@ -6,6 +6,8 @@ mod cnn;
 mod mlp;
 mod transformer;
 
+use std::path::Path;
+
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
@@ -14,6 +16,7 @@ pub(crate) use cnn::{Cnn, ConvBlockOps};
 pub(crate) use mlp::Mlp;
 pub(crate) use transformer::Transformer;
 
+use crate::error::JobsError;
 use crate::export;
 use crate::input::Input;
 use crate::rng::SplitMix64;
@@ -40,25 +43,27 @@ pub(crate) trait Net<B: Backend>: Module<B> + Sized {
     /// The weights as PyTorch names and lays them out, for SafeTensors.
     fn export(&self) -> Vec<export::Named>;
 
-    /// Checks a loaded record has this model's shapes: burn's `load_record` does not, and a
-    /// wrong shape would only surface later as a panic inside a matmul.
-    fn check_record(record: &<Self as Module<B>>::Record) -> Result<(), String>;
+    /// Checks a record loaded from `path` has this model's shapes: burn's `load_record` does
+    /// not, and a wrong shape would only surface later as a panic inside a matmul.
+    fn check_record(record: &<Self as Module<B>>::Record, path: &Path) -> Result<(), JobsError>;
 }
 
 /// A record check's verdict on one tensor.
-pub(crate) fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), String> {
-    if got == want { Ok(()) } else { Err(format!("{name} has shape {got:?}, expected {want:?}")) }
+fn expect_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<(), JobsError> {
+    match got == want {
+        true => Ok(()),
+        false => Err(record_mismatch(path, format!("{name} has shape {got:?}, expected {want:?}"))),
+    }
+}
+
+/// The error of a record that does not fit the model, for `reason`.
+fn record_mismatch(path: &Path, reason: String) -> JobsError {
+    JobsError::CheckpointMismatch { path: path.to_path_buf(), reason }
 }
 
 /// Parameter ids are fixed rather than random so that two runs that reach the same weights
 /// write byte-identical model records (and the optimizer state, keyed by these ids, matches).
-pub(crate) fn linear<B: Backend>(
-    rng: &mut SplitMix64,
-    ids: [u64; 2],
-    d_in: usize,
-    d_out: usize,
-    device: &B::Device,
-) -> Linear<B> {
+fn linear<B: Backend>(rng: &mut SplitMix64, ids: [u64; 2], d_in: usize, d_out: usize, device: &B::Device) -> Linear<B> {
     let k = 1.0 / (d_in as f32).sqrt();
     let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * k).collect() };
     let weight = Tensor::<B, 2>::from_data(TensorData::new(uniform(d_in * d_out), [d_in, d_out]), device);

@@ -2,13 +2,16 @@
 //! position embeddings, `LAYERS` pre-norm transformer blocks with causal self-attention, a
 //! final layer norm, and a linear head over the vocabulary.
 
+use std::path::Path;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::attention::generate_autoregressive_mask;
 use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-use super::{Net, expect_shape};
+use super::{Net, expect_shape, record_mismatch};
+use crate::error::JobsError;
 use crate::export;
 use crate::input::{CONTEXT, Input, VOCAB};
 use crate::rng::SplitMix64;
@@ -92,17 +95,21 @@ impl<B: Backend> Net<B> for Transformer<B> {
             .collect()
     }
 
-    fn check_record(record: &TransformerRecord<B>) -> Result<(), String> {
-        expect_shape("tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
-        expect_shape("positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
-        expect_shape("head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
+    fn check_record(record: &TransformerRecord<B>, path: &Path) -> Result<(), JobsError> {
+        expect_shape(path, "tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
+        expect_shape(path, "positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
+        expect_shape(path, "head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
         let layers = &record.blocks.layers;
         if layers.len() != LAYERS {
-            return Err(format!("it has {} transformer blocks, expected {LAYERS}", layers.len()));
+            return Err(record_mismatch(
+                path,
+                format!("it has {} transformer blocks, expected {LAYERS}", layers.len()),
+            ));
         }
         for (i, layer) in layers.iter().enumerate() {
             let inner = layer.pwff.linear_inner.weight.val().dims();
-            expect_shape(&format!("blocks.layers.{i}.pwff.linear_inner.weight"), &inner, &[WIDTH, FEED_FORWARD])?;
+            let name = format!("blocks.layers.{i}.pwff.linear_inner.weight");
+            expect_shape(path, &name, &inner, &[WIDTH, FEED_FORWARD])?;
         }
         Ok(())
     }
@@ -248,9 +255,10 @@ mod tests {
     fn records_of_other_shapes_are_refused() {
         let device = Default::default();
         let good = Transformer::<NdArray>::init(1, &device);
-        assert!(Transformer::<NdArray>::check_record(&good.clone().into_record()).is_ok());
+        let path = Path::new("model.mpk");
+        assert!(Transformer::<NdArray>::check_record(&good.clone().into_record(), path).is_ok());
         let wide = Transformer { head: LinearConfig::new(WIDTH, 10).init(&device), ..good };
-        let err = Transformer::<NdArray>::check_record(&wide.into_record()).unwrap_err();
-        assert!(err.contains("head.weight"), "{err}");
+        let err = Transformer::<NdArray>::check_record(&wide.into_record(), path).unwrap_err();
+        assert!(err.to_string().contains("head.weight has shape [64, 10]"), "{err}");
     }
 }

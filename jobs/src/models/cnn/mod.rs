@@ -1,6 +1,8 @@
 //! The "cnn" model, on the same 8x8 images: two 3x3 convolutions (16 then 32 channels), each
 //! followed by ReLU and 2x2 max pooling, then a linear layer: 1x8x8 -> 16x4x4 -> 32x2x2 -> 10.
 
+use std::path::Path;
+
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
@@ -12,6 +14,7 @@ mod kernels;
 pub(crate) use conv_block::ConvBlockOps;
 
 use super::{Net, expect_shape, linear};
+use crate::error::JobsError;
 use crate::export;
 use crate::input::{CLASSES, Input};
 use crate::rng::SplitMix64;
@@ -101,10 +104,10 @@ impl<B: ConvBlockOps> Net<B> for Cnn<B> {
         out
     }
 
-    fn check_record(record: &CnnRecord<B>) -> Result<(), String> {
-        expect_shape("conv1.weight", &record.conv1.weight.val().dims(), &[C1, 1, 3, 3])?;
-        expect_shape("conv2.weight", &record.conv2.weight.val().dims(), &[C2, C1, 3, 3])?;
-        expect_shape("fc.weight", &record.fc.weight.val().dims(), &[FLAT, CLASSES])?;
+    fn check_record(record: &CnnRecord<B>, path: &Path) -> Result<(), JobsError> {
+        expect_shape(path, "conv1.weight", &record.conv1.weight.val().dims(), &[C1, 1, 3, 3])?;
+        expect_shape(path, "conv2.weight", &record.conv2.weight.val().dims(), &[C2, C1, 3, 3])?;
+        expect_shape(path, "fc.weight", &record.fc.weight.val().dims(), &[FLAT, CLASSES])?;
         Ok(())
     }
 }
@@ -123,10 +126,12 @@ mod tests {
         assert_eq!(model.forward(Input::Pixels(Tensor::zeros([5, 64], &device))).dims(), [5, CLASSES]);
         let same = Cnn::<NdArray>::init(3, &device);
         assert_eq!(model.conv2.weight.val().into_data(), same.conv2.weight.val().into_data());
-        assert!(Cnn::<NdArray>::check_record(&model.into_record()).is_ok());
+        let path = Path::new("model.mpk");
+        assert!(Cnn::<NdArray>::check_record(&model.into_record(), path).is_ok());
         let mut other = Cnn::<NdArray>::init(3, &device);
         other.fc = burn::nn::LinearConfig::new(FLAT, 5).init(&device);
-        assert!(Cnn::<NdArray>::check_record(&other.into_record()).unwrap_err().contains("fc.weight"));
+        let err = Cnn::<NdArray>::check_record(&other.into_record(), path).unwrap_err();
+        assert!(err.to_string().contains("fc.weight has shape [128, 5]"), "{err}");
     }
 
     #[test]
