@@ -76,12 +76,20 @@ pub struct JobView {
     pub ended_at_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_reason: Option<String>,
+    /// The kind of `pending_reason`, for scripts (`quota`, `no_room`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_start_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preempted_by: Option<String>,
+    /// Why a running job is being stopped, and its kind (`preempted`, `gpu_unhealthy`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_code: Option<String>,
     pub nodes: Vec<String>,
     pub message: String,
     pub attempts: Vec<AttemptView>,
@@ -143,9 +151,12 @@ impl From<&v1::Job> for JobView {
             submitted_at_ms: job.submitted_at_ms,
             ended_at_ms: job.ended_at_ms,
             pending_reason: queued.then(|| job.pending_reason.clone()),
+            pending_code: (queued && !job.pending_code.is_empty()).then(|| job.pending_code.clone()),
             queue_position: (queued && job.queue_position > 0).then_some(job.queue_position),
             estimated_start_ms: job.estimated_start_ms,
             preempted_by: (!job.preempted_by.is_empty()).then(|| job.preempted_by.clone()),
+            stop_reason: (!job.stop_reason.is_empty()).then(|| job.stop_reason.clone()),
+            stop_code: (!job.stop_code.is_empty()).then(|| job.stop_code.clone()),
             nodes: attempts.last().map(|a| a.nodes.clone()).unwrap_or_default(),
             message: job.message.clone(),
             attempts,

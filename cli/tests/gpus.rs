@@ -223,29 +223,6 @@ fn a_job_on_a_gpu_with_a_critical_xid_is_stopped_and_requeued_on_a_healthy_one()
     fleet.ok(&["cancel", &id]);
 }
 
-/// Runs headless Chromium against `url`, letting the page's scripts run for a few seconds.
-fn chromium(args: &[&str], url: &str) -> std::process::Output {
-    let profile = tempfile::tempdir().unwrap();
-    std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-quic",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-            "--window-size=1400,1100",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("chromium is not installed (.ci/run installs Debian's package)")
-}
-
 #[test]
 fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
     let (fleet, _) = gpu_fleet(json!({"devices": [h100(0, 55), h100(1, 12)]}));
@@ -269,7 +246,7 @@ fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
     assert!(text.contains(&format!("gantry_job_metric{{job=\"{running}\",rank=\"0\",name=\"loss\"}}")), "{text}");
 
     let url = format!("http://127.0.0.1:{}/?job={running}", fleet.http);
-    let out = chromium(&["--dump-dom"], &url);
+    let out = support::chromium(&["--dump-dom"], &url);
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
     for uuid in ["GPU-fake-0", "GPU-fake-1"] {
@@ -286,7 +263,7 @@ fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
     let artifacts = support::repo_root().join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let shot = artifacts.join("dashboard.png");
-    let out = chromium(&[&format!("--screenshot={}", shot.display())], &url);
+    let out = support::chromium(&[&format!("--screenshot={}", shot.display())], &url);
     assert!(out.status.success() && shot.exists(), "screenshot failed: {}", String::from_utf8_lossy(&out.stderr));
     fleet.ok(&["cancel", &running]);
 }

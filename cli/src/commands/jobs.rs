@@ -55,7 +55,10 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
                 j.queue.clone(),
                 j.priority.to_string(),
                 j.nodes.join(","),
-                j.pending_reason.clone().unwrap_or_else(|| j.message.clone()),
+                j.pending_reason
+                    .clone()
+                    .or_else(|| j.stop_reason.as_ref().map(|s| format!("stopping: {s}")))
+                    .unwrap_or_else(|| j.message.clone()),
             ]
         })
         .collect();
@@ -85,9 +88,8 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
         let secs = ((at - now_ms()) / 1000).max(0) as u64;
         outln!("estimated: starts in about {} (backfill reservation)", gantry_core::spec::format_duration(secs))?;
     }
-    if let Some(by) = &view.preempted_by {
-        let why = if by.starts_with("GPU ") { by.clone() } else { format!("preempted for job {by}") };
-        outln!("stopping:  {why}; it will resume from its latest checkpoint")?;
+    if let Some(why) = &view.stop_reason {
+        outln!("stopping:  {why}")?;
     }
     if !view.message.is_empty() {
         outln!("message:   {}", view.message)?;

@@ -126,7 +126,13 @@ fn draw(f: &mut ratatui::Frame, url: &str, s: &Snapshot) {
         .jobs
         .iter()
         .map(|j| {
-            let reason = if j.pending_reason.is_empty() { j.message.clone() } else { j.pending_reason.clone() };
+            let reason = if !j.pending_reason.is_empty() {
+                j.pending_reason.clone()
+            } else if !j.stop_reason.is_empty() {
+                format!("stopping: {}", j.stop_reason)
+            } else {
+                j.message.clone()
+            };
             Row::new(vec![
                 j.id.clone(),
                 j.name.clone(),

@@ -30,14 +30,13 @@ pub struct Fleet {
 impl Fleet {
     /// A coordinator and one agent, with short timeouts so tests run fast.
     pub fn start() -> Fleet {
-        let mut fleet = Fleet {
-            dir: tempfile::tempdir().unwrap(),
-            grpc: free_port(),
-            http: free_port(),
-            coordinator: None,
-            agents: Vec::new(),
-            grace: "3s",
-        };
+        Fleet::with_grace("3s")
+    }
+
+    /// The same, with `grace` between SIGTERM and SIGKILL for cancelled and preempted jobs.
+    pub fn with_grace(grace: &'static str) -> Fleet {
+        let mut fleet =
+            Fleet { dir: tempfile::tempdir().unwrap(), grpc: 0, http: 0, coordinator: None, agents: Vec::new(), grace };
         fleet.start_coordinator();
         fleet.start_agent("node-a");
         fleet.wait_for_nodes(1);
@@ -56,21 +55,30 @@ impl Fleet {
         self.dir.path().join(agent)
     }
 
+    /// Starts the coordinator. The first time it binds port 0 itself, so no other process can
+    /// take its ports between a probe and the bind, and the ports are read from its log; a
+    /// restart listens on the same ports again, where its agents look for it.
     pub fn start_coordinator(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap();
+        let log_path = self.dir.path().join("coordinator.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(GANTRY)
             .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.grpc)])
             .args(["--http", &format!("127.0.0.1:{}", self.http)])
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--agent-timeout", "5s", "--grace-period", self.grace])
+            .env("GANTRY_LOG_FORMAT", "json")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.coordinator = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.grpc)).is_err() {
+        loop {
+            if let Some((grpc, http)) = listening_on(&self.coordinator_log()) {
+                (self.grpc, self.http) = (grpc, http);
+                break;
+            }
             assert!(Instant::now() < deadline, "coordinator did not start: {}", self.coordinator_log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -141,6 +149,16 @@ impl Fleet {
     pub fn wait_for_nodes(&self, n: usize) {
         self.cli().wait_for_nodes(n, Duration::from_secs(20))
     }
+}
+
+/// The ports of the coordinator's "coordinator listening" log line (JSON logs).
+fn listening_on(log: &str) -> Option<(u16, u16)> {
+    log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|line| {
+        let fields = &line["fields"];
+        (fields["message"] == "coordinator listening").then_some(())?;
+        let port = |name: &str| fields[name].as_str()?.rsplit(':').next()?.parse().ok();
+        Some((port("grpc")?, port("http")?))
+    })
 }
 
 /// The `gantry` CLI against a coordinator URL (or several, comma-separated).
@@ -365,4 +383,27 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs headless Chromium against `url`, letting the page's scripts run for a few seconds.
+pub fn chromium(args: &[&str], url: &str) -> std::process::Output {
+    let profile = tempfile::tempdir().unwrap();
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1100",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium is not installed (.ci/run installs Debian's package)")
 }
