@@ -1,10 +1,13 @@
-//! The scheduler's promises, checked on many random fleets, running sets and queues.
+//! The scheduler's promises, checked on many random fleets, running sets and queues, and on the
+//! counterexamples proptest once found for them (`regressions`).
 
 use std::collections::{HashMap, HashSet};
 
 use gantry_core::Resources;
 use gantry_core::scheduler::*;
 use proptest::prelude::*;
+
+mod regressions;
 
 const GIB: u64 = 1 << 30;
 
@@ -140,17 +143,24 @@ fn apply(s: &Snapshot, plan: &Plan) -> Snapshot {
     next
 }
 
-proptest! {
-    // 1,000 cases in CI; PROPTEST_CASES=N asks for more.
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
-        ..ProptestConfig::default()
-    })]
+/// The promises, each a check over one snapshot: the property tests below run them on random
+/// snapshots, and the scenario tests in `regressions` on the cases that once broke them.
+mod promise {
+    use super::*;
 
-    #[test]
-    fn no_gpu_is_double_booked_and_no_capacity_exceeded(s in arb_snapshot()) {
-        let plan = schedule(&s);
-        let after = apply(&s, &plan);
+    /// Every promise, in the order the property tests list them.
+    pub fn all(s: &Snapshot) -> Result<(), TestCaseError> {
+        no_gpu_is_double_booked_and_no_capacity_exceeded(s)?;
+        gangs_are_all_or_nothing_on_matching_healthy_gpus(s)?;
+        scheduling_the_applied_result_again_changes_nothing(s)?;
+        a_job_that_fits_waits_only_for_a_stated_reason(s)?;
+        preemption_only_hits_lower_priority(s)?;
+        the_same_snapshot_gives_the_same_plan(s)
+    }
+
+    pub fn no_gpu_is_double_booked_and_no_capacity_exceeded(s: &Snapshot) -> Result<(), TestCaseError> {
+        let plan = schedule(s);
+        let after = apply(s, &plan);
         let mut gpus = HashSet::new();
         let mut cpus: HashMap<&str, f64> = HashMap::new();
         let mut mem: HashMap<&str, f64> = HashMap::new();
@@ -167,14 +177,14 @@ proptest! {
             prop_assert!(cpus.get(n.name.as_str()).copied().unwrap_or(0.0) <= n.cpus + 1e-9);
             prop_assert!(mem.get(n.name.as_str()).copied().unwrap_or(0.0) * GIB as f64 <= n.memory_bytes as f64);
         }
+        Ok(())
     }
 
-    #[test]
-    fn gangs_are_all_or_nothing_on_matching_healthy_gpus(s in arb_snapshot()) {
-        let plan = schedule(&s);
+    pub fn gangs_are_all_or_nothing_on_matching_healthy_gpus(s: &Snapshot) -> Result<(), TestCaseError> {
+        let plan = schedule(s);
         let nodes: HashMap<&str, &Node> = s.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
         for p in &plan.placements {
-            let r = resources_of(&s, &p.job_id);
+            let r = resources_of(s, &p.job_id);
             prop_assert_eq!(p.nodes.len(), r.nodes as usize);
             let distinct: HashSet<&str> = p.nodes.iter().map(|a| a.node.as_str()).collect();
             prop_assert_eq!(distinct.len(), r.nodes as usize);
@@ -191,46 +201,85 @@ proptest! {
                 }
             }
         }
+        Ok(())
     }
 
-    #[test]
-    fn scheduling_the_applied_result_again_changes_nothing(s in arb_snapshot()) {
-        let plan = schedule(&s);
-        let applied = apply(&s, &plan);
+    pub fn scheduling_the_applied_result_again_changes_nothing(s: &Snapshot) -> Result<(), TestCaseError> {
+        let plan = schedule(s);
+        let applied = apply(s, &plan);
         let again = schedule(&applied);
         // Nothing more: no new victim, no placement. (Stopping jobs, victims chosen in the first
         // pass and backfill reservations included: the scheduler settles these itself.)
         prop_assert!(again.preemptions.is_empty(), "preempted {:?} on the second pass", again.preemptions);
         prop_assert!(again.placements.is_empty(), "placed {:?} on the second pass", again.placements);
+        Ok(())
     }
 
-    #[test]
-    fn a_job_that_fits_waits_only_for_a_stated_reason(s in arb_snapshot()) {
-        let plan = schedule(&s);
-        let after = apply(&s, &plan);
+    pub fn a_job_that_fits_waits_only_for_a_stated_reason(s: &Snapshot) -> Result<(), TestCaseError> {
+        let plan = schedule(s);
+        let after = apply(s, &plan);
         for w in &plan.waiting {
             if w.reason.waits_by_policy() {
                 continue;
             }
-            let r = resources_of(&s, &w.job_id);
+            let r = resources_of(s, &w.job_id);
             prop_assert!(!fits_somewhere(&after, r), "{} waits ({}) but fits", w.job_id, w.reason);
         }
+        Ok(())
     }
 
-    #[test]
-    fn preemption_only_hits_lower_priority(s in arb_snapshot()) {
-        let plan = schedule(&s);
+    pub fn preemption_only_hits_lower_priority(s: &Snapshot) -> Result<(), TestCaseError> {
+        let plan = schedule(s);
         for p in &plan.preemptions {
             let victim = s.running.iter().find(|r| r.id == p.job_id).unwrap();
             let job = s.pending.iter().find(|j| j.id == p.for_job).unwrap();
             prop_assert!(victim.priority < job.priority);
             prop_assert!(!victim.stopping);
         }
+        Ok(())
+    }
+
+    pub fn the_same_snapshot_gives_the_same_plan(s: &Snapshot) -> Result<(), TestCaseError> {
+        prop_assert_eq!(schedule(s), schedule(s));
+        Ok(())
+    }
+}
+
+proptest! {
+    // 1,000 cases in CI; PROPTEST_CASES=N asks for more.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn no_gpu_is_double_booked_and_no_capacity_exceeded(s in arb_snapshot()) {
+        promise::no_gpu_is_double_booked_and_no_capacity_exceeded(&s)?;
+    }
+
+    #[test]
+    fn gangs_are_all_or_nothing_on_matching_healthy_gpus(s in arb_snapshot()) {
+        promise::gangs_are_all_or_nothing_on_matching_healthy_gpus(&s)?;
+    }
+
+    #[test]
+    fn scheduling_the_applied_result_again_changes_nothing(s in arb_snapshot()) {
+        promise::scheduling_the_applied_result_again_changes_nothing(&s)?;
+    }
+
+    #[test]
+    fn a_job_that_fits_waits_only_for_a_stated_reason(s in arb_snapshot()) {
+        promise::a_job_that_fits_waits_only_for_a_stated_reason(&s)?;
+    }
+
+    #[test]
+    fn preemption_only_hits_lower_priority(s in arb_snapshot()) {
+        promise::preemption_only_hits_lower_priority(&s)?;
     }
 
     #[test]
     fn the_same_snapshot_gives_the_same_plan(s in arb_snapshot()) {
-        prop_assert_eq!(schedule(&s), schedule(&s));
+        promise::the_same_snapshot_gives_the_same_plan(&s)?;
     }
 }
 
