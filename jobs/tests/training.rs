@@ -520,6 +520,27 @@ fn a_stop_on_one_rank_stops_all_at_the_same_step_and_resumes() {
     assert_eq!(std::fs::read(a.join(SAFETENSORS_FILE)).unwrap(), std::fs::read(b.join(SAFETENSORS_FILE)).unwrap());
 }
 
+/// Ranks that agree to stop in the exchange of an epoch's last step finish that epoch first, as
+/// one process does: they used to stop without its line (and metrics), a gap that resuming
+/// never filled. One batch an epoch here; rank 0 raises the flag after step 1, so step 2, the
+/// end of epoch 2, carries it.
+#[test]
+fn ranks_stopping_at_an_epochs_last_step_report_that_epoch() {
+    let dirs = tempfile::tempdir().unwrap();
+    let spec = TrainSpec { epochs: 3, batch_size: 1437, checkpoint_every_steps: 1000, ..TrainSpec::default() };
+    let ranks = run_ranks(&spec, 2, dirs.path(), None, Some((0, "first_step")));
+    for (rank, (outcome, out)) in ranks.iter().enumerate() {
+        assert!(outcome.stopped && outcome.steps == 2 && outcome.epochs_done == 2, "rank {rank}: {outcome:?}");
+        let lines = out.lines();
+        let ends: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(' ').next().unwrap())
+            .filter(|first| first.starts_with("epoch=") || ["stopped", "done"].contains(first))
+            .collect();
+        assert_eq!(ends, ["epoch=1", "epoch=2", "stopped"], "rank {rank}: {lines:?}");
+    }
+}
+
 /// The character-level transformer on Genesis: within a CI-sized budget (3 epochs, 258 steps,
 /// under a minute on 2 cores) its loss on the held-out tail falls below 2.0 nats per character
 /// (uniform guessing: ln 96 = 4.56; measured 1.89), falling every epoch; and a run stopped at
