@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gantry_proto::v1;
-use gantry_proto::v1::agents_client::AgentsClient;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::coordinators::Coordinators;
@@ -34,30 +32,65 @@ pub fn committed_steps(dir: &Path) -> Vec<(u64, PathBuf)> {
     steps
 }
 
-/// Every regular file under `dir`, relative and '/'-separated, with size and sha256.
-pub fn describe_files(dir: &Path) -> Result<Vec<v1::FileDigest>> {
-    let mut out = Vec::new();
+/// Every regular file under `dir`, relative and '/'-separated, with size and sha256, and what was
+/// left out: a checkpoint carries regular files only, so a symlink (to a file outside the job's
+/// directory, say), a device, a pipe or a socket is named here and never read.
+pub fn describe_files(dir: &Path) -> Result<Described> {
+    let mut out = Described::default();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).map_err(Error::io(format!("listing {}", d.display())))? {
             let entry = entry.map_err(Error::io("listing a checkpoint"))?;
             let path = entry.path();
+            // The entry itself, not what a symlink points at.
             let kind = entry.file_type().map_err(Error::io("reading a checkpoint entry"))?;
+            let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().replace('\\', "/");
             if kind.is_dir() {
                 stack.push(path);
             } else if kind.is_file() {
-                let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().replace('\\', "/");
                 let (size, sha256) = hash_file(&path)?;
-                out.push(v1::FileDigest { path: rel, size, sha256 });
+                out.files.push(v1::FileDigest { path: rel, size, sha256 });
+            } else {
+                out.refused.push((rel, refusal(kind)));
             }
         }
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.files.sort_by(|a, b| a.path.cmp(&b.path));
+    out.refused.sort();
     Ok(out)
 }
 
+#[derive(Debug, Default)]
+pub struct Described {
+    pub files: Vec<v1::FileDigest>,
+    /// Entries that are not regular files or directories, and what they are.
+    pub refused: Vec<(String, &'static str)>,
+}
+
+fn refusal(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_symlink() {
+        "a symlink"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else if kind.is_fifo() {
+        "a pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens a checkpoint file without following a symlink: one put in a file's place after it was
+/// described is refused rather than read.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = std::fs::File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    let mut f = open_regular(path).map_err(Error::io(format!("opening {}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
@@ -78,6 +111,8 @@ pub struct Uploader {
     pub coordinators: Coordinators,
     pub dir: PathBuf,
     pub done: BTreeSet<u64>,
+    /// The job's log: what a checkpoint left out is said there.
+    pub log: mpsc::Sender<String>,
 }
 
 impl Uploader {
@@ -113,9 +148,15 @@ impl Uploader {
 
     async fn upload(&mut self, step: u64, path: &Path) -> Result<()> {
         let dir = path.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || describe_files(&dir))
+        let described = tokio::task::spawn_blocking(move || describe_files(&dir))
             .await
             .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??;
+        for (rel, what) in &described.refused {
+            warn!(job = %self.job_id, step, path = %rel, what, "left out of the checkpoint");
+            let line = format!("[gantry] checkpoint step {step}: `{rel}` is {what}, left out (only regular files are kept)");
+            let _ = self.log.send(line).await;
+        }
+        let files = described.files;
         let header = v1::Checkpoint {
             job_id: self.job_id.clone(),
             attempt: self.attempt,
@@ -134,8 +175,8 @@ impl Uploader {
                 return Ok(());
             }
             for file in files {
-                let mut f =
-                    tokio::fs::File::open(root.join(&file.path)).await.map_err(Error::io("opening for upload"))?;
+                let opened = open_regular(&root.join(&file.path)).map_err(Error::io("opening for upload"))?;
+                let mut f = tokio::fs::File::from_std(opened);
                 let mut offset = 0;
                 loop {
                     let mut buf = vec![0u8; CHUNK];
@@ -162,7 +203,7 @@ impl Uploader {
 }
 
 /// Downloads a checkpoint into `dest` (created, must not exist), verifying every file's sha256.
-pub async fn download(client: &mut AgentsClient<Channel>, r: &v1::CheckpointRef, dest: &Path) -> Result<()> {
+pub async fn download(client: &mut crate::coordinators::Client, r: &v1::CheckpointRef, dest: &Path) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let req = v1::DownloadCheckpointRequest { job_id: r.job_id.clone(), step: Some(r.step) };
     let mut stream = client.download_checkpoint(req).await?.into_inner();
@@ -199,7 +240,8 @@ pub async fn download(client: &mut AgentsClient<Channel>, r: &v1::CheckpointRef,
     let dest = dest.to_path_buf();
     let got = tokio::task::spawn_blocking(move || describe_files(&dest))
         .await
-        .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??;
+        .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??
+        .files;
     let mut want = header.files.clone();
     want.sort_by(|a, b| a.path.cmp(&b.path));
     if got != want {
@@ -232,8 +274,26 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/w.bin"), b"abc").unwrap();
         std::fs::write(dir.path().join("state.json"), b"{}").unwrap();
-        let files = describe_files(dir.path()).unwrap();
+        let files = describe_files(dir.path()).unwrap().files;
         assert_eq!(files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["state.json", "sub/w.bin"]);
         assert_eq!(files[1].sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn a_symlink_to_a_file_outside_is_named_and_never_read() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"the agent's private key").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.bin"), b"weights").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("stolen")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linked-dir")).unwrap();
+        let described = describe_files(dir.path()).unwrap();
+        let paths: Vec<&str> = described.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["model.bin"]);
+        assert_eq!(described.refused, [("linked-dir".to_string(), "a symlink"), ("stolen".to_string(), "a symlink")]);
+        // Swapped in after the listing: opening refuses it.
+        std::fs::remove_file(dir.path().join("model.bin")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("model.bin")).unwrap();
+        assert!(open_regular(&dir.path().join("model.bin")).is_err());
     }
 }

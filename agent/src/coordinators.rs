@@ -8,9 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gantry_proto::v1::agents_client::AgentsClient;
-use tonic::transport::{Channel, Endpoint};
+use gantry_proto::{Authed, Bearer};
+use tonic::transport::Endpoint;
 
 use crate::error::{Error, Result};
+
+/// A client of the agents' service, sending the agent's token.
+pub type Client = AgentsClient<Authed>;
 
 #[derive(Clone)]
 pub struct Coordinators {
@@ -19,13 +23,15 @@ pub struct Coordinators {
 
 struct Inner {
     urls: Vec<String>,
-    clients: Vec<AgentsClient<Channel>>,
+    clients: Vec<Client>,
     current: AtomicUsize,
 }
 
 impl Coordinators {
-    /// `spec`: one URL, or several separated by commas.
-    pub fn new(spec: &str) -> Result<Coordinators> {
+    /// `spec`: one URL, or several separated by commas; `token`: an agent token, sent on every
+    /// call.
+    pub fn new(spec: &str, token: Option<&str>) -> Result<Coordinators> {
+        let bearer = Bearer::new(token).map_err(|e| Error::Fatal(format!("--join-token: {}", e.reason)))?;
         let urls: Vec<String> = spec.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {
             return Err(Error::Fatal("no coordinator URL given".into()));
@@ -37,13 +43,14 @@ impl Coordinators {
                 .connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
-            clients.push(AgentsClient::new(endpoint.connect_lazy()).max_decoding_message_size(16 << 20));
+            let client = AgentsClient::with_interceptor(endpoint.connect_lazy(), bearer.clone());
+            clients.push(client.max_decoding_message_size(16 << 20));
         }
         Ok(Coordinators { inner: Arc::new(Inner { urls, clients, current: AtomicUsize::new(0) }) })
     }
 
     /// The client of the coordinator currently believed to lead.
-    pub fn client(&self) -> AgentsClient<Channel> {
+    pub fn client(&self) -> Client {
         self.inner.clients[self.index()].clone()
     }
 

@@ -32,6 +32,9 @@ pub struct Config {
     /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7070`; with an HA control plane,
     /// several separated by commas.
     pub coordinator: String,
+    /// An agent token (`gantry token create NAME --role agent`), sent on every call; `None`
+    /// for a coordinator without auth.
+    pub token: Option<String>,
     pub name: String,
     pub work_dir: PathBuf,
     pub nvml_lib: Option<PathBuf>,
@@ -63,7 +66,7 @@ struct Agent {
 
 /// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let coordinators = Coordinators::new(&config.coordinator)?;
+    let coordinators = Coordinators::new(&config.coordinator, config.token.as_deref())?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
     let agent = Arc::new(Agent {

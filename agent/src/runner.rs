@@ -144,6 +144,7 @@ async fn run_child(
         coordinators: launch.coordinators.clone(),
         dir: checkpoint_dir,
         done: BTreeSet::new(),
+        log: lines.clone(),
     };
     let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
 

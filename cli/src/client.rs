@@ -1,19 +1,71 @@
-//! Reaching the coordinator, and turning what goes wrong into one line a person can act on.
+//! Reaching the coordinator, with whose token, and turning what goes wrong into one line a person
+//! can act on.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use gantry_proto::v1::gantry_client::GantryClient;
-use tonic::transport::{Channel, Endpoint};
+use gantry_proto::{Authed, Bearer};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Endpoint;
 
-/// `urls`: one coordinator URL, or several separated by commas (a highly available control
-/// plane, where only the leader listens): the first that answers is used.
-pub async fn connect(urls: &str) -> anyhow::Result<GantryClient<Channel>> {
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
+
+/// Which coordinator a client command talks to, and the token it sends.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// One URL, or several separated by commas (a highly available control plane).
+    pub urls: String,
+    pub token: Option<String>,
+}
+
+/// What `gantry login` keeps: a coordinator and the token for it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Login {
+    pub coordinator: String,
+    pub token: String,
+}
+
+/// `~/.config/gantry/login.json` (or under `$XDG_CONFIG_HOME`).
+pub fn login_file() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".config"),
+    };
+    Some(base.join("gantry").join("login.json"))
+}
+
+impl Target {
+    /// `--coordinator`/`GANTRY_COORDINATOR` first, then the login file's, then the default; the
+    /// token from `--token`/`GANTRY_TOKEN`, else the login file's, but only for the coordinator
+    /// it was given for: a token is never sent to another coordinator.
+    pub fn resolve(url: Option<String>, token: Option<String>) -> anyhow::Result<Target> {
+        let login = match login_file() {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                Some(serde_json::from_str::<Login>(&text).map_err(|e| {
+                    anyhow::anyhow!("{} is not a gantry login file ({e}): run gantry login again", path.display())
+                })?)
+            }
+            _ => None,
+        };
+        let urls = url.or_else(|| login.as_ref().map(|l| l.coordinator.clone())).unwrap_or(DEFAULT_URL.into());
+        let token = token.or_else(|| login.filter(|l| l.coordinator == urls).map(|l| l.token));
+        Ok(Target { urls, token })
+    }
+}
+
+/// The first coordinator of `target` that answers.
+pub async fn connect(target: &Target) -> anyhow::Result<GantryClient<Authed>> {
+    let bearer = Bearer::new(target.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {}", e.reason))?;
+    let urls = &target.urls;
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
         let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. http://127.0.0.1:7070)"))?
+            .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. {DEFAULT_URL})"))?
             .connect_timeout(Duration::from_secs(5));
         if let Ok(channel) = endpoint.connect().await {
-            return Ok(GantryClient::new(channel).max_decoding_message_size(64 << 20));
+            return Ok(GantryClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20));
         }
     }
     anyhow::bail!("cannot reach the coordinator at {urls}: is it running? (set --coordinator or GANTRY_COORDINATOR)")

@@ -13,9 +13,13 @@ use output::errln;
 #[derive(Parser)]
 #[command(name = "gantry", version, about = "Schedule deep-learning training jobs on a GPU fleet")]
 struct Cli {
-    /// The coordinator's gRPC URL (client commands).
-    #[arg(long, global = true, env = "GANTRY_COORDINATOR", default_value = "http://127.0.0.1:7070")]
-    coordinator: String,
+    /// The coordinator's gRPC URL (client commands) [default: the one `gantry login` kept, else
+    /// http://127.0.0.1:7070].
+    #[arg(long, global = true, env = "GANTRY_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The token client commands send [default: the one `gantry login` kept for this coordinator].
+    #[arg(long, global = true, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Output format of client commands: `table` for people, `json` for scripts.
     #[arg(short = 'o', long = "output", global = true, default_value = "table", value_parser = ["table", "json"])]
     output: String,
@@ -68,6 +72,17 @@ enum Command {
     Undrain { node: String },
     /// Replay a job trace through the scheduler in simulated time: FIFO against gantry's policy.
     Sim(commands::sim::SimArgs),
+    /// Tokens: create (the secret is printed once), list, revoke. Admins only.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Check a token against a coordinator and keep both for later commands
+    /// (~/.config/gantry/login.json, readable by you only).
+    Login {
+        /// The coordinator's gRPC URL.
+        url: String,
+        #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Print shell completions: `source <(gantry completion bash)`, or save them where the shell
     /// loads completions from.
     Completion {
@@ -80,6 +95,23 @@ enum Command {
         #[arg(long)]
         spec: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints its secret alone on a line, the only time it is shown.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["admin", "user", "viewer", "agent"])]
+        role: String,
+        /// How long it is valid, e.g. 30d, 12h [default: until revoked].
+        #[arg(long, value_parser = commands::server::duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Every token's name, role and expiry (never the secret).
+    List,
+    /// Revoke a token: it stops working at once.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -115,7 +147,23 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.output == "json";
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let url = cli.coordinator;
+    // Only client commands read the login file: a broken one must not stop a coordinator.
+    let serves = matches!(
+        cli.command,
+        Command::Coordinator(_)
+            | Command::Agent(_)
+            | Command::Dev(_)
+            | Command::Sim(_)
+            | Command::Completion { .. }
+            | Command::Train { .. }
+            | Command::Login { .. }
+    );
+    let target = if serves {
+        client::Target { urls: String::new(), token: None }
+    } else {
+        client::Target::resolve(cli.coordinator, cli.token)?
+    };
+    let url = &target;
     match cli.command {
         Command::Coordinator(args) => runtime.block_on(commands::server::coordinator(args)).map(|_| 0),
         Command::Agent(args) => runtime.block_on(commands::server::agent(args)).map(|_| 0),
@@ -126,20 +174,28 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             drop(runtime);
             commands::train::run(&spec)
         }
-        Command::Submit { file, follow } => runtime.block_on(commands::jobs::submit(&url, &file, follow, json)),
-        Command::Jobs => runtime.block_on(commands::jobs::list(&url, json)).map(|_| 0),
-        Command::Job { id } => runtime.block_on(commands::jobs::describe(&url, &id, json)).map(|_| 0),
-        Command::Cancel { id } => runtime.block_on(commands::jobs::cancel(&url, &id, json)).map(|_| 0),
-        Command::Logs { id, follow } => runtime.block_on(commands::jobs::logs(&url, &id, follow, json)).map(|_| 0),
-        Command::Checkpoints { id } => runtime.block_on(commands::checkpoints::list(&url, &id, json)).map(|_| 0),
+        Command::Submit { file, follow } => runtime.block_on(commands::jobs::submit(url, &file, follow, json)),
+        Command::Jobs => runtime.block_on(commands::jobs::list(url, json)).map(|_| 0),
+        Command::Job { id } => runtime.block_on(commands::jobs::describe(url, &id, json)).map(|_| 0),
+        Command::Cancel { id } => runtime.block_on(commands::jobs::cancel(url, &id, json)).map(|_| 0),
+        Command::Logs { id, follow } => runtime.block_on(commands::jobs::logs(url, &id, follow, json)).map(|_| 0),
+        Command::Checkpoints { id } => runtime.block_on(commands::checkpoints::list(url, &id, json)).map(|_| 0),
         Command::Checkpoint(CheckpointCommand::Download { id, step, out }) => {
-            runtime.block_on(commands::checkpoints::download(&url, &id, step, &out, json)).map(|_| 0)
+            runtime.block_on(commands::checkpoints::download(url, &id, step, &out, json)).map(|_| 0)
         }
-        Command::Nodes => runtime.block_on(commands::fleet::nodes(&url, json)).map(|_| 0),
-        Command::Gpus => runtime.block_on(commands::fleet::gpus(&url, json)).map(|_| 0),
-        Command::Top => commands::top::run(&url, &runtime).map(|_| 0),
-        Command::Drain { node } => runtime.block_on(commands::fleet::drain(&url, &node, true, json)).map(|_| 0),
-        Command::Undrain { node } => runtime.block_on(commands::fleet::drain(&url, &node, false, json)).map(|_| 0),
+        Command::Nodes => runtime.block_on(commands::fleet::nodes(url, json)).map(|_| 0),
+        Command::Gpus => runtime.block_on(commands::fleet::gpus(url, json)).map(|_| 0),
+        Command::Top => commands::top::run(url, &runtime).map(|_| 0),
+        Command::Drain { node } => runtime.block_on(commands::fleet::drain(url, &node, true, json)).map(|_| 0),
+        Command::Undrain { node } => runtime.block_on(commands::fleet::drain(url, &node, false, json)).map(|_| 0),
+        Command::Token(TokenCommand::Create { name, role, ttl }) => {
+            runtime.block_on(commands::access::create(url, &name, &role, ttl, json)).map(|_| 0)
+        }
+        Command::Token(TokenCommand::List) => runtime.block_on(commands::access::list(url, json)).map(|_| 0),
+        Command::Token(TokenCommand::Revoke { name }) => {
+            runtime.block_on(commands::access::revoke(url, &name, json)).map(|_| 0)
+        }
+        Command::Login { url, token } => runtime.block_on(commands::access::login(&url, &token, json)).map(|_| 0),
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) use errln;
 pub struct JobView {
     pub id: String,
     pub name: String,
+    /// Who submitted it: the name of its token.
+    pub owner: String,
     pub state: &'static str,
     pub attempt: u32,
     pub queue: String,
@@ -144,6 +146,7 @@ impl From<&v1::Job> for JobView {
         JobView {
             id: job.id.clone(),
             name: job.name.clone(),
+            owner: job.owner.clone(),
             state: state(job),
             attempt: job.attempt,
             queue: spec.queue,
@@ -311,4 +314,31 @@ pub fn bytes(n: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+/// Milliseconds since the epoch as a UTC time, `2026-12-05 14:03Z`.
+pub fn timestamp(ms: i64) -> String {
+    let (days, secs) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000) / 1000);
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}Z", secs / 3600, secs % 3600 / 60)
+}
+
+#[cfg(test)]
+mod timestamp_tests {
+    #[test]
+    fn timestamps_are_utc_calendar_times() {
+        assert_eq!(super::timestamp(0), "1970-01-01 00:00Z");
+        // 2026-12-05 14:03:20 UTC.
+        assert_eq!(super::timestamp(1_796_479_400_000), "2026-12-05 14:03Z");
+        assert_eq!(super::timestamp(951_782_400_000), "2000-02-29 00:00Z");
+    }
 }

@@ -90,12 +90,17 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
             &serde_json::json!({"devices": [gpu(agent, 0), gpu(agent, 1)]}),
         );
     }
+    // The fleet's tokens, as an operator would make them.
+    let admin_token = support::test_secret();
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/admin-token"), &admin_token).unwrap();
+    std::fs::write(dir.path().join("secrets/agent-token"), support::test_secret()).unwrap();
     let project = Project { name: format!("gantrytest{}", std::process::id()), dir };
     project.compose(&["up", "-d"]);
 
     let urls: Vec<String> =
         ["coordinator-1", "coordinator-2"].iter().map(|s| format!("http://{}", project.port(s, "7070"))).collect();
-    let cli = Cli { url: urls.join(","), dir: project.dir.path().to_path_buf(), log: None };
+    let cli = Cli { url: urls.join(","), dir: project.dir.path().to_path_buf(), log: None, token: Some(admin_token) };
     cli.wait_for_nodes(3, Duration::from_secs(90));
     let gpus = cli.json(&["gpus"]);
     assert_eq!(gpus.as_array().unwrap().len(), 6, "{gpus}");

@@ -34,6 +34,9 @@ struct HaFleet {
     /// `--object-store` and the environment that reaches it. Without it the coordinators
     /// share one data directory (a shared volume in a real deployment); with it each has its own.
     object_store: Option<(String, Vec<(String, String)>)>,
+    /// Given to every coordinator as files, as a Secret would be.
+    admin_token: String,
+    agent_token: String,
 }
 
 impl HaFleet {
@@ -53,7 +56,11 @@ impl HaFleet {
             coordinators: vec![None, None],
             agents: Vec::new(),
             object_store,
+            admin_token: support::test_secret(),
+            agent_token: support::test_secret(),
         };
+        std::fs::write(fleet.dir.path().join("admin-token"), &fleet.admin_token).unwrap();
+        std::fs::write(fleet.dir.path().join("agent-token"), &fleet.agent_token).unwrap();
         fleet.start_coordinator(0);
         fleet.wait_leading(0, Duration::from_secs(20));
         fleet.start_coordinator(1);
@@ -70,7 +77,11 @@ impl HaFleet {
             .args(["--http", &format!("127.0.0.1:{}", free_port())])
             .arg("--data-dir")
             .arg(self.data_dir(i))
-            .args(["--agent-timeout", "10s", "--grace-period", "3s"]);
+            .args(["--agent-timeout", "10s", "--grace-period", "3s"])
+            .arg("--admin-token-file")
+            .arg(self.dir.path().join("admin-token"))
+            .arg("--agent-token-file")
+            .arg(self.dir.path().join("agent-token"));
         if let Some((url, env)) = &self.object_store {
             command.args(["--object-store", url]).envs(env.iter().map(|(k, v)| (k, v)));
         }
@@ -90,6 +101,7 @@ impl HaFleet {
         let child = Command::new(GANTRY)
             .args(["agent", "--coordinator", &self.urls(), "--name", name, "--work-dir"])
             .arg(self.dir.path().join(name))
+            .env("GANTRY_JOIN_TOKEN", &self.agent_token)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -138,7 +150,8 @@ impl HaFleet {
 
     /// The CLI against `urls` (some or all of the coordinators).
     fn cli(&self, urls: &str) -> Cli {
-        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None }
+        let token = Some(self.admin_token.clone());
+        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None, token }
     }
 
     fn gantry(&self, urls: &str, args: &[&str]) -> std::process::Output {
@@ -221,6 +234,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
     let storm: Vec<_> = (0..4)
         .map(|_| {
             let (acked, stop, urls, spec) = (acked.clone(), stop.clone(), urls.clone(), spec.clone());
+            let token = fleet.admin_token.clone();
             let dir = fleet.dir.path().to_path_buf();
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -230,6 +244,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
                     let out = Command::new(GANTRY)
                         .args(["submit", file.to_str().unwrap()])
                         .env("GANTRY_COORDINATOR", &urls)
+                        .env("GANTRY_TOKEN", &token)
                         .output()
                         .unwrap();
                     if out.status.success() {

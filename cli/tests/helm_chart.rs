@@ -257,6 +257,7 @@ struct ChartCoordinator {
     child: std::process::Child,
     objs: BTreeMap<String, Value>,
     _data: tempfile::TempDir,
+    _tokens: tempfile::TempDir,
 }
 
 impl ChartCoordinator {
@@ -271,16 +272,29 @@ impl ChartCoordinator {
             env.insert(name, secrets.get(&key).unwrap_or_else(|| panic!("no secret value for {key}")).clone());
         }
         let data = tempfile::tempdir().unwrap();
-        let mount = container["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["name"] == "data").unwrap();
-        let mount = mount["mountPath"].as_str().unwrap();
-        let args: Vec<String> = args.into_iter().map(|a| a.replace(mount, data.path().to_str().unwrap())).collect();
+        let mount_of = |volume: &str| {
+            let mounts = container["volumeMounts"].as_sequence().unwrap();
+            mounts.iter().find(|m| m["name"] == volume).unwrap()["mountPath"].as_str().unwrap().to_string()
+        };
+        // The tokens Secret's files, with the values given or fresh ones.
+        let tokens = tempfile::tempdir().unwrap();
+        for key in ["admin-token", "agent-token", "metrics-token"] {
+            let value = secrets.get(key).cloned().unwrap_or_else(support::test_secret);
+            std::fs::write(tokens.path().join(key), value).unwrap();
+        }
+        let (data_mount, tokens_mount) = (mount_of("data"), mount_of("tokens"));
+        let args: Vec<String> = args
+            .into_iter()
+            .map(|a| a.replace(&data_mount, data.path().to_str().unwrap()))
+            .map(|a| a.replace(&tokens_mount, tokens.path().to_str().unwrap()))
+            .collect();
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .args(&args)
             .envs(&env)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("gantry starts");
-        ChartCoordinator { child, objs, _data: data }
+        ChartCoordinator { child, objs, _data: data, _tokens: tokens }
     }
 
     fn container(&self) -> &Value {
@@ -343,6 +357,33 @@ fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
     // The gRPC port the Service names is the one the coordinator listens on.
     let grpc = coordinator.ports()["grpc"] as u16;
     assert!(std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok());
+}
+
+/// The chart's coordinator serves with tokens: its Secret's metrics token reads /metrics (as
+/// the ServiceMonitor scrapes it), nothing else does, and agents get the agent token.
+#[test]
+fn the_charts_coordinator_takes_its_tokens_from_the_secret() {
+    let metrics_token = support::test_secret();
+    let secrets = BTreeMap::from([("metrics-token".to_string(), metrics_token.clone())]);
+    let mut coordinator = ChartCoordinator::start(&[], &["serviceMonitor.enabled=true"], &secrets);
+    coordinator.probe();
+    let http = coordinator.ports()["http"] as u16;
+    assert_eq!(http_get(http, "/metrics").unwrap().0, 401);
+    let (code, text) = support::http_get_as(http, "/metrics", &metrics_token).unwrap();
+    assert!(code == 200 && text.contains("gantry_jobs{"), "{code}: {text}");
+    let host = ["Host: t-gantry.default.svc:7080", &format!("Authorization: Bearer {metrics_token}")];
+    assert_eq!(support::http_request(http, "GET", "/metrics", &host, "").unwrap().0, 200, "the Service's name");
+
+    let objs = &coordinator.objs;
+    let monitor = &objs["ServiceMonitor/t-gantry"]["spec"]["endpoints"][0]["authorization"]["credentials"];
+    assert_eq!((monitor["name"].as_str(), monitor["key"].as_str()), (Some("t-gantry-tokens"), Some("metrics-token")));
+    let agent = &objs["DaemonSet/t-gantry-agent"]["spec"]["template"]["spec"]["containers"][0];
+    let join = agent["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "GANTRY_JOIN_TOKEN").unwrap();
+    assert_eq!(join["valueFrom"]["secretKeyRef"]["key"], "agent-token");
+    let secret = &objs["Secret/t-gantry-tokens"]["data"];
+    for key in ["admin-token", "agent-token", "metrics-token"] {
+        assert!(secret[key].as_str().is_some_and(|v| v.len() >= 48), "a random {key}");
+    }
 }
 
 /// With the S3 value set pointed at a real S3 server, the coordinator opens the bucket and

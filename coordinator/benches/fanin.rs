@@ -4,7 +4,8 @@
 //! that simulates the agents (each with its own connection, 8 GPUs, a heartbeat a second), so
 //! the CPU time measured here (getrusage) is the coordinator's alone. Baselines: the same
 //! coordinator idle over the same window, and heartbeats without job metrics before heartbeats
-//! with them. One JSON object per line.
+//! with them; and the whole run once without auth, once with every call's token checked. One
+//! JSON object per line.
 
 use std::time::{Duration, Instant};
 
@@ -47,17 +48,19 @@ fn inventory(agent: usize, tick: u64) -> v1::Inventory {
 
 /// The agents' side: `n` agents heartbeating once a second until killed, each heartbeat with
 /// `jobs` training jobs' metric points.
-async fn agents(url: String, n: usize, jobs: u32) {
+async fn agents(url: String, n: usize, jobs: u32, token: Option<String>) {
     let mut tasks = Vec::new();
     for a in 0..n {
         let url = url.clone();
+        let bearer = gantry_proto::Bearer::new(token.as_deref()).unwrap();
         tasks.push(tokio::spawn(async move {
-            let mut client = loop {
-                match v1::agents_client::AgentsClient::connect(url.clone()).await {
+            let channel = loop {
+                match tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
                     Ok(c) => break c,
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
+            let mut client = v1::agents_client::AgentsClient::with_interceptor(channel, bearer);
             let name = format!("sim-{a}");
             let req = v1::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -116,14 +119,28 @@ async fn agents(url: String, n: usize, jobs: u32) {
     }
 }
 
+/// The agents' join token in the run with auth, and the token the bench counts nodes with.
+const AGENT_SECRET: &str = "fanin-bench-agent-secret";
+const ADMIN_SECRET: &str = "fanin-bench-admin-secret";
+
 fn main() {
     if let Ok(spec) = std::env::var("GANTRY_FANIN_AGENTS") {
         let parts: Vec<&str> = spec.split(' ').collect();
-        let [url, n, jobs] = parts[..] else { panic!("GANTRY_FANIN_AGENTS is `URL N JOBS`") };
+        let [url, n, jobs, token] = parts[..] else { panic!("GANTRY_FANIN_AGENTS is `URL N JOBS TOKEN|-`") };
+        let token = (token != "-").then(|| token.to_string());
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(agents(url.to_string(), n.parse().unwrap(), jobs.parse().unwrap()));
+        rt.block_on(agents(url.to_string(), n.parse().unwrap(), jobs.parse().unwrap(), token));
         return;
     }
+    // The same fleet against a coordinator without auth (the baseline), then one that checks
+    // every call's token.
+    for auth in [false, true] {
+        measure(auth);
+    }
+}
+
+fn measure(auth: bool) {
+    use gantry_coordinator::auth::{Role, tokens::SeedToken};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (grpc, http) = rt.block_on(async {
@@ -133,13 +150,19 @@ fn main() {
         )
     });
     let url = format!("http://{}", grpc.local_addr().unwrap());
+    let seed = |name: &str, role, secret: &str| SeedToken { name: name.into(), role, secret: secret.into() };
     let config = gantry_coordinator::Config {
         data_dir: dir.path().to_path_buf(),
-        settings: Default::default(),
+        settings: gantry_coordinator::Settings { auth, ..Default::default() },
         store: None,
         object_store: None,
+        tokens: vec![seed("agents", Role::Agent, AGENT_SECRET), seed("bench", Role::Admin, ADMIN_SECRET)],
     };
-    rt.spawn(gantry_coordinator::serve(config, grpc, http, std::future::pending()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(gantry_coordinator::serve(config, grpc, http, async move {
+        let _ = stopped.await;
+    }));
+    let mode = if auth { "tokens" } else { "no auth" };
 
     // Baseline: the coordinator idle.
     std::thread::sleep(Duration::from_secs(1));
@@ -151,8 +174,9 @@ fn main() {
     // same-run baseline), then with 8 training jobs' metrics in every heartbeat.
     for jobs in [0u32, 8] {
         let n = 1000usize;
+        let token = if auth { AGENT_SECRET } else { "-" };
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs}"))
+            .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs} {token}"))
             .spawn()
             .unwrap();
         std::thread::sleep(WARMUP);
@@ -161,7 +185,9 @@ fn main() {
         let busy = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
         // Count what the coordinator saw, so the figure is about sessions that were really open.
         let connected = rt.block_on(async {
-            let mut c = v1::gantry_client::GantryClient::connect(url.clone()).await.unwrap();
+            let channel = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
+            let bearer = gantry_proto::Bearer::new(Some(ADMIN_SECRET)).unwrap();
+            let mut c = v1::gantry_client::GantryClient::with_interceptor(channel, bearer);
             let nodes = c.list_nodes(v1::ListNodesRequest {}).await.unwrap().into_inner().nodes;
             nodes.iter().filter(|n| n.connected).count()
         });
@@ -170,7 +196,8 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "fanin", "agents": n, "agents_connected": connected, "gpus_per_agent": 8, "heartbeat_hz": 1,
+                "bench": "fanin", "auth": mode, "tls": false, "agents": n, "agents_connected": connected,
+                "gpus_per_agent": 8, "heartbeat_hz": 1,
                 "job_metrics_per_heartbeat": jobs,
                 "window_s": WINDOW.as_secs(), "coordinator_core_fraction": busy,
                 "baseline_idle_core_fraction": idle, "heartbeats_per_s": n,
@@ -178,4 +205,6 @@ fn main() {
             })
         );
     }
+    let _ = stop.send(());
+    rt.shutdown_timeout(Duration::from_secs(5));
 }

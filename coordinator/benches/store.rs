@@ -60,7 +60,7 @@ fn changes_per_second(store: Arc<dyn StateStore>, writers: usize) -> f64 {
             let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let job = store.submit(spec(), 0).unwrap();
+                    let job = store.submit(spec(), "alice", 0).unwrap();
                     store
                         .update(&job.id, |j| {
                             j.message = "placed".into();
@@ -88,7 +88,7 @@ fn fill(store: &Arc<dyn StateStore>) {
                     if i >= RESTART_JOBS {
                         return;
                     }
-                    store.submit(spec(), 0).unwrap();
+                    store.submit(spec(), "alice", 0).unwrap();
                     if i < RESTART_AGENTS {
                         let inventory = vec![1u8; 600];
                         let record = AgentRecord {
@@ -109,7 +109,7 @@ fn fill(store: &Arc<dyn StateStore>) {
 fn restart(open: impl FnOnce() -> Arc<dyn StateStore>, data_dir: &std::path::Path) -> f64 {
     let start = Instant::now();
     let coordinator = Coordinator::with_store(open(), data_dir, Settings::default()).unwrap();
-    coordinator.submit(spec()).unwrap();
+    coordinator.submit(spec(), "alice").unwrap();
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(coordinator.store.jobs().unwrap().len(), RESTART_JOBS + 1);
     secs

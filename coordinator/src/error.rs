@@ -51,6 +51,18 @@ pub enum Error {
     Codec(#[from] serde_json::Error),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// No token, or one that is unknown, revoked or expired.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow this; the words say who and what.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A request over one of the coordinator's limits; the words name the limit.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// Something with this name exists already (a token).
+    #[error("{0} already exists")]
+    AlreadyExists(String),
     /// A write refused because this coordinator no longer holds leadership.
     #[error("not the leader: {0}")]
     Fenced(String),
@@ -64,11 +76,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Code {
     /// The request is wrong: fix it and retry.
     InvalidArgument,
+    /// The request carries no valid credentials.
+    Unauthenticated,
     /// The caller may not do this.
     PermissionDenied,
     NotFound,
     /// The request is fine but the state does not allow it now.
     Conflict,
+    /// Over a limit (size, count or rate): smaller, fewer or later.
+    TooMany,
     /// Try again (later, or at another coordinator).
     Unavailable,
     DataLoss,
@@ -89,7 +105,10 @@ impl Error {
         match self {
             Error::JobNotFound(_) | Error::NodeNotFound(_) | Error::CheckpointNotFound { .. } => Code::NotFound,
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotRegistered(_) | Error::ProtocolMismatch { .. } | Error::NoObjectStore { .. } => Code::Conflict,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::LimitExceeded(_) => Code::TooMany,
+            Error::AlreadyExists(_) | Error::NotRegistered(_) | Error::ProtocolMismatch { .. } | Error::NoObjectStore { .. } => Code::Conflict,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
             Error::Codec(_) | Error::Io { .. } => Code::Internal,
@@ -101,9 +120,11 @@ impl Code {
     pub fn grpc(self) -> tonic::Code {
         match self {
             Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::Unauthenticated => tonic::Code::Unauthenticated,
             Code::PermissionDenied => tonic::Code::PermissionDenied,
             Code::NotFound => tonic::Code::NotFound,
             Code::Conflict => tonic::Code::FailedPrecondition,
+            Code::TooMany => tonic::Code::ResourceExhausted,
             Code::Unavailable => tonic::Code::Unavailable,
             Code::DataLoss => tonic::Code::DataLoss,
             Code::Internal => tonic::Code::Internal,
@@ -113,9 +134,11 @@ impl Code {
     pub fn http(self) -> StatusCode {
         match self {
             Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             Code::PermissionDenied => StatusCode::FORBIDDEN,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::Conflict => StatusCode::CONFLICT,
+            Code::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             // The bytes were refused: nothing the client can retry differently is known.
             Code::DataLoss | Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -173,9 +196,11 @@ mod tests {
     fn each_kind_of_error_has_one_grpc_and_one_http_status() {
         let table = [
             (Code::InvalidArgument, tonic::Code::InvalidArgument, 400),
+            (Code::Unauthenticated, tonic::Code::Unauthenticated, 401),
             (Code::PermissionDenied, tonic::Code::PermissionDenied, 403),
             (Code::NotFound, tonic::Code::NotFound, 404),
             (Code::Conflict, tonic::Code::FailedPrecondition, 409),
+            (Code::TooMany, tonic::Code::ResourceExhausted, 429),
             (Code::Unavailable, tonic::Code::Unavailable, 503),
             (Code::DataLoss, tonic::Code::DataLoss, 500),
             (Code::Internal, tonic::Code::Internal, 500),
@@ -194,6 +219,10 @@ mod tests {
             (Error::CheckpointNotFound { job: "4".into(), step: Some(10) }, 404),
             (Error::InvalidSpec(spec_error), 400),
             (Error::NotRegistered("a".into()), 409),
+            (Error::Unauthenticated("no token".into()), 401),
+            (Error::PermissionDenied("alice may not drain".into()), 403),
+            (Error::AlreadyExists("token ci".into()), 409),
+            (Error::LimitExceeded("alice has 10000 queued jobs".into()), 429),
             (Error::Fenced("b leads".into()), 503),
             (Error::store("etcd")("connection refused".into()), 503),
             (Error::Io { context: "reading".into(), source: std::io::Error::other("disk") }, 500),

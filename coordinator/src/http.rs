@@ -4,11 +4,12 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
 
+use crate::auth::{Action, Principal, authorize};
 use crate::control::Coordinator;
 use crate::records::JobState;
 use crate::service::Reasons;
@@ -22,19 +23,35 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/api/jobs/{id}/metrics", get(api_metrics))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/login", get(crate::auth::http::login_form).post(crate::auth::http::login))
+        .route("/logout", post(crate::auth::http::logout))
+        .layer(axum::middleware::from_fn_with_state(coordinator.clone(), crate::auth::http::require_token))
         .with_state(coordinator)
+}
+
+/// The caller, if it may see the fleet.
+fn sees_fleet(who: &Principal) -> Result<(), crate::Error> {
+    authorize(who, Action::SeeFleet)
+}
+
+/// Job `id`, if the caller may read it.
+fn readable(c: &Coordinator, who: &Principal, id: &str) -> Result<(), crate::Error> {
+    let job = c.store.job(id)?;
+    authorize(who, Action::ReadJob { owner: &job.owner })
 }
 
 const PAGE: &str = include_str!("web/index.html");
 
-async fn page() -> axum::response::Html<&'static str> {
-    axum::response::Html(PAGE)
+async fn page(Extension(who): Extension<Principal>) -> Result<axum::response::Html<&'static str>, crate::Error> {
+    sees_fleet(&who)?;
+    Ok(axum::response::Html(PAGE))
 }
 
 /// Errors answer with the status [`crate::Code::http`] gives their kind.
 type ApiResult = Result<axum::Json<serde_json::Value>, crate::Error>;
 
-async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
+async fn api_fleet(State(c): State<Arc<Coordinator>>, Extension(who): Extension<Principal>) -> ApiResult {
+    sees_fleet(&who)?;
     let gpus = c.gpus()?;
     let usage = c.usage_by_node()?;
     let nodes: Vec<serde_json::Value> = c
@@ -65,7 +82,8 @@ async fn api_fleet(State(c): State<Arc<Coordinator>>) -> ApiResult {
 }
 
 /// Jobs in the order `gantry jobs` shows them.
-async fn api_jobs(State(c): State<Arc<Coordinator>>) -> ApiResult {
+async fn api_jobs(State(c): State<Arc<Coordinator>>, Extension(who): Extension<Principal>) -> ApiResult {
+    sees_fleet(&who)?;
     let jobs = c.listed_jobs()?;
     let out: Vec<serde_json::Value> = jobs
         .iter()
@@ -73,7 +91,7 @@ async fn api_jobs(State(c): State<Arc<Coordinator>>) -> ApiResult {
             let queued = j.state == JobState::Queued;
             let reasons = Reasons::of(j, w.as_ref());
             serde_json::json!({
-                "id": j.id, "name": j.spec.name, "state": crate::service::state_name(j.state),
+                "id": j.id, "name": j.spec.name, "owner": j.owner, "state": crate::service::state_name(j.state),
                 "attempt": j.user_attempt(), "queue": j.spec.queue, "priority": j.spec.priority,
                 "queue_position": w.as_ref().filter(|_| queued).map(|w| w.position),
                 "pending_reason": reasons.pending.as_ref().map(|p| &p.1),
@@ -96,10 +114,11 @@ struct After {
 /// A job's log lines from number `after` on (all attempts and ranks, in order).
 async fn api_logs(
     State(c): State<Arc<Coordinator>>,
+    Extension(who): Extension<Principal>,
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(q): axum::extract::Query<After>,
 ) -> ApiResult {
-    c.store.job(&id)?;
+    readable(&c, &who, &id)?;
     c.logs.restore(&id).await?;
     let lines = c.logs.read_new(&id, &mut Default::default())?;
     let next = lines.len();
@@ -110,9 +129,10 @@ async fn api_logs(
 /// A job's metric points, per rank of its newest attempt, oldest first.
 async fn api_metrics(
     State(c): State<Arc<Coordinator>>,
+    Extension(who): Extension<Principal>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult {
-    c.store.job(&id)?;
+    readable(&c, &who, &id)?;
     let ranks: Vec<serde_json::Value> = c
         .metrics
         .series(&id)
@@ -138,7 +158,10 @@ async fn healthz(State(c): State<Arc<Coordinator>>) -> (StatusCode, &'static str
     }
 }
 
-async fn metrics(State(c): State<Arc<Coordinator>>) -> (StatusCode, String) {
+async fn metrics(State(c): State<Arc<Coordinator>>, Extension(who): Extension<Principal>) -> (StatusCode, String) {
+    if let Err(e) = sees_fleet(&who) {
+        return (e.code().http(), format!("{e}\n"));
+    }
     match render_metrics(&c) {
         Ok(text) => (StatusCode::OK, text),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")),

@@ -5,14 +5,18 @@
 //! The coordinator never runs jobs itself, and never trusts a client: specs are validated again
 //! here, uploads are verified before they are recorded.
 
+pub mod auth;
 mod checkpoints;
 pub mod clock;
 pub mod control;
 mod error;
 mod fleet;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod http;
 mod job_metrics;
 pub mod lifecycle;
+pub mod limits;
 mod logs;
 mod objects;
 pub mod records;
@@ -41,6 +45,8 @@ pub struct Config {
     /// Object storage for checkpoint files and logs (`s3://BUCKET[/PREFIX]`); `None` keeps them
     /// in `data_dir` only. Coordinators sharing etcd share checkpoints and logs through it.
     pub object_store: Option<String>,
+    /// Tokens the operator made (with auth on), installed at start.
+    pub tokens: Vec<auth::tokens::SeedToken>,
 }
 
 /// Serves until `shutdown` completes. Takes bound listeners so callers (and tests) can bind
@@ -59,6 +65,15 @@ pub async fn serve(
         let objects = objects::Objects::open(url).await?;
         coordinator.checkpoints.keep_in(objects.clone());
         coordinator.logs.archive_to(objects);
+    }
+    if coordinator.settings.auth {
+        let written =
+            auth::tokens::first_start(&coordinator.tokens, &config.tokens, &config.data_dir, coordinator.now_ms())?;
+        if let Some(path) = written {
+            info!(path = %path.display(), "first start: the admin token is in this file (readable by its owner only)");
+        }
+    } else {
+        tracing::warn!("auth is off: anyone who reaches these ports can run anything on the fleet");
     }
     let coordinator = Arc::new(coordinator);
     info!(
@@ -110,12 +125,16 @@ pub async fn serve(
     let mut grpc_stop = stop_rx.clone();
     let mut drain_stop = stop_rx;
     let server = tonic::transport::Server::builder()
-        .add_service(v1::gantry_server::GantryServer::new(service::user::UserService {
-            coordinator: coordinator.clone(),
-        }))
-        .add_service(v1::agents_server::AgentsServer::new(service::agent::AgentService {
-            coordinator: coordinator.clone(),
-        }))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            v1::gantry_server::GantryServer::new(service::user::UserService { coordinator: coordinator.clone() })
+                .max_decoding_message_size(limits::USER_MESSAGE),
+            auth::grpc::Authenticate { coordinator: coordinator.clone(), agents_only: false },
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            v1::agents_server::AgentsServer::new(service::agent::AgentService { coordinator: coordinator.clone() })
+                .max_decoding_message_size(limits::AGENT_MESSAGE),
+            auth::grpc::Authenticate { coordinator: coordinator.clone(), agents_only: true },
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });

@@ -7,7 +7,7 @@ use crate::records::{JobState, RankPlacement, StopReason};
 
 fn job(max_restarts: u32) -> JobRecord {
     let spec = JobSpec::from_yaml(&format!("name: j\nmax_restarts: {max_restarts}\ncommand: [\"true\"]\n")).unwrap();
-    crate::store::new_job(7, spec, 0)
+    crate::store::new_job(7, spec, "alice", 0)
 }
 
 fn placement(nodes: &[&str]) -> Vec<RankPlacement> {

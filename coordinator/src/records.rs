@@ -27,6 +27,10 @@ pub struct JobRecord {
     /// Submit order, also the store key.
     pub seq: u64,
     pub spec: JobSpec,
+    /// The name of the token that submitted it (`auth::DEV_OWNER` without auth; records from
+    /// before owners read as that too).
+    #[serde(default = "dev_owner")]
+    pub owner: String,
     pub state: JobState,
     /// The current (or last) attempt, 0 before the first start.
     pub attempt: u32,
@@ -45,6 +49,10 @@ pub struct JobRecord {
     /// Runs ended by preemption: they do not count as attempts.
     #[serde(default)]
     pub preemptions: u32,
+}
+
+fn dev_owner() -> String {
+    crate::auth::DEV_OWNER.to_string()
 }
 
 impl JobRecord {

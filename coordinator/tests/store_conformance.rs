@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use gantry_coordinator::Error;
+use gantry_coordinator::auth::{Role, TokenRecord};
 use gantry_coordinator::records::{AgentRecord, CheckpointRecord, JobState, RankPlacement};
 use gantry_coordinator::store::{EmbeddedStore, StateStore};
 
@@ -34,7 +35,7 @@ mod checks {
 
     pub fn submit_assigns_increasing_ids_and_lists_in_order(f: &dyn Fixture) {
         let s = f.open();
-        let ids: Vec<String> = (0..5).map(|i| s.submit(spec(&format!("j{i}")), i).unwrap().id).collect();
+        let ids: Vec<String> = (0..5).map(|i| s.submit(spec(&format!("j{i}")), "alice", i).unwrap().id).collect();
         assert_eq!(ids, ["1", "2", "3", "4", "5"]);
         let jobs = s.jobs().unwrap();
         assert_eq!(jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ids);
@@ -44,7 +45,7 @@ mod checks {
 
     pub fn an_unknown_job_is_not_found(f: &dyn Fixture) {
         let s = f.open();
-        s.submit(spec("a"), 0).unwrap();
+        s.submit(spec("a"), "alice", 0).unwrap();
         assert!(matches!(s.job("99"), Err(Error::JobNotFound(_))));
         assert!(matches!(s.job("abc"), Err(Error::JobNotFound(_))));
         assert!(matches!(s.update("99", |_| true), Err(Error::JobNotFound(_))));
@@ -52,7 +53,7 @@ mod checks {
 
     pub fn a_change_bumps_the_version_and_a_refused_one_commits_nothing(f: &dyn Fixture) {
         let s = f.open();
-        let job = s.submit(spec("a"), 0).unwrap();
+        let job = s.submit(spec("a"), "alice", 0).unwrap();
         let changed = s
             .update(&job.id, |j| {
                 j.message = "hello".into();
@@ -72,7 +73,7 @@ mod checks {
 
     pub fn a_stale_plan_does_not_start_an_attempt(f: &dyn Fixture) {
         let s = f.open();
-        let job = s.submit(spec("a"), 0).unwrap();
+        let job = s.submit(spec("a"), "alice", 0).unwrap();
         s.update(&job.id, |j| {
             j.message = "touched".into();
             true
@@ -88,7 +89,7 @@ mod checks {
 
     pub fn checkpoints_are_listed_per_job_in_step_order(f: &dyn Fixture) {
         let s = f.open();
-        let (a, b) = (s.submit(spec("a"), 0).unwrap(), s.submit(spec("b"), 0).unwrap());
+        let (a, b) = (s.submit(spec("a"), "alice", 0).unwrap(), s.submit(spec("b"), "alice", 0).unwrap());
         for (job, step) in [(&a, 300), (&a, 20), (&b, 5), (&a, 100)] {
             let record = CheckpointRecord {
                 job_id: job.id.clone(),
@@ -128,11 +129,31 @@ mod checks {
         assert_eq!(agents[0].inventory, [1, 2, 3]);
     }
 
+    pub fn tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart(f: &dyn Fixture) {
+        let token = |name: &str, role: Role, hash: &str| TokenRecord {
+            name: name.into(),
+            role,
+            hash: hash.into(),
+            created_at_ms: 1,
+            expires_at_ms: Some(99),
+        };
+        {
+            let s = f.open();
+            s.put_token(&token("alice", Role::User, "h1")).unwrap();
+            s.put_token(&token("ci", Role::Viewer, "h2")).unwrap();
+            s.put_token(&token("alice", Role::Admin, "h3")).unwrap();
+            assert!(s.delete_token("ci").unwrap());
+            assert!(!s.delete_token("ci").unwrap(), "a second delete finds nothing");
+        }
+        let s = f.open();
+        assert_eq!(s.tokens().unwrap(), [token("alice", Role::Admin, "h3")]);
+    }
+
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {
         {
             let s = f.open();
-            let job = s.submit(spec("a"), 7).unwrap();
-            s.submit(spec("b"), 8).unwrap();
+            let job = s.submit(spec("a"), "alice", 7).unwrap();
+            s.submit(spec("b"), "alice", 8).unwrap();
             s.update(&job.id, |j| {
                 j.state = JobState::Succeeded;
                 true
@@ -146,7 +167,7 @@ mod checks {
         assert_eq!(jobs.len(), 2);
         assert_eq!((jobs[0].state, jobs[0].version, jobs[0].submitted_at_ms), (JobState::Succeeded, 2, 7));
         assert!(s.agents().unwrap()[0].drained);
-        assert_eq!(s.submit(spec("c"), 9).unwrap().id, "3");
+        assert_eq!(s.submit(spec("c"), "alice", 9).unwrap().id, "3");
     }
 
     pub fn concurrent_submits_get_distinct_ids_and_all_are_kept(f: &dyn Fixture) {
@@ -156,7 +177,7 @@ mod checks {
                 .map(|t| {
                     let s = s.clone();
                     scope.spawn(move || {
-                        (0..25).map(|i| s.submit(spec(&format!("t{t}-{i}")), 0).unwrap().id).collect::<Vec<_>>()
+                        (0..25).map(|i| s.submit(spec(&format!("t{t}-{i}")), "alice", 0).unwrap().id).collect::<Vec<_>>()
                     })
                 })
                 .collect();
@@ -170,7 +191,7 @@ mod checks {
 
     pub fn concurrent_changes_to_one_job_are_all_applied(f: &dyn Fixture) {
         let s = f.open();
-        let job = s.submit(spec("a"), 0).unwrap();
+        let job = s.submit(spec("a"), "alice", 0).unwrap();
         std::thread::scope(|scope| {
             for _ in 0..4 {
                 let (s, id) = (s.clone(), job.id.clone());
@@ -217,6 +238,10 @@ macro_rules! conformance {
             #[test]
             fn agents_register_and_drain() {
                 checks::agents_register_and_drain(&$fixture);
+            }
+            #[test]
+            fn tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart() {
+                checks::tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart(&$fixture);
             }
             #[test]
             fn everything_survives_a_restart_and_ids_continue() {
@@ -276,21 +301,21 @@ mod etcd {
     fn a_leader_that_lost_its_lease_cannot_commit_anything() {
         let server = EtcdServer::start();
         let old = EtcdStore::connect(options(&server, "old")).unwrap();
-        old.submit(spec("before"), 0).unwrap();
+        old.submit(spec("before"), "alice", 0).unwrap();
         // As if SIGSTOPped: no renewals; the store itself still believes it leads.
         old.pause_renewals();
         let started = Instant::now();
         let new = EtcdStore::connect(options(&server, "new")).unwrap();
         println!("the successor led {:?} after the old leader's renewals stopped", started.elapsed());
         assert!(new.token() > old.token());
-        let refused = old.submit(spec("from the old leader"), 0);
+        let refused = old.submit(spec("from the old leader"), "alice", 0);
         assert!(matches!(refused, Err(Error::Fenced(_))), "{refused:?}");
         let update = (&old as &dyn StateStore).update("1", |j| {
             j.message = "stale".into();
             true
         });
         assert!(matches!(update, Err(Error::Fenced(_))), "{update:?}");
-        new.submit(spec("after"), 0).unwrap();
+        new.submit(spec("after"), "alice", 0).unwrap();
         drop(new);
         let again = EtcdStore::connect(options(&server, "check")).unwrap();
         let names: Vec<String> =
@@ -302,7 +327,7 @@ mod etcd {
     fn a_second_coordinator_waits_and_takes_over_when_the_leader_steps_down() {
         let server = EtcdServer::start();
         let first = EtcdStore::connect(options(&server, "first")).unwrap();
-        first.submit(spec("a"), 0).unwrap();
+        first.submit(spec("a"), "alice", 0).unwrap();
         let options = options(&server, "second");
         let waiting = std::thread::spawn(move || EtcdStore::connect(options).unwrap());
         std::thread::sleep(Duration::from_millis(800));
@@ -312,6 +337,6 @@ mod etcd {
         let second = waiting.join().unwrap();
         println!("took over {:?} after the leader stepped down", stepped_down.elapsed());
         assert_eq!(second.jobs().unwrap().len(), 1);
-        assert_eq!(second.submit(spec("b"), 0).unwrap().id, "2");
+        assert_eq!(second.submit(spec("b"), "alice", 0).unwrap().id, "2");
     }
 }

@@ -325,14 +325,25 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(SpecError::new("name", "must not be empty"));
         }
-        if self.name.len() > 128 || self.name.chars().any(|c| c.is_control()) {
-            return Err(SpecError::new("name", "must be at most 128 printable characters"));
+        let name_char = |c: char| c.is_ascii_alphanumeric() || " ._-:@+".contains(c);
+        if self.name.len() > limits::NAME || !self.name.chars().all(name_char) {
+            return Err(SpecError::new(
+                "name",
+                format!("must be at most {} letters, digits, spaces and . _ - : @ +", limits::NAME),
+            ));
         }
         if self.priority > 100 {
             return Err(SpecError::new("priority", format!("must be 0..100, got {}", self.priority)));
         }
         if self.queue.trim().is_empty() {
             return Err(SpecError::new("queue", "must not be empty"));
+        }
+        let queue_char = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if self.queue.len() > limits::QUEUE || !self.queue.chars().all(queue_char) {
+            return Err(SpecError::new(
+                "queue",
+                format!("must be at most {} letters, digits and . _ -", limits::QUEUE),
+            ));
         }
         let r = &self.resources;
         if r.nodes == 0 {
@@ -363,6 +374,12 @@ impl JobSpec {
                 if cmd.is_empty() || cmd[0].is_empty() {
                     return Err(SpecError::new("command", "must name a program to run"));
                 }
+                if cmd.len() > limits::COMMAND_ARGS || cmd.iter().map(String::len).sum::<usize>() > limits::COMMAND_BYTES {
+                    return Err(SpecError::new(
+                        "command",
+                        format!("at most {} arguments of {} bytes in all", limits::COMMAND_ARGS, limits::COMMAND_BYTES),
+                    ));
+                }
             }
             (Some(t), None) => {
                 t.validate()?;
@@ -376,9 +393,25 @@ impl JobSpec {
                 }
             }
         }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(SpecError::new(format!("env.{key}"), "is not a valid variable name"));
+        if self.env.len() > limits::ENV_ENTRIES {
+            return Err(SpecError::new("env", format!("at most {} variables", limits::ENV_ENTRIES)));
+        }
+        for (key, value) in &self.env {
+            let valid = key.len() <= limits::ENV_NAME
+                && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                let shown: String = key.chars().take(limits::ENV_NAME).collect();
+                return Err(SpecError::new(
+                    format!("env.{}", shown.escape_debug()),
+                    format!("is not a variable name (letters, digits and _, at most {})", limits::ENV_NAME),
+                ));
+            }
+            if value.len() > limits::ENV_VALUE || value.contains('\0') {
+                return Err(SpecError::new(
+                    format!("env.{key}"),
+                    format!("must be at most {} bytes, without NUL", limits::ENV_VALUE),
+                ));
             }
         }
         Ok(())
@@ -562,6 +595,22 @@ fn ser_duration<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error>
     }
 }
 
+/// The most a job spec may hold: everything submitted is stored, shown and sent to agents, so
+/// nothing in it is unbounded. Errors name the limit.
+pub mod limits {
+    /// A job's name, in bytes.
+    pub const NAME: usize = 128;
+    /// A queue's name, in bytes.
+    pub const QUEUE: usize = 64;
+    /// `command:` arguments, and their bytes in all.
+    pub const COMMAND_ARGS: usize = 1024;
+    pub const COMMAND_BYTES: usize = 256 * 1024;
+    /// `env:` entries, a name's bytes, a value's bytes.
+    pub const ENV_ENTRIES: usize = 256;
+    pub const ENV_NAME: usize = 128;
+    pub const ENV_VALUE: usize = 32 * 1024;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +624,29 @@ mod tests {
         assert_eq!(spec.queue, "default");
         assert_eq!(spec.resources.nodes, 1);
         assert_eq!(spec.train.unwrap().epochs, 2);
+    }
+
+    #[test]
+    fn names_queues_env_and_commands_have_limits_that_errors_name() {
+        let refused = |extra: &str| JobSpec::from_yaml(&format!("name: j\ncommand: [\"true\"]\n{extra}")).unwrap_err();
+        let long = "x".repeat(limits::NAME + 1);
+        let e = JobSpec::from_yaml(&format!("name: {long}\ncommand: [\"true\"]\n")).unwrap_err();
+        assert!(e.field == "name" && e.reason.contains("at most 128"), "{e}");
+        let e = JobSpec::from_yaml("name: \"a<script>\"\ncommand: [\"true\"]\n").unwrap_err();
+        assert_eq!(e.field, "name");
+        assert_eq!(refused("queue: \"a/b\"\n").field, "queue");
+        assert_eq!(refused(&format!("queue: {}\n", "q".repeat(65))).field, "queue");
+        assert!(refused("env: {\"1A\": x}\n").reason.contains("not a variable name"));
+        assert!(refused("env: {\"A B\": x}\n").reason.contains("not a variable name"));
+        let big = "v".repeat(limits::ENV_VALUE + 1);
+        assert!(refused(&format!("env: {{A: {big}}}\n")).reason.contains("at most 32768 bytes"));
+        let many: Vec<String> = (0..=limits::ENV_ENTRIES).map(|i| format!("V{i}: x")).collect();
+        assert!(refused(&format!("env: {{{}}}\n", many.join(", "))).reason.contains("at most 256 variables"));
+        let args = vec!["\"a\""; limits::COMMAND_ARGS + 1].join(", ");
+        let e = JobSpec::from_yaml(&format!("name: j\ncommand: [{args}]\n")).unwrap_err();
+        assert!(e.field == "command" && e.reason.contains("at most 1024 arguments"), "{e}");
+        // What people write is fine.
+        JobSpec::from_yaml("name: lr sweep 3e-4 @ v2\nqueue: research.vision_1\ncommand: [\"true\"]\nenv: {HF_TOKEN: abc, _X1: y}\n").unwrap();
     }
 
     #[test]

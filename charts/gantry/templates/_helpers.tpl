@@ -58,3 +58,7 @@ embedded store. */}}
 {{- define "gantry.grpcUrl" -}}
 http://{{ include "gantry.fullname" . }}:{{ .Values.coordinator.grpcPort }}
 {{- end -}}
+
+{{- define "gantry.tokensSecret" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-tokens" (include "gantry.fullname" .)) -}}
+{{- end -}}

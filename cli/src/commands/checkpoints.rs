@@ -8,10 +8,10 @@ use gantry_proto::v1;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
-use crate::client::{self, connect};
+use crate::client::{self, Target, connect};
 use crate::output::{CheckpointView, bytes, outln, print_json, print_table};
 
-pub async fn list(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn list(url: &Target, id: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let list = c
         .list_checkpoints(v1::ListCheckpointsRequest { job_id: id.to_string() })
@@ -32,7 +32,7 @@ pub async fn list(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn download(url: &str, id: &str, step: Option<u64>, out: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn download(url: &Target, id: &str, step: Option<u64>, out: &Path, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let mut stream = c
         .download_checkpoint(v1::DownloadCheckpointRequest { job_id: id.to_string(), step })

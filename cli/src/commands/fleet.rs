@@ -2,10 +2,10 @@
 
 use gantry_proto::v1;
 
-use crate::client::{self, connect};
+use crate::client::{self, Target, connect};
 use crate::output::{GpuView, NodeView, bytes, outln, print_json, print_table};
 
-pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
+pub async fn nodes(url: &Target, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let nodes = c.list_nodes(v1::ListNodesRequest {}).await.map_err(client::status)?.into_inner().nodes;
     let views: Vec<NodeView> = nodes.iter().map(node_view).collect();
@@ -34,7 +34,7 @@ pub async fn nodes(url: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn drain(url: &str, node: &str, drain: bool, json: bool) -> anyhow::Result<()> {
+pub async fn drain(url: &Target, node: &str, drain: bool, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let req = v1::DrainNodeRequest { node: node.to_string(), drain };
     let n = c.drain_node(req).await.map_err(client::status)?.into_inner();
@@ -66,7 +66,7 @@ fn node_view(n: &v1::Node) -> NodeView {
     }
 }
 
-pub async fn gpus(url: &str, json: bool) -> anyhow::Result<()> {
+pub async fn gpus(url: &Target, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let gpus = c.list_gpus(v1::ListGpusRequest {}).await.map_err(client::status)?.into_inner().gpus;
     let views: Vec<GpuView> = gpus

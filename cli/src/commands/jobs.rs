@@ -7,7 +7,7 @@ use gantry_core::JobSpec;
 use gantry_proto::v1;
 use tokio_stream::StreamExt;
 
-use crate::client::{self, connect};
+use crate::client::{self, Target, connect};
 use crate::output::{self, JobView, errln, outln, print_json, print_table};
 
 fn now_ms() -> i64 {
@@ -19,7 +19,7 @@ fn read_spec(file: &Path) -> anyhow::Result<JobSpec> {
     JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: invalid job spec: {e}", file.display()))
 }
 
-pub async fn submit(url: &str, file: &Path, follow: bool, json: bool) -> anyhow::Result<i32> {
+pub async fn submit(url: &Target, file: &Path, follow: bool, json: bool) -> anyhow::Result<i32> {
     // The spec is checked before connecting: a bad file is refused even with no coordinator.
     let spec = read_spec(file)?;
     let mut c = connect(url).await?;
@@ -36,7 +36,7 @@ pub async fn submit(url: &str, file: &Path, follow: bool, json: bool) -> anyhow:
     Ok(if state == "succeeded" { 0 } else { 1 })
 }
 
-pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
+pub async fn list(url: &Target, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     // In the coordinator's order: the queue as it will run, then running jobs, then the rest.
     let jobs = c.list_jobs(v1::ListJobsRequest {}).await.map_err(client::status)?.into_inner().jobs;
@@ -50,6 +50,7 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
             vec![
                 j.id.clone(),
                 j.name.clone(),
+                j.owner.clone(),
                 j.state.to_string(),
                 j.attempt.to_string(),
                 j.queue.clone(),
@@ -62,11 +63,11 @@ pub async fn list(url: &str, json: bool) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "STATE", "ATTEMPT", "QUEUE", "PRIO", "NODES", "REASON"], &rows)?;
+    print_table(&["ID", "NAME", "OWNER", "STATE", "ATTEMPT", "QUEUE", "PRIO", "NODES", "REASON"], &rows)?;
     Ok(())
 }
 
-pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn describe(url: &Target, id: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let job = c.get_job(v1::GetJobRequest { job_id: id.to_string() }).await.map_err(client::status)?.into_inner();
     let view = JobView::from(&job);
@@ -75,6 +76,7 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     }
     outln!("id:        {}", view.id)?;
     outln!("name:      {}", view.name)?;
+    outln!("owner:     {}", view.owner)?;
     outln!("state:     {}", view.state)?;
     outln!("queue:     {} (priority {})", view.queue, view.priority)?;
     outln!("attempt:   {}", view.attempt)?;
@@ -109,7 +111,7 @@ pub async fn describe(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn cancel(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
+pub async fn cancel(url: &Target, id: &str, json: bool) -> anyhow::Result<()> {
     let mut c = connect(url).await?;
     let job = c.cancel_job(v1::CancelJobRequest { job_id: id.to_string() }).await.map_err(client::status)?.into_inner();
     let view = JobView::from(&job);
@@ -124,11 +126,11 @@ pub async fn cancel(url: &str, id: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+pub async fn logs(url: &Target, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
     stream_logs(url, id, follow, json).await
 }
 
-async fn stream_logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+async fn stream_logs(url: &Target, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
     let mut c = connect(url).await?;
     let req = v1::LogsRequest { job_id: id.to_string(), follow };
@@ -160,7 +162,7 @@ async fn stream_logs(url: &str, id: &str, follow: bool, json: bool) -> anyhow::R
 
 /// `gantry dev --run FILE`: submit, follow to the end, then say how it ended and where the
 /// latest checkpoint is. Returns 0 only if the job succeeded.
-pub async fn run_to_end(url: &str, file: &Path, data_dir: &Path) -> anyhow::Result<i32> {
+pub async fn run_to_end(url: &Target, file: &Path, data_dir: &Path) -> anyhow::Result<i32> {
     let spec = read_spec(file)?;
     // The coordinator in this process is starting: wait for it to answer.
     let mut c = None;

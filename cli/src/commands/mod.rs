@@ -1,3 +1,4 @@
+pub mod access;
 pub mod checkpoints;
 pub mod fleet;
 pub mod jobs;

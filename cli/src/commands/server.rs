@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use gantry_coordinator::auth::Role;
+use gantry_coordinator::auth::tokens::SeedToken;
 use gantry_coordinator::{Config, Settings};
 use gantry_core::scheduler::Queue;
 use tokio::net::TcpListener;
@@ -42,6 +44,24 @@ pub struct CoordinatorArgs {
     /// variables (AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for MinIO and the like).
     #[arg(long, env = "GANTRY_OBJECT_STORE")]
     object_store: Option<String>,
+    /// Use this file's secret as the admin token (a Kubernetes Secret, say) instead of making
+    /// one at first start.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Agents join with this file's secret: the agent token named `agents`.
+    #[arg(long)]
+    agent_token_file: Option<PathBuf>,
+    /// Prometheus scrapes /metrics with this file's secret: the viewer token named `prometheus`.
+    #[arg(long)]
+    metrics_token_file: Option<PathBuf>,
+    /// A host name the HTTP side answers to, besides IP addresses, localhost and
+    /// --advertise-host (repeatable): any other Host header is refused, against DNS rebinding.
+    #[arg(long = "allowed-host")]
+    allowed_hosts: Vec<String>,
+    /// No tokens: anyone who reaches the ports may do anything. Refused unless every listen
+    /// address is loopback.
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     timing: Timing,
 }
@@ -90,6 +110,12 @@ pub struct AgentArgs {
     /// The coordinator's gRPC URL.
     #[arg(long, env = "GANTRY_COORDINATOR")]
     coordinator: String,
+    /// An agent token (`gantry token create NAME --role agent`), for a coordinator with auth.
+    #[arg(long, env = "GANTRY_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The agent token from this file (a mounted Secret).
+    #[arg(long, conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
     /// This machine's name in the fleet [default: the hostname].
     #[arg(long)]
     name: Option<String>,
@@ -124,7 +150,7 @@ pub struct DevArgs {
     timing: Timing,
 }
 
-fn duration(text: &str) -> Result<Duration, String> {
+pub fn duration(text: &str) -> Result<Duration, String> {
     if let Some(ms) = text.strip_suffix("ms") {
         return ms.parse().map(Duration::from_millis).map_err(|_| format!("`{text}` is not a duration"));
     }
@@ -165,8 +191,50 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
+/// `--insecure` and `gantry dev` serve without auth: only where nobody else can connect.
+fn insecure_only_on_loopback(what: &str, addrs: &[&str]) -> anyhow::Result<()> {
+    for addr in addrs {
+        let loopback = addr
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or_else(|_| addr.rsplit_once(':').is_some_and(|(host, _)| host == "localhost"));
+        if !loopback {
+            anyhow::bail!(
+                "{what} serves without auth, so it listens on loopback only; {addr} is not (drop {what} to serve with TLS and tokens)"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} from {}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+fn seed_tokens(args: &CoordinatorArgs) -> anyhow::Result<Vec<SeedToken>> {
+    let mut seeds = Vec::new();
+    if let Some(path) = &args.admin_token_file {
+        seeds.push(SeedToken { name: "admin".into(), role: Role::Admin, secret: read_secret(path, "admin token")? });
+    }
+    if let Some(path) = &args.agent_token_file {
+        seeds.push(SeedToken { name: "agents".into(), role: Role::Agent, secret: read_secret(path, "agent token")? });
+    }
+    if let Some(path) = &args.metrics_token_file {
+        let secret = read_secret(path, "metrics token")?;
+        seeds.push(SeedToken { name: "prometheus".into(), role: Role::Viewer, secret });
+    }
+    Ok(seeds)
+}
+
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    if args.insecure {
+        insecure_only_on_loopback("--insecure", &[&args.listen, &args.http])?;
+    }
     init_logging("info");
+    if args.insecure {
+        tracing::warn!("--insecure: plaintext and no auth; anyone on this machine can run anything");
+    }
     let grpc = bind(&args.listen, "gRPC").await?;
     let http = bind(&args.http, "HTTP").await?;
     // With etcd, a coordinator forwards every connection to the leader until it leads itself;
@@ -179,8 +247,13 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         _ => (None, grpc, http),
     };
     let config = Config {
+        tokens: seed_tokens(&args)?,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
-        settings: args.timing.settings(),
+        settings: Settings {
+            auth: !args.insecure,
+            allowed_hosts: args.allowed_hosts.iter().chain(&args.advertise_host).cloned().collect(),
+            ..args.timing.settings()
+        },
         store,
         object_store: args.object_store,
     };
@@ -239,6 +312,7 @@ async fn etcd_store(
 
 fn agent_config(
     coordinator: String,
+    token: Option<String>,
     name: Option<String>,
     work_dir: PathBuf,
     nvml_lib: Option<PathBuf>,
@@ -246,21 +320,28 @@ fn agent_config(
 ) -> anyhow::Result<gantry_agent::Config> {
     let name = name.unwrap_or_else(gantry_agent::inventory::hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
-    Ok(gantry_agent::Config { coordinator, name, work_dir, nvml_lib, train_program, advertise_addr })
+    Ok(gantry_agent::Config { coordinator, token, name, work_dir, nvml_lib, train_program, advertise_addr })
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     init_logging("info");
     let work_dir = args.work_dir.unwrap_or_else(|| default_data_dir().join("agent"));
-    let config = agent_config(args.coordinator, args.name, work_dir, args.nvml_lib, args.advertise_addr)?;
+    let token = match (&args.join_token, &args.join_token_file) {
+        (Some(token), _) => Some(token.clone()),
+        (None, Some(path)) => Some(read_secret(path, "join token")?),
+        (None, None) => None,
+    };
+    let config = agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr)?;
     gantry_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
 
 /// Returns the process exit status: with `--run`, 0 only if the job succeeded.
 pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
+    insecure_only_on_loopback("gantry dev", &[&args.listen, &args.http])?;
     // With --run the job's own output is the point: only problems are logged.
     init_logging(if args.run.is_some() { "warn" } else { "info" });
+    tracing::warn!("gantry dev: plaintext and no auth, for this machine only (gantry coordinator serves with tokens)");
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let grpc = bind(&args.listen, "gRPC").await?;
     let http = bind(&args.http, "HTTP").await?;
@@ -269,15 +350,17 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let config =
-        Config { data_dir: data_dir.clone(), settings: args.timing.settings(), store: None, object_store: None };
+    let settings = Settings { auth: false, ..args.timing.settings() };
+    let config = Config { data_dir: data_dir.clone(), settings, store: None, object_store: None, tokens: Vec::new() };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
-    let agent_config = agent_config(url.clone(), Some("local".into()), data_dir.join("agent"), args.nvml_lib, None)?;
+    let agent_config =
+        agent_config(url.clone(), None, Some("local".into()), data_dir.join("agent"), args.nvml_lib, None)?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
 
     let code = match args.run {
         Some(file) => {
-            let result = super::jobs::run_to_end(&url, &file, &data_dir).await;
+            let target = crate::client::Target { urls: url.clone(), token: None };
+            let result = super::jobs::run_to_end(&target, &file, &data_dir).await;
             let _ = stop_tx.send(true);
             result?
         }

@@ -9,7 +9,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
 
-use crate::client::{self, connect};
+use crate::client::{self, Target, connect};
 use crate::output::{self, bytes};
 
 struct Snapshot {
@@ -20,7 +20,7 @@ struct Snapshot {
     at: Instant,
 }
 
-async fn fetch(url: &str) -> anyhow::Result<(Vec<v1::Gpu>, Vec<v1::Node>, Vec<v1::Job>)> {
+async fn fetch(url: &Target) -> anyhow::Result<(Vec<v1::Gpu>, Vec<v1::Node>, Vec<v1::Job>)> {
     let mut c = connect(url).await?;
     let gpus = c.list_gpus(v1::ListGpusRequest {}).await.map_err(client::status)?.into_inner().gpus;
     let nodes = c.list_nodes(v1::ListNodesRequest {}).await.map_err(client::status)?.into_inner().nodes;
@@ -30,7 +30,7 @@ async fn fetch(url: &str) -> anyhow::Result<(Vec<v1::Gpu>, Vec<v1::Node>, Vec<v1
 }
 
 /// Runs until `q`, Esc or Ctrl-C.
-pub fn run(url: &str, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+pub fn run(url: &Target, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     // Fail before taking over the terminal if the coordinator is not there.
     let first = runtime.block_on(fetch(url))?;
     let mut snap = Snapshot { gpus: first.0, nodes: first.1, jobs: first.2, error: None, at: Instant::now() };
@@ -61,14 +61,15 @@ pub fn run(url: &str, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     result
 }
 
-fn draw(f: &mut ratatui::Frame, url: &str, s: &Snapshot) {
+fn draw(f: &mut ratatui::Frame, url: &Target, s: &Snapshot) {
     let [head, gpus, jobs] =
         Layout::vertical([Constraint::Length(2), Constraint::Percentage(50), Constraint::Fill(1)]).areas(f.area());
     let ready = s.nodes.iter().filter(|n| n.connected && !n.drained).count();
     let queued = s.jobs.iter().filter(|j| output::state(j) == "queued").count();
     let running = s.jobs.iter().filter(|j| output::state(j) == "running").count();
     let mut title = format!(
-        "gantry top  {url}  nodes {ready}/{} ready  GPUs {}  jobs: {running} running, {queued} queued  (q to quit)",
+        "gantry top  {}  nodes {ready}/{} ready  GPUs {}  jobs: {running} running, {queued} queued  (q to quit)",
+        url.urls,
         s.nodes.len(),
         s.gpus.len()
     );

@@ -25,6 +25,17 @@ pub struct Fleet {
     pub coordinator: Option<Child>,
     pub agents: Vec<Child>,
     pub grace: &'static str,
+    /// The admin token the coordinator wrote at its first start (DATA_DIR/admin-token).
+    pub admin_token: String,
+    /// The agents' join token, given to the coordinator with --agent-token-file.
+    pub agent_token: String,
+}
+
+/// A random secret for tests, from the kernel.
+pub fn test_secret() -> String {
+    let mut bytes = [0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut bytes).unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Fleet {
@@ -35,8 +46,17 @@ impl Fleet {
 
     /// The same, with `grace` between SIGTERM and SIGKILL for cancelled and preempted jobs.
     pub fn with_grace(grace: &'static str) -> Fleet {
-        let mut fleet =
-            Fleet { dir: tempfile::tempdir().unwrap(), grpc: 0, http: 0, coordinator: None, agents: Vec::new(), grace };
+        let mut fleet = Fleet {
+            dir: tempfile::tempdir().unwrap(),
+            grpc: 0,
+            http: 0,
+            coordinator: None,
+            agents: Vec::new(),
+            grace,
+            admin_token: String::new(),
+            agent_token: test_secret(),
+        };
+        std::fs::write(fleet.dir.path().join("agent-token"), &fleet.agent_token).unwrap();
         fleet.start_coordinator();
         fleet.start_agent("node-a");
         fleet.wait_for_nodes(1);
@@ -67,6 +87,8 @@ impl Fleet {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--agent-timeout", "5s", "--grace-period", self.grace])
+            .arg("--agent-token-file")
+            .arg(self.dir.path().join("agent-token"))
             .env("GANTRY_LOG_FORMAT", "json")
             .stdout(Stdio::null())
             .stderr(log)
@@ -82,6 +104,8 @@ impl Fleet {
             assert!(Instant::now() < deadline, "coordinator did not start: {}", self.coordinator_log());
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Written before the coordinator listens.
+        self.admin_token = std::fs::read_to_string(self.data_dir().join("admin-token")).unwrap().trim().to_string();
     }
 
     pub fn start_agent(&mut self, name: &str) {
@@ -92,6 +116,7 @@ impl Fleet {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(GANTRY)
             .args(["agent", "--coordinator", &self.url(), "--name", name])
+            .env("GANTRY_JOIN_TOKEN", &self.agent_token)
             .args(extra)
             .arg("--work-dir")
             .arg(self.work_dir(name))
@@ -113,9 +138,31 @@ impl Fleet {
         std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
     }
 
-    /// The CLI pointed at this fleet; failures show the coordinator's log.
+    /// The CLI pointed at this fleet, as its admin; failures show the coordinator's log.
     pub fn cli(&self) -> Cli {
-        Cli { url: self.url(), dir: self.dir.path().to_path_buf(), log: Some(self.dir.path().join("coordinator.log")) }
+        self.cli_as(Some(&self.admin_token))
+    }
+
+    /// The CLI with `token` (or none).
+    pub fn cli_as(&self, token: Option<&str>) -> Cli {
+        Cli {
+            url: self.url(),
+            dir: self.dir.path().to_path_buf(),
+            log: Some(self.dir.path().join("coordinator.log")),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// A login link to the web page at `path` (`/?job=5`): the login form reads the token from
+    /// the fragment (which never reaches a server), signs in, and goes on to `path`.
+    pub fn web_url(&self, path: &str) -> String {
+        let next = path.replace('%', "%25").replace('?', "%3F").replace('=', "%3D").replace('&', "%26");
+        format!("http://127.0.0.1:{}/login#token={}&next={next}", self.http, self.admin_token)
+    }
+
+    /// A new token with `role`, made by the admin: its secret.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        self.ok(&["token", "create", name, "--role", role]).trim().to_string()
     }
 
     pub fn gantry(&self, args: &[&str]) -> Output {
@@ -168,11 +215,20 @@ pub struct Cli {
     pub dir: PathBuf,
     /// A log worth showing when a command fails.
     pub log: Option<PathBuf>,
+    /// Sent as GANTRY_TOKEN.
+    pub token: Option<String>,
 }
 
 impl Cli {
+    /// Runs the CLI with this URL and token only: no login file of whoever runs the tests.
     pub fn gantry(&self, args: &[&str]) -> Output {
-        Command::new(GANTRY).args(args).env("GANTRY_COORDINATOR", &self.url).output().unwrap()
+        let mut command = Command::new(GANTRY);
+        command.args(args).env("GANTRY_COORDINATOR", &self.url).env("XDG_CONFIG_HOME", self.dir.join("config"));
+        match &self.token {
+            Some(token) => command.env("GANTRY_TOKEN", token),
+            None => command.env_remove("GANTRY_TOKEN"),
+        };
+        command.output().unwrap()
     }
 
     /// Runs the CLI, asserts success, returns stdout.
@@ -323,15 +379,48 @@ pub fn set_devices(dir: &Path, devices: &serde_json::Value) {
 
 /// A plain HTTP GET on loopback; returns the status line's code and the body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, &[], "")
+}
+
+/// A GET with `Authorization: Bearer TOKEN`.
+pub fn http_get_as(port: u16, path: &str, token: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, &[&format!("Authorization: Bearer {token}")], "")
+}
+
+/// An HTTP/1.0 request on loopback with extra header lines (a Host line replaces the default);
+/// the status code, and the headers and body as one text.
+pub fn http_request(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> std::io::Result<(u16, String)> {
+    let (code, _head, body) = http_exchange(port, method, path, headers, body)?;
+    Ok((code, body))
+}
+
+/// As [`http_request`], with the response's header block apart.
+pub fn http_exchange(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\n");
+    if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
+        head += "Host: 127.0.0.1\r\n";
+    }
+    for h in headers {
+        head += &format!("{h}\r\n");
+    }
+    if !body.is_empty() {
+        head += &format!("Content-Length: {}\r\n", body.len());
+    }
+    write!(s, "{head}\r\n{body}")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((code, head.to_string(), body.to_string()))
 }
 
 /// A real Prometheus server (Debian's package) scraping `target_port` every second.
@@ -342,13 +431,14 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    pub fn start(target_port: u16) -> Prometheus {
+    /// Scrapes with `token` as its bearer token, as the Helm chart configures it.
+    pub fn start(target_port: u16, token: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: gantry\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: gantry\n    authorization: {{type: Bearer, credentials: '{token}'}}\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
             ),
         )
         .unwrap();

@@ -10,7 +10,8 @@ use crate::lifecycle::{RankEnd, Transition};
 use crate::records::{JobRecord, JobState, StopReason};
 
 impl Coordinator {
-    pub fn submit(&self, spec: JobSpec) -> Result<JobRecord> {
+    /// Queues `spec` as a job of `owner` (the submitting token's name).
+    pub fn submit(&self, spec: JobSpec, owner: &str) -> Result<JobRecord> {
         spec.validate().map_err(Error::InvalidSpec)?;
         if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref()) {
             let (job, _) = gantry_core::spec::parse_checkpoint_ref(from)
@@ -19,8 +20,12 @@ impl Coordinator {
                 .job(&job)
                 .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
         }
-        let job = self.store.submit(spec, self.now_ms())?;
-        info!(job = %job.id, name = %job.spec.name, "job queued");
+        crate::limits::spec_size(serde_json::to_vec(&spec)?.len())?;
+        let limits = &self.settings.limits;
+        self.submit_rate.admit(limits, owner, self.now_ms())?;
+        self.queued_by_user.admit(limits, owner)?;
+        let job = self.store.submit(spec, owner, self.now_ms()).inspect_err(|_| self.queued_by_user.release(owner))?;
+        info!(job = %job.id, name = %job.spec.name, owner, "job queued");
         self.changed();
         Ok(job)
     }

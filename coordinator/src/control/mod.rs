@@ -17,6 +17,7 @@ use gantry_core::scheduler;
 use gantry_proto::v1;
 use tokio::sync::{Notify, watch};
 
+use crate::auth::tokens::Tokens;
 use crate::checkpoints::CheckpointStorage;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -39,6 +40,14 @@ pub struct Settings {
     pub queues: Vec<scheduler::Queue>,
     /// Where time comes from: the system's, or tokio's paused clock in tests.
     pub clock: Clock,
+    /// Every request needs a token (see [`crate::auth`]). Off only for `gantry dev` and
+    /// `--insecure` on loopback, where every caller is an admin named `dev`.
+    pub auth: bool,
+    /// Host names the HTTP side answers to besides IP addresses and `localhost` (the names
+    /// people and Prometheus reach it by); any other `Host` is refused against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// What one caller may send, at most.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for Settings {
@@ -49,6 +58,9 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(1),
             queues: Vec::new(),
             clock: Clock::system(),
+            auth: true,
+            allowed_hosts: Vec::new(),
+            limits: Default::default(),
         }
     }
 }
@@ -74,6 +86,9 @@ pub struct Coordinator {
     stale_placements: std::sync::atomic::AtomicU64,
     /// What jobs report about their training (loss, accuracy, ...), in memory.
     pub metrics: JobMetrics,
+    pub tokens: Tokens,
+    submit_rate: crate::limits::SubmitRate,
+    queued_by_user: crate::limits::QueuedByUser,
 }
 
 impl Coordinator {
@@ -103,6 +118,7 @@ impl Coordinator {
             );
         }
         Ok(Coordinator {
+            tokens: Tokens::load(store.clone())?,
             store,
             logs: LogStore::new(jobs_dir.clone()),
             checkpoints: CheckpointStorage::on_disk(jobs_dir),
@@ -116,6 +132,8 @@ impl Coordinator {
             stale_placements: Default::default(),
             metrics: JobMetrics::default(),
             ahead: Mutex::default(),
+            submit_rate: Default::default(),
+            queued_by_user: Default::default(),
         })
     }
 

@@ -55,6 +55,8 @@ impl Coordinator {
     /// unchanged.
     pub fn schedule_pass(&self) -> Result<()> {
         let jobs = self.store.jobs()?;
+        let queued = jobs.iter().filter(|j| j.state == JobState::Queued);
+        self.queued_by_user.recount(queued.map(|j| j.owner.as_str()));
         let (snapshot, versions) = self.snapshot(&jobs);
         let plan = scheduler::schedule(&snapshot);
         *self.ahead.lock().expect("ahead lock poisoned") = plan.ahead.clone();
@@ -342,7 +344,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         c.attach_session("a", v1::Heartbeat { inventory: Some(inventory(true)), ..Default::default() }, tx).unwrap();
         let job =
-            c.submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap()).unwrap();
+            c.submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap(), "dev").unwrap();
         let (snapshot, versions) = c.snapshot(&c.store.jobs().unwrap());
         let plan = scheduler::schedule(&snapshot);
         assert_eq!(plan.placements.len(), 1, "{plan:?}");

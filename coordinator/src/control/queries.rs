@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn jobs_list_queue_in_run_order_then_running_then_the_rest_newest_first() {
         let spec = JobSpec::from_yaml("name: j\ncommand: [\"true\"]\n").unwrap();
-        let job = |seq, state| JobRecord { state, ..crate::store::new_job(seq, spec.clone(), 0) };
+        let job = |seq, state| JobRecord { state, ..crate::store::new_job(seq, spec.clone(), "alice", 0) };
         let waiting = |position| {
             Some(scheduler::Waiting {
                 job_id: String::new(),

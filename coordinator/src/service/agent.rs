@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use gantry_proto::{PROTOCOL_VERSION, v1};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
@@ -65,12 +65,7 @@ impl v1::agents_server::Agents for AgentService {
                         break;
                     }
                 };
-                let result = match msg.msg {
-                    Some(v1::agent_message::Msg::Heartbeat(hb)) => coordinator.heartbeat(&name, hb),
-                    Some(v1::agent_message::Msg::Job(report)) => coordinator.job_report(&name, report),
-                    None => Ok(()),
-                };
-                if let Err(e) = result {
+                if let Err(e) = dispatch(&coordinator, &name, msg) {
                     warn!(agent = %name, error = %e, "could not record an agent message");
                 }
             }
@@ -82,6 +77,7 @@ impl v1::agents_server::Agents for AgentService {
 
     async fn upload_logs(&self, req: Request<v1::LogBatch>) -> Result<Response<v1::LogAck>, Status> {
         let b = req.into_inner();
+        crate::limits::log_lines(&b.lines)?;
         self.coordinator.store.job(&b.job_id)?;
         self.coordinator.logs.restore(&b.job_id).await?;
         let next_seq = self.coordinator.logs.append(&b.job_id, b.attempt, b.rank, b.first_seq, &b.lines)?;
@@ -92,41 +88,7 @@ impl v1::agents_server::Agents for AgentService {
         &self,
         req: Request<Streaming<v1::CheckpointUpload>>,
     ) -> Result<Response<v1::CheckpointAck>, Status> {
-        let mut stream = req.into_inner();
-        let header = match stream.message().await? {
-            Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Header(h)) }) => h,
-            _ => return Err(Status::invalid_argument("a checkpoint upload must start with its header")),
-        };
-        self.coordinator.store.job(&header.job_id)?;
-        let mut incoming = self.coordinator.checkpoints.begin(checkpoint_from_proto(header))?;
-        loop {
-            match stream.message().await {
-                Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
-                    if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data).await {
-                        incoming.abandon().await;
-                        return Err(e.into());
-                    }
-                }
-                Ok(Some(_)) => {
-                    incoming.abandon().await;
-                    return Err(Status::invalid_argument("a checkpoint upload has one header"));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    incoming.abandon().await;
-                    return Err(e);
-                }
-            }
-        }
-        let uploaded = incoming.finish().await?;
-        let committed = self.coordinator.commit_checkpoint(uploaded.clone());
-        // Not recorded, or the same step was recorded first from another upload: this one's
-        // files are not referenced by any record.
-        if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
-            self.coordinator.checkpoints.discard(&uploaded).await;
-        }
-        let record = committed?;
-        Ok(Response::new(v1::CheckpointAck { step: record.step, sha256: record.sha256 }))
+        Ok(Response::new(receive_checkpoint(&self.coordinator, req.into_inner()).await?))
     }
 
     type DownloadCheckpointStream = BoxStream<v1::CheckpointData>;
@@ -138,3 +100,56 @@ impl v1::agents_server::Agents for AgentService {
         Ok(Response::new(super::download(&self.coordinator, req.into_inner())?))
     }
 }
+
+/// One message of an agent's session, after the first heartbeat.
+pub(crate) fn dispatch(coordinator: &Coordinator, agent: &str, msg: v1::AgentMessage) -> crate::Result<()> {
+    match msg.msg {
+        Some(v1::agent_message::Msg::Heartbeat(hb)) => coordinator.heartbeat(agent, hb),
+        Some(v1::agent_message::Msg::Job(report)) => coordinator.job_report(agent, report),
+        None => Ok(()),
+    }
+}
+
+/// A checkpoint upload: its header, then its files' chunks, verified before it is recorded.
+pub(crate) async fn receive_checkpoint(
+    coordinator: &Coordinator,
+    mut stream: impl Stream<Item = Result<v1::CheckpointUpload, Status>> + Unpin,
+) -> Result<v1::CheckpointAck, Status> {
+    let header = match stream.next().await.transpose()? {
+        Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Header(h)) }) => h,
+        _ => return Err(Status::invalid_argument("a checkpoint upload must start with its header")),
+    };
+    coordinator.store.job(&header.job_id)?;
+    let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
+    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), header.bytes, longest)?;
+    let mut incoming = coordinator.checkpoints.begin(checkpoint_from_proto(header))?;
+    loop {
+        match stream.next().await.transpose() {
+            Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
+                if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data).await {
+                    incoming.abandon().await;
+                    return Err(e.into());
+                }
+            }
+            Ok(Some(_)) => {
+                incoming.abandon().await;
+                return Err(Status::invalid_argument("a checkpoint upload has one header"));
+            }
+            Ok(None) => break,
+            Err(e) => {
+                incoming.abandon().await;
+                return Err(e);
+            }
+        }
+    }
+    let uploaded = incoming.finish().await?;
+    let committed = coordinator.commit_checkpoint(uploaded.clone());
+    // Not recorded, or the same step was recorded first from another upload: this one's
+    // files are not referenced by any record.
+    if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
+        coordinator.checkpoints.discard(&uploaded).await;
+    }
+    let record = committed?;
+    Ok(v1::CheckpointAck { step: record.step, sha256: record.sha256 })
+}
+

@@ -33,8 +33,15 @@ pub(crate) fn job_to_proto(
     job: &JobRecord,
     waiting: Option<gantry_core::scheduler::Waiting>,
     metrics: Vec<v1::RankMetrics>,
+    who: &crate::auth::Principal,
 ) -> v1::Job {
     let words = Reasons::of(job, waiting.as_ref());
+    let mut spec = v1::JobSpec::from(&job.spec);
+    // `env` values may be secrets: only the owner and admins see them.
+    let env_redacted = !crate::auth::sees_env(who, &job.owner) && !spec.env.is_empty();
+    if env_redacted {
+        spec.env.values_mut().for_each(String::clear);
+    }
     let (queue_position, estimated_start_ms) = match (job.state, waiting) {
         (JobState::Queued, Some(w)) => (w.position, w.estimated_start_ms.map(|t| t as i64)),
         _ => (0, None),
@@ -43,7 +50,9 @@ pub(crate) fn job_to_proto(
         id: job.id.clone(),
         name: job.spec.name.clone(),
         state: state_to_proto(job.state) as i32,
-        spec: Some(v1::JobSpec::from(&job.spec)),
+        spec: Some(spec),
+        owner: job.owner.clone(),
+        env_redacted,
         attempt: job.user_attempt(),
         submitted_at_ms: job.submitted_at_ms,
         ended_at_ms: job.ended_at_ms,
@@ -192,6 +201,25 @@ async fn send_file(
         }
         if last {
             return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use crate::auth::{Principal, Role};
+
+    #[test]
+    fn env_values_reach_only_the_owner_and_admins() {
+        let spec = gantry_core::JobSpec::from_yaml("name: x\ncommand: [\"true\"]\nenv: {API_KEY: hunter2}\n").unwrap();
+        let job = crate::store::new_job(1, spec, "alice", 0);
+        let as_ = |name: &str, role| super::job_to_proto(&job, None, Vec::new(), &Principal { name: name.into(), role });
+        for (seen, who) in [(true, as_("alice", Role::User)), (true, as_("root", Role::Admin))] {
+            assert_eq!((who.spec.unwrap().env["API_KEY"] == "hunter2", who.env_redacted), (seen, false));
+        }
+        for other in [as_("bob", Role::User), as_("alice", Role::Viewer)] {
+            assert!(other.env_redacted);
+            assert_eq!(other.spec.unwrap().env["API_KEY"], "", "the key stays, its value does not");
         }
     }
 }

@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::{BoxStream, checkpoint_to_proto, job_to_proto};
+use crate::auth::grpc::{allowed, caller};
+use crate::auth::{Action, Principal, Role, TokenRecord, audit, authorize};
 use crate::control::{Coordinator, NodeUsage, NodeView};
 use crate::logs::LogCursor;
 
@@ -17,50 +19,81 @@ pub struct UserService {
     pub coordinator: Arc<Coordinator>,
 }
 
+impl UserService {
+    /// Job `id`, if the caller may do `action` to it.
+    fn job_for(
+        &self,
+        who: &Principal,
+        id: &str,
+        action: fn(&str) -> Action<'_>,
+    ) -> Result<crate::records::JobRecord, Status> {
+        let job = self.coordinator.store.job(id)?;
+        authorize(who, action(&job.owner))?;
+        Ok(job)
+    }
+}
+
+fn read(owner: &str) -> Action<'_> {
+    Action::ReadJob { owner }
+}
+
+fn cancel(owner: &str) -> Action<'_> {
+    Action::CancelJob { owner }
+}
+
 const LOG_BATCH: usize = 1000;
 
 #[tonic::async_trait]
 impl v1::gantry_server::Gantry for UserService {
     async fn submit(&self, req: Request<v1::SubmitRequest>) -> Result<Response<v1::SubmitResponse>, Status> {
+        let who = allowed(&req, Action::Submit)?;
         let wire = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec =
             JobSpec::try_from(wire).map_err(|e| crate::Error::InvalidArgument(format!("invalid job spec: {e}")))?;
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
         let coordinator = self.coordinator.clone();
-        let job = tokio::task::spawn_blocking(move || coordinator.submit(spec))
+        let owner = who.name.clone();
+        let job = tokio::task::spawn_blocking(move || coordinator.submit(spec, &owner))
             .await
             .map_err(|e| Status::internal(format!("submit: {e}")))??;
+        audit(&who, "submit", &job.id);
         Ok(Response::new(v1::SubmitResponse { job_id: job.id }))
     }
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let who = caller(&req)?;
         let id = req.into_inner().job_id;
-        let job = self.coordinator.store.job(&id)?;
+        let job = self.job_for(&who, &id, read)?;
         let metrics = self.coordinator.metrics.latest(&id);
-        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id), metrics)))
+        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id), metrics, &who)))
     }
 
-    async fn list_jobs(&self, _req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let who = allowed(&req, Action::SeeFleet)?;
         let jobs = self.coordinator.listed_jobs()?;
-        let jobs = jobs.into_iter().map(|(j, waiting)| job_to_proto(&j, waiting, Vec::new())).collect();
+        let jobs = jobs.into_iter().map(|(j, waiting)| job_to_proto(&j, waiting, Vec::new(), &who)).collect();
         Ok(Response::new(v1::ListJobsResponse { jobs }))
     }
 
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
-        let coordinator = self.coordinator.clone();
+        let who = caller(&req)?;
         let id = req.into_inner().job_id;
+        self.job_for(&who, &id, cancel)?;
+        let coordinator = self.coordinator.clone();
         let job = tokio::task::spawn_blocking(move || coordinator.cancel(&id))
             .await
             .map_err(|e| Status::internal(format!("cancel: {e}")))??;
-        Ok(Response::new(job_to_proto(&job, None, Vec::new())))
+        audit(&who, "cancel", &job.id);
+        Ok(Response::new(job_to_proto(&job, None, Vec::new(), &who)))
     }
 
     type LogsStream = BoxStream<v1::LogLines>;
 
     async fn logs(&self, req: Request<v1::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let who = caller(&req)?;
         let req = req.into_inner();
-        self.coordinator.store.job(&req.job_id)?;
+        self.job_for(&who, &req.job_id, read)?;
         self.coordinator.logs.restore(&req.job_id).await?;
         let coordinator = self.coordinator.clone();
         let (tx, rx) = mpsc::channel(8);
@@ -112,8 +145,9 @@ impl v1::gantry_server::Gantry for UserService {
         &self,
         req: Request<v1::ListCheckpointsRequest>,
     ) -> Result<Response<v1::ListCheckpointsResponse>, Status> {
+        let who = caller(&req)?;
         let id = req.into_inner().job_id;
-        self.coordinator.store.job(&id)?;
+        self.job_for(&who, &id, read)?;
         let checkpoints = self.coordinator.store.checkpoints(&id)?.iter().map(checkpoint_to_proto).collect();
         Ok(Response::new(v1::ListCheckpointsResponse { checkpoints }))
     }
@@ -124,18 +158,24 @@ impl v1::gantry_server::Gantry for UserService {
         &self,
         req: Request<v1::DownloadCheckpointRequest>,
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
-        Ok(Response::new(super::download(&self.coordinator, req.into_inner())?))
+        let who = caller(&req)?;
+        let req = req.into_inner();
+        self.job_for(&who, &req.job_id, read)?;
+        Ok(Response::new(super::download(&self.coordinator, req)?))
     }
 
-    async fn list_nodes(&self, _req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+    async fn list_nodes(&self, req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        allowed(&req, Action::SeeFleet)?;
         let usage = self.coordinator.usage_by_node()?;
         let nodes = self.coordinator.nodes().into_iter().map(|n| node_to_proto(&self.coordinator, &usage, n)).collect();
         Ok(Response::new(v1::ListNodesResponse { nodes }))
     }
 
     async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::Node>, Status> {
+        let who = allowed(&req, Action::ManageNodes)?;
         let req = req.into_inner();
         self.coordinator.drain(&req.node, req.drain)?;
+        audit(&who, if req.drain { "drain" } else { "undrain" }, &req.node);
         let usage = self.coordinator.usage_by_node()?;
         let node = self
             .coordinator
@@ -146,7 +186,8 @@ impl v1::gantry_server::Gantry for UserService {
         Ok(Response::new(node_to_proto(&self.coordinator, &usage, node)))
     }
 
-    async fn list_gpus(&self, _req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
+    async fn list_gpus(&self, req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
+        allowed(&req, Action::SeeFleet)?;
         let gpus = self
             .coordinator
             .gpus()?
@@ -154,6 +195,73 @@ impl v1::gantry_server::Gantry for UserService {
             .map(|(node, info, job)| v1::Gpu { node, job_id: job.unwrap_or_default(), info: Some(info) })
             .collect();
         Ok(Response::new(v1::ListGpusResponse { gpus }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        let who = allowed(&req, Action::ManageTokens)?;
+        let req = req.into_inner();
+        let role = role_from_proto(req.role())?;
+        let ttl = req.ttl_seconds.map(Duration::from_secs);
+        let (record, secret) = self.coordinator.tokens.create(&req.name, role, ttl, self.coordinator.now_ms())?;
+        audit(&who, "token create", &record.name);
+        Ok(Response::new(v1::CreateTokenResponse { token: Some(token_to_proto(&record)), secret }))
+    }
+
+    async fn list_tokens(&self, req: Request<v1::ListTokensRequest>) -> Result<Response<v1::ListTokensResponse>, Status> {
+        allowed(&req, Action::ManageTokens)?;
+        let tokens = self.coordinator.tokens.list().iter().map(token_to_proto).collect();
+        Ok(Response::new(v1::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let who = allowed(&req, Action::ManageTokens)?;
+        let name = req.into_inner().name;
+        self.coordinator.tokens.revoke(&name)?;
+        audit(&who, "token revoke", &name);
+        Ok(Response::new(v1::RevokeTokenResponse {}))
+    }
+
+    async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(v1::WhoAmIResponse {
+            name: who.name,
+            role: role_to_proto(who.role) as i32,
+            auth: self.coordinator.settings.auth,
+        }))
+    }
+}
+
+fn role_from_proto(role: v1::Role) -> Result<Role, Status> {
+    match role {
+        v1::Role::Admin => Ok(Role::Admin),
+        v1::Role::User => Ok(Role::User),
+        v1::Role::Viewer => Ok(Role::Viewer),
+        v1::Role::Agent => Ok(Role::Agent),
+        v1::Role::Unspecified => Err(Status::invalid_argument("role: expected admin, user, viewer or agent")),
+    }
+}
+
+fn role_to_proto(role: Role) -> v1::Role {
+    match role {
+        Role::Admin => v1::Role::Admin,
+        Role::User => v1::Role::User,
+        Role::Viewer => v1::Role::Viewer,
+        Role::Agent => v1::Role::Agent,
+    }
+}
+
+fn token_to_proto(t: &TokenRecord) -> v1::Token {
+    v1::Token {
+        name: t.name.clone(),
+        role: role_to_proto(t.role) as i32,
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
     }
 }
 

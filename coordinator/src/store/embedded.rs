@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{StateStore, job_key, new_job};
+use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const CHECKPOINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("checkpoints");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Changes per write transaction, at most.
@@ -64,6 +66,11 @@ enum Change {
         name: String,
         bytes: Vec<u8>,
     },
+    /// A token's record, or its deletion (`None`: false if there was none).
+    Token {
+        name: String,
+        bytes: Option<Vec<u8>>,
+    },
     /// Drained or not; false if no such agent.
     Drain {
         name: String,
@@ -72,6 +79,17 @@ enum Change {
 }
 
 impl EmbeddedStore {
+    /// Every record of a table keyed by name.
+    fn all<T: serde::de::DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in txn.open_table(table)?.iter()? {
+            let (_, value) = entry?;
+            out.push(serde_json::from_slice(value.value())?);
+        }
+        Ok(out)
+    }
+
     pub fn open(path: &Path) -> Result<EmbeddedStore> {
         let db = Database::create(path)?;
         // Create the tables up front so readers never meet a missing table.
@@ -79,6 +97,7 @@ impl EmbeddedStore {
         txn.open_table(JOBS)?;
         txn.open_table(CHECKPOINTS)?;
         txn.open_table(AGENTS)?;
+        txn.open_table(TOKENS)?;
         txn.open_table(META)?;
         txn.commit()?;
         let mut jobs = BTreeMap::new();
@@ -199,6 +218,7 @@ fn commit(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, batch: &[Write]
             jobs: txn.open_table(JOBS)?,
             checkpoints: txn.open_table(CHECKPOINTS)?,
             agents: txn.open_table(AGENTS)?,
+            tokens: txn.open_table(TOKENS)?,
         };
         let cache = jobs.lock().expect("jobs lock poisoned");
         batch.iter().map(|w| apply(&mut tables, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
@@ -222,6 +242,7 @@ struct Tables<'txn> {
     jobs: redb::Table<'txn, u64, &'static [u8]>,
     checkpoints: redb::Table<'txn, (u64, u64), &'static [u8]>,
     agents: redb::Table<'txn, &'static str, &'static [u8]>,
+    tokens: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// Stages one change; false if it does not apply (a stale job change, an unknown agent).
@@ -259,14 +280,18 @@ fn apply(
             record.drained = *drained;
             tables.agents.insert(name.as_str(), serde_json::to_vec(&record)?.as_slice())?;
         }
+        Change::Token { name, bytes: Some(bytes) } => {
+            tables.tokens.insert(name.as_str(), bytes.as_slice())?;
+        }
+        Change::Token { name, bytes: None } => return Ok(tables.tokens.remove(name.as_str())?.is_some()),
     }
     Ok(true)
 }
 
 impl StateStore for EmbeddedStore {
-    fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
+    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord> {
         let seq = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let job = new_job(seq, spec, now_ms);
+        let job = new_job(seq, spec, owner, now_ms);
         let bytes = serde_json::to_vec(&job)?;
         self.write(Change::Submit { job: job.clone(), bytes })?;
         Ok(job)
@@ -324,14 +349,19 @@ impl StateStore for EmbeddedStore {
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(AGENTS)?;
-        let mut out = Vec::new();
-        for entry in table.iter()? {
-            let (_, value) = entry?;
-            out.push(serde_json::from_slice(value.value())?);
-        }
-        Ok(out)
+        self.all(AGENTS)
+    }
+
+    fn put_token(&self, record: &TokenRecord) -> Result<()> {
+        self.write(Change::Token { name: record.name.clone(), bytes: Some(serde_json::to_vec(record)?) }).map(|_| ())
+    }
+
+    fn delete_token(&self, name: &str) -> Result<bool> {
+        self.write(Change::Token { name: name.to_string(), bytes: None })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.all(TOKENS)
     }
 }
 

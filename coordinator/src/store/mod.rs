@@ -1,4 +1,4 @@
-//! Durable state: jobs and their attempts, checkpoint records, agents. One contract, two
+//! Durable state: jobs and their attempts, checkpoint records, agents, tokens. One contract, two
 //! backends: [`EmbeddedStore`] (redb, one machine) and, with the `etcd` feature, `EtcdStore`
 //! (a highly available control plane).
 //!
@@ -17,12 +17,14 @@ pub use embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore, leader_of};
 
+use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState};
 
 pub trait StateStore: Send + Sync {
-    /// Queues a new job and returns it, with the next id (1, 2, 3, ...: short enough to type).
-    fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord>;
+    /// Queues a new job of `owner` (a token's name) and returns it, with the next id (1, 2, 3,
+    /// ...: short enough to type).
+    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord>;
 
     fn job(&self, id: &str) -> Result<JobRecord>;
 
@@ -47,6 +49,15 @@ pub trait StateStore: Send + Sync {
     fn set_drained(&self, name: &str, drained: bool) -> Result<bool>;
 
     fn agents(&self) -> Result<Vec<AgentRecord>>;
+
+    /// Records (or replaces) a token: its name, role and hash, never the secret.
+    fn put_token(&self, record: &TokenRecord) -> Result<()>;
+
+    /// Deletes a token; false if none has that name.
+    fn delete_token(&self, name: &str) -> Result<bool>;
+
+    /// Every token, by name.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
 
     /// True once this store may no longer write (another coordinator leads).
     fn deposed(&self) -> bool {
@@ -78,11 +89,12 @@ fn job_key(id: &str) -> Result<u64> {
     id.parse::<u64>().map_err(|_| Error::JobNotFound(id.to_string()))
 }
 
-pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, now_ms: i64) -> JobRecord {
+pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> JobRecord {
     JobRecord {
         id: seq.to_string(),
         seq,
         spec,
+        owner: owner.to_string(),
         state: JobState::Queued,
         attempt: 0,
         submitted_at_ms: now_ms,

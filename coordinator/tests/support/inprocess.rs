@@ -30,6 +30,8 @@ impl TestCoordinator {
             agent_timeout: Duration::from_secs(10),
             grace_period: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(1),
+            // These tests are about the lifecycle; tests/security in the CLI cover auth.
+            auth: false,
             ..Settings::default()
         };
         TestCoordinator::with(settings).await
@@ -40,8 +42,13 @@ impl TestCoordinator {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let config =
-            Config { data_dir: dir.path().to_path_buf(), settings: settings.clone(), store: None, object_store: None };
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            settings: settings.clone(),
+            store: None,
+            object_store: None,
+            tokens: Vec::new(),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(gantry_coordinator::serve(config, grpc, http, async move {
             let _ = stopped.await;

@@ -30,6 +30,7 @@ use leader::{campaign, keep_alive};
 use writer::{Write, write_batches};
 
 use super::{StateStore, job_key, new_job};
+use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
 
@@ -191,7 +192,7 @@ impl EtcdStore {
 
     /// Writes `value` at `key` if `condition` holds and this store still leads. Returns the
     /// revision of the commit, or `None` when `condition` failed.
-    fn commit(&self, key: String, condition: Option<Compare>, value: Vec<u8>) -> Result<Option<i64>> {
+    fn commit(&self, key: String, condition: Option<Compare>, value: Option<Vec<u8>>) -> Result<Option<i64>> {
         if self.lost.load(Ordering::Relaxed) {
             return Err(Error::Fenced("this coordinator's etcd lease is gone".into()));
         }
@@ -203,7 +204,7 @@ impl EtcdStore {
     }
 
     fn put(&self, key: String, value: Vec<u8>) -> Result<i64> {
-        let revision = self.commit(key, None, value)?;
+        let revision = self.commit(key, None, Some(value))?;
         revision.ok_or_else(|| Error::store("etcd")("etcd refused an unconditional write".into()))
     }
 
@@ -236,16 +237,16 @@ impl Drop for EtcdStore {
 }
 
 impl StateStore for EtcdStore {
-    fn submit(&self, spec: gantry_core::JobSpec, now_ms: i64) -> Result<JobRecord> {
+    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord> {
         let seq = {
             let mut cache = self.cache.lock().expect("cache lock poisoned");
             cache.next_id += 1;
             cache.next_id - 1
         };
-        let job = new_job(seq, spec, now_ms);
+        let job = new_job(seq, spec, owner, now_ms);
         let key = self.key(&Self::job_key(seq));
         let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
-        match self.commit(key, Some(absent), serde_json::to_vec(&job)?)? {
+        match self.commit(key, Some(absent), Some(serde_json::to_vec(&job)?))? {
             Some(rev) => {
                 self.cache.lock().expect("cache lock poisoned").jobs.insert(seq, (job.clone(), rev));
                 Ok(job)
@@ -280,7 +281,7 @@ impl StateStore for EtcdStore {
             job.version += 1;
             let key = self.key(&Self::job_key(seq));
             let same = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
-            if let Some(new_rev) = self.commit(key, Some(same), serde_json::to_vec(&job)?)? {
+            if let Some(new_rev) = self.commit(key, Some(same), Some(serde_json::to_vec(&job)?))? {
                 let mut cache = self.cache.lock().expect("cache lock poisoned");
                 cache.jobs.insert(seq, (job.clone(), new_rev));
                 return Ok(Some(job));
@@ -315,7 +316,7 @@ impl StateStore for EtcdStore {
             let mut record: AgentRecord = serde_json::from_slice(kv.value())?;
             record.drained = drained;
             let same = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision());
-            if self.commit(key.clone(), Some(same), serde_json::to_vec(&record)?)?.is_some() {
+            if self.commit(key.clone(), Some(same), Some(serde_json::to_vec(&record)?))?.is_some() {
                 return Ok(true);
             }
         }
@@ -327,5 +328,20 @@ impl StateStore for EtcdStore {
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
         self.range("agents/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
+    }
+
+    fn put_token(&self, record: &TokenRecord) -> Result<()> {
+        self.put(self.key(&format!("tokens/{}", record.name)), serde_json::to_vec(record)?).map(|_| ())
+    }
+
+    fn delete_token(&self, name: &str) -> Result<bool> {
+        let key = self.key(&format!("tokens/{name}"));
+        // Only an existing key is deleted, so the answer says whether there was one.
+        let present = Compare::create_revision(key.clone(), CompareOp::Greater, 0);
+        Ok(self.commit(key, Some(present), None)?.is_some())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.range("tokens/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
     }
 }

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 pub(super) struct Write {
     pub key: String,
     pub condition: Option<Compare>,
-    pub value: Vec<u8>,
+    /// `None` deletes the key.
+    pub value: Option<Vec<u8>>,
     pub reply: std::sync::mpsc::SyncSender<Result<Option<i64>>>,
 }
 
@@ -67,7 +68,13 @@ pub(super) async fn write_batches(
 async fn transact(client: &Client, leader: &str, token: i64, writes: &[Write]) -> Result<Option<i64>> {
     let mut compares = vec![Compare::create_revision(leader, CompareOp::Equal, token)];
     compares.extend(writes.iter().filter_map(|w| w.condition.clone()));
-    let ops: Vec<TxnOp> = writes.iter().map(|w| TxnOp::put(w.key.clone(), w.value.clone(), None)).collect();
+    let ops: Vec<TxnOp> = writes
+        .iter()
+        .map(|w| match &w.value {
+            Some(value) => TxnOp::put(w.key.clone(), value.clone(), None),
+            None => TxnOp::delete(w.key.clone(), None),
+        })
+        .collect();
     let txn = Txn::new().when(compares).and_then(ops).or_else(vec![TxnOp::get(leader, None)]);
     let resp = client.clone().txn(txn).await.map_err(etcd)?;
     if resp.succeeded() {
