@@ -9,6 +9,7 @@ mod checkpoints;
 mod coordinators;
 mod error;
 pub mod inventory;
+pub mod isolation;
 mod logship;
 mod metrics;
 mod runner;
@@ -43,6 +44,8 @@ pub struct Config {
     /// The IP other agents reach this one at; by default the local end of the route to the
     /// coordinator.
     pub advertise_addr: Option<String>,
+    /// The user jobs run as when the agent runs as root (`--job-user`; never root).
+    pub job_user: String,
 }
 
 type RankKey = (String, u32, u32);
@@ -57,6 +60,7 @@ struct Agent {
     config: Config,
     coordinators: Coordinators,
     inventory: Inventory,
+    isolation: Arc<isolation::Isolation>,
     /// Every rank held: running, or exited and not yet released. A std mutex: never held across
     /// an await.
     jobs: Mutex<BTreeMap<RankKey, Held>>,
@@ -68,11 +72,21 @@ struct Agent {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let coordinators = Coordinators::new(&config.coordinator, config.token.as_deref())?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
+    let isolation = Arc::new(isolation::Isolation::detect(&config.job_user)?);
+    if isolation.user.is_some() {
+        // The job user must pass through the work directory to its own (not list it).
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&config.work_dir).map_err(Error::io(format!("reading {}", config.work_dir.display())))?;
+        let mode = meta.permissions().mode() | 0o111;
+        std::fs::set_permissions(&config.work_dir, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("chmod {}", config.work_dir.display())))?;
+    }
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
     let agent = Arc::new(Agent {
         config,
         coordinators,
         inventory,
+        isolation,
         jobs: Mutex::new(BTreeMap::new()),
         outbound: Mutex::new(None),
     });
@@ -247,6 +261,7 @@ impl Agent {
             train_program: self.config.train_program.clone(),
             kernel_cache: self.config.work_dir.join("kernel-cache"),
             coordinators: self.coordinators.clone(),
+            isolation: self.isolation.clone(),
         };
         let agent = self.clone();
         tokio::spawn(async move {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::checkpoints::{self, Uploader};
 use crate::coordinators::Coordinators;
 use crate::error::{Error, Result};
+use crate::isolation::{self, Isolation};
 use crate::logship::LogShipper;
 
 pub struct Launch {
@@ -29,6 +30,8 @@ pub struct Launch {
     /// kernels and autotune results outlive a job, so the next one on this GPU model skips the JIT.
     pub kernel_cache: PathBuf,
     pub coordinators: Coordinators,
+    /// The user and cgroup the job runs in.
+    pub isolation: std::sync::Arc<Isolation>,
 }
 
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
@@ -54,9 +57,13 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
 
     let outcome = run_child(&launch, &line_tx, &mut stop).await;
     match outcome {
-        Ok(Exit { code, signal }) => {
+        Ok(Exit { code, signal, why }) => {
             report.exit_code = code;
             report.signal = signal;
+            if let Some(why) = why {
+                let _ = line_tx.send(format!("[gantry] {why}")).await;
+                report.message = why;
+            }
         }
         Err(e) => {
             let message = e.to_string();
@@ -74,6 +81,8 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
 struct Exit {
     code: Option<i32>,
     signal: Option<i32>,
+    /// What the exit status does not say: the kernel killed it for memory.
+    why: Option<String>,
 }
 
 async fn run_child(
@@ -116,6 +125,13 @@ async fn run_child(
         (None, None) => return Err(Error::NothingToRun),
     };
 
+    // The job's files are the job user's; its processes live in its own cgroup.
+    let isolation = &launch.isolation;
+    isolation.hand_over(&launch.dir)?;
+    isolation.shared_dir(&launch.kernel_cache)?;
+    let cgroup_name = format!("job-{}-{}-{}", a.job_id, a.attempt, a.rank);
+    let cgroup = isolation.cgroup(&cgroup_name, launch.spec.resources.cpus, launch.spec.resources.memory_gb)?;
+
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .current_dir(&launch.dir)
@@ -129,7 +145,26 @@ async fn run_child(
     if resume_dir.is_none() {
         cmd.env_remove("GANTRY_RESUME_DIR");
     }
-    let mut child = cmd.spawn().map_err(Error::io(format!("could not start `{}`", argv[0])))?;
+    if let Some(user) = &isolation.user {
+        // Not root's home: the job's own directory.
+        cmd.env("HOME", &launch.dir).env("USER", &user.name).env("LOGNAME", &user.name);
+    }
+    let procs = cgroup.as_ref().map(|c| c.procs()).unwrap_or_default();
+    let user = isolation.user.clone();
+    // SAFETY: `enter` makes only async-signal-safe calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || isolation::enter(&procs, user.as_ref()));
+    }
+    let spawned = cmd.spawn().map_err(Error::io(format!("could not start `{}`", argv[0])));
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            return Err(e);
+        }
+    };
     let pgid = child.id().map(|p| p as i32).ok_or(Error::Untracked)?;
     info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, pid = pgid, "job started");
 
@@ -171,9 +206,19 @@ async fn run_child(
     }
     let _ = upload_stop_tx.send(true);
     let _ = uploading.await;
+    let why = match cgroup {
+        Some(cgroup) => {
+            let oom = cgroup.oom_killed().then(|| cgroup.oom_reason());
+            let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+            oom
+        }
+        None => None,
+    };
     let status = status.map_err(Error::io("waiting for the job failed"))?;
     use std::os::unix::process::ExitStatusExt;
-    Ok(Exit { code: status.code(), signal: status.signal() })
+    // A job that handled its own out-of-memory kill and still succeeded is not a failure.
+    let why = why.filter(|_| !status.success());
+    Ok(Exit { code: status.code(), signal: status.signal(), why })
 }
 
 /// Where a rank appends its metrics (`GANTRY_METRICS_FILE`), in its attempt directory.

@@ -50,7 +50,7 @@ impl HaFleet {
         let etcd_url = etcd.url.clone();
         let mut fleet = HaFleet {
             _etcd: etcd,
-            dir: tempfile::tempdir().unwrap(),
+            dir: support::job_visible_tempdir(),
             etcd_url,
             ports: vec![free_port(), free_port()],
             coordinators: vec![None, None],

@@ -321,3 +321,40 @@ fn oversized_specs_and_messages_are_refused_without_the_coordinator_growing() {
     assert!(after < before + (32 << 20), "resident memory grew from {before} to {after} bytes");
     assert_eq!(fleet.json(&["jobs"]).as_array().unwrap().len(), 1, "only the ordinary submit queued");
 }
+
+#[test]
+fn jobs_run_unprivileged_in_their_own_cgroup_and_a_memory_kill_is_named() {
+    // Switching users and making cgroups need root; the tests (and CI) run as root, so the agent
+    // here isolates its jobs as it would on a GPU node.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root, as the agent does to isolate jobs");
+    let fleet = Fleet::start();
+    let secret = fleet.dir.path().join("root-only.txt");
+    std::fs::write(&secret, "root's secret").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let spec = format!(
+        "name: who\nresources: {{cpus: 1, memory_gb: 1}}\ncommand: [\"sh\", \"-c\", \"echo uid=$(id -u); grep memory /proc/self/cgroup; cat {} || echo refused\"]\n",
+        secret.display()
+    );
+    let id = fleet.submit(&spec);
+    assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(30)), "succeeded");
+    let logs = fleet.ok(&["logs", &id]);
+    assert!(logs.contains("uid=65534"), "the job runs as nobody, not root:\n{logs}");
+    assert!(logs.contains(&format!("/gantry/job-{id}-1-0")), "the job is in its own memory cgroup:\n{logs}");
+    assert!(logs.contains("refused") && !logs.contains("root's secret"), "{logs}");
+
+    // 3 GiB touched under a 1 GiB limit: the kernel kills it, and the job says why.
+    let hog = fleet.submit(
+        "name: hog\nresources: {cpus: 1, memory_gb: 1}\ncommand: [\"python3\", \"-c\", \"b = bytearray(3 << 30); print('survived')\"]\n",
+    );
+    assert_eq!(fleet.wait_state(&hog, &["succeeded", "failed"], Duration::from_secs(60)), "failed");
+    let shown = fleet.ok(&["job", &hog]);
+    assert!(shown.contains("out of memory (memory_gb: 1)"), "{shown}");
+    let logs = fleet.ok(&["logs", &hog]);
+    assert!(!logs.contains("survived"), "{logs}");
+    // The cgroups are gone with their jobs.
+    let memory_root = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = memory_root.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap();
+    let left = std::path::Path::new("/sys/fs/cgroup/memory").join(own.trim_start_matches('/')).join("gantry").join(format!("job-{hog}-1-0"));
+    assert!(!left.exists(), "{} is left behind", left.display());
+}

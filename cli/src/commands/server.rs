@@ -129,6 +129,9 @@ pub struct AgentArgs {
     /// address on the route to the coordinator].
     #[arg(long)]
     advertise_addr: Option<String>,
+    /// The user jobs run as when the agent runs as root: never root itself.
+    #[arg(long, default_value = "nobody")]
+    job_user: String,
 }
 
 #[derive(Args)]
@@ -317,10 +320,11 @@ fn agent_config(
     work_dir: PathBuf,
     nvml_lib: Option<PathBuf>,
     advertise_addr: Option<String>,
+    job_user: String,
 ) -> anyhow::Result<gantry_agent::Config> {
     let name = name.unwrap_or_else(gantry_agent::inventory::hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
-    Ok(gantry_agent::Config { coordinator, token, name, work_dir, nvml_lib, train_program, advertise_addr })
+    Ok(gantry_agent::Config { coordinator, token, name, work_dir, nvml_lib, train_program, advertise_addr, job_user })
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -331,7 +335,8 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         (None, Some(path)) => Some(read_secret(path, "join token")?),
         (None, None) => None,
     };
-    let config = agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr)?;
+    let config =
+        agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr, args.job_user)?;
     gantry_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
@@ -354,7 +359,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     let config = Config { data_dir: data_dir.clone(), settings, store: None, object_store: None, tokens: Vec::new() };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
     let agent_config =
-        agent_config(url.clone(), None, Some("local".into()), data_dir.join("agent"), args.nvml_lib, None)?;
+        agent_config(url.clone(), None, Some("local".into()), data_dir.join("agent"), args.nvml_lib, None, "nobody".into())?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
 
     let code = match args.run {

@@ -47,7 +47,7 @@ impl Fleet {
     /// The same, with `grace` between SIGTERM and SIGKILL for cancelled and preempted jobs.
     pub fn with_grace(grace: &'static str) -> Fleet {
         let mut fleet = Fleet {
-            dir: tempfile::tempdir().unwrap(),
+            dir: job_visible_tempdir(),
             grpc: 0,
             http: 0,
             coordinator: None,
@@ -496,4 +496,13 @@ pub fn chromium(args: &[&str], url: &str) -> std::process::Output {
         .arg(url)
         .output()
         .expect("chromium is not installed (.ci/run installs Debian's package)")
+}
+
+/// A temporary directory jobs can pass through: tests run as root, so agents run their jobs as
+/// `nobody`, who must reach the agent's work directory and the scripts tests write here.
+pub fn job_visible_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
 }
