@@ -35,21 +35,32 @@ pub fn committed_steps(dir: &Path) -> Vec<(u64, PathBuf)> {
 /// Every regular file under `dir`, relative and '/'-separated, with size and sha256, and what was
 /// left out: a checkpoint carries regular files only, so a symlink (to a file outside the job's
 /// directory, say), a device, a pipe or a socket is named here and never read.
-pub fn describe_files(dir: &Path) -> Result<Described> {
+///
+/// The job owns `dir` and may change it while the agent (root) reads it, so nothing is reached
+/// through a path the job could redirect: every directory and file is opened one component at a
+/// time below `trusted` (a directory the job cannot replace), refusing symlinks on the way.
+pub fn describe_files(trusted: &Path, dir: &Path) -> Result<Described> {
     let mut out = Described::default();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(Error::io(format!("listing {}", d.display())))? {
+        let handle = open_below(trusted, &d, true).map_err(Error::io(format!("opening {}", d.display())))?;
+        for entry in std::fs::read_dir(fd_path(&handle)).map_err(Error::io(format!("listing {}", d.display())))? {
             let entry = entry.map_err(Error::io("listing a checkpoint"))?;
-            let path = entry.path();
+            let path = d.join(entry.file_name());
             // The entry itself, not what a symlink points at.
             let kind = entry.file_type().map_err(Error::io("reading a checkpoint entry"))?;
             let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().replace('\\', "/");
             if kind.is_dir() {
                 stack.push(path);
             } else if kind.is_file() {
-                let (size, sha256) = hash_file(&path)?;
-                out.files.push(v1::FileDigest { path: rel, size, sha256 });
+                match hash_file(trusted, &path) {
+                    Ok((size, sha256)) => out.files.push(v1::FileDigest { path: rel, size, sha256 }),
+                    // Swapped for something else since the listing.
+                    Err(_) if open_below(trusted, &path, false).is_err() => {
+                        out.refused.push((rel, "not a regular file"))
+                    }
+                    Err(e) => return Err(e),
+                }
             } else {
                 out.refused.push((rel, refusal(kind)));
             }
@@ -82,15 +93,46 @@ fn refusal(kind: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Opens a checkpoint file without following a symlink: one put in a file's place after it was
-/// described is refused rather than read.
-fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+/// Opens `path`, which lies below `trusted`, one component at a time with `O_NOFOLLOW`: a
+/// symlink anywhere below `trusted` (put in a directory's or a file's place after it was listed)
+/// is refused rather than followed. A file must be a regular file (a pipe would block the agent).
+fn open_below(trusted: &Path, path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let rel = path.strip_prefix(trusted).map_err(|_| std::io::Error::other("outside the job's directory"))?;
+    let mut current = std::fs::File::open(trusted)?;
+    let names: Vec<_> = rel.components().collect();
+    for (i, component) in names.iter().enumerate() {
+        let std::path::Component::Normal(name) = component else {
+            return Err(std::io::Error::other("not a plain relative path"));
+        };
+        let last = i + 1 == names.len();
+        let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        flags |= if last && !directory { libc::O_NONBLOCK } else { libc::O_DIRECTORY };
+        let name = std::ffi::CString::new(name.as_bytes()).map_err(std::io::Error::other)?;
+        // SAFETY: openat on a directory descriptor we own and a NUL-terminated name.
+        let fd = unsafe { libc::openat(current.as_raw_fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor openat just returned, owned by nothing else.
+        current = unsafe { std::fs::File::from_raw_fd(fd) };
+    }
+    if !directory && !current.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(current)
 }
 
-fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = open_regular(path).map_err(Error::io(format!("opening {}", path.display())))?;
+/// The path of an open descriptor: a directory listed through it is the one opened, whatever
+/// its path names now.
+fn fd_path(file: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+fn hash_file(trusted: &Path, path: &Path) -> Result<(u64, String)> {
+    let mut f = open_below(trusted, path, false).map_err(Error::io(format!("opening {}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
@@ -113,6 +155,9 @@ pub struct Uploader {
     pub done: BTreeSet<u64>,
     /// The job's log: what a checkpoint left out is said there.
     pub log: mpsc::Sender<String>,
+    /// A directory above `dir` the job cannot replace (its attempt directory's parent belongs to
+    /// the agent): checkpoint files are opened below it without following symlinks.
+    pub trusted: PathBuf,
 }
 
 impl Uploader {
@@ -147,13 +192,14 @@ impl Uploader {
     }
 
     async fn upload(&mut self, step: u64, path: &Path) -> Result<()> {
-        let dir = path.to_path_buf();
-        let described = tokio::task::spawn_blocking(move || describe_files(&dir))
+        let (trusted, dir) = (self.trusted.clone(), path.to_path_buf());
+        let described = tokio::task::spawn_blocking(move || describe_files(&trusted, &dir))
             .await
             .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??;
         for (rel, what) in &described.refused {
             warn!(job = %self.job_id, step, path = %rel, what, "left out of the checkpoint");
-            let line = format!("[gantry] checkpoint step {step}: `{rel}` is {what}, left out (only regular files are kept)");
+            let line =
+                format!("[gantry] checkpoint step {step}: `{rel}` is {what}, left out (only regular files are kept)");
             let _ = self.log.send(line).await;
         }
         let files = described.files;
@@ -167,7 +213,7 @@ impl Uploader {
             committed_at_ms: 0,
         };
         let (tx, rx) = mpsc::channel(4);
-        let root = path.to_path_buf();
+        let (trusted, root) = (self.trusted.clone(), path.to_path_buf());
         let producer = tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let part = |p| v1::CheckpointUpload { part: Some(p) };
@@ -175,7 +221,8 @@ impl Uploader {
                 return Ok(());
             }
             for file in files {
-                let opened = open_regular(&root.join(&file.path)).map_err(Error::io("opening for upload"))?;
+                let opened =
+                    open_below(&trusted, &root.join(&file.path), false).map_err(Error::io("opening for upload"))?;
                 let mut f = tokio::fs::File::from_std(opened);
                 let mut offset = 0;
                 loop {
@@ -238,7 +285,8 @@ pub async fn download(client: &mut crate::coordinators::Client, r: &v1::Checkpoi
         f.flush().await.map_err(Error::io("writing a resume file"))?;
     }
     let dest = dest.to_path_buf();
-    let got = tokio::task::spawn_blocking(move || describe_files(&dest))
+    // Written by the agent before the job starts: `dest` itself is trusted.
+    let got = tokio::task::spawn_blocking(move || describe_files(&dest, &dest))
         .await
         .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??
         .files;
@@ -274,7 +322,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/w.bin"), b"abc").unwrap();
         std::fs::write(dir.path().join("state.json"), b"{}").unwrap();
-        let files = describe_files(dir.path()).unwrap().files;
+        let files = describe_files(dir.path(), dir.path()).unwrap().files;
         assert_eq!(files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["state.json", "sub/w.bin"]);
         assert_eq!(files[1].sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
@@ -287,13 +335,33 @@ mod tests {
         std::fs::write(dir.path().join("model.bin"), b"weights").unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("stolen")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("linked-dir")).unwrap();
-        let described = describe_files(dir.path()).unwrap();
+        let described = describe_files(dir.path(), dir.path()).unwrap();
         let paths: Vec<&str> = described.files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["model.bin"]);
         assert_eq!(described.refused, [("linked-dir".to_string(), "a symlink"), ("stolen".to_string(), "a symlink")]);
         // Swapped in after the listing: opening refuses it.
         std::fs::remove_file(dir.path().join("model.bin")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("model.bin")).unwrap();
-        assert!(open_regular(&dir.path().join("model.bin")).is_err());
+        assert!(open_below(dir.path(), &dir.path().join("model.bin"), false).is_err());
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_is_not_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("shadow"), b"root's secrets").unwrap();
+        let job = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(job.path().join("checkpoints/step-1")).unwrap();
+        // The job replaces its checkpoints directory (which it owns) with a link elsewhere.
+        std::fs::remove_dir_all(job.path().join("checkpoints")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), job.path().join("checkpoints")).unwrap();
+        let file = job.path().join("checkpoints/shadow");
+        assert!(std::fs::read(&file).is_ok(), "a path-following read would get it");
+        assert!(open_below(job.path(), &file, false).is_err());
+        assert!(describe_files(job.path(), &job.path().join("checkpoints")).is_err());
+        // A pipe in a file's place is refused without blocking.
+        let pipe = job.path().join("pipe");
+        let c = std::ffi::CString::new(pipe.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(open_below(job.path(), &pipe, false).is_err());
     }
 }

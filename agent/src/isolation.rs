@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 
 /// The scheduler's period for CPU quotas: a job with `cpus: 2` may run 200 ms every 100 ms.
 const CPU_PERIOD_US: u64 = 100_000;
+/// "No limit" in cgroup v1's memory files.
+const MAX_V1: &str = "-1";
 
 #[derive(Debug, Clone)]
 pub struct JobUser {
@@ -54,14 +56,16 @@ pub struct JobCgroup {
 impl Isolation {
     /// Isolation as this process may give it: a job user only when running as root, cgroups
     /// where they are mounted and writable.
-    pub fn detect(job_user: &str) -> Result<Isolation> {
+    /// `agent_key` tells this agent's job cgroups from those of other agents on the machine (and
+    /// of other test fleets, whose job ids repeat).
+    pub fn detect(job_user: &str, agent_key: &str) -> Result<Isolation> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let user = if root { Some(lookup_user(job_user)?) } else { None };
         if user.as_ref().is_some_and(|u| u.uid == 0) {
             return Err(Error::Fatal(format!("--job-user {job_user} is root: jobs never run as root")));
         }
-        let cgroups = match detect_hierarchy() {
+        let cgroups = match detect_hierarchy(agent_key) {
             Ok(h) => Some(h),
             Err(why) => {
                 warn!(%why, "jobs run without cgroup limits");
@@ -104,16 +108,19 @@ impl Isolation {
     /// Makes the cgroup of job rank `name` with the spec's limits. `None` without cgroups.
     pub fn cgroup(&self, name: &str, cpus: f64, memory_gb: f64) -> Result<Option<JobCgroup>> {
         let Some(hierarchy) = &self.cgroups else { return Ok(None) };
-        let memory_bytes = (memory_gb * (1u64 << 30) as f64) as u64;
-        let quota_us = (cpus * CPU_PERIOD_US as f64).ceil() as u64;
+        // `memory_gb: 0` and `cpus: 0` ask for no share, so they set no limit (a limit of 0
+        // would kill the job at once); the kernel refuses quotas under 1 ms.
+        let memory_bytes = (memory_gb > 0.0).then(|| ((memory_gb * (1u64 << 30) as f64) as u64).to_string());
+        let memory_bytes = memory_bytes.as_deref().unwrap_or(MAX_V1);
+        let quota_us = if cpus > 0.0 { ((cpus * CPU_PERIOD_US as f64).ceil() as u64).max(1_000) } else { 0 };
         let mut group = match hierarchy {
             Hierarchy::V1 { memory, cpu } => {
                 let mem_dir = make_dir(&memory.join(name))?;
-                write(&mem_dir.join("memory.limit_in_bytes"), &memory_bytes.to_string())?;
+                write(&mem_dir.join("memory.limit_in_bytes"), memory_bytes)?;
                 // Without swap accounting the file is absent; with it, swap counts too.
                 let memsw = mem_dir.join("memory.memsw.limit_in_bytes");
                 if memsw.exists() {
-                    write(&memsw, &memory_bytes.to_string())?;
+                    write(&memsw, memory_bytes)?;
                 }
                 let mut group = JobCgroup {
                     procs: vec![procs_path(&mem_dir)?],
@@ -134,7 +141,8 @@ impl Isolation {
             }
             Hierarchy::V2 { jobs } => {
                 let dir = make_dir(&jobs.join(name))?;
-                write(&dir.join("memory.max"), &memory_bytes.to_string())?;
+                let max = if memory_bytes == MAX_V1 { "max" } else { memory_bytes };
+                write(&dir.join("memory.max"), max)?;
                 let _ = write(&dir.join("memory.swap.max"), "0");
                 if quota_us > 0 {
                     write(&dir.join("cpu.max"), &format!("{quota_us} {CPU_PERIOD_US}"))?;
@@ -163,23 +171,34 @@ impl JobCgroup {
         format!("out of memory (memory_gb: {})", self.memory_gb)
     }
 
-    /// Kills whatever of the job is left (processes that left its process group too) and
-    /// removes the cgroup.
-    pub fn remove(self) {
-        for dir in &self.dirs {
-            for _ in 0..50 {
-                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                let pids: Vec<i32> = pids.lines().filter_map(|l| l.trim().parse().ok()).collect();
-                if pids.is_empty() && std::fs::remove_dir(dir).is_ok() {
-                    break;
-                }
-                for pid in pids {
-                    // SAFETY: kill(2) has no memory effects.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+    /// SIGKILLs every process in the job's cgroup, those that left its process group too.
+    /// v2's `cgroup.kill` does it atomically; v1 has no such file, so its members are read and
+    /// signalled one by one (a pid that exits in between and is reused at once could be hit:
+    /// freezing the cgroup first would close that, and is not done yet).
+    pub fn kill_all(&self) {
+        let Some(dir) = self.dirs.first() else { return };
+        if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+            return;
         }
+        let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) has no memory effects. The pid is a member of the job's cgroup,
+            // which holds only the job's processes, read just now.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Kills whatever of the job is left and removes the cgroup.
+    pub fn remove(mut self) {
+        for _ in 0..50 {
+            self.kill_all();
+            self.dirs.retain(|dir| std::fs::remove_dir(dir).is_err() && dir.exists());
+            if self.dirs.is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        warn!(cgroups = ?self.dirs, "a job's cgroup could not be removed");
     }
 }
 
@@ -211,10 +230,7 @@ pub fn enter(procs: &[CString], user: Option<&JobUser>) -> std::io::Result<()> {
     if let Some(u) = user {
         // SAFETY: plain syscalls; groups first, then gid, then uid, so none can be regained.
         unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(u.gid) != 0
-                || libc::setuid(u.uid) != 0
-            {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(u.gid) != 0 || libc::setuid(u.uid) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
@@ -224,10 +240,7 @@ pub fn enter(procs: &[CString], user: Option<&JobUser>) -> std::io::Result<()> {
 
 /// The `oom_kill` count in `memory.events` or `memory.oom_control`.
 fn oom_kills(text: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
 }
 
 fn lookup_user(name: &str) -> Result<JobUser> {
@@ -257,11 +270,11 @@ fn own_cgroup(controller: &str) -> Option<String> {
     })
 }
 
-fn detect_hierarchy() -> std::result::Result<Hierarchy, String> {
+fn detect_hierarchy(agent_key: &str) -> std::result::Result<Hierarchy, String> {
     let root = Path::new("/sys/fs/cgroup");
     if root.join("cgroup.controllers").exists() {
         let own = own_cgroup("").ok_or("no cgroup v2 line in /proc/self/cgroup")?;
-        return v2_subtree(&root.join(own.trim_start_matches('/')));
+        return v2_subtree(&root.join(own.trim_start_matches('/')), agent_key);
     }
     let memory_mount = root.join("memory");
     if !memory_mount.join("memory.limit_in_bytes").exists() {
@@ -269,7 +282,7 @@ fn detect_hierarchy() -> std::result::Result<Hierarchy, String> {
     }
     let under = |mount: &Path, controller: &str| -> std::result::Result<PathBuf, String> {
         let own = own_cgroup(controller).unwrap_or_else(|| "/".into());
-        let dir = mount.join(own.trim_start_matches('/')).join("gantry");
+        let dir = mount.join(own.trim_start_matches('/')).join("gantry").join(agent_key);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         Ok(dir)
     };
@@ -281,11 +294,12 @@ fn detect_hierarchy() -> std::result::Result<Hierarchy, String> {
 
 /// v2: processes live only in leaves once controllers are handed down, so the agent moves
 /// itself to `own/agent` and jobs go under `own/jobs`, both with memory and cpu enabled.
-fn v2_subtree(own: &Path) -> std::result::Result<Hierarchy, String> {
+fn v2_subtree(own: &Path, agent_key: &str) -> std::result::Result<Hierarchy, String> {
     let fail = |what: &str, e: std::io::Error| format!("cgroup v2: {what}: {e}");
     let agent = own.join("agent");
     let jobs = own.join("jobs");
-    for dir in [&agent, &jobs] {
+    let ours = jobs.join(agent_key);
+    for dir in [&agent, &ours] {
         std::fs::create_dir_all(dir).map_err(|e| fail(&format!("creating {}", dir.display()), e))?;
     }
     // Every process of the agent's cgroup (its own threads' process, and any helper).
@@ -293,11 +307,11 @@ fn v2_subtree(own: &Path) -> std::result::Result<Hierarchy, String> {
     for pid in pids.lines().filter(|l| !l.trim().is_empty()) {
         std::fs::write(agent.join("cgroup.procs"), pid.trim()).map_err(|e| fail("moving the agent to a leaf", e))?;
     }
-    for dir in [own, jobs.as_path()] {
+    for dir in [own, jobs.as_path(), ours.as_path()] {
         std::fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu")
             .map_err(|e| fail(&format!("enabling memory and cpu in {}", dir.display()), e))?;
     }
-    Ok(Hierarchy::V2 { jobs })
+    Ok(Hierarchy::V2 { jobs: ours })
 }
 
 fn make_dir(dir: &Path) -> Result<PathBuf> {
@@ -319,9 +333,10 @@ fn procs_path(dir: &Path) -> Result<CString> {
         .map_err(|_| Error::Fatal(format!("cgroup path {} holds a NUL", dir.display())))
 }
 
+/// Gives a tree the agent made (root's until now) to the job user, deepest first: a directory is
+/// handed over only once everything in it has been, so no job (all share the job user) can put a
+/// symlink into a part still being walked.
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    // lchown: a symlink in the tree is given away itself, never what it points to.
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(Error::io(format!("chown {}", path.display())))?;
     let meta = std::fs::symlink_metadata(path).map_err(Error::io(format!("reading {}", path.display())))?;
     if meta.is_dir() {
         for entry in std::fs::read_dir(path).map_err(Error::io(format!("reading {}", path.display())))? {
@@ -329,7 +344,8 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
             chown_tree(&entry.path(), uid, gid)?;
         }
     }
-    Ok(())
+    // lchown: a symlink is given away itself, never what it points to.
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(Error::io(format!("chown {}", path.display())))
 }
 
 #[cfg(test)]

@@ -72,11 +72,18 @@ struct Agent {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let coordinators = Coordinators::new(&config.coordinator, config.token.as_deref())?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
-    let isolation = Arc::new(isolation::Isolation::detect(&config.job_user)?);
+    // The work directory names this agent among others on the machine, across its restarts.
+    let agent_key = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(config.work_dir.to_string_lossy().as_bytes());
+        format!("agent-{}", &hex::encode(digest)[..12])
+    };
+    let isolation = Arc::new(isolation::Isolation::detect(&config.job_user, &agent_key)?);
     if isolation.user.is_some() {
         // The job user must pass through the work directory to its own (not list it).
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(&config.work_dir).map_err(Error::io(format!("reading {}", config.work_dir.display())))?;
+        let meta =
+            std::fs::metadata(&config.work_dir).map_err(Error::io(format!("reading {}", config.work_dir.display())))?;
         let mode = meta.permissions().mode() | 0o111;
         std::fs::set_permissions(&config.work_dir, std::fs::Permissions::from_mode(mode))
             .map_err(Error::io(format!("chmod {}", config.work_dir.display())))?;

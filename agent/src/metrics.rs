@@ -28,7 +28,16 @@ impl MetricsTail {
 
     /// The points completed since the last call (none while the file does not exist).
     pub fn read_new(&mut self, now_ms: i64) -> Vec<v1::MetricPoint> {
-        let Ok(mut file) = std::fs::File::open(&self.path) else { return Vec::new() };
+        // The job owns the file: a symlink in its place is not followed, and a pipe neither
+        // blocks the agent's heartbeat nor is read.
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.path)
+            .ok()
+            .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+        let Some(mut file) = opened else { return Vec::new() };
         let mut chunk = Vec::new();
         let read =
             file.seek(SeekFrom::Start(self.offset)).and_then(|_| file.take(MAX_BYTES_PER_READ).read_to_end(&mut chunk));

@@ -133,6 +133,12 @@ async fn run_child(
     let cgroup = isolation.cgroup(&cgroup_name, launch.spec.resources.cpus, launch.spec.resources.memory_gb)?;
 
     let mut cmd = tokio::process::Command::new(&argv[0]);
+    // The agent's own settings (its join token among them) are not the job's.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("GANTRY_") {
+            cmd.env_remove(name);
+        }
+    }
     cmd.args(&argv[1..])
         .current_dir(&launch.dir)
         .envs(&launch.spec.env)
@@ -178,6 +184,7 @@ async fn run_child(
         attempt: a.attempt,
         coordinators: launch.coordinators.clone(),
         dir: checkpoint_dir,
+        trusted: launch.dir.clone(),
         done: BTreeSet::new(),
         log: lines.clone(),
     };
@@ -199,8 +206,12 @@ async fn run_child(
             }
         }
     };
-    // Whatever the leader left behind in its group goes with it (and releases the pipes).
+    // Whatever the leader left behind in its group, or in its cgroup outside the group, goes
+    // with it (and releases the pipes, which the readers below wait for).
     signal_group(pgid, libc::SIGKILL);
+    if let Some(cgroup) = &cgroup {
+        cgroup.kill_all();
+    }
     for r in readers {
         let _ = r.await;
     }

@@ -332,7 +332,7 @@ fn a_gang_is_requeued_only_after_every_rank_of_the_failed_attempt_has_stopped() 
     fleet.start_agent("node-b");
     fleet.wait_for_nodes(2);
     let marks = fleet.dir.path().join("marks");
-    std::fs::create_dir_all(&marks).unwrap();
+    support::job_writable_dir(&marks);
     // Attempt 1: rank 1 fails at once; rank 0 takes a second to stop. Attempt 2 must start after.
     let script = format!(
         r#"

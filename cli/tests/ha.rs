@@ -218,7 +218,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
     let mut fleet = HaFleet::start();
     fleet.start_agent("node-a");
     let locks = fleet.dir.path().join("locks");
-    std::fs::create_dir_all(&locks).unwrap();
+    support::job_writable_dir(&locks);
     let spec = exclusive_job(&locks);
     let deadline = Instant::now() + Duration::from_secs(30);
     while fleet.json(&["nodes"]).as_array().unwrap().iter().all(|n| n["connected"] != true) {

@@ -108,7 +108,10 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::LimitExceeded(_) => Code::TooMany,
-            Error::AlreadyExists(_) | Error::NotRegistered(_) | Error::ProtocolMismatch { .. } | Error::NoObjectStore { .. } => Code::Conflict,
+            Error::AlreadyExists(_)
+            | Error::NotRegistered(_)
+            | Error::ProtocolMismatch { .. }
+            | Error::NoObjectStore { .. } => Code::Conflict,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
             Error::Codec(_) | Error::Io { .. } => Code::Internal,

@@ -177,7 +177,9 @@ mod checks {
                 .map(|t| {
                     let s = s.clone();
                     scope.spawn(move || {
-                        (0..25).map(|i| s.submit(spec(&format!("t{t}-{i}")), "alice", 0).unwrap().id).collect::<Vec<_>>()
+                        (0..25)
+                            .map(|i| s.submit(spec(&format!("t{t}-{i}")), "alice", 0).unwrap().id)
+                            .collect::<Vec<_>>()
                     })
                 })
                 .collect();

@@ -374,7 +374,9 @@ impl JobSpec {
                 if cmd.is_empty() || cmd[0].is_empty() {
                     return Err(SpecError::new("command", "must name a program to run"));
                 }
-                if cmd.len() > limits::COMMAND_ARGS || cmd.iter().map(String::len).sum::<usize>() > limits::COMMAND_BYTES {
+                if cmd.len() > limits::COMMAND_ARGS
+                    || cmd.iter().map(String::len).sum::<usize>() > limits::COMMAND_BYTES
+                {
                     return Err(SpecError::new(
                         "command",
                         format!("at most {} arguments of {} bytes in all", limits::COMMAND_ARGS, limits::COMMAND_BYTES),
@@ -646,7 +648,10 @@ mod tests {
         let e = JobSpec::from_yaml(&format!("name: j\ncommand: [{args}]\n")).unwrap_err();
         assert!(e.field == "command" && e.reason.contains("at most 1024 arguments"), "{e}");
         // What people write is fine.
-        JobSpec::from_yaml("name: lr sweep 3e-4 @ v2\nqueue: research.vision_1\ncommand: [\"true\"]\nenv: {HF_TOKEN: abc, _X1: y}\n").unwrap();
+        JobSpec::from_yaml(
+            "name: lr sweep 3e-4 @ v2\nqueue: research.vision_1\ncommand: [\"true\"]\nenv: {HF_TOKEN: abc, _X1: y}\n",
+        )
+        .unwrap();
     }
 
     #[test]

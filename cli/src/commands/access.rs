@@ -28,7 +28,13 @@ fn role_name(role: i32) -> &'static str {
 }
 
 /// Prints the secret alone on a line (or as JSON): the only time anyone sees it.
-pub async fn create(target: &Target, name: &str, role_text: &str, ttl: Option<Duration>, json: bool) -> anyhow::Result<()> {
+pub async fn create(
+    target: &Target,
+    name: &str,
+    role_text: &str,
+    ttl: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
     let request = v1::CreateTokenRequest {
         name: name.to_string(),
         role: role(role_text)? as i32,

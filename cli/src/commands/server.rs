@@ -211,7 +211,8 @@ fn insecure_only_on_loopback(what: &str, addrs: &[&str]) -> anyhow::Result<()> {
 }
 
 fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} from {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} from {}", path.display()))?;
     Ok(text.trim().to_string())
 }
 
@@ -358,8 +359,15 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
     let settings = Settings { auth: false, ..args.timing.settings() };
     let config = Config { data_dir: data_dir.clone(), settings, store: None, object_store: None, tokens: Vec::new() };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
-    let agent_config =
-        agent_config(url.clone(), None, Some("local".into()), data_dir.join("agent"), args.nvml_lib, None, "nobody".into())?;
+    let agent_config = agent_config(
+        url.clone(),
+        None,
+        Some("local".into()),
+        data_dir.join("agent"),
+        args.nvml_lib,
+        None,
+        "nobody".into(),
+    )?;
     let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
 
     let code = match args.run {

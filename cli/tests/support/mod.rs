@@ -389,7 +389,13 @@ pub fn http_get_as(port: u16, path: &str, token: &str) -> std::io::Result<(u16, 
 
 /// An HTTP/1.0 request on loopback with extra header lines (a Host line replaces the default);
 /// the status code, and the headers and body as one text.
-pub fn http_request(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> std::io::Result<(u16, String)> {
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let (code, _head, body) = http_exchange(port, method, path, headers, body)?;
     Ok((code, body))
 }
@@ -505,4 +511,11 @@ pub fn job_visible_tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
+}
+
+/// A directory of the test's that jobs (run as `nobody`) may write to.
+pub fn job_writable_dir(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
 }

@@ -36,7 +36,10 @@ pub async fn require_token(State(c): State<Arc<Coordinator>>, mut req: Request, 
             Ok(who) => who,
             // People get the login form; programs get the status.
             Err(_) if path == "/" => return Redirect::to("/login").into_response(),
-            Err(e) => return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], format!("{e}\n")).into_response(),
+            Err(e) => {
+                return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], format!("{e}\n"))
+                    .into_response();
+            }
         }
     } else {
         Principal::dev()
@@ -62,7 +65,9 @@ fn host_of(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
-    authority.rsplit_once(':').map_or(authority, |(host, port)| if port.chars().all(|c| c.is_ascii_digit()) { host } else { authority })
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, port)| if port.chars().all(|c| c.is_ascii_digit()) { host } else { authority })
 }
 
 /// The Host must be an IP address, `localhost`, or a name the operator allowed; a request that
@@ -105,8 +110,7 @@ pub struct LoginForm {
 
 /// Checks the token and keeps it in an HttpOnly, SameSite=Strict cookie.
 pub async fn login(State(c): State<Arc<Coordinator>>, axum::Form(form): axum::Form<LoginForm>) -> Response {
-    let local = form.next.starts_with('/') && !form.next.starts_with("//") && !form.next.contains('\\');
-    let next = if local { form.next.as_str() } else { "/" };
+    let next = local_path(&form.next).unwrap_or("/");
     if !c.settings.auth {
         return Redirect::to(next).into_response();
     }
@@ -118,6 +122,17 @@ pub async fn login(State(c): State<Arc<Coordinator>>, axum::Form(form): axum::Fo
     }
     let cookie = format!("{COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/");
     ([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response()
+}
+
+/// `next` if it is a path on this host: one slash, then no second slash or backslash (which
+/// browsers read as another host, `//evil` or `/\evil`), and only visible ASCII (a browser
+/// drops tabs and newlines, turning `/\t/evil` into `//evil`; a newline would also split the
+/// header).
+fn local_path(next: &str) -> Option<&str> {
+    let mut rest = next.strip_prefix('/')?.chars();
+    let visible = next.chars().all(|c| c.is_ascii_graphic());
+    let second = rest.next();
+    (visible && !next.contains('\\') && second != Some('/')).then_some(next)
 }
 
 pub async fn logout() -> Response {
@@ -135,6 +150,16 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:7080"), "127.0.0.1");
         assert_eq!(host_of("[::1]:7080"), "::1");
         assert_eq!(host_of("localhost"), "localhost");
+    }
+
+    #[test]
+    fn only_paths_on_this_host_are_followed_after_login() {
+        for good in ["/", "/?job=5", "/jobs/7#logs"] {
+            assert_eq!(local_path(good), Some(good));
+        }
+        for bad in ["", "//evil.org", "/\\evil.org", "/\t/evil.org", "/\n/x", "https://evil.org", "evil", "/ a"] {
+            assert_eq!(local_path(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -76,8 +76,12 @@ pub enum Action<'a> {
     /// The queue, job states, nodes and GPUs, the web page and `/metrics`.
     SeeFleet,
     /// A job's details, logs and checkpoints.
-    ReadJob { owner: &'a str },
-    CancelJob { owner: &'a str },
+    ReadJob {
+        owner: &'a str,
+    },
+    CancelJob {
+        owner: &'a str,
+    },
     /// Drain and undrain.
     ManageNodes,
     ManageTokens,

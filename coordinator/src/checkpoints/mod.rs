@@ -188,6 +188,11 @@ impl Incoming {
         if offset != *written {
             return Err(Error::InvalidArgument(format!("`{path}`: chunk at offset {offset}, expected {written}")));
         }
+        // Nothing past the announced size reaches the disk: the size limit was checked on it.
+        let announced = self.header.files[self.next_file].size;
+        if written.saturating_add(data.len() as u64) > announced {
+            return Err(Error::InvalidArgument(format!("`{path}`: more data than its announced {announced} bytes")));
+        }
         self.sink.write(data).await?;
         let (hash, written) = self.current.as_mut().expect("opened above");
         hash.update(data);

@@ -343,8 +343,9 @@ mod tests {
         c.register_agent("a", inventory(true), "127.0.0.1".into()).unwrap();
         let (tx, rx) = mpsc::channel(16);
         c.attach_session("a", v1::Heartbeat { inventory: Some(inventory(true)), ..Default::default() }, tx).unwrap();
-        let job =
-            c.submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap(), "dev").unwrap();
+        let job = c
+            .submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap(), "dev")
+            .unwrap();
         let (snapshot, versions) = c.snapshot(&c.store.jobs().unwrap());
         let plan = scheduler::schedule(&snapshot);
         assert_eq!(plan.placements.len(), 1, "{plan:?}");

@@ -121,7 +121,9 @@ pub(crate) async fn receive_checkpoint(
     };
     coordinator.store.job(&header.job_id)?;
     let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
-    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), header.bytes, longest)?;
+    // The files' sizes, not the total the uploader announced, are what will be written.
+    let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
+    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), bytes.max(header.bytes), longest)?;
     let mut incoming = coordinator.checkpoints.begin(checkpoint_from_proto(header))?;
     loop {
         match stream.next().await.transpose() {
@@ -152,4 +154,3 @@ pub(crate) async fn receive_checkpoint(
     let record = committed?;
     Ok(v1::CheckpointAck { step: record.step, sha256: record.sha256 })
 }
-

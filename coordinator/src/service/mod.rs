@@ -213,7 +213,8 @@ mod env_tests {
     fn env_values_reach_only_the_owner_and_admins() {
         let spec = gantry_core::JobSpec::from_yaml("name: x\ncommand: [\"true\"]\nenv: {API_KEY: hunter2}\n").unwrap();
         let job = crate::store::new_job(1, spec, "alice", 0);
-        let as_ = |name: &str, role| super::job_to_proto(&job, None, Vec::new(), &Principal { name: name.into(), role });
+        let as_ =
+            |name: &str, role| super::job_to_proto(&job, None, Vec::new(), &Principal { name: name.into(), role });
         for (seen, who) in [(true, as_("alice", Role::User)), (true, as_("root", Role::Admin))] {
             assert_eq!((who.spec.unwrap().env["API_KEY"] == "hunter2", who.env_redacted), (seen, false));
         }

@@ -50,6 +50,14 @@ impl v1::gantry_server::Gantry for UserService {
         let wire = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let spec =
             JobSpec::try_from(wire).map_err(|e| crate::Error::InvalidArgument(format!("invalid job spec: {e}")))?;
+        // Starting from a checkpoint is reading it: only from jobs the caller may read.
+        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref())
+            && let Ok((job, _)) = gantry_core::spec::parse_checkpoint_ref(from)
+            && let Ok(source) = self.coordinator.store.job(&job)
+        {
+            authorize(&who, read(&source.owner))
+                .map_err(|e| crate::Error::PermissionDenied(format!("train.init_from: {e}")))?;
+        }
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
         let coordinator = self.coordinator.clone();
@@ -210,7 +218,10 @@ impl v1::gantry_server::Gantry for UserService {
         Ok(Response::new(v1::CreateTokenResponse { token: Some(token_to_proto(&record)), secret }))
     }
 
-    async fn list_tokens(&self, req: Request<v1::ListTokensRequest>) -> Result<Response<v1::ListTokensResponse>, Status> {
+    async fn list_tokens(
+        &self,
+        req: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
         allowed(&req, Action::ManageTokens)?;
         let tokens = self.coordinator.tokens.list().iter().map(token_to_proto).collect();
         Ok(Response::new(v1::ListTokensResponse { tokens }))
