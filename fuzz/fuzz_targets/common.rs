@@ -27,7 +27,13 @@ fn make() -> World {
     let settings = Settings { auth: false, ..Settings::default() };
     let coordinator = Coordinator::open(&root.path().join("data"), settings).unwrap();
     let gpu = v1::GpuInfo { uuid: "GPU-0".into(), name: "fuzz".into(), healthy: true, ..Default::default() };
-    let inventory = v1::Inventory { hostname: AGENT.into(), cpus: 8, memory_bytes: 64 << 30, gpus: vec![gpu], ..Default::default() };
+    let inventory = v1::Inventory {
+        hostname: AGENT.into(),
+        cpus: 8,
+        memory_bytes: 64 << 30,
+        gpus: vec![gpu],
+        ..Default::default()
+    };
     coordinator.register_agent(AGENT, inventory, "127.0.0.1".into()).unwrap();
     let (tx, to_agent) = tokio::sync::mpsc::channel(1024);
     coordinator.attach_session(AGENT, v1::Heartbeat::default(), tx).unwrap();

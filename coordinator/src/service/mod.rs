@@ -42,6 +42,15 @@ pub(crate) fn job_to_proto(
     if env_redacted {
         spec.env.values_mut().for_each(String::clear);
     }
+    // A command's arguments may carry secrets too (`--api-key ...`): those who may not read the
+    // job (viewers, other users) see the program's name only.
+    if crate::auth::authorize(who, crate::auth::Action::ReadJob { owner: &job.owner }).is_err()
+        && let Some(v1::job_spec::Workload::Command(command)) = spec.workload.as_mut()
+        && command.argv.len() > 1
+    {
+        command.argv.truncate(1);
+        command.argv.push("[arguments hidden]".into());
+    }
     let (queue_position, estimated_start_ms) = match (job.state, waiting) {
         (JobState::Queued, Some(w)) => (w.position, w.estimated_start_ms.map(|t| t as i64)),
         _ => (0, None),
@@ -221,6 +230,25 @@ mod env_tests {
         for other in [as_("bob", Role::User), as_("alice", Role::Viewer)] {
             assert!(other.env_redacted);
             assert_eq!(other.spec.unwrap().env["API_KEY"], "", "the key stays, its value does not");
+        }
+    }
+
+    #[test]
+    fn command_arguments_reach_only_those_who_may_read_the_job() {
+        use gantry_proto::v1::job_spec::Workload;
+        let spec = gantry_core::JobSpec::from_yaml("name: x\ncommand: [\"train.sh\", \"--api-key\", \"hunter2\"]\n").unwrap();
+        let job = crate::store::new_job(1, spec, "alice", 0);
+        let argv = |name: &str, role| {
+            let proto = super::job_to_proto(&job, None, Vec::new(), &Principal { name: name.into(), role });
+            match proto.spec.unwrap().workload {
+                Some(Workload::Command(c)) => c.argv,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(argv("alice", Role::User), ["train.sh", "--api-key", "hunter2"]);
+        assert_eq!(argv("root", Role::Admin), ["train.sh", "--api-key", "hunter2"]);
+        for (name, role) in [("bob", Role::User), ("alice", Role::Viewer)] {
+            assert_eq!(argv(name, role), ["train.sh", "[arguments hidden]"]);
         }
     }
 }
