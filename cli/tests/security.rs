@@ -166,6 +166,15 @@ fn a_revoked_token_stops_at_once_and_no_secret_is_kept_in_clear() {
             assert!(!contains(&bytes, s.as_bytes()), "{} holds a secret in clear", path.display());
         }
     }
+    // An agent's open session ends with its token: revoked, the node drops out and stays out.
+    fleet.ok(&["token", "revoke", "agents"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.json(&["nodes"])[0]["connected"] == true {
+        assert!(Instant::now() < deadline, "the agent's session outlived its revoked token");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.json(&["nodes"])[0]["connected"], false, "the agent came back without a valid token");
     // The admin token's file is its owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(fleet.data_dir().join("admin-token")).unwrap().permissions().mode();

@@ -79,6 +79,18 @@ impl Tokens {
         all
     }
 
+    /// Whether `who` may still act: for a request already in flight (an agent's session, a log
+    /// follow), so that a revocation or an expiry ends it too, not only the next request.
+    pub fn still_valid(&self, who: &Principal, auth: bool, now_ms: i64) -> bool {
+        if !auth {
+            return true;
+        }
+        let by_hash = self.by_hash.read().expect("tokens lock poisoned");
+        by_hash
+            .values()
+            .any(|t| t.name == who.name && t.role == who.role && t.expires_at_ms.is_none_or(|end| now_ms < end))
+    }
+
     pub fn exists(&self, name: &str) -> bool {
         self.by_hash.read().expect("tokens lock poisoned").values().any(|t| t.name == name)
     }
@@ -161,8 +173,12 @@ mod tests {
         let (record, secret) = tokens.create("alice", Role::User, None, 0).unwrap();
         assert_eq!(record.role, Role::User);
         assert_eq!(tokens.authenticate(&secret, 1).unwrap(), Principal { name: "alice".into(), role: Role::User });
+        let alice = tokens.authenticate(&secret, 1).unwrap();
+        assert!(tokens.still_valid(&alice, true, 1));
         tokens.revoke("alice").unwrap();
         assert_eq!(tokens.authenticate(&secret, 2).unwrap_err().code(), crate::Code::Unauthenticated);
+        assert!(!tokens.still_valid(&alice, true, 2), "a request in flight learns of the revocation");
+        assert!(tokens.still_valid(&alice, false, 2), "without auth everyone is valid");
         assert!(tokens.revoke("alice").is_err());
     }
 

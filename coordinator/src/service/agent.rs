@@ -44,6 +44,7 @@ impl v1::agents_server::Agents for AgentService {
         &self,
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let who = crate::auth::grpc::caller(&req)?;
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -65,6 +66,11 @@ impl v1::agents_server::Agents for AgentService {
                         break;
                     }
                 };
+                // A revoked agent token ends the session it opened, not only the next one.
+                if !coordinator.tokens.still_valid(&who, coordinator.settings.auth, coordinator.now_ms()) {
+                    warn!(agent = %name, token = %who.name, "the agent's token was revoked or expired: closing its session");
+                    break;
+                }
                 if let Err(e) = dispatch(&coordinator, &name, msg) {
                     warn!(agent = %name, error = %e, "could not record an agent message");
                 }

@@ -236,7 +236,8 @@ mod env_tests {
     #[test]
     fn command_arguments_reach_only_those_who_may_read_the_job() {
         use gantry_proto::v1::job_spec::Workload;
-        let spec = gantry_core::JobSpec::from_yaml("name: x\ncommand: [\"train.sh\", \"--api-key\", \"hunter2\"]\n").unwrap();
+        let spec =
+            gantry_core::JobSpec::from_yaml("name: x\ncommand: [\"train.sh\", \"--api-key\", \"hunter2\"]\n").unwrap();
         let job = crate::store::new_job(1, spec, "alice", 0);
         let argv = |name: &str, role| {
             let proto = super::job_to_proto(&job, None, Vec::new(), &Principal { name: name.into(), role });

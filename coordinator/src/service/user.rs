@@ -138,6 +138,10 @@ impl v1::gantry_server::Gantry for UserService {
                 if !req.follow || ended {
                     return;
                 }
+                if !coordinator.tokens.still_valid(&who, coordinator.settings.auth, coordinator.now_ms()) {
+                    let _ = tx.send(Err(Status::unauthenticated("the token was revoked or expired"))).await;
+                    return;
+                }
                 tokio::select! {
                     _ = log_changes.changed() => {}
                     _ = job_changes.changed() => {}
