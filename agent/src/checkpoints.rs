@@ -96,7 +96,7 @@ fn refusal(kind: std::fs::FileType) -> &'static str {
 /// Opens `path`, which lies below `trusted`, one component at a time with `O_NOFOLLOW`: a
 /// symlink anywhere below `trusted` (put in a directory's or a file's place after it was listed)
 /// is refused rather than followed. A file must be a regular file (a pipe would block the agent).
-fn open_below(trusted: &Path, path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
+pub(crate) fn open_below(trusted: &Path, path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
     let rel = path.strip_prefix(trusted).map_err(|_| std::io::Error::other("outside the job's directory"))?;

@@ -4,7 +4,7 @@
 //! not a JSON object is skipped, so a job's mistake never stops its run.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use gantry_proto::v1;
 
@@ -29,14 +29,9 @@ impl MetricsTail {
     /// The points completed since the last call (none while the file does not exist).
     pub fn read_new(&mut self, now_ms: i64) -> Vec<v1::MetricPoint> {
         // The job owns the file: a symlink in its place is not followed, and a pipe neither
-        // blocks the agent's heartbeat nor is read.
-        use std::os::unix::fs::OpenOptionsExt;
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&self.path)
-            .ok()
-            .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+        // blocks the agent's heartbeat nor is read (the job cannot replace its directory).
+        let trusted = self.path.parent().unwrap_or(Path::new("/"));
+        let opened = crate::checkpoints::open_below(trusted, &self.path, false).ok();
         let Some(mut file) = opened else { return Vec::new() };
         let mut chunk = Vec::new();
         let read =

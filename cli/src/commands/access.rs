@@ -102,7 +102,8 @@ pub async fn login(url: &str, token: &str, json: bool) -> anyhow::Result<()> {
     let dir = path.parent().expect("the login file is in a directory");
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     let login = Login { coordinator: url.to_string(), token: token.to_string() };
-    write_private(&path, &serde_json::to_string_pretty(&login)?)?;
+    // Readable by its owner only from the start, as the coordinator's admin-token file is.
+    gantry_coordinator::auth::tokens::write_private(&path, &serde_json::to_string_pretty(&login)?)?;
     if json {
         return print_json(&serde_json::json!({
             "coordinator": url, "name": me.name, "role": role_name(me.role), "file": path,
@@ -110,18 +111,4 @@ pub async fn login(url: &str, token: &str, json: bool) -> anyhow::Result<()> {
     }
     outln!("logged in to {url} as {} ({}); kept in {}", me.name, role_name(me.role), path.display())?;
     Ok(())
-}
-
-/// Replaces `path` with `text`, readable and writable by its owner only from the start.
-fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-    file.write_all(text.as_bytes()).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }

@@ -91,10 +91,6 @@ impl Tokens {
             .any(|t| t.name == who.name && t.role == who.role && t.expires_at_ms.is_none_or(|end| now_ms < end))
     }
 
-    pub fn exists(&self, name: &str) -> bool {
-        self.by_hash.read().expect("tokens lock poisoned").values().any(|t| t.name == name)
-    }
-
     /// The caller a secret stands for. The answer never says whether a token of some name
     /// exists: unknown, revoked and expired read the same.
     pub fn authenticate(&self, secret: &str, now_ms: i64) -> Result<Principal> {
