@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use gantry_proto::v1::agents_client::AgentsClient;
-use gantry_proto::{Authed, Bearer};
-use tonic::transport::Endpoint;
+use gantry_proto::{Authed, Bearer, ClientTls};
 
 use crate::error::{Error, Result};
 
-/// A client of the agents' service, sending the agent's token.
+/// A client of the agents' service. It proves who it is with its client certificate (mutual
+/// TLS), and sends no token.
 pub type Client = AgentsClient<Authed>;
 
 #[derive(Clone)]
@@ -28,22 +28,21 @@ struct Inner {
 }
 
 impl Coordinators {
-    /// `spec`: one URL, or several separated by commas; `token`: an agent token, sent on every
-    /// call.
-    pub fn new(spec: &str, token: Option<&str>) -> Result<Coordinators> {
-        let bearer = Bearer::new(token).map_err(|e| Error::Fatal(format!("--join-token: {}", e.reason)))?;
+    /// `spec`: one URL, or several separated by commas; `tls`: the CA they are trusted by and
+    /// the agent's certificate.
+    pub fn new(spec: &str, tls: &ClientTls) -> Result<Coordinators> {
         let urls: Vec<String> = spec.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {
             return Err(Error::Fatal("no coordinator URL given".into()));
         }
         let mut clients = Vec::new();
         for url in &urls {
-            let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| Error::Fatal(format!("bad coordinator URL `{url}`: {e}")))?
+            let endpoint = gantry_proto::endpoint(url, tls)
+                .map_err(|e| Error::Fatal(e.to_string()))?
                 .connect_timeout(Duration::from_secs(3))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
-            let client = AgentsClient::with_interceptor(endpoint.connect_lazy(), bearer.clone());
+            let client = AgentsClient::with_interceptor(endpoint.connect_lazy(), Bearer::default());
             clients.push(client.max_decoding_message_size(16 << 20));
         }
         Ok(Coordinators { inner: Arc::new(Inner { urls, clients, current: AtomicUsize::new(0) }) })

@@ -10,6 +10,7 @@ mod coordinators;
 mod error;
 pub mod inventory;
 pub mod isolation;
+mod join;
 mod logship;
 mod metrics;
 mod runner;
@@ -33,8 +34,9 @@ pub struct Config {
     /// The coordinator's gRPC URL, e.g. `http://127.0.0.1:7070`; with an HA control plane,
     /// several separated by commas.
     pub coordinator: String,
-    /// An agent token (`gantry token create NAME --role agent`), sent on every call; `None`
-    /// for a coordinator without auth.
+    /// An agent token (`gantry token create NAME --role agent`), exchanged for a client
+    /// certificate when the agent first joins a coordinator with auth; `None` without auth, or
+    /// once joined.
     pub token: Option<String>,
     pub name: String,
     pub work_dir: PathBuf,
@@ -46,6 +48,8 @@ pub struct Config {
     pub advertise_addr: Option<String>,
     /// The user jobs run as when the agent runs as root (`--job-user`; never root).
     pub job_user: String,
+    /// The CA certificate (PEM) an `https://` coordinator's certificate must chain to (`--ca`).
+    pub ca_pem: Option<String>,
 }
 
 type RankKey = (String, u32, u32);
@@ -70,7 +74,12 @@ struct Agent {
 
 /// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let coordinators = Coordinators::new(&config.coordinator, config.token.as_deref())?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let tls = tokio::select! {
+        tls = join::client_tls(&config) => tls?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let coordinators = Coordinators::new(&config.coordinator, &tls)?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
     // The work directory names this agent among others on the machine, across its restarts.
     let agent_key = {

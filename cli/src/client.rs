@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gantry_proto::v1::gantry_client::GantryClient;
-use gantry_proto::{Authed, Bearer};
+use gantry_proto::{Authed, Bearer, ClientTls};
 use serde::{Deserialize, Serialize};
-use tonic::transport::Endpoint;
 
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
 
@@ -17,13 +16,29 @@ pub struct Target {
     /// One URL, or several separated by commas (a highly available control plane).
     pub urls: String,
     pub token: Option<String>,
+    /// The CA certificate (PEM) an `https://` coordinator's certificate must chain to.
+    pub ca_pem: Option<String>,
 }
 
-/// What `gantry login` keeps: a coordinator and the token for it.
+/// What `gantry login` keeps: a coordinator, the token for it, and the CA it is trusted by.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Login {
     pub coordinator: String,
     pub token: String,
+    /// PEM, kept in the file itself: the login works wherever the CA file was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+/// A CA certificate file's text (`--ca`, `GANTRY_CA`).
+pub fn read_ca(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--ca {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        text.contains("-----BEGIN CERTIFICATE-----"),
+        "--ca {}: not a PEM certificate (expected the coordinator's DATA_DIR/tls/ca.crt)",
+        path.display()
+    );
+    Ok(text)
 }
 
 /// `~/.config/gantry/login.json` (or under `$XDG_CONFIG_HOME`).
@@ -37,9 +52,10 @@ pub fn login_file() -> Option<PathBuf> {
 
 impl Target {
     /// `--coordinator`/`GANTRY_COORDINATOR` first, then the login file's, then the default; the
-    /// token from `--token`/`GANTRY_TOKEN`, else the login file's, but only for the coordinator
-    /// it was given for: a token is never sent to another coordinator.
-    pub fn resolve(url: Option<String>, token: Option<String>) -> anyhow::Result<Target> {
+    /// token from `--token`/`GANTRY_TOKEN` and the CA from `--ca`/`GANTRY_CA`, else the login
+    /// file's, but only for the coordinator they were given for: a token is never sent to
+    /// another coordinator.
+    pub fn resolve(url: Option<String>, token: Option<String>, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
         let login = match login_file() {
             Some(path) if path.exists() => {
                 let text = std::fs::read_to_string(&path)
@@ -51,8 +67,13 @@ impl Target {
             _ => None,
         };
         let urls = url.or_else(|| login.as_ref().map(|l| l.coordinator.clone())).unwrap_or(DEFAULT_URL.into());
-        let token = token.or_else(|| login.filter(|l| l.coordinator == urls).map(|l| l.token));
-        Ok(Target { urls, token })
+        let login = login.filter(|l| l.coordinator == urls);
+        let ca_pem = match ca {
+            Some(path) => Some(read_ca(path)?),
+            None => login.as_ref().and_then(|l| l.ca.clone()),
+        };
+        let token = token.or_else(|| login.map(|l| l.token));
+        Ok(Target { urls, token, ca_pem })
     }
 }
 
@@ -60,15 +81,20 @@ impl Target {
 pub async fn connect(target: &Target) -> anyhow::Result<GantryClient<Authed>> {
     let bearer = Bearer::new(target.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {}", e.reason))?;
     let urls = &target.urls;
+    let tls = ClientTls { ca_pem: target.ca_pem.clone(), identity: None };
+    let mut last = String::new();
     for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|_| anyhow::anyhow!("`{url}` is not a coordinator URL (expected e.g. {DEFAULT_URL})"))?
-            .connect_timeout(Duration::from_secs(5));
-        if let Ok(channel) = endpoint.connect().await {
-            return Ok(GantryClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20));
+        let endpoint = gantry_proto::endpoint(url, &tls)?.connect_timeout(Duration::from_secs(5));
+        match endpoint.connect().await {
+            Ok(channel) => {
+                return Ok(GantryClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20));
+            }
+            Err(e) => last = one_line(&anyhow::Error::new(e)),
         }
     }
-    anyhow::bail!("cannot reach the coordinator at {urls}: is it running? (set --coordinator or GANTRY_COORDINATOR)")
+    anyhow::bail!(
+        "cannot reach the coordinator at {urls} ({last}): is it running, and is the URL https:// (http:// only for gantry dev and --insecure)? (set --coordinator or GANTRY_COORDINATOR)"
+    )
 }
 
 /// A gRPC failure as the coordinator worded it.

@@ -20,6 +20,10 @@ struct Cli {
     /// The token client commands send [default: the one `gantry login` kept for this coordinator].
     #[arg(long, global = true, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA certificate a coordinator's TLS certificate must chain to (its DATA_DIR/tls/ca.crt)
+    /// [default: the one `gantry login` kept for this coordinator].
+    #[arg(long, global = true, env = "GANTRY_CA")]
+    ca: Option<PathBuf>,
     /// Output format of client commands: `table` for people, `json` for scripts.
     #[arg(short = 'o', long = "output", global = true, default_value = "table", value_parser = ["table", "json"])]
     output: String,
@@ -30,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane.
-    Coordinator(commands::server::CoordinatorArgs),
+    Coordinator(Box<commands::server::CoordinatorArgs>),
     /// Run the agent of this machine.
     Agent(commands::server::AgentArgs),
     /// Run a coordinator and one local agent in one process (the single-machine default).
@@ -75,8 +79,8 @@ enum Command {
     /// Tokens: create (the secret is printed once), list, revoke. Admins only.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Check a token against a coordinator and keep both for later commands
-    /// (~/.config/gantry/login.json, readable by you only).
+    /// Check a token against a coordinator and keep both, with --ca's certificate, for later
+    /// commands (~/.config/gantry/login.json, readable by you only).
     Login {
         /// The coordinator's gRPC URL.
         url: String,
@@ -159,13 +163,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             | Command::Login { .. }
     );
     let target = if serves {
-        client::Target { urls: String::new(), token: None }
+        client::Target { urls: String::new(), token: None, ca_pem: None }
     } else {
-        client::Target::resolve(cli.coordinator, cli.token)?
+        client::Target::resolve(cli.coordinator, cli.token, cli.ca.as_deref())?
     };
     let url = &target;
     match cli.command {
-        Command::Coordinator(args) => runtime.block_on(commands::server::coordinator(args)).map(|_| 0),
+        Command::Coordinator(args) => runtime.block_on(commands::server::coordinator(*args)).map(|_| 0),
         Command::Agent(args) => runtime.block_on(commands::server::agent(args)).map(|_| 0),
         Command::Dev(args) => runtime.block_on(commands::server::dev(args)),
         Command::Sim(args) => commands::sim::run(args, json).map(|_| 0),
@@ -195,7 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Token(TokenCommand::Revoke { name }) => {
             runtime.block_on(commands::access::revoke(url, &name, json)).map(|_| 0)
         }
-        Command::Login { url, token } => runtime.block_on(commands::access::login(&url, &token, json)).map(|_| 0),
+        Command::Login { url, token } => {
+            runtime.block_on(commands::access::login(&url, &token, cli.ca.as_deref(), json)).map(|_| 0)
+        }
     }
 }
 

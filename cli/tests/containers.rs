@@ -95,12 +95,18 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
     std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
     std::fs::write(dir.path().join("secrets/admin-token"), &admin_token).unwrap();
     std::fs::write(dir.path().join("secrets/agent-token"), support::test_secret()).unwrap();
+    let ca = support::operator_ca(&dir.path().join("secrets"));
+    // Read by the containers' user, as compose/README.md does.
+    use std::os::unix::fs::PermissionsExt;
+    let key = dir.path().join("secrets/ca.key");
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let project = Project { name: format!("gantrytest{}", std::process::id()), dir };
     project.compose(&["up", "-d"]);
 
     let urls: Vec<String> =
-        ["coordinator-1", "coordinator-2"].iter().map(|s| format!("http://{}", project.port(s, "7070"))).collect();
-    let cli = Cli { url: urls.join(","), dir: project.dir.path().to_path_buf(), log: None, token: Some(admin_token) };
+        ["coordinator-1", "coordinator-2"].iter().map(|s| format!("https://{}", project.port(s, "7070"))).collect();
+    let dir = project.dir.path().to_path_buf();
+    let cli = Cli { url: urls.join(","), dir, log: None, token: Some(admin_token), ca: Some(ca) };
     cli.wait_for_nodes(3, Duration::from_secs(90));
     let gpus = cli.json(&["gpus"]);
     assert_eq!(gpus.as_array().unwrap().len(), 6, "{gpus}");

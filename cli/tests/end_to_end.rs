@@ -231,9 +231,9 @@ fn an_agent_of_another_protocol_version_is_refused_at_registration() {
     let fleet = Fleet::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(fleet.url()).unwrap().connect().await.unwrap();
-        let bearer = gantry_proto::Bearer::new(Some(&fleet.agent_token)).unwrap();
-        let mut client = v1::agents_client::AgentsClient::with_interceptor(channel, bearer);
+        let tls = fleet.join_as("future").await;
+        let channel = gantry_proto::endpoint(&fleet.url(), &tls).unwrap().connect().await.unwrap();
+        let mut client = v1::agents_client::AgentsClient::new(channel);
         let req = v1::RegisterRequest {
             protocol_version: gantry_proto::PROTOCOL_VERSION + 1,
             name: "future".into(),
@@ -503,7 +503,7 @@ done"#;
     assert_eq!((metrics[1]["rank"].as_u64(), metrics[1]["straggler"].as_bool()), (Some(1), Some(true)));
     assert!(fleet.ok(&["job", &id]).contains("rank 1 step"));
     assert!(fleet.ok(&["job", &id]).contains("straggler"));
-    let (_, text) = support::http_get_as(fleet.http, "/metrics", &fleet.admin_token).unwrap();
+    let (_, text) = support::http_get_as(&fleet.web(), "/metrics", &fleet.admin_token).unwrap();
     assert!(text.contains(&format!("gantry_job_straggler{{job=\"{id}\",rank=\"1\"}} 1")), "{text}");
     fleet.ok(&["cancel", &id]);
 }

@@ -158,12 +158,12 @@ fn gpus_are_reported_scheduled_and_marked_unhealthy_when_lost() {
 fn prometheus_scrapes_dcgm_named_gpu_metrics_from_the_coordinator() {
     let (fleet, _) = gpu_fleet(json!({"devices": [h100(0, 42), h100(1, 17)]}));
 
-    let (code, text) = support::http_get_as(fleet.http, "/metrics", &fleet.admin_token).unwrap();
+    let (code, text) = support::http_get_as(&fleet.web(), "/metrics", &fleet.admin_token).unwrap();
     assert_eq!(code, 200);
     assert!(text.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\",UUID=\"GPU-fake-0\""), "{text}");
     assert!(text.contains("gantry_jobs{state=\"queued\"} 0"), "{text}");
 
-    let prometheus = support::Prometheus::start(fleet.http, &fleet.admin_token);
+    let prometheus = support::Prometheus::start(&fleet.web(), &fleet.admin_token);
     let deadline = Instant::now() + Duration::from_secs(30);
     let result = loop {
         let r = prometheus.query("DCGM_FI_DEV_GPU_UTIL");
@@ -242,7 +242,7 @@ fn the_web_page_shows_the_fleet_the_queue_and_live_logs_in_a_real_browser() {
     assert_eq!(metrics["rank"], 0);
     assert!(metrics["values"]["loss"].as_f64().unwrap() < 1.0, "{metrics}");
     assert!(fleet.ok(&["job", &running]).contains("metrics:   rank 0 step "));
-    let (_, text) = support::http_get_as(fleet.http, "/metrics", &fleet.admin_token).unwrap();
+    let (_, text) = support::http_get_as(&fleet.web(), "/metrics", &fleet.admin_token).unwrap();
     assert!(text.contains(&format!("gantry_job_metric{{job=\"{running}\",rank=\"0\",name=\"loss\"}}")), "{text}");
 
     let url = fleet.web_url(&format!("/?job={running}"));
@@ -278,7 +278,13 @@ fn gantry_top_renders_the_fleet_and_the_queue_in_a_terminal() {
     let tmux = |args: &[&str]| {
         std::process::Command::new("tmux").arg("-L").arg(&socket).args(args).output().expect("tmux is not installed")
     };
-    let cmd = format!("GANTRY_COORDINATOR={} GANTRY_TOKEN={} {} top", fleet.url(), fleet.admin_token, support::GANTRY);
+    let cmd = format!(
+        "GANTRY_COORDINATOR={} GANTRY_CA={} GANTRY_TOKEN={} {} top",
+        fleet.url(),
+        fleet.ca().display(),
+        fleet.admin_token,
+        support::GANTRY
+    );
     assert!(tmux(&["new-session", "-d", "-s", "top", "-x", "200", "-y", "40", &cmd]).status.success());
     let mut screen = String::new();
     wait_for("gantry top to draw", || {

@@ -37,6 +37,8 @@ struct HaFleet {
     /// Given to every coordinator as files, as a Secret would be.
     admin_token: String,
     agent_token: String,
+    /// The operator's CA (made with openssl), which every coordinator signs with.
+    ca: PathBuf,
 }
 
 impl HaFleet {
@@ -58,7 +60,9 @@ impl HaFleet {
             object_store,
             admin_token: support::test_secret(),
             agent_token: support::test_secret(),
+            ca: PathBuf::new(),
         };
+        fleet.ca = support::operator_ca(fleet.dir.path());
         std::fs::write(fleet.dir.path().join("admin-token"), &fleet.admin_token).unwrap();
         std::fs::write(fleet.dir.path().join("agent-token"), &fleet.agent_token).unwrap();
         fleet.start_coordinator(0);
@@ -81,7 +85,11 @@ impl HaFleet {
             .arg("--admin-token-file")
             .arg(self.dir.path().join("admin-token"))
             .arg("--agent-token-file")
-            .arg(self.dir.path().join("agent-token"));
+            .arg(self.dir.path().join("agent-token"))
+            .arg("--ca-cert")
+            .arg(&self.ca)
+            .arg("--ca-key")
+            .arg(self.ca.with_extension("key"));
         if let Some((url, env)) = &self.object_store {
             command.args(["--object-store", url]).envs(env.iter().map(|(k, v)| (k, v)));
         }
@@ -102,6 +110,7 @@ impl HaFleet {
             .args(["agent", "--coordinator", &self.urls(), "--name", name, "--work-dir"])
             .arg(self.dir.path().join(name))
             .env("GANTRY_JOIN_TOKEN", &self.agent_token)
+            .env("GANTRY_CA", &self.ca)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -118,7 +127,7 @@ impl HaFleet {
     }
 
     fn urls(&self) -> String {
-        self.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+        self.ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
     }
 
     fn listening(&self, i: usize) -> bool {
@@ -151,7 +160,7 @@ impl HaFleet {
     /// The CLI against `urls` (some or all of the coordinators).
     fn cli(&self, urls: &str) -> Cli {
         let token = Some(self.admin_token.clone());
-        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None, token }
+        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None, token, ca: Some(self.ca.clone()) }
     }
 
     fn gantry(&self, urls: &str, args: &[&str]) -> std::process::Output {
@@ -235,6 +244,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
         .map(|_| {
             let (acked, stop, urls, spec) = (acked.clone(), stop.clone(), urls.clone(), spec.clone());
             let token = fleet.admin_token.clone();
+            let ca = fleet.ca.clone();
             let dir = fleet.dir.path().to_path_buf();
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -245,6 +255,7 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
                         .args(["submit", file.to_str().unwrap()])
                         .env("GANTRY_COORDINATOR", &urls)
                         .env("GANTRY_TOKEN", &token)
+                        .env("GANTRY_CA", &ca)
                         .output()
                         .unwrap();
                     if out.status.success() {
@@ -320,7 +331,7 @@ fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
     let mut fleet = HaFleet::start();
     let first = fleet.submit(&fleet.urls(), "name: before\nresources: {cpus: 1000}\ncommand: [\"true\"]\n").unwrap();
     // The follower forwards to the leader: it answers with the leader's jobs.
-    let b_only = format!("http://127.0.0.1:{}", fleet.ports[1]);
+    let b_only = format!("https://127.0.0.1:{}", fleet.ports[1]);
     let via_follower = fleet.gantry(&b_only, &["job", &first]);
     assert!(via_follower.status.success(), "{}", String::from_utf8_lossy(&via_follower.stderr));
     assert!(!fleet.log("coordinator-1").contains("coordinator listening"), "only one leads");
@@ -334,7 +345,7 @@ fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
 
     // The old leader wakes still believing it leads. A submit sent to it alone is not committed.
     fleet.signal(0, "-CONT");
-    let a_only = format!("http://127.0.0.1:{}", fleet.ports[0]);
+    let a_only = format!("https://127.0.0.1:{}", fleet.ports[0]);
     let refused = fleet.submit(&a_only, "name: stale\ncommand: [\"true\"]\n");
     assert!(refused.is_err(), "the deposed leader acknowledged a submit: {refused:?}");
     println!("the woken leader answered: {}", refused.unwrap_err());

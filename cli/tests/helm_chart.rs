@@ -146,7 +146,7 @@ fn agents_reach_only_gpu_nodes_with_the_nvidia_runtime_and_no_rbac_is_granted() 
     assert!(tolerations.iter().any(|t| t["key"] == "nvidia.com/gpu" && t["effect"] == "NoSchedule"));
     let args = strings(&pod["containers"][0]["args"]);
     assert!(args.contains(&"--name=$(NODE_NAME)".to_string()), "{args:?}");
-    assert!(args.contains(&"--coordinator=http://t-gantry:7070".to_string()), "{args:?}");
+    assert!(args.contains(&"--coordinator=https://t-gantry:7070".to_string()), "{args:?}");
     let env = pod["containers"][0]["env"].as_sequence().unwrap();
     let node_name = env.iter().find(|e| e["name"] == "NODE_NAME").expect("NODE_NAME");
     assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
@@ -258,6 +258,26 @@ struct ChartCoordinator {
     objs: BTreeMap<String, Value>,
     _data: tempfile::TempDir,
     _tokens: tempfile::TempDir,
+    /// The CA Secret's files, as the chart made them.
+    ca: tempfile::TempDir,
+}
+
+/// Standard base64, as Secrets' data are written.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()) {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
 }
 
 impl ChartCoordinator {
@@ -282,11 +302,18 @@ impl ChartCoordinator {
             let value = secrets.get(key).cloned().unwrap_or_else(support::test_secret);
             std::fs::write(tokens.path().join(key), value).unwrap();
         }
-        let (data_mount, tokens_mount) = (mount_of("data"), mount_of("tokens"));
+        // The CA Secret the chart made (helm's genCA), as files.
+        let ca = tempfile::tempdir().unwrap();
+        for key in ["ca.crt", "ca.key"] {
+            let value = objs["Secret/t-gantry-ca"]["data"][key].as_str().expect("the chart makes a CA");
+            std::fs::write(ca.path().join(key), base64_decode(value)).unwrap();
+        }
+        let (data_mount, tokens_mount, ca_mount) = (mount_of("data"), mount_of("tokens"), mount_of("ca"));
         let args: Vec<String> = args
             .into_iter()
             .map(|a| a.replace(&data_mount, data.path().to_str().unwrap()))
             .map(|a| a.replace(&tokens_mount, tokens.path().to_str().unwrap()))
+            .map(|a| a.replace(&ca_mount, ca.path().to_str().unwrap()))
             .collect();
         let child = Command::new(env!("CARGO_BIN_EXE_gantry"))
             .args(&args)
@@ -294,7 +321,7 @@ impl ChartCoordinator {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("gantry starts");
-        ChartCoordinator { child, objs, _data: data, _tokens: tokens }
+        ChartCoordinator { child, objs, _data: data, _tokens: tokens, ca }
     }
 
     fn container(&self) -> &Value {
@@ -310,9 +337,11 @@ impl ChartCoordinator {
             let get = &container[probe]["httpGet"];
             let port = ports[get["port"].as_str().unwrap()] as u16;
             let path = get["path"].as_str().unwrap();
+            assert_eq!(get["scheme"], "HTTPS", "{probe}");
+            let web = self.web(port);
             let deadline = Instant::now() + Duration::from_secs(20);
             let answer = loop {
-                match http_get(port, path) {
+                match http_get(&web, path) {
                     Ok(answer) => break answer,
                     Err(e) if Instant::now() > deadline => panic!("{probe} {path} on port {port}: {e}"),
                     Err(_) => {
@@ -328,6 +357,11 @@ impl ChartCoordinator {
             answers.push((probe.to_string(), answer.0, path.to_string()));
         }
         answers
+    }
+
+    /// The coordinator's HTTPS side on `port`, trusted by the chart's CA.
+    fn web(&self, port: u16) -> support::Web {
+        support::Web { port, ca: Some(self.ca.path().join("ca.crt")) }
     }
 
     fn ports(&self) -> BTreeMap<String, u64> {
@@ -357,6 +391,17 @@ fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
     // The gRPC port the Service names is the one the coordinator listens on.
     let grpc = coordinator.ports()["grpc"] as u16;
     assert!(std::net::TcpStream::connect(("127.0.0.1", grpc)).is_ok());
+    // The CA the chart made is what the coordinator serves under: gRPC over TLS, trusted by it.
+    let cli = support::Cli {
+        url: format!("https://127.0.0.1:{grpc}"),
+        dir: coordinator.ca.path().to_path_buf(),
+        log: None,
+        token: None,
+        ca: Some(coordinator.ca.path().join("ca.crt")),
+    };
+    let out = cli.gantry(&["jobs"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no token"), "TLS works and the token is asked for: {err}");
 }
 
 /// The chart's coordinator serves with tokens: its Secret's metrics token reads /metrics (as
@@ -367,17 +412,29 @@ fn the_charts_coordinator_takes_its_tokens_from_the_secret() {
     let secrets = BTreeMap::from([("metrics-token".to_string(), metrics_token.clone())]);
     let mut coordinator = ChartCoordinator::start(&[], &["serviceMonitor.enabled=true"], &secrets);
     coordinator.probe();
-    let http = coordinator.ports()["http"] as u16;
-    assert_eq!(http_get(http, "/metrics").unwrap().0, 401);
-    let (code, text) = support::http_get_as(http, "/metrics", &metrics_token).unwrap();
+    let http = coordinator.web(coordinator.ports()["http"] as u16);
+    assert_eq!(http_get(&http, "/metrics").unwrap().0, 401);
+    let (code, text) = support::http_get_as(&http, "/metrics", &metrics_token).unwrap();
     assert!(code == 200 && text.contains("gantry_jobs{"), "{code}: {text}");
     let host = ["Host: t-gantry.default.svc:7080", &format!("Authorization: Bearer {metrics_token}")];
-    assert_eq!(support::http_request(http, "GET", "/metrics", &host, "").unwrap().0, 200, "the Service's name");
+    assert_eq!(support::http_request(&http, "GET", "/metrics", &host, "").unwrap().0, 200, "the Service's name");
 
     let objs = &coordinator.objs;
-    let monitor = &objs["ServiceMonitor/t-gantry"]["spec"]["endpoints"][0]["authorization"]["credentials"];
+    let endpoint = &objs["ServiceMonitor/t-gantry"]["spec"]["endpoints"][0];
+    let monitor = &endpoint["authorization"]["credentials"];
     assert_eq!((monitor["name"].as_str(), monitor["key"].as_str()), (Some("t-gantry-tokens"), Some("metrics-token")));
+    assert_eq!(endpoint["scheme"], "https");
+    let trusted = &endpoint["tlsConfig"]["ca"]["secret"];
+    assert_eq!((trusted["name"].as_str(), trusted["key"].as_str()), (Some("t-gantry-ca"), Some("ca.crt")));
     let agent = &objs["DaemonSet/t-gantry-agent"]["spec"]["template"]["spec"]["containers"][0];
+    assert!(strings(&agent["args"]).contains(&"--ca=/etc/gantry/ca/ca.crt".to_string()));
+    let volumes = &objs["DaemonSet/t-gantry-agent"]["spec"]["template"]["spec"]["volumes"];
+    let ca_volume = volumes.as_sequence().unwrap().iter().find(|v| v["name"] == "ca").unwrap();
+    assert_eq!(
+        ca_volume["secret"]["items"].as_sequence().unwrap().len(),
+        1,
+        "agents get the CA's certificate, not its key"
+    );
     let join = agent["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "GANTRY_JOIN_TOKEN").unwrap();
     assert_eq!(join["valueFrom"]["secretKeyRef"]["key"], "agent-token");
     let secret = &objs["Secret/t-gantry-tokens"]["data"];

@@ -54,7 +54,7 @@ fn each_kind_of_reason_reads_the_same_in_the_cli_the_web_page_and_metrics() {
 
     let listed = fleet.ok(&["jobs"]);
     let listed_json = fleet.json(&["jobs"]);
-    let (_, metrics) = support::http_get_as(fleet.http, "/metrics", &fleet.admin_token).unwrap();
+    let (_, metrics) = support::http_get_as(&fleet.web(), "/metrics", &fleet.admin_token).unwrap();
     let url = fleet.web_url("/");
     let out = support::chromium(&["--dump-dom"], &url);
     assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -32,37 +32,37 @@ fn clients_and_agents_without_a_valid_token_are_refused() {
     let log = std::fs::read_to_string(fleet.dir.path().join("user-token.log")).unwrap();
     assert!(log.contains("act as an agent"), "the agent says why it was refused:\n{log}");
 
-    // Plain HTTP: /healthz is open, the rest needs a token.
-    assert_eq!(support::http_get(fleet.http, "/healthz").unwrap().0, 200);
-    assert_eq!(support::http_get(fleet.http, "/metrics").unwrap().0, 401);
-    assert_eq!(support::http_get(fleet.http, "/api/jobs").unwrap().0, 401);
+    // HTTPS: /healthz is open, the rest needs a token.
+    assert_eq!(support::http_get(&fleet.web(), "/healthz").unwrap().0, 200);
+    assert_eq!(support::http_get(&fleet.web(), "/metrics").unwrap().0, 401);
+    assert_eq!(support::http_get(&fleet.web(), "/api/jobs").unwrap().0, 401);
     let viewer = fleet.token("grafana", "viewer");
-    let (code, metrics) = support::http_get_as(fleet.http, "/metrics", &viewer).unwrap();
+    let (code, metrics) = support::http_get_as(&fleet.web(), "/metrics", &viewer).unwrap();
     assert!(code == 200 && metrics.contains("gantry_jobs{"), "{code}: {metrics}");
-    let (code, head, _) = support::http_exchange(fleet.http, "GET", "/", &[], "").unwrap();
+    let (code, head, _) = support::http_exchange(&fleet.web(), "GET", "/", &[], "").unwrap();
     assert!(code == 303 && head.contains("location: /login"), "the page sends people to log in:\n{head}");
     // The login form sets an HttpOnly, SameSite=Strict cookie, which then opens the page's API.
     let form = format!("token={viewer}&next=/");
     let form_type = "Content-Type: application/x-www-form-urlencoded";
-    let (code, head, _) = support::http_exchange(fleet.http, "POST", "/login", &[form_type], &form).unwrap();
+    let (code, head, _) = support::http_exchange(&fleet.web(), "POST", "/login", &[form_type], &form).unwrap();
     assert_eq!(code, 303, "{head}");
     let cookie = head.lines().find_map(|l| l.strip_prefix("set-cookie: ")).expect("a cookie").to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Secure"), "{cookie}");
     let session = cookie.split(';').next().unwrap();
     let (code, _) =
-        support::http_request(fleet.http, "GET", "/api/jobs", &[&format!("Cookie: {session}")], "").unwrap();
+        support::http_request(&fleet.web(), "GET", "/api/jobs", &[&format!("Cookie: {session}")], "").unwrap();
     assert_eq!(code, 200);
     let (code, _) =
-        support::http_request(fleet.http, "POST", "/login", &[form_type], "token=wrong-token-000000").unwrap();
+        support::http_request(&fleet.web(), "POST", "/login", &[form_type], "token=wrong-token-000000").unwrap();
     assert_eq!(code, 401);
     // DNS rebinding: a page of another site pointing its name at this machine is refused, and
     // no other site's page may post to it.
-    let (code, _) = support::http_request(fleet.http, "GET", "/healthz", &["Host: attacker.example:80"], "").unwrap();
+    let (code, _) = support::http_request(&fleet.web(), "GET", "/healthz", &["Host: attacker.example:80"], "").unwrap();
     assert_eq!(code, 200, "probes come by any name");
     let evil_host = ["Host: attacker.example", &format!("Cookie: {session}")];
-    assert_eq!(support::http_request(fleet.http, "GET", "/api/jobs", &evil_host, "").unwrap().0, 403);
+    assert_eq!(support::http_request(&fleet.web(), "GET", "/api/jobs", &evil_host, "").unwrap().0, 403);
     let evil_origin = [form_type, "Origin: http://attacker.example"];
-    assert_eq!(support::http_request(fleet.http, "POST", "/login", &evil_origin, &form).unwrap().0, 403);
+    assert_eq!(support::http_request(&fleet.web(), "POST", "/login", &evil_origin, &form).unwrap().0, 403);
 }
 
 #[test]
@@ -201,13 +201,15 @@ fn login_keeps_the_token_for_that_coordinator_only() {
         .args(["job", &id, "-o", "json"])
         .env_remove("GANTRY_COORDINATOR")
         .env_remove("GANTRY_TOKEN")
+        .env_remove("GANTRY_CA")
         .env("XDG_CONFIG_HOME", fleet.dir.path().join("config"))
         .output()
         .unwrap();
     assert!(plain.status.success(), "{}", stderr(&plain));
     // The kept token is not sent to another coordinator.
     let elsewhere = std::process::Command::new(GANTRY)
-        .args(["jobs", "--coordinator", &format!("http://localhost:{}", fleet.grpc)])
+        .args(["jobs", "--coordinator", &format!("https://localhost:{}", fleet.grpc)])
+        .env("GANTRY_CA", fleet.ca())
         .env_remove("GANTRY_TOKEN")
         .env("XDG_CONFIG_HOME", fleet.dir.path().join("config"))
         .output()
@@ -243,6 +245,70 @@ fn without_auth_only_on_loopback_and_saying_so() {
     let _ = child.wait();
     assert!(first.contains("--insecure") && first.contains("no auth"), "{first}");
     assert!(!dir.path().join("admin-token").exists(), "no token without auth");
+    assert!(!dir.path().join("tls").exists(), "no certificates without TLS");
+}
+
+#[test]
+fn agents_join_once_then_prove_who_they_are_with_their_certificate() {
+    use gantry_proto::{ClientTls, PROTOCOL_VERSION, v1};
+    let mut fleet = Fleet::start();
+    // Plaintext finds nothing to talk to: gRPC and HTTP are TLS only.
+    let plain = fleet.cli().gantry(&["jobs", "--coordinator", &format!("http://127.0.0.1:{}", fleet.grpc)]);
+    assert!(!plain.status.success(), "a plaintext client was served");
+    let http = support::http_get(&support::Web::plain(fleet.http), "/healthz");
+    assert!(http.map_or(true, |(code, _)| code != 200), "plain HTTP was served");
+    // Without --ca, a client does not trust the coordinator's certificate.
+    let mut untrusting = fleet.cli();
+    untrusting.ca = None;
+    assert!(!untrusting.gantry(&["jobs"]).status.success());
+
+    // The agent joined with its token: a key only it reads, and a certificate for its name.
+    let tls_dir = fleet.work_dir("node-a").join("tls");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&tls_dir.join("agent.key")), 0o600);
+    assert_eq!(mode(&tls_dir), 0o700);
+    let identity = (
+        std::fs::read_to_string(tls_dir.join("agent.crt")).unwrap(),
+        std::fs::read_to_string(tls_dir.join("agent.key")).unwrap(),
+    );
+    let ca = std::fs::read_to_string(fleet.ca()).unwrap();
+    let url = fleet.url();
+    let register = |tls: ClientTls, name: &'static str| {
+        let url = url.clone();
+        tokio::runtime::Runtime::new().unwrap().block_on(async move {
+            let channel = gantry_proto::endpoint(&url, &tls).unwrap().connect().await.unwrap();
+            let mut client = v1::agents_client::AgentsClient::new(channel);
+            let request = v1::RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: name.into(),
+                inventory: Some(v1::Inventory { hostname: name.into(), cpus: 1, ..Default::default() }),
+                ..Default::default()
+            };
+            client.register(request).await.map(|_| ())
+        })
+    };
+    // No certificate: refused, even with TLS.
+    let e = register(ClientTls { ca_pem: Some(ca.clone()), identity: None }, "intruder").unwrap_err();
+    assert!(e.code() == tonic::Code::Unauthenticated && e.message().contains("client certificate"), "{e:?}");
+    // node-a's certificate is node-a's only.
+    let e = register(ClientTls { ca_pem: Some(ca.clone()), identity: Some(identity.clone()) }, "node-b").unwrap_err();
+    assert!(e.code() == tonic::Code::PermissionDenied && e.message().contains("node-a"), "{e:?}");
+
+    // A restart needs no token: the certificate is kept.
+    let mut agent = fleet.agents.remove(0);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    fleet.start_agent_with("node-a", &["--join-token", ""]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.json(&["nodes"])[0]["connected"] != true {
+        assert!(Instant::now() < deadline, "the agent did not come back with its certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Revoking the token it joined with ends the certificate too: a restart is refused.
+    fleet.ok(&["token", "revoke", "agents"]);
+    let e = register(ClientTls { ca_pem: Some(ca), identity: Some(identity) }, "node-a").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 
 #[test]
@@ -298,9 +364,10 @@ fn oversized_specs_and_messages_are_refused_without_the_coordinator_growing() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let url = fleet.url();
     let token = fleet.admin_token.clone();
+    let tls = fleet.client_tls();
     let small = gantry_core::JobSpec::from_yaml("name: big\ncommand: [\"true\"]\n").unwrap();
     let (before, after, codes) = runtime.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(url).unwrap().connect().await.unwrap();
+        let channel = gantry_proto::endpoint(&url, &tls).unwrap().connect().await.unwrap();
         let bearer = gantry_proto::Bearer::new(Some(&token)).unwrap();
         let mut client = v1::gantry_client::GantryClient::with_interceptor(channel, bearer);
         let submit = |env_value: usize| {

@@ -14,13 +14,13 @@ const STDOUT_CLOSED_EXIT: i32 = 141;
 
 /// Runs `gantry args` with a stdout pipe whose read end is already closed, so that its first
 /// write fails with EPIPE (a reader that stopped early, without the race of a real `head`).
-fn with_stdout_closed(args: &[&str], coordinator: Option<(&str, &str)>) -> Output {
+fn with_stdout_closed(args: &[&str], coordinator: Option<&Fleet>) -> Output {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let mut cmd = Command::new(GANTRY);
     cmd.args(args).stdin(Stdio::null()).stdout(writer).stderr(Stdio::piped());
-    if let Some((url, token)) = coordinator {
-        cmd.env("GANTRY_COORDINATOR", url).env("GANTRY_TOKEN", token);
+    if let Some(fleet) = coordinator {
+        cmd.env("GANTRY_COORDINATOR", fleet.url()).env("GANTRY_TOKEN", &fleet.admin_token).env("GANTRY_CA", fleet.ca());
     }
     cmd.output().unwrap()
 }
@@ -49,7 +49,6 @@ fn a_closed_stdout_ends_client_commands_quietly_instead_of_panicking() {
     let id = fleet.submit("name: hello\ncommand: [\"echo\", \"hello\"]\n");
     fleet.wait_state(&id, &["succeeded"], Duration::from_secs(60));
     assert!(fleet.ok(&["logs", &id]).contains("hello"));
-    let url = fleet.url();
     for args in [
         &["checkpoints", &id, "-o", "json"][..],
         &["checkpoints", &id],
@@ -62,7 +61,7 @@ fn a_closed_stdout_ends_client_commands_quietly_instead_of_panicking() {
         &["nodes"],
         &["gpus", "-o", "json"],
     ] {
-        assert_ends_quietly(args, &with_stdout_closed(args, Some((&url, &fleet.admin_token))));
+        assert_ends_quietly(args, &with_stdout_closed(args, Some(&fleet)));
     }
 }
 

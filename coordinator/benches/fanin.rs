@@ -4,12 +4,13 @@
 //! that simulates the agents (each with its own connection, 8 GPUs, a heartbeat a second), so
 //! the CPU time measured here (getrusage) is the coordinator's alone. Baselines: the same
 //! coordinator idle over the same window, and heartbeats without job metrics before heartbeats
-//! with them; and the whole run once without auth, once with every call's token checked. One
-//! JSON object per line.
+//! with them; and the whole run once in plaintext without auth, once as a coordinator serves by
+//! default: TLS, and agents that joined with a token and prove who they are with their client
+//! certificate on every call. One JSON object per line.
 
 use std::time::{Duration, Instant};
 
-use gantry_proto::{PROTOCOL_VERSION, v1};
+use gantry_proto::{ClientTls, PROTOCOL_VERSION, v1};
 
 const WARMUP: Duration = Duration::from_secs(5);
 const WINDOW: Duration = Duration::from_secs(15);
@@ -46,22 +47,37 @@ fn inventory(agent: usize, tick: u64) -> v1::Inventory {
     }
 }
 
+async fn connect(url: &str, tls: &ClientTls) -> tonic::transport::Channel {
+    loop {
+        match gantry_proto::endpoint(url, tls).unwrap().connect().await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// An agent's TLS after joining with `token`, as `gantry agent` does; none without a CA.
+async fn join(url: &str, name: &str, token: Option<&str>, ca: Option<&str>) -> ClientTls {
+    let (Some(token), Some(ca)) = (token, ca) else { return ClientTls::default() };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server_only = ClientTls { ca_pem: Some(ca.to_string()), identity: None };
+    let bearer = gantry_proto::Bearer::new(Some(token)).unwrap();
+    let mut client = v1::join_client::JoinClient::with_interceptor(connect(url, &server_only).await, bearer);
+    let request = v1::JoinRequest { name: name.to_string(), public_key: key.public_key_raw().to_vec() };
+    let certificate = client.join(request).await.expect("join").into_inner().certificate_pem;
+    ClientTls { ca_pem: Some(ca.to_string()), identity: Some((certificate, key.serialize_pem())) }
+}
+
 /// The agents' side: `n` agents heartbeating once a second until killed, each heartbeat with
 /// `jobs` training jobs' metric points.
-async fn agents(url: String, n: usize, jobs: u32, token: Option<String>) {
+async fn agents(url: String, n: usize, jobs: u32, token: Option<String>, ca: Option<String>) {
     let mut tasks = Vec::new();
     for a in 0..n {
-        let url = url.clone();
-        let bearer = gantry_proto::Bearer::new(token.as_deref()).unwrap();
+        let (url, token, ca) = (url.clone(), token.clone(), ca.clone());
         tasks.push(tokio::spawn(async move {
-            let channel = loop {
-                match tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
-                    Ok(c) => break c,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
-            let mut client = v1::agents_client::AgentsClient::with_interceptor(channel, bearer);
             let name = format!("sim-{a}");
+            let tls = join(&url, &name, token.as_deref(), ca.as_deref()).await;
+            let mut client = v1::agents_client::AgentsClient::new(connect(&url, &tls).await);
             let req = v1::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
                 name: name.clone(),
@@ -126,14 +142,15 @@ const ADMIN_SECRET: &str = "fanin-bench-admin-secret";
 fn main() {
     if let Ok(spec) = std::env::var("GANTRY_FANIN_AGENTS") {
         let parts: Vec<&str> = spec.split(' ').collect();
-        let [url, n, jobs, token] = parts[..] else { panic!("GANTRY_FANIN_AGENTS is `URL N JOBS TOKEN|-`") };
+        let [url, n, jobs, token, ca] = parts[..] else { panic!("GANTRY_FANIN_AGENTS is `URL N JOBS TOKEN|- CA|-`") };
         let token = (token != "-").then(|| token.to_string());
+        let ca = (ca != "-").then(|| std::fs::read_to_string(ca).unwrap());
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(agents(url.to_string(), n.parse().unwrap(), jobs.parse().unwrap(), token));
+        rt.block_on(agents(url.to_string(), n.parse().unwrap(), jobs.parse().unwrap(), token, ca));
         return;
     }
-    // The same fleet against a coordinator without auth (the baseline), then one that checks
-    // every call's token.
+    // The same fleet against a coordinator in plaintext without auth (the baseline), then one
+    // with TLS and auth, as coordinators serve by default.
     for auth in [false, true] {
         measure(auth);
     }
@@ -149,7 +166,14 @@ fn measure(auth: bool) {
             tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         )
     });
-    let url = format!("http://{}", grpc.local_addr().unwrap());
+    let scheme = if auth { "https" } else { "http" };
+    let url = format!("{scheme}://{}", grpc.local_addr().unwrap());
+    let tls_dir = dir.path().join("tls");
+    let tls = auth.then(|| gantry_coordinator::tls::TlsOptions {
+        dir: tls_dir.clone(),
+        names: vec!["127.0.0.1".into()],
+        ..Default::default()
+    });
     let seed = |name: &str, role, secret: &str| SeedToken { name: name.into(), role, secret: secret.into() };
     let config = gantry_coordinator::Config {
         data_dir: dir.path().to_path_buf(),
@@ -157,15 +181,23 @@ fn measure(auth: bool) {
         store: None,
         object_store: None,
         tokens: vec![seed("agents", Role::Agent, AGENT_SECRET), seed("bench", Role::Admin, ADMIN_SECRET)],
+        tls,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     rt.spawn(gantry_coordinator::serve(config, grpc, http, async move {
         let _ = stopped.await;
     }));
-    let mode = if auth { "tokens" } else { "no auth" };
+    let mode = if auth { "tokens and agent certificates" } else { "no auth" };
 
     // Baseline: the coordinator idle.
     std::thread::sleep(Duration::from_secs(1));
+    let ca_file = tls_dir.join("ca.crt");
+    let (ca, admin_tls) = if auth {
+        let pem = std::fs::read_to_string(&ca_file).unwrap();
+        (ca_file.display().to_string(), ClientTls { ca_pem: Some(pem), identity: None })
+    } else {
+        ("-".to_string(), ClientTls::default())
+    };
     let (c0, t0) = (cpu_seconds(), Instant::now());
     std::thread::sleep(WINDOW);
     let idle = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
@@ -176,7 +208,7 @@ fn measure(auth: bool) {
         let n = 1000usize;
         let token = if auth { AGENT_SECRET } else { "-" };
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs} {token}"))
+            .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs} {token} {ca}"))
             .spawn()
             .unwrap();
         std::thread::sleep(WARMUP);
@@ -185,7 +217,7 @@ fn measure(auth: bool) {
         let busy = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
         // Count what the coordinator saw, so the figure is about sessions that were really open.
         let connected = rt.block_on(async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await.unwrap();
+            let channel = gantry_proto::endpoint(&url, &admin_tls).unwrap().connect().await.unwrap();
             let bearer = gantry_proto::Bearer::new(Some(ADMIN_SECRET)).unwrap();
             let mut c = v1::gantry_client::GantryClient::with_interceptor(channel, bearer);
             let nodes = c.list_nodes(v1::ListNodesRequest {}).await.unwrap().into_inner().nodes;
@@ -196,7 +228,7 @@ fn measure(auth: bool) {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "fanin", "auth": mode, "tls": false, "agents": n, "agents_connected": connected,
+                "bench": "fanin", "auth": mode, "tls": auth, "agents": n, "agents_connected": connected,
                 "gpus_per_agent": 8, "heartbeat_hz": 1,
                 "job_metrics_per_heartbeat": jobs,
                 "window_s": WINDOW.as_secs(), "coordinator_core_fraction": busy,

@@ -63,6 +63,9 @@ pub enum Error {
     /// Something with this name exists already (a token).
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// A certificate or key that cannot be made, read or used; `context` says which.
+    #[error("TLS: {context}: {reason}")]
+    Tls { context: String, reason: String },
     /// A write refused because this coordinator no longer holds leadership.
     #[error("not the leader: {0}")]
     Fenced(String),
@@ -97,6 +100,11 @@ impl Error {
         move |source| Error::Io { context, source }
     }
 
+    pub fn tls<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E) -> Error {
+        let context = context.into();
+        move |e| Error::Tls { context, reason: e.to_string() }
+    }
+
     pub fn store(backend: &'static str) -> impl FnOnce(BoxError) -> Error {
         move |source| Error::Store { backend, source }
     }
@@ -114,7 +122,7 @@ impl Error {
             | Error::NoObjectStore { .. } => Code::Conflict,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
-            Error::Codec(_) | Error::Io { .. } => Code::Internal,
+            Error::Codec(_) | Error::Io { .. } | Error::Tls { .. } => Code::Internal,
         }
     }
 }

@@ -22,6 +22,7 @@ mod objects;
 pub mod records;
 mod service;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct Config {
     pub object_store: Option<String>,
     /// Tokens the operator made (with auth on), installed at start.
     pub tokens: Vec<auth::tokens::SeedToken>,
+    /// Where the certificates come from; `None` serves plaintext (`gantry dev`, `--insecure`).
+    pub tls: Option<tls::TlsOptions>,
 }
 
 /// Serves until `shutdown` completes. Takes bound listeners so callers (and tests) can bind
@@ -75,8 +78,17 @@ pub async fn serve(
     } else {
         tracing::warn!("auth is off: anyone who reaches these ports can run anything on the fleet");
     }
+    if coordinator.settings.auth && config.tls.is_none() {
+        // Tokens in plaintext are anyone's on the path, and agents prove who they are with TLS.
+        return Err(Error::InvalidArgument("auth needs TLS: give the coordinator TLS settings".into()));
+    }
+    let tls = match &config.tls {
+        Some(options) => Some(tls::ServerTls::load(options, coordinator.now_ms() / 1000)?),
+        None => None,
+    };
     let coordinator = Arc::new(coordinator);
     info!(
+        tls = tls.is_some(),
         grpc = %grpc.local_addr().map_err(Error::io("reading the gRPC address"))?,
         http = %http.local_addr().map_err(Error::io("reading the HTTP address"))?,
         data_dir = %config.data_dir.display(),
@@ -117,23 +129,46 @@ pub async fn serve(
         });
     }
     let mut http_stop = stop_rx.clone();
-    let http_server = axum::serve(http, http::router(coordinator.clone())).with_graceful_shutdown(async move {
+    let http_stopped = async move {
         let _ = http_stop.wait_for(|s| *s).await;
-    });
-    let http_task = tokio::spawn(async move { http_server.await });
+    };
+    let router = http::router(coordinator.clone());
+    let http_task = match &tls {
+        Some(tls) => {
+            let listener = tls::TlsListener::new(http, tls.http()?).map_err(Error::io("reading the HTTP address"))?;
+            let server = axum::serve(listener, router).with_graceful_shutdown(http_stopped);
+            tokio::spawn(async move { server.await })
+        }
+        None => {
+            let server = axum::serve(http, router).with_graceful_shutdown(http_stopped);
+            tokio::spawn(async move { server.await })
+        }
+    };
 
     let mut grpc_stop = stop_rx.clone();
     let mut drain_stop = stop_rx;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.grpc()).map_err(Error::tls("the gRPC server's TLS settings"))?;
+    }
+    let server = builder
         .add_service(tonic::service::interceptor::InterceptedService::new(
             v1::gantry_server::GantryServer::new(service::user::UserService { coordinator: coordinator.clone() })
                 .max_decoding_message_size(limits::USER_MESSAGE),
-            auth::grpc::Authenticate { coordinator: coordinator.clone(), agents_only: false },
+            auth::grpc::Authenticate { coordinator: coordinator.clone(), door: auth::grpc::Door::People },
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             v1::agents_server::AgentsServer::new(service::agent::AgentService { coordinator: coordinator.clone() })
                 .max_decoding_message_size(limits::AGENT_MESSAGE),
-            auth::grpc::Authenticate { coordinator: coordinator.clone(), agents_only: true },
+            auth::grpc::Authenticate { coordinator: coordinator.clone(), door: auth::grpc::Door::Agents },
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            v1::join_server::JoinServer::new(service::join::JoinService {
+                coordinator: coordinator.clone(),
+                authority: tls.as_ref().map(|t| t.authority.clone()),
+            })
+            .max_decoding_message_size(limits::USER_MESSAGE),
+            auth::grpc::Authenticate { coordinator: coordinator.clone(), door: auth::grpc::Door::Join },
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;

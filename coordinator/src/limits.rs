@@ -45,6 +45,23 @@ pub fn spec_size(bytes: usize) -> Result<()> {
     Ok(())
 }
 
+/// A node's name is a host name's: it is shown, used as a label and put in certificates.
+pub const NODE_NAME: usize = 253;
+
+pub fn check_node_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= NODE_NAME
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "node name `{}`: 1 to {NODE_NAME} letters, digits and - _ ., starting with a letter or digit",
+        name.escape_debug()
+    )))
+}
+
 pub fn checkpoint(limits: &Limits, files: usize, bytes: u64, longest_path: usize) -> Result<()> {
     if files > CHECKPOINT_FILES {
         return Err(Error::LimitExceeded(format!("a checkpoint of {files} files; the limit is {CHECKPOINT_FILES}")));

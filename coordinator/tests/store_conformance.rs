@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use gantry_coordinator::Error;
-use gantry_coordinator::auth::{Role, TokenRecord};
+use gantry_coordinator::auth::{IssuedCertificate, Role, TokenRecord};
 use gantry_coordinator::records::{AgentRecord, CheckpointRecord, JobState, RankPlacement};
 use gantry_coordinator::store::{EmbeddedStore, StateStore};
 
@@ -136,17 +136,21 @@ mod checks {
             hash: hash.into(),
             created_at_ms: 1,
             expires_at_ms: Some(99),
+            certificates: Vec::new(),
         };
+        // An agent token keeps the certificates agents joined with.
+        let mut joined = token("alice", Role::Agent, "h3");
+        joined.certificates.push(IssuedCertificate { fingerprint: "ab12".into(), node: "n1".into(), expires_at_ms: 5 });
         {
             let s = f.open();
             s.put_token(&token("alice", Role::User, "h1")).unwrap();
             s.put_token(&token("ci", Role::Viewer, "h2")).unwrap();
-            s.put_token(&token("alice", Role::Admin, "h3")).unwrap();
+            s.put_token(&joined).unwrap();
             assert!(s.delete_token("ci").unwrap());
             assert!(!s.delete_token("ci").unwrap(), "a second delete finds nothing");
         }
         let s = f.open();
-        assert_eq!(s.tokens().unwrap(), [token("alice", Role::Admin, "h3")]);
+        assert_eq!(s.tokens().unwrap(), [joined]);
     }
 
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {

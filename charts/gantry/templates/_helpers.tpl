@@ -56,7 +56,11 @@ embedded store. */}}
 {{- end -}}
 
 {{- define "gantry.grpcUrl" -}}
-http://{{ include "gantry.fullname" . }}:{{ .Values.coordinator.grpcPort }}
+https://{{ include "gantry.fullname" . }}:{{ .Values.coordinator.grpcPort }}
+{{- end -}}
+
+{{- define "gantry.caSecret" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-ca" (include "gantry.fullname" .)) -}}
 {{- end -}}
 
 {{- define "gantry.tokensSecret" -}}

@@ -94,14 +94,15 @@ pub async fn revoke(target: &Target, name: &str, json: bool) -> anyhow::Result<(
 }
 
 /// Checks the token against the coordinator, then keeps both in the login file (mode 0600).
-pub async fn login(url: &str, token: &str, json: bool) -> anyhow::Result<()> {
-    let target = Target { urls: url.to_string(), token: Some(token.to_string()) };
+pub async fn login(url: &str, token: &str, ca: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+    let ca_pem = ca.map(client::read_ca).transpose()?;
+    let target = Target { urls: url.to_string(), token: Some(token.to_string()), ca_pem: ca_pem.clone() };
     let mut c = connect(&target).await?;
     let me = c.who_am_i(v1::WhoAmIRequest {}).await.map_err(client::status)?.into_inner();
     let path = client::login_file().ok_or_else(|| anyhow::anyhow!("no HOME: cannot keep the login"))?;
     let dir = path.parent().expect("the login file is in a directory");
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    let login = Login { coordinator: url.to_string(), token: token.to_string() };
+    let login = Login { coordinator: url.to_string(), token: token.to_string(), ca: ca_pem };
     // Readable by its owner only from the start, as the coordinator's admin-token file is.
     gantry_coordinator::auth::tokens::write_private(&path, &serde_json::to_string_pretty(&login)?)?;
     if json {

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use gantry_coordinator::auth::Role;
 use gantry_coordinator::auth::tokens::SeedToken;
+use gantry_coordinator::tls::TlsOptions;
 use gantry_coordinator::{Config, Settings};
 use gantry_core::scheduler::Queue;
 use tokio::net::TcpListener;
@@ -58,10 +59,24 @@ pub struct CoordinatorArgs {
     /// --advertise-host (repeatable): any other Host header is refused, against DNS rebinding.
     #[arg(long = "allowed-host")]
     allowed_hosts: Vec<String>,
-    /// No tokens: anyone who reaches the ports may do anything. Refused unless every listen
-    /// address is loopback.
+    /// No TLS and no tokens: anyone who reaches the ports may do anything. Refused unless every
+    /// listen address is loopback.
     #[arg(long)]
     insecure: bool,
+    /// Serve with this certificate (PEM, with its chain) instead of one made by gantry's CA for
+    /// the listen addresses, --advertise-host and --allowed-host.
+    #[arg(long, requires = "tls_key", conflicts_with = "insecure")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Sign agents' certificates (and the server's) with this CA instead of the one gantry makes
+    /// under DATA_DIR/tls: every coordinator of an HA control plane is given the same.
+    #[arg(long, requires = "ca_key", conflicts_with = "insecure")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -110,6 +125,9 @@ pub struct AgentArgs {
     /// The coordinator's gRPC URL.
     #[arg(long, env = "GANTRY_COORDINATOR")]
     coordinator: String,
+    /// The CA certificate the coordinator's TLS certificate must chain to (its DATA_DIR/tls/ca.crt).
+    #[arg(long, env = "GANTRY_CA")]
+    ca: Option<PathBuf>,
     /// An agent token (`gantry token create NAME --role agent`), for a coordinator with auth.
     #[arg(long, env = "GANTRY_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -250,9 +268,17 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         }
         _ => (None, grpc, http),
     };
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let tls = (!args.insecure).then(|| TlsOptions {
+        dir: data_dir.join("tls"),
+        names: certificate_names(&args),
+        server: args.tls_cert.clone().zip(args.tls_key.clone()),
+        ca: args.ca_cert.clone().zip(args.ca_key.clone()),
+    });
     let config = Config {
+        tls,
         tokens: seed_tokens(&args)?,
-        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        data_dir,
         settings: Settings {
             auth: !args.insecure,
             allowed_hosts: args.allowed_hosts.iter().chain(&args.advertise_host).cloned().collect(),
@@ -263,6 +289,25 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     gantry_coordinator::serve(config, grpc, http, shutdown_signal()).await?;
     Ok(())
+}
+
+/// What the server certificate gantry makes is for: the listen addresses (every local name when
+/// one is 0.0.0.0 or ::), loopback, and the names people reach the coordinator by.
+fn certificate_names(args: &CoordinatorArgs) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    for addr in [&args.listen, &args.http] {
+        match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => names.push(gantry_agent::inventory::hostname()),
+            Ok(a) => names.push(a.ip().to_string()),
+            // host:port with a name
+            Err(_) => names.extend(addr.rsplit_once(':').map(|(host, _)| host.to_string())),
+        }
+    }
+    names.extend(args.advertise_host.iter().cloned());
+    names.extend(args.allowed_hosts.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
+    names
 }
 
 /// Campaigns for leadership, forwarding connections on `grpc` and `http` to the leader
@@ -325,7 +370,17 @@ fn agent_config(
 ) -> anyhow::Result<gantry_agent::Config> {
     let name = name.unwrap_or_else(gantry_agent::inventory::hostname);
     let train_program = std::env::current_exe().context("cannot find the gantry binary to run training jobs")?;
-    Ok(gantry_agent::Config { coordinator, token, name, work_dir, nvml_lib, train_program, advertise_addr, job_user })
+    Ok(gantry_agent::Config {
+        coordinator,
+        token,
+        name,
+        work_dir,
+        nvml_lib,
+        train_program,
+        advertise_addr,
+        job_user,
+        ca_pem: None,
+    })
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -336,8 +391,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         (None, Some(path)) => Some(read_secret(path, "join token")?),
         (None, None) => None,
     };
-    let config =
+    let mut config =
         agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr, args.job_user)?;
+    config.ca_pem = args.ca.as_deref().map(crate::client::read_ca).transpose()?;
     gantry_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
@@ -357,7 +413,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let settings = Settings { auth: false, ..args.timing.settings() };
-    let config = Config { data_dir: data_dir.clone(), settings, store: None, object_store: None, tokens: Vec::new() };
+    let config =
+        Config { data_dir: data_dir.clone(), settings, store: None, object_store: None, tokens: Vec::new(), tls: None };
     let coordinator = tokio::spawn(gantry_coordinator::serve(config, grpc, http, stopped(stop_rx.clone())));
     let agent_config = agent_config(
         url.clone(),
@@ -372,7 +429,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
 
     let code = match args.run {
         Some(file) => {
-            let target = crate::client::Target { urls: url.clone(), token: None };
+            let target = crate::client::Target { urls: url.clone(), token: None, ca_pem: None };
             let result = super::jobs::run_to_end(&target, &file, &data_dir).await;
             let _ = stop_tx.send(true);
             result?

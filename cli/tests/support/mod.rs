@@ -64,7 +64,35 @@ impl Fleet {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc)
+        format!("https://127.0.0.1:{}", self.grpc)
+    }
+
+    /// The CA the coordinator made at its first start: what its clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir().join("tls").join("ca.crt")
+    }
+
+    /// What a client trusts the coordinator by, with no certificate of its own.
+    pub fn client_tls(&self) -> gantry_proto::ClientTls {
+        gantry_proto::ClientTls { ca_pem: Some(std::fs::read_to_string(self.ca()).unwrap()), identity: None }
+    }
+
+    /// Joins as agent `name` with the fleet's agent token, as `gantry agent` does: the TLS of a
+    /// client of the agents' service, with that node's certificate.
+    pub async fn join_as(&self, name: &str) -> gantry_proto::ClientTls {
+        use gantry_proto::v1;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let channel = gantry_proto::endpoint(&self.url(), &self.client_tls()).unwrap().connect().await.unwrap();
+        let bearer = gantry_proto::Bearer::new(Some(&self.agent_token)).unwrap();
+        let mut client = v1::join_client::JoinClient::with_interceptor(channel, bearer);
+        let request = v1::JoinRequest { name: name.to_string(), public_key: key.public_key_raw().to_vec() };
+        let certificate = client.join(request).await.unwrap().into_inner().certificate_pem;
+        gantry_proto::ClientTls { identity: Some((certificate, key.serialize_pem())), ..self.client_tls() }
+    }
+
+    /// The coordinator's HTTPS side.
+    pub fn web(&self) -> Web {
+        Web { port: self.http, ca: Some(self.ca()) }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -117,6 +145,7 @@ impl Fleet {
         let child = Command::new(GANTRY)
             .args(["agent", "--coordinator", &self.url(), "--name", name])
             .env("GANTRY_JOIN_TOKEN", &self.agent_token)
+            .env("GANTRY_CA", self.ca())
             .args(extra)
             .arg("--work-dir")
             .arg(self.work_dir(name))
@@ -150,6 +179,7 @@ impl Fleet {
             dir: self.dir.path().to_path_buf(),
             log: Some(self.dir.path().join("coordinator.log")),
             token: token.map(str::to_string),
+            ca: Some(self.ca()),
         }
     }
 
@@ -157,7 +187,7 @@ impl Fleet {
     /// the fragment (which never reaches a server), signs in, and goes on to `path`.
     pub fn web_url(&self, path: &str) -> String {
         let next = path.replace('%', "%25").replace('?', "%3F").replace('=', "%3D").replace('&', "%26");
-        format!("http://127.0.0.1:{}/login#token={}&next={next}", self.http, self.admin_token)
+        format!("https://127.0.0.1:{}/login#token={}&next={next}", self.http, self.admin_token)
     }
 
     /// A new token with `role`, made by the admin: its secret.
@@ -217,6 +247,8 @@ pub struct Cli {
     pub log: Option<PathBuf>,
     /// Sent as GANTRY_TOKEN.
     pub token: Option<String>,
+    /// Sent as GANTRY_CA.
+    pub ca: Option<PathBuf>,
 }
 
 impl Cli {
@@ -227,6 +259,10 @@ impl Cli {
         match &self.token {
             Some(token) => command.env("GANTRY_TOKEN", token),
             None => command.env_remove("GANTRY_TOKEN"),
+        };
+        match &self.ca {
+            Some(ca) => command.env("GANTRY_CA", ca),
+            None => command.env_remove("GANTRY_CA"),
         };
         command.output().unwrap()
     }
@@ -377,40 +413,71 @@ pub fn set_devices(dir: &Path, devices: &serde_json::Value) {
     std::fs::rename(tmp, dir.join("devices.json")).unwrap();
 }
 
-/// A plain HTTP GET on loopback; returns the status line's code and the body.
-pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(port, "GET", path, &[], "")
+/// A CA as an operator makes one with openssl, `DIR/ca.crt` and `DIR/ca.key`: coordinators are
+/// given it to sign with (`--ca-cert`, `--ca-key`), and clients trust it. Returns the certificate.
+pub fn operator_ca(dir: &Path) -> PathBuf {
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "30"])
+        .args(["-subj", "/CN=test operator CA", "-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is not installed");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    cert
+}
+
+/// An HTTP server on loopback: HTTPS trusting `ca` (a coordinator), or plaintext without one
+/// (Prometheus's own API).
+#[derive(Debug, Clone)]
+pub struct Web {
+    pub port: u16,
+    pub ca: Option<PathBuf>,
+}
+
+impl Web {
+    pub fn plain(port: u16) -> Web {
+        Web { port, ca: None }
+    }
+}
+
+/// A GET; returns the status line's code and the body.
+pub fn http_get(web: &Web, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(web, "GET", path, &[], "")
 }
 
 /// A GET with `Authorization: Bearer TOKEN`.
-pub fn http_get_as(port: u16, path: &str, token: &str) -> std::io::Result<(u16, String)> {
-    http_request(port, "GET", path, &[&format!("Authorization: Bearer {token}")], "")
+pub fn http_get_as(web: &Web, path: &str, token: &str) -> std::io::Result<(u16, String)> {
+    http_request(web, "GET", path, &[&format!("Authorization: Bearer {token}")], "")
 }
 
-/// An HTTP/1.0 request on loopback with extra header lines (a Host line replaces the default);
-/// the status code, and the headers and body as one text.
+/// An HTTP/1.0 request with extra header lines (a Host line replaces the default); the status
+/// code, and the headers and body as one text.
 pub fn http_request(
-    port: u16,
+    web: &Web,
     method: &str,
     path: &str,
     headers: &[&str],
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    let (code, _head, body) = http_exchange(port, method, path, headers, body)?;
+    let (code, _head, body) = http_exchange(web, method, path, headers, body)?;
     Ok((code, body))
 }
 
 /// As [`http_request`], with the response's header block apart.
 pub fn http_exchange(
-    port: u16,
+    web: &Web,
     method: &str,
     path: &str,
     headers: &[&str],
     body: &str,
 ) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let socket = std::net::TcpStream::connect(("127.0.0.1", web.port))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut head = format!("{method} {path} HTTP/1.0\r\n");
     if !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("host:")) {
         head += "Host: 127.0.0.1\r\n";
@@ -421,12 +488,48 @@ pub fn http_exchange(
     if !body.is_empty() {
         head += &format!("Content-Length: {}\r\n", body.len());
     }
-    write!(s, "{head}\r\n{body}")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
+    let request = format!("{head}\r\n{body}");
+    let mut bytes = Vec::new();
+    match &web.ca {
+        None => {
+            let mut s = socket;
+            s.write_all(request.as_bytes())?;
+            s.read_to_end(&mut bytes)?;
+        }
+        Some(ca) => {
+            let mut s = rustls::StreamOwned::new(tls_client(ca)?, socket);
+            s.write_all(request.as_bytes())?;
+            match s.read_to_end(&mut bytes) {
+                // A server that closes without TLS's close_notify, after a whole response.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !bytes.is_empty() => {}
+                r => {
+                    r?;
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok((code, head.to_string(), body.to_string()))
+}
+
+/// A TLS client for 127.0.0.1 that trusts `ca` only.
+fn tls_client(ca: &Path) -> std::io::Result<rustls::ClientConnection> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)? {
+        roots.add(cert.map_err(std::io::Error::other)?).map_err(std::io::Error::other)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(std::io::Error::other)
 }
 
 /// A real Prometheus server (Debian's package) scraping `target_port` every second.
@@ -437,14 +540,17 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes with `token` as its bearer token, as the Helm chart configures it.
-    pub fn start(target_port: u16, token: &str) -> Prometheus {
+    /// Scrapes `target` over HTTPS with `token` as its bearer token, as the Helm chart
+    /// configures it.
+    pub fn start(target: &Web, token: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
-                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: gantry\n    authorization: {{type: Bearer, credentials: '{token}'}}\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: gantry\n    scheme: https\n    tls_config: {{ca_file: '{}'}}\n    authorization: {{type: Bearer, credentials: '{token}'}}\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+                target.ca.as_ref().expect("the coordinator's CA").display(),
+                target.port
             ),
         )
         .unwrap();
@@ -464,7 +570,7 @@ impl Prometheus {
     /// An instant query's result vector.
     pub fn query(&self, promql: &str) -> Vec<serde_json::Value> {
         let path = format!("/api/v1/query?query={}", promql.replace(' ', "%20"));
-        match http_get(self.port, &path) {
+        match http_get(&Web::plain(self.port), &path) {
             Ok((200, body)) => {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 v["data"]["result"].as_array().cloned().unwrap_or_default()
@@ -495,6 +601,9 @@ pub fn chromium(args: &[&str], url: &str) -> std::process::Output {
             "--disable-quic",
             "--no-first-run",
             "--virtual-time-budget=5000",
+            // The coordinator's certificate is from its own CA, which this throwaway profile
+            // does not hold (the tests' HTTPS client checks it: `http_exchange`).
+            "--ignore-certificate-errors",
             "--window-size=1400,1100",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))

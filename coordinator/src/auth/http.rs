@@ -108,7 +108,8 @@ pub struct LoginForm {
     next: String,
 }
 
-/// Checks the token and keeps it in an HttpOnly, SameSite=Strict cookie.
+/// Checks the token and keeps it in an HttpOnly, SameSite=Strict, Secure cookie (auth is served
+/// over TLS only, so the browser never sends it in plaintext).
 pub async fn login(State(c): State<Arc<Coordinator>>, axum::Form(form): axum::Form<LoginForm>) -> Response {
     let next = local_path(&form.next).unwrap_or("/");
     if !c.settings.auth {
@@ -120,7 +121,7 @@ pub async fn login(State(c): State<Arc<Coordinator>>, axum::Form(form): axum::Fo
         let page = LOGIN_PAGE.replace("{message}", "<p class=\"error\">That token is not valid.</p>");
         return (StatusCode::UNAUTHORIZED, Html(page)).into_response();
     }
-    let cookie = format!("{COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/");
+    let cookie = format!("{COOKIE}={secret}; HttpOnly; SameSite=Strict; Secure; Path=/");
     ([(header::SET_COOKIE, cookie)], Redirect::to(next)).into_response()
 }
 
@@ -136,7 +137,7 @@ fn local_path(next: &str) -> Option<&str> {
 }
 
 pub async fn logout() -> Response {
-    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Secure; Path=/; Max-Age=0");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 

@@ -146,6 +146,27 @@ pub struct TokenRecord {
     pub hash: String,
     pub created_at_ms: i64,
     pub expires_at_ms: Option<i64>,
+    /// The client certificates agents got for this (agent) token: they work as long as the
+    /// token does, and no longer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<IssuedCertificate>,
+}
+
+/// A client certificate an agent joined with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// sha256 of the certificate, hex.
+    pub fingerprint: String,
+    /// The node it is for: its agent may register under this name only.
+    pub node: String,
+    pub expires_at_ms: i64,
+}
+
+/// Who presented a client certificate: put beside the [`Principal`] of an agent's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCertificate {
+    pub fingerprint: String,
+    pub node: String,
 }
 
 /// The prefix marks gantry secrets for secret scanners and people.

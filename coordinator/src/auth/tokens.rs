@@ -6,19 +6,55 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use super::{Principal, Role, TokenRecord, check_name, hash_secret, new_secret};
+use super::{AgentCertificate, IssuedCertificate, Principal, Role, TokenRecord, check_name, hash_secret, new_secret};
 use crate::error::{Error, Result};
 use crate::store::StateStore;
 
 pub struct Tokens {
     store: Arc<dyn StateStore>,
-    by_hash: RwLock<HashMap<String, TokenRecord>>,
+    index: RwLock<Index>,
+}
+
+/// The store's tokens, by what requests present: a secret's hash, or a client certificate's
+/// fingerprint.
+#[derive(Default)]
+struct Index {
+    by_hash: HashMap<String, TokenRecord>,
+    /// Fingerprint → the hash of the token it was issued for.
+    by_certificate: HashMap<String, String>,
+}
+
+impl Index {
+    fn put(&mut self, record: TokenRecord) {
+        self.remove(&record.name);
+        for c in &record.certificates {
+            self.by_certificate.insert(c.fingerprint.clone(), record.hash.clone());
+        }
+        self.by_hash.insert(record.hash.clone(), record);
+    }
+
+    fn remove(&mut self, name: &str) {
+        let gone: Vec<TokenRecord> = self.by_hash.values().filter(|t| t.name == name).cloned().collect();
+        for record in gone {
+            for c in &record.certificates {
+                self.by_certificate.remove(&c.fingerprint);
+            }
+            self.by_hash.remove(&record.hash);
+        }
+    }
+
+    fn by_name(&self, name: &str) -> Option<&TokenRecord> {
+        self.by_hash.values().find(|t| t.name == name)
+    }
 }
 
 impl Tokens {
     pub fn load(store: Arc<dyn StateStore>) -> Result<Tokens> {
-        let by_hash = store.tokens()?.into_iter().map(|t| (t.hash.clone(), t)).collect();
-        Ok(Tokens { store, by_hash: RwLock::new(by_hash) })
+        let mut index = Index::default();
+        for record in store.tokens()? {
+            index.put(record);
+        }
+        Ok(Tokens { store, index: RwLock::new(index) })
     }
 
     /// A new token: its record, and the secret, which exists nowhere else after this returns.
@@ -33,7 +69,8 @@ impl Tokens {
     }
 
     /// Records `secret` as token `name`, replacing a token of that name: for secrets the operator
-    /// generated (a Kubernetes Secret) and the admin token of the first start.
+    /// generated (a Kubernetes Secret) and the admin token of the first start. The certificates
+    /// agents got with the same secret are kept; with another secret, they stop working.
     pub fn install(
         &self,
         name: &str,
@@ -49,58 +86,108 @@ impl Tokens {
                 "token {name}: a secret is 16 to 256 characters of letters, digits and - . _ ~ + / ="
             )));
         }
+        let hash = hash_secret(secret);
+        let certificates = {
+            let index = self.index.read().expect("tokens lock poisoned");
+            index.by_hash.get(&hash).filter(|t| t.name == name && t.role == role).map(|t| t.certificates.clone())
+        };
         let record = TokenRecord {
             name: name.to_string(),
             role,
-            hash: hash_secret(secret),
+            hash,
             created_at_ms: now_ms,
             expires_at_ms: ttl.map(|t| now_ms.saturating_add(t.as_millis().min(i64::MAX as u128) as i64)),
+            certificates: certificates.unwrap_or_default(),
         };
         self.store.put_token(&record)?;
-        let mut by_hash = self.by_hash.write().expect("tokens lock poisoned");
-        by_hash.retain(|_, t| t.name != name);
-        by_hash.insert(record.hash.clone(), record.clone());
+        self.index.write().expect("tokens lock poisoned").put(record.clone());
         Ok(record)
     }
 
-    /// Deletes token `name`: from the store first, so a revocation that returned is durable.
+    /// Deletes token `name`, and with it the certificates agents joined with: from the store
+    /// first, so a revocation that returned is durable.
     pub fn revoke(&self, name: &str) -> Result<()> {
         if !self.store.delete_token(name)? {
             return Err(Error::InvalidArgument(format!("no token named {name} (see gantry token list)")));
         }
-        self.by_hash.write().expect("tokens lock poisoned").retain(|_, t| t.name != name);
+        self.index.write().expect("tokens lock poisoned").remove(name);
+        Ok(())
+    }
+
+    /// Records a client certificate issued to `node` for agent token `token`; certificates of
+    /// that node issued before, and expired ones, are dropped: a node holds one at a time.
+    pub fn add_certificate(&self, token: &str, issued: IssuedCertificate, now_ms: i64) -> Result<()> {
+        let mut record = {
+            let index = self.index.read().expect("tokens lock poisoned");
+            index.by_name(token).cloned().ok_or_else(|| Error::Unauthenticated(format!("token {token} was revoked")))?
+        };
+        record.certificates.retain(|c| c.node != issued.node && c.expires_at_ms > now_ms);
+        record.certificates.push(issued);
+        self.store.put_token(&record)?;
+        self.index.write().expect("tokens lock poisoned").put(record);
         Ok(())
     }
 
     /// Every token, by name.
     pub fn list(&self) -> Vec<TokenRecord> {
-        let mut all: Vec<_> = self.by_hash.read().expect("tokens lock poisoned").values().cloned().collect();
+        let index = self.index.read().expect("tokens lock poisoned");
+        let mut all: Vec<_> = index.by_hash.values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
     /// Whether `who` may still act: for a request already in flight (an agent's session, a log
-    /// follow), so that a revocation or an expiry ends it too, not only the next request.
-    pub fn still_valid(&self, who: &Principal, auth: bool, now_ms: i64) -> bool {
+    /// follow), so that a revocation or an expiry ends it too, not only the next request. An
+    /// agent's certificate must still be on record as well.
+    pub fn still_valid(
+        &self,
+        who: &Principal,
+        certificate: Option<&AgentCertificate>,
+        auth: bool,
+        now_ms: i64,
+    ) -> bool {
         if !auth {
             return true;
         }
-        let by_hash = self.by_hash.read().expect("tokens lock poisoned");
-        by_hash
-            .values()
-            .any(|t| t.name == who.name && t.role == who.role && t.expires_at_ms.is_none_or(|end| now_ms < end))
+        let index = self.index.read().expect("tokens lock poisoned");
+        let Some(token) = index.by_name(&who.name) else { return false };
+        let live = token.role == who.role && token.expires_at_ms.is_none_or(|end| now_ms < end);
+        live && certificate.is_none_or(|c| {
+            token.certificates.iter().any(|held| held.fingerprint == c.fingerprint && now_ms < held.expires_at_ms)
+        })
     }
 
     /// The caller a secret stands for. The answer never says whether a token of some name
     /// exists: unknown, revoked and expired read the same.
     pub fn authenticate(&self, secret: &str, now_ms: i64) -> Result<Principal> {
-        let by_hash = self.by_hash.read().expect("tokens lock poisoned");
-        match by_hash.get(&hash_secret(secret)) {
+        let index = self.index.read().expect("tokens lock poisoned");
+        match index.by_hash.get(&hash_secret(secret)) {
             Some(t) if t.expires_at_ms.is_none_or(|end| now_ms < end) => {
                 Ok(Principal { name: t.name.clone(), role: t.role })
             }
             _ => Err(Error::Unauthenticated("the token is not valid (unknown, revoked or expired)".into())),
         }
+    }
+
+    /// The agent a client certificate (by its fingerprint) stands for: valid while its token
+    /// is and it is on record.
+    pub fn authenticate_certificate(&self, fingerprint: &str, now_ms: i64) -> Result<(Principal, AgentCertificate)> {
+        let refused = || {
+            Error::Unauthenticated(
+                "this agent certificate is not valid (its token was revoked, its node removed, or it expired): join again with an agent token".into(),
+            )
+        };
+        let index = self.index.read().expect("tokens lock poisoned");
+        let token =
+            index.by_certificate.get(fingerprint).and_then(|hash| index.by_hash.get(hash)).ok_or_else(refused)?;
+        let held = token.certificates.iter().find(|c| c.fingerprint == fingerprint).ok_or_else(refused)?;
+        if token.expires_at_ms.is_some_and(|end| now_ms >= end) || now_ms >= held.expires_at_ms {
+            return Err(refused());
+        }
+        Ok((
+            Principal { name: token.name.clone(), role: token.role },
+            AgentCertificate { fingerprint: held.fingerprint.clone(), node: held.node.clone() },
+        ))
     }
 }
 
@@ -170,12 +257,42 @@ mod tests {
         assert_eq!(record.role, Role::User);
         assert_eq!(tokens.authenticate(&secret, 1).unwrap(), Principal { name: "alice".into(), role: Role::User });
         let alice = tokens.authenticate(&secret, 1).unwrap();
-        assert!(tokens.still_valid(&alice, true, 1));
+        assert!(tokens.still_valid(&alice, None, true, 1));
         tokens.revoke("alice").unwrap();
         assert_eq!(tokens.authenticate(&secret, 2).unwrap_err().code(), crate::Code::Unauthenticated);
-        assert!(!tokens.still_valid(&alice, true, 2), "a request in flight learns of the revocation");
-        assert!(tokens.still_valid(&alice, false, 2), "without auth everyone is valid");
+        assert!(!tokens.still_valid(&alice, None, true, 2), "a request in flight learns of the revocation");
+        assert!(tokens.still_valid(&alice, None, false, 2), "without auth everyone is valid");
         assert!(tokens.revoke("alice").is_err());
+    }
+
+    #[test]
+    fn an_agent_certificate_works_while_its_token_does_and_binds_its_node() {
+        let (_dir, tokens) = tokens();
+        let (_, secret) = tokens.create("agents", Role::Agent, None, 0).unwrap();
+        let issued = |fp: &str, node: &str| IssuedCertificate {
+            fingerprint: fp.into(),
+            node: node.into(),
+            expires_at_ms: 1_000,
+        };
+        tokens.add_certificate("agents", issued("f1", "node-a"), 0).unwrap();
+        tokens.add_certificate("agents", issued("f2", "node-b"), 0).unwrap();
+        let (who, cert) = tokens.authenticate_certificate("f1", 1).unwrap();
+        assert_eq!((who.name.as_str(), who.role, cert.node.as_str()), ("agents", Role::Agent, "node-a"));
+        assert!(tokens.still_valid(&who, Some(&cert), true, 1));
+        assert!(tokens.authenticate_certificate("nope", 1).is_err());
+        assert!(tokens.authenticate_certificate("f1", 1_000).is_err(), "expired");
+        // Joining again replaces the node's certificate.
+        tokens.add_certificate("agents", issued("f3", "node-a"), 0).unwrap();
+        assert!(tokens.authenticate_certificate("f1", 1).is_err());
+        assert!(!tokens.still_valid(&who, Some(&cert), true, 1), "a session on the old certificate ends");
+        // Reinstalling the same secret (an operator's token, at every start) keeps them.
+        tokens.install("agents", Role::Agent, &secret, None, 5).unwrap();
+        assert!(tokens.authenticate_certificate("f3", 6).is_ok());
+        tokens.revoke("agents").unwrap();
+        for fp in ["f2", "f3"] {
+            assert_eq!(tokens.authenticate_certificate(fp, 7).unwrap_err().code(), crate::Code::Unauthenticated);
+        }
+        assert!(tokens.add_certificate("agents", issued("f4", "node-c"), 8).is_err());
     }
 
     #[test]

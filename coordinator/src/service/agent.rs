@@ -22,14 +22,14 @@ const SESSION_BUFFER: usize = 1024;
 impl v1::agents_server::Agents for AgentService {
     async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let seen = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        let certificate = crate::auth::grpc::agent_certificate(&req);
         let req = req.into_inner();
+        bound_to(certificate.as_ref(), &req.name)?;
         let addr = if req.advertise_addr.is_empty() { seen } else { req.advertise_addr.clone() };
         if req.protocol_version != PROTOCOL_VERSION {
             return Err(crate::Error::ProtocolMismatch { agent: req.protocol_version, ours: PROTOCOL_VERSION }.into());
         }
-        if req.name.is_empty() {
-            return Err(Status::invalid_argument("agent name must not be empty"));
-        }
+        crate::limits::check_node_name(&req.name)?;
         let inventory = req.inventory.ok_or_else(|| Status::invalid_argument("inventory: missing"))?;
         self.coordinator.register_agent(&req.name, inventory, addr)?;
         Ok(Response::new(v1::RegisterResponse {
@@ -45,12 +45,14 @@ impl v1::agents_server::Agents for AgentService {
         req: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let who = crate::auth::grpc::caller(&req)?;
+        let certificate = crate::auth::grpc::agent_certificate(&req);
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("session closed before the first heartbeat"))?;
         let name = first.name.clone();
+        bound_to(certificate.as_ref(), &name)?;
         let Some(v1::agent_message::Msg::Heartbeat(hb)) = first.msg else {
             return Err(Status::invalid_argument("a session must open with a heartbeat listing the agent's jobs"));
         };
@@ -67,8 +69,9 @@ impl v1::agents_server::Agents for AgentService {
                     }
                 };
                 // A revoked agent token ends the session it opened, not only the next one.
-                if !coordinator.tokens.still_valid(&who, coordinator.settings.auth, coordinator.now_ms()) {
-                    warn!(agent = %name, token = %who.name, "the agent's token was revoked or expired: closing its session");
+                let now = coordinator.now_ms();
+                if !coordinator.tokens.still_valid(&who, certificate.as_ref(), coordinator.settings.auth, now) {
+                    warn!(agent = %name, token = %who.name, "the agent's token or certificate was revoked or expired: closing its session");
                     break;
                 }
                 if let Err(e) = dispatch(&coordinator, &name, msg) {
@@ -159,4 +162,16 @@ pub(crate) async fn receive_checkpoint(
     }
     let record = committed?;
     Ok(v1::CheckpointAck { step: record.step, sha256: record.sha256 })
+}
+
+/// An agent with a certificate acts as the node the certificate is for, and no other.
+fn bound_to(certificate: Option<&crate::auth::AgentCertificate>, name: &str) -> Result<(), Status> {
+    match certificate {
+        Some(c) if c.node != name => Err(crate::Error::PermissionDenied(format!(
+            "this agent's certificate is for node {}, not {name}: join again with an agent token to act as {name}",
+            c.node
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }

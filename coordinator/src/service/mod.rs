@@ -1,6 +1,7 @@
 //! The gRPC services: thin layers that convert messages and call [`crate::control`].
 
 pub mod agent;
+pub mod join;
 pub mod user;
 
 use std::pin::Pin;

@@ -138,7 +138,7 @@ impl v1::gantry_server::Gantry for UserService {
                 if !req.follow || ended {
                     return;
                 }
-                if !coordinator.tokens.still_valid(&who, coordinator.settings.auth, coordinator.now_ms()) {
+                if !coordinator.tokens.still_valid(&who, None, coordinator.settings.auth, coordinator.now_ms()) {
                     let _ = tx.send(Err(Status::unauthenticated("the token was revoked or expired"))).await;
                     return;
                 }

@@ -48,6 +48,7 @@ impl TestCoordinator {
             store: None,
             object_store: None,
             tokens: Vec::new(),
+            tls: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(gantry_coordinator::serve(config, grpc, http, async move {
