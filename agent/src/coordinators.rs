@@ -3,8 +3,8 @@
 //! session loop moves to the next URL whenever a session fails, so it finds the leader by
 //! itself; uploads take whichever client is current on each try.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use gantry_proto::v1::agents_client::AgentsClient;
@@ -23,7 +23,9 @@ pub struct Coordinators {
 
 struct Inner {
     urls: Vec<String>,
-    clients: Vec<Client>,
+    /// Replaced whole when the agent joins again (a new certificate). A std lock: held only to
+    /// clone a client.
+    clients: RwLock<Vec<Client>>,
     current: AtomicUsize,
 }
 
@@ -35,22 +37,19 @@ impl Coordinators {
         if urls.is_empty() {
             return Err(Error::Fatal("no coordinator URL given".into()));
         }
-        let mut clients = Vec::new();
-        for url in &urls {
-            let endpoint = gantry_proto::endpoint(url, tls)
-                .map_err(|e| Error::Fatal(e.to_string()))?
-                .connect_timeout(Duration::from_secs(3))
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            let client = AgentsClient::with_interceptor(endpoint.connect_lazy(), Bearer::default());
-            clients.push(client.max_decoding_message_size(16 << 20));
-        }
+        let clients = RwLock::new(clients(&urls, tls)?);
         Ok(Coordinators { inner: Arc::new(Inner { urls, clients, current: AtomicUsize::new(0) }) })
+    }
+
+    /// From now on, reach the coordinators with `tls` (the agent joined again).
+    pub fn use_tls(&self, tls: &ClientTls) -> Result<()> {
+        *self.inner.clients.write().expect("clients lock") = clients(&self.inner.urls, tls)?;
+        Ok(())
     }
 
     /// The client of the coordinator currently believed to lead.
     pub fn client(&self) -> Client {
-        self.inner.clients[self.index()].clone()
+        self.inner.clients.read().expect("clients lock")[self.index()].clone()
     }
 
     pub fn url(&self) -> &str {
@@ -80,4 +79,18 @@ impl Coordinators {
     fn index(&self) -> usize {
         self.inner.current.load(Ordering::Relaxed) % self.inner.urls.len()
     }
+}
+
+fn clients(urls: &[String], tls: &ClientTls) -> Result<Vec<Client>> {
+    let mut clients = Vec::new();
+    for url in urls {
+        let endpoint = gantry_proto::endpoint(url, tls)
+            .map_err(|e| Error::Fatal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = AgentsClient::with_interceptor(endpoint.connect_lazy(), Bearer::default());
+        clients.push(client.max_decoding_message_size(16 << 20));
+    }
+    Ok(clients)
 }

@@ -33,10 +33,22 @@ pub async fn client_tls(config: &Config) -> Result<ClientTls> {
             config.coordinator
         ))
     })?;
-    let dir = config.work_dir.join("tls");
-    if let Some(identity) = stored(&dir, &config.name)? {
+    if let Some(identity) = stored(&config.work_dir.join("tls"), &config.name)? {
         return Ok(ClientTls { ca_pem: Some(ca_pem), identity: Some(identity) });
     }
+    join(config, urls, ca_pem).await
+}
+
+/// Joins again, for a new certificate: the coordinator refused the one kept (it expired, or the
+/// token it was issued for was replaced).
+pub async fn join_again(config: &Config) -> Result<ClientTls> {
+    let urls: Vec<&str> = config.coordinator.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    let ca_pem = config.ca_pem.clone().ok_or_else(|| Error::Fatal("no --ca".into()))?;
+    join(config, urls, ca_pem).await
+}
+
+async fn join(config: &Config, urls: Vec<&str>, ca_pem: String) -> Result<ClientTls> {
+    let dir = config.work_dir.join("tls");
     let token = config.token.as_deref().ok_or_else(|| {
         Error::Fatal(format!(
             "this agent has no certificate for node {} yet: start it once with --join-token (an agent token) to join",

@@ -186,6 +186,15 @@ impl Agent {
             Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::InvalidArgument => {
                 return Err(Error::Fatal(format!("coordinator refused registration: {}", s.message())));
             }
+            // The certificate kept is no longer on record (it expired, or the join token was
+            // replaced): with a join token at hand, get a new one. A revoked token's join is
+            // refused, which stops the agent.
+            Err(s) if s.code() == tonic::Code::Unauthenticated && self.config.token.is_some() => {
+                warn!(error = %s.message(), "the coordinator refused this agent's certificate; joining again");
+                let tls = join::join_again(&self.config).await?;
+                self.coordinators.use_tls(&tls)?;
+                return Err(Error::Rpc(s));
+            }
             r => r?.into_inner(),
         };
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));

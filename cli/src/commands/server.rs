@@ -391,6 +391,8 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         (None, Some(path)) => Some(read_secret(path, "join token")?),
         (None, None) => None,
     };
+    // An empty one (an unset variable in a unit file) is none.
+    let token = token.filter(|t| !t.trim().is_empty());
     let mut config =
         agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr, args.job_user)?;
     config.ca_pem = args.ca.as_deref().map(crate::client::read_ca).transpose()?;
