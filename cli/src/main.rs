@@ -74,6 +74,8 @@ enum Command {
     Drain { node: String },
     /// Let a drained node take new jobs again.
     Undrain { node: String },
+    /// Remove a node: its agent's certificate stops working at once, its jobs are requeued.
+    RemoveNode { node: String },
     /// Replay a job trace through the scheduler in simulated time: FIFO against gantry's policy.
     Sim(commands::sim::SimArgs),
     /// Tokens: create (the secret is printed once), list, revoke. Admins only.
@@ -192,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Top => commands::top::run(url, &runtime).map(|_| 0),
         Command::Drain { node } => runtime.block_on(commands::fleet::drain(url, &node, true, json)).map(|_| 0),
         Command::Undrain { node } => runtime.block_on(commands::fleet::drain(url, &node, false, json)).map(|_| 0),
+        Command::RemoveNode { node } => runtime.block_on(commands::fleet::remove(url, &node, json)).map(|_| 0),
         Command::Token(TokenCommand::Create { name, role, ttl }) => {
             runtime.block_on(commands::access::create(url, &name, &role, ttl, json)).map(|_| 0)
         }

@@ -305,9 +305,20 @@ fn agents_join_once_then_prove_who_they_are_with_their_certificate() {
         assert!(Instant::now() < deadline, "the agent did not come back with its certificate");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Revoking the token it joined with ends the certificate too: a restart is refused.
+    // Removing the node ends its certificate at once, though the token it joined with is
+    // valid; the agent, started without one this time, cannot come back.
+    let removed = fleet.json(&["remove-node", "node-a"]);
+    assert_eq!(removed["certificates"], 1, "{removed}");
+    let e = register(ClientTls { ca_pem: Some(ca.clone()), identity: Some(identity) }, "node-a").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.json(&["nodes"]), serde_json::json!([]), "the removed node stayed out");
+
+    // Revoking a token ends every certificate issued with it.
+    let joined = tokio::runtime::Runtime::new().unwrap().block_on(fleet.join_as("node-z"));
+    register(joined.clone(), "node-z").unwrap();
     fleet.ok(&["token", "revoke", "agents"]);
-    let e = register(ClientTls { ca_pem: Some(ca), identity: Some(identity) }, "node-a").unwrap_err();
+    let e = register(joined, "node-z").unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 

@@ -110,7 +110,7 @@ mod checks {
         assert_eq!(s.checkpoints(&b.id).unwrap().len(), 1);
     }
 
-    pub fn agents_register_and_drain(f: &dyn Fixture) {
+    pub fn agents_register_drain_and_are_removed(f: &dyn Fixture) {
         let s = f.open();
         let agent = |name: &str| AgentRecord {
             name: name.into(),
@@ -127,6 +127,10 @@ mod checks {
         let seen: Vec<(&str, bool)> = agents.iter().map(|a| (a.name.as_str(), a.drained)).collect();
         assert_eq!(seen, [("gpu-1", false), ("gpu-2", true)]);
         assert_eq!(agents[0].inventory, [1, 2, 3]);
+        assert!(s.delete_agent("gpu-1").unwrap());
+        assert!(!s.delete_agent("gpu-1").unwrap(), "a second delete finds nothing");
+        let left: Vec<String> = s.agents().unwrap().into_iter().map(|a| a.name).collect();
+        assert_eq!(left, ["gpu-2"]);
     }
 
     pub fn tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart(f: &dyn Fixture) {
@@ -242,8 +246,8 @@ macro_rules! conformance {
                 checks::checkpoints_are_listed_per_job_in_step_order(&$fixture);
             }
             #[test]
-            fn agents_register_and_drain() {
-                checks::agents_register_and_drain(&$fixture);
+            fn agents_register_drain_and_are_removed() {
+                checks::agents_register_drain_and_are_removed(&$fixture);
             }
             #[test]
             fn tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart() {

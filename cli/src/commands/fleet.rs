@@ -49,6 +49,19 @@ pub async fn drain(url: &Target, node: &str, drain: bool, json: bool) -> anyhow:
     Ok(())
 }
 
+pub async fn remove(url: &Target, node: &str, json: bool) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    let req = v1::RemoveNodeRequest { node: node.to_string() };
+    let certificates = c.remove_node(req).await.map_err(client::status)?.into_inner().certificates;
+    if json {
+        return print_json(&serde_json::json!({ "removed": node, "certificates": certificates }));
+    }
+    outln!(
+        "node {node} removed: {certificates} agent certificate(s) ended, its jobs are requeued; an agent with a valid join token may join again (revoke the token to keep it out)"
+    )?;
+    Ok(())
+}
+
 fn node_view(n: &v1::Node) -> NodeView {
     let inv = n.inventory.clone().unwrap_or_default();
     NodeView {

@@ -82,7 +82,7 @@ pub enum Action<'a> {
     CancelJob {
         owner: &'a str,
     },
-    /// Drain and undrain.
+    /// Drain, undrain and remove.
     ManageNodes,
     ManageTokens,
     /// The agents' service: register, session, uploads.
@@ -118,7 +118,7 @@ impl Action<'_> {
             Action::SeeFleet => "see the queue and the fleet",
             Action::ReadJob { .. } => "read",
             Action::CancelJob { .. } => "cancel",
-            Action::ManageNodes => "drain or undrain nodes",
+            Action::ManageNodes => "drain, undrain or remove nodes",
             Action::ManageTokens => "manage tokens",
             Action::ActAsAgent => "act as an agent",
         }

@@ -128,6 +128,23 @@ impl Tokens {
         Ok(())
     }
 
+    /// Drops every certificate issued to `node`; returns how many there were.
+    pub fn forget_node(&self, node: &str) -> Result<usize> {
+        let holding: Vec<TokenRecord> = {
+            let index = self.index.read().expect("tokens lock poisoned");
+            index.by_hash.values().filter(|t| t.certificates.iter().any(|c| c.node == node)).cloned().collect()
+        };
+        let mut forgotten = 0;
+        for mut record in holding {
+            let before = record.certificates.len();
+            record.certificates.retain(|c| c.node != node);
+            forgotten += before - record.certificates.len();
+            self.store.put_token(&record)?;
+            self.index.write().expect("tokens lock poisoned").put(record);
+        }
+        Ok(forgotten)
+    }
+
     /// Every token, by name.
     pub fn list(&self) -> Vec<TokenRecord> {
         let index = self.index.read().expect("tokens lock poisoned");
@@ -285,6 +302,12 @@ mod tests {
         tokens.add_certificate("agents", issued("f3", "node-a"), 0).unwrap();
         assert!(tokens.authenticate_certificate("f1", 1).is_err());
         assert!(!tokens.still_valid(&who, Some(&cert), true, 1), "a session on the old certificate ends");
+        // Removing a node ends its certificate only.
+        tokens.add_certificate("agents", issued("f9", "node-c"), 0).unwrap();
+        assert_eq!(tokens.forget_node("node-c").unwrap(), 1);
+        assert!(tokens.authenticate_certificate("f9", 1).is_err());
+        assert!(tokens.authenticate_certificate("f3", 1).is_ok());
+        assert_eq!(tokens.forget_node("node-c").unwrap(), 0);
         // Reinstalling the same secret (an operator's token, at every start) keeps them.
         tokens.install("agents", Role::Agent, &secret, None, 5).unwrap();
         assert!(tokens.authenticate_certificate("f3", 6).is_ok());

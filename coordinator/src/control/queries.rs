@@ -123,6 +123,22 @@ impl Coordinator {
         self.changed();
         Ok(())
     }
+
+    /// Removes a node: its agent's certificates stop working at once (its session ends within
+    /// a second), its record goes, and the placement loop requeues its running jobs as from a
+    /// lost node. An agent that still holds a valid join token may join again, as a new node;
+    /// revoking the token keeps it out. Returns how many certificates ended.
+    pub fn remove_node(&self, name: &str) -> Result<usize> {
+        let certificates = self.tokens.forget_node(name)?;
+        let recorded = self.store.delete_agent(name)?;
+        let connected = self.fleet().agents.remove(name).is_some();
+        if !recorded && !connected && certificates == 0 {
+            return Err(Error::NodeNotFound(name.to_string()));
+        }
+        info!(node = %name, certificates, "node removed");
+        self.changed();
+        Ok(certificates)
+    }
 }
 
 /// The queue first, in the order it will run; then running jobs; then the rest; newest first

@@ -198,6 +198,17 @@ impl v1::gantry_server::Gantry for UserService {
         Ok(Response::new(node_to_proto(&self.coordinator, &usage, node)))
     }
 
+    async fn remove_node(
+        &self,
+        req: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
+        let who = allowed(&req, Action::ManageNodes)?;
+        let node = req.into_inner().node;
+        let certificates = self.coordinator.remove_node(&node)?;
+        audit(&who, "remove node", &node);
+        Ok(Response::new(v1::RemoveNodeResponse { certificates: certificates as u32 }))
+    }
+
     async fn list_gpus(&self, req: Request<v1::ListGpusRequest>) -> Result<Response<v1::ListGpusResponse>, Status> {
         allowed(&req, Action::SeeFleet)?;
         let gpus = self

@@ -62,9 +62,10 @@ enum Change {
         key: (u64, u64),
         bytes: Vec<u8>,
     },
+    /// An agent's record, or its deletion (`None`: false if there was none).
     Agent {
         name: String,
-        bytes: Vec<u8>,
+        bytes: Option<Vec<u8>>,
     },
     /// A token's record, or its deletion (`None`: false if there was none).
     Token {
@@ -268,9 +269,10 @@ fn apply(
         Change::Checkpoint { key, bytes } => {
             tables.checkpoints.insert(*key, bytes.as_slice())?;
         }
-        Change::Agent { name, bytes } => {
+        Change::Agent { name, bytes: Some(bytes) } => {
             tables.agents.insert(name.as_str(), bytes.as_slice())?;
         }
+        Change::Agent { name, bytes: None } => return Ok(tables.agents.remove(name.as_str())?.is_some()),
         Change::Drain { name, drained } => {
             let record: Option<AgentRecord> = match tables.agents.get(name.as_str())? {
                 Some(v) => Some(serde_json::from_slice(v.value())?),
@@ -341,7 +343,7 @@ impl StateStore for EmbeddedStore {
     }
 
     fn put_agent(&self, record: &AgentRecord) -> Result<()> {
-        self.write(Change::Agent { name: record.name.clone(), bytes: serde_json::to_vec(record)? }).map(|_| ())
+        self.write(Change::Agent { name: record.name.clone(), bytes: Some(serde_json::to_vec(record)?) }).map(|_| ())
     }
 
     fn set_drained(&self, name: &str, drained: bool) -> Result<bool> {
@@ -350,6 +352,10 @@ impl StateStore for EmbeddedStore {
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
         self.all(AGENTS)
+    }
+
+    fn delete_agent(&self, name: &str) -> Result<bool> {
+        self.write(Change::Agent { name: name.to_string(), bytes: None })
     }
 
     fn put_token(&self, record: &TokenRecord) -> Result<()> {

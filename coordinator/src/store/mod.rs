@@ -50,6 +50,9 @@ pub trait StateStore: Send + Sync {
 
     fn agents(&self) -> Result<Vec<AgentRecord>>;
 
+    /// Deletes an agent's record (a removed node); false if no agent has that name.
+    fn delete_agent(&self, name: &str) -> Result<bool>;
+
     /// Records (or replaces) a token: its name, role and hash, never the secret.
     fn put_token(&self, record: &TokenRecord) -> Result<()>;
 

@@ -334,6 +334,12 @@ impl StateStore for EtcdStore {
         self.put(self.key(&format!("tokens/{}", record.name)), serde_json::to_vec(record)?).map(|_| ())
     }
 
+    fn delete_agent(&self, name: &str) -> Result<bool> {
+        let key = self.key(&format!("agents/{name}"));
+        let present = Compare::create_revision(key.clone(), CompareOp::Greater, 0);
+        Ok(self.commit(key, Some(present), None)?.is_some())
+    }
+
     fn delete_token(&self, name: &str) -> Result<bool> {
         let key = self.key(&format!("tokens/{name}"));
         // Only an existing key is deleted, so the answer says whether there was one.
