@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use gantry_proto::{ClientTls, PROTOCOL_VERSION, v1};
 
+/// After every agent is connected (with TLS, each first joins and shakes hands twice), before
+/// the window opens.
 const WARMUP: Duration = Duration::from_secs(5);
+/// How long the agents may take to connect, at most.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(180);
 const WINDOW: Duration = Duration::from_secs(15);
 
 fn cpu_seconds() -> f64 {
@@ -57,15 +61,15 @@ async fn connect(url: &str, tls: &ClientTls) -> tonic::transport::Channel {
 }
 
 /// An agent's TLS after joining with `token`, as `gantry agent` does; none without a CA.
-async fn join(url: &str, name: &str, token: Option<&str>, ca: Option<&str>) -> ClientTls {
-    let (Some(token), Some(ca)) = (token, ca) else { return ClientTls::default() };
+async fn join(url: &str, name: &str, token: Option<&str>, ca: Option<&str>) -> Result<ClientTls, tonic::Status> {
+    let (Some(token), Some(ca)) = (token, ca) else { return Ok(ClientTls::default()) };
     let key = rcgen::KeyPair::generate().unwrap();
     let server_only = ClientTls { ca_pem: Some(ca.to_string()), identity: None };
     let bearer = gantry_proto::Bearer::new(Some(token)).unwrap();
     let mut client = v1::join_client::JoinClient::with_interceptor(connect(url, &server_only).await, bearer);
     let request = v1::JoinRequest { name: name.to_string(), public_key: key.public_key_raw().to_vec() };
-    let certificate = client.join(request).await.expect("join").into_inner().certificate_pem;
-    ClientTls { ca_pem: Some(ca.to_string()), identity: Some((certificate, key.serialize_pem())) }
+    let certificate = client.join(request).await?.into_inner().certificate_pem;
+    Ok(ClientTls { ca_pem: Some(ca.to_string()), identity: Some((certificate, key.serialize_pem())) })
 }
 
 /// The agents' side: `n` agents heartbeating once a second until killed, each heartbeat with
@@ -76,62 +80,77 @@ async fn agents(url: String, n: usize, jobs: u32, token: Option<String>, ca: Opt
         let (url, token, ca) = (url.clone(), token.clone(), ca.clone());
         tasks.push(tokio::spawn(async move {
             let name = format!("sim-{a}");
-            let tls = join(&url, &name, token.as_deref(), ca.as_deref()).await;
-            let mut client = v1::agents_client::AgentsClient::new(connect(&url, &tls).await);
-            let req = v1::RegisterRequest {
-                protocol_version: PROTOCOL_VERSION,
-                name: name.clone(),
-                inventory: Some(inventory(a, 0)),
-                ..Default::default()
-            };
-            client.register(req).await.expect("register");
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let beat = |tick| v1::AgentMessage {
-                name: name.clone(),
-                msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
-                    inventory: Some(inventory(a, tick)),
-                    jobs: vec![],
-                    // Training jobs (one per GPU at most), each reporting a step's figures.
-                    metrics: (0..jobs)
-                        .map(|g| v1::RankMetrics {
-                            job_id: format!("sim-{a}-{g}"),
-                            attempt: 1,
-                            rank: 0,
-                            points: vec![v1::MetricPoint {
-                                step: tick,
-                                time_ms: 0,
-                                values: [
-                                    ("loss", 0.5),
-                                    ("accuracy", 0.9),
-                                    ("samples_per_s", 1e4),
-                                    ("step_time_ms", 30.0),
-                                ]
-                                .into_iter()
-                                .map(|(k, v)| (k.to_string(), v))
-                                .collect(),
-                            }],
-                            straggler: false,
-                        })
-                        .collect(),
-                })),
-            };
-            tx.send(beat(0)).await.unwrap();
-            let _inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("session");
-            // Spread the agents over the second, as real ones would be.
-            tokio::time::sleep(Duration::from_millis((a * 1000 / n) as u64)).await;
-            let mut tick = 1;
-            let mut every = tokio::time::interval(Duration::from_secs(1));
+            // A thousand agents connecting at once meet resets and full accept queues, as a
+            // real fleet restarting would: each tries again, as `gantry agent` does.
             loop {
-                every.tick().await;
-                if tx.send(beat(tick)).await.is_err() {
-                    return;
+                match agent(a, n, &name, jobs, &url, token.as_deref(), ca.as_deref()).await {
+                    Ok(()) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200 + (a % 50) as u64 * 20)).await,
                 }
-                tick += 1;
             }
         }));
     }
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+/// One simulated agent: join, register, then heartbeat once a second until the bench ends.
+async fn agent(
+    a: usize,
+    n: usize,
+    name: &str,
+    jobs: u32,
+    url: &str,
+    token: Option<&str>,
+    ca: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let tls = join(url, name, token, ca).await?;
+    let mut client = v1::agents_client::AgentsClient::new(connect(url, &tls).await);
+    let req = v1::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: name.to_string(),
+        inventory: Some(inventory(a, 0)),
+        ..Default::default()
+    };
+    client.register(req).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let beat = |tick| v1::AgentMessage {
+        name: name.to_string(),
+        msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
+            inventory: Some(inventory(a, tick)),
+            jobs: vec![],
+            // Training jobs (one per GPU at most), each reporting a step's figures.
+            metrics: (0..jobs)
+                .map(|g| v1::RankMetrics {
+                    job_id: format!("sim-{a}-{g}"),
+                    attempt: 1,
+                    rank: 0,
+                    points: vec![v1::MetricPoint {
+                        step: tick,
+                        time_ms: 0,
+                        values: [("loss", 0.5), ("accuracy", 0.9), ("samples_per_s", 1e4), ("step_time_ms", 30.0)]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    }],
+                    straggler: false,
+                })
+                .collect(),
+        })),
+    };
+    tx.send(beat(0)).await.unwrap();
+    let _inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    // Spread the agents over the second, as real ones would be.
+    tokio::time::sleep(Duration::from_millis((a * 1000 / n) as u64)).await;
+    let mut tick = 1;
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if tx.send(beat(tick)).await.is_err() {
+            return Err(tonic::Status::unavailable("session ended"));
+        }
+        tick += 1;
     }
 }
 
@@ -211,29 +230,46 @@ fn measure(auth: bool) {
             .env("GANTRY_FANIN_AGENTS", format!("{url} {n} {jobs} {token} {ca}"))
             .spawn()
             .unwrap();
+        // Count what the coordinator sees, so the figure is about sessions that are really open.
+        let connected = || {
+            rt.block_on(async {
+                let Ok(channel) = gantry_proto::endpoint(&url, &admin_tls).unwrap().connect().await else { return 0 };
+                let bearer = gantry_proto::Bearer::new(Some(ADMIN_SECRET)).unwrap();
+                let mut c = v1::gantry_client::GantryClient::with_interceptor(channel, bearer);
+                match c.list_nodes(v1::ListNodesRequest {}).await {
+                    Ok(r) => r.into_inner().nodes.iter().filter(|n| n.connected).count(),
+                    Err(_) => 0,
+                }
+            })
+        };
+        let started = Instant::now();
+        while connected() < n && started.elapsed() < CONNECT_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let connect_s = started.elapsed().as_secs_f64();
         std::thread::sleep(WARMUP);
         let (c0, t0) = (cpu_seconds(), Instant::now());
         std::thread::sleep(WINDOW);
         let busy = (cpu_seconds() - c0) / t0.elapsed().as_secs_f64();
-        // Count what the coordinator saw, so the figure is about sessions that were really open.
-        let connected = rt.block_on(async {
-            let channel = gantry_proto::endpoint(&url, &admin_tls).unwrap().connect().await.unwrap();
-            let bearer = gantry_proto::Bearer::new(Some(ADMIN_SECRET)).unwrap();
-            let mut c = v1::gantry_client::GantryClient::with_interceptor(channel, bearer);
-            let nodes = c.list_nodes(v1::ListNodesRequest {}).await.unwrap().into_inner().nodes;
-            nodes.iter().filter(|n| n.connected).count()
-        });
+        let connected_at_end = connected();
         let _ = child.kill();
         let _ = child.wait();
+        // The next run starts from no open session.
+        let gone = Instant::now();
+        while connected() > 0 && gone.elapsed() < CONNECT_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let connected = connected_at_end;
         println!(
             "{}",
             serde_json::json!({
                 "bench": "fanin", "auth": mode, "tls": auth, "agents": n, "agents_connected": connected,
+                "seconds_to_connect_all": connect_s,
                 "gpus_per_agent": 8, "heartbeat_hz": 1,
                 "job_metrics_per_heartbeat": jobs,
                 "window_s": WINDOW.as_secs(), "coordinator_core_fraction": busy,
-                "baseline_idle_core_fraction": idle, "heartbeats_per_s": n,
-                "cpu_us_per_heartbeat": (busy - idle) * 1e6 / n as f64, "goal_core_fraction": 0.25
+                "baseline_idle_core_fraction": idle, "heartbeats_per_s": connected,
+                "cpu_us_per_heartbeat": (busy - idle) * 1e6 / connected.max(1) as f64, "goal_core_fraction": 0.25
             })
         );
     }
