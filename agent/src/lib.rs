@@ -8,6 +8,7 @@
 mod checkpoints;
 mod coordinators;
 mod error;
+mod fence;
 pub mod inventory;
 pub mod isolation;
 mod join;
@@ -58,6 +59,8 @@ struct Held {
     report: v1::JobReport,
     stop: watch::Sender<Option<Duration>>,
     metrics: metrics::MetricsTail,
+    /// Stopped by this agent, cut off from every coordinator (see [`fence`]).
+    fenced: bool,
 }
 
 struct Agent {
@@ -70,6 +73,8 @@ struct Agent {
     jobs: Mutex<BTreeMap<RankKey, Held>>,
     /// The open session's sender, if any: exits go out at once when it is there.
     outbound: Mutex<Option<mpsc::Sender<v1::AgentMessage>>>,
+    /// Which heartbeats a coordinator acknowledged, and when this agent must stop its jobs.
+    heard: Mutex<fence::Heard>,
 }
 
 /// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
@@ -105,7 +110,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         isolation,
         jobs: Mutex::new(BTreeMap::new()),
         outbound: Mutex::new(None),
+        heard: Mutex::new(fence::Heard::default()),
     });
+    let _fencing = AbortOnDrop(tokio::spawn(agent.clone().fence_when_cut_off()));
     let sessions = {
         let agent = agent.clone();
         async move {
@@ -141,8 +148,13 @@ impl Agent {
         self.jobs.lock().expect("jobs lock poisoned")
     }
 
+    fn heard(&self) -> std::sync::MutexGuard<'_, fence::Heard> {
+        self.heard.lock().expect("heard lock poisoned")
+    }
+
     fn heartbeat(&self) -> v1::AgentMessage {
         let now_ms = now_ms();
+        let seq = self.heard().sent(tokio::time::Instant::now());
         let mut jobs = Vec::new();
         let mut metrics = Vec::new();
         for ((job_id, attempt, rank), held) in self.jobs().iter_mut() {
@@ -164,6 +176,7 @@ impl Agent {
                 inventory: Some(self.inventory.read()),
                 jobs,
                 metrics,
+                seq,
             })),
         }
     }
@@ -198,6 +211,7 @@ impl Agent {
             r => r?.into_inner(),
         };
         let interval = Duration::from_millis(reply.heartbeat_interval_ms.max(100));
+        self.heard().set_policy(fence::Policy::from_reply(&reply));
         let (tx, rx) = mpsc::channel(256);
         // The first message lists every rank held, so the coordinator can reconcile.
         tx.send(self.heartbeat()).await.expect("receiver alive");
@@ -219,11 +233,22 @@ impl Agent {
                 }
             })
         });
+        let opened = tokio::time::Instant::now();
+        let mut check = tokio::time::interval(interval);
         loop {
-            match inbound.message().await {
-                Ok(Some(msg)) => self.handle(msg),
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e.into()),
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => self.handle(msg),
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+                _ = check.tick() => {
+                    if self.heard().session_stale(opened, tokio::time::Instant::now(), interval) {
+                        return Err(Error::Rpc(tonic::Status::unavailable(
+                            "the coordinator acknowledges no heartbeat: trying the next one",
+                        )));
+                    }
+                }
             }
         }
     }
@@ -240,6 +265,7 @@ impl Agent {
                     }
                 }
             }
+            Some(Msg::Ack(ack)) => self.heard().acked(ack.seq),
             Some(Msg::Release(r)) => {
                 self.jobs().retain(|(job, attempt, _), held| {
                     !(*job == r.job_id
@@ -277,7 +303,7 @@ impl Agent {
                 ..Default::default()
             };
             let metrics = metrics::MetricsTail::new(runner::metrics_file(&dir));
-            jobs.insert(key.clone(), Held { report, stop: stop_tx, metrics });
+            jobs.insert(key.clone(), Held { report, stop: stop_tx, metrics, fenced: false });
         }
         let launch = runner::Launch {
             assignment: a,
@@ -290,8 +316,12 @@ impl Agent {
         };
         let agent = self.clone();
         tokio::spawn(async move {
-            let report = runner::run(launch, stop_rx).await;
+            let mut report = runner::run(launch, stop_rx).await;
             if let Some(held) = agent.jobs().get_mut(&key) {
+                if held.fenced {
+                    report.fenced = true;
+                    report.message = format!("stopped by its agent, cut off from the coordinator ({})", report.message);
+                }
                 held.report = report.clone();
             }
             let outbound = agent.outbound.lock().expect("outbound lock").clone();
@@ -306,6 +336,33 @@ impl Agent {
                 let _ = tx.send(msg).await;
             }
         });
+    }
+
+    /// One running copy: when no coordinator has acknowledged a heartbeat for the time the
+    /// coordinator gave ([`fence::Policy`]), stop every running rank, so they have ended before
+    /// the coordinator can declare this agent lost and place them elsewhere.
+    async fn fence_when_cut_off(self: Arc<Self>) {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            let Some(grace) = self.heard().fence_now(tokio::time::Instant::now()) else { continue };
+            let mut stopped = 0;
+            for ((job, attempt, rank), held) in self.jobs().iter_mut() {
+                if held.fenced || held.report.phase == v1::job_report::Phase::Exited as i32 {
+                    continue;
+                }
+                warn!(job = %job, attempt, rank, ?grace, "no coordinator has heard this agent: stopping the job (fence)");
+                held.fenced = true;
+                let _ = held.stop.send(Some(grace));
+                stopped += 1;
+            }
+            if stopped > 0 {
+                warn!(
+                    jobs = stopped,
+                    "cut off from every coordinator: stopped its jobs before they can be placed again"
+                );
+            }
+        }
     }
 
     /// Stops every running rank and waits (bounded) for them to end.

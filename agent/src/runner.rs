@@ -212,6 +212,9 @@ async fn run_child(
     if let Some(cgroup) = &cgroup {
         cgroup.kill_all();
     }
+    // The agent's own record of when this copy stopped running (its exit is reported later,
+    // once its output has reached a coordinator).
+    info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, "job processes ended");
     for r in readers {
         let _ = r.await;
     }

@@ -106,7 +106,7 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
     let urls: Vec<String> =
         ["coordinator-1", "coordinator-2"].iter().map(|s| format!("https://{}", project.port(s, "7070"))).collect();
     let dir = project.dir.path().to_path_buf();
-    let cli = Cli { url: urls.join(","), dir, log: None, token: Some(admin_token), ca: Some(ca) };
+    let cli = Cli { url: urls.join(","), dir, log: None, token: Some(admin_token), ca: Some(ca), netns: None };
     cli.wait_for_nodes(3, Duration::from_secs(90));
     let gpus = cli.json(&["gpus"]);
     assert_eq!(gpus.as_array().unwrap().len(), 6, "{gpus}");

@@ -156,7 +156,8 @@ fn cancel_stops_the_whole_process_group_within_the_grace_period() {
 
 #[test]
 fn kill_9_of_the_coordinator_loses_no_job_and_running_work_continues() {
-    let mut fleet = Fleet::start();
+    // The default timeout: agents keep their jobs through 7 s without a coordinator.
+    let mut fleet = Fleet::with_timeouts("3s", "10s");
     let ticker = r#"for i in $(seq 1 30); do echo "tick $i"; sleep 0.2; done"#;
     let spec = format!(
         "name: ticker\nresources: {{cpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",

@@ -160,7 +160,14 @@ impl HaFleet {
     /// The CLI against `urls` (some or all of the coordinators).
     fn cli(&self, urls: &str) -> Cli {
         let token = Some(self.admin_token.clone());
-        Cli { url: urls.to_string(), dir: self.dir.path().to_path_buf(), log: None, token, ca: Some(self.ca.clone()) }
+        Cli {
+            url: urls.to_string(),
+            dir: self.dir.path().to_path_buf(),
+            log: None,
+            token,
+            ca: Some(self.ca.clone()),
+            netns: None,
+        }
     }
 
     fn gantry(&self, urls: &str, args: &[&str]) -> std::process::Output {

@@ -398,6 +398,7 @@ fn the_coordinator_started_as_the_chart_starts_it_answers_its_probes() {
         log: None,
         token: None,
         ca: Some(coordinator.ca.path().join("ca.crt")),
+        netns: None,
     };
     let out = cli.gantry(&["jobs"]);
     let err = String::from_utf8_lossy(&out.stderr);

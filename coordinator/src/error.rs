@@ -66,6 +66,9 @@ pub enum Error {
     /// A certificate or key that cannot be made, read or used; `context` says which.
     #[error("TLS: {context}: {reason}")]
     Tls { context: String, reason: String },
+    /// Output (logs, a checkpoint) of an attempt the coordinator has moved on from.
+    #[error("job {job}: attempt {attempt} is over ({why}); its output is refused")]
+    StaleAttempt { job: String, attempt: u32, why: String },
     /// A write refused because this coordinator no longer holds leadership.
     #[error("not the leader: {0}")]
     Fenced(String),
@@ -119,7 +122,8 @@ impl Error {
             Error::AlreadyExists(_)
             | Error::NotRegistered(_)
             | Error::ProtocolMismatch { .. }
-            | Error::NoObjectStore { .. } => Code::Conflict,
+            | Error::NoObjectStore { .. }
+            | Error::StaleAttempt { .. } => Code::Conflict,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
             Error::Codec(_) | Error::Io { .. } | Error::Tls { .. } => Code::Internal,

@@ -206,6 +206,15 @@ fn render_metrics(c: &Coordinator) -> crate::Result<String> {
         "Placements not applied because a node changed between the snapshot and the commit.",
     );
     let _ = writeln!(out, "gantry_placements_refused_total {}", c.stale_placements());
+    header(
+        &mut out,
+        "gantry_stale_attempt_reports_total",
+        "counter",
+        "Logs, checkpoints, metrics, exits and running reports from attempts the coordinator had moved on from (refused).",
+    );
+    for kind in crate::stale::StaleKind::ALL {
+        let _ = writeln!(out, "gantry_stale_attempt_reports_total{{kind=\"{}\"}} {}", kind.label(), c.stale.get(kind));
+    }
     // Why each queued job waits and why each stopping job stops, in the words `gantry job` uses.
     let (mut pending, mut stopping) = (String::new(), String::new());
     for (j, w) in c.listed_jobs()? {

@@ -39,7 +39,8 @@ struct Series {
 impl JobMetrics {
     /// Adds a rank's new points. A newer attempt starts the job's series afresh; points from an
     /// older attempt than the one kept are dropped.
-    pub fn record(&self, m: v1::RankMetrics) {
+    /// Whether they were kept: points of an older attempt are not.
+    pub fn record(&self, m: v1::RankMetrics) -> bool {
         let mut inner = self.inner.lock().expect("metrics lock poisoned");
         inner.clock += 1;
         let clock = inner.clock;
@@ -53,7 +54,7 @@ impl JobMetrics {
         let series =
             jobs.entry(m.job_id).or_insert_with(|| Series { attempt: m.attempt, ranks: BTreeMap::new(), touched: 0 });
         if m.attempt < series.attempt {
-            return;
+            return false;
         }
         if m.attempt > series.attempt {
             *series = Series { attempt: m.attempt, ranks: BTreeMap::new(), touched: 0 };
@@ -63,6 +64,7 @@ impl JobMetrics {
         points.extend(m.points);
         let excess = points.len().saturating_sub(MAX_POINTS_PER_RANK);
         points.drain(..excess);
+        true
     }
 
     /// Every rank's points for a job, oldest first.

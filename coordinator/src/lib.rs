@@ -21,6 +21,7 @@ mod logs;
 mod objects;
 pub mod records;
 mod service;
+pub mod stale;
 pub mod store;
 pub mod tls;
 

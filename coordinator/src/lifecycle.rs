@@ -55,6 +55,24 @@ pub enum ReportAction {
     Nothing,
 }
 
+/// Why the coordinator no longer takes output from an attempt, or from one rank of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MovedOn {
+    /// Another attempt is the job's current one.
+    Attempt { current: u32 },
+    /// The rank's node was declared lost.
+    RankLost,
+}
+
+impl fmt::Display for MovedOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MovedOn::Attempt { current } => write!(f, "the job is on attempt {current}"),
+            MovedOn::RankLost => write!(f, "its node was declared lost"),
+        }
+    }
+}
+
 impl JobRecord {
     /// A queued job ends at once; a running one is told to stop and ends when its ranks have.
     pub fn cancel(&mut self, now_ms: i64) -> Transition {
@@ -103,6 +121,7 @@ impl JobRecord {
             outcome: String::new(),
             lost: false,
             rank_exits: Default::default(),
+            lost_ranks: Vec::new(),
         });
         Transition::Changed { stop_ranks: false }
     }
@@ -137,6 +156,9 @@ impl JobRecord {
             RankEnd::Lost { why } => (None, why.clone()),
         };
         current.rank_exits.insert(rank, code.unwrap_or(-1));
+        if code.is_none() {
+            current.lost_ranks.push(rank);
+        }
         let world = current.placement.len();
         let mut first_failure = false;
         if code != Some(0) && current.outcome.is_empty() {
@@ -203,6 +225,18 @@ impl JobRecord {
             (false, true) if self.is_stopping() => ReportAction::RepeatStop,
             (false, true) => ReportAction::Nothing,
         }
+    }
+
+    /// Why output of `attempt` (logs, checkpoints; of `rank`, where the sender says which) is no
+    /// longer taken, if it is not. The coordinator moves on from an attempt when it starts a newer one, and
+    /// from a rank once it declared that rank's node lost: what a copy of either still sends
+    /// comes from a copy that should no longer run, and would mix with the new attempt's.
+    pub fn moved_on_from(&self, attempt: u32, rank: Option<u32>) -> Option<MovedOn> {
+        if attempt != self.attempt {
+            return Some(MovedOn::Attempt { current: self.attempt });
+        }
+        let lost = rank.is_some_and(|r| self.current_attempt().is_some_and(|a| a.lost_ranks.contains(&r)));
+        lost.then_some(MovedOn::RankLost)
     }
 
     /// Whether the current attempt has been told to stop (cancelled, requeued, or ending after a

@@ -223,6 +223,21 @@ fn a_running_attempt_the_coordinator_moved_on_from_is_stopped() {
 }
 
 #[test]
+fn output_of_an_attempt_the_coordinator_moved_on_from_is_refused() {
+    let mut j = running(0, &["a", "b"]);
+    assert_eq!(j.moved_on_from(1, Some(0)), None, "the current attempt's ranks are heard");
+    assert_eq!(j.moved_on_from(1, None), None);
+    j.on_rank_exit(1, 1, lost("b"), 30);
+    assert_eq!(j.moved_on_from(1, Some(1)), Some(MovedOn::RankLost), "b was declared lost: its copy is stale");
+    assert_eq!(j.moved_on_from(1, Some(0)), None, "rank 0 on a is stopping, and its last words count");
+    j.on_rank_exit(1, 0, exit(143), 31);
+    assert!(j.start_attempt(j.version, placement(&["c", "d"]), 40).changed());
+    assert_eq!(j.moved_on_from(1, Some(0)), Some(MovedOn::Attempt { current: 2 }));
+    assert_eq!(j.moved_on_from(1, None), Some(MovedOn::Attempt { current: 2 }));
+    assert_eq!(j.moved_on_from(2, Some(1)), None, "the new attempt starts with no lost rank");
+}
+
+#[test]
 fn a_rank_told_to_stop_is_told_again_until_it_has() {
     let mut j = running(0, &["a"]);
     assert_eq!(j.on_report("a", 1, 0, false), ReportAction::Nothing);

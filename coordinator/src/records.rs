@@ -102,6 +102,9 @@ pub struct AttemptRecord {
     pub lost: bool,
     /// Exit status of each rank that has ended: rank -> exit code (negative: killed by signal).
     pub rank_exits: BTreeMap<u32, i32>,
+    /// Ranks whose node was declared lost: whatever a copy of them still sends is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_ranks: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

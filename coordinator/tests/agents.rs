@@ -107,3 +107,96 @@ async fn a_cancelled_job_is_told_to_stop_again_until_its_agent_reports_the_exit(
     assert!(job.stop_reason.is_empty(), "a job that has ended is no longer stopping");
     c.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn agents_learn_when_to_fence_and_every_heartbeat_is_acknowledged() {
+    let c = TestCoordinator::start().await;
+    let mut client = gantry_proto::v1::agents_client::AgentsClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", c.grpc)).unwrap().connect_lazy(),
+    );
+    let reply = client
+        .register(gantry_proto::v1::RegisterRequest {
+            protocol_version: gantry_proto::PROTOCOL_VERSION,
+            name: "probe".into(),
+            inventory: Some(inprocess::inventory(1)),
+            advertise_addr: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A 10 s timeout: SIGTERM at 8 s, SIGKILL at 9 s, 1 s before the coordinator moves on.
+    assert_eq!((reply.fence_after_ms, reply.fence_grace_ms, reply.agent_timeout_ms), (8_000, 1_000, 10_000));
+    let mut a = TestAgent::join(&c, "a").await;
+    assert_eq!(a.next_ack().await, 0, "the session's first heartbeat");
+    assert_eq!(a.next_ack().await, 1);
+    assert_eq!(a.next_ack().await, 2);
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rank_its_agent_stopped_when_cut_off_is_requeued_and_not_counted_as_a_failure() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    let assigned = a.next_assignment().await;
+    let fenced = gantry_proto::v1::JobReport {
+        phase: gantry_proto::v1::job_report::Phase::Exited as i32,
+        signal: Some(15),
+        fenced: true,
+        message: "stopped by its agent, cut off from the coordinator".into(),
+        ..running(&id, assigned.attempt, 0)
+    };
+    a.report_exit(fenced).await;
+    let again = a.next_assignment().await;
+    assert_eq!(again.attempt, 2, "max_restarts is 0, yet it runs again");
+    let job = c.job(&id).await;
+    assert_eq!(job.attempts[0].outcome, "stopped by its agent, cut off from the coordinator");
+    assert_ne!(again.master_port, assigned.master_port, "a new attempt meets at a new rendezvous port");
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn output_from_an_attempt_the_coordinator_moved_on_from_is_refused_and_counted() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let id = c.submit(SLEEPER).await;
+    let first = a.next_assignment().await;
+    let mut b = TestAgent::join(&c, "b").await;
+    a.fall_silent();
+    let second = b.next_assignment().await;
+    assert_eq!(second.attempt, 2);
+
+    // Agent a comes back with output of attempt 1, and says it still runs it.
+    let mut agents = gantry_proto::v1::agents_client::AgentsClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", c.grpc)).unwrap().connect_lazy(),
+    );
+    let late = gantry_proto::v1::LogBatch {
+        job_id: id.clone(),
+        attempt: first.attempt,
+        rank: 0,
+        first_seq: 0,
+        lines: vec!["late line".into()],
+    };
+    let refused = agents.upload_logs(late).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("attempt 1 is over (the job is on attempt 2)"), "{}", refused.message());
+    let _a = TestAgent::join_holding(&c, "a", vec![running(&id, first.attempt, 0)]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let current = gantry_proto::v1::LogBatch { attempt: 2, lines: vec!["fine".into()], ..Default::default() };
+    agents.upload_logs(gantry_proto::v1::LogBatch { job_id: id.clone(), ..current }).await.unwrap();
+
+    let metrics = c.metrics().await;
+    let count = |kind: &str| -> f64 {
+        let prefix = format!("gantry_stale_attempt_reports_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{prefix}: {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(count("logs"), 1.0);
+    assert!(count("running") >= 1.0, "the stale copy reported running and was told to stop");
+    assert_eq!(count("checkpoint"), 0.0);
+    c.stop().await;
+}

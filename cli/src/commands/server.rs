@@ -83,8 +83,10 @@ pub struct CoordinatorArgs {
 
 #[derive(Args, Clone)]
 struct Timing {
-    /// An agent silent this long is lost and its jobs are requeued.
-    #[arg(long, default_value = "20s", value_parser = duration)]
+    /// An agent silent this long is lost and its jobs are requeued. An agent cut off from every
+    /// coordinator stops its jobs itself before that (SIGTERM 2 s before, SIGKILL 1 s before;
+    /// 20% and 10% under 10 s), so that no job runs twice.
+    #[arg(long, default_value = "9s", value_parser = duration)]
     agent_timeout: Duration,
     /// Time a cancelled or preempted job gets between SIGTERM and SIGKILL.
     #[arg(long, default_value = "10s", value_parser = duration)]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -25,6 +27,8 @@ pub struct Fleet {
     pub coordinator: Option<Child>,
     pub agents: Vec<Child>,
     pub grace: &'static str,
+    /// How long the coordinator waits for a silent agent; agents stop their jobs 30% sooner.
+    pub agent_timeout: &'static str,
     /// The admin token the coordinator wrote at its first start (DATA_DIR/admin-token).
     pub admin_token: String,
     /// The agents' join token, given to the coordinator with --agent-token-file.
@@ -46,6 +50,11 @@ impl Fleet {
 
     /// The same, with `grace` between SIGTERM and SIGKILL for cancelled and preempted jobs.
     pub fn with_grace(grace: &'static str) -> Fleet {
+        Fleet::with_timeouts(grace, "5s")
+    }
+
+    /// The same, with a coordinator that declares a silent agent lost after `agent_timeout`.
+    pub fn with_timeouts(grace: &'static str, agent_timeout: &'static str) -> Fleet {
         let mut fleet = Fleet {
             dir: job_visible_tempdir(),
             grpc: 0,
@@ -53,6 +62,7 @@ impl Fleet {
             coordinator: None,
             agents: Vec::new(),
             grace,
+            agent_timeout,
             admin_token: String::new(),
             agent_token: test_secret(),
         };
@@ -114,7 +124,7 @@ impl Fleet {
             .args(["--http", &format!("127.0.0.1:{}", self.http)])
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--agent-timeout", "5s", "--grace-period", self.grace])
+            .args(["--agent-timeout", self.agent_timeout, "--grace-period", self.grace])
             .arg("--agent-token-file")
             .arg(self.dir.path().join("agent-token"))
             .env("GANTRY_LOG_FORMAT", "json")
@@ -180,6 +190,7 @@ impl Fleet {
             log: Some(self.dir.path().join("coordinator.log")),
             token: token.map(str::to_string),
             ca: Some(self.ca()),
+            netns: None,
         }
     }
 
@@ -249,12 +260,21 @@ pub struct Cli {
     pub token: Option<String>,
     /// Sent as GANTRY_CA.
     pub ca: Option<PathBuf>,
+    /// The network namespace it runs in (a host of `chaos::Net`); none: this machine's.
+    pub netns: Option<String>,
 }
 
 impl Cli {
     /// Runs the CLI with this URL and token only: no login file of whoever runs the tests.
     pub fn gantry(&self, args: &[&str]) -> Output {
-        let mut command = Command::new(GANTRY);
+        let mut command = match &self.netns {
+            None => Command::new(GANTRY),
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, GANTRY]);
+                c
+            }
+        };
         command.args(args).env("GANTRY_COORDINATOR", &self.url).env("XDG_CONFIG_HOME", self.dir.join("config"));
         match &self.token {
             Some(token) => command.env("GANTRY_TOKEN", token),

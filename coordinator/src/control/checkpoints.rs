@@ -5,9 +5,12 @@ use tracing::info;
 use super::Coordinator;
 use crate::error::{Error, Result};
 use crate::records::CheckpointRecord;
+use crate::stale::StaleKind;
 
 impl Coordinator {
     pub fn commit_checkpoint(&self, record: CheckpointRecord) -> Result<CheckpointRecord> {
+        // Checked when the upload began, and again now: a new attempt may have started since.
+        self.take_output(&record.job_id, record.attempt, None, StaleKind::Checkpoint)?;
         // A step already recorded keeps its first record: its files are the ones on disk.
         if let Some(existing) = self.store.checkpoints(&record.job_id)?.into_iter().find(|c| c.step == record.step) {
             return Ok(existing);

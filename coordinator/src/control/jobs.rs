@@ -8,6 +8,7 @@ use super::Coordinator;
 use crate::error::{Error, Result};
 use crate::lifecycle::{RankEnd, Transition};
 use crate::records::{JobRecord, JobState, StopReason};
+use crate::stale::StaleKind;
 
 impl Coordinator {
     /// Queues `spec` as a job of `owner` (the submitting token's name).
@@ -57,6 +58,20 @@ impl Coordinator {
             info!(job = %id, attempt, rank, state = ?job.state, end = ?end, "rank ended");
         }
         Ok(())
+    }
+
+    /// Refuses (and counts) output from an attempt, or a rank of one, that the coordinator has
+    /// moved on from; see [`JobRecord::moved_on_from`].
+    pub fn take_output(&self, id: &str, attempt: u32, rank: Option<u32>, kind: StaleKind) -> Result<()> {
+        let job = self.store.job(id)?;
+        match job.moved_on_from(attempt, rank) {
+            None => Ok(()),
+            Some(why) => {
+                self.stale.count(kind);
+                warn!(job = %id, attempt, ?rank, kind = kind.label(), %why, "refused output of a stale attempt");
+                Err(Error::StaleAttempt { job: id.to_string(), attempt, why: why.to_string() })
+            }
+        }
     }
 
     pub(super) fn fail_before_start(&self, id: &str, why: &str) -> Result<()> {

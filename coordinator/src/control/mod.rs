@@ -31,7 +31,8 @@ pub use queries::{NodeUsage, NodeView, display_order};
 /// Settings with defaults that suit one machine; tests shorten the timeouts.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// An agent silent this long is lost: its jobs are requeued.
+    /// An agent silent this long is lost: its jobs are requeued. Agents stop their own jobs
+    /// before that when cut off ([`Settings::fencing`]), so a job never runs twice.
     pub agent_timeout: Duration,
     /// How long a cancelled job has between SIGTERM and SIGKILL.
     pub grace_period: Duration,
@@ -53,7 +54,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            agent_timeout: Duration::from_secs(20),
+            // Noticed within 10 s: silent 9 s, seen by the next pass (every second).
+            agent_timeout: Duration::from_secs(9),
             grace_period: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(1),
             queues: Vec::new(),
@@ -62,6 +64,30 @@ impl Default for Settings {
             allowed_hosts: Vec::new(),
             limits: Default::default(),
         }
+    }
+}
+
+/// When an agent cut off from every coordinator stops its jobs: `after` this long without a
+/// heartbeat acknowledged, with `grace` between SIGTERM and SIGKILL. Together they end `margin`
+/// before the coordinator's `agent_timeout`, when it may place the jobs elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fencing {
+    pub after: Duration,
+    pub grace: Duration,
+    pub margin: Duration,
+}
+
+impl Settings {
+    /// Derived from `agent_timeout`, so the two cannot disagree. With the default 9 s the agent
+    /// stops its jobs after 7 s unheard (SIGTERM), kills them at 8 s, 1 s before the coordinator
+    /// gives up on it; an HA failover (a 3 s lease, then agents reconnect) fits inside the 7 s.
+    /// The grace is short because a job cut off cannot upload a checkpoint anyway: it resumes
+    /// from its latest committed one.
+    pub fn fencing(&self) -> Fencing {
+        let t = self.agent_timeout;
+        let grace = (t / 10).min(Duration::from_secs(1));
+        let margin = (t / 10).min(Duration::from_secs(1));
+        Fencing { after: t.saturating_sub(grace + margin), grace, margin }
     }
 }
 
@@ -87,6 +113,8 @@ pub struct Coordinator {
     /// What jobs report about their training (loss, accuracy, ...), in memory.
     pub metrics: JobMetrics,
     pub tokens: Tokens,
+    /// What came from attempts the coordinator had moved on from.
+    pub stale: crate::stale::StaleReports,
     submit_rate: crate::limits::SubmitRate,
     queued_by_user: crate::limits::QueuedByUser,
 }
@@ -132,6 +160,7 @@ impl Coordinator {
             stale_placements: Default::default(),
             metrics: JobMetrics::default(),
             ahead: Mutex::default(),
+            stale: Default::default(),
             submit_rate: Default::default(),
             queued_by_user: Default::default(),
         })

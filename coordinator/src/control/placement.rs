@@ -22,9 +22,12 @@ const PLACING_THREADS: usize = 16;
 /// How often a pass runs when nothing wakes the loop: reaping and backfill follow time.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Ports for torchrun's MASTER_PORT: spread by job id so jobs on one node rarely collide.
-fn master_port(job_id: &str) -> u32 {
-    29500 + (job_id.parse::<u64>().unwrap_or(0) % 2000) as u32
+/// Ports for torchrun's MASTER_PORT: spread by job id so jobs on one node rarely collide, and
+/// a new one for each attempt, so a gang that starts again never meets its last attempt's
+/// rendezvous (a rank of it may still hold the port, or be cut off yet alive).
+fn master_port(job_id: &str, attempt: u32) -> u32 {
+    let id = job_id.parse::<u64>().unwrap_or(0);
+    29500 + ((id * 7 + attempt as u64) % 2000) as u32
 }
 
 /// Why a placement was not applied.
@@ -260,7 +263,7 @@ impl Coordinator {
                     spec: Some(v1::JobSpec::from(&job.spec)),
                     gpu_uuids: rank.gpu_uuids.clone(),
                     master_addr: master_addr.clone(),
-                    master_port: master_port(&job.id),
+                    master_port: master_port(&job.id, job.attempt),
                     resume: resume.clone(),
                 })),
             };
@@ -387,7 +390,10 @@ mod tests {
         let (_dir, c, mut rx, job, version, placement) = planned();
         assert_eq!(c.place(&job, version, &placement).unwrap(), Ok(()));
         assert_eq!(c.store.job(&job.id).unwrap().state, JobState::Running);
-        let sent = rx.try_recv().unwrap();
+        // After the ack of the session's first heartbeat.
+        let sent = std::iter::from_fn(|| rx.try_recv().ok())
+            .find(|m| !matches!(m.msg, Some(v1::coordinator_message::Msg::Ack(_))))
+            .unwrap();
         assert!(matches!(sent.msg, Some(v1::coordinator_message::Msg::Assign(a)) if a.gpu_uuids == ["GPU-0"]));
         // Applying the same plan again is refused: the job changed.
         assert_eq!(c.place(&job, version, &placement).unwrap(), Err(Refused::JobChanged));

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fleet::{AgentConn, Session};
 use crate::lifecycle::{RankEnd, ReportAction};
 use crate::records::{AgentRecord, JobState, StopReason};
+use crate::stale::StaleKind;
 
 impl Coordinator {
     pub fn register_agent(&self, name: &str, inventory: v1::Inventory, addr: String) -> Result<()> {
@@ -70,9 +71,11 @@ impl Coordinator {
             }
             id
         };
+        let seq = first.seq;
         for report in first.jobs {
             self.job_report(name, report)?;
         }
+        let _ = tx.try_send(ack(seq));
         info!(agent = %name, session, "agent session open");
         self.changed();
         Ok(session)
@@ -96,26 +99,34 @@ impl Coordinator {
                 inv.gpus.iter().filter(|g| !g.healthy).map(|g| (g.uuid.clone(), g.health_reason.clone())).collect()
             })
             .unwrap_or_default();
-        {
+        let session = {
             let now = self.settings.clock.now();
             let mut fleet = self.fleet();
-            if let Some(agent) = fleet.agents.get_mut(name) {
+            let agent = fleet.agents.get_mut(name);
+            agent.and_then(|agent| {
                 agent.last_seen = now;
                 if let Some(inv) = hb.inventory {
                     agent.inventory = inv;
                 }
-            }
-        }
+                agent.session.as_ref().map(|s| s.tx.clone())
+            })
+        };
         if !unhealthy.is_empty() {
             self.stop_jobs_on_unhealthy_gpus(name, &unhealthy)?;
         }
         for m in hb.metrics {
-            self.metrics.record(m);
+            if !self.metrics.record(m) {
+                self.stale.count(StaleKind::Metrics);
+            }
         }
         // Every report, not only exits: a running attempt the coordinator moved on from is
         // stopped, and a stop the agent missed while away is sent again.
         for report in hb.jobs {
             self.job_report(name, report)?;
+        }
+        // Recorded: the agent may count itself heard until now (see `Settings::fencing`).
+        if let Some(tx) = session {
+            let _ = tx.try_send(ack(hb.seq));
         }
         Ok(())
     }
@@ -133,14 +144,25 @@ impl Coordinator {
         let exited = report.phase == v1::job_report::Phase::Exited as i32;
         match job.on_report(name, report.attempt, report.rank, exited) {
             ReportAction::End => {
-                let code = report.exit_code.unwrap_or_else(|| -report.signal.unwrap_or(9));
                 let why = if report.message.is_empty() { describe_exit(&report) } else { report.message.clone() };
-                self.end_rank(&job.id, report.attempt, report.rank, RankEnd::Exited { code, why })?;
+                // Stopped by its own agent, cut off: like a lost node, not the job's failure.
+                let end = if report.fenced {
+                    RankEnd::Lost { why }
+                } else {
+                    RankEnd::Exited { code: report.exit_code.unwrap_or_else(|| -report.signal.unwrap_or(9)), why }
+                };
+                self.end_rank(&job.id, report.attempt, report.rank, end)?;
                 self.release(name, &report.job_id, report.attempt);
             }
-            ReportAction::Release => self.release(name, &report.job_id, report.attempt),
+            ReportAction::Release => {
+                if job.moved_on_from(report.attempt, Some(report.rank)).is_some() {
+                    self.stale.count(StaleKind::Exit);
+                }
+                self.release(name, &report.job_id, report.attempt)
+            }
             action @ (ReportAction::StopStale | ReportAction::RepeatStop) => {
                 if action == ReportAction::StopStale {
+                    self.stale.count(StaleKind::Running);
                     warn!(job = %job.id, attempt = report.attempt, agent = %name, "stopping a stale attempt");
                 }
                 if let Some(tx) = self.fleet().sender(name) {
@@ -216,6 +238,10 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+fn ack(seq: u64) -> v1::CoordinatorMessage {
+    v1::CoordinatorMessage { msg: Some(v1::coordinator_message::Msg::Ack(v1::HeartbeatAck { seq })) }
 }
 
 fn describe_exit(report: &v1::JobReport) -> String {

@@ -10,6 +10,7 @@ use tracing::warn;
 
 use super::{BoxStream, checkpoint_from_proto};
 use crate::control::Coordinator;
+use crate::stale::StaleKind;
 
 pub struct AgentService {
     pub coordinator: Arc<Coordinator>,
@@ -32,9 +33,15 @@ impl v1::agents_server::Agents for AgentService {
         crate::limits::check_node_name(&req.name)?;
         let inventory = req.inventory.ok_or_else(|| Status::invalid_argument("inventory: missing"))?;
         self.coordinator.register_agent(&req.name, inventory, addr)?;
+        let settings = &self.coordinator.settings;
+        let fencing = settings.fencing();
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
         Ok(Response::new(v1::RegisterResponse {
             protocol_version: PROTOCOL_VERSION,
-            heartbeat_interval_ms: self.coordinator.settings.heartbeat_interval.as_millis() as u64,
+            heartbeat_interval_ms: ms(settings.heartbeat_interval),
+            fence_after_ms: ms(fencing.after),
+            fence_grace_ms: ms(fencing.grace),
+            agent_timeout_ms: ms(settings.agent_timeout),
         }))
     }
 
@@ -87,7 +94,7 @@ impl v1::agents_server::Agents for AgentService {
     async fn upload_logs(&self, req: Request<v1::LogBatch>) -> Result<Response<v1::LogAck>, Status> {
         let b = req.into_inner();
         crate::limits::log_lines(&b.lines)?;
-        self.coordinator.store.job(&b.job_id)?;
+        self.coordinator.take_output(&b.job_id, b.attempt, Some(b.rank), StaleKind::Logs)?;
         self.coordinator.logs.restore(&b.job_id).await?;
         let next_seq = self.coordinator.logs.append(&b.job_id, b.attempt, b.rank, b.first_seq, &b.lines)?;
         Ok(Response::new(v1::LogAck { next_seq }))
@@ -128,7 +135,7 @@ pub(crate) async fn receive_checkpoint(
         Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Header(h)) }) => h,
         _ => return Err(Status::invalid_argument("a checkpoint upload must start with its header")),
     };
-    coordinator.store.job(&header.job_id)?;
+    coordinator.take_output(&header.job_id, header.attempt, None, StaleKind::Checkpoint)?;
     let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
     // The files' sizes, not the total the uploader announced, are what will be written.
     let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);

@@ -75,6 +75,16 @@ impl TestCoordinator {
         self.users().get_job(v1::GetJobRequest { job_id: id.into() }).await.unwrap().into_inner()
     }
 
+    /// `/metrics`, as Prometheus reads it (plain HTTP: these tests run without auth).
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         let _ = (&mut self.served).await;
@@ -132,6 +142,7 @@ impl TestAgent {
                 inventory: Some(inventory(8)),
                 jobs: holds.lock().unwrap().clone(),
                 metrics: Vec::new(),
+                ..Default::default()
             })),
         };
         let (reports, outbound) = mpsc::channel(64);
@@ -151,17 +162,20 @@ impl TestAgent {
             let (holds, silent, reports, name) = (holds.clone(), silent.clone(), reports.clone(), name.to_string());
             let interval = c.settings.heartbeat_interval;
             tokio::spawn(async move {
+                let mut seq = 0;
                 loop {
                     tokio::time::sleep(interval).await;
                     if silent.load(std::sync::atomic::Ordering::Relaxed) {
                         continue;
                     }
+                    seq += 1;
                     let msg = v1::AgentMessage {
                         name: name.clone(),
                         msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
                             inventory: Some(inventory(8)),
                             jobs: holds.lock().unwrap().clone(),
                             metrics: Vec::new(),
+                            seq,
                         })),
                     };
                     if reports.send(msg).await.is_err() {
@@ -194,14 +208,32 @@ impl TestAgent {
         }
     }
 
+    /// The sequence number of the next heartbeat the coordinator acknowledges.
+    pub async fn next_ack(&mut self) -> u64 {
+        loop {
+            let msg = self.inbox.recv().await.expect("the session ended before an ack");
+            if let Some(v1::coordinator_message::Msg::Ack(ack)) = msg.msg {
+                return ack.seq;
+            }
+        }
+    }
+
     /// Reports that a rank it holds exited with `code`.
     pub async fn exit(&self, job: &str, attempt: u32, rank: u32, code: i32) {
-        self.holds.lock().unwrap().retain(|r| !(r.job_id == job && r.attempt == attempt && r.rank == rank));
         let report = v1::JobReport {
             phase: v1::job_report::Phase::Exited as i32,
             exit_code: Some(code),
             ..running(job, attempt, rank)
         };
+        self.report_exit(report).await;
+    }
+
+    /// Reports `report`, an exit, for a rank it holds.
+    pub async fn report_exit(&self, report: v1::JobReport) {
+        self.holds
+            .lock()
+            .unwrap()
+            .retain(|r| !(r.job_id == report.job_id && r.attempt == report.attempt && r.rank == report.rank));
         let msg = v1::AgentMessage { name: self.name.clone(), msg: Some(v1::agent_message::Msg::Job(report)) };
         self.reports.send(msg).await.unwrap();
     }
