@@ -137,10 +137,13 @@ async fn agent(
                     straggler: false,
                 })
                 .collect(),
+            seq: tick,
         })),
     };
     tx.send(beat(0)).await.unwrap();
-    let _inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    // Read what the coordinator sends (an ack per heartbeat), as an agent does.
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
     // Spread the agents over the second, as real ones would be.
     tokio::time::sleep(Duration::from_millis((a * 1000 / n) as u64)).await;
     let mut tick = 1;
