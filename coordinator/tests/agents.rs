@@ -111,10 +111,8 @@ async fn a_cancelled_job_is_told_to_stop_again_until_its_agent_reports_the_exit(
 #[tokio::test(start_paused = true)]
 async fn agents_learn_when_to_fence_and_every_heartbeat_is_acknowledged() {
     let c = TestCoordinator::start().await;
-    let mut client = gantry_proto::v1::agents_client::AgentsClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", c.grpc)).unwrap().connect_lazy(),
-    );
-    let reply = client
+    let reply = c
+        .agents()
         .register(gantry_proto::v1::RegisterRequest {
             protocol_version: gantry_proto::PROTOCOL_VERSION,
             name: "probe".into(),
@@ -167,9 +165,7 @@ async fn output_from_an_attempt_the_coordinator_moved_on_from_is_refused_and_cou
     assert_eq!(second.attempt, 2);
 
     // Agent a comes back with output of attempt 1, and says it still runs it.
-    let mut agents = gantry_proto::v1::agents_client::AgentsClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{}", c.grpc)).unwrap().connect_lazy(),
-    );
+    let mut agents = c.agents();
     let late = gantry_proto::v1::LogBatch {
         job_id: id.clone(),
         attempt: first.attempt,

@@ -61,6 +61,11 @@ impl TestCoordinator {
         Channel::from_shared(format!("http://{}", self.grpc)).unwrap().connect_lazy()
     }
 
+    /// The agents' service, as an agent reaches it.
+    pub fn agents(&self) -> AgentsClient<Channel> {
+        AgentsClient::new(self.channel())
+    }
+
     pub fn users(&self) -> GantryClient<Channel> {
         GantryClient::new(self.channel())
     }
@@ -125,7 +130,7 @@ impl TestAgent {
 
     /// Joins (or rejoins) saying it holds `holds`.
     pub async fn join_holding(c: &TestCoordinator, name: &str, holds: Vec<v1::JobReport>) -> TestAgent {
-        let mut client = AgentsClient::new(c.channel());
+        let mut client = c.agents();
         client
             .register(v1::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
