@@ -95,6 +95,14 @@ pub struct JobView {
     pub nodes: Vec<String>,
     pub message: String,
     pub attempts: Vec<AttemptView>,
+    /// Steps its attempts ran past the checkpoint the next one resumed from: work done again.
+    pub steps_lost: u64,
+    /// A failed attempt's retry waits until then (`retry.backoff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<i64>,
+    /// Nodes it avoids: two of its attempts failed on each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub avoided_nodes: Vec<String>,
     /// The latest point each rank reported: `{"rank": 0, "step": 300, "values": {"loss": 0.1}}`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricsView>,
@@ -120,6 +128,10 @@ pub struct AttemptView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_lost: Option<u64>,
 }
 
 pub fn state(job: &v1::Job) -> &'static str {
@@ -141,6 +153,8 @@ impl From<&v1::Job> for JobView {
                 ended_at_ms: a.ended_at_ms,
                 exit_code: a.exit_code,
                 outcome: a.outcome.clone(),
+                resumed_from_step: a.resumed_from_step,
+                steps_lost: a.steps_lost,
             })
             .collect();
         JobView {
@@ -163,6 +177,9 @@ impl From<&v1::Job> for JobView {
             nodes: attempts.last().map(|a| a.nodes.clone()).unwrap_or_default(),
             message: job.message.clone(),
             attempts,
+            steps_lost: job.steps_lost,
+            retry_at_ms: job.retry_at_ms,
+            avoided_nodes: job.avoided_nodes.clone(),
             metrics: job
                 .metrics
                 .iter()

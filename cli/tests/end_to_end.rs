@@ -262,7 +262,7 @@ fi
 echo "attempt $GANTRY_ATTEMPT resumed with: $(cat "$GANTRY_RESUME_DIR/w.txt")"
 "#;
     let spec = format!(
-        "name: flaky\nmax_restarts: 1\ncommand: [\"bash\", \"-c\", {}]\n",
+        "name: flaky\nmax_restarts: 1\nretry: {{backoff: 1s}}\ncommand: [\"bash\", \"-c\", {}]\n",
         serde_json::to_string(script).unwrap()
     );
     let id = fleet.submit(&spec);
@@ -353,7 +353,7 @@ echo "attempt 2 rank $RANK of $WORLD_SIZE"
         m = marks.display()
     );
     let spec = format!(
-        "name: gang\nmax_restarts: 1\nresources: {{nodes: 2, cpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
+        "name: gang\nmax_restarts: 1\nretry: {{backoff: 1s}}\nresources: {{nodes: 2, cpus: 1}}\ncommand: [\"bash\", \"-c\", {}]\n",
         serde_json::to_string(&script).unwrap()
     );
     let id = fleet.submit(&spec);

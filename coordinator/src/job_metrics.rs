@@ -91,6 +91,13 @@ impl JobMetrics {
         ranks
     }
 
+    /// The furthest step any rank of `attempt` reported, if that attempt's points are kept.
+    pub fn last_step(&self, job_id: &str, attempt: u32) -> Option<u64> {
+        let inner = self.inner.lock().expect("metrics lock poisoned");
+        let series = inner.jobs.get(job_id).filter(|s| s.attempt == attempt)?;
+        series.ranks.values().filter_map(|points| points.back().map(|p| p.step)).max()
+    }
+
     fn collect(&self, job_id: &str, last: usize) -> Vec<v1::RankMetrics> {
         let inner = self.inner.lock().expect("metrics lock poisoned");
         let Some(series) = inner.jobs.get(job_id) else { return Vec::new() };
@@ -134,6 +141,16 @@ mod tests {
         let latest = m.latest("j");
         assert_eq!(latest.len(), 1, "attempt 1's ranks are gone and its late points dropped");
         assert_eq!((latest[0].attempt, latest[0].points[0].step), (2, 3));
+    }
+
+    #[test]
+    fn the_last_step_is_the_furthest_rank_of_that_attempt() {
+        let m = JobMetrics::default();
+        m.record(metrics(1, 0, vec![point(10, 0.9), point(20, 0.8)]));
+        m.record(metrics(1, 1, vec![point(30, 0.7)]));
+        assert_eq!(m.last_step("j", 1), Some(30));
+        assert_eq!(m.last_step("j", 2), None, "no point of attempt 2");
+        assert_eq!(m.last_step("other", 1), None);
     }
 
     #[test]

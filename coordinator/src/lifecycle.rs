@@ -112,6 +112,7 @@ impl JobRecord {
         }
         self.attempt += 1;
         self.state = JobState::Running;
+        self.retry_at_ms = None;
         self.attempts.push(AttemptRecord {
             attempt: self.attempt,
             placement,
@@ -122,6 +123,9 @@ impl JobRecord {
             lost: false,
             rank_exits: Default::default(),
             lost_ranks: Vec::new(),
+            failed_on: None,
+            resumed_from_step: None,
+            steps_lost: None,
         });
         Transition::Changed { stop_ranks: false }
     }
@@ -141,12 +145,16 @@ impl JobRecord {
     /// outcome and the others are stopped; the attempt ends only once every rank has ended, so a
     /// requeued job never starts while ranks of its last attempt still run. Then:
     /// cancelled -> `cancelled`; stopped to requeue -> `queued`, not counted; all ranks exited 0
-    /// -> `succeeded`; a lost node, or a failure within `max_restarts` -> `queued`; else `failed`.
+    /// -> `succeeded`; a lost node -> `queued`; a failure within `max_restarts` -> `queued` after
+    /// `retry`'s backoff, unless its exit code is one never retried; else `failed`.
     /// Idempotent: a rank's second report changes nothing.
     pub fn on_rank_exit(&mut self, attempt: u32, rank: u32, end: RankEnd, now_ms: i64) -> Transition {
         if self.state != JobState::Running || self.attempt != attempt {
             return Transition::Unchanged;
         }
+        // A rank that exits while its attempt is being stopped for another reason did not fail
+        // on its node.
+        let told_to_stop = self.stopping.is_some() || self.cancel_requested;
         let Some(current) = self.current_attempt_mut() else { return Transition::Unchanged };
         if current.rank_exits.contains_key(&rank) || !current.placement.iter().any(|r| r.rank == rank) {
             return Transition::Unchanged;
@@ -160,8 +168,10 @@ impl JobRecord {
             current.lost_ranks.push(rank);
         }
         let world = current.placement.len();
+        let node_of = |rank: u32| current.placement.iter().find(|r| r.rank == rank).map(|r| r.node.clone());
         let mut first_failure = false;
         if code != Some(0) && current.outcome.is_empty() {
+            current.failed_on = if code.is_some() && !told_to_stop { node_of(rank) } else { None };
             current.outcome = why.clone();
             current.exit_code = code;
             current.lost = code.is_none();
@@ -169,7 +179,7 @@ impl JobRecord {
         }
         if current.rank_exits.len() < world {
             // Other ranks still run (or are being stopped): a first failure stops them.
-            let node = current.placement.iter().find(|r| r.rank == rank).map(|r| r.node.clone()).unwrap_or_default();
+            let node = node_of(rank).unwrap_or_default();
             let stop = first_failure && self.stopping.is_none();
             if stop {
                 self.stopping = Some(match end {
@@ -185,8 +195,9 @@ impl JobRecord {
             current.outcome = "succeeded".into();
             current.exit_code = Some(0);
         }
-        let (lost, outcome) = (current.lost, current.outcome.clone());
+        let (lost, outcome, exit_code) = (current.lost, current.outcome.clone(), current.exit_code);
         let stopping = self.stopping.take();
+        let never_retried = exit_code.filter(|c| !lost && self.spec.retry.never_on_exit_codes.contains(c));
         if self.cancel_requested {
             self.state = JobState::Cancelled;
             self.message = "cancelled".into();
@@ -200,10 +211,22 @@ impl JobRecord {
         } else if all_ok {
             self.state = JobState::Succeeded;
             self.message.clear();
-        } else if lost || self.user_attempt() <= self.spec.max_restarts {
-            // Lost nodes do not make a job fail; failures count against max_restarts.
+        } else if let Some(code) = never_retried {
+            self.state = JobState::Failed;
+            self.message = format!("{outcome}; exit code {code} is in retry.never_on_exit_codes, so it is not retried");
+        } else if lost {
+            // A lost node is no failure of the job: it runs again at once, elsewhere.
             self.state = JobState::Queued;
             self.message = format!("attempt {attempt} ended ({outcome}); requeued");
+            return Transition::Changed { stop_ranks: false };
+        } else if self.user_attempt() <= self.spec.max_restarts {
+            // Failures count against max_restarts, and wait longer after each.
+            let failures = self.attempts.iter().filter(|a| a.failed_on.is_some()).count();
+            let wait_ms = self.spec.retry.backoff_ms(failures as u32);
+            self.retry_at_ms = Some(now_ms + wait_ms as i64);
+            self.state = JobState::Queued;
+            let wait = gantry_core::spec::format_duration(wait_ms.div_ceil(1000));
+            self.message = format!("attempt {attempt} ended ({outcome}); retrying in {wait}");
             return Transition::Changed { stop_ranks: false };
         } else {
             self.state = JobState::Failed;
@@ -237,6 +260,31 @@ impl JobRecord {
         }
         let lost = rank.is_some_and(|r| self.current_attempt().is_some_and(|a| a.lost_ranks.contains(&r)));
         lost.then_some(MovedOn::RankLost)
+    }
+
+    /// Nodes two or more of its attempts failed on: it is placed elsewhere while it can be.
+    pub fn avoided_nodes(&self) -> Vec<String> {
+        let mut counts: std::collections::BTreeMap<&str, u32> = Default::default();
+        for node in self.attempts.iter().filter_map(|a| a.failed_on.as_deref()) {
+            *counts.entry(node).or_default() += 1;
+        }
+        counts.into_iter().filter(|(_, n)| *n >= 2).map(|(node, _)| node.to_string()).collect()
+    }
+
+    /// Records the work an ended, unsuccessful `attempt` lost: the steps it ran (`last_step`, the
+    /// furthest any rank reported) past the job's latest checkpoint, where the next attempt
+    /// resumes. Unknown (left unset) when the attempt reported no step.
+    pub fn note_lost_work(&mut self, attempt: u32, last_step: Option<u64>, checkpoint_step: Option<u64>) {
+        let Some(a) = self.attempts.iter_mut().find(|a| a.attempt == attempt) else { return };
+        if a.ended_at_ms.is_none() || a.outcome == "succeeded" || a.steps_lost.is_some() {
+            return;
+        }
+        a.steps_lost = last_step.map(|last| last.saturating_sub(checkpoint_step.unwrap_or(0)));
+    }
+
+    /// Steps lost over all attempts.
+    pub fn steps_lost(&self) -> u64 {
+        self.attempts.iter().filter_map(|a| a.steps_lost).sum()
     }
 
     /// Whether the current attempt has been told to stop (cancelled, requeued, or ending after a

@@ -165,7 +165,7 @@ fn a_gang_is_requeued_only_after_every_rank_of_the_attempt_has_ended() {
     assert!(j.is_stopping());
     j.on_rank_exit(1, 1, exit(143), 31);
     assert_eq!(j.state, JobState::Queued);
-    assert_eq!(j.message, "attempt 1 ended (exit code 1); requeued");
+    assert_eq!(j.message, "attempt 1 ended (exit code 1); retrying in 10s");
 }
 
 #[test]
@@ -176,6 +176,85 @@ fn failures_count_against_max_restarts_then_the_job_fails() {
     assert!(j.start_attempt(j.version, placement(&["a"]), 40).changed());
     j.on_rank_exit(2, 0, exit(2), 50);
     assert_eq!((j.state, j.message.as_str()), (JobState::Failed, "exit code 2 (attempt 2 of 2)"));
+}
+
+fn with_retry(max_restarts: u32, retry: &str) -> JobRecord {
+    let yaml = format!("name: j\nmax_restarts: {max_restarts}\ncommand: [\"true\"]\nretry: {retry}\n");
+    crate::store::new_job(7, JobSpec::from_yaml(&yaml).unwrap(), "alice", 0)
+}
+
+#[test]
+fn a_failed_attempt_is_retried_after_a_backoff_that_doubles() {
+    let mut j = with_retry(5, "{backoff: 10s, max_backoff: 15s}");
+    let mut waits = Vec::new();
+    for attempt in 1..=3 {
+        assert!(j.start_attempt(j.version, placement(&[&format!("n{attempt}")]), 1_000).changed());
+        assert_eq!(j.retry_at_ms, None, "a start clears the wait");
+        j.on_rank_exit(attempt, 0, exit(1), 2_000);
+        assert_eq!(j.state, JobState::Queued);
+        waits.push(j.retry_at_ms.unwrap() - 2_000);
+    }
+    assert_eq!(waits, [10_000, 15_000, 15_000], "10s, then doubled but at most 15s");
+    assert_eq!(j.message, "attempt 3 ended (exit code 1); retrying in 15s");
+}
+
+#[test]
+fn a_lost_node_or_a_preemption_is_placed_again_without_a_backoff() {
+    let mut j = running(3, &["a"]);
+    j.on_rank_exit(1, 0, lost("a"), 30);
+    assert_eq!((j.state, j.retry_at_ms), (JobState::Queued, None));
+    assert!(j.start_attempt(j.version, placement(&["b"]), 40).changed());
+    j.requeue_for(StopReason::Preempted { for_job: "9".into(), nodes: vec![] });
+    j.on_rank_exit(2, 0, exit(-15), 50);
+    assert_eq!((j.state, j.retry_at_ms), (JobState::Queued, None));
+    assert!(j.avoided_nodes().is_empty(), "neither counts against a node");
+}
+
+#[test]
+fn an_exit_code_never_retried_fails_the_job_at_once() {
+    let mut j = with_retry(5, "{never_on_exit_codes: [2]}");
+    assert!(j.start_attempt(j.version, placement(&["a"]), 10).changed());
+    j.on_rank_exit(1, 0, exit(3), 20);
+    assert_eq!(j.state, JobState::Queued, "3 is retried");
+    assert!(j.start_attempt(j.version, placement(&["a"]), 30).changed());
+    j.on_rank_exit(2, 0, exit(2), 40);
+    assert_eq!(j.state, JobState::Failed, "2 is not, with restarts left");
+    assert_eq!(j.message, "exit code 2; exit code 2 is in retry.never_on_exit_codes, so it is not retried");
+}
+
+#[test]
+fn a_node_two_attempts_failed_on_is_avoided() {
+    let mut j = job(5);
+    for (attempt, node, end) in [(1, "a", exit(1)), (2, "b", exit(1)), (3, "a", lost("a")), (4, "a", exit(1))] {
+        assert!(j.start_attempt(j.version, placement(&[node]), 10).changed());
+        assert!(j.avoided_nodes().is_empty(), "before attempt {attempt}");
+        j.on_rank_exit(attempt, 0, end, 20);
+    }
+    assert_eq!(j.avoided_nodes(), ["a"], "two failures on a (the loss there is no failure), one on b");
+    // In a gang, the node of the rank that failed first is the one blamed.
+    let mut g = running(5, &["x", "y"]);
+    g.on_rank_exit(1, 1, exit(1), 20);
+    g.on_rank_exit(1, 0, exit(-15), 21);
+    assert_eq!(g.attempts[0].failed_on.as_deref(), Some("y"));
+}
+
+#[test]
+fn the_steps_an_attempt_ran_past_the_latest_checkpoint_are_recorded_as_lost() {
+    let mut j = running(3, &["a"]);
+    j.note_lost_work(1, Some(250), Some(200));
+    assert_eq!(j.attempts[0].steps_lost, None, "not while it runs");
+    j.on_rank_exit(1, 0, exit(1), 30);
+    j.note_lost_work(1, Some(250), Some(200));
+    j.note_lost_work(1, Some(999), Some(0));
+    assert_eq!(j.attempts[0].steps_lost, Some(50), "recorded once, at its end");
+    assert!(j.start_attempt(j.version, placement(&["a"]), 40).changed());
+    j.on_rank_exit(2, 0, exit(1), 50);
+    j.note_lost_work(2, Some(80), None);
+    assert_eq!(j.steps_lost(), 130, "no checkpoint: every step is lost");
+    assert!(j.start_attempt(j.version, placement(&["a"]), 60).changed());
+    j.on_rank_exit(3, 0, exit(1), 70);
+    j.note_lost_work(3, None, Some(200));
+    assert_eq!((j.attempts[2].steps_lost, j.steps_lost()), (None, 130), "no steps reported: unknown");
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub struct JobRecord {
     /// Runs ended by preemption: they do not count as attempts.
     #[serde(default)]
     pub preemptions: u32,
+    /// After a failed attempt the job waits until then before it may start again (`retry.backoff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<i64>,
 }
 
 fn dev_owner() -> String {
@@ -105,6 +108,17 @@ pub struct AttemptRecord {
     /// Ranks whose node was declared lost: whatever a copy of them still sends is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_ranks: Vec<u32>,
+    /// The node of the rank whose exit failed the attempt (not a lost node): a job avoids a node
+    /// that two of its attempts failed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_on: Option<String>,
+    /// The step of the job's own checkpoint it resumed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    /// Steps it ran past the job's latest checkpoint, when it ended without success: work the
+    /// next attempt does again. None where the job reported no steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_lost: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

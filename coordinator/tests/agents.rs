@@ -90,6 +90,41 @@ async fn a_failed_attempt_is_requeued_within_max_restarts_then_the_job_fails() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failed_attempts_back_off_avoid_the_node_they_failed_on_twice_and_some_exit_codes_are_final() {
+    let c = TestCoordinator::start().await;
+    let mut a = TestAgent::join(&c, "a").await;
+    let spec = "name: flaky\ncommand: [\"false\"]\nmax_restarts: 5\nretry: {backoff: 5s, never_on_exit_codes: [2]}\n";
+    let id = c.submit(spec).await;
+    // Attempt 1 fails on a: the retry waits 5s; attempt 2 fails there too: 10s, and a is avoided.
+    // (Waits are read from the records: joining over real gRPC lets the paused clock jump.)
+    let backoff =
+        |job: &gantry_proto::v1::Job| job.retry_at_ms.unwrap() - job.attempts.last().unwrap().ended_at_ms.unwrap();
+    let first = a.next_assignment().await;
+    a.exit(&id, first.attempt, 0, 1).await;
+    let job = wait_for(&c, &id, "wait out its backoff", |j| j.pending_code == "backoff").await;
+    assert!(job.pending_reason.contains("its last attempt failed; retrying in"), "{}", job.pending_reason);
+    assert_eq!((backoff(&job), job.avoided_nodes.len()), (5_000, 0));
+    let retry_at = job.retry_at_ms.unwrap();
+    let second = a.next_assignment().await;
+    let mut b = TestAgent::join(&c, "b").await;
+    a.exit(&id, second.attempt, 0, 1).await;
+    let job = wait_for(&c, &id, "back off again", |j| j.pending_code == "backoff").await;
+    assert_eq!((backoff(&job), job.avoided_nodes.clone()), (10_000, vec!["a".to_string()]), "doubled; a avoided");
+    let retry_at = [retry_at, job.retry_at_ms.unwrap()];
+    // The third attempt goes to b, not back to a; no attempt started before its backoff ended.
+    let third = b.next_assignment().await;
+    assert_eq!(third.attempt, 3, "{:?}", c.job(&id).await.attempts);
+    let job = c.job(&id).await;
+    assert!(job.attempts[1].started_at_ms >= retry_at[0] && job.attempts[2].started_at_ms >= retry_at[1]);
+    // Exit code 2 is never retried, with restarts left.
+    b.exit(&id, third.attempt, 0, 2).await;
+    let job = wait_for(&c, &id, "fail at once", |j| state(j) == "failed").await;
+    assert!(job.message.contains("exit code 2 is in retry.never_on_exit_codes"), "{}", job.message);
+    assert_eq!(job.attempts.len(), 3);
+    c.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_job_is_told_to_stop_again_until_its_agent_reports_the_exit() {
     let c = TestCoordinator::start().await;
     let mut a = TestAgent::join(&c, "a").await;

@@ -243,6 +243,7 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
             pending: pend,
             queues: Vec::new(),
             ahead: Vec::new(),
+            avoid: Default::default(),
         };
         let placements = match policy {
             Policy::Gantry => {

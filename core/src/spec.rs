@@ -51,6 +51,67 @@ pub struct JobSpec {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// How failed attempts are retried (within `max_restarts`).
+    #[serde(default, skip_serializing_if = "RetrySpec::is_default")]
+    pub retry: RetrySpec,
+}
+
+/// The `retry:` section. A failed attempt (not a lost node, not a preemption) is retried after
+/// `backoff`, doubled for each failure after the first, at most `max_backoff`; an exit code in
+/// `never_on_exit_codes` fails the job at once (a bad argument will not fix itself).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Seconds before the retry after the first failure; 10s when not given.
+    #[serde(
+        default,
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff: Option<u64>,
+    /// The longest wait between attempts; 5m when not given.
+    #[serde(
+        default,
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_backoff: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub never_on_exit_codes: Vec<i32>,
+}
+
+impl RetrySpec {
+    pub const DEFAULT_BACKOFF_SECS: u64 = 10;
+    pub const DEFAULT_MAX_BACKOFF_SECS: u64 = 300;
+
+    pub fn is_default(&self) -> bool {
+        *self == RetrySpec::default()
+    }
+
+    /// The wait before the attempt after the `failures`-th failed one (1 for the first).
+    pub fn backoff_ms(&self, failures: u32) -> u64 {
+        let base = self.backoff.unwrap_or(Self::DEFAULT_BACKOFF_SECS).saturating_mul(1000);
+        let most = self.max_backoff.unwrap_or(Self::DEFAULT_MAX_BACKOFF_SECS).saturating_mul(1000);
+        let doublings = failures.saturating_sub(1).min(32);
+        base.saturating_mul(1u64 << doublings).min(most)
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        if let (Some(b), Some(m)) = (self.backoff, self.max_backoff)
+            && b > m
+        {
+            return Err(SpecError::new("retry.backoff", "must not be longer than retry.max_backoff"));
+        }
+        if self.never_on_exit_codes.contains(&0) {
+            return Err(SpecError::new("retry.never_on_exit_codes", "0 is success: it is never retried anyway"));
+        }
+        if self.never_on_exit_codes.len() > limits::EXIT_CODES {
+            return Err(SpecError::new("retry.never_on_exit_codes", format!("at most {} codes", limits::EXIT_CODES)));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -345,6 +406,7 @@ impl JobSpec {
                 format!("must be at most {} letters, digits and . _ -", limits::QUEUE),
             ));
         }
+        self.retry.validate()?;
         let r = &self.resources;
         if r.nodes == 0 {
             return Err(SpecError::new("resources.nodes", "must be at least 1"));
@@ -611,6 +673,8 @@ pub mod limits {
     pub const ENV_ENTRIES: usize = 256;
     pub const ENV_NAME: usize = 128;
     pub const ENV_VALUE: usize = 32 * 1024;
+    /// `retry.never_on_exit_codes` entries.
+    pub const EXIT_CODES: usize = 256;
 }
 
 #[cfg(test)]
@@ -787,5 +851,27 @@ mod tests {
         assert_eq!(parse_checkpoint_ref("j1@x"), Err(ParseError::CheckpointStep("x".into())));
         let err = JobSpec::from_yaml("name: t\ntrain: {init_from: \"@5\"}\n").unwrap_err();
         assert_eq!(err.to_string(), "train.init_from: must name a job id (JOB_ID or JOB_ID@STEP)");
+    }
+
+    #[test]
+    fn retry_backs_off_doubling_up_to_its_most_and_refuses_nonsense() {
+        let spec = JobSpec::from_yaml("name: x\ncommand: [true]\n").unwrap();
+        assert!(spec.retry.is_default());
+        assert_eq!([1, 2, 3].map(|n| spec.retry.backoff_ms(n)), [10_000, 20_000, 40_000]);
+        assert_eq!(spec.retry.backoff_ms(10), 300_000, "capped at 5m");
+        let yaml = "name: x\ncommand: [true]\nretry: {backoff: 2s, max_backoff: 5s, never_on_exit_codes: [2, 64]}\n";
+        let spec = JobSpec::from_yaml(yaml).unwrap();
+        assert_eq!([1, 2, 3, 40].map(|n| spec.retry.backoff_ms(n)), [2_000, 4_000, 5_000, 5_000]);
+        assert_eq!(spec.retry.never_on_exit_codes, [2, 64]);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
+        for (yaml, field, words) in [
+            ("retry: {backoff: 1m, max_backoff: 10s}", "retry.backoff", "longer than"),
+            ("retry: {never_on_exit_codes: [0]}", "retry.never_on_exit_codes", "0 is success"),
+            ("retry: {backof: 1s}", "retry", "unknown field"),
+        ] {
+            let err = JobSpec::from_yaml(&format!("name: x\ncommand: [true]\n{yaml}\n")).unwrap_err();
+            assert!(err.field.starts_with(field) && err.to_string().contains(words), "{yaml}: {err}");
+        }
     }
 }

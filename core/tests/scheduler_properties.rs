@@ -106,6 +106,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                     Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
                 ],
                 ahead: front.filter(|i| *i < n_pending).map(|i| format!("j{}", 1000 + i)).into_iter().collect(),
+                avoid: Default::default(),
             }
         })
     })

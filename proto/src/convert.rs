@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use gantry_core::ParseError;
-use gantry_core::spec::{JobSpec, Precision, Resources, TrainSpec};
+use gantry_core::spec::{JobSpec, Precision, Resources, RetrySpec, TrainSpec};
 
 use crate::v1;
 
@@ -63,6 +63,11 @@ impl From<&JobSpec> for v1::JobSpec {
             max_duration_secs: s.max_duration_secs,
             workload,
             env: s.env.clone().into_iter().collect(),
+            retry: (!s.retry.is_default()).then(|| v1::RetryPolicy {
+                backoff_secs: s.retry.backoff,
+                max_backoff_secs: s.retry.max_backoff,
+                never_on_exit_codes: s.retry.never_on_exit_codes.clone(),
+            }),
         }
     }
 }
@@ -118,6 +123,14 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             train,
             command,
             env: s.env.into_iter().collect::<BTreeMap<_, _>>(),
+            retry: s
+                .retry
+                .map(|r| RetrySpec {
+                    backoff: r.backoff_secs,
+                    max_backoff: r.max_backoff_secs,
+                    never_on_exit_codes: r.never_on_exit_codes,
+                })
+                .unwrap_or_default(),
         })
     }
 }

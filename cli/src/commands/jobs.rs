@@ -102,11 +102,19 @@ pub async fn describe(url: &Target, id: &str, json: bool) -> anyhow::Result<()> 
             if m.straggler { "  <- straggler: its steps take far longer than the other ranks'" } else { "" };
         outln!("metrics:   rank {} step {}: {}{straggler}", m.rank, m.step, values.join(" "))?;
     }
+    if !view.avoided_nodes.is_empty() {
+        outln!("avoids:    {} (two of its attempts failed on each)", view.avoided_nodes.join(", "))?;
+    }
+    if view.steps_lost > 0 {
+        outln!("lost:      {} steps redone after failures and lost nodes", view.steps_lost)?;
+    }
     for a in &view.attempts {
         let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
         let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
         let outcome = if a.outcome.is_empty() { "running".to_string() } else { a.outcome.clone() };
-        outln!("attempt {}: on {} ({gpus}): {outcome}{exit}", a.attempt, a.nodes.join(","))?;
+        let from = a.resumed_from_step.map(|s| format!(" from step {s}")).unwrap_or_default();
+        let lost = a.steps_lost.map(|s| format!(", {s} steps lost")).unwrap_or_default();
+        outln!("attempt {}: on {} ({gpus}){from}: {outcome}{exit}{lost}", a.attempt, a.nodes.join(","))?;
     }
     Ok(())
 }

@@ -53,7 +53,14 @@ impl Coordinator {
     /// Records that a rank ended (idempotent), and stops the attempt's other ranks if it failed.
     pub(super) fn end_rank(&self, id: &str, attempt: u32, rank: u32, end: RankEnd) -> Result<()> {
         let now = self.now_ms();
-        let (job, transition) = self.transition(id, |job| job.on_rank_exit(attempt, rank, end.clone(), now))?;
+        // What the attempt got to, and where the next one resumes: the work it loses if it ends.
+        let last_step = self.metrics.last_step(id, attempt);
+        let checkpoint_step = self.store.checkpoints(id)?.last().map(|c| c.step);
+        let (job, transition) = self.transition(id, |job| {
+            let t = job.on_rank_exit(attempt, rank, end.clone(), now);
+            job.note_lost_work(attempt, last_step, checkpoint_step);
+            t
+        })?;
         if transition.changed() {
             info!(job = %id, attempt, rank, state = ?job.state, end = ?end, "rank ended");
         }

@@ -60,13 +60,13 @@ impl Coordinator {
         let jobs = self.store.jobs()?;
         let queued = jobs.iter().filter(|j| j.state == JobState::Queued);
         self.queued_by_user.recount(queued.map(|j| j.owner.as_str()));
-        let (snapshot, versions) = self.snapshot(&jobs);
+        let (snapshot, versions, backing_off) = self.snapshot(&jobs);
         let plan = scheduler::schedule(&snapshot);
         *self.ahead.lock().expect("ahead lock poisoned") = plan.ahead.clone();
         {
             let mut waiting = self.waiting.lock().expect("waiting lock poisoned");
             waiting.clear();
-            for w in &plan.waiting {
+            for w in plan.waiting.iter().chain(&backing_off) {
                 waiting.insert(w.job_id.clone(), w.clone());
             }
         }
@@ -136,6 +136,9 @@ impl Coordinator {
             }
             let t = record.start_attempt(version, ranks.clone(), now);
             outcome = if t.changed() { Ok(()) } else { Err(Refused::JobChanged) };
+            if let Some(attempt) = record.current_attempt_mut().filter(|_| t.changed()) {
+                attempt.resumed_from_step = resume.as_ref().filter(|r| r.job_id == job.id).map(|r| r.step);
+            }
             t != Transition::Unchanged
         })?;
         let Some(started) = started else {
@@ -152,7 +155,10 @@ impl Coordinator {
         Ok(Ok(()))
     }
 
-    fn snapshot(&self, jobs: &[JobRecord]) -> (Snapshot, HashMap<String, u64>) {
+    /// What the pure scheduler sees, the versions of the pending jobs in it, and the queued jobs
+    /// held out of it while they wait out a failed attempt's backoff.
+    fn snapshot(&self, jobs: &[JobRecord]) -> (Snapshot, HashMap<String, u64>, Vec<scheduler::Waiting>) {
+        let now = self.now_ms();
         let fleet = self.fleet();
         let nodes: Vec<Node> = fleet
             .agents
@@ -180,10 +186,27 @@ impl Coordinator {
         let mut pending = Vec::new();
         let mut running = Vec::new();
         let mut versions = HashMap::new();
+        let mut avoid = std::collections::BTreeMap::new();
+        let mut backing_off = Vec::new();
         let max_duration_ms = |job: &JobRecord| job.spec.max_duration_secs.map(|s| s * 1000);
         for job in jobs {
             match job.state {
                 JobState::Queued if !job.cancel_requested => {
+                    if let Some(at) = job.retry_at_ms.filter(|at| *at > now) {
+                        let reason = scheduler::WaitReason::Backoff { in_ms: (at - now) as u64 };
+                        let id = job.id.clone();
+                        backing_off.push(scheduler::Waiting {
+                            job_id: id,
+                            reason,
+                            position: 0,
+                            estimated_start_ms: None,
+                        });
+                        continue;
+                    }
+                    let avoided = job.avoided_nodes();
+                    if !avoided.is_empty() {
+                        avoid.insert(job.id.clone(), avoided);
+                    }
                     versions.insert(job.id.clone(), job.version);
                     pending.push(PendingJob {
                         id: job.id.clone(),
@@ -223,7 +246,7 @@ impl Coordinator {
         }
         let queues = self.settings.queues.clone();
         let ahead = self.ahead.lock().expect("ahead lock poisoned").clone();
-        (Snapshot { now_ms: self.now_ms() as u64, nodes, running, pending, queues, ahead }, versions)
+        (Snapshot { now_ms: now as u64, nodes, running, pending, queues, ahead, avoid }, versions, backing_off)
     }
 
     /// Where a placed job starts from: its own latest checkpoint on a restart, else `init_from`.
@@ -349,7 +372,7 @@ mod tests {
         let job = c
             .submit(JobSpec::from_yaml("name: j\ncommand: [\"true\"]\nresources: {gpus: 1}\n").unwrap(), "dev")
             .unwrap();
-        let (snapshot, versions) = c.snapshot(&c.store.jobs().unwrap());
+        let (snapshot, versions, _) = c.snapshot(&c.store.jobs().unwrap());
         let plan = scheduler::schedule(&snapshot);
         assert_eq!(plan.placements.len(), 1, "{plan:?}");
         let version = versions[&job.id];

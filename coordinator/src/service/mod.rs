@@ -83,6 +83,8 @@ pub(crate) fn job_to_proto(
                 ended_at_ms: a.ended_at_ms,
                 exit_code: a.exit_code,
                 outcome: a.outcome.clone(),
+                resumed_from_step: a.resumed_from_step,
+                steps_lost: a.steps_lost,
             })
             .collect(),
         cancel_requested: job.cancel_requested,
@@ -95,6 +97,9 @@ pub(crate) fn job_to_proto(
         stop_reason: words.stopping.clone().map(|s| s.1).unwrap_or_default(),
         stop_code: words.stopping.map(|s| s.0.to_string()).unwrap_or_default(),
         metrics,
+        steps_lost: job.steps_lost(),
+        retry_at_ms: job.retry_at_ms.filter(|_| job.state == JobState::Queued),
+        avoided_nodes: if job.state == JobState::Queued { job.avoided_nodes() } else { Vec::new() },
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Snapshot {
     /// previous pass's [`Plan::ahead`]. So shifting queue shares cannot hand a reservation, or
     /// the room stopping jobs free, to another job pass after pass.
     pub ahead: Vec<String>,
+    /// Pending jobs' nodes to avoid (their attempts failed there): job id -> node names. Such a
+    /// job goes elsewhere, unless no other node could ever take it.
+    pub avoid: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +269,8 @@ struct Pass<'a> {
     reservation: Option<Reservation>,
     min_victim_priority: Option<u32>,
     any_stopping: bool,
+    /// The nodes the job being considered avoids.
+    avoided: HashSet<usize>,
     plan: Plan,
 }
 
@@ -322,6 +327,7 @@ impl<'a> Pass<'a> {
             reservation: None,
             min_victim_priority,
             any_stopping: snap.running.iter().any(|r| r.stopping),
+            avoided: HashSet::new(),
             plan: Plan::default(),
         }
     }
@@ -394,10 +400,13 @@ impl<'a> Pass<'a> {
         if let Some(why) = self.fleet.impossible(r) {
             return self.wait(job, WaitReason::CannotFit { needs: r.clone(), why }, None);
         }
+        self.avoided = self.avoided_by(job);
         let reservation = &self.reservation;
         let held = &self.held;
+        let avoided = &self.avoided;
         let allowed = |n: usize| {
             !held.contains(&n)
+                && !avoided.contains(&n)
                 && match reservation {
                     // Backfill: a reserved node takes only jobs that end before the reservation starts.
                     Some(res) if res.nodes.contains(&n) => ends_at.is_some_and(|end| end <= res.start_ms),
@@ -408,6 +417,19 @@ impl<'a> Pass<'a> {
             Some(nodes) => self.place(job, nodes, ends_at),
             None => self.blocked(job),
         }
+    }
+
+    /// The nodes `job` avoids, unless fewer than its gang's nodes would be left that could ever
+    /// take it: then none, since waiting for ever is worse than another try there.
+    fn avoided_by(&self, job: &PendingJob) -> HashSet<usize> {
+        let Some(names) = self.snap.avoid.get(&job.id).filter(|a| !a.is_empty()) else { return HashSet::new() };
+        let avoided: HashSet<usize> = names.iter().filter_map(|n| self.fleet.node_index(n)).collect();
+        let others = (0..self.snap.nodes.len())
+            .filter(|&n| {
+                !avoided.contains(&n) && self.snap.nodes[n].schedulable && self.fleet.could_ever_fit(n, &job.resources)
+            })
+            .count();
+        if others >= job.resources.nodes as usize { avoided } else { HashSet::new() }
     }
 
     fn place(&mut self, job: &PendingJob, nodes: Vec<usize>, ends_at: Option<u64>) {
@@ -516,16 +538,16 @@ impl<'a> Pass<'a> {
     fn preempt_for(&self, job: &PendingJob) -> Preempt {
         let r = &job.resources;
         // Nodes held for another preemptor, or reserved for a job ahead of this one, are not ours.
-        let usable = |n: usize| {
+        let ours = |n: usize| {
             !self.held.contains(&n)
                 && self.claims.get(&n).is_none_or(|c| *c == job.id)
                 && self.reservation.as_ref().is_none_or(|res| res.job_id == job.id || !res.nodes.contains(&n))
         };
+        let usable = |n: usize| ours(n) && !self.avoided.contains(&n);
         // A victim with a rank on a node kept for another job would hand that job's room to this
         // one once it stops: such jobs are not candidates.
-        let spans_others = |victim: &RunningJob| {
-            victim.nodes.iter().filter_map(|a| self.fleet.node_index(&a.node)).any(|n| !usable(n))
-        };
+        let spans_others =
+            |victim: &RunningJob| victim.nodes.iter().filter_map(|a| self.fleet.node_index(&a.node)).any(|n| !ours(n));
         let mut options: Vec<(Cost, usize, Vec<usize>)> = Vec::new();
         let mut stopping_would_do = Vec::new();
         for n in 0..self.snap.nodes.len() {
@@ -614,8 +636,8 @@ impl<'a> Pass<'a> {
         let mut ready: Vec<(u64, usize)> = Vec::new();
         for n in 0..self.snap.nodes.len() {
             let claimed = self.claims.get(&n).is_some_and(|c| *c != job.id);
-            if !self.snap.nodes[n].schedulable || claimed || self.held.contains(&n) || !self.fleet.could_ever_fit(n, r)
-            {
+            let kept = claimed || self.held.contains(&n) || self.avoided.contains(&n);
+            if !self.snap.nodes[n].schedulable || kept || !self.fleet.could_ever_fit(n, r) {
                 continue;
             }
             let mut free = self.fleet.free_of(n);

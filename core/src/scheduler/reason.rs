@@ -20,6 +20,9 @@ pub enum WaitReason {
     Preempting { victims: Vec<String> },
     /// Jobs already stopping (preempted or cancelled) free the room it needs.
     WaitingForStopping,
+    /// Its last attempt failed: it waits `retry.backoff` before the next (the coordinator holds
+    /// it out of the pass until then).
+    Backoff { in_ms: u64 },
 }
 
 /// Why a job can never fit the fleet as it stands.
@@ -81,6 +84,7 @@ pub enum WaitCode {
     HeldForHigher,
     Preempting,
     WaitingForStopping,
+    Backoff,
 }
 
 impl WaitCode {
@@ -93,6 +97,7 @@ impl WaitCode {
             WaitCode::HeldForHigher => "held_for_higher",
             WaitCode::Preempting => "preempting",
             WaitCode::WaitingForStopping => "waiting_for_stopping",
+            WaitCode::Backoff => "backoff",
         }
     }
 }
@@ -109,6 +114,7 @@ impl WaitReason {
             WaitReason::NoRoom { .. } => WaitCode::NoRoom,
             WaitReason::Preempting { .. } => WaitCode::Preempting,
             WaitReason::WaitingForStopping => WaitCode::WaitingForStopping,
+            WaitReason::Backoff { .. } => WaitCode::Backoff,
         }
     }
 
@@ -116,7 +122,10 @@ impl WaitReason {
     /// quota, room held for it or for another job, or jobs that are stopping.
     pub fn waits_by_policy(&self) -> bool {
         match self {
-            WaitReason::Quota { .. } | WaitReason::Preempting { .. } | WaitReason::WaitingForStopping => true,
+            WaitReason::Quota { .. }
+            | WaitReason::Preempting { .. }
+            | WaitReason::WaitingForStopping
+            | WaitReason::Backoff { .. } => true,
             WaitReason::NoRoom { reserved_ahead, held_for_higher, start, .. } => {
                 *reserved_ahead || *held_for_higher || matches!(start, Start::Reserved { .. })
             }
@@ -159,6 +168,9 @@ impl fmt::Display for WaitReason {
                 write!(f, "preempting lower-priority job(s) {}", victims.join(", "))
             }
             WaitReason::WaitingForStopping => write!(f, "waiting for stopping jobs to free their resources"),
+            WaitReason::Backoff { in_ms } => {
+                write!(f, "its last attempt failed; retrying in {} (retry.backoff)", in_time(*in_ms))
+            }
         }
     }
 }
@@ -254,6 +266,7 @@ mod tests {
             ),
             (WaitReason::Preempting { victims: vec!["4".into(), "7".into()] }, "preempting", "job(s) 4, 7"),
             (WaitReason::WaitingForStopping, "waiting_for_stopping", "stopping jobs"),
+            (WaitReason::Backoff { in_ms: 20_000 }, "backoff", "failed; retrying in 20s"),
         ];
         for (reason, code, words) in cases {
             assert_eq!(reason.code().as_str(), code);

@@ -400,3 +400,28 @@ fn a_quota_keeps_room_for_the_reserved_job() {
     assert!(placed(&plan).is_empty(), "{:?}", plan.placements);
     assert!(reason(&plan, "short").contains("8 held for waiting jobs ahead of it"), "{:?}", plan.waiting);
 }
+
+#[test]
+fn a_job_avoids_the_nodes_its_attempts_failed_on_while_another_could_take_it() {
+    let avoid = |nodes: &[&str]| [("j".to_string(), nodes.iter().map(|n| n.to_string()).collect())].into();
+    let s = Snapshot {
+        nodes: vec![node("a", 8), node("b", 8)],
+        pending: vec![job("j", 50, 1, 4, 1)],
+        avoid: avoid(&["a"]),
+        ..Default::default()
+    };
+    assert_eq!(schedule(&s).placements[0].nodes[0].node, "b");
+    // b busy: j waits for b rather than go back to a.
+    let busy = running("busy", 60, "b", 0..8);
+    let plan = schedule(&Snapshot { running: vec![busy.clone()], ..s.clone() });
+    assert!(placed(&plan).is_empty(), "{:?}", plan.placements);
+    // Nor does it preempt a lower-priority job on a to get there.
+    let low = running("low", 10, "a", 0..8);
+    let plan = schedule(&Snapshot { running: vec![busy, low], ..s.clone() });
+    assert!(plan.preemptions.is_empty(), "{:?}", plan.preemptions);
+    // Only a and b could ever take a 2-node gang: avoiding a would leave it waiting for ever.
+    let gang = Snapshot { pending: vec![job("j", 50, 1, 4, 2)], ..s.clone() };
+    assert_eq!(placed(&schedule(&gang)), ["j"]);
+    let plan = schedule(&Snapshot { nodes: vec![node("a", 8)], ..s });
+    assert_eq!(plan.placements[0].nodes[0].node, "a", "a is the only node");
+}

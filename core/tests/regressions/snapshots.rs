@@ -519,6 +519,7 @@ pub fn priority_before_fair_share_on_an_empty_fleet() -> Snapshot {
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -1176,6 +1177,7 @@ pub fn a_preemptor_keeps_the_room_its_victims_free_and_picks_no_more() -> Snapsh
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -1556,6 +1558,7 @@ pub fn priority_before_fair_share_beside_a_stopping_job() -> Snapshot {
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -1755,6 +1758,7 @@ pub fn priority_before_fair_share_by_one_priority_point() -> Snapshot {
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -1860,6 +1864,7 @@ pub fn a_job_that_fits_waits_only_because_room_is_held_for_a_job_ahead() -> Snap
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -2352,6 +2357,7 @@ pub fn a_reservation_counts_the_exact_gpus_of_jobs_placed_in_its_pass() -> Snaps
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -3030,6 +3036,7 @@ pub fn a_plan_settles_when_a_job_waits_on_a_preempted_gangs_other_rank() -> Snap
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -3832,6 +3839,7 @@ pub fn a_plan_settles_when_a_preempted_gang_shares_a_node_with_another_victim() 
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -4259,6 +4267,7 @@ pub fn a_plan_settles_when_a_reserved_gang_holds_its_queues_quota() -> Snapshot 
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -4757,6 +4766,7 @@ pub fn a_plan_settles_when_queue_shares_shift_under_a_reservation() -> Snapshot 
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -5119,6 +5129,7 @@ pub fn a_plan_settles_when_the_job_room_is_freed_for_keeps_its_turn() -> Snapsho
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec!["j1013".into()],
+        avoid: Default::default(),
     }
 }
 
@@ -5700,6 +5711,7 @@ pub fn a_plan_settles_when_victims_free_room_a_reservation_counted_on() -> Snaps
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -6194,6 +6206,7 @@ pub fn a_preemptor_on_one_node_beside_an_equal_priority_job_of_another_queue() -
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
 
@@ -6823,5 +6836,6 @@ pub fn a_blocked_gang_a_preemption_and_a_reserved_cpu_gang_behind_held_room() ->
             Queue { name: "b".into(), weight: 2.0, gpu_quota: Some(12) },
         ],
         ahead: vec![],
+        avoid: Default::default(),
     }
 }
