@@ -15,6 +15,7 @@ const SUMMER: &str = r#"
 step=0; sum=0
 if [ -n "${GANTRY_RESUME_DIR:-}" ]; then read step sum < "$GANTRY_RESUME_DIR/state"; echo "resumed at step $step"; fi
 trap 'echo "SIGTERM at step $step"; exit 143' TERM
+echo "attempt $GANTRY_ATTEMPT rank $RANK rendezvous $MASTER_ADDR:$MASTER_PORT"
 while [ "$step" -lt 60 ]; do
   step=$((step + 1)); sum=$((sum + step))
   echo "attempt $GANTRY_ATTEMPT rank $RANK step $step"
@@ -24,7 +25,7 @@ while [ "$step" -lt 60 ]; do
   fi
   sleep 0.25
 done
-echo "sum=$sum"
+echo "rank $RANK sum=$sum"
 "#;
 
 fn spec(name: &str, nodes: u32) -> String {
@@ -105,7 +106,7 @@ fn a_cut_off_host_stops_its_job_before_it_runs_elsewhere_and_its_late_output_is_
     });
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let logs = cluster.cli().ok(&["logs", &id]);
-    assert!(logs.contains("sum=1830"), "every step counted once:\n{logs}");
+    assert!(logs.contains("rank 0 sum=1830"), "every step counted once:\n{logs}");
     let resumed: u32 = logs
         .lines()
         .find_map(|l| l.strip_prefix("resumed at step "))
@@ -131,6 +132,58 @@ fn a_cut_off_host_stops_its_job_before_it_runs_elsewhere_and_its_late_output_is_
     }
     let logs = cluster.cli().ok(&["logs", &id]);
     assert!(!logs.contains("SIGTERM at step"), "the stale copy's last words were refused:\n{logs}");
+}
+
+#[test]
+fn a_gang_that_loses_a_node_stops_every_rank_and_starts_again_together_elsewhere() {
+    let cluster = Cluster::start(&["ctl", "n1", "n2", "n3"], "9s");
+    // Two ranks, a node each (each agent has the machine's CPUs; a rank asks for all of them).
+    let cpus = cluster.cli().json(&["nodes"])[0]["cpus"].as_u64().unwrap();
+    let gang = spec("gang", 2).replace("cpus: 1,", &format!("cpus: {cpus},"));
+    let id = cluster.cli().submit(&gang);
+    let job = wait_job(&cluster, &id, "running", Duration::from_secs(30), |j| j["state"] == "running");
+    let first: Vec<String> = job["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.cli().json(&["checkpoints", &id]).as_array().is_none_or(|c| c.is_empty()) {
+        assert!(Instant::now() < deadline, "no checkpoint was committed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Rank 1's node is cut off.
+    let (kept, cut) = (first[0].clone(), first[1].clone());
+    let cut_at = now_ms();
+    cluster.net.cut(&cut);
+    let job = wait_job(&cluster, &id, "a second attempt", Duration::from_secs(40), |j| j["attempt"] == 2);
+    let second: Vec<&str> = job["attempts"][1]["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    println!("gang: rank on {cut} cut; attempt 2 placed on {second:?} {:.1} s after the cut", {
+        (job["attempts"][1]["started_at_ms"].as_i64().unwrap() - cut_at) as f64 / 1000.0
+    });
+    assert!(!second.contains(&cut.as_str()), "placed again on the lost node: {job:#}");
+    assert_eq!(job["attempts"][0]["outcome"], format!("agent {cut} lost"), "{job:#}");
+
+    // Every rank of attempt 1 stopped before any rank of attempt 2 started, by the agents' records.
+    let stopped_kept = wait_for(|| event(&cluster.agent_events(&kept), &id, 1, "job processes ended"), "rank 0 to stop");
+    let stopped_cut = event(&cluster.agent_events(&cut), &id, 1, "job processes ended").expect("the cut node stopped rank 1");
+    let started: Vec<i64> = second
+        .iter()
+        .map(|n| wait_for(|| event(&cluster.agent_events(n), &id, 2, "job started"), "attempt 2 to start"))
+        .collect();
+    let first_start = *started.iter().min().unwrap();
+    assert!(stopped_kept < first_start && stopped_cut < first_start, "attempt 1 ranks still ran when attempt 2 started");
+
+    let job = wait_job(&cluster, &id, "an end", Duration::from_secs(60), |j| {
+        j["state"] != "running" && j["state"] != "queued"
+    });
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let logs = cluster.cli().ok(&["logs", &id]);
+    for rank in 0..2 {
+        assert!(logs.contains(&format!("rank {rank} sum=1830")), "rank {rank} counted every step once:\n{logs}");
+    }
+    // Fresh rendezvous details: a new MASTER_PORT for attempt 2.
+    let port = |attempt: u32| {
+        let prefix = format!("attempt {attempt} rank 0 rendezvous ");
+        logs.lines().find_map(|l| l.split_once(&prefix).map(|(_, r)| r.rsplit(':').next().unwrap().to_string())).unwrap()
+    };
+    assert_ne!(port(1), port(2), "attempt 2 rendezvoused on attempt 1's port");
 }
 
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>, what: &str) -> T {

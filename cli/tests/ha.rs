@@ -333,6 +333,70 @@ fn killing_the_leader_during_a_storm_of_submits_loses_no_acknowledged_job() {
     assert!(!String::from_utf8_lossy(&logs.stdout).contains("DUPLICATE"));
 }
 
+/// Jobs run on agents, not on the leader: killing it must stop none of them. The agents reach
+/// the new leader before their own fencing deadline, and it adopts what they hold.
+#[test]
+fn killing_the_leader_stops_and_restarts_no_running_job() {
+    let mut fleet = HaFleet::start();
+    fleet.start_agent("node-a");
+    fleet.start_agent("node-b");
+    fleet.wait_connected("node-a");
+    fleet.wait_connected("node-b");
+    let starts = fleet.dir.path().join("starts");
+    support::job_writable_dir(&starts);
+    // Each start leaves a mark; the job runs well past the failover.
+    let script = format!(r#"touch "{}/$GANTRY_JOB_ID-$GANTRY_ATTEMPT-$RANK"; sleep 25"#, starts.display());
+    let spec = |name: &str, nodes: u32| {
+        format!(
+            "name: {name}\nresources: {{cpus: 0.5, memory_gb: 0.1, nodes: {nodes}}}\nmax_restarts: 0\ncommand: [\"bash\", \"-c\", {}]\n",
+            serde_json::to_string(&script).unwrap()
+        )
+    };
+    let urls = fleet.urls();
+    let ids: Vec<String> =
+        [spec("one", 1), spec("two", 1), spec("gang", 2)].iter().map(|s| fleet.submit(&urls, s).unwrap()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ids.iter().all(|id| fleet.json(&["job", id])["state"] == "running") {
+        assert!(Instant::now() < deadline, "the jobs did not all start");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let killed = Instant::now();
+    let mut leader = fleet.coordinators[0].take().unwrap();
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+    fleet.wait_leading(1, Duration::from_secs(30));
+    println!("the follower led {:.2} s after kill -9 of the leader", killed.elapsed().as_secs_f64());
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &ids {
+        let job = loop {
+            let job = fleet.json(&["job", id]);
+            if job["state"] != "running" && job["state"] != "queued" {
+                break job;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not end: {job:#}");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "job {id} was restarted: {job:#}");
+    }
+    let mut marks: Vec<String> =
+        std::fs::read_dir(&starts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    marks.sort();
+    let want: Vec<String> = [(&ids[0], 0), (&ids[1], 0), (&ids[2], 0), (&ids[2], 1)]
+        .iter()
+        .map(|(id, rank)| format!("{id}-1-{rank}"))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(marks, want, "each rank started once");
+    for agent in ["node-a", "node-b"] {
+        let log = fleet.log(agent);
+        assert!(!log.contains("stopping the job (fence)"), "{agent} fenced a job:\n{log}");
+    }
+}
+
 #[test]
 fn a_paused_leader_that_wakes_after_losing_its_lease_cannot_commit() {
     let mut fleet = HaFleet::start();
