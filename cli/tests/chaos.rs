@@ -153,7 +153,8 @@ fn a_gang_that_loses_a_node_stops_every_rank_and_starts_again_together_elsewhere
     let cut_at = now_ms();
     cluster.net.cut(&cut);
     let job = wait_job(&cluster, &id, "a second attempt", Duration::from_secs(40), |j| j["attempt"] == 2);
-    let second: Vec<&str> = job["attempts"][1]["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let second: Vec<&str> =
+        job["attempts"][1]["nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
     println!("gang: rank on {cut} cut; attempt 2 placed on {second:?} {:.1} s after the cut", {
         (job["attempts"][1]["started_at_ms"].as_i64().unwrap() - cut_at) as f64 / 1000.0
     });
@@ -161,14 +162,19 @@ fn a_gang_that_loses_a_node_stops_every_rank_and_starts_again_together_elsewhere
     assert_eq!(job["attempts"][0]["outcome"], format!("agent {cut} lost"), "{job:#}");
 
     // Every rank of attempt 1 stopped before any rank of attempt 2 started, by the agents' records.
-    let stopped_kept = wait_for(|| event(&cluster.agent_events(&kept), &id, 1, "job processes ended"), "rank 0 to stop");
-    let stopped_cut = event(&cluster.agent_events(&cut), &id, 1, "job processes ended").expect("the cut node stopped rank 1");
+    let stopped_kept =
+        wait_for(|| event(&cluster.agent_events(&kept), &id, 1, "job processes ended"), "rank 0 to stop");
+    let stopped_cut =
+        event(&cluster.agent_events(&cut), &id, 1, "job processes ended").expect("the cut node stopped rank 1");
     let started: Vec<i64> = second
         .iter()
         .map(|n| wait_for(|| event(&cluster.agent_events(n), &id, 2, "job started"), "attempt 2 to start"))
         .collect();
     let first_start = *started.iter().min().unwrap();
-    assert!(stopped_kept < first_start && stopped_cut < first_start, "attempt 1 ranks still ran when attempt 2 started");
+    assert!(
+        stopped_kept < first_start && stopped_cut < first_start,
+        "attempt 1 ranks still ran when attempt 2 started"
+    );
 
     let job = wait_job(&cluster, &id, "an end", Duration::from_secs(60), |j| {
         j["state"] != "running" && j["state"] != "queued"
@@ -181,7 +187,9 @@ fn a_gang_that_loses_a_node_stops_every_rank_and_starts_again_together_elsewhere
     // Fresh rendezvous details: a new MASTER_PORT for attempt 2.
     let port = |attempt: u32| {
         let prefix = format!("attempt {attempt} rank 0 rendezvous ");
-        logs.lines().find_map(|l| l.split_once(&prefix).map(|(_, r)| r.rsplit(':').next().unwrap().to_string())).unwrap()
+        logs.lines()
+            .find_map(|l| l.split_once(&prefix).map(|(_, r)| r.rsplit(':').next().unwrap().to_string()))
+            .unwrap()
     };
     assert_ne!(port(1), port(2), "attempt 2 rendezvoused on attempt 1's port");
 }
@@ -195,4 +203,290 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>, what: &str) -> T {
         assert!(Instant::now() < deadline, "waited 30 s for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// splitmix64: a seeded schedule without a dependency, the same faults for the same seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Milliseconds in `lo..hi` seconds.
+    fn secs(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo * 1000 + self.below((hi - lo) * 1000))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// Every process of an agent host killed (-9), as a machine that loses power; back later.
+    Crash,
+    /// The agent frozen (SIGSTOP) for less than its fencing deadline, as a long pause.
+    Freeze,
+    /// An agent host cut off from every other.
+    Cut,
+    /// An agent host and the coordinator's cannot reach each other; the rest still can.
+    Partition,
+    /// kill -9 of the coordinator, started again on its data.
+    RestartCoordinator,
+}
+
+/// One fault as it was applied: to which host, when (ms since the epoch) and for how long.
+#[derive(Debug)]
+struct Applied {
+    fault: Fault,
+    host: String,
+    at_ms: i64,
+    for_ms: i64,
+}
+
+/// One step line of the trail every running copy of a job writes: `ms job attempt rank step`.
+#[derive(Debug)]
+struct Step {
+    at_ms: i64,
+    job: String,
+    attempt: u32,
+    rank: u32,
+    step: u32,
+}
+
+fn read_trail(path: &std::path::Path) -> Vec<Step> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Step {
+                at_ms: f.first()?.parse().ok()?,
+                job: f.get(1)?.to_string(),
+                attempt: f.get(2)?.parse().ok()?,
+                rank: f.get(3)?.parse().ok()?,
+                step: f.get(4)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn median_max(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.sort_by(f64::total_cmp);
+    format!("median {:.1}, max {:.1} (n={})", v[v.len() / 2], v[v.len() - 1], v.len())
+}
+
+/// A seeded random schedule of faults (crash, freeze, cut, partition, coordinator restart)
+/// against a stream of jobs, gangs among them, for `GANTRY_CHAOS_SECS` (300 by default; the
+/// README's soak runs longer) with `GANTRY_CHAOS_SEED` (printed; random when unset). At the end
+/// every job succeeded with the right answer, failed for a recorded reason, or was cancelled;
+/// none is lost; and by the trail the jobs' own processes wrote, no job ever had two attempts
+/// running at once.
+#[test]
+fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_once() {
+    let seed: u64 =
+        std::env::var("GANTRY_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| now_ms() as u64);
+    let secs: u64 = std::env::var("GANTRY_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    println!("chaos: seed {seed}, {secs} s (GANTRY_CHAOS_SEED={seed} GANTRY_CHAOS_SECS={secs} repeats this schedule)");
+    let mut rng = Rng(seed);
+    let agents = ["n1", "n2", "n3", "n4"];
+    let mut cluster = Cluster::start(&["ctl", "n1", "n2", "n3", "n4"], "9s");
+    let trail = cluster.dir.path().join("trail");
+    std::fs::write(&trail, "").unwrap();
+    std::fs::set_permissions(&trail, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    // SUMMER, each step also written to the trail.
+    let script = SUMMER.replace(
+        "  sleep 0.25\n",
+        &format!(
+            "  echo \"$(date +%s%3N) $GANTRY_JOB_ID $GANTRY_ATTEMPT $RANK $step\" >> {}\n  sleep 0.25\n",
+            trail.display()
+        ),
+    );
+    let job_spec = |name: &str, nodes: u32| {
+        format!(
+            "name: {name}\nresources: {{cpus: 0.5, memory_gb: 0.5, nodes: {nodes}}}\nmax_restarts: 2\nretry: {{backoff: 1s}}\ncommand: [\"bash\", \"-c\", {}]\n",
+            serde_json::to_string(&script).unwrap()
+        )
+    };
+
+    let mut submitted: Vec<(String, u32)> = Vec::new();
+    let mut cancelled: Vec<String> = Vec::new();
+    let mut applied: Vec<Applied> = Vec::new();
+    let started = Instant::now();
+    let mut next_fault = Instant::now() + rng.secs(5, 10);
+    while started.elapsed() < Duration::from_secs(secs) {
+        // Keep about six jobs queued or running; one in four a 2-node gang.
+        let active = cluster
+            .cli()
+            .json(&["jobs"])
+            .as_array()
+            .map(|jobs| jobs.iter().filter(|j| j["state"] == "queued" || j["state"] == "running").count())
+            .unwrap_or(6);
+        for _ in active..6 {
+            let nodes = if rng.below(4) == 0 { 2 } else { 1 };
+            let id = cluster.cli().submit(&job_spec(&format!("chaos-{}", submitted.len()), nodes));
+            // One in twelve is cancelled by its owner along the way.
+            if rng.below(12) == 0 {
+                cancelled.push(id.clone());
+            }
+            submitted.push((id, nodes));
+        }
+        if let Some(id) = cancelled.iter().find(|id| rng.below(20) == 0 && !submitted.is_empty()).cloned() {
+            let _ = cluster.cli().gantry(&["cancel", &id]);
+        }
+        if Instant::now() < next_fault {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        let fault = match rng.below(10) {
+            0..=1 => Fault::Crash,
+            2..=3 => Fault::Freeze,
+            4..=6 => Fault::Cut,
+            7..=8 => Fault::Partition,
+            _ => Fault::RestartCoordinator,
+        };
+        let host = agents[rng.below(agents.len() as u64) as usize].to_string();
+        let at_ms = now_ms();
+        let length = match fault {
+            Fault::Crash => rng.secs(1, 20),
+            Fault::Freeze => rng.secs(1, 6),
+            Fault::Cut | Fault::Partition => rng.secs(2, 25),
+            Fault::RestartCoordinator => rng.secs(0, 3),
+        };
+        println!(
+            "chaos: t={:>5.1}s {fault:?} {host} for {:.1} s",
+            started.elapsed().as_secs_f64(),
+            length.as_secs_f64()
+        );
+        match fault {
+            Fault::Crash => {
+                cluster.net.crash(&host);
+                std::thread::sleep(length);
+                cluster.start_agent(&host);
+            }
+            Fault::Freeze => {
+                let pid = cluster.agents[&host];
+                support::chaos::signal(pid, "-STOP");
+                std::thread::sleep(length);
+                support::chaos::signal(pid, "-CONT");
+            }
+            Fault::Cut => {
+                cluster.net.cut(&host);
+                std::thread::sleep(length);
+                cluster.net.heal(&host);
+            }
+            Fault::Partition => {
+                cluster.net.partition(&host, "ctl");
+                std::thread::sleep(length);
+                cluster.net.unpartition(&host);
+            }
+            Fault::RestartCoordinator => cluster.restart_coordinator(length),
+        }
+        let host = if fault == Fault::RestartCoordinator { "ctl".to_string() } else { host };
+        applied.push(Applied { fault, host, at_ms, for_ms: length.as_millis() as i64 });
+        next_fault = Instant::now() + rng.secs(3, 12);
+    }
+    println!("chaos: faults over; waiting for {} jobs to end", submitted.len());
+
+    // Every job ends: succeeded (with the right answer), failed for a reason, or cancelled.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let jobs: Vec<serde_json::Value> = submitted
+        .iter()
+        .map(|(id, _)| {
+            wait_job(&cluster, id, "an end", deadline.saturating_duration_since(Instant::now()), |j| {
+                j["state"] != "running" && j["state"] != "queued"
+            })
+        })
+        .collect();
+    let listed = cluster.cli().json(&["jobs"]);
+    let mut by_state = std::collections::BTreeMap::<String, u32>::new();
+    for ((id, nodes), job) in submitted.iter().zip(&jobs) {
+        let state = job["state"].as_str().unwrap().to_string();
+        *by_state.entry(state.clone()).or_default() += 1;
+        assert!(
+            listed.as_array().is_some_and(|l| l.iter().any(|j| j["id"] == id.as_str())),
+            "job {id} is missing from gantry jobs"
+        );
+        match state.as_str() {
+            "succeeded" => {
+                let logs = cluster.cli().ok(&["logs", id]);
+                for rank in 0..*nodes {
+                    assert!(
+                        logs.contains(&format!("rank {rank} sum=1830")),
+                        "job {id} rank {rank}: wrong answer:\n{logs}"
+                    );
+                }
+            }
+            "failed" => assert!(!job["message"].as_str().unwrap_or("").is_empty(), "job {id} failed without a reason"),
+            "cancelled" => assert!(cancelled.contains(id), "job {id} was cancelled by nobody: {job:#}"),
+            other => panic!("job {id} ended {other}"),
+        }
+    }
+
+    // One running copy: per job, the steps each attempt wrote span times that never overlap.
+    let steps = read_trail(&trail);
+    let mut spans: std::collections::BTreeMap<(String, u32), (i64, i64, u32, u32)> = Default::default();
+    for s in &steps {
+        let e = spans.entry((s.job.clone(), s.attempt)).or_insert((s.at_ms, s.at_ms, s.step, s.step));
+        *e = (e.0.min(s.at_ms), e.1.max(s.at_ms), e.2.min(s.step), e.3.max(s.step));
+    }
+    let mut overlaps = Vec::new();
+    for ((job, attempt), (_, last, _, _)) in &spans {
+        if let Some((first_next, ..)) = spans.get(&(job.clone(), attempt + 1))
+            && *first_next <= *last
+        {
+            overlaps.push(format!(
+                "job {job}: attempt {attempt} wrote a step {} ms after attempt {} began",
+                last - first_next,
+                attempt + 1
+            ));
+        }
+    }
+
+    // Per fault that cost a job its attempt: detection (the loss recorded), re-placement (the next
+    // attempt started) and the work lost (steps redone), from the jobs' records and the trail.
+    let (mut detect, mut replace, mut lost_steps) = (Vec::new(), Vec::new(), Vec::new());
+    for job in &jobs {
+        let id = job["id"].as_str().unwrap();
+        let attempts = job["attempts"].as_array().unwrap();
+        for pair in attempts.windows(2) {
+            let outcome = pair[0]["outcome"].as_str().unwrap_or("");
+            let Some(node) = outcome.strip_prefix("agent ").and_then(|o| o.strip_suffix(" lost")) else { continue };
+            let ended = pair[0]["ended_at_ms"].as_i64().unwrap();
+            let Some(fault) = applied.iter().rev().find(|f| (f.host == node || f.host == "ctl") && f.at_ms <= ended)
+            else {
+                continue;
+            };
+            detect.push((ended - fault.at_ms) as f64 / 1000.0);
+            replace.push((pair[1]["started_at_ms"].as_i64().unwrap() - fault.at_ms) as f64 / 1000.0);
+            let (a, b) = (pair[0]["attempt"].as_u64().unwrap() as u32, pair[1]["attempt"].as_u64().unwrap() as u32);
+            if let (Some(before), Some(after)) = (spans.get(&(id.to_string(), a)), spans.get(&(id.to_string(), b))) {
+                lost_steps.push(before.3.saturating_sub(after.2.saturating_sub(1)) as f64);
+            }
+        }
+    }
+    let mut kinds = std::collections::BTreeMap::<String, u32>::new();
+    for f in &applied {
+        *kinds.entry(format!("{:?}", f.fault)).or_default() += 1;
+    }
+    println!("chaos: seed {seed}: {} faults {kinds:?}; {} jobs {by_state:?}", applied.len(), jobs.len());
+    println!("chaos: loss detected after the fault began (s): {}", median_max(detect));
+    println!("chaos: placed again after the fault began (s): {}", median_max(replace));
+    println!("chaos: work lost per lost attempt (steps of 0.25 s): {}", median_max(lost_steps));
+    println!(
+        "chaos: stale reports refused: {}",
+        cluster
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("gantry_stale_attempt_reports_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(overlaps.is_empty(), "seed {seed}: two attempts ran at once:\n{}", overlaps.join("\n"));
 }

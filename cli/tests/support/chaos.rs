@@ -83,6 +83,21 @@ impl Net {
         self.children.iter_mut().find(|c| c.id() == pid).is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
+    /// Kills every process in `host` (kill -9), as a machine that loses power: its agent and the
+    /// jobs it runs. Returns how many it killed.
+    pub fn crash(&mut self, host: &str) -> usize {
+        let out = ip(&["netns", "pids", &self.host(host).netns]);
+        let pids: Vec<u32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        for pid in &pids {
+            self.exited(*pid);
+        }
+        pids.len()
+    }
+
     /// Cuts `host` off from every other: its port on the bridge goes down, as a switch port or
     /// a cable would. Its connections stay open, and silent.
     pub fn cut(&self, host: &str) {
@@ -159,6 +174,7 @@ pub fn signal(pid: u32, signal: &str) {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        self.children.retain_mut(|c| c.try_wait().ok().flatten().is_none());
         for child in &mut self.children {
             // A frozen process cannot die of SIGTERM: wake it first.
             let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
@@ -237,8 +253,20 @@ impl Cluster {
         self.dir.path().join(format!("{host}.log"))
     }
 
-    /// Starts (or restarts) the coordinator, and waits until it serves.
+    /// Starts the coordinator, and waits until it serves.
     pub fn start_coordinator(&mut self) {
+        let host = self.coordinator_host.clone();
+        self.start_coordinator_process();
+        let data = self.dir.path().join("coordinator");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::fs::read_to_string(self.log_path(&host)).unwrap_or_default().contains("coordinator listening") {
+            assert!(std::time::Instant::now() < deadline, "the coordinator did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.admin_token = std::fs::read_to_string(data.join("admin-token")).unwrap().trim().to_string();
+    }
+
+    fn start_coordinator_process(&mut self) {
         let host = self.coordinator_host.clone();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(&host)).unwrap();
         let data = self.dir.path().join("coordinator");
@@ -261,12 +289,26 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log);
         self.coordinator = Some(self.net.spawn(command));
+    }
+
+    /// kill -9 of the coordinator, then a start on the same data directory.
+    pub fn restart_coordinator(&mut self, down_for: std::time::Duration) {
+        if let Some(pid) = self.coordinator.take() {
+            signal(pid, "-KILL");
+            while !self.net.exited(pid) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        std::thread::sleep(down_for);
+        let log = self.log_path(&self.coordinator_host);
+        let starts = || std::fs::read_to_string(&log).unwrap_or_default().matches("coordinator listening").count();
+        let before = starts();
+        self.start_coordinator_process();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !std::fs::read_to_string(self.log_path(&host)).unwrap_or_default().contains("coordinator listening") {
-            assert!(std::time::Instant::now() < deadline, "the coordinator did not start");
+        while starts() == before {
+            assert!(std::time::Instant::now() < deadline, "the coordinator did not start again");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        self.admin_token = std::fs::read_to_string(data.join("admin-token")).unwrap().trim().to_string();
     }
 
     /// Starts (or restarts) the agent on `host`.
