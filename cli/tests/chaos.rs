@@ -294,7 +294,9 @@ fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_on
         std::env::var("GANTRY_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| now_ms() as u64);
     let secs: u64 = std::env::var("GANTRY_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     println!("chaos: seed {seed}, {secs} s (GANTRY_CHAOS_SEED={seed} GANTRY_CHAOS_SECS={secs} repeats this schedule)");
-    let mut rng = Rng(seed);
+    // Faults draw from one stream and the job stream from another, so that a seed repeats the
+    // same faults however the jobs went.
+    let (mut rng, mut jobs_rng) = (Rng(seed), Rng(seed ^ 0x6a6f_6273));
     let agents = ["n1", "n2", "n3", "n4"];
     let mut cluster = Cluster::start(&["ctl", "n1", "n2", "n3", "n4"], "9s");
     let trail = cluster.dir.path().join("trail");
@@ -329,15 +331,15 @@ fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_on
             .map(|jobs| jobs.iter().filter(|j| j["state"] == "queued" || j["state"] == "running").count())
             .unwrap_or(6);
         for _ in active..6 {
-            let nodes = if rng.below(4) == 0 { 2 } else { 1 };
+            let nodes = if jobs_rng.below(4) == 0 { 2 } else { 1 };
             let id = cluster.cli().submit(&job_spec(&format!("chaos-{}", submitted.len()), nodes));
             // One in twelve is cancelled by its owner along the way.
-            if rng.below(12) == 0 {
+            if jobs_rng.below(12) == 0 {
                 cancelled.push(id.clone());
             }
             submitted.push((id, nodes));
         }
-        if let Some(id) = cancelled.iter().find(|id| rng.below(20) == 0 && !submitted.is_empty()).cloned() {
+        if let Some(id) = cancelled.iter().find(|_| jobs_rng.below(20) == 0).cloned() {
             let _ = cluster.cli().gantry(&["cancel", &id]);
         }
         if Instant::now() < next_fault {
@@ -351,7 +353,10 @@ fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_on
             7..=8 => Fault::Partition,
             _ => Fault::RestartCoordinator,
         };
-        let host = agents[rng.below(agents.len() as u64) as usize].to_string();
+        let host = match fault {
+            Fault::RestartCoordinator => "ctl".to_string(),
+            _ => agents[rng.below(agents.len() as u64) as usize].to_string(),
+        };
         let at_ms = now_ms();
         let length = match fault {
             Fault::Crash => rng.secs(1, 20),
@@ -388,7 +393,6 @@ fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_on
             }
             Fault::RestartCoordinator => cluster.restart_coordinator(length),
         }
-        let host = if fault == Fault::RestartCoordinator { "ctl".to_string() } else { host };
         applied.push(Applied { fault, host, at_ms, for_ms: length.as_millis() as i64 });
         next_fault = Instant::now() + rng.secs(3, 12);
     }
@@ -449,36 +453,65 @@ fn a_seeded_random_fault_schedule_loses_no_job_and_never_runs_two_attempts_at_on
         }
     }
 
-    // Per fault that cost a job its attempt: detection (the loss recorded), re-placement (the next
-    // attempt started) and the work lost (steps redone), from the jobs' records and the trail.
-    let (mut detect, mut replace, mut lost_steps) = (Vec::new(), Vec::new(), Vec::new());
+    // Per fault that cost jobs their attempts: detection (its first loss recorded), re-placement
+    // (the last of those jobs started again) and the work lost (steps redone, from the trail).
+    // An attempt is charged to the latest fault on one of its nodes (or the coordinator) that
+    // began before it ended.
+    #[derive(Default)]
+    struct Cost {
+        first_loss_ms: Option<i64>,
+        last_start_ms: i64,
+        steps: u32,
+        attempts: u32,
+    }
+    let mut costs: std::collections::BTreeMap<usize, Cost> = Default::default();
     for job in &jobs {
         let id = job["id"].as_str().unwrap();
         let attempts = job["attempts"].as_array().unwrap();
         for pair in attempts.windows(2) {
-            let outcome = pair[0]["outcome"].as_str().unwrap_or("");
-            let Some(node) = outcome.strip_prefix("agent ").and_then(|o| o.strip_suffix(" lost")) else { continue };
             let ended = pair[0]["ended_at_ms"].as_i64().unwrap();
-            let Some(fault) = applied.iter().rev().find(|f| (f.host == node || f.host == "ctl") && f.at_ms <= ended)
+            let nodes: Vec<&str> = pair[0]["nodes"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+            let Some(i) =
+                applied.iter().rposition(|f| (f.host == "ctl" || nodes.contains(&f.host.as_str())) && f.at_ms <= ended)
             else {
                 continue;
             };
-            detect.push((ended - fault.at_ms) as f64 / 1000.0);
-            replace.push((pair[1]["started_at_ms"].as_i64().unwrap() - fault.at_ms) as f64 / 1000.0);
+            let cost = costs.entry(i).or_default();
+            cost.first_loss_ms = Some(cost.first_loss_ms.map_or(ended, |t| t.min(ended)));
+            cost.last_start_ms = cost.last_start_ms.max(pair[1]["started_at_ms"].as_i64().unwrap());
+            cost.attempts += 1;
             let (a, b) = (pair[0]["attempt"].as_u64().unwrap() as u32, pair[1]["attempt"].as_u64().unwrap() as u32);
             if let (Some(before), Some(after)) = (spans.get(&(id.to_string(), a)), spans.get(&(id.to_string(), b))) {
-                lost_steps.push(before.3.saturating_sub(after.2.saturating_sub(1)) as f64);
+                // The next attempt's first step follows the step it resumed from.
+                cost.steps += before.3.saturating_sub(after.2.saturating_sub(1));
             }
         }
+    }
+    let secs_after = |i: &usize, t: i64| (t - applied[*i].at_ms) as f64 / 1000.0;
+    let detect: Vec<f64> = costs.iter().filter_map(|(i, c)| c.first_loss_ms.map(|t| secs_after(i, t))).collect();
+    let replace: Vec<f64> = costs.iter().map(|(i, c)| secs_after(i, c.last_start_ms)).collect();
+    let lost_steps: Vec<f64> = costs.values().map(|c| c.steps as f64).collect();
+    for (i, c) in &costs {
+        let f = &applied[*i];
+        println!(
+            "chaos: {:?} {} for {:.1} s: {} attempt(s) lost, detected after {:.1} s, placed again by {:.1} s, {} steps redone",
+            f.fault,
+            f.host,
+            f.for_ms as f64 / 1000.0,
+            c.attempts,
+            c.first_loss_ms.map_or(f64::NAN, |t| secs_after(i, t)),
+            secs_after(i, c.last_start_ms),
+            c.steps
+        );
     }
     let mut kinds = std::collections::BTreeMap::<String, u32>::new();
     for f in &applied {
         *kinds.entry(format!("{:?}", f.fault)).or_default() += 1;
     }
     println!("chaos: seed {seed}: {} faults {kinds:?}; {} jobs {by_state:?}", applied.len(), jobs.len());
-    println!("chaos: loss detected after the fault began (s): {}", median_max(detect));
-    println!("chaos: placed again after the fault began (s): {}", median_max(replace));
-    println!("chaos: work lost per lost attempt (steps of 0.25 s): {}", median_max(lost_steps));
+    println!("chaos: per fault that cost work, loss detected after (s): {}", median_max(detect));
+    println!("chaos: per fault that cost work, all its jobs placed again by (s): {}", median_max(replace));
+    println!("chaos: per fault that cost work, steps redone (0.25 s each): {}", median_max(lost_steps));
     println!(
         "chaos: stale reports refused: {}",
         cluster
