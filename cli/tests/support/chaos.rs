@@ -83,14 +83,16 @@ impl Net {
         self.children.iter_mut().find(|c| c.id() == pid).is_none_or(|c| c.try_wait().ok().flatten().is_some())
     }
 
-    /// Kills every process in `host` (kill -9), as a machine that loses power: its agent and the
-    /// jobs it runs. Returns how many it killed.
+    /// Kills every process in `host` (kill -9): its agent and the jobs it runs. (The kernel still
+    /// closes their connections; cut the host first for a machine that loses power.) Returns how
+    /// many it killed.
     pub fn crash(&mut self, host: &str) -> usize {
         let out = ip(&["netns", "pids", &self.host(host).netns]);
         let pids: Vec<u32> =
             String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect();
-        for pid in &pids {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        // All frozen first, so that none sees another die (an agent reporting its job's SIGKILL).
+        for sig in ["-STOP", "-KILL"] {
+            let _ = Command::new("kill").arg(sig).args(pids.iter().map(|p| p.to_string())).status();
         }
         for pid in &pids {
             self.exited(*pid);
