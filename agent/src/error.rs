@@ -53,6 +53,18 @@ pub enum Error {
     /// The job's process ended before its id could be read, so it cannot be signalled.
     #[error("the job exited before it could be tracked")]
     Untracked,
+    /// The container engine could not be reached, or refused a call.
+    #[error("container engine: {0}")]
+    ContainerEngine(String),
+    /// A job's image is not on this node and was not to be pulled, or the engine has no such image.
+    #[error("image {image} is not on this node: {why}")]
+    ImageMissing { image: String, why: String },
+    /// Pulling a job's image failed.
+    #[error("image pull failed: {image}: {why}")]
+    ImagePull { image: String, why: String },
+    /// A job with an `image:` reached an agent that runs no container engine.
+    #[error("the job runs in image {0}, and this agent has no container engine (--container-engine)")]
+    NoContainerEngine(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -168,7 +168,7 @@ impl JobCgroup {
 
     /// The reason a job killed for memory ends with.
     pub fn oom_reason(&self) -> String {
-        format!("out of memory (memory_gb: {})", self.memory_gb)
+        oom_reason(self.memory_gb)
     }
 
     /// SIGKILLs every process in the job's cgroup, those that left its process group too.
@@ -346,6 +346,12 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
     }
     // lchown: a symlink is given away itself, never what it points to.
     std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(Error::io(format!("chown {}", path.display())))
+}
+
+/// Why a job the kernel killed for memory ended: the words every rank of it reports, process or
+/// container.
+pub fn oom_reason(memory_gb: f64) -> String {
+    format!("out of memory (memory_gb: {memory_gb})")
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! buffered, and exits are repeated in every heartbeat until the coordinator releases them.
 
 mod checkpoints;
+pub mod container;
 mod coordinators;
 mod error;
 mod fence;
@@ -51,6 +52,11 @@ pub struct Config {
     pub job_user: String,
     /// The CA certificate (PEM) an `https://` coordinator's certificate must chain to (`--ca`).
     pub ca_pem: Option<String>,
+    /// The container engine's socket, for jobs with an `image:`; none: such jobs fail here.
+    pub container_engine: Option<String>,
+    /// The driver of a container job's GPU device requests (`nvidia`); none: the placed GPUs are
+    /// named in `CUDA_VISIBLE_DEVICES` only.
+    pub container_gpu_driver: Option<String>,
 }
 
 type RankKey = (String, u32, u32);
@@ -68,6 +74,8 @@ struct Agent {
     coordinators: Coordinators,
     inventory: Inventory,
     isolation: Arc<isolation::Isolation>,
+    /// Where jobs with an `image:` run.
+    engine: Option<container::Engine>,
     /// Every rank held: running, or exited and not yet released. A std mutex: never held across
     /// an await.
     jobs: Mutex<BTreeMap<RankKey, Held>>,
@@ -103,11 +111,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(Error::io(format!("chmod {}", config.work_dir.display())))?;
     }
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
+    let engine = match &config.container_engine {
+        Some(socket) => Some(container_engine(socket, &agent_key, &config).await?),
+        None => None,
+    };
     let agent = Arc::new(Agent {
         config,
         coordinators,
         inventory,
         isolation,
+        engine,
         jobs: Mutex::new(BTreeMap::new()),
         outbound: Mutex::new(None),
         heard: Mutex::new(fence::Heard::default()),
@@ -141,6 +154,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     *agent.outbound.lock().expect("outbound lock") = None;
     agent.stop_all().await;
     result
+}
+
+/// Connects to the container engine and removes what a previous run of this agent (the same
+/// work directory: `agent_key`) left there
+/// (its ranks are not held any more: the coordinator places them again). An engine that does
+/// not answer is no reason to stop: jobs without an image still run, and those with one fail
+/// saying why.
+async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Result<container::Engine> {
+    let engine = container::Engine::connect(socket, agent_key, config.container_gpu_driver.clone())?;
+    match engine.remove_leftovers().await {
+        Ok(n) => info!(engine = %socket, leftovers_removed = n, "container engine ready for jobs with an image"),
+        Err(e) => {
+            warn!(engine = %socket, error = %e, "the container engine does not answer: jobs with an image will fail")
+        }
+    }
+    Ok(engine)
 }
 
 impl Agent {
@@ -313,6 +342,7 @@ impl Agent {
             kernel_cache: self.config.work_dir.join("kernel-cache"),
             coordinators: self.coordinators.clone(),
             isolation: self.isolation.clone(),
+            engine: self.engine.clone(),
         };
         let agent = self.clone();
         tokio::spawn(async move {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::checkpoints::{self, Uploader};
+use crate::container::{self, Engine};
 use crate::coordinators::Coordinators;
 use crate::error::{Error, Result};
 use crate::isolation::{self, Isolation};
@@ -32,6 +33,8 @@ pub struct Launch {
     pub coordinators: Coordinators,
     /// The user and cgroup the job runs in.
     pub isolation: std::sync::Arc<Isolation>,
+    /// Where jobs with an `image:` run; none when the agent has no container engine.
+    pub engine: Option<Engine>,
 }
 
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
@@ -125,10 +128,49 @@ async fn run_child(
         (None, None) => return Err(Error::NothingToRun),
     };
 
-    // The job's files are the job user's; its processes live in its own cgroup.
+    // The job's files are the job user's.
     let isolation = &launch.isolation;
     isolation.hand_over(&launch.dir)?;
     isolation.shared_dir(&launch.kernel_cache)?;
+    let mut env: Vec<(String, String)> = launch.spec.env.clone().into_iter().collect();
+    env.extend(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache));
+    if let Some(user) = &isolation.user {
+        // Not root's home: the job's own directory.
+        let home = launch.dir.display().to_string();
+        env.extend([("HOME".into(), home), ("USER".into(), user.name.clone()), ("LOGNAME".into(), user.name.clone())]);
+    }
+
+    let (upload_stop_tx, upload_stop_rx) = watch::channel(false);
+    let uploader = Uploader {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        coordinators: launch.coordinators.clone(),
+        dir: checkpoint_dir,
+        trusted: launch.dir.clone(),
+        done: BTreeSet::new(),
+        log: lines.clone(),
+    };
+    let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
+    let exit = match &launch.spec.image {
+        Some(image) => run_container(launch, image, &argv, &env, lines, stop).await,
+        None => run_process(launch, &argv, env, lines, stop).await,
+    };
+    // The last checkpoints go up before the exit is reported.
+    let _ = upload_stop_tx.send(true);
+    let _ = uploading.await;
+    exit
+}
+
+/// The rank as a process of the job user, in its own process group and cgroup.
+async fn run_process(
+    launch: &Launch,
+    argv: &[String],
+    env: Vec<(String, String)>,
+    lines: &mpsc::Sender<String>,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Result<Exit> {
+    let a = &launch.assignment;
+    let isolation = &launch.isolation;
     let cgroup_name = format!("job-{}-{}-{}", a.job_id, a.attempt, a.rank);
     let cgroup = isolation.cgroup(&cgroup_name, launch.spec.resources.cpus, launch.spec.resources.memory_gb)?;
 
@@ -141,20 +183,12 @@ async fn run_child(
     }
     cmd.args(&argv[1..])
         .current_dir(&launch.dir)
-        .envs(&launch.spec.env)
-        .envs(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache))
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group, so a stop reaches everything it started.
         .process_group(0);
-    if resume_dir.is_none() {
-        cmd.env_remove("GANTRY_RESUME_DIR");
-    }
-    if let Some(user) = &isolation.user {
-        // Not root's home: the job's own directory.
-        cmd.env("HOME", &launch.dir).env("USER", &user.name).env("LOGNAME", &user.name);
-    }
     let procs = cgroup.as_ref().map(|c| c.procs()).unwrap_or_default();
     let user = isolation.user.clone();
     // SAFETY: `enter` makes only async-signal-safe calls on data prepared before the fork.
@@ -178,18 +212,6 @@ async fn run_child(
         tokio::spawn(forward_lines(child.stdout.take().expect("piped"), lines.clone())),
         tokio::spawn(forward_lines(child.stderr.take().expect("piped"), lines.clone())),
     ];
-    let (upload_stop_tx, upload_stop_rx) = watch::channel(false);
-    let uploader = Uploader {
-        job_id: a.job_id.clone(),
-        attempt: a.attempt,
-        coordinators: launch.coordinators.clone(),
-        dir: checkpoint_dir,
-        trusted: launch.dir.clone(),
-        done: BTreeSet::new(),
-        log: lines.clone(),
-    };
-    let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
-
     let status = tokio::select! {
         status = child.wait() => status,
         grace = async { stop.wait_for(|s| s.is_some()).await.ok().and_then(|g| *g) } => {
@@ -218,8 +240,6 @@ async fn run_child(
     for r in readers {
         let _ = r.await;
     }
-    let _ = upload_stop_tx.send(true);
-    let _ = uploading.await;
     let why = match cgroup {
         Some(cgroup) => {
             let oom = cgroup.oom_killed().then(|| cgroup.oom_reason());
@@ -233,6 +253,44 @@ async fn run_child(
     // A job that handled its own out-of-memory kill and still succeeded is not a failure.
     let why = why.filter(|_| !status.success());
     Ok(Exit { code: status.code(), signal: status.signal(), why })
+}
+
+/// The rank in a container from `image`, through the agent's container engine.
+async fn run_container(
+    launch: &Launch,
+    image: &str,
+    argv: &[String],
+    env: &[(String, String)],
+    lines: &mpsc::Sender<String>,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Result<Exit> {
+    let engine = launch.engine.as_ref().ok_or_else(|| Error::NoContainerEngine(image.to_string()))?;
+    let a = &launch.assignment;
+    let r = &launch.spec.resources;
+    let user = match &launch.isolation.user {
+        Some(u) => format!("{}:{}", u.uid, u.gid),
+        // SAFETY: getuid and getgid cannot fail and touch no memory.
+        None => unsafe { format!("{}:{}", libc::getuid(), libc::getgid()) },
+    };
+    let rank = container::Rank {
+        job_id: &a.job_id,
+        attempt: a.attempt,
+        rank: a.rank,
+        image,
+        pull: launch.spec.image_pull_policy,
+        argv,
+        env,
+        dir: &launch.dir,
+        user,
+        cpus: r.cpus,
+        memory_gb: r.memory_gb,
+        gpu_uuids: &a.gpu_uuids,
+    };
+    let ended = engine.run(&rank, lines, stop).await?;
+    let why = (ended.oom_killed && ended.code != 0).then(|| isolation::oom_reason(r.memory_gb));
+    // An exit status past 128 is the signal that ended the container's process.
+    let (code, signal) = if ended.code > 128 { (None, Some(ended.code - 128)) } else { (Some(ended.code), None) };
+    Ok(Exit { code, signal, why })
 }
 
 /// Where a rank appends its metrics (`GANTRY_METRICS_FILE`), in its attempt directory.

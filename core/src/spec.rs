@@ -51,9 +51,52 @@ pub struct JobSpec {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The container image each rank runs in (with `command:`), through the agent's container
+    /// engine; none: a process on the agent's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
+    pub image_pull_policy: PullPolicy,
     /// How failed attempts are retried (within `max_restarts`).
     #[serde(default, skip_serializing_if = "RetrySpec::is_default")]
     pub retry: RetrySpec,
+}
+
+/// `image_pull_policy`: when the agent pulls a job's image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Pulled only when the node does not hold it.
+    #[default]
+    IfNotPresent,
+    /// Pulled for every attempt (a moving tag such as `latest`).
+    Always,
+    /// Never pulled: the node must hold it.
+    Never,
+}
+
+impl PullPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == PullPolicy::IfNotPresent
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "if_not_present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
+
+    /// The policy a name on the wire gives; an empty name is the default.
+    pub fn parse(name: &str) -> Option<PullPolicy> {
+        Some(match name {
+            "" | "if_not_present" => PullPolicy::IfNotPresent,
+            "always" => PullPolicy::Always,
+            "never" => PullPolicy::Never,
+            _ => return None,
+        })
+    }
 }
 
 /// The `retry:` section. A failed attempt (not a lost node, not a preemption) is retried after
@@ -407,6 +450,20 @@ impl JobSpec {
             ));
         }
         self.retry.validate()?;
+        if let Some(image) = &self.image {
+            let image_char = |c: char| c.is_ascii_alphanumeric() || "._-/:@".contains(c);
+            if image.is_empty() || image.len() > limits::IMAGE || !image.chars().all(image_char) {
+                return Err(SpecError::new(
+                    "image",
+                    format!("must be an image reference (NAME[:TAG] or NAME@DIGEST), at most {} bytes", limits::IMAGE),
+                ));
+            }
+            if self.train.is_some() {
+                return Err(SpecError::new("image", "runs `command:` jobs; `train:` jobs run on the agent's host"));
+            }
+        } else if !self.image_pull_policy.is_default() {
+            return Err(SpecError::new("image_pull_policy", "applies to jobs with an `image:` only"));
+        }
         let r = &self.resources;
         if r.nodes == 0 {
             return Err(SpecError::new("resources.nodes", "must be at least 1"));
@@ -673,6 +730,8 @@ pub mod limits {
     pub const ENV_ENTRIES: usize = 256;
     pub const ENV_NAME: usize = 128;
     pub const ENV_VALUE: usize = 32 * 1024;
+    /// An image reference, in bytes.
+    pub const IMAGE: usize = 512;
     /// `retry.never_on_exit_codes` entries.
     pub const EXIT_CODES: usize = 256;
 }
@@ -872,6 +931,26 @@ mod tests {
         ] {
             let err = JobSpec::from_yaml(&format!("name: x\ncommand: [true]\n{yaml}\n")).unwrap_err();
             assert!(err.field.starts_with(field) && err.to_string().contains(words), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_image_runs_a_command_and_names_its_pull_policy() {
+        let spec = JobSpec::from_yaml("name: x\nimage: pytorch:2.11\ncommand: [python3, t.py]\n").unwrap();
+        assert_eq!((spec.image.as_deref(), spec.image_pull_policy), (Some("pytorch:2.11"), PullPolicy::IfNotPresent));
+        let yaml = "name: x\nimage: registry.local/team/img@sha256:ab12\nimage_pull_policy: never\ncommand: [a]\n";
+        let spec = JobSpec::from_yaml(yaml).unwrap();
+        assert_eq!(spec.image_pull_policy, PullPolicy::Never);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
+        for (yaml, field) in [
+            ("image: \"a b\"\ncommand: [a]", "image"),
+            ("image: x\ntrain: {}", "image"),
+            ("image_pull_policy: always\ncommand: [a]", "image_pull_policy"),
+            ("image: x\nimage_pull_policy: sometimes\ncommand: [a]", "image_pull_policy"),
+        ] {
+            let err = JobSpec::from_yaml(&format!("name: x\n{yaml}\n")).unwrap_err();
+            assert_eq!(err.field, field, "{yaml}: {err}");
         }
     }
 }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use gantry_core::ParseError;
-use gantry_core::spec::{JobSpec, Precision, Resources, RetrySpec, TrainSpec};
+use gantry_core::spec::{JobSpec, Precision, PullPolicy, Resources, RetrySpec, TrainSpec};
 
 use crate::v1;
 
@@ -68,6 +68,12 @@ impl From<&JobSpec> for v1::JobSpec {
                 max_backoff_secs: s.retry.max_backoff,
                 never_on_exit_codes: s.retry.never_on_exit_codes.clone(),
             }),
+            image: s.image.clone(),
+            image_pull_policy: if s.image_pull_policy.is_default() {
+                String::new()
+            } else {
+                s.image_pull_policy.name().into()
+            },
         }
     }
 }
@@ -106,6 +112,10 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             ),
             v1::job_spec::Workload::Command(c) => (None, Some(c.argv)),
         };
+        let image_pull_policy = PullPolicy::parse(&s.image_pull_policy).ok_or_else(|| ConvertError {
+            field: "spec.image_pull_policy",
+            reason: format!("unknown policy `{}`, expected if_not_present, always or never", s.image_pull_policy),
+        })?;
         Ok(JobSpec {
             name: s.name,
             priority: s.priority,
@@ -131,6 +141,8 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     never_on_exit_codes: r.never_on_exit_codes,
                 })
                 .unwrap_or_default(),
+            image: s.image,
+            image_pull_policy,
         })
     }
 }

@@ -152,6 +152,14 @@ pub struct AgentArgs {
     /// The user jobs run as when the agent runs as root: never root itself.
     #[arg(long, default_value = "nobody")]
     job_user: String,
+    /// The container engine's socket, for jobs with an `image:` (Docker's API; Podman serves it
+    /// too) [default: /var/run/docker.sock where it exists]. `none`: no container jobs here.
+    #[arg(long, env = "GANTRY_CONTAINER_ENGINE")]
+    container_engine: Option<String>,
+    /// How a container job's GPUs reach it: `nvidia` (the NVIDIA Container Toolkit's device
+    /// requests, exactly the placed GPUs) or `none` (only CUDA_VISIBLE_DEVICES names them).
+    #[arg(long, default_value = "nvidia")]
+    container_gpus: String,
 }
 
 #[derive(Args)]
@@ -382,7 +390,15 @@ fn agent_config(
         advertise_addr,
         job_user,
         ca_pem: None,
+        container_engine: default_container_engine(),
+        container_gpu_driver: Some("nvidia".into()),
     })
+}
+
+/// Docker's socket, where this machine has one.
+fn default_container_engine() -> Option<String> {
+    let socket = "/var/run/docker.sock";
+    std::path::Path::new(socket).exists().then(|| socket.to_string())
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -398,6 +414,16 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config =
         agent_config(args.coordinator, token, args.name, work_dir, args.nvml_lib, args.advertise_addr, args.job_user)?;
     config.ca_pem = args.ca.as_deref().map(crate::client::read_ca).transpose()?;
+    match args.container_engine.as_deref() {
+        Some("none") => config.container_engine = None,
+        Some(socket) => config.container_engine = Some(socket.to_string()),
+        None => {}
+    }
+    config.container_gpu_driver = match args.container_gpus.as_str() {
+        "none" => None,
+        "nvidia" => Some("nvidia".into()),
+        other => anyhow::bail!("--container-gpus: `{other}` is neither nvidia nor none"),
+    };
     gantry_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }

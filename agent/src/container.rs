@@ -1,0 +1,327 @@
+//! Runs a rank in a container from the job's `image:`, through the container engine's API on
+//! this host (the Docker Engine API; Podman serves it too). The container sees what a process
+//! rank sees: the same environment, its attempt directory mounted at the same path (so
+//! `GANTRY_CHECKPOINT_DIR` and the rest mean the same inside), the host's network (so
+//! `MASTER_ADDR` and the coordinator are reachable as from the agent), the job user, and the
+//! spec's CPUs and memory as its limits. Every container carries labels naming its agent, job,
+//! attempt and rank, so that a restarted agent finds what its previous run left.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as EngineError;
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use gantry_core::PullPolicy;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// The label that names the agent a container belongs to.
+const AGENT_LABEL: &str = "gantry.agent";
+/// Seconds the engine has to answer a call (a stop waits for the container, so it is long).
+const ENGINE_TIMEOUT_SECS: u64 = 120;
+/// The API version the agent speaks: Docker 20.10's, which newer engines and Podman still serve.
+const API: bollard::ClientVersion = bollard::ClientVersion { major_version: 1, minor_version: 41 };
+
+/// This agent's container engine.
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    /// The agent's key (its work directory's), on every container's label and in its name:
+    /// unique among the agents of one machine, and the same across an agent's restarts.
+    agent: String,
+    /// `nvidia`: GPUs are passed by the NVIDIA Container Toolkit's device requests. None: only
+    /// `CUDA_VISIBLE_DEVICES` names them (hosts without the toolkit, and tests).
+    gpu_driver: Option<String>,
+}
+
+/// One rank to run in a container.
+pub struct Rank<'a> {
+    pub job_id: &'a str,
+    pub attempt: u32,
+    pub rank: u32,
+    pub image: &'a str,
+    pub pull: PullPolicy,
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    /// The attempt's directory, mounted read-write at the same path, and the working directory.
+    pub dir: &'a std::path::Path,
+    /// `uid:gid` the rank runs as.
+    pub user: String,
+    pub cpus: f64,
+    pub memory_gb: f64,
+    pub gpu_uuids: &'a [String],
+}
+
+/// How a container ended.
+pub struct Ended {
+    pub code: i32,
+    pub oom_killed: bool,
+}
+
+impl Engine {
+    /// The engine at `socket` (a path, or `unix://PATH`), for the agent `agent` (its key).
+    pub fn connect(socket: &str, agent: &str, gpu_driver: Option<String>) -> Result<Engine> {
+        let path = socket.strip_prefix("unix://").unwrap_or(socket);
+        let docker = Docker::connect_with_unix(path, ENGINE_TIMEOUT_SECS, &API)
+            .map_err(|e| Error::ContainerEngine(format!("{socket}: {e}")))?;
+        Ok(Engine { docker, agent: agent.to_string(), gpu_driver })
+    }
+
+    /// Removes every container a previous run of this agent left (killed with -9, say): its
+    /// ranks are not held any more, and the coordinator places them again.
+    pub async fn remove_leftovers(&self) -> Result<usize> {
+        let filters = HashMap::from([("label", vec![format!("{AGENT_LABEL}={}", self.agent)])]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let found = self.docker.list_containers(Some(options)).await.map_err(engine_error)?;
+        for c in &found {
+            let Some(id) = &c.id else { continue };
+            warn!(container = %id, names = ?c.names, "removing a container a previous run of this agent left");
+            self.remove(id).await;
+        }
+        Ok(found.len())
+    }
+
+    /// Runs `rank` to its end: pulls its image as its policy says, starts it, sends its output
+    /// lines to `lines`, and stops it (SIGTERM, SIGKILL after the grace period) when `stop` asks.
+    /// The container is removed whatever happens.
+    pub async fn run(
+        &self,
+        rank: &Rank<'_>,
+        lines: &mpsc::Sender<String>,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> Result<Ended> {
+        self.ensure_image(rank.image, rank.pull, lines).await?;
+        let name = container_name(&self.agent, rank);
+        // A container of the same name is a leftover of this very rank: not ours to reuse.
+        self.remove(&name).await;
+        let created = self
+            .docker
+            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), self.body(rank))
+            .await
+            .map_err(|e| match e {
+                EngineError::DockerResponseServerError { status_code: 404, message } => {
+                    Error::ImageMissing { image: rank.image.to_string(), why: message }
+                }
+                e => engine_error(e),
+            })?;
+        let id = created.id;
+        let ended = self.run_created(&id, rank, lines, stop).await;
+        self.remove(&id).await;
+        ended
+    }
+
+    async fn run_created(
+        &self,
+        id: &str,
+        rank: &Rank<'_>,
+        lines: &mpsc::Sender<String>,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> Result<Ended> {
+        // Waiting from before the start, so that an exit at once is not missed.
+        let wait_options = WaitContainerOptionsBuilder::default().condition("next-exit").build();
+        let mut wait = Box::pin(self.docker.wait_container(id, Some(wait_options)));
+        self.docker.start_container(id, None).await.map_err(engine_error)?;
+        info!(job = %rank.job_id, attempt = rank.attempt, rank = rank.rank, container = %id, image = %rank.image, "job started");
+        let logs = tokio::spawn(forward_logs(self.docker.clone(), id.to_string(), lines.clone()));
+        let exit = tokio::select! {
+            exit = wait.next() => exit,
+            grace = async { stop.wait_for(|s| s.is_some()).await.ok().and_then(|g| *g) } => {
+                let grace = grace.unwrap_or(Duration::from_secs(10));
+                info!(job = %rank.job_id, ?grace, "stopping job: SIGTERM to its container");
+                self.signal(id, "SIGTERM").await;
+                match tokio::time::timeout(grace, wait.next()).await {
+                    Ok(exit) => exit,
+                    Err(_) => {
+                        warn!(job = %rank.job_id, "grace period over: SIGKILL");
+                        self.signal(id, "SIGKILL").await;
+                        wait.next().await
+                    }
+                }
+            }
+        };
+        info!(job = %rank.job_id, attempt = rank.attempt, rank = rank.rank, "job processes ended");
+        let _ = logs.await;
+        let code = match exit {
+            Some(Ok(r)) => r.status_code,
+            // The engine reports every non-zero exit as an error carrying the code.
+            Some(Err(EngineError::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(engine_error(e)),
+            None => return Err(Error::ContainerEngine("the engine stopped answering about the container".into())),
+        };
+        let state = self.docker.inspect_container(id, None).await.map_err(engine_error)?.state.unwrap_or_default();
+        Ok(Ended { code: state.exit_code.unwrap_or(code) as i32, oom_killed: state.oom_killed.unwrap_or(false) })
+    }
+
+    fn body(&self, rank: &Rank<'_>) -> ContainerCreateBody {
+        let dir = rank.dir.display().to_string();
+        let labels = HashMap::from([
+            (AGENT_LABEL.to_string(), self.agent.clone()),
+            ("gantry.job".to_string(), rank.job_id.to_string()),
+            ("gantry.attempt".to_string(), rank.attempt.to_string()),
+            ("gantry.rank".to_string(), rank.rank.to_string()),
+        ]);
+        let device_requests = match (&self.gpu_driver, rank.gpu_uuids.is_empty()) {
+            (Some(driver), false) => Some(vec![DeviceRequest {
+                driver: Some(driver.clone()),
+                device_ids: Some(rank.gpu_uuids.to_vec()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }]),
+            _ => None,
+        };
+        let memory_bytes = (rank.memory_gb > 0.0).then_some((rank.memory_gb * (1u64 << 30) as f64) as i64);
+        let host_config = HostConfig {
+            binds: Some(vec![format!("{dir}:{dir}:rw")]),
+            network_mode: Some("host".into()),
+            // An init as PID 1 passes SIGTERM on and reaps what the job leaves.
+            init: Some(true),
+            // Zero asks for no share, as for processes: no limit.
+            nano_cpus: (rank.cpus > 0.0).then_some((rank.cpus * 1e9) as i64),
+            memory: memory_bytes,
+            // No swap beyond the limit: over it, the job is killed for memory as a process is.
+            memory_swap: memory_bytes,
+            device_requests,
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(rank.image.to_string()),
+            cmd: Some(rank.argv.to_vec()),
+            env: Some(rank.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            working_dir: Some(dir),
+            user: Some(rank.user.clone()),
+            labels: Some(labels),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    /// Makes sure the engine holds `image`, pulling it as `policy` says.
+    async fn ensure_image(&self, image: &str, policy: PullPolicy, lines: &mpsc::Sender<String>) -> Result<()> {
+        let present = match self.docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => false,
+            Err(e) => return Err(engine_error(e)),
+        };
+        match (policy, present) {
+            (PullPolicy::IfNotPresent, true) => return Ok(()),
+            (PullPolicy::Never, true) => return Ok(()),
+            (PullPolicy::Never, false) => {
+                return Err(Error::ImageMissing {
+                    image: image.to_string(),
+                    why: "the node does not hold it and image_pull_policy is never".into(),
+                });
+            }
+            _ => {}
+        }
+        let _ = lines.send(format!("[gantry] pulling image {image}")).await;
+        // Without a tag the engine would pull every tag of the repository.
+        let tagged = image.contains('@') || image.rsplit('/').next().is_some_and(|last| last.contains(':'));
+        let mut options = CreateImageOptionsBuilder::default().from_image(image);
+        if !tagged {
+            options = options.tag("latest");
+        }
+        let mut pull = self.docker.create_image(Some(options.build()), None, None);
+        let mut failed = None;
+        while let Some(step) = pull.next().await {
+            if let Err(e) = step {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+        // The engine's own word on whether the pull worked (a finished pull may still end its
+        // stream with an error).
+        match (failed, self.docker.inspect_image(image).await) {
+            (_, Ok(_)) => Ok(()),
+            (Some(why), Err(_)) => Err(Error::ImagePull { image: image.to_string(), why }),
+            (None, Err(e)) => Err(Error::ImagePull { image: image.to_string(), why: e.to_string() }),
+        }
+    }
+
+    async fn signal(&self, id: &str, signal: &str) {
+        let options = KillContainerOptionsBuilder::default().signal(signal).build();
+        if let Err(e) = self.docker.kill_container(id, Some(options)).await {
+            // It may have ended on its own meanwhile.
+            info!(container = %id, signal, error = %e, "could not signal the container");
+        }
+    }
+
+    async fn remove(&self, id: &str) {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) | Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => warn!(container = %id, error = %e, "could not remove the container"),
+        }
+    }
+}
+
+/// `gantry-AGENTKEY-JOB-ATTEMPT-RANK`, in the characters a container name may hold.
+fn container_name(agent: &str, rank: &Rank<'_>) -> String {
+    let name = format!("gantry-{agent}-{}-{}-{}", rank.job_id, rank.attempt, rank.rank);
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect()
+}
+
+/// Sends the container's output, stdout and stderr, to `lines`, a line at a time.
+async fn forward_logs(docker: Docker, id: String, lines: mpsc::Sender<String>) {
+    let options = LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build();
+    let mut logs = docker.logs(&id, Some(options));
+    // Per stream: chunks need not end at a line's end.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(Ok(chunk)) = logs.next().await {
+        let (buffer, bytes) = match chunk {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => (&mut out, message),
+            LogOutput::StdErr { message } => (&mut err, message),
+            LogOutput::StdIn { .. } => continue,
+        };
+        buffer.extend_from_slice(&bytes);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if lines.send(text).await.is_err() {
+                return;
+            }
+        }
+    }
+    for rest in [out, err] {
+        if !rest.is_empty() {
+            let _ = lines.send(String::from_utf8_lossy(&rest).into_owned()).await;
+        }
+    }
+}
+
+fn engine_error(e: EngineError) -> Error {
+    Error::ContainerEngine(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names_hold_only_what_the_engine_takes() {
+        let env = [];
+        let rank = Rank {
+            job_id: "12",
+            attempt: 3,
+            rank: 1,
+            image: "x",
+            pull: PullPolicy::Never,
+            argv: &[],
+            env: &env,
+            dir: std::path::Path::new("/w"),
+            user: "0:0".into(),
+            cpus: 1.0,
+            memory_gb: 1.0,
+            gpu_uuids: &[],
+        };
+        assert_eq!(container_name("node a/1", &rank), "gantry-node-a-1-12-3-1");
+    }
+}
