@@ -112,7 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
     let engine = match &config.container_engine {
-        Some(socket) => Some(container_engine(socket, &agent_key, &config).await?),
+        Some(socket) => container_engine(socket, &agent_key, &config).await,
         None => None,
     };
     let agent = Arc::new(Agent {
@@ -161,15 +161,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// (its ranks are not held any more: the coordinator places them again). An engine that does
 /// not answer is no reason to stop: jobs without an image still run, and those with one fail
 /// saying why.
-async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Result<container::Engine> {
-    let engine = container::Engine::connect(socket, agent_key, config.container_gpu_driver.clone())?;
+async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Option<container::Engine> {
+    let engine = match container::Engine::connect(socket, agent_key, config.container_gpu_driver.clone()) {
+        Ok(engine) => engine,
+        Err(e) => {
+            warn!(engine = %socket, error = %e, "no container engine: jobs with an image cannot run here");
+            return None;
+        }
+    };
     match engine.remove_leftovers().await {
         Ok(n) => info!(engine = %socket, leftovers_removed = n, "container engine ready for jobs with an image"),
         Err(e) => {
             warn!(engine = %socket, error = %e, "the container engine does not answer: jobs with an image will fail")
         }
     }
-    Ok(engine)
+    Some(engine)
 }
 
 impl Agent {

@@ -69,6 +69,8 @@ pub async fn run(launch: Launch, mut stop: watch::Receiver<Option<Duration>>) ->
             }
         }
         Err(e) => {
+            // The node could not run it: no failure of the job's.
+            report.node_fault = matches!(e, Error::ContainerEngine(_) | Error::NoContainerEngine(_));
             let message = e.to_string();
             let _ = line_tx.send(format!("[gantry] {message}")).await;
             report.message = message;

@@ -218,3 +218,26 @@ else:
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains("rank 0 heard: hello from rank 1"), "{logs}");
 }
+
+#[test]
+fn a_node_whose_engine_is_missing_is_not_the_jobs_failure_and_is_avoided() {
+    let mut fleet = Fleet::start();
+    fleet.start_agent_with("no-engine", &["--container-engine", "/nonexistent/docker.sock"]);
+    fleet.wait_for_nodes(2);
+    fleet.ok(&["drain", "node-a"]);
+    let retry = "retry: {backoff: 1s}\nresources: {cpus: 0.5}\n";
+    let id = fleet.submit(&python_job("elsewhere", retry, "print('ran here')"));
+    // Twice on the node without an engine, and still queued though max_restarts is 0.
+    wait_until("two attempts on no-engine", Duration::from_secs(60), || {
+        fleet.json(&["job", &id])["attempts"].as_array().is_some_and(|a| a.len() >= 2 && a[1]["ended_at_ms"].is_i64())
+    });
+    let job = fleet.json(&["job", &id]);
+    assert_ne!(job["state"], "failed", "{job:#}");
+    assert!(job["attempts"][0]["outcome"].as_str().unwrap().contains("has no container engine"), "{job:#}");
+    fleet.ok(&["undrain", "node-a"]);
+    assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    let job = fleet.json(&["job", &id]);
+    let last = job["attempts"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["nodes"], json!(["node-a"]), "{job:#}");
+    assert_eq!(job["attempt"], 1, "the node's faults are not the job's attempts: {job:#}");
+}

@@ -38,6 +38,8 @@ pub enum RankEnd {
     Exited { code: i32, why: String },
     /// Its node was lost, or no longer had it.
     Lost { why: String },
+    /// Its node could not run it (its container engine did not answer): no failure of the job.
+    NodeFault { why: String },
 }
 
 /// What to do with an agent's report about one attempt of a job.
@@ -123,6 +125,7 @@ impl JobRecord {
             lost: false,
             rank_exits: Default::default(),
             lost_ranks: Vec::new(),
+            node_fault: false,
             failed_on: None,
             resumed_from_step: None,
             steps_lost: None,
@@ -161,20 +164,23 @@ impl JobRecord {
         }
         let (code, why) = match &end {
             RankEnd::Exited { code, why } => (Some(*code), why.clone()),
-            RankEnd::Lost { why } => (None, why.clone()),
+            RankEnd::Lost { why } | RankEnd::NodeFault { why } => (None, why.clone()),
         };
+        let lost = matches!(end, RankEnd::Lost { .. });
+        let node_fault = matches!(end, RankEnd::NodeFault { .. });
         current.rank_exits.insert(rank, code.unwrap_or(-1));
-        if code.is_none() {
+        if lost {
             current.lost_ranks.push(rank);
         }
         let world = current.placement.len();
         let node_of = |rank: u32| current.placement.iter().find(|r| r.rank == rank).map(|r| r.node.clone());
         let mut first_failure = false;
         if code != Some(0) && current.outcome.is_empty() {
-            current.failed_on = if code.is_some() && !told_to_stop { node_of(rank) } else { None };
+            current.failed_on = if !lost && !told_to_stop { node_of(rank) } else { None };
             current.outcome = why.clone();
             current.exit_code = code;
-            current.lost = code.is_none();
+            current.lost = lost;
+            current.node_fault = node_fault;
             first_failure = true;
         }
         if current.rank_exits.len() < world {
@@ -184,7 +190,7 @@ impl JobRecord {
             if stop {
                 self.stopping = Some(match end {
                     RankEnd::Lost { .. } => StopReason::AgentLost { node },
-                    RankEnd::Exited { .. } => StopReason::RankFailed { rank, why },
+                    RankEnd::Exited { .. } | RankEnd::NodeFault { .. } => StopReason::RankFailed { rank, why },
                 });
             }
             return Transition::Changed { stop_ranks: first_failure };
@@ -195,7 +201,8 @@ impl JobRecord {
             current.outcome = "succeeded".into();
             current.exit_code = Some(0);
         }
-        let (lost, outcome, exit_code) = (current.lost, current.outcome.clone(), current.exit_code);
+        let (lost, node_fault, outcome, exit_code) =
+            (current.lost, current.node_fault, current.outcome.clone(), current.exit_code);
         let stopping = self.stopping.take();
         let never_retried = exit_code.filter(|c| !lost && self.spec.retry.never_on_exit_codes.contains(c));
         if self.cancel_requested {
@@ -219,8 +226,12 @@ impl JobRecord {
             self.state = JobState::Queued;
             self.message = format!("attempt {attempt} ended ({outcome}); requeued");
             return Transition::Changed { stop_ranks: false };
-        } else if self.user_attempt() <= self.spec.max_restarts {
-            // Failures count against max_restarts, and wait longer after each.
+        } else if node_fault || self.user_attempt() <= self.spec.max_restarts {
+            // Failures count against max_restarts (the node's own do not), and wait longer
+            // after each.
+            if node_fault {
+                self.node_faults += 1;
+            }
             let failures = self.attempts.iter().filter(|a| a.failed_on.is_some()).count();
             let wait_ms = self.spec.retry.backoff_ms(failures as u32);
             self.retry_at_ms = Some(now_ms + wait_ms as i64);
@@ -230,7 +241,7 @@ impl JobRecord {
             return Transition::Changed { stop_ranks: false };
         } else {
             self.state = JobState::Failed;
-            self.message = format!("{outcome} (attempt {attempt} of {})", self.spec.max_restarts + 1);
+            self.message = format!("{outcome} (attempt {} of {})", self.user_attempt(), self.spec.max_restarts + 1);
         }
         self.ended_at_ms = Some(now_ms);
         Transition::Changed { stop_ranks: false }

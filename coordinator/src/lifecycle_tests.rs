@@ -223,6 +223,21 @@ fn an_exit_code_never_retried_fails_the_job_at_once() {
 }
 
 #[test]
+fn a_run_its_node_could_not_carry_out_is_retried_without_counting_against_max_restarts() {
+    let mut j = running(0, &["a"]);
+    let fault = RankEnd::NodeFault { why: "container engine: connection refused".into() };
+    j.on_rank_exit(1, 0, fault.clone(), 20);
+    assert_eq!((j.state, j.user_attempt()), (JobState::Queued, 0), "max_restarts is 0, yet it is retried");
+    assert!(j.retry_at_ms.is_some(), "after a backoff");
+    assert!(j.start_attempt(j.version, placement(&["a"]), 30).changed());
+    j.on_rank_exit(2, 0, fault, 40);
+    assert_eq!(j.avoided_nodes(), ["a"], "a node that failed it twice is avoided");
+    assert!(j.start_attempt(j.version, placement(&["b"]), 50).changed());
+    j.on_rank_exit(3, 0, exit(1), 60);
+    assert_eq!((j.state, j.message.as_str()), (JobState::Failed, "exit code 1 (attempt 1 of 1)"));
+}
+
+#[test]
 fn a_node_two_attempts_failed_on_is_avoided() {
     let mut j = job(5);
     for (attempt, node, end) in [(1, "a", exit(1)), (2, "b", exit(1)), (3, "a", lost("a")), (4, "a", exit(1))] {

@@ -49,6 +49,10 @@ pub struct JobRecord {
     /// Runs ended by preemption: they do not count as attempts.
     #[serde(default)]
     pub preemptions: u32,
+    /// Runs its nodes could not carry out (their container engine did not answer): they do not
+    /// count as attempts either.
+    #[serde(default)]
+    pub node_faults: u32,
     /// After a failed attempt the job waits until then before it may start again (`retry.backoff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at_ms: Option<i64>,
@@ -59,10 +63,10 @@ fn dev_owner() -> String {
 }
 
 impl JobRecord {
-    /// The attempt users see: starts, less those ended by preemption. (`attempt` itself numbers
-    /// every run, so logs and agents keep distinct runs apart.)
+    /// The attempt users see: starts, less those ended by preemption or by a node's fault.
+    /// (`attempt` itself numbers every run, so logs and agents keep distinct runs apart.)
     pub fn user_attempt(&self) -> u32 {
-        self.attempt.saturating_sub(self.preemptions)
+        self.attempt.saturating_sub(self.preemptions).saturating_sub(self.node_faults)
     }
 
     pub fn current_attempt(&self) -> Option<&AttemptRecord> {
@@ -108,6 +112,9 @@ pub struct AttemptRecord {
     /// Ranks whose node was declared lost: whatever a copy of them still sends is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_ranks: Vec<u32>,
+    /// It ended because its node could not run it (not counted against max_restarts).
+    #[serde(default)]
+    pub node_fault: bool,
     /// The node of the rank whose exit failed the attempt (not a lost node): a job avoids a node
     /// that two of its attempts failed on.
     #[serde(default, skip_serializing_if = "Option::is_none")]

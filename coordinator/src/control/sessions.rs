@@ -148,6 +148,8 @@ impl Coordinator {
                 // Stopped by its own agent, cut off: like a lost node, not the job's failure.
                 let end = if report.fenced {
                     RankEnd::Lost { why }
+                } else if report.node_fault {
+                    RankEnd::NodeFault { why }
                 } else {
                     RankEnd::Exited { code: report.exit_code.unwrap_or_else(|| -report.signal.unwrap_or(9)), why }
                 };

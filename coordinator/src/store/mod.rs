@@ -108,6 +108,7 @@ pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, owner: &str, now_ms:
         version: 1,
         stopping: None,
         preemptions: 0,
+        node_faults: 0,
         retry_at_ms: None,
     }
 }
