@@ -90,6 +90,24 @@ impl Engine {
         Ok(found.len())
     }
 
+    /// The images the engine holds, as [`gantry_core::spec::normalize_image`] writes them.
+    pub async fn images(&self) -> Result<Vec<String>> {
+        let images = self
+            .docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(engine_error)?;
+        let mut names: Vec<String> = images
+            .into_iter()
+            .flat_map(|i| i.repo_tags.into_iter().chain(i.repo_digests))
+            .filter(|t| !t.starts_with("<none>"))
+            .map(|t| gantry_core::spec::normalize_image(&t))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     /// Runs `rank` to its end: pulls its image as its policy says, starts it, sends its output
     /// lines to `lines`, and stops it (SIGTERM, SIGKILL after the grace period) when `stop` asks.
     /// The container is removed whatever happens.

@@ -26,7 +26,7 @@ use std::time::Duration;
 use gantry_core::JobSpec;
 use gantry_proto::{PROTOCOL_VERSION, v1};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use coordinators::Coordinators;
 pub use error::{Error, Result};
@@ -76,6 +76,8 @@ struct Agent {
     isolation: Arc<isolation::Isolation>,
     /// Where jobs with an `image:` run.
     engine: Option<container::Engine>,
+    /// The images the engine holds, refreshed every [`IMAGES_EVERY`] (reported in the inventory).
+    images: Mutex<Vec<String>>,
     /// Every rank held: running, or exited and not yet released. A std mutex: never held across
     /// an await.
     jobs: Mutex<BTreeMap<RankKey, Held>>,
@@ -121,11 +123,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         inventory,
         isolation,
         engine,
+        images: Mutex::new(Vec::new()),
         jobs: Mutex::new(BTreeMap::new()),
         outbound: Mutex::new(None),
         heard: Mutex::new(fence::Heard::default()),
     });
     let _fencing = AbortOnDrop(tokio::spawn(agent.clone().fence_when_cut_off()));
+    let _images = AbortOnDrop(tokio::spawn(agent.clone().watch_images()));
     let sessions = {
         let agent = agent.clone();
         async move {
@@ -178,7 +182,28 @@ async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Opt
     Some(engine)
 }
 
+/// How often the agent reads which images its engine holds.
+const IMAGES_EVERY: Duration = Duration::from_secs(10);
+
 impl Agent {
+    /// Keeps [`Agent::images`] current, for the scheduler's preference for nodes that hold a
+    /// job's image.
+    async fn watch_images(self: Arc<Self>) {
+        let Some(engine) = self.engine.clone() else { return };
+        loop {
+            match engine.images().await {
+                Ok(images) => *self.images.lock().expect("images lock poisoned") = images,
+                Err(e) => debug!(error = %e, "could not list the engine's images"),
+            }
+            tokio::time::sleep(IMAGES_EVERY).await;
+        }
+    }
+
+    /// The machine as it stands: GPUs, CPUs, memory and the images its engine holds.
+    fn inventory(&self) -> v1::Inventory {
+        v1::Inventory { images: self.images.lock().expect("images lock poisoned").clone(), ..self.inventory.read() }
+    }
+
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<RankKey, Held>> {
         self.jobs.lock().expect("jobs lock poisoned")
     }
@@ -208,7 +233,7 @@ impl Agent {
         v1::AgentMessage {
             name: self.config.name.clone(),
             msg: Some(v1::agent_message::Msg::Heartbeat(v1::Heartbeat {
-                inventory: Some(self.inventory.read()),
+                inventory: Some(self.inventory()),
                 jobs,
                 metrics,
                 seq,
@@ -223,7 +248,7 @@ impl Agent {
             .register(v1::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
                 name: self.config.name.clone(),
-                inventory: Some(self.inventory.read()),
+                inventory: Some(self.inventory()),
                 advertise_addr: match &self.config.advertise_addr {
                     Some(addr) => addr.clone(),
                     None => self.coordinators.local_ip().unwrap_or_default(),

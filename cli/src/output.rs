@@ -296,6 +296,9 @@ pub struct NodeView {
     pub gpu_driver: String,
     pub jobs: Vec<String>,
     pub last_seen_ms: i64,
+    /// The container images its engine holds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {

@@ -241,3 +241,26 @@ fn a_node_whose_engine_is_missing_is_not_the_jobs_failure_and_is_avoided() {
     assert_eq!(last["nodes"], json!(["node-a"]), "{job:#}");
     assert_eq!(job["attempt"], 1, "the node's faults are not the job's attempts: {job:#}");
 }
+
+#[test]
+fn nodes_report_their_images_and_a_job_goes_where_its_image_is() {
+    let mut fleet = Fleet::start();
+    let image = image();
+    // Both fit every job below; only node-a's engine holds the image (no-engine sorts first,
+    // so the usual choice would be it).
+    fleet.start_agent_with("no-engine", &["--container-engine", "none"]);
+    fleet.wait_for_nodes(2);
+    wait_until("node-a to report the image", Duration::from_secs(30), || {
+        let nodes = fleet.json(&["nodes"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "node-a" && n["images"].as_array().is_some_and(|i| i.iter().any(|i| i == image)))
+    });
+    for i in 0..3 {
+        let id = fleet.submit(&python_job(&format!("warm-{i}"), "resources: {cpus: 0.5}\n", "print('hi')"));
+        assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+        assert_eq!(fleet.json(&["job", &id])["nodes"], json!(["node-a"]));
+    }
+}

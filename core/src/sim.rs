@@ -244,6 +244,7 @@ pub fn simulate(trace: &[TraceJob], nodes: usize, gpus_per_node: u32, policy: Po
             queues: Vec::new(),
             ahead: Vec::new(),
             avoid: Default::default(),
+            warm: Default::default(),
         };
         let placements = match policy {
             Policy::Gantry => {

@@ -62,6 +62,16 @@ pub struct JobSpec {
     pub retry: RetrySpec,
 }
 
+/// An image reference as engines list what they hold: with a tag (`:latest` when none is
+/// given) and without Docker Hub's implied `docker.io/library/`. Two spellings of one image
+/// give the same text.
+pub fn normalize_image(image: &str) -> String {
+    let short = image.strip_prefix("docker.io/").unwrap_or(image);
+    let short = short.strip_prefix("library/").unwrap_or(short);
+    let tagged = short.contains('@') || short.rsplit('/').next().is_some_and(|last| last.contains(':'));
+    if tagged { short.to_string() } else { format!("{short}:latest") }
+}
+
 /// `image_pull_policy`: when the agent pulls a job's image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -951,6 +961,20 @@ mod tests {
         ] {
             let err = JobSpec::from_yaml(&format!("name: x\n{yaml}\n")).unwrap_err();
             assert_eq!(err.field, field, "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_references_normalize_as_engines_list_them() {
+        for (given, listed) in [
+            ("python", "python:latest"),
+            ("docker.io/library/python:3.12", "python:3.12"),
+            ("docker.io/pytorch/pytorch", "pytorch/pytorch:latest"),
+            ("registry.local:5000/team/img", "registry.local:5000/team/img:latest"),
+            ("registry.local:5000/team/img:v2", "registry.local:5000/team/img:v2"),
+            ("img@sha256:ab12", "img@sha256:ab12"),
+        ] {
+            assert_eq!(normalize_image(given), listed, "{given}");
         }
     }
 }

@@ -107,6 +107,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                 ],
                 ahead: front.filter(|i| *i < n_pending).map(|i| format!("j{}", 1000 + i)).into_iter().collect(),
                 avoid: Default::default(),
+                warm: Default::default(),
             }
         })
     })

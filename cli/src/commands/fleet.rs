@@ -74,6 +74,7 @@ fn node_view(n: &v1::Node) -> NodeView {
         memory_used_bytes: n.memory_used_bytes,
         gpus: inv.gpus.len(),
         gpu_driver: inv.gpu_driver,
+        images: inv.images,
         jobs: n.jobs.clone(),
         last_seen_ms: n.last_seen_ms,
     }

@@ -187,6 +187,7 @@ impl Coordinator {
         let mut running = Vec::new();
         let mut versions = HashMap::new();
         let mut avoid = std::collections::BTreeMap::new();
+        let mut warm = std::collections::BTreeMap::new();
         let mut backing_off = Vec::new();
         let max_duration_ms = |job: &JobRecord| job.spec.max_duration_secs.map(|s| s * 1000);
         for job in jobs {
@@ -206,6 +207,18 @@ impl Coordinator {
                     let avoided = job.avoided_nodes();
                     if !avoided.is_empty() {
                         avoid.insert(job.id.clone(), avoided);
+                    }
+                    if let Some(image) = &job.spec.image {
+                        let image = gantry_core::spec::normalize_image(image);
+                        let holding: Vec<String> = fleet
+                            .agents
+                            .iter()
+                            .filter(|(_, a)| a.inventory.images.contains(&image))
+                            .map(|(name, _)| name.clone())
+                            .collect();
+                        if !holding.is_empty() {
+                            warm.insert(job.id.clone(), holding);
+                        }
                     }
                     versions.insert(job.id.clone(), job.version);
                     pending.push(PendingJob {
@@ -246,7 +259,7 @@ impl Coordinator {
         }
         let queues = self.settings.queues.clone();
         let ahead = self.ahead.lock().expect("ahead lock poisoned").clone();
-        (Snapshot { now_ms: now as u64, nodes, running, pending, queues, ahead, avoid }, versions, backing_off)
+        (Snapshot { now_ms: now as u64, nodes, running, pending, queues, ahead, avoid, warm }, versions, backing_off)
     }
 
     /// Where a placed job starts from: its own latest checkpoint on a restart, else `init_from`.

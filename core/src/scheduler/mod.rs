@@ -53,6 +53,9 @@ pub struct Snapshot {
     /// Pending jobs' nodes to avoid (their attempts failed there): job id -> node names. Such a
     /// job goes elsewhere, unless no other node could ever take it.
     pub avoid: BTreeMap<String, Vec<String>>,
+    /// Pending jobs' nodes that already hold what they need (their container image): job id ->
+    /// node names. Such nodes are preferred where the job fits them.
+    pub warm: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,7 +416,17 @@ impl<'a> Pass<'a> {
                     _ => true,
                 }
         };
-        match self.fleet.find(r, &allowed) {
+        let warm: HashSet<usize> = self
+            .snap
+            .warm
+            .get(&job.id)
+            .map(|names| names.iter().filter_map(|n| self.fleet.node_index(n)).collect())
+            .unwrap_or_default();
+        let found = match warm.is_empty() {
+            true => self.fleet.find(r, &allowed),
+            false => self.fleet.find(r, &|n| allowed(n) && warm.contains(&n)).or_else(|| self.fleet.find(r, &allowed)),
+        };
+        match found {
             Some(nodes) => self.place(job, nodes, ends_at),
             None => self.blocked(job),
         }

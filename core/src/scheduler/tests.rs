@@ -425,3 +425,22 @@ fn a_job_avoids_the_nodes_its_attempts_failed_on_while_another_could_take_it() {
     let plan = schedule(&Snapshot { nodes: vec![node("a", 8)], ..s });
     assert_eq!(plan.placements[0].nodes[0].node, "a", "a is the only node");
 }
+
+#[test]
+fn a_job_prefers_the_nodes_that_hold_its_image_where_it_fits() {
+    let warm = |nodes: &[&str]| [("j".to_string(), nodes.iter().map(|n| n.to_string()).collect())].into();
+    let s = Snapshot {
+        nodes: vec![node("a", 8), node("b", 8), node("c", 8)],
+        pending: vec![job("j", 50, 1, 4, 1)],
+        warm: warm(&["c"]),
+        ..Default::default()
+    };
+    assert_eq!(schedule(&s).placements[0].nodes[0].node, "c");
+    // c is full: j goes where it fits rather than wait.
+    let full = running("busy", 60, "c", 0..8);
+    let plan = schedule(&Snapshot { running: vec![full], ..s.clone() });
+    assert_ne!(plan.placements[0].nodes[0].node, "c");
+    // Without a warm node the choice is the usual one.
+    let cold = schedule(&Snapshot { warm: Default::default(), ..s });
+    assert_eq!(cold.placements.len(), 1);
+}

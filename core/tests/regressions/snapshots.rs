@@ -520,6 +520,7 @@ pub fn priority_before_fair_share_on_an_empty_fleet() -> Snapshot {
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -1178,6 +1179,7 @@ pub fn a_preemptor_keeps_the_room_its_victims_free_and_picks_no_more() -> Snapsh
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -1559,6 +1561,7 @@ pub fn priority_before_fair_share_beside_a_stopping_job() -> Snapshot {
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -1759,6 +1762,7 @@ pub fn priority_before_fair_share_by_one_priority_point() -> Snapshot {
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -1865,6 +1869,7 @@ pub fn a_job_that_fits_waits_only_because_room_is_held_for_a_job_ahead() -> Snap
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -2358,6 +2363,7 @@ pub fn a_reservation_counts_the_exact_gpus_of_jobs_placed_in_its_pass() -> Snaps
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -3037,6 +3043,7 @@ pub fn a_plan_settles_when_a_job_waits_on_a_preempted_gangs_other_rank() -> Snap
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -3840,6 +3847,7 @@ pub fn a_plan_settles_when_a_preempted_gang_shares_a_node_with_another_victim() 
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -4268,6 +4276,7 @@ pub fn a_plan_settles_when_a_reserved_gang_holds_its_queues_quota() -> Snapshot 
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -4767,6 +4776,7 @@ pub fn a_plan_settles_when_queue_shares_shift_under_a_reservation() -> Snapshot 
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -5130,6 +5140,7 @@ pub fn a_plan_settles_when_the_job_room_is_freed_for_keeps_its_turn() -> Snapsho
         ],
         ahead: vec!["j1013".into()],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -5712,6 +5723,7 @@ pub fn a_plan_settles_when_victims_free_room_a_reservation_counted_on() -> Snaps
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -6207,6 +6219,7 @@ pub fn a_preemptor_on_one_node_beside_an_equal_priority_job_of_another_queue() -
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
 
@@ -6837,5 +6850,6 @@ pub fn a_blocked_gang_a_preemption_and_a_reserved_cpu_gang_behind_held_room() ->
         ],
         ahead: vec![],
         avoid: Default::default(),
+        warm: Default::default(),
     }
 }
