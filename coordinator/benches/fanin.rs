@@ -48,6 +48,7 @@ fn inventory(agent: usize, tick: u64) -> v1::Inventory {
             .collect(),
         gpu_driver: "580".into(),
         nvml_error: String::new(),
+        images: Vec::new(),
     }
 }
 
