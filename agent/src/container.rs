@@ -41,6 +41,7 @@ pub struct Engine {
     /// `nvidia`: GPUs are passed by the NVIDIA Container Toolkit's device requests. None: only
     /// `CUDA_VISIBLE_DEVICES` names them (hosts without the toolkit, and tests).
     gpu_driver: Option<String>,
+    registry_auth: RegistryAuth,
 }
 
 /// One rank to run in a container.
@@ -61,6 +62,80 @@ pub struct Rank<'a> {
     pub gpu_uuids: &'a [String],
 }
 
+/// Registry credentials, from a file in Docker's `config.json` layout
+/// (`{"auths": {"REGISTRY": {"auth": "base64(user:password)"}}}`, or `username` and `password`
+/// in place of `auth`): the agent's own configuration, never a job's.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryAuth {
+    by_registry: HashMap<String, (String, String)>,
+}
+
+impl RegistryAuth {
+    pub fn from_file(path: &std::path::Path) -> Result<RegistryAuth> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(format!("reading {}", path.display())))?;
+        RegistryAuth::parse(&text).map_err(|why| Error::Fatal(format!("{}: {why}", path.display())))
+    }
+
+    fn parse(text: &str) -> std::result::Result<RegistryAuth, String> {
+        use base64::Engine as _;
+        let config: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let auths = config.get("auths").and_then(|a| a.as_object()).ok_or("no `auths` object")?;
+        let mut by_registry = HashMap::new();
+        for (registry, entry) in auths {
+            let field = |name: &str| entry.get(name).and_then(|v| v.as_str()).map(str::to_string);
+            let pair = match (field("auth"), field("username"), field("password")) {
+                (Some(auth), _, _) => {
+                    let decoded = base64::engine::general_purpose::STANDARD
+                        .decode(auth.trim())
+                        .map_err(|e| format!("{registry}: `auth` is not base64: {e}"))?;
+                    let text = String::from_utf8(decoded).map_err(|_| format!("{registry}: `auth` is not text"))?;
+                    let (user, password) =
+                        text.split_once(':').ok_or_else(|| format!("{registry}: `auth` is not user:password"))?;
+                    (user.to_string(), password.to_string())
+                }
+                (None, Some(user), Some(password)) => (user, password),
+                _ => return Err(format!("{registry}: neither `auth` nor `username` and `password`")),
+            };
+            by_registry.insert(registry_host(registry), pair);
+        }
+        Ok(RegistryAuth { by_registry })
+    }
+
+    /// The credentials for pulling `image`, if any are configured for its registry.
+    fn for_image(&self, image: &str) -> Option<bollard::auth::DockerCredentials> {
+        let registry = image_registry(image);
+        let (user, password) = self.by_registry.get(&registry)?;
+        Some(bollard::auth::DockerCredentials {
+            username: Some(user.clone()),
+            password: Some(password.clone()),
+            serveraddress: Some(registry),
+            ..Default::default()
+        })
+    }
+}
+
+/// Docker Hub's name in credentials, however a config spells it.
+const DOCKER_HUB: &str = "docker.io";
+
+/// A registry key of a config (`https://index.docker.io/v1/`, `registry.local:5000`) as a host.
+fn registry_host(key: &str) -> String {
+    let host = key.trim_start_matches("https://").trim_start_matches("http://");
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => DOCKER_HUB.into(),
+        _ => host.to_string(),
+    }
+}
+
+/// The registry an image reference names: its first part when that is a host (has a dot or a
+/// port, or is localhost), else Docker Hub.
+fn image_registry(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => registry_host(first),
+        _ => DOCKER_HUB.into(),
+    }
+}
+
 /// How a container ended.
 pub struct Ended {
     pub code: i32,
@@ -69,11 +144,17 @@ pub struct Ended {
 
 impl Engine {
     /// The engine at `socket` (a path, or `unix://PATH`), for the agent `agent` (its key).
-    pub fn connect(socket: &str, agent: &str, gpu_driver: Option<String>) -> Result<Engine> {
+    pub fn connect(
+        socket: &str,
+        agent: &str,
+        gpu_driver: Option<String>,
+        registry_auth: RegistryAuth,
+    ) -> Result<Engine> {
         let path = socket.strip_prefix("unix://").unwrap_or(socket);
         let docker = Docker::connect_with_unix(path, ENGINE_TIMEOUT_SECS, &API)
-            .map_err(|e| Error::ContainerEngine(format!("{socket}: {e}")))?;
-        Ok(Engine { docker, agent: agent.to_string(), gpu_driver })
+            .map_err(|e| Error::ContainerEngine(format!("{socket}: {e}")))?
+            .with_request_modifier(url_safe_registry_auth);
+        Ok(Engine { docker, agent: agent.to_string(), gpu_driver, registry_auth })
     }
 
     /// Removes every container a previous run of this agent left (killed with -9, say): its
@@ -247,7 +328,8 @@ impl Engine {
         if !tagged {
             options = options.tag("latest");
         }
-        let mut pull = self.docker.create_image(Some(options.build()), None, None);
+        let credentials = self.registry_auth.for_image(image);
+        let mut pull = self.docker.create_image(Some(options.build()), None, credentials);
         let mut failed = None;
         while let Some(step) = pull.next().await {
             if let Err(e) = step {
@@ -279,6 +361,21 @@ impl Engine {
             Err(e) => warn!(container = %id, error = %e, "could not remove the container"),
         }
     }
+}
+
+/// The engine decodes `X-Registry-Auth` as URL-safe base64; bollard writes the standard
+/// alphabet, whose `+` and `/` would make the engine drop the credentials.
+fn url_safe_registry_auth(mut request: bollard::BollardRequest) -> bollard::BollardRequest {
+    let fixed = request
+        .headers()
+        .get("X-Registry-Auth")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.replace('+', "-").replace('/', "_"))
+        .and_then(|v| http::HeaderValue::from_str(&v).ok());
+    if let Some(value) = fixed {
+        request.headers_mut().insert("X-Registry-Auth", value);
+    }
+    request
 }
 
 /// `gantry-AGENTKEY-JOB-ATTEMPT-RANK`, in the characters a container name may hold.
@@ -322,6 +419,34 @@ fn engine_error(e: EngineError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_read_in_dockers_layout_and_chosen_by_the_images_registry() {
+        // "alice:s3cret" and Docker Hub under its legacy key.
+        let config = r#"{"auths": {
+            "registry.local:5000": {"auth": "YWxpY2U6czNjcmV0"},
+            "https://index.docker.io/v1/": {"username": "bob", "password": "hub"}
+        }}"#;
+        let auth = RegistryAuth::parse(config).unwrap();
+        let user = |image: &str| auth.for_image(image).and_then(|c| c.username);
+        assert_eq!(user("registry.local:5000/team/train:v1").as_deref(), Some("alice"));
+        assert_eq!(user("pytorch/pytorch:2.11").as_deref(), Some("bob"));
+        assert_eq!(user("python").as_deref(), Some("bob"));
+        assert_eq!(user("other.example/x:1"), None);
+        for bad in [r#"{}"#, r#"{"auths": {"r": {"auth": "!!"}}}"#, r#"{"auths": {"r": {}}}"#] {
+            assert!(RegistryAuth::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_registry_auth_header_goes_url_safe() {
+        let request = http::Request::builder()
+            .header("X-Registry-Auth", "ab+c/d=")
+            .body(bollard::body_full(Default::default()))
+            .unwrap();
+        let fixed = url_safe_registry_auth(request);
+        assert_eq!(fixed.headers()["X-Registry-Auth"], "ab-c_d=");
+    }
 
     #[test]
     fn container_names_hold_only_what_the_engine_takes() {

@@ -57,6 +57,8 @@ pub struct Config {
     /// The driver of a container job's GPU device requests (`nvidia`); none: the placed GPUs are
     /// named in `CUDA_VISIBLE_DEVICES` only.
     pub container_gpu_driver: Option<String>,
+    /// Registry credentials for pulling jobs' images, in Docker's `config.json` layout.
+    pub registry_auth: Option<PathBuf>,
 }
 
 type RankKey = (String, u32, u32);
@@ -114,7 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let inventory = Inventory::detect(config.nvml_lib.as_deref());
     let engine = match &config.container_engine {
-        Some(socket) => container_engine(socket, &agent_key, &config).await,
+        Some(socket) => container_engine(socket, &agent_key, &config).await?,
         None => None,
     };
     let agent = Arc::new(Agent {
@@ -165,12 +167,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// (its ranks are not held any more: the coordinator places them again). An engine that does
 /// not answer is no reason to stop: jobs without an image still run, and those with one fail
 /// saying why.
-async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Option<container::Engine> {
-    let engine = match container::Engine::connect(socket, agent_key, config.container_gpu_driver.clone()) {
+async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Result<Option<container::Engine>> {
+    // Bad credentials are the operator's mistake, said at once; a missing engine is the node's.
+    let auth = match &config.registry_auth {
+        Some(path) => container::RegistryAuth::from_file(path)?,
+        None => container::RegistryAuth::default(),
+    };
+    let engine = match container::Engine::connect(socket, agent_key, config.container_gpu_driver.clone(), auth) {
         Ok(engine) => engine,
         Err(e) => {
             warn!(engine = %socket, error = %e, "no container engine: jobs with an image cannot run here");
-            return None;
+            return Ok(None);
         }
     };
     match engine.remove_leftovers().await {
@@ -179,7 +186,7 @@ async fn container_engine(socket: &str, agent_key: &str, config: &Config) -> Opt
             warn!(engine = %socket, error = %e, "the container engine does not answer: jobs with an image will fail")
         }
     }
-    Some(engine)
+    Ok(Some(engine))
 }
 
 /// How often the agent reads which images its engine holds.

@@ -160,6 +160,10 @@ pub struct AgentArgs {
     /// requests, exactly the placed GPUs) or `none` (only CUDA_VISIBLE_DEVICES names them).
     #[arg(long, default_value = "nvidia")]
     container_gpus: String,
+    /// Registry credentials for pulling jobs' images, a file in Docker's config.json layout
+    /// (`{"auths": {"REGISTRY": {"auth": "BASE64(user:password)"}}}`; a mounted Secret).
+    #[arg(long, env = "GANTRY_REGISTRY_AUTH")]
+    registry_auth: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -392,6 +396,7 @@ fn agent_config(
         ca_pem: None,
         container_engine: default_container_engine(),
         container_gpu_driver: Some("nvidia".into()),
+        registry_auth: None,
     })
 }
 
@@ -419,6 +424,7 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         Some(socket) => config.container_engine = Some(socket.to_string()),
         None => {}
     }
+    config.registry_auth = args.registry_auth;
     config.container_gpu_driver = match args.container_gpus.as_str() {
         "none" => None,
         "nvidia" => Some("nvidia".into()),
