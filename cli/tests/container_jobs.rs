@@ -30,10 +30,12 @@ fn image() -> &'static str {
         let stdlib = sh("/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])'");
         let stdlib = stdlib.trim();
         let python = sh("readlink -f /usr/bin/python3");
-        let tools = ["bash", "sh", "env", "cat", "ls", "mv", "mkdir", "sleep", "head"]
+        let tools = ["bash", "sh", "env", "cat", "ls", "mv", "mkdir", "sleep", "head", "chown"]
             .map(|t| sh(&format!("command -v {t}")).trim().to_string());
+        // gantry's own libraries too (glibc's and libgcc_s, as any distribution's base has),
+        // for the image-as-agent example built on this image.
         sh(&format!(
-            "sh {stage} {python} {rootfs} {tools} && \
+            "sh {stage} {python} {rootfs} {tools} {gantry} && rm {rootfs}/usr/local/bin/gantry && \
              ln -s {name} {rootfs}/usr/local/bin/python3 && \
              mkdir -p {rootfs}/usr/local/lib {rootfs}/bin && ln -s /usr/local/bin/sh {rootfs}/bin/sh && \
              cp -a {stdlib} {rootfs}/usr/local/lib/ && \
@@ -44,14 +46,27 @@ fn image() -> &'static str {
             name = Path::new(python.trim()).file_name().unwrap().to_string_lossy(),
             rootfs = rootfs.display(),
             tools = tools.join(" "),
+            gantry = env!("CARGO_BIN_EXE_gantry"),
         ));
     });
     IMAGE
 }
 
-/// Containers of job `id` (running or not), as the engine lists them.
-fn containers_of(id: &str) -> Vec<String> {
-    sh(&format!("docker ps -a -q --filter label=gantry.job={id}")).lines().map(String::from).collect()
+/// The label value that names an agent's containers: its work directory's key, as the agent
+/// makes it (job ids repeat across the fleets of tests running at once; work directories do not).
+fn agent_key(fleet: &Fleet, agent: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(fleet.work_dir(agent).to_string_lossy().as_bytes());
+    format!("agent-{}", &hex::encode(digest)[..12])
+}
+
+/// Containers of job `id` on `agent` (running or not), as the engine lists them.
+fn containers_of(fleet: &Fleet, agent: &str, id: &str) -> Vec<String> {
+    let key = agent_key(fleet, agent);
+    sh(&format!("docker ps -a -q --filter label=gantry.agent={key} --filter label=gantry.job={id}"))
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 fn python_job(name: &str, extra: &str, program: &str) -> String {
@@ -118,7 +133,7 @@ print("done")
     let out = fleet.dir.path().join("ckpt");
     fleet.ok(&["checkpoint", "download", &id, "--step", "7", "--out", out.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(out.join("w.txt")).unwrap(), "weights from a container\n");
-    assert!(containers_of(&id).is_empty(), "the container was removed");
+    assert!(containers_of(&fleet, "gpu-box", &id).is_empty(), "the container was removed");
 }
 
 #[test]
@@ -135,14 +150,14 @@ time.sleep(600)
 "#;
     let id = fleet.submit(&python_job("sleeper", "resources: {cpus: 0.5}\n", program));
     wait_until("the job to say ready", Duration::from_secs(60), || fleet.ok(&["logs", &id]).contains("ready"));
-    assert_eq!(containers_of(&id).len(), 1);
+    assert_eq!(containers_of(&fleet, "node-a", &id).len(), 1);
     let cancelled = Instant::now();
     fleet.ok(&["cancel", &id]);
     assert_eq!(fleet.wait_state(&id, &["cancelled"], Duration::from_secs(30)), "cancelled");
     // Grace is 3 s; the rest is reporting.
     assert!(cancelled.elapsed() < Duration::from_secs(8), "took {:?}", cancelled.elapsed());
     assert!(fleet.ok(&["logs", &id]).contains("got SIGTERM"));
-    assert!(containers_of(&id).is_empty(), "the container was removed");
+    assert!(containers_of(&fleet, "node-a", &id).is_empty(), "the container was removed");
 
     // An image the node does not hold, never to be pulled: failed, naming it.
     let missing = fleet.submit(
@@ -172,18 +187,20 @@ fn an_agent_killed_and_restarted_leaves_no_container_and_runs_no_job_twice() {
     let mut agent = fleet.agents.remove(0);
     agent.kill().unwrap();
     agent.wait().unwrap();
-    assert_eq!(containers_of(&id).len(), 1);
+    assert_eq!(containers_of(&fleet, "node-a", &id).len(), 1);
     fleet.start_agent("node-a");
     // The restarted agent removes it before it joins; the coordinator then places attempt 2.
     wait_until("attempt 2 to run", Duration::from_secs(60), || {
         fleet.json(&["job", &id])["attempts"].as_array().is_some_and(|a| a.len() == 2) && fleet.state(&id) == "running"
     });
-    let attempts =
-        sh(&format!("docker ps -a --filter label=gantry.job={id} --format '{{{{.Label \"gantry.attempt\"}}}}'"));
+    let key = agent_key(&fleet, "node-a");
+    let attempts = sh(&format!(
+        "docker ps -a --filter label=gantry.agent={key} --filter label=gantry.job={id} --format '{{{{.Label \"gantry.attempt\"}}}}'"
+    ));
     assert_eq!(attempts.trim(), "2", "only attempt 2's container exists");
     fleet.ok(&["cancel", &id]);
     fleet.wait_state(&id, &["cancelled"], Duration::from_secs(30));
-    assert!(containers_of(&id).is_empty());
+    assert!(containers_of(&fleet, "node-a", &id).is_empty());
 }
 
 #[test]
@@ -263,4 +280,63 @@ fn nodes_report_their_images_and_a_job_goes_where_its_image_is() {
         assert_eq!(fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
         assert_eq!(fleet.json(&["job", &id])["nodes"], json!(["node-a"]));
     }
+}
+
+/// The Helm chart's default way to run people's scripts: the agent inside their own image
+/// (`examples/agent-in-your-image.Dockerfile`), running `command:` jobs with that image's Python.
+#[test]
+fn the_agent_built_into_a_users_image_runs_command_jobs_with_that_images_python() {
+    let fleet = Fleet::start();
+    let context = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(context.path().join("target/release")).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_gantry"), context.path().join("target/release/gantry")).unwrap();
+    let dockerfile = support::repo_root().join("examples/agent-in-your-image.Dockerfile");
+    let tag = "gantry-test-agent-in-image:1";
+    sh(&format!(
+        "docker build -q -f {} --build-arg BASE={} -t {tag} {} >/dev/null",
+        dockerfile.display(),
+        image(),
+        context.path().display()
+    ));
+    let name = format!("gantry-test-agent-{}", std::process::id());
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let _gone = Gone(name.clone());
+    sh(&format!(
+        "docker run -d --name {name} --network host -v {ca}:/etc/gantry/ca.crt:ro -e GANTRY_JOIN_TOKEN={token} {tag} \
+         agent --coordinator {url} --name in-image --ca /etc/gantry/ca.crt --work-dir /var/lib/gantry-agent \
+         --container-engine none >/dev/null",
+        ca = fleet.ca().display(),
+        token = fleet.agent_token,
+        url = fleet.url(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.json(&["nodes"]).as_array().unwrap().iter().filter(|n| n["connected"] == true).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent in the image did not join:\n{}",
+            sh(&format!("docker logs {name} 2>&1"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.ok(&["drain", "node-a"]);
+    let program = "import sys\nprint('python', sys.version.split()[0], 'from', sys.executable)";
+    let spec = format!(
+        "name: plain\nmax_restarts: 0\ncommand: [\"python3\", \"-c\", {}]\n",
+        serde_json::to_string(program).unwrap()
+    );
+    let id = fleet.submit(&spec);
+    assert_eq!(
+        fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)),
+        "succeeded",
+        "{}",
+        sh(&format!("docker logs {name} 2>&1"))
+    );
+    assert_eq!(fleet.json(&["job", &id])["nodes"], json!(["in-image"]));
+    let logs = fleet.ok(&["logs", &id]);
+    assert!(logs.contains("from /usr/local/bin/python3"), "the image's python:\n{logs}");
 }

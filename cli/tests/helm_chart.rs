@@ -95,7 +95,14 @@ fn the_chart_lints_and_every_value_set_renders_valid_kubernetes_1_30_and_1_33() 
     assert!(lint.status.success(), "{}", String::from_utf8_lossy(&lint.stdout));
     let validate = tool("KUBERNETES_VALIDATE", "kubernetes-validate");
     let dir = tempfile::tempdir().unwrap();
-    let sets = ["", "ha-etcd-values.yaml", "external-etcd-values.yaml", "s3-values.yaml", "cpu-agents-values.yaml"];
+    let sets = [
+        "",
+        "ha-etcd-values.yaml",
+        "external-etcd-values.yaml",
+        "s3-values.yaml",
+        "cpu-agents-values.yaml",
+        "container-engine-values.yaml",
+    ];
     for set in sets {
         let values: Vec<String> = (!set.is_empty()).then(|| ci_values(set)).into_iter().collect();
         let refs: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -159,6 +166,36 @@ fn agents_reach_only_gpu_nodes_with_the_nvidia_runtime_and_no_rbac_is_granted() 
     let cpu = objects(&render(&[&ci_values("cpu-agents-values.yaml")], &[]).unwrap());
     let pod = &cpu["DaemonSet/t-gantry-agent"]["spec"]["template"]["spec"];
     assert!(pod["runtimeClassName"].is_null() && pod["nodeSelector"].is_null(), "{pod:?}");
+}
+
+/// Container jobs are off unless a node's engine socket is given; then the agent mounts it,
+/// joins its group, runs on the host network and keeps its work directory at the host's path.
+#[test]
+fn the_container_engine_socket_is_opt_in_and_brings_what_it_needs() {
+    let pod = |objs: &BTreeMap<String, Value>| objs["DaemonSet/t-gantry-agent"]["spec"]["template"]["spec"].clone();
+    let off = pod(&objects(&render(&[], &[]).unwrap()));
+    assert!(strings(&off["containers"][0]["args"]).contains(&"--container-engine=none".to_string()));
+    assert!(off["hostNetwork"].is_null());
+    let set = ["agent.containerEngine.socket=/var/run/docker.sock", "agent.containerEngine.socketGroup=998"];
+    let err = render(&[], &set).unwrap_err();
+    assert!(err.contains("needs agent.workDirHostPath"), "{err}");
+    let on = pod(&objects(&render(&[], &[set[0], set[1], "agent.workDirHostPath=/srv/gantry"]).unwrap()));
+    let args = strings(&on["containers"][0]["args"]);
+    for want in ["--container-engine=/run/gantry/engine.sock", "--container-gpus=nvidia", "--work-dir=/srv/gantry"] {
+        assert!(args.contains(&want.to_string()), "{want}: {args:?}");
+    }
+    assert_eq!(on["hostNetwork"], true);
+    assert_eq!(on["securityContext"]["supplementalGroups"][0], 998);
+    let volumes = on["volumes"].as_sequence().unwrap();
+    let engine = volumes.iter().find(|v| v["name"] == "engine").expect("the engine volume");
+    assert_eq!(
+        (engine["hostPath"]["path"].as_str(), engine["hostPath"]["type"].as_str()),
+        (Some("/var/run/docker.sock"), Some("Socket"))
+    );
+    let mounts = on["containers"][0]["volumeMounts"].as_sequence().unwrap();
+    assert!(mounts.iter().any(|m| m["name"] == "work" && m["mountPath"] == "/srv/gantry"), "{mounts:?}");
+    let bad = render(&[], &["agent.containerEngine.gpus=amd"]).unwrap_err();
+    assert!(bad.contains("gpus"), "{bad}");
 }
 
 /// GPU nodes can run the GPU flavour of the image while the coordinators keep the plain one.
