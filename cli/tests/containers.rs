@@ -100,6 +100,12 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
     use std::os::unix::fs::PermissionsExt;
     let key = dir.path().join("secrets/ca.key");
     std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // agent-3 runs container jobs through this machine's engine (compose.yaml says why).
+    let agent3_dir = dir.path().join("agent-3-work");
+    support::job_writable_dir(&agent3_dir);
+    let docker_gid = run("stat", &["-c", "%g", "/var/run/docker.sock"], &root);
+    let env = format!("GANTRY_AGENT3_DIR={}\nDOCKER_GID={}\n", agent3_dir.display(), docker_gid.trim());
+    std::fs::write(dir.path().join(".env"), env).unwrap();
     let project = Project { name: format!("gantrytest{}", std::process::id()), dir };
     project.compose(&["up", "-d"]);
 
@@ -125,6 +131,19 @@ fn the_compose_fleet_runs_a_gang_and_a_gpu_job_and_moves_a_stopped_agents_job() 
     let job = cli.json(&["job", &on_gpu]);
     let placed = &job["attempts"][0]["gpus"];
     assert!(placed.as_array().unwrap().len() == 1 && placed[0].as_str().unwrap().starts_with("GPU-"), "{job}");
+
+    // A job in a container of its own image (gantry's, the one image this machine holds): it
+    // goes to agent-3, the agent whose engine holds it.
+    let version = env!("CARGO_PKG_VERSION");
+    let boxed = cli.submit(&format!(
+        "name: boxed\nimage: gantry:{version}\nimage_pull_policy: never\nresources: {{cpus: 1}}\nmax_restarts: 0\n\
+         command: [\"/usr/local/bin/gantry\", \"--version\"]\n"
+    ));
+    let state = cli.wait_state(&boxed, &["succeeded", "failed"], Duration::from_secs(120));
+    let job = cli.json(&["job", &boxed]);
+    assert_eq!(state, "succeeded", "{job}");
+    assert_eq!(job["nodes"], serde_json::json!(["agent-3"]), "{job}");
+    assert!(cli.ok(&["logs", &boxed]).contains(&format!("gantry {version}")));
 
     // A longer job; stop its agent's container: it is noticed, and the job runs elsewhere.
     let long = cli.submit(
