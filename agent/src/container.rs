@@ -293,7 +293,9 @@ impl Engine {
         };
         ContainerCreateBody {
             image: Some(rank.image.to_string()),
-            cmd: Some(rank.argv.to_vec()),
+            // The job's command replaces the image's entrypoint, as Kubernetes' `command:` does.
+            entrypoint: rank.argv.first().map(|program| vec![program.clone()]),
+            cmd: Some(rank.argv.iter().skip(1).cloned().collect()),
             env: Some(rank.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             working_dir: Some(dir),
             user: Some(rank.user.clone()),
