@@ -55,6 +55,9 @@ pub struct Rank<'a> {
     pub env: &'a [(String, String)],
     /// The attempt's directory, mounted read-write at the same path, and the working directory.
     pub dir: &'a std::path::Path,
+    /// More host paths mounted at the same path: read-only (gantry's binary, for a `train:` job)
+    /// or read-write (the agent's kernel cache).
+    pub mounts: Vec<(&'a std::path::Path, Access)>,
     /// `uid:gid` the rank runs as.
     pub user: String,
     pub cpus: f64,
@@ -134,6 +137,13 @@ fn image_registry(image: &str) -> String {
         Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => registry_host(first),
         _ => DOCKER_HUB.into(),
     }
+}
+
+/// How a container may use a mounted path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
 }
 
 /// How a container ended.
@@ -279,7 +289,14 @@ impl Engine {
         };
         let memory_bytes = (rank.memory_gb > 0.0).then_some((rank.memory_gb * (1u64 << 30) as f64) as i64);
         let host_config = HostConfig {
-            binds: Some(vec![format!("{dir}:{dir}:rw")]),
+            binds: Some(
+                std::iter::once(format!("{dir}:{dir}:rw"))
+                    .chain(rank.mounts.iter().map(|(path, access)| {
+                        let mode = if *access == Access::ReadOnly { "ro" } else { "rw" };
+                        format!("{p}:{p}:{mode}", p = path.display())
+                    }))
+                    .collect(),
+            ),
             network_mode: Some("host".into()),
             // An init as PID 1 passes SIGTERM on and reaps what the job leaves.
             init: Some(true),
@@ -462,6 +479,7 @@ mod tests {
             argv: &[],
             env: &env,
             dir: std::path::Path::new("/w"),
+            mounts: Vec::new(),
             user: "0:0".into(),
             cpus: 1.0,
             memory_gb: 1.0,

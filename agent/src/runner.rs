@@ -283,6 +283,14 @@ async fn run_container(
         argv,
         env,
         dir: &launch.dir,
+        // A `train:` job runs gantry's own runtime: this very binary, and the kernel cache.
+        mounts: match launch.spec.train {
+            Some(_) => vec![
+                (launch.train_program.as_path(), container::Access::ReadOnly),
+                (launch.kernel_cache.as_path(), container::Access::ReadWrite),
+            ],
+            None => Vec::new(),
+        },
         user,
         cpus: r.cpus,
         memory_gb: r.memory_gb,

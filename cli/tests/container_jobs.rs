@@ -340,3 +340,26 @@ fn the_agent_built_into_a_users_image_runs_command_jobs_with_that_images_python(
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains("from /usr/local/bin/python3"), "the image's python:\n{logs}");
 }
+
+/// A `train:` job in an image runs gantry's own runtime, the agent's binary mounted in.
+#[test]
+fn a_train_job_in_an_image_runs_the_agents_runtime_inside_it() {
+    let fleet = Fleet::start();
+    let spec = format!(
+        "name: boxed-train\nimage: {}\nimage_pull_policy: never\nmax_restarts: 0\nresources: {{cpus: 1}}\ntrain: {{epochs: 1}}\n",
+        image()
+    );
+    let id = fleet.submit(&spec);
+    assert_eq!(
+        fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(120)),
+        "succeeded",
+        "{}",
+        fleet.ok(&["logs", &id])
+    );
+    let logs = fleet.ok(&["logs", &id]);
+    assert!(logs.contains("test_accuracy"), "{logs}");
+    let agent = std::fs::read_to_string(fleet.dir.path().join("node-a.log")).unwrap();
+    let started: Vec<&str> = agent.lines().filter(|l| l.contains("job started")).collect();
+    assert!(started.iter().any(|l| l.contains(image())), "it ran in a container: {started:?}");
+    assert!(containers_of(&fleet, "node-a", &id).is_empty());
+}

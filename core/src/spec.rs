@@ -51,8 +51,8 @@ pub struct JobSpec {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// The container image each rank runs in (with `command:`), through the agent's container
-    /// engine; none: a process on the agent's host.
+    /// The container image each rank runs in, through the agent's container engine (a `train:`
+    /// job runs gantry's runtime from the agent, mounted in); none: a process on the agent's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
@@ -467,9 +467,6 @@ impl JobSpec {
                     "image",
                     format!("must be an image reference (NAME[:TAG] or NAME@DIGEST), at most {} bytes", limits::IMAGE),
                 ));
-            }
-            if self.train.is_some() {
-                return Err(SpecError::new("image", "runs `command:` jobs; `train:` jobs run on the agent's host"));
             }
         } else if !self.image_pull_policy.is_default() {
             return Err(SpecError::new("image_pull_policy", "applies to jobs with an `image:` only"));
@@ -955,7 +952,6 @@ mod tests {
         assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
         for (yaml, field) in [
             ("image: \"a b\"\ncommand: [a]", "image"),
-            ("image: x\ntrain: {}", "image"),
             ("image_pull_policy: always\ncommand: [a]", "image_pull_policy"),
             ("image: x\nimage_pull_policy: sometimes\ncommand: [a]", "image_pull_policy"),
         ] {
