@@ -214,7 +214,10 @@ impl Engine {
         self.remove(&name).await;
         let created = self
             .docker
-            .create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), self.body(rank))
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body(&self.agent, self.gpu_driver.as_deref(), rank),
+            )
             .await
             .map_err(|e| match e {
                 EngineError::DockerResponseServerError { status_code: 404, message } => {
@@ -268,58 +271,6 @@ impl Engine {
         };
         let state = self.docker.inspect_container(id, None).await.map_err(engine_error)?.state.unwrap_or_default();
         Ok(Ended { code: state.exit_code.unwrap_or(code) as i32, oom_killed: state.oom_killed.unwrap_or(false) })
-    }
-
-    fn body(&self, rank: &Rank<'_>) -> ContainerCreateBody {
-        let dir = rank.dir.display().to_string();
-        let labels = HashMap::from([
-            (AGENT_LABEL.to_string(), self.agent.clone()),
-            ("gantry.job".to_string(), rank.job_id.to_string()),
-            ("gantry.attempt".to_string(), rank.attempt.to_string()),
-            ("gantry.rank".to_string(), rank.rank.to_string()),
-        ]);
-        let device_requests = match (&self.gpu_driver, rank.gpu_uuids.is_empty()) {
-            (Some(driver), false) => Some(vec![DeviceRequest {
-                driver: Some(driver.clone()),
-                device_ids: Some(rank.gpu_uuids.to_vec()),
-                capabilities: Some(vec![vec!["gpu".into()]]),
-                ..Default::default()
-            }]),
-            _ => None,
-        };
-        let memory_bytes = (rank.memory_gb > 0.0).then_some((rank.memory_gb * (1u64 << 30) as f64) as i64);
-        let host_config = HostConfig {
-            binds: Some(
-                std::iter::once(format!("{dir}:{dir}:rw"))
-                    .chain(rank.mounts.iter().map(|(path, access)| {
-                        let mode = if *access == Access::ReadOnly { "ro" } else { "rw" };
-                        format!("{p}:{p}:{mode}", p = path.display())
-                    }))
-                    .collect(),
-            ),
-            network_mode: Some("host".into()),
-            // An init as PID 1 passes SIGTERM on and reaps what the job leaves.
-            init: Some(true),
-            // Zero asks for no share, as for processes: no limit.
-            nano_cpus: (rank.cpus > 0.0).then_some((rank.cpus * 1e9) as i64),
-            memory: memory_bytes,
-            // No swap beyond the limit: over it, the job is killed for memory as a process is.
-            memory_swap: memory_bytes,
-            device_requests,
-            ..Default::default()
-        };
-        ContainerCreateBody {
-            image: Some(rank.image.to_string()),
-            // The job's command replaces the image's entrypoint, as Kubernetes' `command:` does.
-            entrypoint: rank.argv.first().map(|program| vec![program.clone()]),
-            cmd: Some(rank.argv.iter().skip(1).cloned().collect()),
-            env: Some(rank.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            working_dir: Some(dir),
-            user: Some(rank.user.clone()),
-            labels: Some(labels),
-            host_config: Some(host_config),
-            ..Default::default()
-        }
     }
 
     /// Makes sure the engine holds `image`, pulling it as `policy` says.
@@ -379,6 +330,59 @@ impl Engine {
             Ok(()) | Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => {}
             Err(e) => warn!(container = %id, error = %e, "could not remove the container"),
         }
+    }
+}
+
+/// What the engine is asked to create for `rank` of agent `agent` (its key).
+fn body(agent: &str, gpu_driver: Option<&str>, rank: &Rank<'_>) -> ContainerCreateBody {
+    let dir = rank.dir.display().to_string();
+    let labels = HashMap::from([
+        (AGENT_LABEL.to_string(), agent.to_string()),
+        ("gantry.job".to_string(), rank.job_id.to_string()),
+        ("gantry.attempt".to_string(), rank.attempt.to_string()),
+        ("gantry.rank".to_string(), rank.rank.to_string()),
+    ]);
+    let device_requests = match (gpu_driver, rank.gpu_uuids.is_empty()) {
+        (Some(driver), false) => Some(vec![DeviceRequest {
+            driver: Some(driver.to_string()),
+            device_ids: Some(rank.gpu_uuids.to_vec()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]),
+        _ => None,
+    };
+    let memory_bytes = (rank.memory_gb > 0.0).then_some((rank.memory_gb * (1u64 << 30) as f64) as i64);
+    let host_config = HostConfig {
+        binds: Some(
+            std::iter::once(format!("{dir}:{dir}:rw"))
+                .chain(rank.mounts.iter().map(|(path, access)| {
+                    let mode = if *access == Access::ReadOnly { "ro" } else { "rw" };
+                    format!("{p}:{p}:{mode}", p = path.display())
+                }))
+                .collect(),
+        ),
+        network_mode: Some("host".into()),
+        // An init as PID 1 passes SIGTERM on and reaps what the job leaves.
+        init: Some(true),
+        // Zero asks for no share, as for processes: no limit.
+        nano_cpus: (rank.cpus > 0.0).then_some((rank.cpus * 1e9) as i64),
+        memory: memory_bytes,
+        // No swap beyond the limit: over it, the job is killed for memory as a process is.
+        memory_swap: memory_bytes,
+        device_requests,
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(rank.image.to_string()),
+        // The job's command replaces the image's entrypoint, as Kubernetes' `command:` does.
+        entrypoint: rank.argv.first().map(|program| vec![program.clone()]),
+        cmd: Some(rank.argv.iter().skip(1).cloned().collect()),
+        env: Some(rank.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: Some(dir),
+        user: Some(rank.user.clone()),
+        labels: Some(labels),
+        host_config: Some(host_config),
+        ..Default::default()
     }
 }
 
@@ -465,6 +469,48 @@ mod tests {
             .unwrap();
         let fixed = url_safe_registry_auth(request);
         assert_eq!(fixed.headers()["X-Registry-Auth"], "ab-c_d=");
+    }
+
+    #[test]
+    fn a_container_gets_its_gpus_limits_mounts_user_and_command() {
+        let env = [("RANK".to_string(), "1".to_string())];
+        let argv = ["python3".to_string(), "train.py".to_string()];
+        let gpus = ["GPU-a".to_string(), "GPU-b".to_string()];
+        let ro = std::path::Path::new("/opt/gantry");
+        let rank = Rank {
+            job_id: "12",
+            attempt: 3,
+            rank: 1,
+            image: "img:1",
+            pull: PullPolicy::Never,
+            argv: &argv,
+            env: &env,
+            dir: std::path::Path::new("/w/12"),
+            mounts: vec![(ro, Access::ReadOnly)],
+            user: "65534:65534".into(),
+            cpus: 2.5,
+            memory_gb: 0.5,
+            gpu_uuids: &gpus,
+        };
+        let b = body("agent-1", Some("nvidia"), &rank);
+        let host = b.host_config.clone().unwrap();
+        let request = &host.device_requests.unwrap()[0];
+        assert_eq!((request.driver.as_deref(), request.device_ids.as_deref()), (Some("nvidia"), Some(&gpus[..])));
+        assert_eq!(
+            (host.nano_cpus, host.memory, host.memory_swap),
+            (Some(2_500_000_000), Some(1 << 29), Some(1 << 29))
+        );
+        assert_eq!(host.binds.unwrap(), ["/w/12:/w/12:rw", "/opt/gantry:/opt/gantry:ro"]);
+        assert_eq!(host.network_mode.as_deref(), Some("host"));
+        assert_eq!((b.entrypoint.unwrap(), b.cmd.unwrap()), (vec![argv[0].clone()], vec![argv[1].clone()]));
+        assert_eq!((b.user.as_deref(), b.working_dir.as_deref()), (Some("65534:65534"), Some("/w/12")));
+        assert_eq!(b.env.unwrap(), ["RANK=1"]);
+        assert_eq!(b.labels.unwrap()["gantry.agent"], "agent-1");
+        // Without the toolkit, or for a CPU job: no device request at all.
+        assert!(body("agent-1", None, &rank).host_config.unwrap().device_requests.is_none());
+        let cpu = Rank { gpu_uuids: &[], cpus: 0.0, memory_gb: 0.0, ..rank };
+        let host = body("agent-1", Some("nvidia"), &cpu).host_config.unwrap();
+        assert_eq!((host.device_requests, host.nano_cpus, host.memory), (None, None, None), "zero asks for no limit");
     }
 
     #[test]
