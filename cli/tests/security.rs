@@ -437,7 +437,7 @@ fn jobs_run_unprivileged_in_their_own_cgroup_and_a_memory_kill_is_named() {
 
     // 3 GiB touched under a 1 GiB limit: the kernel kills it, and the job says why.
     let hog = fleet.submit(
-        "name: hog\nresources: {cpus: 1, memory_gb: 1}\ncommand: [\"python3\", \"-c\", \"b = bytearray(3 << 30); print('survived')\"]\n",
+        "name: hog\nresources: {cpus: 1, memory_gb: 1}\nmax_restarts: 0\ncommand: [\"python3\", \"-c\", \"b = bytearray(3 << 30); print('survived')\"]\n",
     );
     assert_eq!(fleet.wait_state(&hog, &["succeeded", "failed"], Duration::from_secs(60)), "failed");
     let shown = fleet.ok(&["job", &hog]);
