@@ -77,6 +77,12 @@ fn python_job(name: &str, extra: &str, program: &str) -> String {
     )
 }
 
+/// Waits for job `id` to end, and fails with its logs unless it succeeded.
+fn succeeds(fleet: &Fleet, id: &str, secs: u64) {
+    let state = fleet.wait_state(id, &["succeeded", "failed"], Duration::from_secs(secs));
+    assert_eq!(state, "succeeded", "{}", fleet.ok(&["logs", id]));
+}
+
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -113,12 +119,7 @@ time.sleep(1.5)
 print("done")
 "#;
     let id = fleet.submit(&python_job("in-a-box", "resources: {gpus: 1, cpus: 1}\n", program));
-    assert_eq!(
-        fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)),
-        "succeeded",
-        "{}",
-        fleet.ok(&["logs", &id])
-    );
+    succeeds(&fleet, &id, 60);
     let job = fleet.json(&["job", &id]);
     let placed: Vec<String> =
         job["attempts"][0]["gpus"].as_array().unwrap().iter().map(|g| g.as_str().unwrap().to_string()).collect();
@@ -226,12 +227,7 @@ else:
     print("rank 1 sent")
 "#;
     let id = fleet.submit(&python_job("gang", "resources: {nodes: 2, cpus: 0.5}\n", program));
-    assert_eq!(
-        fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60)),
-        "succeeded",
-        "{}",
-        fleet.ok(&["logs", &id])
-    );
+    succeeds(&fleet, &id, 60);
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains("rank 0 heard: hello from rank 1"), "{logs}");
 }
@@ -350,12 +346,7 @@ fn a_train_job_in_an_image_runs_the_agents_runtime_inside_it() {
         image()
     );
     let id = fleet.submit(&spec);
-    assert_eq!(
-        fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(120)),
-        "succeeded",
-        "{}",
-        fleet.ok(&["logs", &id])
-    );
+    succeeds(&fleet, &id, 120);
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains("test_accuracy"), "{logs}");
     let agent = std::fs::read_to_string(fleet.dir.path().join("node-a.log")).unwrap();
