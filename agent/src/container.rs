@@ -292,14 +292,12 @@ impl Engine {
             _ => {}
         }
         let _ = lines.send(format!("[gantry] pulling image {image}")).await;
-        // Without a tag the engine would pull every tag of the repository.
-        let tagged = image.contains('@') || image.rsplit('/').next().is_some_and(|last| last.contains(':'));
-        let mut options = CreateImageOptionsBuilder::default().from_image(image);
-        if !tagged {
-            options = options.tag("latest");
-        }
+        // Always with a tag (`:latest` where none is given): without one the engine would pull
+        // every tag of the repository.
+        let options =
+            CreateImageOptionsBuilder::default().from_image(&gantry_core::spec::normalize_image(image)).build();
         let credentials = self.registry_auth.for_image(image);
-        let mut pull = self.docker.create_image(Some(options.build()), None, credentials);
+        let mut pull = self.docker.create_image(Some(options), None, credentials);
         let mut failed = None;
         while let Some(step) = pull.next().await {
             if let Err(e) = step {
