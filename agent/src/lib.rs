@@ -98,12 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let coordinators = Coordinators::new(&config.coordinator, &tls)?;
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
-    // The work directory names this agent among others on the machine, across its restarts.
-    let agent_key = {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(config.work_dir.to_string_lossy().as_bytes());
-        format!("agent-{}", &hex::encode(digest)[..12])
-    };
+    let agent_key = agent_key(&config.work_dir);
     let isolation = Arc::new(isolation::Isolation::detect(&config.job_user, &agent_key)?);
     if isolation.user.is_some() {
         // The job user must pass through the work directory to its own (not list it).
@@ -160,6 +155,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     *agent.outbound.lock().expect("outbound lock") = None;
     agent.stop_all().await;
     result
+}
+
+/// The name of the agent that works in `work_dir` among others on the machine, the same across
+/// its restarts: its cgroups' and its containers' label.
+pub fn agent_key(work_dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(work_dir.to_string_lossy().as_bytes());
+    format!("agent-{}", &hex::encode(digest)[..12])
 }
 
 /// Connects to the container engine and removes what a previous run of this agent (the same

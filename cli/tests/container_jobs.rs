@@ -55,9 +55,7 @@ fn image() -> &'static str {
 /// The label value that names an agent's containers: its work directory's key, as the agent
 /// makes it (job ids repeat across the fleets of tests running at once; work directories do not).
 fn agent_key(fleet: &Fleet, agent: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(fleet.work_dir(agent).to_string_lossy().as_bytes());
-    format!("agent-{}", &hex::encode(digest)[..12])
+    gantry_agent::agent_key(&fleet.work_dir(agent))
 }
 
 /// Containers of job `id` on `agent` (running or not), as the engine lists them.
