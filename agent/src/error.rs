@@ -48,7 +48,7 @@ pub enum Error {
     TrainConfig(#[source] serde_json::Error),
     /// The assignment's spec has nothing to run (the coordinator validates specs, so a
     /// mismatched coordinator version).
-    #[error("the job has neither `train` nor `command`")]
+    #[error("the job has none of `train`, `command` and `serve`")]
     NothingToRun,
     /// The job's process ended before its id could be read, so it cannot be signalled.
     #[error("the job exited before it could be tracked")]

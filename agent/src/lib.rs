@@ -16,6 +16,7 @@ mod join;
 mod logship;
 mod metrics;
 mod runner;
+mod serving;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -69,6 +70,8 @@ struct Held {
     metrics: metrics::MetricsTail,
     /// Stopped by this agent, cut off from every coordinator (see [`fence`]).
     fenced: bool,
+    /// A serve replica's port while it answers ready (see [`serving`]), else 0.
+    serve_port: Arc<std::sync::atomic::AtomicU32>,
 }
 
 struct Agent {
@@ -222,13 +225,26 @@ impl Agent {
         self.heard.lock().expect("heard lock poisoned")
     }
 
+    /// Where serve replicas listen: the IP the coordinator reaches this agent at
+    /// (`--advertise-addr`, else the local end of the route to the coordinator), else loopback.
+    fn advertised_ip(&self) -> String {
+        match &self.config.advertise_addr {
+            Some(addr) => addr.clone(),
+            None => self.coordinators.local_ip().unwrap_or_else(|| "127.0.0.1".into()),
+        }
+    }
+
     fn heartbeat(&self) -> v1::AgentMessage {
         let now_ms = now_ms();
         let seq = self.heard().sent(tokio::time::Instant::now());
         let mut jobs = Vec::new();
         let mut metrics = Vec::new();
         for ((job_id, attempt, rank), held) in self.jobs().iter_mut() {
-            jobs.push(held.report.clone());
+            let mut report = held.report.clone();
+            if report.phase == v1::job_report::Phase::Running as i32 {
+                report.serve_port = held.serve_port.load(std::sync::atomic::Ordering::Relaxed);
+            }
+            jobs.push(report);
             let points = held.metrics.read_new(now_ms);
             if !points.is_empty() {
                 metrics.push(v1::RankMetrics {
@@ -358,6 +374,7 @@ impl Agent {
             }
         };
         let (stop_tx, stop_rx) = watch::channel(None);
+        let serve_port = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let dir =
             self.config.work_dir.join("jobs").join(&a.job_id).join(format!("attempt-{}-rank-{}", a.attempt, a.rank));
         {
@@ -373,7 +390,10 @@ impl Agent {
                 ..Default::default()
             };
             let metrics = metrics::MetricsTail::new(runner::metrics_file(&dir));
-            jobs.insert(key.clone(), Held { report, stop: stop_tx, metrics, fenced: false });
+            jobs.insert(
+                key.clone(),
+                Held { report, stop: stop_tx, metrics, fenced: false, serve_port: serve_port.clone() },
+            );
         }
         let launch = runner::Launch {
             assignment: a,
@@ -384,6 +404,8 @@ impl Agent {
             coordinators: self.coordinators.clone(),
             isolation: self.isolation.clone(),
             engine: self.engine.clone(),
+            serve_host: self.advertised_ip(),
+            serve_port,
         };
         let agent = self.clone();
         tokio::spawn(async move {

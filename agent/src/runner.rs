@@ -19,6 +19,7 @@ use crate::coordinators::Coordinators;
 use crate::error::{Error, Result};
 use crate::isolation::{self, Isolation};
 use crate::logship::LogShipper;
+use crate::serving;
 
 pub struct Launch {
     pub assignment: v1::Assignment,
@@ -35,6 +36,10 @@ pub struct Launch {
     pub isolation: std::sync::Arc<Isolation>,
     /// Where jobs with an `image:` run; none when the agent has no container engine.
     pub engine: Option<Engine>,
+    /// The address a serve replica listens on: the one the coordinator reaches this agent at.
+    pub serve_host: String,
+    /// A serve replica's port while it answers ready, else 0: what heartbeats report.
+    pub serve_port: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
@@ -114,6 +119,7 @@ async fn run_child(
         resume_dir = Some(dest);
     }
 
+    let mut serve_env = Vec::new();
     let argv = match (&launch.spec.train, &launch.spec.command) {
         (Some(train), _) => {
             let file = launch.dir.join("train.json");
@@ -127,7 +133,13 @@ async fn run_child(
             ]
         }
         (None, Some(argv)) => argv.clone(),
-        (None, None) => return Err(Error::NothingToRun),
+        (None, None) => match &launch.spec.serve {
+            Some(serve) => {
+                serve_env = serving::env(&launch.spec.name, serve, &launch.serve_host)?;
+                vec![launch.train_program.display().to_string(), "serve-model".into()]
+            }
+            None => return Err(Error::NothingToRun),
+        },
     };
 
     // The job's files are the job user's.
@@ -136,6 +148,9 @@ async fn run_child(
     isolation.shared_dir(&launch.kernel_cache)?;
     let mut env: Vec<(String, String)> = launch.spec.env.clone().into_iter().collect();
     env.extend(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache));
+    let probing =
+        serving::probe_addr(&serve_env).map(|addr| tokio::spawn(serving::probe(addr, launch.serve_port.clone())));
+    env.extend(serve_env);
     if let Some(user) = &isolation.user {
         // Not root's home: the job's own directory.
         let home = launch.dir.display().to_string();
@@ -157,6 +172,10 @@ async fn run_child(
         Some(image) => run_container(launch, image, &argv, &env, lines, stop).await,
         None => run_process(launch, &argv, env, lines, stop).await,
     };
+    if let Some(probing) = probing {
+        probing.abort();
+        launch.serve_port.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
     // The last checkpoints go up before the exit is reported.
     let _ = upload_stop_tx.send(true);
     let _ = uploading.await;
@@ -284,12 +303,12 @@ async fn run_container(
         env,
         dir: &launch.dir,
         // A `train:` job runs gantry's own runtime: this very binary, and the kernel cache.
-        mounts: match launch.spec.train {
-            Some(_) => vec![
+        mounts: match launch.spec.train.is_some() || launch.spec.serve.is_some() {
+            true => vec![
                 (launch.train_program.as_path(), container::Access::ReadOnly),
                 (launch.kernel_cache.as_path(), container::Access::ReadWrite),
             ],
-            None => Vec::new(),
+            false => Vec::new(),
         },
         user,
         cpus: r.cpus,

@@ -68,6 +68,11 @@ enum Command {
     Nodes,
     /// Every GPU of the fleet, with the job on it.
     Gpus,
+    /// Served models (serve jobs): their replicas and where requests go.
+    Endpoints,
+    /// Serve jobs.
+    #[command(subcommand)]
+    Serve(ServeCommand),
     /// A live terminal view of the fleet and the queue (q to quit).
     Top,
     /// Stop placing new jobs on a node; its running jobs carry on.
@@ -100,6 +105,21 @@ enum Command {
         /// The `train:` section as JSON.
         #[arg(long)]
         spec: PathBuf,
+    },
+    /// Serve a trained checkpoint over the Open Inference Protocol (KServe v2, HTTP/JSON) with
+    /// dynamic batching on the CPU (what agents run for `serve:` jobs' replicas).
+    ServeModel(commands::serve_model::ServeModelArgs),
+}
+
+#[derive(Subcommand)]
+enum ServeCommand {
+    /// Serve model NAME from another checkpoint: its replicas are replaced one at a time, each
+    /// new one ready before an old one stops.
+    Update {
+        name: String,
+        /// JOB_ID (its latest checkpoint) or JOB_ID@STEP.
+        #[arg(long)]
+        from: String,
     },
 }
 
@@ -162,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             | Command::Sim(_)
             | Command::Completion { .. }
             | Command::Train { .. }
+            | Command::ServeModel(_)
             | Command::Login { .. }
     );
     let target = if serves {
@@ -180,6 +201,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             drop(runtime);
             commands::train::run(&spec)
         }
+        Command::ServeModel(args) => {
+            // It builds a runtime of its own, with `--threads` workers.
+            drop(runtime);
+            commands::serve_model::run(args)
+        }
         Command::Submit { file, follow } => runtime.block_on(commands::jobs::submit(url, &file, follow, json)),
         Command::Jobs => runtime.block_on(commands::jobs::list(url, json)).map(|_| 0),
         Command::Job { id } => runtime.block_on(commands::jobs::describe(url, &id, json)).map(|_| 0),
@@ -191,6 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Nodes => runtime.block_on(commands::fleet::nodes(url, json)).map(|_| 0),
         Command::Gpus => runtime.block_on(commands::fleet::gpus(url, json)).map(|_| 0),
+        Command::Endpoints => runtime.block_on(commands::endpoints::list(url, json)).map(|_| 0),
+        Command::Serve(ServeCommand::Update { name, from }) => {
+            runtime.block_on(commands::endpoints::update(url, &name, &from, json)).map(|_| 0)
+        }
         Command::Top => commands::top::run(url, &runtime).map(|_| 0),
         Command::Drain { node } => runtime.block_on(commands::fleet::drain(url, &node, true, json)).map(|_| 0),
         Command::Undrain { node } => runtime.block_on(commands::fleet::drain(url, &node, false, json)).map(|_| 0),

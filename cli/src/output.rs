@@ -106,6 +106,35 @@ pub struct JobView {
     /// The latest point each rank reported: `{"rank": 0, "step": 300, "values": {"loss": 0.1}}`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricsView>,
+    /// A serve job's replicas, newest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaView>,
+    /// A replica: the serve job it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
+}
+
+/// One copy of a serve job: `{"job_id": "7", "state": "ready", "node": "n1", "url": "http://...", "from": "3@690"}`.
+#[derive(Serialize)]
+pub struct ReplicaView {
+    pub job_id: String,
+    /// queued, starting, ready, stopping, or how it ended.
+    pub state: String,
+    pub node: String,
+    pub url: String,
+    pub from: String,
+}
+
+impl From<&v1::Replica> for ReplicaView {
+    fn from(r: &v1::Replica) -> Self {
+        ReplicaView {
+            job_id: r.job_id.clone(),
+            state: r.state.clone(),
+            node: r.node.clone(),
+            url: r.url.clone(),
+            from: r.from.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -193,6 +222,8 @@ impl From<&v1::Job> for JobView {
                     })
                 })
                 .collect(),
+            replicas: job.replicas.iter().map(ReplicaView::from).collect(),
+            replica_of: (!job.replica_of.is_empty()).then(|| job.replica_of.clone()),
         }
     }
 }

@@ -19,10 +19,14 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/", get(page))
         .route("/api/fleet", get(api_fleet))
         .route("/api/jobs", get(api_jobs))
+        .route("/api/endpoints", get(api_endpoints))
         .route("/api/jobs/{id}/logs", get(api_logs))
         .route("/api/jobs/{id}/metrics", get(api_metrics))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/v2/models/{name}", get(crate::serving::endpoint::metadata))
+        .route("/v2/models/{name}/ready", get(crate::serving::endpoint::ready))
+        .route("/v2/models/{name}/infer", post(crate::serving::endpoint::infer))
         .route("/login", get(crate::auth::http::login_form).post(crate::auth::http::login))
         .route("/logout", post(crate::auth::http::logout))
         .layer(axum::middleware::from_fn_with_state(coordinator.clone(), crate::auth::http::require_token))
@@ -99,6 +103,30 @@ async fn api_jobs(State(c): State<Arc<Coordinator>>, Extension(who): Extension<P
                 "stop_reason": reasons.stopping.as_ref().map(|s| &s.1),
                 "stop_code": reasons.stopping.as_ref().map(|s| s.0),
                 "message": j.message,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::Value::Array(out)))
+}
+
+/// Served models with their ready replicas, requests so far, errors and p99 latency (the
+/// upper bound of the histogram bucket it falls in; "+Inf" past the last).
+async fn api_endpoints(State(c): State<Arc<Coordinator>>, Extension(who): Extension<Principal>) -> ApiResult {
+    sees_fleet(&who)?;
+    let stats: std::collections::HashMap<String, crate::serving::ModelStats> =
+        c.serving.stats.snapshot().into_iter().collect();
+    let out: Vec<serde_json::Value> = c
+        .endpoints()?
+        .into_iter()
+        .map(|e| {
+            let s = stats.get(&e.model).cloned().unwrap_or_default();
+            let errors: u64 = s.codes.iter().filter(|(code, _)| **code >= 500).map(|(_, n)| n).sum();
+            let p99 =
+                s.quantile(0.99).map(|q| if q.is_finite() { serde_json::json!(q) } else { serde_json::json!("+Inf") });
+            serde_json::json!({
+                "model": e.model, "job_id": e.job_id, "from": e.from, "replicas_wanted": e.replicas_wanted,
+                "ready": e.replicas.iter().filter(|r| r.state == "ready").count(),
+                "requests": s.requests(), "errors": errors, "p99_seconds": p99,
             })
         })
         .collect();
@@ -300,13 +328,14 @@ fn render_metrics(c: &Coordinator) -> crate::Result<String> {
     for (job, rank) in stragglers {
         let _ = writeln!(out, "gantry_job_straggler{{job=\"{job}\",rank=\"{rank}\"}} 1");
     }
+    crate::serving::metrics::write(&mut out, c, &jobs);
     Ok(out)
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn escape(v: &str) -> String {
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

@@ -13,7 +13,7 @@ mod error;
 mod fleet;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-mod http;
+pub(crate) mod http;
 mod job_metrics;
 pub mod lifecycle;
 pub mod limits;
@@ -21,6 +21,7 @@ mod logs;
 mod objects;
 pub mod records;
 mod service;
+pub mod serving;
 pub mod stale;
 pub mod store;
 pub mod tls;

@@ -133,6 +133,34 @@ impl JobRecord {
         Transition::Changed { stop_ranks: false }
     }
 
+    /// A serve job counts as running from its submission until cancelled: its replicas are
+    /// jobs of their own, so it has no attempt of its own.
+    pub fn start_serving(&mut self) -> Transition {
+        if !self.is_serving() || self.state != JobState::Queued || self.cancel_requested {
+            return Transition::Unchanged;
+        }
+        self.state = JobState::Running;
+        Transition::Changed { stop_ranks: false }
+    }
+
+    /// A serve job whose replicas have all ended ends: cancelled if asked, else failed with `why`
+    /// (its replicas kept failing).
+    pub fn end_serving(&mut self, why: Option<&str>, now_ms: i64) -> Transition {
+        if !self.is_serving() || self.state.is_terminal() {
+            return Transition::Unchanged;
+        }
+        let (state, message) = match (self.cancel_requested, why) {
+            (true, _) => (JobState::Cancelled, "cancelled".to_string()),
+            (false, Some(why)) => (JobState::Failed, why.to_string()),
+            (false, None) => return Transition::Unchanged,
+        };
+        self.state = state;
+        self.message = message;
+        self.stopping = None;
+        self.ended_at_ms = Some(now_ms);
+        Transition::Changed { stop_ranks: false }
+    }
+
     /// A queued job that cannot start (its `init_from` checkpoint is missing, say) fails.
     pub fn fail_before_start(&mut self, why: &str, now_ms: i64) -> Transition {
         if self.state != JobState::Queued {

@@ -385,3 +385,42 @@ fn records_written_with_preempted_by_text_read_as_typed_stop_reasons() {
     let round: JobRecord = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
     assert_eq!(round.stopping, None);
 }
+
+// ---- serve jobs ---------------------------------------------------------------------------------
+
+fn serving() -> JobRecord {
+    let spec = JobSpec::from_yaml("name: api\nreplicas: 2\nserve: {from: \"3@10\"}\n").unwrap();
+    crate::store::new_job(9, spec, "alice", 0)
+}
+
+#[test]
+fn a_serve_job_runs_from_its_submission_without_an_attempt_of_its_own() {
+    let mut j = serving();
+    assert!(j.start_serving().changed());
+    assert_eq!((j.state, j.attempt), (JobState::Running, 0));
+    assert_eq!(j.start_serving(), Transition::Unchanged);
+    // Its replicas run; it is never placed itself.
+    let mut replica = serving();
+    replica.replica_of = Some(j.id.clone());
+    assert_eq!(replica.start_serving(), Transition::Unchanged);
+    assert_eq!(replica.state, JobState::Queued);
+}
+
+#[test]
+fn a_cancelled_serve_job_ends_once_its_replicas_have() {
+    let mut j = serving();
+    j.start_serving();
+    assert!(j.cancel(20).changed());
+    assert_eq!(j.state, JobState::Running, "still running while its replicas stop");
+    assert!(j.end_serving(None, 30).changed());
+    assert_eq!((j.state, j.ended_at_ms, j.message.as_str()), (JobState::Cancelled, Some(30), "cancelled"));
+}
+
+#[test]
+fn a_serve_job_fails_only_when_told_why_its_replicas_cannot_run() {
+    let mut j = serving();
+    j.start_serving();
+    assert_eq!(j.end_serving(None, 30), Transition::Unchanged);
+    assert!(j.end_serving(Some("replicas keep failing: exit code 1"), 30).changed());
+    assert_eq!((j.state, j.message.as_str()), (JobState::Failed, "replicas keep failing: exit code 1"));
+}

@@ -56,6 +56,10 @@ pub struct JobRecord {
     /// After a failed attempt the job waits until then before it may start again (`retry.backoff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at_ms: Option<i64>,
+    /// A replica of the serve job with this id: a job of its own, created and stopped by that
+    /// job's rollout (`crate::serving`), never by a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<String>,
 }
 
 fn dev_owner() -> String {
@@ -63,6 +67,12 @@ fn dev_owner() -> String {
 }
 
 impl JobRecord {
+    /// A serve job itself, as submitted: it runs no process and is never placed; its replicas
+    /// are (see [`JobRecord::replica_of`]).
+    pub fn is_serving(&self) -> bool {
+        self.spec.serve.is_some() && self.replica_of.is_none()
+    }
+
     /// The attempt users see: starts, less those ended by preemption or by a node's fault.
     /// (`attempt` itself numbers every run, so logs and agents keep distinct runs apart.)
     pub fn user_attempt(&self) -> u32 {

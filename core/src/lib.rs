@@ -10,4 +10,4 @@ pub mod sim;
 pub mod spec;
 
 pub use error::ParseError;
-pub use spec::{DatasetKind, JobSpec, ModelKind, PullPolicy, Resources, SpecError, TrainSpec};
+pub use spec::{DatasetKind, JobSpec, ModelKind, PullPolicy, Resources, ServeSpec, SpecError, TrainSpec};

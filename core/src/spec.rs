@@ -36,6 +36,9 @@ pub struct JobSpec {
     pub resources: Resources,
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// Copies of a `serve:` job, each placed like a job of its own (1 for every other kind).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub replicas: u32,
     /// Seconds; written as `90s`, `30m`, `2h` or `1h30m` in YAML.
     #[serde(
         default,
@@ -49,6 +52,8 @@ pub struct JobSpec {
     pub train: Option<TrainSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<ServeSpec>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// The container image each rank runs in, through the agent's container engine (a `train:`
@@ -188,6 +193,62 @@ impl Default for Resources {
     fn default() -> Self {
         Resources { nodes: 1, gpus: 0, gpu_model: None, gpu_memory_gb: None, cpus: 1.0, memory_gb: 1.0 }
     }
+}
+
+/// The `serve:` section: a trained model answering requests over the Open Inference Protocol,
+/// until cancelled. Requests are gathered into one forward pass of up to `max_batch_size`
+/// examples, or until the oldest has waited `max_batch_delay_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSpec {
+    /// A `train:` job's checkpoint: `JOB_ID` (its latest when the job is submitted) or `JOB_ID@STEP`.
+    pub from: String,
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: u32,
+    #[serde(default = "default_max_batch_delay_ms")]
+    pub max_batch_delay_ms: u64,
+    /// Requests waiting beyond this are refused at once (HTTP 503) rather than queued.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: u32,
+}
+
+impl ServeSpec {
+    /// The rules of the `serve:` section (field names in errors are prefixed `serve.`).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        parse_checkpoint_ref(&self.from).map_err(|e| SpecError::new("serve.from", e.to_string()))?;
+        if !(1..=limits::MAX_BATCH_SIZE).contains(&self.max_batch_size) {
+            return Err(SpecError::new(
+                "serve.max_batch_size",
+                format!("must be 1..{}, got {}", limits::MAX_BATCH_SIZE, self.max_batch_size),
+            ));
+        }
+        if self.max_batch_delay_ms > limits::MAX_BATCH_DELAY_MS {
+            return Err(SpecError::new(
+                "serve.max_batch_delay_ms",
+                format!("must be at most {} ms, got {}", limits::MAX_BATCH_DELAY_MS, self.max_batch_delay_ms),
+            ));
+        }
+        if !(1..=limits::MAX_QUEUE).contains(&self.max_queue) {
+            return Err(SpecError::new(
+                "serve.max_queue",
+                format!("must be 1..{}, got {}", limits::MAX_QUEUE, self.max_queue),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_max_batch_size() -> u32 {
+    32
+}
+fn default_max_batch_delay_ms() -> u64 {
+    2
+}
+fn default_max_queue() -> u32 {
+    1024
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// The `train:` section: a job for gantry's own training runtime.
@@ -489,13 +550,31 @@ impl JobSpec {
         if r.gpus == 0 && (r.gpu_model.is_some() || r.gpu_memory_gb.is_some()) {
             return Err(SpecError::new("resources.gpus", "gpu_model and gpu_memory_gb need gpus of at least 1"));
         }
+        let kinds = [self.train.is_some(), self.command.is_some(), self.serve.is_some()];
+        match kinds.iter().filter(|k| **k).count() {
+            1 => {}
+            0 => return Err(SpecError::new("train", "give exactly one of `train`, `command` and `serve`")),
+            _ => {
+                return Err(SpecError::new("train", "give exactly one of `train`, `command` and `serve`, not several"));
+            }
+        }
+        if self.replicas == 0 || self.replicas > limits::REPLICAS {
+            return Err(SpecError::new("replicas", format!("must be 1..{}, got {}", limits::REPLICAS, self.replicas)));
+        }
+        if self.replicas != 1 && self.serve.is_none() {
+            return Err(SpecError::new(
+                "replicas",
+                "applies to `serve:` jobs; a train or command job spans machines with resources.nodes",
+            ));
+        }
+        if let Some(serve) = &self.serve {
+            serve.validate()?;
+            if r.nodes != 1 {
+                return Err(SpecError::new("resources.nodes", "a serve job's replica runs on one node: use replicas"));
+            }
+        }
         match (&self.train, &self.command) {
-            (Some(_), Some(_)) => {
-                return Err(SpecError::new("train", "give exactly one of `train` and `command`, not both"));
-            }
-            (None, None) => {
-                return Err(SpecError::new("train", "give exactly one of `train` and `command`"));
-            }
+            (None, None) | (Some(_), Some(_)) => {}
             (None, Some(cmd)) => {
                 if cmd.is_empty() || cmd[0].is_empty() {
                     return Err(SpecError::new("command", "must name a program to run"));
@@ -741,6 +820,12 @@ pub mod limits {
     pub const IMAGE: usize = 512;
     /// `retry.never_on_exit_codes` entries.
     pub const EXIT_CODES: usize = 256;
+    /// A serve job's replicas.
+    pub const REPLICAS: u32 = 64;
+    /// `serve:` batching: examples in one forward pass, the longest wait, requests queued.
+    pub const MAX_BATCH_SIZE: u32 = 4096;
+    pub const MAX_BATCH_DELAY_MS: u64 = 1000;
+    pub const MAX_QUEUE: u32 = 100_000;
 }
 
 #[cfg(test)]
@@ -871,11 +956,34 @@ mod tests {
     }
 
     #[test]
-    fn both_or_neither_of_train_and_command_is_refused() {
+    fn exactly_one_of_train_command_and_serve_is_allowed() {
         let both = JobSpec::from_yaml("name: x\ncommand: [true]\ntrain: {}\n").unwrap_err();
-        assert!(both.reason.contains("not both"), "{both}");
+        assert!(both.reason.contains("not several"), "{both}");
+        let both = JobSpec::from_yaml("name: x\nserve: {from: \"1\"}\ntrain: {}\n").unwrap_err();
+        assert!(both.reason.contains("not several"), "{both}");
         let neither = JobSpec::from_yaml("name: x\n").unwrap_err();
         assert!(neither.reason.contains("exactly one"), "{neither}");
+    }
+
+    #[test]
+    fn a_serve_spec_gets_batching_defaults_and_its_limits_name_the_field() {
+        let spec = JobSpec::from_yaml("name: api\nreplicas: 2\nserve: {from: \"3@690\"}\n").unwrap();
+        let serve = spec.serve.as_ref().unwrap();
+        assert_eq!((spec.replicas, serve.max_batch_size, serve.max_batch_delay_ms, serve.max_queue), (2, 32, 2, 1024));
+        let refused = |yaml: &str| JobSpec::from_yaml(yaml).unwrap_err();
+        assert_eq!(refused("name: a\nserve: {from: \"3@x\"}\n").field, "serve.from");
+        assert_eq!(refused("name: a\nserve: {from: \"3\", max_batch_size: 0}\n").field, "serve.max_batch_size");
+        assert_eq!(
+            refused("name: a\nserve: {from: \"3\", max_batch_delay_ms: 5000}\n").field,
+            "serve.max_batch_delay_ms"
+        );
+        assert_eq!(refused("name: a\nserve: {from: \"3\", max_queue: 0}\n").field, "serve.max_queue");
+        assert_eq!(refused("name: a\nserve: {from: \"3\", batch: 4}\n").field, "serve");
+        assert_eq!(refused("name: a\nreplicas: 0\nserve: {from: \"3\"}\n").field, "replicas");
+        let e = refused("name: a\nreplicas: 2\ncommand: [\"true\"]\n");
+        assert!(e.field == "replicas" && e.reason.contains("resources.nodes"), "{e}");
+        let e = refused("name: a\nresources: {nodes: 2}\nserve: {from: \"3\"}\n");
+        assert_eq!(e.field, "resources.nodes");
     }
 
     #[test]

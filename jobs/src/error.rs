@@ -16,6 +16,10 @@ pub enum JobsError {
     #[error("init_from `{0}` is set but no checkpoint was given to start from (GANTRY_RESUME_DIR)")]
     InitFromMissing(String),
 
+    /// Input given to a loaded model for inference that it cannot read (the message says why).
+    #[error("{0}")]
+    BadInput(String),
+
     /// The embedded data set could not be parsed (a build problem, not a user one).
     #[error("dataset line {line}: {reason}")]
     Dataset { line: usize, reason: String },

@@ -40,6 +40,7 @@ mod input;
 mod models;
 mod precision;
 mod rng;
+pub mod serving;
 mod train;
 
 pub use checkpoint::{
@@ -48,6 +49,7 @@ pub use checkpoint::{
 pub use dist::DistEnv;
 pub use env::{RunEnv, install_sigterm_handler};
 pub use error::JobsError;
+pub use serving::{Predictor, digits_test_split};
 pub use train::{Outcome, train};
 
 /// The job's id, read by [`RunEnv::from_env`].

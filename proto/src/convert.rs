@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use gantry_core::ParseError;
-use gantry_core::spec::{JobSpec, Precision, PullPolicy, Resources, RetrySpec, TrainSpec};
+use gantry_core::spec::{JobSpec, Precision, PullPolicy, Resources, RetrySpec, ServeSpec, TrainSpec};
 
 use crate::v1;
 
@@ -24,8 +24,8 @@ fn invalid(field: &'static str, e: ParseError) -> ConvertError {
 impl From<&JobSpec> for v1::JobSpec {
     fn from(s: &JobSpec) -> Self {
         let r = &s.resources;
-        let workload = match (&s.train, &s.command) {
-            (Some(t), _) => Some(v1::job_spec::Workload::Train(v1::TrainSpec {
+        let workload = match (&s.train, &s.command, &s.serve) {
+            (Some(t), _, _) => Some(v1::job_spec::Workload::Train(v1::TrainSpec {
                 model: t.model.name().to_string(),
                 dataset: t.dataset.name().to_string(),
                 epochs: t.epochs,
@@ -44,8 +44,14 @@ impl From<&JobSpec> for v1::JobSpec {
                 }
                 .into(),
             })),
-            (None, Some(argv)) => Some(v1::job_spec::Workload::Command(v1::CommandSpec { argv: argv.clone() })),
-            (None, None) => None,
+            (None, Some(argv), _) => Some(v1::job_spec::Workload::Command(v1::CommandSpec { argv: argv.clone() })),
+            (None, None, Some(v)) => Some(v1::job_spec::Workload::Serve(v1::ServeSpec {
+                from: v.from.clone(),
+                max_batch_size: v.max_batch_size,
+                max_batch_delay_ms: v.max_batch_delay_ms,
+                max_queue: v.max_queue,
+            })),
+            (None, None, None) => None,
         };
         v1::JobSpec {
             name: s.name.clone(),
@@ -61,6 +67,7 @@ impl From<&JobSpec> for v1::JobSpec {
             }),
             max_restarts: s.max_restarts,
             max_duration_secs: s.max_duration_secs,
+            replicas: s.replicas,
             workload,
             env: s.env.clone().into_iter().collect(),
             retry: (!s.retry.is_default()).then(|| v1::RetryPolicy {
@@ -83,35 +90,47 @@ impl TryFrom<v1::JobSpec> for JobSpec {
 
     fn try_from(s: v1::JobSpec) -> Result<Self, Self::Error> {
         let r = s.resources.ok_or_else(|| missing("spec.resources"))?;
-        let (train, command) = match s.workload.ok_or_else(|| missing("spec.workload (train or command)"))? {
-            v1::job_spec::Workload::Train(t) => (
-                Some(TrainSpec {
-                    // Names on the wire, as in a spec file: one this build does not know is refused.
-                    model: t.model.parse().map_err(|e| invalid("spec.train.model", e))?,
-                    dataset: t.dataset.parse().map_err(|e| invalid("spec.train.dataset", e))?,
-                    epochs: t.epochs,
-                    batch_size: t.batch_size,
-                    learning_rate: t.learning_rate,
-                    checkpoint_every_steps: t.checkpoint_every_steps,
-                    init_from: t.init_from,
-                    seed: t.seed,
-                    classes: t.classes,
-                    examples_per_class: t.examples_per_class,
-                    freeze_backbone: t.freeze_backbone,
-                    new_head: t.new_head,
-                    precision: match v1::Precision::try_from(t.precision) {
-                        Ok(v1::Precision::F32) => Precision::F32,
-                        Ok(v1::Precision::Bf16) => Precision::Bf16,
-                        Err(_) => {
-                            let reason = format!("unknown precision {}", t.precision);
-                            return Err(ConvertError { field: "spec.train.precision", reason });
-                        }
-                    },
-                }),
-                None,
-            ),
-            v1::job_spec::Workload::Command(c) => (None, Some(c.argv)),
-        };
+        let (train, command, serve) =
+            match s.workload.ok_or_else(|| missing("spec.workload (train, command or serve)"))? {
+                v1::job_spec::Workload::Train(t) => (
+                    Some(TrainSpec {
+                        // Names on the wire, as in a spec file: one this build does not know is refused.
+                        model: t.model.parse().map_err(|e| invalid("spec.train.model", e))?,
+                        dataset: t.dataset.parse().map_err(|e| invalid("spec.train.dataset", e))?,
+                        epochs: t.epochs,
+                        batch_size: t.batch_size,
+                        learning_rate: t.learning_rate,
+                        checkpoint_every_steps: t.checkpoint_every_steps,
+                        init_from: t.init_from,
+                        seed: t.seed,
+                        classes: t.classes,
+                        examples_per_class: t.examples_per_class,
+                        freeze_backbone: t.freeze_backbone,
+                        new_head: t.new_head,
+                        precision: match v1::Precision::try_from(t.precision) {
+                            Ok(v1::Precision::F32) => Precision::F32,
+                            Ok(v1::Precision::Bf16) => Precision::Bf16,
+                            Err(_) => {
+                                let reason = format!("unknown precision {}", t.precision);
+                                return Err(ConvertError { field: "spec.train.precision", reason });
+                            }
+                        },
+                    }),
+                    None,
+                    None,
+                ),
+                v1::job_spec::Workload::Command(c) => (None, Some(c.argv), None),
+                v1::job_spec::Workload::Serve(v) => (
+                    None,
+                    None,
+                    Some(ServeSpec {
+                        from: v.from,
+                        max_batch_size: v.max_batch_size,
+                        max_batch_delay_ms: v.max_batch_delay_ms,
+                        max_queue: v.max_queue,
+                    }),
+                ),
+            };
         let image_pull_policy = PullPolicy::parse(&s.image_pull_policy).ok_or_else(|| ConvertError {
             field: "spec.image_pull_policy",
             reason: format!("unknown policy `{}`, expected if_not_present, always or never", s.image_pull_policy),
@@ -130,8 +149,11 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             },
             max_restarts: s.max_restarts,
             max_duration_secs: s.max_duration_secs,
+            // A client that predates the field sends 0: one replica.
+            replicas: s.replicas.max(1),
             train,
             command,
+            serve,
             env: s.env.into_iter().collect::<BTreeMap<_, _>>(),
             retry: s
                 .retry

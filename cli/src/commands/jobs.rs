@@ -108,6 +108,14 @@ pub async fn describe(url: &Target, id: &str, json: bool) -> anyhow::Result<()> 
     if view.steps_lost > 0 {
         outln!("lost:      {} steps redone after failures and lost nodes", view.steps_lost)?;
     }
+    if let Some(of) = &view.replica_of {
+        outln!("replica:   of serve job {of}")?;
+    }
+    for r in view.replicas.iter().filter(|r| ["queued", "starting", "ready", "stopping"].contains(&r.state.as_str())) {
+        let on = if r.node.is_empty() { String::new() } else { format!(" on {}", r.node) };
+        let url = if r.url.is_empty() { String::new() } else { format!(" at {}", r.url) };
+        outln!("replica {}: {}{on}{url}, serving {}", r.job_id, r.state, r.from)?;
+    }
     for a in &view.attempts {
         let gpus = if a.gpus.is_empty() { "no GPU".to_string() } else { a.gpus.join(",") };
         let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();

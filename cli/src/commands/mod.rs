@@ -1,7 +1,9 @@
 pub mod access;
 pub mod checkpoints;
+pub mod endpoints;
 pub mod fleet;
 pub mod jobs;
+pub mod serve_model;
 pub mod server;
 pub mod sim;
 #[cfg(feature = "etcd")]

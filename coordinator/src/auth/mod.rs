@@ -87,6 +87,8 @@ pub enum Action<'a> {
     ManageTokens,
     /// The agents' service: register, session, uploads.
     ActAsAgent,
+    /// Ask a served model for predictions (`/v2/models/...`): what an endpoint is published for.
+    Infer,
 }
 
 /// The whole policy. Agents are machines, not people: an agent token opens the agents' service
@@ -95,7 +97,7 @@ pub fn authorize(who: &Principal, action: Action) -> Result<()> {
     let allowed = match (who.role, action) {
         (Role::Admin, _) => true,
         (Role::Agent, action) => matches!(action, Action::ActAsAgent),
-        (_, Action::SeeFleet) => true,
+        (_, Action::SeeFleet | Action::Infer) => true,
         (Role::User, Action::Submit) => true,
         (Role::User, Action::ReadJob { owner } | Action::CancelJob { owner }) => owner == who.name,
         _ => false,
@@ -121,6 +123,7 @@ impl Action<'_> {
             Action::ManageNodes => "drain, undrain or remove nodes",
             Action::ManageTokens => "manage tokens",
             Action::ActAsAgent => "act as an agent",
+            Action::Infer => "query served models",
         }
     }
 }
@@ -226,9 +229,10 @@ mod tests {
     }
 
     #[test]
-    fn a_viewer_sees_the_fleet_and_nothing_else() {
+    fn a_viewer_sees_the_fleet_and_queries_models_and_nothing_else() {
         let v = who("v", Role::Viewer);
         assert!(authorize(&v, Action::SeeFleet).is_ok());
+        assert!(authorize(&v, Action::Infer).is_ok());
         for action in [
             Action::Submit,
             Action::ReadJob { owner: "v" },
@@ -247,6 +251,7 @@ mod tests {
         assert!(authorize(&a, Action::ActAsAgent).is_ok());
         assert!(authorize(&a, Action::SeeFleet).is_err());
         assert!(authorize(&a, Action::Submit).is_err());
+        assert!(authorize(&a, Action::Infer).is_err());
     }
 
     #[test]

@@ -22,11 +22,22 @@ impl Coordinator {
                 .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
         }
         crate::limits::spec_size(serde_json::to_vec(&spec)?.len())?;
+        let spec = self.pin_serve_from(spec)?;
+        if spec.serve.is_some()
+            && let Some(serving) = self.serving_named(&spec.name)?
+        {
+            return self.update_serving(&serving, spec, owner);
+        }
         let limits = &self.settings.limits;
         self.submit_rate.admit(limits, owner, self.now_ms())?;
         self.queued_by_user.admit(limits, owner)?;
         let job = self.store.submit(spec, owner, self.now_ms()).inspect_err(|_| self.queued_by_user.release(owner))?;
         info!(job = %job.id, name = %job.spec.name, owner, "job queued");
+        // A serve job runs from now on: its replicas are what waits to be placed.
+        let job = match job.is_serving() {
+            true => self.transition(&job.id, |j| j.start_serving())?.0,
+            false => job,
+        };
         self.changed();
         Ok(job)
     }
@@ -92,7 +103,7 @@ impl Coordinator {
 
     /// Applies one transition atomically in the store, then what it asks: stop the ranks, wake
     /// the scheduler and log followers. Returns the job as it now is.
-    fn transition(
+    pub(super) fn transition(
         &self,
         id: &str,
         mut rule: impl FnMut(&mut JobRecord) -> Transition,

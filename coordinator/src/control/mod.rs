@@ -7,6 +7,7 @@ mod checkpoints;
 mod jobs;
 mod placement;
 mod queries;
+mod serving;
 mod sessions;
 
 use std::collections::HashMap;
@@ -117,6 +118,8 @@ pub struct Coordinator {
     pub stale: crate::stale::StaleReports,
     submit_rate: crate::limits::SubmitRate,
     queued_by_user: crate::limits::QueuedByUser,
+    /// Serve jobs' ready replicas and the routes to them.
+    pub serving: crate::serving::Serving,
 }
 
 impl Coordinator {
@@ -163,6 +166,7 @@ impl Coordinator {
             stale: Default::default(),
             submit_rate: Default::default(),
             queued_by_user: Default::default(),
+            serving: Default::default(),
         })
     }
 

@@ -48,7 +48,9 @@ impl Coordinator {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
             }
-            if let Err(e) = self.reap_lost_agents().and_then(|_| self.schedule_pass()) {
+            if let Err(e) =
+                self.reap_lost_agents().and_then(|_| self.reconcile_serving()).and_then(|_| self.schedule_pass())
+            {
                 warn!(error = %e, "scheduling pass failed");
             }
         }
@@ -190,7 +192,8 @@ impl Coordinator {
         let mut warm = std::collections::BTreeMap::new();
         let mut backing_off = Vec::new();
         let max_duration_ms = |job: &JobRecord| job.spec.max_duration_secs.map(|s| s * 1000);
-        for job in jobs {
+        // A serve job itself is never placed: its replicas are.
+        for job in jobs.iter().filter(|j| !j.is_serving()) {
             match job.state {
                 JobState::Queued if !job.cancel_requested => {
                     if let Some(at) = job.retry_at_ms.filter(|at| *at > now) {
@@ -269,9 +272,14 @@ impl Coordinator {
         if let Some(latest) = own.last() {
             return Ok(Some(v1::CheckpointRef { job_id: job.id.clone(), step: latest.step }));
         }
-        let Some(from) = job.spec.train.as_ref().and_then(|t| t.init_from.as_ref()) else { return Ok(None) };
+        let (field, from) = match (&job.spec.train, &job.spec.serve) {
+            (Some(t), _) => ("train.init_from", t.init_from.as_ref()),
+            (None, Some(s)) => ("serve.from", Some(&s.from)),
+            (None, None) => ("", None),
+        };
+        let Some(from) = from else { return Ok(None) };
         let (other, step) = gantry_core::spec::parse_checkpoint_ref(from)
-            .map_err(|e| Error::InvalidArgument(format!("train.init_from: {e}")))?;
+            .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
         let theirs = self.store.checkpoints(&other)?;
         let found = match step {
             Some(step) => theirs.iter().find(|c| c.step == step),
@@ -280,7 +288,7 @@ impl Coordinator {
         match found {
             Some(c) => Ok(Some(v1::CheckpointRef { job_id: other, step: c.step })),
             None => Err(Error::InvalidArgument(format!(
-                "train.init_from: job {other} has no checkpoint{}",
+                "{field}: job {other} has no checkpoint{}",
                 step.map(|s| format!(" at step {s}")).unwrap_or_default()
             ))),
         }

@@ -171,7 +171,12 @@ impl Coordinator {
                     let _ = tx.try_send(self.cancel_message(&job.id, report.attempt));
                 }
             }
-            ReportAction::Nothing => {}
+            ReportAction::Nothing => {
+                if job.replica_of.is_some() {
+                    let port = u16::try_from(report.serve_port).unwrap_or(0);
+                    self.serving.report(&job.id, report.attempt, if exited { 0 } else { port });
+                }
+            }
         }
         Ok(())
     }

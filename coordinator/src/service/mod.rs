@@ -100,6 +100,8 @@ pub(crate) fn job_to_proto(
         steps_lost: job.steps_lost(),
         retry_at_ms: job.retry_at_ms.filter(|_| job.state == JobState::Queued),
         avoided_nodes: if job.state == JobState::Queued { job.avoided_nodes() } else { Vec::new() },
+        replicas: Vec::new(),
+        replica_of: job.replica_of.clone().unwrap_or_default(),
     }
 }
 

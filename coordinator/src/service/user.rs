@@ -51,12 +51,17 @@ impl v1::gantry_server::Gantry for UserService {
         let spec =
             JobSpec::try_from(wire).map_err(|e| crate::Error::InvalidArgument(format!("invalid job spec: {e}")))?;
         // Starting from a checkpoint is reading it: only from jobs the caller may read.
-        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref())
+        let from = match (&spec.train, &spec.serve) {
+            (Some(t), _) => t.init_from.as_ref().map(|f| ("train.init_from", f)),
+            (None, Some(s)) => Some(("serve.from", &s.from)),
+            _ => None,
+        };
+        if let Some((field, from)) = from
             && let Ok((job, _)) = gantry_core::spec::parse_checkpoint_ref(from)
             && let Ok(source) = self.coordinator.store.job(&job)
         {
             authorize(&who, read(&source.owner))
-                .map_err(|e| crate::Error::PermissionDenied(format!("train.init_from: {e}")))?;
+                .map_err(|e| crate::Error::PermissionDenied(format!("{field}: {e}")))?;
         }
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
@@ -74,7 +79,11 @@ impl v1::gantry_server::Gantry for UserService {
         let id = req.into_inner().job_id;
         let job = self.job_for(&who, &id, read)?;
         let metrics = self.coordinator.metrics.latest(&id);
-        Ok(Response::new(job_to_proto(&job, self.coordinator.waiting(&id), metrics, &who)))
+        let mut out = job_to_proto(&job, self.coordinator.waiting(&id), metrics, &who);
+        if job.is_serving() {
+            out.replicas = self.coordinator.replicas(&job)?;
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
@@ -251,6 +260,14 @@ impl v1::gantry_server::Gantry for UserService {
         self.coordinator.tokens.revoke(&name)?;
         audit(&who, "token revoke", &name);
         Ok(Response::new(v1::RevokeTokenResponse {}))
+    }
+
+    async fn list_endpoints(
+        &self,
+        req: Request<v1::ListEndpointsRequest>,
+    ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
+        allowed(&req, Action::Infer)?;
+        Ok(Response::new(v1::ListEndpointsResponse { endpoints: self.coordinator.endpoints()? }))
     }
 
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{StateStore, job_key, new_job};
+use super::{StateStore, job_key};
 use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
@@ -291,9 +291,9 @@ fn apply(
 }
 
 impl StateStore for EmbeddedStore {
-    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord> {
+    fn insert_job(&self, make: &mut dyn FnMut(u64) -> JobRecord) -> Result<JobRecord> {
         let seq = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let job = new_job(seq, spec, owner, now_ms);
+        let job = make(seq);
         let bytes = serde_json::to_vec(&job)?;
         self.write(Change::Submit { job: job.clone(), bytes })?;
         Ok(job)

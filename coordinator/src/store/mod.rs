@@ -22,9 +22,23 @@ use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState};
 
 pub trait StateStore: Send + Sync {
-    /// Queues a new job of `owner` (a token's name) and returns it, with the next id (1, 2, 3,
-    /// ...: short enough to type).
-    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord>;
+    /// Stores a new job, `make(seq)` given the next sequence number, in one write, and returns
+    /// it. Ids are that number (1, 2, 3, ...: short enough to type).
+    fn insert_job(&self, make: &mut dyn FnMut(u64) -> JobRecord) -> Result<JobRecord>;
+
+    /// Queues a new job of `owner` (a token's name) and returns it.
+    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord> {
+        self.insert_job(&mut |seq| new_job(seq, spec.clone(), owner, now_ms))
+    }
+
+    /// Queues a replica of serve job `of`: one write, so no replica is ever stored without
+    /// knowing whose it is.
+    fn submit_replica(&self, spec: gantry_core::JobSpec, owner: &str, of: &str, now_ms: i64) -> Result<JobRecord> {
+        self.insert_job(&mut |seq| JobRecord {
+            replica_of: Some(of.to_string()),
+            ..new_job(seq, spec.clone(), owner, now_ms)
+        })
+    }
 
     fn job(&self, id: &str) -> Result<JobRecord>;
 
@@ -110,5 +124,6 @@ pub(crate) fn new_job(seq: u64, spec: gantry_core::JobSpec, owner: &str, now_ms:
         preemptions: 0,
         node_faults: 0,
         retry_at_ms: None,
+        replica_of: None,
     }
 }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 pub(crate) use digits::{Samples, digits};
-pub(crate) use genesis::genesis;
+pub(crate) use genesis::{genesis, token};
 
 use crate::error::JobsError;
 use crate::input::Input;

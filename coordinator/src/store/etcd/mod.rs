@@ -29,7 +29,7 @@ pub use leader::leader_of;
 use leader::{campaign, keep_alive};
 use writer::{Write, write_batches};
 
-use super::{StateStore, job_key, new_job};
+use super::{StateStore, job_key};
 use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
@@ -237,13 +237,13 @@ impl Drop for EtcdStore {
 }
 
 impl StateStore for EtcdStore {
-    fn submit(&self, spec: gantry_core::JobSpec, owner: &str, now_ms: i64) -> Result<JobRecord> {
+    fn insert_job(&self, make: &mut dyn FnMut(u64) -> JobRecord) -> Result<JobRecord> {
         let seq = {
             let mut cache = self.cache.lock().expect("cache lock poisoned");
             cache.next_id += 1;
             cache.next_id - 1
         };
-        let job = new_job(seq, spec, owner, now_ms);
+        let job = make(seq);
         let key = self.key(&Self::job_key(seq));
         let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
         match self.commit(key, Some(absent), Some(serde_json::to_vec(&job)?))? {

@@ -1,0 +1,222 @@
+//! Serve jobs on the control side: a submission that names a model already served updates it,
+//! and each pass applies [`rollout::decide`] to every serve job's replicas and rebuilds the
+//! routes the HTTP side forwards requests by.
+
+use std::collections::HashMap;
+
+use gantry_core::JobSpec;
+use gantry_proto::v1;
+use tracing::{info, warn};
+
+use super::Coordinator;
+use crate::error::{Error, Result};
+use crate::records::{JobRecord, JobState};
+use crate::serving::{replica_spec, rollout};
+
+impl Coordinator {
+    /// `serve.from` as the exact checkpoint it names now (`JOB@STEP`): a serve job keeps
+    /// serving that one until updated, whatever its source trains later.
+    pub(super) fn pin_serve_from(&self, mut spec: JobSpec) -> Result<JobSpec> {
+        let Some(serve) = spec.serve.as_mut() else { return Ok(spec) };
+        let (job, step) = gantry_core::spec::parse_checkpoint_ref(&serve.from)
+            .map_err(|e| Error::InvalidArgument(format!("serve.from: {e}")))?;
+        let source = self
+            .store
+            .job(&job)
+            .map_err(|_| Error::InvalidArgument(format!("serve.from: job {job} does not exist")))?;
+        if source.spec.train.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "serve.from: job {job} is not a train job: only the runtime's checkpoints can be served"
+            )));
+        }
+        let checkpoints = self.store.checkpoints(&job)?;
+        let found = match step {
+            Some(step) => checkpoints.iter().find(|c| c.step == step),
+            None => checkpoints.last(),
+        };
+        let Some(found) = found else {
+            let at = step.map(|s| format!(" at step {s}")).unwrap_or_default();
+            return Err(Error::InvalidArgument(format!("serve.from: job {job} has no checkpoint{at}")));
+        };
+        serve.from = format!("{job}@{}", found.step);
+        Ok(spec)
+    }
+
+    /// The live serve job serving model `name`, if any.
+    pub(super) fn serving_named(&self, name: &str) -> Result<Option<JobRecord>> {
+        Ok(self.store.jobs()?.into_iter().find(|j| j.is_serving() && !j.state.is_terminal() && j.spec.name == name))
+    }
+
+    /// A new spec for serve job `job`: its replicas are replaced one at a time by the passes.
+    pub(super) fn update_serving(&self, job: &JobRecord, spec: JobSpec, owner: &str) -> Result<JobRecord> {
+        if job.owner != owner {
+            return Err(Error::PermissionDenied(format!(
+                "model {} is served by job {} of {}: only its owner may update it",
+                job.spec.name, job.id, job.owner
+            )));
+        }
+        let updated = self.store.update(&job.id, |j| {
+            if j.state.is_terminal() || j.cancel_requested || j.spec == spec {
+                return false;
+            }
+            j.spec = spec.clone();
+            true
+        })?;
+        let job = match updated {
+            Some(job) => job,
+            None => self.store.job(&job.id)?,
+        };
+        info!(job = %job.id, model = %job.spec.name, from = ?job.spec.serve.as_ref().map(|s| &s.from), "serve job updated");
+        self.changed();
+        Ok(job)
+    }
+
+    /// One step of every serve job toward what its spec asks for; then the routes.
+    pub fn reconcile_serving(&self) -> Result<()> {
+        let jobs = self.store.jobs()?;
+        let now = self.now_ms();
+        let mut replicas: HashMap<&str, Vec<&JobRecord>> = HashMap::new();
+        for job in &jobs {
+            if let Some(of) = &job.replica_of {
+                replicas.entry(of.as_str()).or_default().push(job);
+            }
+        }
+        let addrs: HashMap<String, String> =
+            self.fleet().agents.iter().map(|(name, a)| (name.clone(), a.addr.clone())).collect();
+        let mut routes = HashMap::new();
+        for job in jobs.iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
+            if job.state == JobState::Queued {
+                self.transition(&job.id, |j| j.start_serving())?;
+            }
+            let wanted = replica_spec(&job.spec);
+            let mine = replicas.get(job.id.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let ready = |r: &JobRecord| -> Option<String> {
+                let port = self.serving.ready_port(&r.id).filter(|p| p.attempt == r.attempt)?;
+                let attempt = r.current_attempt()?;
+                if r.state != JobState::Running || r.is_stopping() || r.cancel_requested {
+                    return None;
+                }
+                let node = &attempt.placement.first()?.node;
+                let host = addrs.get(node).filter(|a| !a.is_empty()).map(String::as_str).unwrap_or("127.0.0.1");
+                Some(format!("{}:{}", bracket_v6(host), port.port))
+            };
+            let live: Vec<rollout::Replica> = mine
+                .iter()
+                .filter(|r| !r.state.is_terminal())
+                .map(|r| rollout::Replica {
+                    id: r.id.clone(),
+                    current: r.spec == wanted,
+                    ready: ready(r).is_some(),
+                    stopping: r.cancel_requested,
+                })
+                .collect();
+            let failed: Vec<&&JobRecord> =
+                mine.iter().filter(|r| r.state == JobState::Failed && r.spec == wanted).collect();
+            let decision = rollout::decide(&rollout::State {
+                wanted: job.spec.replicas as usize,
+                cancelled: job.cancel_requested,
+                live: &live,
+                failed_current: failed.len(),
+            });
+            // Routed: ready, and not about to be stopped.
+            let routed: Vec<(String, String)> = mine
+                .iter()
+                .filter(|r| !decision.stop.contains(&r.id))
+                .filter_map(|r| ready(r).map(|addr| (r.id.clone(), addr)))
+                .collect();
+            if !job.cancel_requested {
+                routes.insert(job.spec.name.clone(), (job.id.clone(), routed));
+            }
+            for id in &decision.stop {
+                info!(job = %job.id, replica = %id, "stopping a replica");
+                self.cancel(id)?;
+            }
+            for _ in 0..decision.create {
+                let replica = self.store.submit_replica(wanted.clone(), &job.owner, &job.id, now)?;
+                info!(job = %job.id, replica = %replica.id, "replica queued");
+                self.changed();
+            }
+            if decision.ended {
+                let why = decision.give_up.then(|| {
+                    let last = failed.iter().max_by_key(|r| r.seq).map(|r| r.message.as_str()).unwrap_or("");
+                    format!("its replicas keep failing ({} did): {last}", failed.len())
+                });
+                if let Some(why) = &why {
+                    warn!(job = %job.id, reason = %why, "serve job failed");
+                }
+                self.transition(&job.id, |j| j.end_serving(why.as_deref(), now))?;
+            }
+        }
+        let live: std::collections::HashSet<&str> = jobs
+            .iter()
+            .filter(|j| j.replica_of.is_some() && j.state == JobState::Running)
+            .map(|j| j.id.as_str())
+            .collect();
+        self.serving.retain(&|id| live.contains(id));
+        let addrs: std::collections::HashSet<String> =
+            routes.values().flat_map(|(_, rs)| rs.iter().map(|(_, a)| a.clone())).collect();
+        self.serving.pool.retain(&|a| addrs.contains(a));
+        self.serving.set_routes(routes);
+        Ok(())
+    }
+}
+
+impl Coordinator {
+    /// Serve job `job`'s replicas, newest first, as `gantry job` shows them.
+    pub fn replicas(&self, job: &JobRecord) -> Result<Vec<v1::Replica>> {
+        let routed = self.serving.model(&job.spec.name).filter(|m| m.job_id == job.id);
+        let mut out: Vec<(u64, v1::Replica)> = self
+            .store
+            .jobs()?
+            .into_iter()
+            .filter(|r| r.replica_of.as_deref() == Some(job.id.as_str()))
+            .map(|r| {
+                let url = routed
+                    .as_ref()
+                    .and_then(|m| m.replicas.iter().find(|x| x.job_id == r.id))
+                    .map(|x| format!("http://{}", x.addr))
+                    .unwrap_or_default();
+                let state = match (r.state, r.cancel_requested || r.is_stopping(), url.is_empty()) {
+                    (JobState::Running, true, _) => "stopping",
+                    (JobState::Running, false, false) => "ready",
+                    (JobState::Running, false, true) => "starting",
+                    (state, _, _) => crate::service::state_name(state),
+                };
+                let node = r.current_attempt().and_then(|a| a.placement.first()).map(|p| p.node.clone());
+                let from = r.spec.serve.as_ref().map(|s| s.from.clone()).unwrap_or_default();
+                let replica = v1::Replica {
+                    job_id: r.id.clone(),
+                    state: state.into(),
+                    node: node.unwrap_or_default(),
+                    url,
+                    from,
+                };
+                (r.seq, replica)
+            })
+            .collect();
+        out.sort_by_key(|r| std::cmp::Reverse(r.0));
+        Ok(out.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Every running serve job: the model it serves and its replicas (live ones only).
+    pub fn endpoints(&self) -> Result<Vec<v1::Endpoint>> {
+        let mut out = Vec::new();
+        for job in self.store.jobs()?.into_iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
+            let replicas = self.replicas(&job)?;
+            let live = ["queued", "starting", "ready", "stopping"];
+            out.push(v1::Endpoint {
+                model: job.spec.name.clone(),
+                job_id: job.id.clone(),
+                from: job.spec.serve.as_ref().map(|s| s.from.clone()).unwrap_or_default(),
+                replicas_wanted: job.spec.replicas,
+                replicas: replicas.into_iter().filter(|r| live.contains(&r.state.as_str())).collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// An IPv6 address in a `host:port` needs brackets.
+fn bracket_v6(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() }
+}
