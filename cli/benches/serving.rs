@@ -51,7 +51,13 @@ fn gantry_json(grpc: u16, args: &[&str]) -> serde_json::Value {
 fn submit(grpc: u16, dir: &Path, name: &str, spec: &str) -> String {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, spec).unwrap();
-    gantry_json(grpc, &["submit", file.to_str().unwrap()])["job_id"].as_str().unwrap().to_string()
+    let out = Command::new(GANTRY)
+        .args(["submit", file.to_str().unwrap()])
+        .env("GANTRY_COORDINATOR", format!("http://127.0.0.1:{grpc}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gantry submit: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -190,13 +196,72 @@ fn load(addr: &str, path: &str, concurrency: usize, seconds: f64) -> Point {
     })
 }
 
+/// Serves `train`'s model twice, batched and not, on core 0; returns `(name, max_batch_size,
+/// replica address, serve job id)` of each.
+fn serve_pair(grpc: u16, dir: &Path, kind: &str, train: &str) -> Vec<(String, u32, String, String)> {
+    let mut out = Vec::new();
+    for (suffix, batch) in [("batched", 32), ("unbatched", 1)] {
+        let model = format!("{kind}-{suffix}");
+        let spec = format!(
+            "name: {model}\nresources: {{cpus: 1}}\nserve: {{from: \"{train}\", max_batch_size: {batch}, max_batch_delay_ms: 2}}\n"
+        );
+        let job = submit(grpc, dir, &model, &spec);
+        let mut replica = None;
+        wait_for(&model, Duration::from_secs(60), || {
+            let all = gantry_json(grpc, &["endpoints"]);
+            let e = all.as_array().unwrap().iter().find(|e| e["model"] == model.as_str()).cloned();
+            replica = e.and_then(|e| e["replicas"].as_array()?.iter().find(|r| r["state"] == "ready").cloned());
+            replica.is_some()
+        });
+        let replica = replica.unwrap();
+        let pid = replica_pid(replica["job_id"].as_str().unwrap()).expect("the replica's process");
+        pin(pid, "0");
+        let direct = replica["url"].as_str().unwrap().trim_start_matches("http://").to_string();
+        out.push((model, batch, direct, job));
+    }
+    out
+}
+
+/// The forward pass alone, in this process: microseconds per call at batch 1 and 32 (median
+/// of 200 calls each), what batching can save per example at most.
+fn forward_alone(kind: &str, checkpoint: &Path) {
+    let predictor = gantry_jobs::Predictor::load(checkpoint).unwrap();
+    for rows in [1usize, 32] {
+        let pixels: Vec<f32> = (0..rows * 64).map(|i| (i % 17) as f32 / 16.0).collect();
+        let mut times: Vec<f64> = (0..200)
+            .map(|_| {
+                let began = Instant::now();
+                std::hint::black_box(predictor.predict_pixels(rows, &pixels).unwrap());
+                began.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "{}",
+            json!({"bench": "serving", "forward_alone": kind, "batch": rows, "us_per_call": median,
+                   "us_per_example": median / rows as f64})
+        );
+    }
+}
+
+/// One line per point.
+fn report(setup: &str, batch: u32, route: &str, concurrency: usize, p: &Point) {
+    println!(
+        "{}",
+        json!({
+            "bench": "serving", "setup": setup, "max_batch_size": batch, "route": route,
+            "concurrency": concurrency, "seconds": p.seconds, "requests": p.requests, "errors": p.errors,
+            "throughput_rps": p.throughput(), "p50_ms": p.quantile(0.5), "p99_ms": p.quantile(0.99),
+        })
+    );
+}
+
 fn main() {
     let seconds: f64 = std::env::var("GANTRY_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     assert!(cores >= 2, "the serving bench needs 2 cores: one for the replica, one for the load");
     let rest = format!("1-{}", cores - 1);
-    // This process, the load, runs beside the coordinator, away from the replica's core.
-    pin(std::process::id(), &rest);
     let dir = tempfile::tempdir().unwrap();
     let (grpc, http) = (free_port(), free_port());
     let dev = Command::new(GANTRY)
@@ -207,8 +272,11 @@ fn main() {
         .stderr(std::fs::File::create(dir.path().join("dev.log")).unwrap())
         .spawn()
         .unwrap();
-    pin(dev.id(), &rest);
+    let dev_pid = dev.id();
     let mut started = Started(vec![dev]);
+    // This process, the load, runs beside the coordinator, away from the replicas' core (and
+    // only now: what it starts inherits this, and the agent must count every CPU).
+    pin(std::process::id(), &rest);
     wait_for("gantry dev", Duration::from_secs(30), || {
         Command::new(GANTRY)
             .args(["nodes"])
@@ -217,35 +285,12 @@ fn main() {
             .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ready"))
     });
 
-    let train = submit(grpc, dir.path(), "train", "name: digits\ntrain: {model: mlp, epochs: 10}\nmax_restarts: 0\n");
-    wait_for("the train job", Duration::from_secs(300), || gantry_json(grpc, &["job", &train])["state"] == "succeeded");
-
-    // Two serve jobs of the same checkpoint: batched and not.
-    let mut replicas = Vec::new();
-    for (model, batch) in [("mlp-batched", 32), ("mlp-unbatched", 1)] {
-        let spec = format!(
-            "name: {model}\nresources: {{cpus: 1}}\nserve: {{from: \"{train}\", max_batch_size: {batch}, max_batch_delay_ms: 2}}\n"
-        );
-        submit(grpc, dir.path(), model, &spec);
-        let mut replica = None;
-        wait_for(model, Duration::from_secs(60), || {
-            let all = gantry_json(grpc, &["endpoints"]);
-            let e = all.as_array().unwrap().iter().find(|e| e["model"] == model).cloned();
-            replica = e.and_then(|e| e["replicas"].as_array()?.iter().find(|r| r["state"] == "ready").cloned());
-            replica.is_some()
-        });
-        let replica = replica.unwrap();
-        let pid = replica_pid(replica["job_id"].as_str().unwrap()).expect("the replica's process");
-        pin(pid, "0");
-        let direct = replica["url"].as_str().unwrap().trim_start_matches("http://").to_string();
-        replicas.push((model, batch, direct));
-    }
-
-    // The PyTorch baseline, where torch imports: the same weights, on the same core.
-    let torch = Command::new("python3").args(["-c", "import torch, numpy"]).stderr(Stdio::null()).status();
-    let mut torch_addr = None;
-    if torch.is_ok_and(|s| s.success()) {
-        let weights = dir.path().join("weights");
+    let mut trained = Vec::new();
+    for (kind, epochs) in [("mlp", 10), ("cnn", 3)] {
+        let spec = format!("name: {kind}\ntrain: {{model: {kind}, epochs: {epochs}}}\nmax_restarts: 0\n");
+        let train = submit(grpc, dir.path(), &format!("train-{kind}"), &spec);
+        wait_for("the train job", Duration::from_secs(300), || gantry_json(grpc, &["job", &train])["state"] == "succeeded");
+        let weights = dir.path().join(format!("weights-{kind}"));
         let out = Command::new(GANTRY)
             .args(["checkpoint", "download", &train, "--out"])
             .arg(&weights)
@@ -253,12 +298,23 @@ fn main() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        forward_alone(kind, &weights);
+        trained.push((kind, train, weights));
+    }
+    // Pinned only now: its agent counts the CPUs it may use when it starts, and the replicas
+    // need both counted.
+    pin(dev_pid, &rest);
+
+    // The PyTorch baseline, where torch imports: the MLP's weights, on the replicas' core.
+    let torch = Command::new("python3").args(["-c", "import torch, numpy"]).stderr(Stdio::null()).status();
+    let mut torch_addr = None;
+    if torch.is_ok_and(|s| s.success()) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/serving_torch.py");
         let port = free_port();
         let mut child = Command::new("taskset")
             .args(["-c", "0", "python3"])
             .arg(script)
-            .arg(&weights)
+            .arg(&trained[0].2)
             .arg(port.to_string())
             .stdout(Stdio::piped())
             .spawn()
@@ -269,55 +325,57 @@ fn main() {
         started.0.push(child);
         torch_addr = Some(format!("127.0.0.1:{port}"));
     } else {
-        println!(
-            "{}",
-            json!({"bench": "serving", "setup": "pytorch", "skipped": "torch (and numpy) do not import here"})
-        );
+        println!("{}", json!({"bench": "serving", "setup": "pytorch", "skipped": "torch (and numpy) do not import here"}));
     }
 
     let via = format!("127.0.0.1:{http}");
     let mut results = std::collections::HashMap::new();
-    for concurrency in CONCURRENCY {
-        let mut points = Vec::new();
-        for (model, batch, direct) in &replicas {
-            let path = format!("/v2/models/{model}/infer");
-            points.push((*model, *batch, "direct", direct.clone(), path.clone()));
-            points.push((*model, *batch, "coordinator", via.clone(), path));
+    for (kind, train, _) in &trained {
+        // One model's replicas at a time, each alone on core 0.
+        let pair = serve_pair(grpc, dir.path(), kind, train);
+        for concurrency in CONCURRENCY {
+            let mut points = Vec::new();
+            for (model, batch, direct, _) in &pair {
+                let path = format!("/v2/models/{model}/infer");
+                points.push((model.clone(), *batch, "direct", direct.clone(), path.clone()));
+                // Through the coordinator: the MLP only, the cheapest model, where its cost shows most.
+                if *kind == "mlp" {
+                    points.push((model.clone(), *batch, "coordinator", via.clone(), path));
+                }
+            }
+            if let (Some(addr), "mlp") = (&torch_addr, *kind) {
+                points.push(("pytorch".into(), 1, "direct", addr.clone(), "/v2/models/torch/infer".into()));
+            }
+            for (setup, batch, route, addr, path) in points {
+                let p = load(&addr, &path, concurrency, seconds);
+                report(&setup, batch, route, concurrency, &p);
+                results.insert((setup, route, concurrency), p);
+            }
         }
-        if let Some(addr) = &torch_addr {
-            points.push(("pytorch", 1, "direct", addr.clone(), "/v2/models/torch/infer".into()));
-        }
-        for (setup, batch, route, addr, path) in points {
-            let p = load(&addr, &path, concurrency, seconds);
-            println!(
-                "{}",
-                json!({
-                    "bench": "serving", "model": "digits-mlp", "setup": setup, "max_batch_size": batch,
-                    "route": route, "concurrency": concurrency, "seconds": seconds, "requests": p.requests,
-                    "errors": p.errors, "throughput_rps": p.throughput(), "p50_ms": p.quantile(0.5),
-                    "p99_ms": p.quantile(0.99),
-                })
-            );
-            results.insert((setup, route, concurrency), p);
+        for (_, _, _, job) in &pair {
+            gantry_json(grpc, &["cancel", job]);
         }
     }
 
     // The goals, from the points above.
-    let at = |setup, route, c| &results[&(setup, route, c)];
-    let batched = at("mlp-batched", "direct", 64);
-    let unbatched = at("mlp-unbatched", "direct", 64);
-    let ratio = batched.throughput() / unbatched.throughput();
-    println!(
-        "{}",
-        json!({"goal": "batching at concurrency 64, direct: >= 3x unbatched throughput with p99 < 10 ms",
-               "ratio": ratio, "p99_ms": batched.quantile(0.99), "met": ratio >= 3.0 && batched.quantile(0.99) < 10.0})
-    );
+    let at = |setup: &str, route: &'static str, c: usize| -> &Point { &results[&(setup.to_string(), route, c)] };
+    for kind in ["mlp", "cnn"] {
+        let batched = at(&format!("{kind}-batched"), "direct", 64);
+        let unbatched = at(&format!("{kind}-unbatched"), "direct", 64);
+        let ratio = batched.throughput() / unbatched.throughput();
+        println!(
+            "{}",
+            json!({"goal": "batching at concurrency 64, direct: >= 3x unbatched throughput with p99 < 10 ms",
+                   "model": kind, "ratio": ratio, "p99_ms": batched.quantile(0.99),
+                   "met": ratio >= 3.0 && batched.quantile(0.99) < 10.0})
+        );
+    }
     if torch_addr.is_some() {
-        let torch = at("pytorch", "direct", 64);
+        let (batched, torch) = (at("mlp-batched", "direct", 64), at("pytorch", "direct", 64));
         let ratio = batched.throughput() / torch.throughput();
         println!(
             "{}",
-            json!({"goal": "batched at concurrency 64: >= 5x the PyTorch server's throughput, at no worse p99",
+            json!({"goal": "batched MLP at concurrency 64: >= 5x the PyTorch server's throughput, at no worse p99",
                    "ratio": ratio, "p99_ms": batched.quantile(0.99), "pytorch_p99_ms": torch.quantile(0.99),
                    "met": ratio >= 5.0 && batched.quantile(0.99) <= torch.quantile(0.99)})
         );

@@ -227,6 +227,26 @@ fn a_trained_model_is_served_batched_updated_and_replaced_without_dropping_reque
     let job = fleet.json(&["job", &victim]);
     assert_eq!(job["attempts"].as_array().unwrap().len(), 2, "restarted as its job's second attempt: {job}");
 
+    // A node drained: its replica is replaced on the other node, with no request lost.
+    let e = endpoint(&fleet, "digits-api").unwrap();
+    let drained = e["replicas"][0]["node"].as_str().unwrap().to_string();
+    let load = Load::start(&fleet, &dir, "drain", &url, "digits-api", 4, &viewer);
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.ok(&["drain", &drained]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let e = endpoint(&fleet, "digits-api").unwrap();
+        let replicas = e["replicas"].as_array().unwrap();
+        if replicas.len() == 2 && replicas.iter().all(|r| r["state"] == "ready" && r["node"] != drained.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas still on drained {drained}: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    all_ok(&load.finish(), "requests while a drained node's replica moved");
+    fleet.ok(&["undrain", &drained]);
+
     // Bad requests: 4xx naming what is wrong.
     let infer = "/v2/models/digits-api/infer";
     let bad = [
@@ -262,6 +282,15 @@ fn a_trained_model_is_served_batched_updated_and_replaced_without_dropping_reque
     ] {
         assert!(metrics.contains(want), "{want} missing from /metrics:\n{metrics}");
     }
+
+    // The web page's view: each endpoint with its replicas, requests, errors and p99.
+    let (code, text) = http_get_as(&fleet.web(), "/api/endpoints", &viewer).unwrap();
+    assert_eq!(code, 200, "{text}");
+    let page: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let api = page.as_array().unwrap().iter().find(|e| e["model"] == "digits-api").expect("digits-api on the page");
+    assert_eq!(api["ready"], 2, "{api}");
+    assert!(api["requests"].as_u64().unwrap() > during_update, "{api}");
+    assert!(api["p99_seconds"].as_f64().is_some_and(|p| p > 0.0), "{api}");
 
     // More load than max_queue: refused at once with 503, not queued without bound.
     let tight = "name: tight\nresources: {cpus: 0.5, memory_gb: 0.5}\n\

@@ -142,6 +142,12 @@ pub async fn serve(
             tokio::spawn(async move { server.await })
         }
         None => {
+            // Answers go out at once, not held back by Nagle's algorithm for an ACK: inference
+            // requests are small and many.
+            use axum::serve::ListenerExt;
+            let http = http.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let server = axum::serve(http, router).with_graceful_shutdown(http_stopped);
             tokio::spawn(async move { server.await })
         }

@@ -74,6 +74,11 @@ pub async fn serve(
         batcher,
         stats: config.stats,
     });
+    // Answers go out at once, not held back by Nagle's algorithm waiting for an ACK.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await;
     state.batcher.close();
     // The thread ends once it has answered what it was sent.

@@ -81,8 +81,15 @@ impl Coordinator {
                 replicas.entry(of.as_str()).or_default().push(job);
             }
         }
-        let addrs: HashMap<String, String> =
-            self.fleet().agents.iter().map(|(name, a)| (name.clone(), a.addr.clone())).collect();
+        let (addrs, drained): (HashMap<String, String>, Vec<String>) = {
+            let fleet = self.fleet();
+            let addrs = fleet.agents.iter().map(|(name, a)| (name.clone(), a.addr.clone())).collect();
+            (addrs, fleet.agents.iter().filter(|(_, a)| a.drained).map(|(name, _)| name.clone()).collect())
+        };
+        // A replica on a drained node is replaced like an outdated one: a new one elsewhere
+        // first, then it stops.
+        let on_drained =
+            |r: &JobRecord| r.current_attempt().is_some_and(|a| a.placement.iter().any(|p| drained.contains(&p.node)));
         let mut routes = HashMap::new();
         for job in jobs.iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
             if job.state == JobState::Queued {
@@ -105,7 +112,7 @@ impl Coordinator {
                 .filter(|r| !r.state.is_terminal())
                 .map(|r| rollout::Replica {
                     id: r.id.clone(),
-                    current: r.spec == wanted,
+                    current: r.spec == wanted && !on_drained(r),
                     ready: ready(r).is_some(),
                     stopping: r.cancel_requested,
                 })

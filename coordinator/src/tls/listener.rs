@@ -30,7 +30,11 @@ impl TlsListener {
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let (stream, peer) = match tcp.accept().await {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        // Small answers (inference) go out at once, not held back by Nagle.
+                        let _ = accepted.0.set_nodelay(true);
+                        accepted
+                    }
                     Err(e) => {
                         // Out of file descriptors, say: wait rather than spin.
                         tracing::warn!(error = %e, "accepting an HTTPS connection failed");
