@@ -1,13 +1,16 @@
-//! `cargo bench --bench serving`: the digits MLP served by one replica on one core, under a
+//! `cargo bench --bench serving`: a trained model served by one replica on one core, under a
 //! closed-loop load of one-example requests at rising concurrency, with batching
-//! (`max_batch_size: 32`) and without (`max_batch_size: 1`), straight to the replica and through
-//! the coordinator's route; and, where `torch` imports, the same model in PyTorch behind a
-//! minimal Python HTTP server on the same core, as a same-run baseline.
+//! (`max_batch_size: 32`) and without (`max_batch_size: 1`). The digits MLP (the model)
+//! is measured straight to the replica and through the coordinator's route, and, where `torch`
+//! imports, against the same weights in PyTorch behind a minimal Python HTTP server on the same
+//! core; the CNN and the transformer straight to the replica, to show where batching pays.
+//! First, each model's forward pass alone in this process, at batch 1 and 32: what batching
+//! can save per example at most.
 //!
-//! Everything runs for real: `gantry dev` (a coordinator and an agent), a `train:` job, two
-//! `serve:` jobs. The replicas and the PyTorch server are pinned to core 0; this process (the
-//! load) and `gantry dev` to the other cores. One JSON object per line: a line per point, then
-//! the goals. `GANTRY_BENCH_SECONDS` sets each point's length (default 3).
+//! Everything runs for real: `gantry dev` (a coordinator and an agent), `train:` jobs, `serve:`
+//! jobs. The replicas and the PyTorch server are pinned to core 0; this process (the load) and
+//! `gantry dev` to the other cores. One JSON object per line: a line per point, then the
+//! goals. `GANTRY_BENCH_SECONDS` sets each point's length (default 3).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -132,9 +135,7 @@ impl Point {
 
 /// `concurrency` connections each sending requests back to back for `seconds` (after a warm-up
 /// of a quarter of that, not counted).
-fn load(addr: &str, path: &str, concurrency: usize, seconds: f64) -> Point {
-    let row: Vec<f32> = (0..64).map(|i| (i % 17) as f32 / 16.0).collect();
-    let body = json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": row}]}).to_string();
+fn load(addr: &str, path: &str, body: &str, concurrency: usize, seconds: f64) -> Point {
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -228,10 +229,14 @@ fn forward_alone(kind: &str, checkpoint: &Path) {
     let predictor = gantry_jobs::Predictor::load(checkpoint).unwrap();
     for rows in [1usize, 32] {
         let pixels: Vec<f32> = (0..rows * 64).map(|i| (i % 17) as f32 / 16.0).collect();
+        let prompts = vec!["And God said, Let there be light: and there was light. And God saw".to_string(); rows];
         let mut times: Vec<f64> = (0..200)
             .map(|_| {
                 let began = Instant::now();
-                std::hint::black_box(predictor.predict_pixels(rows, &pixels).unwrap());
+                match predictor.input_width() {
+                    Some(_) => std::hint::black_box(predictor.predict_pixels(rows, &pixels).unwrap()),
+                    None => std::hint::black_box(predictor.predict_text(&prompts).unwrap()),
+                };
                 began.elapsed().as_secs_f64() * 1e6
             })
             .collect();
@@ -242,6 +247,20 @@ fn forward_alone(kind: &str, checkpoint: &Path) {
             json!({"bench": "serving", "forward_alone": kind, "batch": rows, "us_per_call": median,
                    "us_per_example": median / rows as f64})
         );
+    }
+}
+
+/// One example as each model takes it: a digit's pixels, or 64 characters of text.
+fn example(kind: &str) -> String {
+    match kind {
+        "transformer" => {
+            let prompt = "And God said, Let there be light: and there was light. And God saw";
+            json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [prompt]}]}).to_string()
+        }
+        _ => {
+            let row: Vec<f32> = (0..64).map(|i| (i % 17) as f32 / 16.0).collect();
+            json!({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": row}]}).to_string()
+        }
     }
 }
 
@@ -286,10 +305,14 @@ fn main() {
     });
 
     let mut trained = Vec::new();
-    for (kind, epochs) in [("mlp", 10), ("cnn", 3)] {
-        let spec = format!("name: {kind}\ntrain: {{model: {kind}, epochs: {epochs}}}\nmax_restarts: 0\n");
+    for (kind, epochs) in [("mlp", 10), ("cnn", 3), ("transformer", 1)] {
+        let dataset = if kind == "transformer" { "genesis" } else { "digits" };
+        let spec =
+            format!("name: {kind}\ntrain: {{model: {kind}, dataset: {dataset}, epochs: {epochs}}}\nmax_restarts: 0\n");
         let train = submit(grpc, dir.path(), &format!("train-{kind}"), &spec);
-        wait_for("the train job", Duration::from_secs(300), || gantry_json(grpc, &["job", &train])["state"] == "succeeded");
+        wait_for("the train job", Duration::from_secs(300), || {
+            gantry_json(grpc, &["job", &train])["state"] == "succeeded"
+        });
         let weights = dir.path().join(format!("weights-{kind}"));
         let out = Command::new(GANTRY)
             .args(["checkpoint", "download", &train, "--out"])
@@ -325,7 +348,10 @@ fn main() {
         started.0.push(child);
         torch_addr = Some(format!("127.0.0.1:{port}"));
     } else {
-        println!("{}", json!({"bench": "serving", "setup": "pytorch", "skipped": "torch (and numpy) do not import here"}));
+        println!(
+            "{}",
+            json!({"bench": "serving", "setup": "pytorch", "skipped": "torch (and numpy) do not import here"})
+        );
     }
 
     let via = format!("127.0.0.1:{http}");
@@ -346,8 +372,9 @@ fn main() {
             if let (Some(addr), "mlp") = (&torch_addr, *kind) {
                 points.push(("pytorch".into(), 1, "direct", addr.clone(), "/v2/models/torch/infer".into()));
             }
+            let body = example(kind);
             for (setup, batch, route, addr, path) in points {
-                let p = load(&addr, &path, concurrency, seconds);
+                let p = load(&addr, &path, &body, concurrency, seconds);
                 report(&setup, batch, route, concurrency, &p);
                 results.insert((setup, route, concurrency), p);
             }
@@ -359,7 +386,7 @@ fn main() {
 
     // The goals, from the points above.
     let at = |setup: &str, route: &'static str, c: usize| -> &Point { &results[&(setup.to_string(), route, c)] };
-    for kind in ["mlp", "cnn"] {
+    for kind in ["mlp", "cnn", "transformer"] {
         let batched = at(&format!("{kind}-batched"), "direct", 64);
         let unbatched = at(&format!("{kind}-unbatched"), "direct", 64);
         let ratio = batched.throughput() / unbatched.throughput();

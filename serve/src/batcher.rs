@@ -12,10 +12,10 @@
 //! Admission: a request is refused at once (503) when `max_queue` requests are already waiting,
 //! never queued.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,10 +118,105 @@ impl Job {
     }
 }
 
+/// Requests waiting for the model thread. The thread is woken only when it has nothing to do
+/// or a full batch is waiting, not by every request: on a busy core each wake-up is a context
+/// switch, which would cost more than a small model's forward pass.
+struct Queue {
+    /// A std mutex: held to push or pop, never across an await.
+    state: Mutex<Waiting>,
+    wake: Condvar,
+}
+
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// Rows of `jobs`, all together.
+    rows: usize,
+    /// The model thread waits for a first request (rather than gathering a batch).
+    idle: bool,
+    /// Rows of the batch the model thread is gathering, while it waits for more.
+    gathered: usize,
+    /// No more requests come: the thread finishes those waiting, then ends.
+    closed: bool,
+}
+
+/// How [`Queue::pop`] waits.
+enum Pop {
+    /// Until a request comes (the thread is idle).
+    Block,
+    /// At most this long, woken early only by a full batch: `.1` rows are gathered already.
+    For(Duration, usize),
+    /// Not at all.
+    Now,
+}
+
+impl Queue {
+    fn new() -> Queue {
+        let state = Waiting { jobs: VecDeque::new(), rows: 0, idle: false, gathered: 0, closed: false };
+        Queue { state: Mutex::new(state), wake: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// False once closed.
+    fn push(&self, job: Job, full: usize) -> Result<(), Job> {
+        let mut w = self.lock();
+        if w.closed {
+            return Err(job);
+        }
+        w.rows += job.input.rows();
+        w.jobs.push_back(job);
+        if w.idle || w.gathered + w.rows >= full {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// The oldest waiting request; `None` when none came in time, or (with `Block`) when the
+    /// queue is closed and empty.
+    fn pop(&self, how: Pop) -> Option<Job> {
+        let mut w = self.lock();
+        let deadline = match how {
+            Pop::For(d, gathered) => {
+                w.gathered = gathered;
+                Some(Instant::now() + d)
+            }
+            _ => None,
+        };
+        while w.jobs.is_empty() && !w.closed {
+            match (&how, deadline) {
+                (Pop::Block, _) => {
+                    w.idle = true;
+                    w = self.wake.wait(w).unwrap_or_else(|p| p.into_inner());
+                    w.idle = false;
+                }
+                (Pop::For(..), Some(deadline)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        w.gathered = 0;
+                        return None;
+                    }
+                    w = self.wake.wait_timeout(w, left).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                _ => return None,
+            }
+        }
+        w.gathered = 0;
+        let job = w.jobs.pop_front()?;
+        w.rows -= job.input.rows();
+        Some(job)
+    }
+}
+
 /// The sending side, shared by every connection.
 pub(crate) struct Batcher {
-    /// Taken out (closing the channel) when the server shuts down.
-    tx: Mutex<Option<Sender<Job>>>,
+    queue: Arc<Queue>,
     settings: Settings,
     stats: Arc<Stats>,
 }
@@ -135,13 +230,14 @@ impl Batcher {
         stats: Arc<Stats>,
     ) -> Result<(Batcher, JoinHandle<()>), ServeError> {
         settings.check()?;
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::new());
         let thread = ModelThread { model, classes, settings, stats: stats.clone() };
+        let consumer = queue.clone();
         let handle = std::thread::Builder::new()
             .name("model".into())
-            .spawn(move || thread.run(rx))
+            .spawn(move || thread.run(&consumer))
             .map_err(ServeError::Thread)?;
-        Ok((Batcher { tx: Mutex::new(Some(tx)), settings, stats }, handle))
+        Ok((Batcher { queue, settings, stats }, handle))
     }
 
     /// Runs `input` in the next batch it fits in, unless `max_queue` requests are waiting.
@@ -153,11 +249,7 @@ impl Batcher {
         }
         let (reply, answer) = oneshot::channel();
         let job = Job { input, generate, arrived: Instant::now(), reply };
-        let sent = match &*self.tx.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(tx) => tx.send(job).is_ok(),
-            None => false,
-        };
-        if !sent {
+        if self.queue.push(job, self.settings.max_batch_size).is_err() {
             depth.fetch_sub(1, Ordering::SeqCst);
             return Err(ServeError::ShuttingDown);
         }
@@ -166,7 +258,7 @@ impl Batcher {
 
     /// Refuses new requests; the thread finishes those already sent, then ends.
     pub(crate) fn close(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.queue.close();
     }
 }
 
@@ -179,15 +271,15 @@ struct ModelThread {
 }
 
 impl ModelThread {
-    fn run(mut self, rx: Receiver<Job>) {
+    fn run(mut self, queue: &Queue) {
         // A request that did not fit the last batch: the first of the next.
         let mut next: Option<Job> = None;
         loop {
             let first = match next.take() {
                 Some(job) => job,
-                None => match rx.recv() {
-                    Ok(job) => job,
-                    Err(_) => return,
+                None => match queue.pop(Pop::Block) {
+                    Some(job) => job,
+                    None => return,
                 },
             };
             let Some(first) = self.admit(first) else { continue };
@@ -197,14 +289,13 @@ impl ModelThread {
             loop {
                 let job = match gather(kind, rows, oldest.elapsed(), &self.settings) {
                     Gather::Run => break,
-                    Gather::TakeWaiting => match rx.try_recv() {
-                        Ok(job) => job,
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    Gather::TakeWaiting => match queue.pop(Pop::Now) {
+                        Some(job) => job,
+                        None => break,
                     },
-                    Gather::Wait(timeout) => match rx.recv_timeout(timeout) {
-                        Ok(job) => job,
-                        Err(RecvTimeoutError::Timeout) => continue,
-                        Err(RecvTimeoutError::Disconnected) => break,
+                    Gather::Wait(timeout) => match queue.pop(Pop::For(timeout, rows)) {
+                        Some(job) => job,
+                        None => continue,
                     },
                 };
                 if !joins(kind, rows, job.kind(), job.input.rows(), &self.settings) {
