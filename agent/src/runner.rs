@@ -149,7 +149,7 @@ async fn run_child(
     let mut env: Vec<(String, String)> = launch.spec.env.clone().into_iter().collect();
     env.extend(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache));
     let probing =
-        serving::probe_addr(&serve_env).map(|addr| tokio::spawn(serving::probe(addr, launch.serve_port.clone())));
+        serving::probe_target(&serve_env).map(|target| tokio::spawn(serving::probe(target, launch.serve_port.clone())));
     env.extend(serve_env);
     if let Some(user) = &isolation.user {
         // Not root's home: the job's own directory.

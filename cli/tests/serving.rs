@@ -292,13 +292,14 @@ fn a_trained_model_is_served_batched_updated_and_replaced_without_dropping_reque
     assert!(api["requests"].as_u64().unwrap() > during_update, "{api}");
     assert!(api["p99_seconds"].as_f64().is_some_and(|p| p > 0.0), "{api}");
 
-    // More load than max_queue: refused at once with 503, not queued without bound.
-    let tight = "name: tight\nresources: {cpus: 0.5, memory_gb: 0.5}\n\
+    // More load than max_queue: refused at once with 503, not queued without bound. (Its name
+    // has a space, as names may.)
+    let tight = "name: tight one\nresources: {cpus: 0.5, memory_gb: 0.5}\n\
                  serve: {from: \"TRAIN\", max_batch_size: 1, max_batch_delay_ms: 0, max_queue: 1}\n"
         .replace("TRAIN", &train);
     let tight_id = fleet.submit(&tight);
-    wait_ready(&fleet, "tight", 1, &latest, Duration::from_secs(60));
-    let load = Load::start(&fleet, &dir, "overload", &url, "tight", 24, &viewer);
+    wait_ready(&fleet, "tight one", 1, &latest, Duration::from_secs(60));
+    let load = Load::start(&fleet, &dir, "overload", &url, "tight one", 24, &viewer);
     std::thread::sleep(Duration::from_secs(3));
     let counts = load.finish();
     println!("24 clients against max_queue 1: {counts:?}");
@@ -309,7 +310,7 @@ fn a_trained_model_is_served_batched_updated_and_replaced_without_dropping_reque
     // Cancelled: its replicas stop and the model is gone.
     fleet.ok(&["cancel", &tight_id]);
     fleet.wait_state(&tight_id, &["cancelled"], Duration::from_secs(30));
-    assert!(endpoint(&fleet, "tight").is_none());
-    let (got, _) = post(&fleet, "/v2/models/tight/infer", &viewer, &one.to_string());
+    assert!(endpoint(&fleet, "tight one").is_none());
+    let (got, _) = post(&fleet, "/v2/models/tight%20one/infer", &viewer, &one.to_string());
     assert_eq!(got, 404);
 }

@@ -26,7 +26,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v2/models/{name}", get(crate::serving::endpoint::metadata))
         .route("/v2/models/{name}/ready", get(crate::serving::endpoint::ready))
-        .route("/v2/models/{name}/infer", post(crate::serving::endpoint::infer))
+        .route(
+            "/v2/models/{name}/infer",
+            // As large a request as a replica takes.
+            post(crate::serving::endpoint::infer).layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+        )
         .route("/login", get(crate::auth::http::login_form).post(crate::auth::http::login))
         .route("/logout", post(crate::auth::http::logout))
         .layer(axum::middleware::from_fn_with_state(coordinator.clone(), crate::auth::http::require_token))

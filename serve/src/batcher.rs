@@ -315,7 +315,7 @@ impl ModelThread {
     /// its own, so it cannot fail the requests batched with it).
     fn admit(&self, job: Job) -> Option<Job> {
         self.stats.queue_depth.fetch_sub(1, Ordering::SeqCst);
-        match self.model.validate(&job.input) {
+        match guarded(|| self.model.validate(&job.input)) {
             Ok(()) => Some(job),
             Err(reason) => {
                 let _ = job.reply.send(Err(ServeError::BadRequest(format!("inputs[0].data: {reason}"))));

@@ -254,7 +254,8 @@ fn floats(tensor: &InputTensor, features: usize, values: &[&Value]) -> Result<In
     if rows == 0 {
         return bad(format!("inputs[0].shape: expected at least one row, got {:?}", tensor.shape));
     }
-    let expected = rows * features;
+    // A shape of 2^58 rows must not wrap around to match an empty `data`.
+    let expected = rows.checked_mul(features).unwrap_or(usize::MAX);
     if values.len() != expected {
         return bad(format!("inputs[0].data: shape {:?} needs {expected} numbers, got {}", tensor.shape, values.len()));
     }
@@ -349,6 +350,13 @@ mod tests {
         assert!(flat.probabilities && !flat.continuation && flat.generate.is_none());
         let one = check(&meta, tensor("pixels", json!([2]), FP32, json!([1, 2]))).unwrap();
         assert_eq!(one.input, Input::Floats { rows: 1, data: vec![1.0, 2.0] });
+    }
+
+    #[test]
+    fn a_shape_too_large_to_count_is_refused_not_wrapped() {
+        let huge = 1i64 << 58;
+        let err = check(&pixels(64), tensor("pixels", json!([huge, 64]), FP32, json!([]))).unwrap_err();
+        assert!(err.starts_with("inputs[0].data: shape"), "{err}");
     }
 
     #[test]

@@ -31,7 +31,7 @@ def infer(conn, model, rows):
     headers = {"Content-Type": "application/json"}
     if os.environ.get("TOKEN"):
         headers["Authorization"] = "Bearer " + os.environ["TOKEN"]
-    conn.request("POST", f"/v2/models/{model}/infer", json.dumps(body), headers)
+    conn.request("POST", f"/v2/models/{urllib.parse.quote(model)}/infer", json.dumps(body), headers)
     response = conn.getresponse()
     return response.status, response.read()
 

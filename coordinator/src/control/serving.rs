@@ -44,7 +44,9 @@ impl Coordinator {
 
     /// The live serve job serving model `name`, if any.
     pub(super) fn serving_named(&self, name: &str) -> Result<Option<JobRecord>> {
-        Ok(self.store.jobs()?.into_iter().find(|j| j.is_serving() && !j.state.is_terminal() && j.spec.name == name))
+        // One being cancelled is on its way out: a new submission of the name starts afresh.
+        let live = |j: &JobRecord| j.is_serving() && !j.state.is_terminal() && !j.cancel_requested;
+        Ok(self.store.jobs()?.into_iter().find(|j| live(j) && j.spec.name == name))
     }
 
     /// A new spec for serve job `job`: its replicas are replaced one at a time by the passes.
@@ -71,7 +73,9 @@ impl Coordinator {
         Ok(job)
     }
 
-    /// One step of every serve job toward what its spec asks for; then the routes.
+    /// One step of every serve job toward what its spec asks for. The routes are published
+    /// before any replica is stopped, so no request is sent to one already told to stop; a
+    /// serve job that cannot be stepped (a store error) is logged and the others go on.
     pub fn reconcile_serving(&self) -> Result<()> {
         let jobs = self.store.jobs()?;
         let now = self.now_ms();
@@ -90,23 +94,21 @@ impl Coordinator {
         // first, then it stops.
         let on_drained =
             |r: &JobRecord| r.current_attempt().is_some_and(|a| a.placement.iter().any(|p| drained.contains(&p.node)));
-        let mut routes = HashMap::new();
-        for job in jobs.iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
-            if job.state == JobState::Queued {
-                self.transition(&job.id, |j| j.start_serving())?;
+        let ready = |r: &JobRecord| -> Option<String> {
+            let port = self.serving.ready_port(&r.id).filter(|p| p.attempt == r.attempt)?;
+            let attempt = r.current_attempt()?;
+            if r.state != JobState::Running || r.is_stopping() || r.cancel_requested {
+                return None;
             }
+            let node = &attempt.placement.first()?.node;
+            let host = addrs.get(node).filter(|a| !a.is_empty()).map(String::as_str).unwrap_or("127.0.0.1");
+            Some(format!("{}:{}", bracket_v6(host), port.port))
+        };
+        let mut routes = HashMap::new();
+        let mut steps = Vec::new();
+        for job in jobs.iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
             let wanted = replica_spec(&job.spec);
             let mine = replicas.get(job.id.as_str()).map(Vec::as_slice).unwrap_or_default();
-            let ready = |r: &JobRecord| -> Option<String> {
-                let port = self.serving.ready_port(&r.id).filter(|p| p.attempt == r.attempt)?;
-                let attempt = r.current_attempt()?;
-                if r.state != JobState::Running || r.is_stopping() || r.cancel_requested {
-                    return None;
-                }
-                let node = &attempt.placement.first()?.node;
-                let host = addrs.get(node).filter(|a| !a.is_empty()).map(String::as_str).unwrap_or("127.0.0.1");
-                Some(format!("{}:{}", bracket_v6(host), port.port))
-            };
             let live: Vec<rollout::Replica> = mine
                 .iter()
                 .filter(|r| !r.state.is_terminal())
@@ -117,8 +119,8 @@ impl Coordinator {
                     stopping: r.cancel_requested,
                 })
                 .collect();
-            let failed: Vec<&&JobRecord> =
-                mine.iter().filter(|r| r.state == JobState::Failed && r.spec == wanted).collect();
+            let failed: Vec<&JobRecord> =
+                mine.iter().copied().filter(|r| r.state == JobState::Failed && r.spec == wanted).collect();
             let decision = rollout::decide(&rollout::State {
                 wanted: job.spec.replicas as usize,
                 cancelled: job.cancel_requested,
@@ -134,25 +136,7 @@ impl Coordinator {
             if !job.cancel_requested {
                 routes.insert(job.spec.name.clone(), (job.id.clone(), routed));
             }
-            for id in &decision.stop {
-                info!(job = %job.id, replica = %id, "stopping a replica");
-                self.cancel(id)?;
-            }
-            for _ in 0..decision.create {
-                let replica = self.store.submit_replica(wanted.clone(), &job.owner, &job.id, now)?;
-                info!(job = %job.id, replica = %replica.id, "replica queued");
-                self.changed();
-            }
-            if decision.ended {
-                let why = decision.give_up.then(|| {
-                    let last = failed.iter().max_by_key(|r| r.seq).map(|r| r.message.as_str()).unwrap_or("");
-                    format!("its replicas keep failing ({} did): {last}", failed.len())
-                });
-                if let Some(why) = &why {
-                    warn!(job = %job.id, reason = %why, "serve job failed");
-                }
-                self.transition(&job.id, |j| j.end_serving(why.as_deref(), now))?;
-            }
+            steps.push((job, wanted, decision, failed));
         }
         let live: std::collections::HashSet<&str> = jobs
             .iter()
@@ -164,6 +148,45 @@ impl Coordinator {
             routes.values().flat_map(|(_, rs)| rs.iter().map(|(_, a)| a.clone())).collect();
         self.serving.pool.retain(&|a| addrs.contains(a));
         self.serving.set_routes(routes);
+        for (job, wanted, decision, failed) in steps {
+            if let Err(e) = self.step_serving(job, &wanted, &decision, &failed, now) {
+                warn!(job = %job.id, error = %e, "could not step a serve job; trying again next pass");
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out one serve job's rollout decision.
+    fn step_serving(
+        &self,
+        job: &JobRecord,
+        wanted: &JobSpec,
+        decision: &rollout::Decision,
+        failed: &[&JobRecord],
+        now: i64,
+    ) -> Result<()> {
+        if job.state == JobState::Queued {
+            self.transition(&job.id, |j| j.start_serving())?;
+        }
+        for id in &decision.stop {
+            info!(job = %job.id, replica = %id, "stopping a replica");
+            self.cancel(id)?;
+        }
+        for _ in 0..decision.create {
+            let replica = self.store.submit_replica(wanted.clone(), &job.owner, &job.id, now)?;
+            info!(job = %job.id, replica = %replica.id, "replica queued");
+            self.changed();
+        }
+        if decision.ended {
+            let why = decision.give_up.then(|| {
+                let last = failed.iter().max_by_key(|r| r.seq).map(|r| r.message.as_str()).unwrap_or("");
+                format!("its replicas keep failing ({} did): {last}", failed.len())
+            });
+            if let Some(why) = &why {
+                warn!(job = %job.id, reason = %why, "serve job failed");
+            }
+            self.transition(&job.id, |j| j.end_serving(why.as_deref(), now))?;
+        }
         Ok(())
     }
 }

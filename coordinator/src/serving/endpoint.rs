@@ -69,30 +69,53 @@ fn unknown(name: &str) -> Response {
     )
 }
 
-/// Forwards to the replica with the fewest requests in flight; one that cannot be reached is
-/// skipped for the next, so a replica that just died costs no request.
+/// Forwards to the replica with the fewest requests in flight. One that cannot be reached (it
+/// just died, or was told to stop) is skipped for the next, and the routes are read again once
+/// before giving up, so a replica replaced in the meantime costs no request. One whose answer
+/// broke off after the request was sent is retried on one other replica only: a request that
+/// kills replicas must not go round all of them.
 async fn forward(c: &Coordinator, who: &Principal, name: &str, method: &str, tail: &str, body: Bytes) -> Response {
     if let Err(e) = authorize(who, Action::Infer) {
         return error(StatusCode::FORBIDDEN, e.to_string());
     }
-    let Some(routes) = c.serving.model(name) else { return unknown(name) };
+    let Some(mut routes) = c.serving.model(name) else { return unknown(name) };
+    // Names may hold spaces; nothing else they may hold needs escaping in a path.
+    let escaped = name.replace(' ', "%20");
     let path = match tail {
-        "" => format!("/v2/models/{name}"),
-        tail => format!("/v2/models/{name}/{tail}"),
+        "" => format!("/v2/models/{escaped}"),
+        tail => format!("/v2/models/{escaped}/{tail}"),
     };
-    let mut tried = Vec::new();
+    let (mut tried, mut broken, mut reread) = (Vec::new(), 0, false);
     let mut last = String::new();
-    while let Some((route, _in_flight)) = c.serving.pick(&routes, &tried) {
+    loop {
+        let Some((route, _in_flight)) = c.serving.pick(&routes, &tried) else {
+            match (reread, c.serving.model(name)) {
+                (false, Some(fresh)) => {
+                    reread = true;
+                    routes = fresh;
+                    continue;
+                }
+                _ => break,
+            }
+        };
         match c.serving.pool.send(&route.addr, method, &path, body.clone()).await {
             Ok(answer) => {
                 let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
                 let kind = answer.content_type.unwrap_or_else(|| "application/json".into());
                 return (status, [(header::CONTENT_TYPE, kind)], answer.body).into_response();
             }
-            Err(Failure::Unreachable(e) | Failure::Broken(e)) => {
-                warn!(model = %name, replica = %route.job_id, error = %e, "replica did not answer: trying another");
+            Err(failure) => {
+                let (e, sent) = match failure {
+                    Failure::Unreachable(e) => (e, false),
+                    Failure::Broken(e) => (e, true),
+                };
+                warn!(model = %name, replica = %route.job_id, error = %e, sent, "replica did not answer");
                 last = e;
                 tried.push(route.job_id);
+                broken += usize::from(sent);
+                if broken > 1 {
+                    break;
+                }
             }
         }
     }

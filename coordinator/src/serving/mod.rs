@@ -15,10 +15,15 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use gantry_core::JobSpec;
 
-/// A replica runs the serve job's spec, as one copy, and retries on its own without limit (with
-/// `retry`'s backoff): a model that must answer is restarted, not given up on.
+/// Restarts of one replica (with `retry`'s backoff, up to 5 minutes apart) before it ends
+/// failed: a model that must answer is restarted for a long while, but its record of attempts
+/// does not grow without end; a replica that ends failed is replaced by a new one.
+pub const REPLICA_RESTARTS: u32 = 100;
+
+/// A replica runs the serve job's spec, as one copy, restarted on its own up to
+/// [`REPLICA_RESTARTS`] times.
 pub fn replica_spec(serve_job: &JobSpec) -> JobSpec {
-    JobSpec { replicas: 1, max_restarts: u32::MAX, ..serve_job.clone() }
+    JobSpec { replicas: 1, max_restarts: REPLICA_RESTARTS, ..serve_job.clone() }
 }
 
 /// One replica requests may go to.

@@ -41,18 +41,30 @@ impl Pool {
     /// replaced by a new one, once.
     pub async fn send(&self, addr: &str, method: &str, path: &str, body: Bytes) -> Result<Answer, Failure> {
         // A kept connection can have been closed by the replica while idle: on failure, afresh.
-        if let Some(conn) = self.take(addr)
-            && let Ok((answer, conn)) = exchange(conn, addr, method, path, body.clone()).await
-        {
-            self.put(addr, conn);
-            return Ok(answer);
+        let mut sent = false;
+        if let Some(conn) = self.take(addr) {
+            match exchange(conn, addr, method, path, body.clone()).await {
+                Ok((answer, conn)) => {
+                    self.put(addr, conn);
+                    return Ok(answer);
+                }
+                Err(Failure::Broken(_)) => sent = true,
+                Err(Failure::Unreachable(_)) => {}
+            }
         }
-        let conn = connect(addr).await?;
-        let (answer, conn) = exchange(conn, addr, method, path, body).await.map_err(|e| match e {
-            Failure::Unreachable(e) | Failure::Broken(e) => Failure::Broken(e),
-        })?;
-        self.put(addr, conn);
-        Ok(answer)
+        // Whether the request may have reached the replica is what the caller must know.
+        let fresh = async {
+            let conn = connect(addr).await?;
+            exchange(conn, addr, method, path, body).await
+        };
+        match fresh.await {
+            Ok((answer, conn)) => {
+                self.put(addr, conn);
+                Ok(answer)
+            }
+            Err(Failure::Unreachable(e)) if sent => Err(Failure::Broken(e)),
+            Err(failure) => Err(failure),
+        }
     }
 
     fn take(&self, addr: &str) -> Option<SendRequest<Full<Bytes>>> {
