@@ -28,7 +28,16 @@ struct Started(Vec<Child>);
 
 impl Drop for Started {
     fn drop(&mut self) {
+        // SIGTERM first: `gantry dev`'s agent then stops its jobs, the replicas among them
+        // (a SIGKILL would leave them running).
         for c in &mut self.0 {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for c in &mut self.0 {
+            while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
