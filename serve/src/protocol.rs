@@ -255,7 +255,7 @@ fn floats(tensor: &InputTensor, features: usize, values: &[&Value]) -> Result<In
         return bad(format!("inputs[0].shape: expected at least one row, got {:?}", tensor.shape));
     }
     // A shape of 2^58 rows must not wrap around to match an empty `data`.
-    let expected = rows.checked_mul(features).unwrap_or(usize::MAX);
+    let expected = rows.saturating_mul(features);
     if values.len() != expected {
         return bad(format!("inputs[0].data: shape {:?} needs {expected} numbers, got {}", tensor.shape, values.len()));
     }
