@@ -198,8 +198,8 @@ fn bad_specs_are_refused_with_the_field_and_nothing_is_queued() {
     let cases = [
         ("name: x\ncommand: [true]\nresources:\n  gpuz: 1\n", "unknown field `gpuz`"),
         ("name: x\ncommand: [true]\nresources:\n  gpus: -1\n", "resources.gpus"),
-        ("name: x\ncommand: [true]\ntrain: {}\n", "not both"),
-        ("name: x\n", "exactly one of `train` and `command`"),
+        ("name: x\ncommand: [true]\ntrain: {}\n", "not several"),
+        ("name: x\n", "exactly one of `train`, `command` and `serve`"),
         ("name: x\ncommand: [true\n", "broken YAML"),
         ("name: x\npriority: 101\ncommand: [true]\n", "priority"),
     ];
