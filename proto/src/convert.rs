@@ -242,6 +242,6 @@ mod tests {
         let spec = JobSpec::from_yaml("name: x\ncommand: [true]\n").unwrap();
         let mut wire = v1::JobSpec::from(&spec);
         wire.workload = None;
-        assert_eq!(JobSpec::try_from(wire).unwrap_err().field, "spec.workload (train or command)");
+        assert_eq!(JobSpec::try_from(wire).unwrap_err().field, "spec.workload (train, command or serve)");
     }
 }
