@@ -624,6 +624,16 @@ impl JobSpec {
         Ok(())
     }
 
+    /// The checkpoint of another job this one starts from, with the field that names it:
+    /// `train.init_from` or `serve.from`.
+    pub fn starts_from(&self) -> Option<(&'static str, &str)> {
+        match (&self.train, &self.serve) {
+            (Some(t), _) => t.init_from.as_deref().map(|f| ("train.init_from", f)),
+            (None, Some(s)) => Some(("serve.from", s.from.as_str())),
+            (None, None) => None,
+        }
+    }
+
     /// Memory asked for, in bytes.
     pub fn memory_bytes(&self) -> u64 {
         (self.resources.memory_gb * GIB) as u64

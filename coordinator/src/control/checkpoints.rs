@@ -8,6 +8,25 @@ use crate::records::CheckpointRecord;
 use crate::stale::StaleKind;
 
 impl Coordinator {
+    /// The checkpoint `from` names (`JOB_ID`: its latest; `JOB_ID@STEP`), as `(job, step)`.
+    /// `InvalidArgument`, prefixed with `field`, when it is malformed or does not exist.
+    pub(super) fn named_checkpoint(&self, field: &str, from: &str) -> Result<(String, u64)> {
+        let (job, step) = gantry_core::spec::parse_checkpoint_ref(from)
+            .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
+        let checkpoints = self.store.checkpoints(&job)?;
+        let found = match step {
+            Some(step) => checkpoints.iter().find(|c| c.step == step),
+            None => checkpoints.last(),
+        };
+        match found {
+            Some(c) => Ok((job, c.step)),
+            None => {
+                let at = step.map(|s| format!(" at step {s}")).unwrap_or_default();
+                Err(Error::InvalidArgument(format!("{field}: job {job} has no checkpoint{at}")))
+            }
+        }
+    }
+
     pub fn commit_checkpoint(&self, record: CheckpointRecord) -> Result<CheckpointRecord> {
         // Checked when the upload began, and again now: a new attempt may have started since.
         self.take_output(&record.job_id, record.attempt, None, StaleKind::Checkpoint)?;

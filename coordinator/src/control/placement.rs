@@ -272,26 +272,9 @@ impl Coordinator {
         if let Some(latest) = own.last() {
             return Ok(Some(v1::CheckpointRef { job_id: job.id.clone(), step: latest.step }));
         }
-        let (field, from) = match (&job.spec.train, &job.spec.serve) {
-            (Some(t), _) => ("train.init_from", t.init_from.as_ref()),
-            (None, Some(s)) => ("serve.from", Some(&s.from)),
-            (None, None) => ("", None),
-        };
-        let Some(from) = from else { return Ok(None) };
-        let (other, step) = gantry_core::spec::parse_checkpoint_ref(from)
-            .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
-        let theirs = self.store.checkpoints(&other)?;
-        let found = match step {
-            Some(step) => theirs.iter().find(|c| c.step == step),
-            None => theirs.last(),
-        };
-        match found {
-            Some(c) => Ok(Some(v1::CheckpointRef { job_id: other, step: c.step })),
-            None => Err(Error::InvalidArgument(format!(
-                "{field}: job {other} has no checkpoint{}",
-                step.map(|s| format!(" at step {s}")).unwrap_or_default()
-            ))),
-        }
+        let Some((field, from)) = job.spec.starts_from() else { return Ok(None) };
+        let (job_id, step) = self.named_checkpoint(field, from)?;
+        Ok(Some(v1::CheckpointRef { job_id, step }))
     }
 
     fn send_assignments(&self, job: &JobRecord, ranks: &[RankPlacement], resume: Option<v1::CheckpointRef>) {

@@ -18,7 +18,7 @@ impl Coordinator {
     /// serving that one until updated, whatever its source trains later.
     pub(super) fn pin_serve_from(&self, mut spec: JobSpec) -> Result<JobSpec> {
         let Some(serve) = spec.serve.as_mut() else { return Ok(spec) };
-        let (job, step) = gantry_core::spec::parse_checkpoint_ref(&serve.from)
+        let (job, _) = gantry_core::spec::parse_checkpoint_ref(&serve.from)
             .map_err(|e| Error::InvalidArgument(format!("serve.from: {e}")))?;
         let source = self
             .store
@@ -29,16 +29,8 @@ impl Coordinator {
                 "serve.from: job {job} is not a train job: only the runtime's checkpoints can be served"
             )));
         }
-        let checkpoints = self.store.checkpoints(&job)?;
-        let found = match step {
-            Some(step) => checkpoints.iter().find(|c| c.step == step),
-            None => checkpoints.last(),
-        };
-        let Some(found) = found else {
-            let at = step.map(|s| format!(" at step {s}")).unwrap_or_default();
-            return Err(Error::InvalidArgument(format!("serve.from: job {job} has no checkpoint{at}")));
-        };
-        serve.from = format!("{job}@{}", found.step);
+        let (job, step) = self.named_checkpoint("serve.from", &serve.from)?;
+        serve.from = format!("{job}@{step}");
         Ok(spec)
     }
 
@@ -194,11 +186,14 @@ impl Coordinator {
 impl Coordinator {
     /// Serve job `job`'s replicas, newest first, as `gantry job` shows them.
     pub fn replicas(&self, job: &JobRecord) -> Result<Vec<v1::Replica>> {
+        Ok(self.replicas_among(job, &self.store.jobs()?))
+    }
+
+    /// [`Coordinator::replicas`], from `jobs` already read.
+    fn replicas_among(&self, job: &JobRecord, jobs: &[JobRecord]) -> Vec<v1::Replica> {
         let routed = self.serving.model(&job.spec.name).filter(|m| m.job_id == job.id);
-        let mut out: Vec<(u64, v1::Replica)> = self
-            .store
-            .jobs()?
-            .into_iter()
+        let mut out: Vec<(u64, v1::Replica)> = jobs
+            .iter()
             .filter(|r| r.replica_of.as_deref() == Some(job.id.as_str()))
             .map(|r| {
                 let url = routed
@@ -225,14 +220,15 @@ impl Coordinator {
             })
             .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.0));
-        Ok(out.into_iter().map(|(_, r)| r).collect())
+        out.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Every running serve job: the model it serves and its replicas (live ones only).
     pub fn endpoints(&self) -> Result<Vec<v1::Endpoint>> {
         let mut out = Vec::new();
-        for job in self.store.jobs()?.into_iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
-            let replicas = self.replicas(&job)?;
+        let jobs = self.store.jobs()?;
+        for job in jobs.iter().filter(|j| j.is_serving() && !j.state.is_terminal()) {
+            let replicas = self.replicas_among(job, &jobs);
             let live = ["queued", "starting", "ready", "stopping"];
             out.push(v1::Endpoint {
                 model: job.spec.name.clone(),

@@ -51,12 +51,7 @@ impl v1::gantry_server::Gantry for UserService {
         let spec =
             JobSpec::try_from(wire).map_err(|e| crate::Error::InvalidArgument(format!("invalid job spec: {e}")))?;
         // Starting from a checkpoint is reading it: only from jobs the caller may read.
-        let from = match (&spec.train, &spec.serve) {
-            (Some(t), _) => t.init_from.as_ref().map(|f| ("train.init_from", f)),
-            (None, Some(s)) => Some(("serve.from", &s.from)),
-            _ => None,
-        };
-        if let Some((field, from)) = from
+        if let Some((field, from)) = spec.starts_from()
             && let Ok((job, _)) = gantry_core::spec::parse_checkpoint_ref(from)
             && let Ok(source) = self.coordinator.store.job(&job)
         {

@@ -107,13 +107,6 @@ impl Serving {
         self.routes.read().expect("routes lock poisoned").get(name).cloned()
     }
 
-    pub fn models(&self) -> Vec<(String, Arc<ModelRoutes>)> {
-        let mut all: Vec<_> =
-            self.routes.read().expect("routes lock poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
     /// The replica with the fewest requests in flight, skipping `tried`; the returned guard
     /// counts this request until dropped.
     pub fn pick(&self, routes: &ModelRoutes, tried: &[String]) -> Option<(Route, InFlight)> {
