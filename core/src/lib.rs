@@ -10,4 +10,6 @@ pub mod sim;
 pub mod spec;
 
 pub use error::ParseError;
-pub use spec::{DatasetKind, JobSpec, ModelKind, PullPolicy, Resources, ServeSpec, SpecError, TrainSpec};
+pub use spec::{
+    DatasetKind, DatasetSpec, JobSpec, ModelKind, ModelSpec, PullPolicy, Resources, ServeSpec, SpecError, TrainSpec,
+};

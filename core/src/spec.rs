@@ -9,6 +9,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::ParseError;
 
+mod dataset;
+mod model;
+
+pub use dataset::{DatasetSpec, Holdout};
+pub use model::ModelSpec;
+
 /// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
 /// and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -256,9 +262,9 @@ fn is_one(n: &u32) -> bool {
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     #[serde(default)]
-    pub model: ModelKind,
+    pub model: ModelSpec,
     #[serde(default)]
-    pub dataset: DatasetKind,
+    pub dataset: DatasetSpec,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     #[serde(default = "default_batch_size")]
@@ -438,8 +444,8 @@ impl std::fmt::Display for Precision {
 impl Default for TrainSpec {
     fn default() -> Self {
         TrainSpec {
-            model: ModelKind::default(),
-            dataset: DatasetKind::default(),
+            model: ModelSpec::default(),
+            dataset: DatasetSpec::default(),
             epochs: default_epochs(),
             batch_size: default_batch_size(),
             learning_rate: default_learning_rate(),
@@ -628,7 +634,7 @@ impl JobSpec {
     /// `train.init_from` or `serve.from`.
     pub fn starts_from(&self) -> Option<(&'static str, &str)> {
         match (&self.train, &self.serve) {
-            (Some(t), _) => t.init_from.as_deref().map(|f| ("train.init_from", f)),
+            (Some(t), _) => t.init_from_job().map(|f| ("train.init_from", f)),
             (None, Some(s)) => Some(("serve.from", s.from.as_str())),
             (None, None) => None,
         }
@@ -645,15 +651,23 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 impl TrainSpec {
     /// The rules of the `train:` section (field names in errors are prefixed `train.`).
     pub fn validate(&self) -> Result<(), SpecError> {
-        // The digits are images, genesis is text: each model reads one kind.
-        if self.model.reads_text() != self.dataset.is_text() {
-            let reason = match self.model {
-                ModelKind::Transformer => "the transformer is a language model: it trains on `genesis`",
-                ModelKind::Mlp | ModelKind::Cnn => "`genesis` is text: only `transformer` trains on it",
+        self.model.validate()?;
+        self.dataset.validate()?;
+        // Numbers or text: each model reads one kind.
+        if self.model.kind.reads_text() != self.dataset.is_text() {
+            let reason = match self.model.kind {
+                ModelKind::Transformer => {
+                    "the transformer is a language model: it trains on text (`genesis` or `{text: PATH}`)"
+                }
+                ModelKind::Mlp | ModelKind::Cnn => "text trains the `transformer` only",
             };
             return Err(SpecError::new("train.dataset", reason));
         }
-        if !self.dataset.has_classes() && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
+        if self.model.kind == ModelKind::Cnn && self.dataset.builtin().is_none() {
+            return Err(SpecError::new("train.dataset", "the cnn reads 8x8 images: it trains on `digits`"));
+        }
+        let digits = self.dataset.builtin().is_some_and(DatasetKind::has_classes);
+        if !digits && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
             return Err(SpecError::new("train.classes", "classes and examples_per_class apply to `digits` only"));
         }
         if let Some(c) = self.classes.iter().find(|c| **c >= 10) {
@@ -678,12 +692,52 @@ impl TrainSpec {
         if self.checkpoint_every_steps == 0 {
             return Err(SpecError::new("train.checkpoint_every_steps", "must be at least 1"));
         }
-        if let Some(from) = &self.init_from {
+        if let Some(from) = self.init_from_job() {
             parse_checkpoint_ref(from).map_err(|e| SpecError::new("train.init_from", e.to_string()))?;
+        }
+        if self.init_from_file().is_some_and(|path| path.len() > dataset::PATH_LIMIT || path.contains('\0')) {
+            let reason = format!("a weights file's path is at most {} bytes, without NUL", dataset::PATH_LIMIT);
+            return Err(SpecError::new("train.init_from", reason));
         }
         Ok(())
     }
+
+    /// Makes relative paths of the data set and of a weights file relative to `base` (the spec
+    /// file's directory), as Compose and Kubernetes read paths in their files: the job runs in
+    /// a directory of its own on an agent, where a relative path would mean something else.
+    pub fn anchor_paths(&mut self, base: &std::path::Path) {
+        let anchor = |path: &mut String| {
+            if !path.is_empty() && std::path::Path::new(path.as_str()).is_relative() {
+                *path = base.join(path.as_str()).display().to_string();
+            }
+        };
+        match &mut self.dataset {
+            DatasetSpec::Builtin(_) => {}
+            DatasetSpec::Table { path, holdout, .. } | DatasetSpec::Text { path, holdout } => {
+                anchor(path);
+                if let Holdout::File(test) = holdout {
+                    anchor(test);
+                }
+            }
+        }
+        if let Some(from) = self.init_from.as_mut().filter(|f| f.ends_with(SAFETENSORS_SUFFIX)) {
+            anchor(from);
+        }
+    }
+
+    /// `init_from` when it names a SafeTensors file (on the agent) rather than a job.
+    pub fn init_from_file(&self) -> Option<&str> {
+        self.init_from.as_deref().filter(|f| f.ends_with(SAFETENSORS_SUFFIX))
+    }
+
+    /// `init_from` when it names another job's checkpoint: `JOB_ID` or `JOB_ID@STEP`.
+    pub fn init_from_job(&self) -> Option<&str> {
+        self.init_from.as_deref().filter(|f| !f.ends_with(SAFETENSORS_SUFFIX))
+    }
 }
+
+/// How `init_from` tells a weights file from a job id.
+pub const SAFETENSORS_SUFFIX: &str = ".safetensors";
 
 /// `JOB_ID` or `JOB_ID@STEP` → (job id, step).
 pub fn parse_checkpoint_ref(text: &str) -> Result<(String, Option<u64>), ParseError> {
@@ -917,10 +971,31 @@ mod tests {
     }
 
     #[test]
+    fn relative_data_and_weights_paths_are_anchored_at_the_spec_files_directory() {
+        let yaml =
+            "name: t\ntrain: {dataset: {table: d/a.csv, label: y, test: /abs/b.csv}, init_from: w.safetensors}\n";
+        let mut train = JobSpec::from_yaml(yaml).unwrap().train.unwrap();
+        train.anchor_paths(std::path::Path::new("/specs"));
+        let DatasetSpec::Table { path, holdout, .. } = &train.dataset else { unreachable!() };
+        assert_eq!((path.as_str(), holdout), ("/specs/d/a.csv", &Holdout::File("/abs/b.csv".into())));
+        assert_eq!(train.init_from.as_deref(), Some("/specs/w.safetensors"));
+        let mut by_job = TrainSpec { init_from: Some("job-3@10".into()), ..TrainSpec::default() };
+        by_job.anchor_paths(std::path::Path::new("/specs"));
+        assert_eq!(by_job.init_from.as_deref(), Some("job-3@10"));
+    }
+
+    #[test]
     fn each_model_trains_on_its_kind_of_data() {
         let err = |train: &str| JobSpec::from_yaml(&format!("name: t\ntrain: {{{train}}}\n")).unwrap_err().to_string();
-        assert!(err("model: transformer").contains("trains on `genesis`"), "{}", err("model: transformer"));
-        assert!(err("model: mlp, dataset: genesis").contains("only `transformer`"));
+        assert!(err("model: transformer").contains("trains on text (`genesis` or"), "{}", err("model: transformer"));
+        assert!(err("model: mlp, dataset: genesis").contains("text trains the `transformer` only"));
+        assert!(err("model: mlp, dataset: {text: a.txt}").contains("text trains the `transformer` only"));
+        assert!(err("model: cnn, dataset: {table: a.csv, label: y}").contains("the cnn reads 8x8 images"));
+        assert!(err("dataset: {table: a.csv, label: y}, classes: [1, 2]").contains("`digits` only"));
+        assert!(err("model: {kind: mlp, width: 8}").contains("train.model.width: applies to `transformer` only"));
+        assert!(
+            JobSpec::from_yaml("name: t\ntrain: {model: {kind: transformer, width: 32}, dataset: {text: a}}\n").is_ok()
+        );
         assert!(err("model: transformer, dataset: genesis, classes: [1, 2]").contains("`digits` only"));
         assert!(JobSpec::from_yaml("name: t\ntrain: {model: transformer, dataset: genesis}\n").is_ok());
     }
@@ -942,7 +1017,7 @@ mod tests {
     fn model_and_dataset_names_are_the_lowercase_ones_in_yaml_and_json() {
         let spec = JobSpec::from_yaml("name: t\ntrain: {model: transformer, dataset: genesis}\n").unwrap();
         let train = spec.train.as_ref().unwrap();
-        assert_eq!((train.model, train.dataset), (ModelKind::Transformer, DatasetKind::Genesis));
+        assert_eq!((train.model.kind, train.dataset.builtin()), (ModelKind::Transformer, Some(DatasetKind::Genesis)));
         let yaml = serde_yaml::to_string(&spec).unwrap();
         assert!(yaml.contains("model: transformer\n") && yaml.contains("dataset: genesis\n"), "{yaml}");
         let json = serde_json::to_string(train).unwrap();
@@ -955,7 +1030,7 @@ mod tests {
             assert_eq!(kind.to_string().parse::<DatasetKind>(), Ok(kind));
         }
         let defaults = JobSpec::from_yaml(GOOD).unwrap().train.unwrap();
-        assert_eq!((defaults.model, defaults.dataset), (ModelKind::Mlp, DatasetKind::Digits));
+        assert_eq!((defaults.model, defaults.dataset), (ModelSpec::of(ModelKind::Mlp), DatasetKind::Digits.into()));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gantry_core::spec::{Precision, TrainSpec};
+use gantry_core::spec::{DatasetSpec, ModelSpec, Precision, TrainSpec};
 use gantry_jobs::{RunEnv, train};
 
 const RUNS: usize = 3;
@@ -50,8 +50,8 @@ fn steady(rates: Vec<f64>) -> f64 {
 fn spec(case: &Case, precision: Precision) -> TrainSpec {
     TrainSpec {
         precision,
-        model: case.model.parse().expect("a model name"),
-        dataset: case.dataset.parse().expect("a dataset name"),
+        model: ModelSpec::of(case.model.parse().expect("a model name")),
+        dataset: DatasetSpec::Builtin(case.dataset.parse().expect("a dataset name")),
         epochs: case.epochs,
         batch_size: case.batch_size,
         checkpoint_every_steps: u64::MAX,

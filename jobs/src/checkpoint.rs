@@ -11,7 +11,10 @@ use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorde
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use gantry_core::spec::ModelSpec;
+
 use crate::error::JobsError;
+use crate::input::InputShape;
 
 /// The model's weights (burn named MessagePack, full precision).
 pub const MODEL_FILE: &str = "model.mpk";
@@ -21,8 +24,9 @@ pub const SAFETENSORS_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.mpk";
 /// Where the run stood: [`CheckpointState`] as JSON.
 pub const STATE_FILE: &str = "state.json";
-/// Bumped when the layout or encoding of a checkpoint changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped when the layout or encoding of a checkpoint changes. 2: models are sized, and the
+/// state says how (`model_spec`) and what the model reads (`input`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// `state.json`. `epoch` counts the epochs completed and `batch_in_epoch` the batches of the
 /// next epoch already trained on, so training continues at batch `batch_in_epoch` of epoch
@@ -34,9 +38,15 @@ pub struct CheckpointState {
     pub epoch: u32,
     pub batch_in_epoch: u64,
     pub seed: u64,
+    /// The model's kind (`mlp`) and the data set (`digits`, `table:PATH`), as progress lines
+    /// name them.
     pub model: String,
     pub dataset: String,
     pub format_version: u32,
+    /// The model with its sizes, as a spec writes it.
+    pub model_spec: ModelSpec,
+    /// What the model reads and predicts (a table's columns, classes and scaling).
+    pub input: InputShape,
 }
 
 /// The directory name of the checkpoint taken after `step` optimizer updates.

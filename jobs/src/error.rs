@@ -60,6 +60,14 @@ pub enum JobsError {
     #[error("checkpoint {path} cannot be used: {reason}")]
     CheckpointMismatch { path: PathBuf, reason: String },
 
+    /// Weights to start from (a SafeTensors file) cannot be read or do not fit the model.
+    #[error("cannot start from {path}: {reason}")]
+    Weights { path: PathBuf, reason: String },
+
+    /// A data set file cannot be read or does not parse: where, and why.
+    #[error("data set {path}{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    DataFile { path: PathBuf, line: Option<usize>, reason: String },
+
     /// A GPU named for the run lacks what the CUDA backend needs besides it: the driver's
     /// library, NVRTC, the CUDA headers (one entry each). The run trains on the CPU and says so.
     #[error("missing {}", .0.join("; "))]

@@ -1,23 +1,59 @@
 //! What a model reads, as a data set gives it: the one thing `models` and `datasets` share, so
-//! that neither depends on the other. The shapes here are the data sets' (8x8 digits in ten
-//! classes; windows of text over a 96-character vocabulary) and the models are built for them.
+//! that neither depends on the other. A data set says what its examples are ([`InputShape`]:
+//! numbers per example and classes) and a model is built for that shape; the built-in shapes
+//! are the digits' (8x8 pixels in ten classes) and text's (a 96-character vocabulary).
 
 use burn::tensor::{Int, Tensor, backend::Backend};
+use serde::{Deserialize, Serialize};
 
 /// Pixels of a digit: 8x8.
 pub(crate) const FEATURES: usize = 64;
 /// Digits 0..9.
 pub(crate) const CLASSES: usize = 10;
-/// Characters a language model sees at once.
-pub(crate) const CONTEXT: usize = 64;
 /// Tokens of the text: the line break, then printable ASCII.
 pub(crate) const VOCAB: usize = 96;
 
+/// What a data set's examples are, as a model is built for them and a checkpoint records them
+/// (so a served model reads its input as training did).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputShape {
+    /// Numbers per example (pixels, a table's feature columns); 0 for text.
+    pub width: usize,
+    /// What the model predicts one of: classes, or the vocabulary's characters.
+    pub classes: usize,
+    /// A table's feature columns, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// A table's label values, in class order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// The (mean, standard deviation) each of a table's columns was standardised with, from
+    /// the training rows: new input is scaled the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scale: Vec<(f32, f32)>,
+}
+
+impl InputShape {
+    /// The digits: 64 pixels in 0..=1, ten classes.
+    pub(crate) fn digits() -> InputShape {
+        InputShape::numbers(FEATURES, CLASSES)
+    }
+
+    /// Text: characters as tokens of the vocabulary.
+    pub(crate) fn text() -> InputShape {
+        InputShape::numbers(0, VOCAB)
+    }
+
+    pub(crate) fn numbers(width: usize, classes: usize) -> InputShape {
+        InputShape { width, classes, columns: Vec::new(), labels: Vec::new(), scale: Vec::new() }
+    }
+}
+
 /// A batch of model input: pixels (the digits models) or token ids (the language model).
 pub(crate) enum Input<B: Backend> {
-    /// [batch, FEATURES] pixel intensities in 0..=1.
+    /// [batch, width] numbers: pixel intensities in 0..=1, or a table's standardised columns.
     Pixels(Tensor<B, 2>),
-    /// [batch, CONTEXT] token ids below VOCAB.
+    /// [batch, context] token ids below VOCAB.
     Tokens(Tensor<B, 2, Int>),
 }
 

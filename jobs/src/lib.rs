@@ -1,5 +1,6 @@
-//! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP or
-//! a small CNN on the digits, a character-level transformer on Genesis) with burn, on the CPU
+//! gantry's built-in training runtime: trains the jobs of a spec's `train:` section (an MLP on
+//! the digits or a CSV table, a small CNN on the digits, a character-level transformer on
+//! Genesis or a text file; MLP and transformer sized by the spec) with burn, on the CPU
 //! (ndarray backend) or, built with the `cuda` feature, on the first GPU `CUDA_VISIBLE_DEVICES`
 //! names, writing progress lines and atomic checkpoints so the agent can preempt,
 //! restart and resume a job exactly where it was, or start a new job from another job's
@@ -10,9 +11,10 @@
 //! ```text
 //! [gantry] CUDA_VISIBLE_DEVICES names GPU-... but ...: training on the CPU   (a GPU not used)
 //! [gantry] precision bf16 asked for, but device cpu has no bf16: training in f32
-//! start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64 precision=f32 device=cpu
+//! start model=mlp dataset=digits params=9610 train_samples=1437 test_samples=360 epochs=30 batch_size=64 precision=f32 device=cpu
 //! resumed step=30 epoch=1 from=/ckpt/job-1/step-30         (a restart of the same job)
-//! initialised weights from=/ckpt/job-0/step-690            (another job's weights)
+//! initialised weights from=/ckpt/job-0/step-690            (another job's weights, or a
+//!                                                           SafeTensors file's)
 //! checkpoint step=100 path=step-100                         (path relative to the checkpoint dir)
 //! joined rank=1 world_size=2                               (a data-parallel rank)
 //! first_step step=1 seconds=0.052                          (from the call to the first step's end)
@@ -36,6 +38,7 @@ mod env;
 mod error;
 mod export;
 mod grad_sync;
+mod import;
 mod input;
 mod models;
 mod precision;
@@ -49,6 +52,7 @@ pub use checkpoint::{
 pub use dist::DistEnv;
 pub use env::{RunEnv, install_sigterm_handler};
 pub use error::JobsError;
+pub use input::InputShape;
 pub use serving::{Predictor, digits_test_split};
 pub use train::{Outcome, train};
 

@@ -92,7 +92,10 @@ mod tests {
 
     use super::*;
     use crate::datasets::{self, Examples};
-    use crate::models::{Cnn, Mlp, Transformer};
+    use gantry_core::spec::{ModelKind, ModelSpec};
+
+    use crate::input::InputShape;
+    use crate::models::{Arch, Cnn, Mlp, Transformer};
 
     /// A backend that computes in bf16 on the CPU.
     type Train = Autodiff<Flex>;
@@ -148,8 +151,12 @@ mod tests {
     }
 
     /// One step of `M` in bf16 against the same step in f32, from the same weights.
-    fn one_step<M: Net<Train> + AutodiffModule<Train>>(examples: &impl Examples, n: usize) {
-        let model = M::init(7, &FlexDevice);
+    fn one_step<M: Net<Train> + AutodiffModule<Train>>(kind: ModelKind, examples: &impl Examples, n: usize) {
+        let input = match kind {
+            ModelKind::Transformer => InputShape::text(),
+            ModelKind::Mlp | ModelKind::Cnn => InputShape::digits(),
+        };
+        let model = M::init(&Arch { model: ModelSpec::of(kind), input }, 7, &FlexDevice);
         let indices: Vec<usize> = (0..n).collect();
         let (x, y) = examples.batch::<Train>(&indices, &FlexDevice);
         let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&FlexDevice);
@@ -195,16 +202,16 @@ mod tests {
 
     #[test]
     fn a_bf16_step_of_the_mlp_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Mlp<Train>>(&datasets::digits().unwrap().train, 64);
+        one_step::<Mlp<Train>>(ModelKind::Mlp, &datasets::digits().unwrap().train, 64);
     }
 
     #[test]
     fn a_bf16_step_of_the_cnn_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Cnn<Train>>(&datasets::digits().unwrap().train, 64);
+        one_step::<Cnn<Train>>(ModelKind::Cnn, &datasets::digits().unwrap().train, 64);
     }
 
     #[test]
     fn a_bf16_step_of_the_transformer_computes_in_bf16_and_updates_f32_weights() {
-        one_step::<Transformer<Train>>(&datasets::genesis().unwrap().train, 8);
+        one_step::<Transformer<Train>>(ModelKind::Transformer, &datasets::genesis().unwrap().windows(64).0, 8);
     }
 }

@@ -13,9 +13,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE};
 use crate::datasets::{self, token};
+use gantry_core::spec::{DatasetKind, DatasetSpec, ModelKind, TrainSpec};
+
 use crate::error::JobsError;
-use crate::input::{CLASSES, CONTEXT, FEATURES, Input, VOCAB};
-use crate::models::{Cnn, Mlp, Net, Transformer};
+use crate::input::{Input, InputShape};
+use crate::models::{Arch, Cnn, Mlp, Net, Transformer, Weights};
 
 /// Inference runs in f32 on the CPU, the precision checkpoints are written in.
 type Cpu = NdArray<f32>;
@@ -47,16 +49,49 @@ impl Predictor {
     pub fn load(dir: &Path) -> Result<Predictor, JobsError> {
         let state = checkpoint::read_state(dir)?;
         let device = NdArrayDevice::Cpu;
-        let net = match (state.model.as_str(), state.dataset.as_str()) {
-            ("mlp", "digits") => Loaded::Mlp(load_net(dir, &device)?),
-            ("cnn", "digits") => Loaded::Cnn(load_net(dir, &device)?),
-            ("transformer", "genesis") => Loaded::Transformer(load_net(dir, &device)?),
-            (model, dataset) => {
-                return Err(JobsError::CheckpointMismatch {
-                    path: dir.to_path_buf(),
-                    reason: format!("it holds model `{model}` on `{dataset}`, which this runtime does not serve"),
-                });
+        let arch = Arch { model: state.model_spec.clone(), input: state.input.clone() };
+        let net = match state.model_spec.kind {
+            ModelKind::Mlp => Loaded::Mlp(load_net(dir, &arch, &device)?),
+            ModelKind::Cnn => Loaded::Cnn(load_net(dir, &arch, &device)?),
+            ModelKind::Transformer => Loaded::Transformer(load_net(dir, &arch, &device)?),
+        };
+        Ok(Predictor { net, state, device })
+    }
+
+    /// The weights of a SafeTensors file (PyTorch's names and layout, as checkpoints export
+    /// them) in the model `spec` trains, read as `init_from: FILE` reads them: what a training
+    /// run starting from the file starts with. For the built-in data sets and text; a table's
+    /// model needs its checkpoint, which holds how its columns are scaled.
+    pub fn from_safetensors(path: &Path, spec: &TrainSpec) -> Result<Predictor, JobsError> {
+        let input = match &spec.dataset {
+            DatasetSpec::Builtin(DatasetKind::Digits) => InputShape::digits(),
+            DatasetSpec::Builtin(DatasetKind::Genesis) | DatasetSpec::Text { .. } => InputShape::text(),
+            DatasetSpec::Table { .. } => {
+                return Err(JobsError::Spec(
+                    "a table's model is served from its checkpoint, not from weights alone".into(),
+                ));
             }
+        };
+        let arch = Arch { model: spec.model.clone(), input };
+        let device = NdArrayDevice::Cpu;
+        let mut weights = Weights::read(path)?;
+        let net = match spec.model.kind {
+            ModelKind::Mlp => Loaded::Mlp(Mlp::init(&arch, 0, &device).import(&mut weights)),
+            ModelKind::Cnn => Loaded::Cnn(Cnn::init(&arch, 0, &device).import(&mut weights)),
+            ModelKind::Transformer => Loaded::Transformer(Transformer::init(&arch, 0, &device).import(&mut weights)),
+        };
+        weights.finish()?;
+        let state = CheckpointState {
+            job_id: None,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            seed: spec.seed,
+            model: spec.model.kind.to_string(),
+            dataset: spec.dataset.to_string(),
+            format_version: checkpoint::FORMAT_VERSION,
+            model_spec: arch.model,
+            input: arch.input,
         };
         Ok(Predictor { net, state, device })
     }
@@ -66,7 +101,7 @@ impl Predictor {
         &self.state.model
     }
 
-    /// `digits` or `genesis`.
+    /// `digits`, `genesis`, `table:PATH` or `text:PATH`.
     pub fn dataset_name(&self) -> &str {
         &self.state.dataset
     }
@@ -76,36 +111,48 @@ impl Predictor {
         self.state.step
     }
 
-    /// Numbers per example (64 pixels of an 8x8 digit, each 0..=1); `None` for text.
+    /// Numbers per example (64 pixels of an 8x8 digit, each 0..=1; a table's feature
+    /// columns); `None` for text.
     pub fn input_width(&self) -> Option<usize> {
         match self.net {
-            Loaded::Mlp(_) | Loaded::Cnn(_) => Some(FEATURES),
+            Loaded::Mlp(_) | Loaded::Cnn(_) => Some(self.state.input.width),
             Loaded::Transformer(_) => None,
         }
     }
 
-    /// Probabilities per example: 10 digits, or the vocabulary's characters.
+    /// Probabilities per example: 10 digits, a table's classes, or the vocabulary's characters.
     pub fn classes(&self) -> usize {
-        match self.net {
-            Loaded::Mlp(_) | Loaded::Cnn(_) => CLASSES,
-            Loaded::Transformer(_) => VOCAB,
-        }
+        self.state.input.classes
     }
 
-    /// Class probabilities (softmax), `rows * 10`, for `rows` digits of 64 pixels each,
-    /// row-major, scaled as the digits data set scales them (0..=1, the CSV's 0..16 over 16).
+    /// What the model was built as and reads: a table's columns and class labels among it.
+    pub fn input(&self) -> &crate::input::InputShape {
+        &self.state.input
+    }
+
+    /// Class probabilities (softmax), `rows * classes`, for `rows` examples of
+    /// [`Predictor::input_width`] numbers each, row-major: digits scaled as the digits data
+    /// set scales them (0..=1, the CSV's 0..16 over 16); a table's columns as in its file
+    /// (standardised here as training standardised them).
     pub fn predict_pixels(&self, rows: usize, pixels: &[f32]) -> Result<Vec<f32>, JobsError> {
-        if pixels.len() != rows * FEATURES {
+        let width = self.state.input.width;
+        if pixels.len() != rows * width {
             return Err(JobsError::BadInput(format!(
-                "{rows} digits need {} pixels, got {}",
-                rows * FEATURES,
+                "{rows} examples need {} numbers, got {}",
+                rows * width,
                 pixels.len()
             )));
         }
-        let x = Input::Pixels(Tensor::<Cpu, 2>::from_data(
-            TensorData::new(pixels.to_vec(), [rows, FEATURES]),
-            &self.device,
-        ));
+        let mut values = pixels.to_vec();
+        let scale = &self.state.input.scale;
+        if !scale.is_empty() {
+            for row in values.chunks_mut(width) {
+                for (v, (mean, std)) in row.iter_mut().zip(scale) {
+                    *v = (*v - mean) / std;
+                }
+            }
+        }
+        let x = Input::Pixels(Tensor::<Cpu, 2>::from_data(TensorData::new(values, [rows, width]), &self.device));
         let logits = match &self.net {
             Loaded::Mlp(net) => net.forward(x),
             Loaded::Cnn(net) => net.forward(x),
@@ -115,12 +162,13 @@ impl Predictor {
     }
 
     /// Probabilities of the next character after each prompt, `prompts.len() * VOCAB`: the
-    /// model reads the last `CONTEXT` (64) characters of each. Characters are tokens as the
+    /// model reads the last `context` characters of each (64 unless the spec sized it). Characters are tokens as the
     /// data set makes them (printable ASCII and the line break, in that order: token 0 is
     /// `\n`, token 1 + c - ' ' is c); any other character, or an empty prompt, is an error.
     pub fn predict_text(&self, prompts: &[String]) -> Result<Vec<f32>, JobsError> {
         let net = self.transformer()?;
-        let windows = prompts.iter().enumerate().map(|(i, p)| window(i, p)).collect::<Result<Vec<_>, _>>()?;
+        let context = self.context();
+        let windows = prompts.iter().enumerate().map(|(i, p)| window(i, p, context)).collect::<Result<Vec<_>, _>>()?;
         Ok(probabilities(self.last_logits(net, &windows)))
     }
 
@@ -130,7 +178,7 @@ impl Predictor {
         let mut tokens = tokens(0, prompt)?;
         let mut text = prompt.to_string();
         for _ in 0..chars {
-            let start = tokens.len().saturating_sub(CONTEXT);
+            let start = tokens.len().saturating_sub(self.context());
             let logits = self.last_logits(net, &[tokens[start..].to_vec()]);
             let next = logits.argmax(1).into_data().convert::<i64>().to_vec::<i64>().expect("one token")[0];
             tokens.push(next);
@@ -141,7 +189,12 @@ impl Predictor {
 
     /// Checks prompts as [`Predictor::predict_text`] would, without running the model.
     pub fn check_prompts(prompts: &[String]) -> Result<(), JobsError> {
-        prompts.iter().enumerate().try_for_each(|(i, p)| window(i, p).map(|_| ()))
+        prompts.iter().enumerate().try_for_each(|(i, p)| tokens(i, p).map(|_| ()))
+    }
+
+    /// Characters the language model reads at once.
+    fn context(&self) -> usize {
+        self.state.model_spec.context() as usize
     }
 
     fn transformer(&self) -> Result<&Transformer<Cpu>, JobsError> {
@@ -181,11 +234,11 @@ pub fn digits_test_split() -> Result<(Vec<f32>, Vec<u32>), JobsError> {
     Ok((test.x.clone(), test.y.iter().map(|&y| y as u32).collect()))
 }
 
-fn load_net<M: Net<Cpu>>(dir: &Path, device: &NdArrayDevice) -> Result<M, JobsError> {
+fn load_net<M: Net<Cpu>>(dir: &Path, arch: &Arch, device: &NdArrayDevice) -> Result<M, JobsError> {
     let record: <M as Module<Cpu>>::Record = checkpoint::load_record(dir, MODEL_FILE, device)?;
-    M::check_record(&record, &dir.join(MODEL_FILE))?;
+    M::check_record(&record, arch, &dir.join(MODEL_FILE))?;
     // The seed does not matter: every weight is replaced by the record's.
-    Ok(M::init(0, device).load_record(record))
+    Ok(M::init(arch, 0, device).load_record(record))
 }
 
 fn probabilities(logits: Tensor<Cpu, 2>) -> Vec<f32> {
@@ -210,10 +263,10 @@ fn tokens(i: usize, prompt: &str) -> Result<Vec<i64>, JobsError> {
         .collect()
 }
 
-/// The last `CONTEXT` tokens of prompt `i`.
-fn window(i: usize, prompt: &str) -> Result<Vec<i64>, JobsError> {
+/// The last `context` tokens of prompt `i`.
+fn window(i: usize, prompt: &str, context: usize) -> Result<Vec<i64>, JobsError> {
     let mut t = tokens(i, prompt)?;
-    Ok(t.split_off(t.len().saturating_sub(CONTEXT)))
+    Ok(t.split_off(t.len().saturating_sub(context)))
 }
 
 /// The character of a token (the inverse of the data set's `token`).
@@ -226,28 +279,38 @@ fn character(token: i64) -> char {
 
 #[cfg(test)]
 mod tests {
-    use gantry_core::spec::TrainSpec;
+    use gantry_core::spec::ModelSpec;
 
     use super::*;
     use crate::checkpoint::FORMAT_VERSION;
     use crate::env::RunEnv;
+    use crate::input::VOCAB;
 
-    fn state(model: &str, dataset: &str) -> CheckpointState {
+    const CONTEXT: usize = 64;
+
+    fn state(kind: ModelKind) -> CheckpointState {
+        let (dataset, input) = match kind {
+            ModelKind::Transformer => ("genesis", InputShape::text()),
+            ModelKind::Mlp | ModelKind::Cnn => ("digits", InputShape::digits()),
+        };
         CheckpointState {
             job_id: None,
             step: 5,
             epoch: 0,
             batch_in_epoch: 5,
             seed: 1,
-            model: model.into(),
+            model: kind.to_string(),
             dataset: dataset.into(),
             format_version: FORMAT_VERSION,
+            model_spec: ModelSpec::of(kind),
+            input,
         }
     }
 
     /// A checkpoint of freshly initialised weights, written as training writes them.
     fn save<M: Net<Cpu>>(dir: &Path, state: &CheckpointState) -> std::path::PathBuf {
-        let model = M::init(state.seed, &NdArrayDevice::Cpu);
+        let arch = Arch { model: state.model_spec.clone(), input: state.input.clone() };
+        let model = M::init(&arch, state.seed, &NdArrayDevice::Cpu);
         checkpoint::save::<Cpu, _, _>(dir, state, model.into_record(), (), &[]).unwrap().0
     }
 
@@ -286,7 +349,7 @@ mod tests {
     #[test]
     fn the_cnn_loads_and_predicts_digits() {
         let dir = tempfile::tempdir().unwrap();
-        let path = save::<Cnn<Cpu>>(dir.path(), &state("cnn", "digits"));
+        let path = save::<Cnn<Cpu>>(dir.path(), &state(ModelKind::Cnn));
         let predictor = Predictor::load(&path).unwrap();
         let (x, _) = digits_test_split().unwrap();
         assert_eq!(predictor.predict_pixels(3, &x[..3 * 64]).unwrap().len(), 30);
@@ -295,7 +358,7 @@ mod tests {
     #[test]
     fn the_language_model_predicts_each_prompt_as_if_alone_and_continues_greedily() {
         let dir = tempfile::tempdir().unwrap();
-        let path = save::<Transformer<Cpu>>(dir.path(), &state("transformer", "genesis"));
+        let path = save::<Transformer<Cpu>>(dir.path(), &state(ModelKind::Transformer));
         let p = Predictor::load(&path).unwrap();
         assert_eq!((p.input_width(), p.classes(), p.step()), (None, VOCAB, 5));
         let long = "And God said, Let there be light: and there was light. And God saw the light.".to_string();
@@ -332,14 +395,10 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_of_another_pairing_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = save::<Mlp<Cpu>>(dir.path(), &state("mlp", "genesis"));
-        let err = Predictor::load(&path).unwrap_err().to_string();
-        assert!(err.contains("`mlp` on `genesis`"), "{err}");
+    fn weights_of_another_model_are_refused() {
         // The weights of one model under another's name are refused by the shape check.
         let dir = tempfile::tempdir().unwrap();
-        let path = save::<Mlp<Cpu>>(dir.path(), &state("cnn", "digits"));
+        let path = save::<Mlp<Cpu>>(dir.path(), &state(ModelKind::Cnn));
         assert!(Predictor::load(&path).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use gantry_core::spec::{DatasetKind, ModelKind, Precision, TrainSpec};
+use gantry_core::spec::{DatasetKind, ModelKind, ModelSpec, Precision, TrainSpec};
 use gantry_jobs::{
     CheckpointState, JobsError, MODEL_FILE, OPTIMIZER_FILE, Outcome, RunEnv, SAFETENSORS_FILE, STATE_FILE, train,
 };
@@ -83,7 +83,7 @@ fn default_training_reaches_93_percent() {
 
     assert_eq!(
         lines[0],
-        "start model=mlp dataset=digits train_samples=1437 test_samples=360 epochs=30 batch_size=64 precision=f32 device=cpu"
+        "start model=mlp dataset=digits params=9610 train_samples=1437 test_samples=360 epochs=30 batch_size=64 precision=f32 device=cpu"
     );
     let epochs = out.starting("epoch=");
     assert_eq!(epochs.len(), 30);
@@ -105,7 +105,7 @@ fn default_training_reaches_93_percent() {
 fn bf16_asked_of_the_cpu_trains_in_f32_and_says_why() {
     let spec = TrainSpec { epochs: 2, ..TrainSpec::default() };
     let (full, _) = run(&spec, &RunEnv::default(), None);
-    let (asked, out) = run(&TrainSpec { precision: Precision::Bf16, ..spec }, &RunEnv::default(), None);
+    let (asked, out) = run(&TrainSpec { precision: Precision::Bf16, ..spec.clone() }, &RunEnv::default(), None);
     let lines = out.lines();
     assert_eq!(lines[0], "[gantry] precision bf16 asked for, but device cpu has no bf16: training in f32");
     assert!(lines[1].ends_with(" precision=f32 device=cpu"), "{lines:?}");
@@ -120,7 +120,7 @@ fn check_exact_resume(stop_at: u64) {
 fn check_exact_resume_of(model: ModelKind, stop_at: u64) {
     let dirs = tempfile::tempdir().unwrap();
     let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
-    let spec = TrainSpec { model, ..small_spec(3, stop_at) };
+    let spec = TrainSpec { model: ModelSpec::of(model), ..small_spec(3, stop_at) };
 
     let (full, full_out) = run(&spec, &env("job-1", Some(&full_dir), None), None);
 
@@ -227,7 +227,7 @@ fn checkpoints_appear_whole_with_their_state() {
     let s = state("step-30");
     assert_eq!((s.step, s.epoch, s.batch_in_epoch), (30, 1, 7));
     assert_eq!(s.job_id.as_deref(), Some("job-7"));
-    assert_eq!((s.seed, s.model.as_str(), s.dataset.as_str(), s.format_version), (42, "mlp", "digits", 1));
+    assert_eq!((s.seed, s.model.as_str(), s.dataset.as_str(), s.format_version), (42, "mlp", "digits", 2));
     let s = state("step-46");
     assert_eq!((s.step, s.epoch, s.batch_in_epoch), (46, 2, 0));
     assert!(out.lines().last().unwrap().ends_with(&format!("checkpoint={}", dirs.path().join("step-46").display())));
@@ -376,7 +376,7 @@ fn a_frozen_backbone_stays_exactly_the_pretrained_one() {
 #[test]
 fn a_cnn_fine_tuned_from_digits_0_to_4_beats_scratch_on_5_to_9_from_50_examples_each() {
     let dirs = tempfile::tempdir().unwrap();
-    let cnn = TrainSpec { model: ModelKind::Cnn, ..TrainSpec::default() };
+    let cnn = TrainSpec { model: ModelSpec::of(ModelKind::Cnn), ..TrainSpec::default() };
     let pretrain = TrainSpec { classes: vec![0, 1, 2, 3, 4], ..cnn.clone() };
     let (pretrained, _) = run(&pretrain, &env("pretrain", Some(dirs.path()), None), None);
     let checkpoint = pretrained.last_checkpoint.unwrap();
@@ -405,10 +405,10 @@ fn a_cnn_fine_tuned_from_digits_0_to_4_beats_scratch_on_5_to_9_from_50_examples_
 #[test]
 fn the_cnn_trains_to_95_percent_and_resumes_bit_exactly() {
     let started = Instant::now();
-    let spec = TrainSpec { model: ModelKind::Cnn, ..TrainSpec::default() };
+    let spec = TrainSpec { model: ModelSpec::of(ModelKind::Cnn), ..TrainSpec::default() };
     let (outcome, out) = run(&spec, &RunEnv::default(), None);
     println!("cnn: accuracy {:.4} in {:.1?}", outcome.test_accuracy, started.elapsed());
-    assert!(out.lines()[0].starts_with("start model=cnn dataset=digits train_samples=1437"));
+    assert!(out.lines()[0].starts_with("start model=cnn dataset=digits params=6090 train_samples=1437"));
     assert!(outcome.test_accuracy >= 0.95, "accuracy {}", outcome.test_accuracy);
     check_exact_resume_of(ModelKind::Cnn, 30);
 }
@@ -472,7 +472,8 @@ fn max_weight_difference(a: &Path, b: &Path) -> f32 {
 fn two_rank_data_parallel_matches_one_process() {
     for model in [ModelKind::Mlp, ModelKind::Cnn] {
         let dirs = tempfile::tempdir().unwrap();
-        let spec = TrainSpec { model, epochs: 3, checkpoint_every_steps: 1000, ..TrainSpec::default() };
+        let spec =
+            TrainSpec { model: ModelSpec::of(model), epochs: 3, checkpoint_every_steps: 1000, ..TrainSpec::default() };
         let (single, single_out) = run(&spec, &env("dp", Some(&dirs.path().join("one")), None), None);
         let ranks = run_ranks(&spec, 2, &dirs.path().join("two"), None, None);
 
@@ -550,8 +551,8 @@ fn the_transformer_learns_genesis_below_2_nats_and_resumes_bit_exactly() {
     let dirs = tempfile::tempdir().unwrap();
     let (full_dir, split_dir) = (dirs.path().join("full"), dirs.path().join("split"));
     let spec = TrainSpec {
-        model: ModelKind::Transformer,
-        dataset: DatasetKind::Genesis,
+        model: ModelSpec::of(ModelKind::Transformer),
+        dataset: DatasetKind::Genesis.into(),
         epochs: 3,
         batch_size: 32,
         learning_rate: 0.003,
@@ -567,7 +568,7 @@ fn the_transformer_learns_genesis_below_2_nats_and_resumes_bit_exactly() {
         started.elapsed()
     );
     assert!(
-        out.lines()[0].starts_with("start model=transformer dataset=genesis train_samples=2747"),
+        out.lines()[0].starts_with("start model=transformer dataset=genesis params=116576 train_samples=2747"),
         "{}",
         out.lines()[0]
     );
@@ -612,7 +613,7 @@ fn on_a_gpu_each_digits_model_trains_checkpoints_and_resumes() {
             kernel_cache: Some(cache.path().to_path_buf()),
             ..env("job-1", Some(dir), resume)
         };
-        let spec = TrainSpec { model, precision, ..small_spec(3, 30) };
+        let spec = TrainSpec { model: ModelSpec::of(model), precision, ..small_spec(3, 30) };
         let started = Instant::now();
         let (full, out) = run(&spec, &gpu(&full_dir, None), None);
         println!("{model} {precision} on the GPU: {}", out.lines().join("\n"));

@@ -1,7 +1,10 @@
 use std::collections::BTreeMap;
 
 use gantry_core::ParseError;
-use gantry_core::spec::{JobSpec, Precision, PullPolicy, Resources, RetrySpec, ServeSpec, TrainSpec};
+use gantry_core::spec::{
+    DatasetSpec, Holdout, JobSpec, ModelKind, ModelSpec, Precision, PullPolicy, Resources, RetrySpec, ServeSpec,
+    TrainSpec,
+};
 
 use crate::v1;
 
@@ -26,8 +29,16 @@ impl From<&JobSpec> for v1::JobSpec {
         let r = &s.resources;
         let workload = match (&s.train, &s.command, &s.serve) {
             (Some(t), _, _) => Some(v1::job_spec::Workload::Train(v1::TrainSpec {
-                model: t.model.name().to_string(),
-                dataset: t.dataset.name().to_string(),
+                model: t.model.kind.name().to_string(),
+                dataset: t.dataset.kind_name().to_string(),
+                model_sizes: t.model.is_sized().then(|| v1::ModelSizes {
+                    hidden: t.model.hidden.clone().unwrap_or_default(),
+                    layers: t.model.layers,
+                    width: t.model.width,
+                    heads: t.model.heads,
+                    context: t.model.context,
+                }),
+                file_dataset: file_dataset(&t.dataset),
                 epochs: t.epochs,
                 batch_size: t.batch_size,
                 learning_rate: t.learning_rate,
@@ -85,6 +96,43 @@ impl From<&JobSpec> for v1::JobSpec {
     }
 }
 
+fn file_dataset(d: &DatasetSpec) -> Option<v1::FileDataset> {
+    let (path, label, holdout) = match d {
+        DatasetSpec::Builtin(_) => return None,
+        DatasetSpec::Table { path, label, holdout } => (path, label.clone(), holdout),
+        DatasetSpec::Text { path, holdout } => (path, String::new(), holdout),
+    };
+    let holdout = match holdout {
+        Holdout::File(test) => v1::file_dataset::Holdout::Test(test.clone()),
+        Holdout::Fraction(f) => v1::file_dataset::Holdout::TestFraction(*f),
+    };
+    Some(v1::FileDataset { path: path.clone(), label, holdout: Some(holdout) })
+}
+
+/// Names on the wire, as in a spec file: one this build does not know is refused.
+fn model_spec(name: &str, sizes: Option<v1::ModelSizes>) -> Result<ModelSpec, ConvertError> {
+    let kind: ModelKind = name.parse().map_err(|e| invalid("spec.train.model", e))?;
+    let Some(s) = sizes else { return Ok(ModelSpec::of(kind)) };
+    let hidden = (!s.hidden.is_empty()).then_some(s.hidden);
+    Ok(ModelSpec { kind, hidden, layers: s.layers, width: s.width, heads: s.heads, context: s.context })
+}
+
+fn dataset_spec(kind: &str, files: Option<v1::FileDataset>) -> Result<DatasetSpec, ConvertError> {
+    let field = "spec.train.file_dataset";
+    let holdout = |f: &v1::FileDataset| match &f.holdout {
+        Some(v1::file_dataset::Holdout::Test(test)) => Ok(Holdout::File(test.clone())),
+        Some(v1::file_dataset::Holdout::TestFraction(f)) => Ok(Holdout::Fraction(*f)),
+        None => Err(missing("spec.train.file_dataset.holdout")),
+    };
+    match (kind, files) {
+        ("table", Some(f)) => Ok(DatasetSpec::Table { holdout: holdout(&f)?, path: f.path, label: f.label }),
+        ("text", Some(f)) => Ok(DatasetSpec::Text { holdout: holdout(&f)?, path: f.path }),
+        ("table" | "text", None) => Err(missing(field)),
+        (name, None) => Ok(DatasetSpec::Builtin(name.parse().map_err(|e| invalid("spec.train.dataset", e))?)),
+        (_, Some(_)) => Err(ConvertError { field, reason: format!("given with the built-in data set `{kind}`") }),
+    }
+}
+
 impl TryFrom<v1::JobSpec> for JobSpec {
     type Error = ConvertError;
 
@@ -95,8 +143,8 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 v1::job_spec::Workload::Train(t) => (
                     Some(TrainSpec {
                         // Names on the wire, as in a spec file: one this build does not know is refused.
-                        model: t.model.parse().map_err(|e| invalid("spec.train.model", e))?,
-                        dataset: t.dataset.parse().map_err(|e| invalid("spec.train.dataset", e))?,
+                        model: model_spec(&t.model, t.model_sizes)?,
+                        dataset: dataset_spec(&t.dataset, t.file_dataset)?,
                         epochs: t.epochs,
                         batch_size: t.batch_size,
                         learning_rate: t.learning_rate,
@@ -204,6 +252,22 @@ mod tests {
         .unwrap();
         let wire = v1::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn sized_models_and_file_data_sets_round_trip_through_the_wire() {
+        for train in [
+            "{model: {kind: mlp, hidden: [32, 16]}, dataset: {table: a.csv, label: y, test: b.csv}}",
+            "{model: {kind: transformer, layers: 3, context: 32}, dataset: {text: t.txt, test_fraction: 0.1}}",
+        ] {
+            let spec = JobSpec::from_yaml(&format!("name: x\ntrain: {train}\n")).unwrap();
+            assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec, "{train}");
+        }
+        let spec = JobSpec::from_yaml("name: x\ntrain: {dataset: {table: a.csv, label: y}}\n").unwrap();
+        let mut wire = v1::JobSpec::from(&spec);
+        let Some(v1::job_spec::Workload::Train(train)) = wire.workload.as_mut() else { unreachable!() };
+        train.file_dataset = None;
+        assert_eq!(JobSpec::try_from(wire).unwrap_err().to_string(), "spec.train.file_dataset: missing");
     }
 
     #[test]

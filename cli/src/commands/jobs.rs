@@ -14,9 +14,17 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The spec in `file`, with the paths of its data and weights made absolute from the file's
+/// directory (the job reads them on an agent, in a directory of its own).
 fn read_spec(file: &Path) -> anyhow::Result<JobSpec> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: invalid job spec: {e}", file.display()))
+    let mut spec =
+        JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: invalid job spec: {e}", file.display()))?;
+    if let Some(train) = spec.train.as_mut() {
+        let dir = std::path::absolute(file)?.parent().map(Path::to_path_buf).unwrap_or_default();
+        train.anchor_paths(&dir);
+    }
+    Ok(spec)
 }
 
 pub async fn submit(url: &Target, file: &Path, follow: bool, json: bool) -> anyhow::Result<i32> {

@@ -14,7 +14,7 @@ impl Coordinator {
     /// Queues `spec` as a job of `owner` (the submitting token's name).
     pub fn submit(&self, spec: JobSpec, owner: &str) -> Result<JobRecord> {
         spec.validate().map_err(Error::InvalidSpec)?;
-        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from.as_ref()) {
+        if let Some(from) = spec.train.as_ref().and_then(|t| t.init_from_job()) {
             let (job, _) = gantry_core::spec::parse_checkpoint_ref(from)
                 .map_err(|e| Error::InvalidArgument(format!("train.init_from: {e}")))?;
             self.store

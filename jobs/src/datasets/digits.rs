@@ -18,9 +18,11 @@ const SPLIT_SEED: u64 = 0x6761_6e74_7279; // "gantry"
 /// 80% of the samples train (1,437 of 1,797), the rest (360) are held out for testing.
 const TRAIN_PERCENT: usize = 80;
 
-/// One side of the split, row-major: sample `i` is `x[i * FEATURES..(i + 1) * FEATURES]`.
+/// Numbered examples of `width` numbers each and a class, row-major: sample `i` is
+/// `x[i * width..(i + 1) * width]`. The digits, and the rows of a table.
 #[derive(Debug)]
 pub(crate) struct Samples {
+    pub(crate) width: usize,
     pub(crate) x: Vec<f32>,
     pub(crate) y: Vec<i64>,
 }
@@ -34,7 +36,7 @@ impl Examples for Samples {
         let (x, y) = self.gather(indices);
         let n = indices.len();
         (
-            Input::Pixels(Tensor::from_data(TensorData::new(x, [n, FEATURES]), device)),
+            Input::Pixels(Tensor::from_data(TensorData::new(x, [n, self.width]), device)),
             Tensor::from_data(TensorData::new(y, [n]), device),
         )
     }
@@ -58,8 +60,7 @@ impl Samples {
                 rest.push(i);
             }
         }
-        let ((x, y), (rx, ry)) = (self.gather(&keep), self.gather(&rest));
-        (Samples { x, y }, Samples { x: rx, y: ry })
+        (self.subset(&keep), self.subset(&rest))
     }
 
     /// Both sets of samples, `self`'s first.
@@ -69,12 +70,19 @@ impl Samples {
         self
     }
 
+    /// The given samples, in that order.
+    pub(crate) fn subset(&self, indices: &[usize]) -> Samples {
+        let (x, y) = self.gather(indices);
+        Samples { width: self.width, x, y }
+    }
+
     /// Copies the given samples into fresh buffers, ready to become tensors.
     pub(crate) fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<i64>) {
-        let mut x = Vec::with_capacity(indices.len() * FEATURES);
+        let w = self.width;
+        let mut x = Vec::with_capacity(indices.len() * w);
         let mut y = Vec::with_capacity(indices.len());
         for &i in indices {
-            x.extend_from_slice(&self.x[i * FEATURES..(i + 1) * FEATURES]);
+            x.extend_from_slice(&self.x[i * w..(i + 1) * w]);
             y.push(self.y[i]);
         }
         (x, y)
@@ -129,10 +137,8 @@ fn parse_and_split(csv: &str) -> Result<Digits, BadLine> {
     SplitMix64::new(SPLIT_SEED).shuffle(&mut order);
     let n_train = y.len() * TRAIN_PERCENT / 100;
     let (train_idx, test_idx) = order.split_at(n_train);
-    let all = Samples { x, y };
-    let (train_x, train_y) = all.gather(train_idx);
-    let (test_x, test_y) = all.gather(test_idx);
-    Ok(Digits { train: Samples { x: train_x, y: train_y }, test: Samples { x: test_x, y: test_y } })
+    let all = Samples { width: FEATURES, x, y };
+    Ok(Digits { train: all.subset(train_idx), test: all.subset(test_idx) })
 }
 
 #[cfg(test)]

@@ -1,16 +1,21 @@
-//! The data sets the runtime trains on, one file each, and what the training loop needs of any
-//! of them ([`Examples`]), with the order it visits them in. Data sets give model input only
-//! through [`crate::input`]: nothing here depends on a model.
+//! The data sets the runtime trains on, built in (`digits`, `genesis`) or read from the user's
+//! files (`table`, `text`), one file each, and what the training loop needs of any of them
+//! ([`Examples`]), with the order it visits them in. Data sets give model input only through
+//! [`crate::input`]: nothing here depends on a model.
 
 mod digits;
 mod genesis;
+mod table;
+mod text;
 
 use std::sync::OnceLock;
 
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 pub(crate) use digits::{Samples, digits};
-pub(crate) use genesis::{genesis, token};
+pub(crate) use genesis::genesis;
+pub(crate) use table::Table;
+pub(crate) use text::{Corpus, token};
 
 use crate::error::JobsError;
 use crate::input::Input;

@@ -11,6 +11,7 @@ use std::path::Path;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Linear;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
+use gantry_core::spec::ModelSpec;
 
 pub(crate) use cnn::{Cnn, ConvBlockOps};
 pub(crate) use mlp::Mlp;
@@ -18,14 +19,31 @@ pub(crate) use transformer::Transformer;
 
 use crate::error::JobsError;
 use crate::export;
-use crate::input::Input;
+pub(crate) use crate::import::Weights;
+use crate::input::{Input, InputShape};
 use crate::rng::SplitMix64;
+
+/// What a model is built as: its kind and sizes from the spec, its input and output from the
+/// data set.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Arch {
+    pub(crate) model: ModelSpec,
+    pub(crate) input: InputShape,
+}
+
+impl Arch {
+    /// `model` on the digits.
+    #[cfg(test)]
+    pub(crate) fn digits(model: ModelSpec) -> Arch {
+        Arch { model, input: InputShape::digits() }
+    }
+}
 
 /// What the training loop needs of a model, whichever it is.
 pub(crate) trait Net<B: Backend>: Module<B> + Sized {
     /// Weights drawn from our own seeded generator (PyTorch's default ranges), so a seed gives
     /// the same model whatever else runs in the process.
-    fn init(seed: u64, device: &B::Device) -> Self;
+    fn init(arch: &Arch, seed: u64, device: &B::Device) -> Self;
 
     /// Logits, one row per prediction: [batch, 10] for the digits, [batch * context, vocab]
     /// for the language model.
@@ -43,9 +61,14 @@ pub(crate) trait Net<B: Backend>: Module<B> + Sized {
     /// The weights as PyTorch names and lays them out, for SafeTensors.
     fn export(&self) -> Vec<export::Named>;
 
-    /// Checks a record loaded from `path` has this model's shapes: burn's `load_record` does
-    /// not, and a wrong shape would only surface later as a panic inside a matmul.
-    fn check_record(record: &<Self as Module<B>>::Record, path: &Path) -> Result<(), JobsError>;
+    /// This model with every weight taken from `weights`, named and laid out as [`Net::export`]
+    /// writes them (the mirror of it). Names missing or of another shape are noted in
+    /// `weights`, which says what did not match once the whole model was visited.
+    fn import(self, weights: &mut Weights) -> Self;
+
+    /// Checks a record loaded from `path` has `arch`'s shapes: burn's `load_record` does not,
+    /// and a wrong shape would only surface later as a panic inside a matmul.
+    fn check_record(record: &<Self as Module<B>>::Record, arch: &Arch, path: &Path) -> Result<(), JobsError>;
 }
 
 /// A record check's verdict on one tensor.

@@ -1,6 +1,7 @@
-//! The "transformer" model: a small GPT-style character-level language model. Token and
-//! position embeddings, `LAYERS` pre-norm transformer blocks with causal self-attention, a
-//! final layer norm, and a linear head over the vocabulary.
+//! The "transformer" model: a GPT-style character-level language model. Token and position
+//! embeddings, `layers` pre-norm transformer blocks with causal self-attention (`heads` heads,
+//! a feed-forward of 4 x `width`), a final layer norm, and a linear head over the vocabulary.
+//! By default 2 blocks of width 64 with 4 heads, reading 64 characters.
 
 use std::path::Path;
 
@@ -10,17 +11,14 @@ use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, Transf
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-use super::{Net, expect_shape, record_mismatch};
+use super::{Arch, Net, Weights, expect_shape, record_mismatch};
 use crate::error::JobsError;
 use crate::export;
-use crate::input::{CONTEXT, Input, VOCAB};
+use crate::import::transpose;
+use crate::input::{Input, VOCAB};
 use crate::rng::SplitMix64;
 
 const INIT_STREAM: u64 = u64::MAX - 2;
-const WIDTH: usize = 64;
-const HEADS: usize = 4;
-const LAYERS: usize = 2;
-const FEED_FORWARD: usize = 4 * WIDTH;
 /// GPT-2's initial spread of weights.
 const INIT_STD: f32 = 0.02;
 
@@ -34,19 +32,20 @@ pub(crate) struct Transformer<B: Backend> {
 }
 
 impl<B: Backend> Net<B> for Transformer<B> {
-    fn init(seed: u64, device: &B::Device) -> Self {
-        let blocks = TransformerEncoderConfig::new(WIDTH, FEED_FORWARD, HEADS, LAYERS)
+    fn init(arch: &Arch, seed: u64, device: &B::Device) -> Self {
+        let Sizes { width, heads, layers, context } = Sizes::of(arch);
+        let blocks = TransformerEncoderConfig::new(width, 4 * width, heads, layers)
             .with_norm_first(true)
             // No dropout: it would draw from the backend's process-wide generator, and data
             // parallel ranks and exact resume need every step to be reproducible.
             .with_dropout(0.0)
             .init(device);
         let model = Transformer {
-            tokens: EmbeddingConfig::new(VOCAB, WIDTH).init(device),
-            positions: EmbeddingConfig::new(CONTEXT, WIDTH).init(device),
+            tokens: EmbeddingConfig::new(VOCAB, width).init(device),
+            positions: EmbeddingConfig::new(context, width).init(device),
             blocks,
-            norm: LayerNormConfig::new(WIDTH).init(device),
-            head: LinearConfig::new(WIDTH, VOCAB).init(device),
+            norm: LayerNormConfig::new(width).init(device),
+            head: LinearConfig::new(width, VOCAB).init(device),
         };
         // burn drew those from its own generator; redraw every weight from the seed, with
         // fixed ids, as the other models do.
@@ -95,23 +94,49 @@ impl<B: Backend> Net<B> for Transformer<B> {
             .collect()
     }
 
-    fn check_record(record: &TransformerRecord<B>, path: &Path) -> Result<(), JobsError> {
-        expect_shape(path, "tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, WIDTH])?;
-        expect_shape(path, "positions.weight", &record.positions.weight.val().dims(), &[CONTEXT, WIDTH])?;
-        expect_shape(path, "head.weight", &record.head.weight.val().dims(), &[WIDTH, VOCAB])?;
-        let layers = &record.blocks.layers;
-        if layers.len() != LAYERS {
+    fn import(self, weights: &mut Weights) -> Self {
+        self.map(&mut Import { weights, path: Vec::new() })
+    }
+
+    /// Heads split the same weights differently, so only the state's spec tells them apart.
+    fn check_record(record: &TransformerRecord<B>, arch: &Arch, path: &Path) -> Result<(), JobsError> {
+        let Sizes { width, layers, context, .. } = Sizes::of(arch);
+        expect_shape(path, "tokens.weight", &record.tokens.weight.val().dims(), &[VOCAB, width])?;
+        expect_shape(path, "positions.weight", &record.positions.weight.val().dims(), &[context, width])?;
+        expect_shape(path, "head.weight", &record.head.weight.val().dims(), &[width, VOCAB])?;
+        let blocks = &record.blocks.layers;
+        if blocks.len() != layers {
             return Err(record_mismatch(
                 path,
-                format!("it has {} transformer blocks, expected {LAYERS}", layers.len()),
+                format!("it has {} transformer blocks, expected {layers}", blocks.len()),
             ));
         }
-        for (i, layer) in layers.iter().enumerate() {
+        for (i, layer) in blocks.iter().enumerate() {
             let inner = layer.pwff.linear_inner.weight.val().dims();
             let name = format!("blocks.layers.{i}.pwff.linear_inner.weight");
-            expect_shape(path, &name, &inner, &[WIDTH, FEED_FORWARD])?;
+            expect_shape(path, &name, &inner, &[width, 4 * width])?;
         }
         Ok(())
+    }
+}
+
+/// The sizes of the spec, as burn's configs take them.
+struct Sizes {
+    width: usize,
+    heads: usize,
+    layers: usize,
+    context: usize,
+}
+
+impl Sizes {
+    fn of(arch: &Arch) -> Sizes {
+        let m = &arch.model;
+        Sizes {
+            width: m.width() as usize,
+            heads: m.heads() as usize,
+            layers: m.layers() as usize,
+            context: m.context() as usize,
+        }
     }
 }
 
@@ -199,20 +224,50 @@ impl<B: Backend> ModuleMapper<B> for Reinit {
     }
 }
 
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols).flat_map(|c| (0..rows).map(move |r| values[r * cols + c])).collect()
+/// Takes every float parameter from a SafeTensors file by its module path, as `export` names
+/// it; a linear layer's 2-D weight is in PyTorch's [out, in] there.
+struct Import<'w> {
+    weights: &'w mut Weights,
+    /// (field name, type of the module holding it) of each step down.
+    path: Vec<(String, String)>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Import<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push((name.into(), container_type.into()));
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let in_linear = D == 2 && self.path.last().is_some_and(|(_, holder)| holder == "Struct:Linear");
+        let name = self.path.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(".");
+        self.weights.take(&name, param, in_linear)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
 
+    use gantry_core::spec::{ModelKind, ModelSpec};
+
     use super::*;
+    use crate::input::InputShape;
+
+    const CONTEXT: usize = 64;
+    const WIDTH: usize = 64;
+
+    fn arch() -> Arch {
+        Arch { model: ModelSpec::of(ModelKind::Transformer), input: InputShape::text() }
+    }
 
     #[test]
     fn the_model_predicts_every_next_character_and_only_looks_back() {
         let device = Default::default();
-        let model = Transformer::<NdArray>::init(1, &device);
+        let model = Transformer::<NdArray>::init(&arch(), 1, &device);
         let tokens = |last: i64| {
             let mut t: Vec<i64> = (0..CONTEXT as i64).map(|i| i % 50 + 1).collect();
             t[CONTEXT - 1] = last;
@@ -231,7 +286,7 @@ mod tests {
     fn init_follows_the_seed_and_export_names_the_weights() {
         let device = Default::default();
         let names = |seed| -> Vec<(String, Vec<usize>, Vec<f32>)> {
-            Transformer::<NdArray>::init(seed, &device)
+            Transformer::<NdArray>::init(&arch(), seed, &device)
                 .export()
                 .into_iter()
                 .map(|t| (t.name, t.shape, t.values))
@@ -254,11 +309,36 @@ mod tests {
     #[test]
     fn records_of_other_shapes_are_refused() {
         let device = Default::default();
-        let good = Transformer::<NdArray>::init(1, &device);
+        let good = Transformer::<NdArray>::init(&arch(), 1, &device);
         let path = Path::new("model.mpk");
-        assert!(Transformer::<NdArray>::check_record(&good.clone().into_record(), path).is_ok());
+        assert!(Transformer::<NdArray>::check_record(&good.clone().into_record(), &arch(), path).is_ok());
         let wide = Transformer { head: LinearConfig::new(WIDTH, 10).init(&device), ..good };
-        let err = Transformer::<NdArray>::check_record(&wide.into_record(), path).unwrap_err();
+        let err = Transformer::<NdArray>::check_record(&wide.into_record(), &arch(), path).unwrap_err();
         assert!(err.to_string().contains("head.weight has shape [64, 10]"), "{err}");
+    }
+
+    /// A sized model's exported weights come back in through the SafeTensors import as they
+    /// went out: every name found, every shape right, the same logits.
+    #[test]
+    fn a_sized_model_round_trips_through_safetensors() {
+        let device = Default::default();
+        let spec = ModelSpec { layers: Some(3), width: Some(32), heads: Some(2), context: Some(16), ..arch().model };
+        let arch = Arch { model: spec, input: InputShape::text() };
+        let trained = Transformer::<NdArray>::init(&arch, 1, &device);
+        let bytes = crate::export::safetensors(&trained.export(), &Default::default());
+        let mut weights = Weights::parse(Path::new("t.safetensors"), &bytes).unwrap();
+        let fresh = Transformer::<NdArray>::init(&arch, 2, &device).import(&mut weights);
+        weights.finish().unwrap();
+        let tokens =
+            Tensor::<NdArray, 2, Int>::from_data(TensorData::new((0..16).collect::<Vec<i64>>(), [1, 16]), &device);
+        let logits =
+            |m: &Transformer<NdArray>| m.forward(Input::Tokens(tokens.clone())).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(logits(&trained), logits(&fresh));
+        // Weights of the default size do not fit: the error lists what differs.
+        let mut weights = Weights::parse(Path::new("t.safetensors"), &bytes).unwrap();
+        let _ = Transformer::<NdArray>::init(&self::arch(), 2, &device).import(&mut weights);
+        let err = weights.finish().unwrap_err().to_string();
+        assert!(err.contains("of another shape: tokens.weight is [96, 32], the model's is [96, 64]"), "{err}");
+        assert!(err.contains("not in this model: blocks.layers.2."), "{err}");
     }
 }

@@ -53,6 +53,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
             env,
             device,
             began,
+            arch: start.arch,
             compute,
             train_set,
             test,

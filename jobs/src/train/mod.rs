@@ -21,7 +21,7 @@ use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::Optimizer;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::tensor::backend::AutodiffBackend;
-use gantry_core::spec::{DatasetKind, ModelKind, TrainSpec};
+use gantry_core::spec::{DatasetKind, DatasetSpec, ModelKind, TrainSpec};
 
 use self::eval::TestSet;
 use self::setup::Group;
@@ -30,7 +30,8 @@ use crate::datasets::{self, Examples, Samples};
 use crate::device::{self, Device};
 use crate::env::RunEnv;
 use crate::error::JobsError;
-use crate::models::{Cnn, ConvBlockOps, Mlp, Net, Transformer};
+use crate::input::InputShape;
+use crate::models::{Arch, Cnn, ConvBlockOps, Mlp, Net, Transformer};
 use crate::precision::Compute;
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
@@ -121,23 +122,32 @@ fn check_spec(spec: &TrainSpec) -> Result<(), JobsError> {
 /// The model and data set of `spec`, on backend `B`.
 fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome, JobsError> {
     let spec = run.spec;
-    match (spec.model, spec.dataset) {
-        (ModelKind::Transformer, DatasetKind::Genesis) => {
-            let text = datasets::genesis()?;
-            train_model::<B, Transformer<B>, _>(run, out, &text.train, &text.test)
+    let arch = |input: InputShape| Arch { model: spec.model.clone(), input };
+    match (spec.model.kind, &spec.dataset) {
+        (ModelKind::Transformer, DatasetSpec::Builtin(DatasetKind::Genesis)) => {
+            let (train_set, test_set) = datasets::genesis()?.windows(spec.model.context() as usize);
+            train_model::<B, Transformer<B>, _>(run, arch(InputShape::text()), out, &train_set, &test_set)
         }
-        (ModelKind::Mlp, DatasetKind::Digits) => {
-            let (train_set, test_set) = digits_subset(spec)?;
-            train_model::<B, Mlp<B>, _>(run, out, &train_set, &test_set)
+        (ModelKind::Transformer, DatasetSpec::Text { path, holdout }) => {
+            let context = spec.model.context() as usize;
+            let corpus = datasets::Corpus::read(Path::new(path), holdout, context)?;
+            let (train_set, test_set) = corpus.windows(context);
+            train_model::<B, Transformer<B>, _>(run, arch(InputShape::text()), out, &train_set, &test_set)
         }
-        (ModelKind::Cnn, DatasetKind::Digits) => {
+        (ModelKind::Mlp, DatasetSpec::Builtin(DatasetKind::Digits)) => {
             let (train_set, test_set) = digits_subset(spec)?;
-            train_model::<B, Cnn<B>, _>(run, out, &train_set, &test_set)
+            train_model::<B, Mlp<B>, _>(run, arch(InputShape::digits()), out, &train_set, &test_set)
+        }
+        (ModelKind::Cnn, DatasetSpec::Builtin(DatasetKind::Digits)) => {
+            let (train_set, test_set) = digits_subset(spec)?;
+            train_model::<B, Cnn<B>, _>(run, arch(InputShape::digits()), out, &train_set, &test_set)
+        }
+        (ModelKind::Mlp, DatasetSpec::Table { path, label, holdout }) => {
+            let table = datasets::Table::read(Path::new(path), label, holdout, spec.seed)?;
+            train_model::<B, Mlp<B>, _>(run, arch(table.shape), out, &table.train, &table.test)
         }
         // `check_spec` refused these already.
-        (ModelKind::Transformer, DatasetKind::Digits) | (ModelKind::Mlp | ModelKind::Cnn, DatasetKind::Genesis) => {
-            Err(JobsError::Spec(format!("model {} does not train on {}", spec.model, spec.dataset)))
-        }
+        (kind, dataset) => Err(JobsError::Spec(format!("model {kind} does not train on {dataset}"))),
     }
 }
 
@@ -167,6 +177,7 @@ struct Run<'a, B: TrainBackend> {
 /// Trains model `M` on `train_set`, evaluating it on `test_set`: the phases, in order.
 fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
     run: Run<B>,
+    arch: Arch,
     out: &mut dyn Write,
     train_set: &E,
     test_set: &E,
@@ -177,12 +188,14 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
         emit(out, format_args!("[gantry] {note}"))?;
     }
     let per_epoch = datasets::batches_per_epoch(train_set.len(), spec.batch_size as usize) as u64;
+    let (start, how) = setup::start::<B, M>(&run, &arch, per_epoch)?;
     emit(
         out,
         format_args!(
-            "start model={} dataset={} train_samples={} test_samples={} epochs={} batch_size={} precision={} device={}",
+            "start model={} dataset={} params={} train_samples={} test_samples={} epochs={} batch_size={} precision={} device={}",
             spec.model,
             spec.dataset,
+            start.model.num_params(),
             train_set.len(),
             test_set.len(),
             spec.epochs,
@@ -192,7 +205,9 @@ fn train_model<B: TrainBackend, M: Trainable<B>, E: Examples>(
         ),
     )?;
 
-    let start = setup::start::<B, M>(&run, per_epoch, out)?;
+    if let Some(how) = how {
+        emit(out, format_args!("{how}"))?;
+    }
     let group = setup::join(run.env, out)?;
     let test = TestSet::new(test_set, run.device, compute);
     let mut training = Training::new(run, compute, train_set, test, per_epoch, group, start);
@@ -209,6 +224,8 @@ struct Training<'a, B: TrainBackend, M: Trainable<B>, E: Examples> {
     env: &'a RunEnv,
     device: &'a B::Device,
     began: Instant,
+    /// What the model is built as, for checkpoints.
+    arch: Arch,
     compute: Compute,
     train_set: &'a E,
     test: TestSet<B::InnerBackend>,
@@ -242,9 +259,11 @@ impl<B: TrainBackend, M: Trainable<B>, E: Examples> Training<'_, B, M, E> {
             epoch: pos.epoch,
             batch_in_epoch: pos.batch_in_epoch,
             seed: spec.seed,
-            model: spec.model.to_string(),
+            model: spec.model.kind.to_string(),
             dataset: spec.dataset.to_string(),
             format_version: FORMAT_VERSION,
+            model_spec: self.arch.model.clone(),
+            input: self.arch.input.clone(),
         };
         let metadata = std::collections::BTreeMap::from([
             ("format".to_string(), "pt".to_string()),

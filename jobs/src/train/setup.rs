@@ -7,59 +7,83 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, Optimizer};
-use gantry_core::spec::TrainSpec;
+use gantry_core::spec::{ModelKind, ModelSpec, TrainSpec};
 
 use super::{Adam, OptimRecord, Position, Run, TrainBackend, Trainable, emit};
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::dist::Ring;
 use crate::env::RunEnv;
 use crate::error::JobsError;
+use crate::models::{Arch, Weights};
 
 /// Where a run starts.
 pub(super) struct Start<B: TrainBackend, M: Trainable<B>> {
+    /// What the model is built as (checkpoints record it).
+    pub(super) arch: Arch,
     pub(super) model: M,
     pub(super) optim: Adam<M, B>,
     pub(super) pos: Position,
 }
 
 /// Fresh weights from the seed; or, when `env.resume_dir` names a checkpoint, its weights, and
-/// for a restart of this job (`env.job_id`) its optimizer state and position too.
+/// for a restart of this job (`env.job_id`) its optimizer state and position too; or, first
+/// time round, the weights of the SafeTensors file `init_from` names. With it, the line that
+/// says where the weights came from.
 pub(super) fn start<B: TrainBackend, M: Trainable<B>>(
     run: &Run<B>,
+    arch: &Arch,
     per_epoch: u64,
-    out: &mut dyn Write,
-) -> Result<Start<B, M>, JobsError> {
+) -> Result<(Start<B, M>, Option<String>), JobsError> {
     let (spec, env, device) = (run.spec, run.env, run.device);
-    let mut model = M::init(spec.seed, device);
+    let mut model = M::init(arch, spec.seed, device);
     let mut optim = AdamConfig::new().init::<B, M>();
     let mut pos = Position { step: 0, epoch: 0, batch_in_epoch: 0 };
 
     let Some(dir) = &env.resume_dir else {
+        if let Some(file) = spec.init_from_file() {
+            let mut weights = Weights::read(Path::new(file))?;
+            model = model.import(&mut weights);
+            weights.finish()?;
+            if spec.new_head {
+                model = model.with_head_of(M::init(arch, spec.seed, device));
+            }
+            return Ok((
+                Start { arch: arch.clone(), model, optim, pos },
+                Some(format!("initialised weights from={file}")),
+            ));
+        }
         if let Some(from) = &spec.init_from {
             return Err(JobsError::InitFromMissing(from.clone()));
         }
-        return Ok(Start { model, optim, pos });
+        return Ok((Start { arch: arch.clone(), model, optim, pos }, None));
     };
     let state = checkpoint::read_state(dir)?;
-    check_compatible(dir, &state, spec)?;
+    let restart = state.job_id.is_some() && state.job_id == env.job_id;
+    check_compatible(dir, &state, spec, restart)?;
+    // Another job's weights with a fresh head may come from a data set of other classes: they
+    // load into the model as that job built it, then take this job's head.
+    let from = match (restart, spec.new_head) {
+        (false, true) => Arch { model: arch.model.clone(), input: state.input.clone() },
+        _ => arch.clone(),
+    };
     let record: <M as Module<B>>::Record = checkpoint::load_record(dir, MODEL_FILE, device)?;
-    M::check_record(&record, &dir.join(MODEL_FILE))?;
-    model = model.load_record(record);
-    if state.job_id.is_some() && state.job_id == env.job_id {
+    M::check_record(&record, &from, &dir.join(MODEL_FILE))?;
+    model = M::init(&from, spec.seed, device).load_record(record);
+    let how = if restart {
         // A restart of this very job: continue the same run.
         pos = resume_position(dir, &state, spec, per_epoch)?;
         let record: OptimRecord<M, B> = checkpoint::load_record(dir, OPTIMIZER_FILE, device)?;
         check_optimizer_record(dir, &record, &model, pos.step, spec.freeze_backbone)?;
         optim = optim.load_record(record);
-        emit(out, format_args!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display()))?;
+        format!("resumed step={} epoch={} from={}", pos.step, pos.epoch, dir.display())
     } else {
         // Another job's weights: transfer learning, with a fresh optimizer from step 0.
         if spec.new_head {
-            model = model.with_head_of(M::init(spec.seed, device));
+            model = model.with_head_of(M::init(arch, spec.seed, device));
         }
-        emit(out, format_args!("initialised weights from={}", dir.display()))?;
-    }
-    Ok(Start { model, optim, pos })
+        format!("initialised weights from={}", dir.display())
+    };
+    Ok((Start { arch: arch.clone(), model, optim, pos }, Some(how)))
 }
 
 /// This process's place in a data-parallel run (every rank trains the same model on its share
@@ -87,18 +111,43 @@ pub(super) fn join(env: &RunEnv, out: &mut dyn Write) -> Result<Group, JobsError
     Ok(Group { rank: dist.rank, world: dist.world_size, ring: Some(ring) })
 }
 
-/// Any checkpoint we load weights from must hold this model for this data set.
-fn check_compatible(dir: &Path, state: &CheckpointState, spec: &TrainSpec) -> Result<(), JobsError> {
-    if state.model != spec.model.name() || state.dataset != spec.dataset.name() {
+/// Any checkpoint we load weights from must hold this model, with the same sizes; a restart
+/// must also be on the same data set (another job's weights may move to other data).
+fn check_compatible(dir: &Path, state: &CheckpointState, spec: &TrainSpec, restart: bool) -> Result<(), JobsError> {
+    let other_data = restart && state.dataset != spec.dataset.to_string();
+    if state.model != spec.model.kind.name() || other_data {
         return Err(JobsError::CheckpointMismatch {
             path: dir.to_path_buf(),
             reason: format!(
                 "it holds model `{}` on `{}`, this job trains `{}` on `{}`",
-                state.model, state.dataset, spec.model, spec.dataset
+                state.model, state.dataset, spec.model.kind, spec.dataset
             ),
         });
     }
+    if !state.model_spec.same_model(&spec.model) {
+        return Err(JobsError::CheckpointMismatch {
+            path: dir.to_path_buf(),
+            reason: format!("it holds {}, this job's model is {}", sized(&state.model_spec), sized(&spec.model)),
+        });
+    }
     Ok(())
+}
+
+/// A model with every size shown, defaults too.
+fn sized(m: &ModelSpec) -> String {
+    let all = ModelSpec {
+        hidden: Some(m.hidden()),
+        layers: Some(m.layers()),
+        width: Some(m.width()),
+        heads: Some(m.heads()),
+        context: Some(m.context()),
+        ..m.clone()
+    };
+    match m.kind {
+        ModelKind::Mlp => ModelSpec { layers: None, width: None, heads: None, context: None, ..all }.to_string(),
+        ModelKind::Transformer => ModelSpec { hidden: None, ..all }.to_string(),
+        ModelKind::Cnn => m.kind.to_string(),
+    }
 }
 
 /// Where a restart continues; refuses states that cannot come from this spec (another seed or

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn_flex::{Flex, FlexDevice};
-use gantry_core::spec::{DatasetKind, ModelKind, Precision, TrainSpec};
+use gantry_core::spec::{DatasetKind, ModelKind, ModelSpec, Precision, TrainSpec};
 
 use super::{Outcome, Run, train_on};
 use crate::checkpoint::MODEL_FILE;
@@ -58,8 +58,8 @@ impl Write for StopOn<'_> {
 fn the_transformer_in_bf16_learns_genesis_about_as_well_as_in_f32() {
     let dirs = tempfile::tempdir().unwrap();
     let spec = TrainSpec {
-        model: ModelKind::Transformer,
-        dataset: DatasetKind::Genesis,
+        model: ModelSpec::of(ModelKind::Transformer),
+        dataset: DatasetKind::Genesis.into(),
         epochs: 1,
         batch_size: 32,
         learning_rate: 0.003,
@@ -72,7 +72,7 @@ fn the_transformer_in_bf16_learns_genesis_about_as_well_as_in_f32() {
     };
     let started = Instant::now();
     let (full, _) = run(&spec, "f32");
-    let (half, out) = run(&TrainSpec { precision: Precision::Bf16, ..spec }, "bf16");
+    let (half, out) = run(&TrainSpec { precision: Precision::Bf16, ..spec.clone() }, "bf16");
     println!("{out}");
     println!(
         "held-out loss after 40 steps: f32 {:.4}, bf16 {:.4} ({:.1?})",
@@ -113,9 +113,9 @@ fn a_bf16_run_resumes_bit_exactly() {
 #[test]
 fn training_in_bf16_learns_the_digits_about_as_well_as_f32() {
     for model in [ModelKind::Mlp, ModelKind::Cnn] {
-        let spec = TrainSpec { model, epochs: 8, ..TrainSpec::default() };
+        let spec = TrainSpec { model: ModelSpec::of(model), epochs: 8, ..TrainSpec::default() };
         let (full, _) = train_on_flex(&spec);
-        let (half, out) = train_on_flex(&TrainSpec { precision: Precision::Bf16, ..spec });
+        let (half, out) = train_on_flex(&TrainSpec { precision: Precision::Bf16, ..spec.clone() });
         println!("{out}");
         println!("{model} after 8 epochs: f32 {:.4}, bf16 {:.4}", full.test_accuracy, half.test_accuracy);
         assert!(out.lines().next().unwrap().contains(" precision=bf16 "), "{out}");

@@ -13,7 +13,7 @@ mod kernels;
 
 pub(crate) use conv_block::ConvBlockOps;
 
-use super::{Net, expect_shape, linear};
+use super::{Arch, Net, Weights, expect_shape, linear};
 use crate::error::JobsError;
 use crate::export;
 use crate::input::{CLASSES, Input};
@@ -53,7 +53,8 @@ fn block<B: ConvBlockOps>(layer: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
 }
 
 impl<B: ConvBlockOps> Net<B> for Cnn<B> {
-    fn init(seed: u64, device: &B::Device) -> Self {
+    /// The spec has no sizes for the CNN, and it reads the digits only (both checked there).
+    fn init(_: &Arch, seed: u64, device: &B::Device) -> Self {
         let mut rng = SplitMix64::for_stream(seed, INIT_STREAM);
         Cnn {
             conv1: conv(&mut rng, [11, 12], 1, C1, device),
@@ -104,7 +105,17 @@ impl<B: ConvBlockOps> Net<B> for Cnn<B> {
         out
     }
 
-    fn check_record(record: &CnnRecord<B>, path: &Path) -> Result<(), JobsError> {
+    fn import(mut self, weights: &mut Weights) -> Self {
+        for (name, layer) in [("conv1", &mut self.conv1), ("conv2", &mut self.conv2)] {
+            layer.weight = weights.take(&format!("{name}.weight"), layer.weight.clone(), false);
+            layer.bias = layer.bias.take().map(|b| weights.take(&format!("{name}.bias"), b, false));
+        }
+        self.fc.weight = weights.take("fc.weight", self.fc.weight.clone(), true);
+        self.fc.bias = self.fc.bias.take().map(|b| weights.take("fc.bias", b, false));
+        self
+    }
+
+    fn check_record(record: &CnnRecord<B>, _: &Arch, path: &Path) -> Result<(), JobsError> {
         expect_shape(path, "conv1.weight", &record.conv1.weight.val().dims(), &[C1, 1, 3, 3])?;
         expect_shape(path, "conv2.weight", &record.conv2.weight.val().dims(), &[C2, C1, 3, 3])?;
         expect_shape(path, "fc.weight", &record.fc.weight.val().dims(), &[FLAT, CLASSES])?;
@@ -117,20 +128,26 @@ mod tests {
     use burn::backend::NdArray;
     use burn::module::Module;
 
+    use gantry_core::spec::{ModelKind, ModelSpec};
+
     use super::*;
+
+    fn arch() -> Arch {
+        Arch::digits(ModelSpec::of(ModelKind::Cnn))
+    }
 
     #[test]
     fn records_of_other_shapes_are_refused_and_init_follows_the_seed() {
         let device = Default::default();
-        let model = Cnn::<NdArray>::init(3, &device);
+        let model = Cnn::<NdArray>::init(&arch(), 3, &device);
         assert_eq!(model.forward(Input::Pixels(Tensor::zeros([5, 64], &device))).dims(), [5, CLASSES]);
-        let same = Cnn::<NdArray>::init(3, &device);
+        let same = Cnn::<NdArray>::init(&arch(), 3, &device);
         assert_eq!(model.conv2.weight.val().into_data(), same.conv2.weight.val().into_data());
         let path = Path::new("model.mpk");
-        assert!(Cnn::<NdArray>::check_record(&model.into_record(), path).is_ok());
-        let mut other = Cnn::<NdArray>::init(3, &device);
+        assert!(Cnn::<NdArray>::check_record(&model.into_record(), &arch(), path).is_ok());
+        let mut other = Cnn::<NdArray>::init(&arch(), 3, &device);
         other.fc = burn::nn::LinearConfig::new(FLAT, 5).init(&device);
-        let err = Cnn::<NdArray>::check_record(&other.into_record(), path).unwrap_err();
+        let err = Cnn::<NdArray>::check_record(&other.into_record(), &arch(), path).unwrap_err();
         assert!(err.to_string().contains("fc.weight has shape [128, 5]"), "{err}");
     }
 
@@ -138,7 +155,7 @@ mod tests {
     fn export_names_and_shapes_follow_pytorch() {
         let device = Default::default();
         let names: Vec<(String, Vec<usize>)> =
-            Cnn::<NdArray>::init(1, &device).export().into_iter().map(|t| (t.name, t.shape)).collect();
+            Cnn::<NdArray>::init(&arch(), 1, &device).export().into_iter().map(|t| (t.name, t.shape)).collect();
         assert_eq!(names[0], ("conv1.weight".to_string(), vec![C1, 1, 3, 3]));
         assert_eq!(names[4], ("fc.weight".to_string(), vec![CLASSES, FLAT]));
     }

@@ -1,0 +1,273 @@
+//! `train.dataset`: a data set built into the runtime by name (`digits`, `genesis`), or the
+//! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header) or
+//! `{text: PATH}` (plain text), each with its held-out part as `test: PATH` or
+//! `test_fraction: F`.
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{DatasetKind, SpecError};
+
+/// The held-out share when a spec names neither `test` nor `test_fraction`.
+pub const DEFAULT_TEST_FRACTION: f64 = 0.2;
+/// A path, in bytes.
+pub const PATH_LIMIT: usize = 4096;
+
+/// Where a job's examples come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatasetSpec {
+    Builtin(DatasetKind),
+    /// Rows of a CSV file: numeric feature columns and one label column (a class, by number
+    /// or by name).
+    Table {
+        path: String,
+        label: String,
+        holdout: Holdout,
+    },
+    /// A plain-text corpus for the character-level language model.
+    Text {
+        path: String,
+        holdout: Holdout,
+    },
+}
+
+/// The examples a run is evaluated on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Holdout {
+    /// A file of the same kind.
+    File(String),
+    /// This share of the examples: rows drawn by the job's seed for a table, the end of the
+    /// text for a corpus (random windows would share text with the training part).
+    Fraction(f64),
+}
+
+impl Default for DatasetSpec {
+    fn default() -> Self {
+        DatasetSpec::Builtin(DatasetKind::default())
+    }
+}
+
+impl From<DatasetKind> for DatasetSpec {
+    fn from(kind: DatasetKind) -> Self {
+        DatasetSpec::Builtin(kind)
+    }
+}
+
+impl DatasetSpec {
+    /// Whether the examples are text rather than numbers.
+    pub fn is_text(&self) -> bool {
+        match self {
+            DatasetSpec::Builtin(kind) => kind.is_text(),
+            DatasetSpec::Table { .. } => false,
+            DatasetSpec::Text { .. } => true,
+        }
+    }
+
+    /// The built-in data set, if it is one.
+    pub fn builtin(&self) -> Option<DatasetKind> {
+        match self {
+            DatasetSpec::Builtin(kind) => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// `digits`, `genesis`, `table` or `text`: what the wire carries as the data set's kind.
+    pub fn kind_name(&self) -> &str {
+        match self {
+            DatasetSpec::Builtin(kind) => kind.name(),
+            DatasetSpec::Table { .. } => "table",
+            DatasetSpec::Text { .. } => "text",
+        }
+    }
+
+    /// The rules of the mapping; field names in errors are `train.dataset.*`.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let (path, holdout, kind) = match self {
+            DatasetSpec::Builtin(_) => return Ok(()),
+            DatasetSpec::Table { path, label, holdout } => {
+                if label.is_empty() {
+                    return Err(SpecError::new("train.dataset.label", "must name a column"));
+                }
+                (path, holdout, "table")
+            }
+            DatasetSpec::Text { path, holdout } => (path, holdout, "text"),
+        };
+        check_path(&format!("train.dataset.{kind}"), path)?;
+        match holdout {
+            Holdout::File(test) => check_path("train.dataset.test", test),
+            Holdout::Fraction(f) if !(*f > 0.0 && *f < 1.0) => {
+                Err(SpecError::new("train.dataset.test_fraction", format!("must be above 0 and below 1, got {f}")))
+            }
+            Holdout::Fraction(_) => Ok(()),
+        }
+    }
+}
+
+fn check_path(field: &str, path: &str) -> Result<(), SpecError> {
+    if path.is_empty() || path.len() > PATH_LIMIT || path.contains('\0') {
+        return Err(SpecError::new(field, format!("must be a path of 1 to {PATH_LIMIT} bytes, without NUL")));
+    }
+    if path.starts_with("s3://") {
+        return Err(SpecError::new(field, "s3:// data sets are not read yet: give a path on the agent"));
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for DatasetSpec {
+    /// The name for progress lines and checkpoints: `digits`, `table:PATH`, `text:PATH`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatasetSpec::Builtin(kind) => f.write_str(kind.name()),
+            DatasetSpec::Table { path, .. } => write!(f, "table:{path}"),
+            DatasetSpec::Text { path, .. } => write!(f, "text:{path}"),
+        }
+    }
+}
+
+/// The mapping form, as written. `images` and `target` are named so that a spec using them
+/// is told they are not read yet, rather than that they are unknown.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Files {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    table: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(default, skip_serializing)]
+    images: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    #[serde(default, skip_serializing)]
+    target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test_fraction: Option<f64>,
+}
+
+impl Files {
+    fn into_spec(self) -> Result<DatasetSpec, String> {
+        if self.images.is_some() {
+            return Err("`images` folders are not read yet: give `table` or `text`".into());
+        }
+        if self.target.is_some() {
+            return Err("regression (`target`) is not trained yet: give `label` for classification".into());
+        }
+        let holdout = match (self.test, self.test_fraction) {
+            (Some(_), Some(_)) => return Err("give `test` or `test_fraction`, not both".into()),
+            (Some(test), None) => Holdout::File(test),
+            (None, f) => Holdout::Fraction(f.unwrap_or(DEFAULT_TEST_FRACTION)),
+        };
+        match (self.table, self.text) {
+            (Some(path), None) => match self.label {
+                Some(label) => Ok(DatasetSpec::Table { path, label, holdout }),
+                None => Err("a `table` needs `label`: the column to predict".into()),
+            },
+            (None, Some(path)) if self.label.is_none() => Ok(DatasetSpec::Text { path, holdout }),
+            (None, Some(_)) => Err("`label` applies to a `table`, not to `text`".into()),
+            _ => Err("give exactly one of `table` and `text`".into()),
+        }
+    }
+}
+
+impl Serialize for DatasetSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (holdout, mut files) = match self {
+            DatasetSpec::Builtin(kind) => return kind.serialize(s),
+            DatasetSpec::Table { path, label, holdout } => {
+                (holdout, Files { table: Some(path.clone()), label: Some(label.clone()), ..Files::default() })
+            }
+            DatasetSpec::Text { path, holdout } => (holdout, Files { text: Some(path.clone()), ..Files::default() }),
+        };
+        match holdout {
+            Holdout::File(test) => files.test = Some(test.clone()),
+            Holdout::Fraction(f) => files.test_fraction = Some(*f),
+        }
+        files.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DatasetSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NameOrFiles)
+    }
+}
+
+struct NameOrFiles;
+
+impl<'de> Visitor<'de> for NameOrFiles {
+    type Value = DatasetSpec;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a data set name (digits, genesis) or a mapping such as {table: data.csv, label: class}")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<DatasetSpec, E> {
+        name.parse().map(DatasetSpec::Builtin).map_err(E::custom)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DatasetSpec, A::Error> {
+        Files::deserialize(de::value::MapAccessDeserializer::new(map))?.into_spec().map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<DatasetSpec, String> {
+        serde_yaml::from_str::<DatasetSpec>(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn names_and_file_mappings_parse_and_round_trip() {
+        assert_eq!(parse("genesis").unwrap(), DatasetSpec::Builtin(DatasetKind::Genesis));
+        let table = parse("{table: data/iris.csv, label: species}").unwrap();
+        assert_eq!(
+            table,
+            DatasetSpec::Table {
+                path: "data/iris.csv".into(),
+                label: "species".into(),
+                holdout: Holdout::Fraction(DEFAULT_TEST_FRACTION)
+            }
+        );
+        assert_eq!(table.to_string(), "table:data/iris.csv");
+        let text = parse("{text: corpus.txt, test: held-out.txt}").unwrap();
+        assert_eq!(
+            text,
+            DatasetSpec::Text { path: "corpus.txt".into(), holdout: Holdout::File("held-out.txt".into()) }
+        );
+        for spec in [DatasetSpec::default(), table, text] {
+            let yaml = serde_yaml::to_string(&spec).unwrap();
+            assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<DatasetSpec>(&json).unwrap(), spec, "{json}");
+        }
+    }
+
+    #[test]
+    fn mappings_that_do_not_say_one_thing_are_refused_with_why() {
+        let err = |yaml: &str| parse(yaml).unwrap_err();
+        assert!(err("{table: a.csv}").contains("a `table` needs `label`"), "{}", err("{table: a.csv}"));
+        assert!(err("{table: a.csv, text: b.txt, label: y}").contains("exactly one of `table` and `text`"));
+        assert!(err("{text: b.txt, label: y}").contains("`label` applies to a `table`"));
+        assert!(err("{text: b.txt, test: c, test_fraction: 0.1}").contains("not both"));
+        assert!(err("{images: pics, size: [8, 8]}").contains("unknown field `size`"));
+        assert!(err("{images: pics}").contains("`images` folders are not read yet"));
+        assert!(err("{table: a.csv, target: price}").contains("regression"));
+        assert!(err("{table: a.csv, lable: y}").contains("unknown field `lable`"));
+        let invalid = |yaml: &str| parse(yaml).unwrap().validate().unwrap_err().to_string();
+        assert_eq!(
+            invalid("{text: b.txt, test_fraction: 1.0}"),
+            "train.dataset.test_fraction: must be above 0 and below 1, got 1"
+        );
+        assert_eq!(
+            invalid("{table: '', label: y}"),
+            "train.dataset.table: must be a path of 1 to 4096 bytes, without NUL"
+        );
+        assert_eq!(
+            invalid("{table: 's3://b/a.csv', label: y}"),
+            "train.dataset.table: s3:// data sets are not read yet: give a path on the agent"
+        );
+    }
+}

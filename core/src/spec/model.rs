@@ -1,0 +1,271 @@
+//! `train.model`: a model kind by its short name (`mlp`), or a mapping that also sizes it
+//! (`{kind: mlp, hidden: [256, 128]}`). Sizes left out are the short name's.
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{ModelKind, SpecError};
+
+/// The sizes of each kind when the spec gives none: the models of the short names.
+pub mod defaults {
+    pub const MLP_HIDDEN: [u32; 1] = [128];
+    pub const LAYERS: u32 = 2;
+    pub const WIDTH: u32 = 64;
+    pub const HEADS: u32 = 4;
+    pub const CONTEXT: u32 = 64;
+}
+
+/// The most a spec may size a model to: enough for what a single node trains, small enough
+/// that a typo (`width: 51200`) is an error, not an out-of-memory kill minutes later.
+pub mod limits {
+    pub const MLP_LAYERS: usize = 16;
+    pub const MLP_WIDTH: u32 = 65_536;
+    pub const LAYERS: u32 = 64;
+    pub const WIDTH: u32 = 8_192;
+    pub const CONTEXT: u32 = 8_192;
+}
+
+/// A model and its sizes. A size that is `None` takes [`defaults`]; sizes apply to one kind
+/// each (`hidden` to the MLP, the rest to the transformer).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    /// The MLP's hidden layers, input side first.
+    pub hidden: Option<Vec<u32>>,
+    /// The transformer's blocks, width (embedding size), attention heads and context (tokens
+    /// read at once).
+    pub layers: Option<u32>,
+    pub width: Option<u32>,
+    pub heads: Option<u32>,
+    pub context: Option<u32>,
+}
+
+impl ModelSpec {
+    /// The model of a short name, with its default sizes.
+    pub fn of(kind: ModelKind) -> ModelSpec {
+        ModelSpec { kind, ..ModelSpec::default() }
+    }
+
+    /// Whether both build the same model, sizes left out or not.
+    pub fn same_model(&self, other: &ModelSpec) -> bool {
+        let sizes = |m: &ModelSpec| (m.kind, m.hidden(), m.layers(), m.width(), m.heads(), m.context());
+        sizes(self) == sizes(other)
+    }
+
+    /// Whether any size was given: a spec without sizes is written back as its short name.
+    pub fn is_sized(&self) -> bool {
+        self.hidden.is_some()
+            || self.layers.is_some()
+            || self.width.is_some()
+            || self.heads.is_some()
+            || self.context.is_some()
+    }
+
+    pub fn hidden(&self) -> Vec<u32> {
+        self.hidden.clone().unwrap_or_else(|| defaults::MLP_HIDDEN.to_vec())
+    }
+
+    pub fn layers(&self) -> u32 {
+        self.layers.unwrap_or(defaults::LAYERS)
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width.unwrap_or(defaults::WIDTH)
+    }
+
+    pub fn heads(&self) -> u32 {
+        self.heads.unwrap_or(defaults::HEADS)
+    }
+
+    pub fn context(&self) -> u32 {
+        self.context.unwrap_or(defaults::CONTEXT)
+    }
+
+    /// The rules of the sizes; field names in errors are `train.model.*`.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let field = |name: &str| format!("train.model.{name}");
+        let only = |name: &str, kind: &str| SpecError::new(field(name), format!("applies to `{kind}` only"));
+        let transformer_sizes =
+            [("layers", self.layers), ("width", self.width), ("heads", self.heads), ("context", self.context)];
+        match self.kind {
+            ModelKind::Mlp => {
+                if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
+                    return Err(only(name, "transformer"));
+                }
+                let hidden = self.hidden();
+                if hidden.is_empty() || hidden.len() > limits::MLP_LAYERS {
+                    return Err(SpecError::new(
+                        field("hidden"),
+                        format!("must list 1 to {} layer widths", limits::MLP_LAYERS),
+                    ));
+                }
+                if let Some(w) = hidden.iter().find(|w| **w == 0 || **w > limits::MLP_WIDTH) {
+                    return Err(SpecError::new(
+                        field("hidden"),
+                        format!("widths are 1 to {}, got {w}", limits::MLP_WIDTH),
+                    ));
+                }
+            }
+            ModelKind::Cnn => {
+                if self.hidden.is_some() {
+                    return Err(only("hidden", "mlp"));
+                }
+                if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
+                    return Err(only(name, "transformer"));
+                }
+            }
+            ModelKind::Transformer => {
+                if self.hidden.is_some() {
+                    return Err(only("hidden", "mlp"));
+                }
+                let in_range = |name: &str, v: u32, lo: u32, hi: u32| match (lo..=hi).contains(&v) {
+                    true => Ok(()),
+                    false => Err(SpecError::new(field(name), format!("must be {lo} to {hi}, got {v}"))),
+                };
+                in_range("layers", self.layers(), 1, limits::LAYERS)?;
+                in_range("width", self.width(), 8, limits::WIDTH)?;
+                in_range("heads", self.heads(), 1, self.width())?;
+                in_range("context", self.context(), 2, limits::CONTEXT)?;
+                if !self.width().is_multiple_of(self.heads()) {
+                    return Err(SpecError::new(
+                        field("heads"),
+                        format!("must divide width {} (each head gets an equal share)", self.width()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ModelSpec {
+    /// The short name, with the sizes where the spec gave any, without spaces (progress lines
+    /// are `key=value` pairs): `transformer(layers=4,width=256,heads=4,context=128)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind.name())?;
+        if !self.is_sized() {
+            return Ok(());
+        }
+        match self.kind {
+            ModelKind::Mlp => {
+                let hidden: Vec<String> = self.hidden().iter().map(u32::to_string).collect();
+                write!(f, "(hidden={})", hidden.join("x"))
+            }
+            ModelKind::Cnn => Ok(()),
+            ModelKind::Transformer => write!(
+                f,
+                "(layers={},width={},heads={},context={})",
+                self.layers(),
+                self.width(),
+                self.heads(),
+                self.context()
+            ),
+        }
+    }
+}
+
+/// The mapping form, as written.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sized {
+    kind: ModelKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hidden: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heads: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    context: Option<u32>,
+}
+
+impl Serialize for ModelSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if !self.is_sized() {
+            return self.kind.serialize(s);
+        }
+        let m = self.clone();
+        Sized { kind: m.kind, hidden: m.hidden, layers: m.layers, width: m.width, heads: m.heads, context: m.context }
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NameOrSized)
+    }
+}
+
+struct NameOrSized;
+
+impl<'de> Visitor<'de> for NameOrSized {
+    type Value = ModelSpec;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a model name (mlp, cnn, transformer) or a mapping such as {kind: mlp, hidden: [256, 128]}")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<ModelSpec, E> {
+        name.parse().map(ModelSpec::of).map_err(E::custom)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ModelSpec, A::Error> {
+        let s = Sized::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(ModelSpec {
+            kind: s.kind,
+            hidden: s.hidden,
+            layers: s.layers,
+            width: s.width,
+            heads: s.heads,
+            context: s.context,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<ModelSpec, String> {
+        serde_yaml::from_str::<ModelSpec>(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_short_name_and_a_sized_mapping_both_parse_and_round_trip() {
+        assert_eq!(parse("cnn").unwrap(), ModelSpec::of(ModelKind::Cnn));
+        let sized = parse("{kind: transformer, layers: 6, width: 512, heads: 8, context: 256}").unwrap();
+        assert_eq!((sized.layers(), sized.width(), sized.heads(), sized.context()), (6, 512, 8, 256));
+        assert_eq!(sized.to_string(), "transformer(layers=6,width=512,heads=8,context=256)");
+        for spec in [ModelSpec::of(ModelKind::Mlp), sized, parse("{kind: mlp, hidden: [256, 128]}").unwrap()] {
+            let yaml = serde_yaml::to_string(&spec).unwrap();
+            assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), spec, "{json}");
+        }
+        assert_eq!(serde_yaml::to_string(&ModelSpec::of(ModelKind::Mlp)).unwrap(), "mlp\n");
+        let partly = parse("{kind: transformer, layers: 4}").unwrap();
+        assert_eq!((partly.layers(), partly.width()), (4, defaults::WIDTH));
+    }
+
+    #[test]
+    fn unknown_names_fields_and_sizes_of_another_kind_are_refused_by_name() {
+        assert!(parse("resnet").unwrap_err().contains("unknown model `resnet`"));
+        assert!(parse("{kind: mlp, depth: 3}").unwrap_err().contains("unknown field `depth`"));
+        let invalid = |yaml: &str| parse(yaml).unwrap().validate().unwrap_err().to_string();
+        assert_eq!(invalid("{kind: mlp, width: 3}"), "train.model.width: applies to `transformer` only");
+        assert_eq!(invalid("{kind: transformer, hidden: [3]}"), "train.model.hidden: applies to `mlp` only");
+        assert_eq!(invalid("{kind: mlp, hidden: []}"), "train.model.hidden: must list 1 to 16 layer widths");
+        assert_eq!(invalid("{kind: mlp, hidden: [8, 0]}"), "train.model.hidden: widths are 1 to 65536, got 0");
+        assert_eq!(
+            invalid("{kind: transformer, width: 100, heads: 8}"),
+            "train.model.heads: must divide width 100 (each head gets an equal share)"
+        );
+        assert_eq!(
+            invalid("{kind: transformer, context: 100000}"),
+            "train.model.context: must be 2 to 8192, got 100000"
+        );
+        assert!(parse("{kind: mlp, hidden: [64, 32]}").unwrap().validate().is_ok());
+    }
+}
