@@ -2,11 +2,9 @@
 
 use std::sync::OnceLock;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-
-use super::{BadLine, Examples, parsed_once};
+use super::{BadLine, Examples, Prepared, PreparedInput, parsed_once};
 use crate::error::JobsError;
-use crate::input::{CLASSES, FEATURES, Input};
+use crate::input::{CLASSES, FEATURES};
 use crate::rng::SplitMix64;
 
 /// Embedded so the binary is self-contained; see data/README.md for source and licence.
@@ -32,13 +30,9 @@ impl Examples for Samples {
         self.y.len()
     }
 
-    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
-        let (x, y) = self.gather(indices);
-        let n = indices.len();
-        (
-            Input::Pixels(Tensor::from_data(TensorData::new(x, [n, self.width]), device)),
-            Tensor::from_data(TensorData::new(y, [n]), device),
-        )
+    fn prepare(&self, indices: &[usize]) -> Prepared {
+        let (values, y) = self.gather(indices);
+        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y }
     }
 }
 

@@ -10,7 +10,7 @@ mod text;
 
 use std::sync::OnceLock;
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 pub(crate) use digits::{Samples, digits};
 pub(crate) use genesis::genesis;
@@ -22,12 +22,50 @@ use crate::input::Input;
 use crate::rng::SplitMix64;
 
 /// What the training loop needs of a data set, whichever it is: numbered examples, and the
-/// tensors of any of them (inputs and the targets the loss compares the logits with).
-pub(crate) trait Examples {
+/// tensors of any of them (inputs and the targets the loss compares the logits with). `Sync`:
+/// the next batches are prepared on another thread while a step runs.
+pub(crate) trait Examples: Sync {
     fn len(&self) -> usize;
 
+    /// The data of `indices`, ready to become tensors: the part of making a batch that can run
+    /// beside a step (gathering, decoding).
+    fn prepare(&self, indices: &[usize]) -> Prepared;
+
     /// The inputs of `indices`, and one target per row of the logits the model gives for them.
-    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>);
+    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+        self.prepare(indices).tensors(device)
+    }
+}
+
+/// A batch's data before it is on a device.
+pub(crate) struct Prepared {
+    pub(crate) x: PreparedInput,
+    /// One target per row of the logits.
+    pub(crate) y: Vec<i64>,
+}
+
+pub(crate) enum PreparedInput {
+    /// `rows` examples of `values.len() / rows` numbers each.
+    Numbers { values: Vec<f32>, rows: usize },
+    /// `rows` windows of `ids.len() / rows` tokens each.
+    Tokens { ids: Vec<i64>, rows: usize },
+}
+
+impl Prepared {
+    pub(crate) fn tensors<B: Backend>(self, device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+        let n = self.y.len();
+        let x = match self.x {
+            PreparedInput::Numbers { values, rows } => {
+                let width = values.len() / rows.max(1);
+                Input::Pixels(Tensor::from_data(TensorData::new(values, [rows, width]), device))
+            }
+            PreparedInput::Tokens { ids, rows } => {
+                let context = ids.len() / rows.max(1);
+                Input::Tokens(Tensor::from_data(TensorData::new(ids, [rows, context]), device))
+            }
+        };
+        (x, Tensor::from_data(TensorData::new(self.y, [n]), device))
+    }
 }
 
 /// A line of an embedded data set that does not parse (a build problem, not a user one). Kept

@@ -6,12 +6,10 @@
 
 use std::path::Path;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use gantry_core::spec::Holdout;
 
-use super::{BadLine, Examples};
+use super::{BadLine, Examples, Prepared, PreparedInput};
 use crate::error::JobsError;
-use crate::input::Input;
 
 pub(crate) fn token(c: u8) -> Option<i64> {
     match c {
@@ -114,7 +112,7 @@ impl Examples for Windows<'_> {
         self.tokens.len().saturating_sub(1) / self.context
     }
 
-    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+    fn prepare(&self, indices: &[usize]) -> Prepared {
         let (n, context) = (indices.len(), self.context);
         let (mut x, mut y) = (Vec::with_capacity(n * context), Vec::with_capacity(n * context));
         for &i in indices {
@@ -122,10 +120,7 @@ impl Examples for Windows<'_> {
             x.extend_from_slice(&self.tokens[start..start + context]);
             y.extend_from_slice(&self.tokens[start + 1..start + context + 1]);
         }
-        (
-            Input::Tokens(Tensor::from_data(TensorData::new(x, [n, context]), device)),
-            Tensor::from_data(TensorData::new(y, [n * context]), device),
-        )
+        Prepared { x: PreparedInput::Tokens { ids: x, rows: n }, y }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -11,9 +12,9 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::ElementConversion;
 
 use super::eval::TestSet;
-use super::setup::{Group, Start};
+use super::setup::{Group, Start, shard};
 use super::{Run, TrainBackend, Trainable, Training, append_line, emit};
-use crate::datasets::{self, Examples};
+use crate::datasets::{self, Examples, Prepared};
 use crate::error::JobsError;
 use crate::grad_sync;
 use crate::precision::Compute;
@@ -34,6 +35,20 @@ struct Tally {
     loss_sum: f64,
     batches: u64,
     samples: usize,
+    /// Time the steps waited for their batch to be ready.
+    input_wait: Duration,
+}
+
+/// Batches gathered ahead of the step that needs them: enough to hide a slow one.
+const PREFETCH: usize = 2;
+
+/// One batch as the loader hands it over.
+struct Loaded {
+    /// The global batch's size, and this rank's share of it.
+    batch: usize,
+    shard: usize,
+    /// The share's data; none when this rank's share is empty.
+    prepared: Option<Prepared>,
 }
 
 impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
@@ -74,10 +89,34 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
     /// Trains what is left of epoch `pos.epoch` and reports it, or stops at the stop flag
     /// (`stopped`): a process alone checks it before each step; ranks decide together, in each
     /// step's exchange, and finish the epoch first when that step was its last.
-    pub(super) fn epoch(mut self, out: &mut dyn Write) -> Result<Self, JobsError> {
+    pub(super) fn epoch(self, out: &mut dyn Write) -> Result<Self, JobsError> {
         let (spec, n) = (self.spec, self.train_set.len());
         let batch_size = spec.batch_size as usize;
         let order = datasets::epoch_order(spec.seed, self.pos.epoch, n);
+        let (train_set, rank, world) = (self.train_set, self.group.rank, self.group.world);
+        let batches = self.pos.batch_in_epoch as usize..self.per_epoch as usize;
+        std::thread::scope(move |scope| {
+            // The next batches are gathered on another thread while a step runs; a step that
+            // finds none ready waits, and that wait is the loader's cost (`input_wait_ms`).
+            let (tx, rx) = mpsc::sync_channel(PREFETCH);
+            scope.spawn(move || {
+                for b in batches {
+                    let batch = &order[b * batch_size..((b + 1) * batch_size).min(n)];
+                    let indices = shard(rank, world, batch);
+                    let prepared = (!indices.is_empty()).then(|| train_set.prepare(indices));
+                    let loaded = Loaded { batch: batch.len(), shard: indices.len(), prepared };
+                    if tx.send(loaded).is_err() {
+                        // The epoch ended early (the stop flag): no one wants the rest.
+                        return;
+                    }
+                }
+            });
+            self.steps(rx, out)
+        })
+    }
+
+    /// The steps of the epoch, each on the next batch `batches` brings, then the epoch's line.
+    fn steps(mut self, batches: Receiver<Loaded>, out: &mut dyn Write) -> Result<Self, JobsError> {
         let started = Instant::now();
         let mut tally = Tally::default();
         while self.pos.batch_in_epoch < self.per_epoch {
@@ -85,9 +124,11 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
                 self.stopped = true;
                 return Ok(self);
             }
-            let first = self.pos.batch_in_epoch as usize * batch_size;
-            let (step, grads) = self.gradients(&order[first..(first + batch_size).min(n)])?;
-            self.model = self.optim.step(spec.learning_rate, self.model, grads);
+            let waiting = Instant::now();
+            let loaded = batches.recv().map_err(|_| JobsError::Spec("the batch loader stopped".into()))?;
+            tally.input_wait += waiting.elapsed();
+            let (step, grads) = self.gradients(loaded)?;
+            self.model = self.optim.step(self.spec.learning_rate, self.model, grads);
             self.stepped(out)?;
             tally.loss_sum += step.loss;
             tally.batches += 1;
@@ -105,14 +146,13 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
         Ok(self)
     }
 
-    /// This process's gradients for its share of `batch`, summed over the ranks when data
+    /// This process's gradients for its share of a batch, summed over the ranks when data
     /// parallel, without those of a frozen backbone.
-    fn gradients(&mut self, batch: &[usize]) -> Result<(Step, GradientsParams), JobsError> {
-        let indices = self.group.shard(batch);
-        let (mut grads, mut loss) = match indices.is_empty() {
-            true => (GradientsParams::new(), 0.0),
-            false => {
-                let (x, y) = self.train_set.batch::<B>(indices, self.device);
+    fn gradients(&mut self, loaded: Loaded) -> Result<(Step, GradientsParams), JobsError> {
+        let (mut grads, mut loss) = match loaded.prepared {
+            None => (GradientsParams::new(), 0.0),
+            Some(prepared) => {
+                let (x, y) = prepared.tensors::<B>(self.device);
                 let loss = self.loss_fn.forward(self.compute.forward(&self.model, x), y);
                 let value = loss.clone().into_scalar().elem::<f64>();
                 (GradientsParams::from_grads(loss.backward(), &self.model), value)
@@ -122,7 +162,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
         if let Some(ring) = self.group.ring.as_mut() {
             // Each rank's mean gradient, weighted by its share of the batch, summed: the
             // global batch's mean gradient, as one process would compute it.
-            let share = indices.len() as f32 / batch.len() as f32;
+            let share = loaded.shard as f32 / loaded.batch as f32;
             let mut extra = [loss as f32 * share, f32::from(u8::from(self.env.stop.load(Ordering::SeqCst)))];
             grad_sync::all_reduce(ring, &self.model, &mut grads, share, &mut extra)?;
             loss = f64::from(extra[0]);
@@ -138,7 +178,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
                 }
             }
         }
-        Ok((Step { loss, samples: indices.len(), stop }, grads))
+        Ok((Step { loss, samples: loaded.shard, stop }, grads))
     }
 
     /// After an update: the first step's line, the position, and a checkpoint when one is due.
@@ -177,9 +217,11 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
         )?;
         if let Some(file) = &self.env.metrics_file {
             let step_time_ms = 1000.0 * train_secs / tally.batches.max(1) as f64;
+            let input_wait_ms = 1000.0 * tally.input_wait.as_secs_f64() / tally.batches.max(1) as f64;
             let line = serde_json::json!({
                 "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss, "test_loss": test_loss,
                 "test_accuracy": acc, "samples_per_s": samples_per_s, "step_time_ms": step_time_ms,
+                "input_wait_ms": input_wait_ms,
             });
             append_line(file, &line.to_string())?;
         }

@@ -95,12 +95,11 @@ pub(super) struct Group {
     pub(super) ring: Option<Ring>,
 }
 
-impl Group {
-    /// Rank `rank`'s part of a global batch: contiguous, sizes differing by at most one.
-    pub(super) fn shard<'b>(&self, batch: &'b [usize]) -> &'b [usize] {
-        let n = batch.len();
-        &batch[self.rank * n / self.world..(self.rank + 1) * n / self.world]
-    }
+/// Rank `rank`'s part of a global batch among `world` ranks: contiguous, sizes differing by at
+/// most one.
+pub(super) fn shard(rank: usize, world: usize, batch: &[usize]) -> &[usize] {
+    let n = batch.len();
+    &batch[rank * n / world..(rank + 1) * n / world]
 }
 
 /// Joins the group `env.dist` describes, if any.
