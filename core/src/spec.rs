@@ -663,8 +663,13 @@ impl TrainSpec {
             };
             return Err(SpecError::new("train.dataset", reason));
         }
-        if self.model.kind == ModelKind::Cnn && self.dataset.builtin().is_none() {
-            return Err(SpecError::new("train.dataset", "the cnn reads 8x8 images: it trains on `digits`"));
+        if let Some(image) = self.image() {
+            self.model.check_image(image)?;
+        } else if self.model.kind == ModelKind::Cnn {
+            return Err(SpecError::new(
+                "train.dataset",
+                "the cnn reads images: it trains on `digits` or `{images: DIR}`",
+            ));
         }
         let digits = self.dataset.builtin().is_some_and(DatasetKind::has_classes);
         if !digits && (!self.classes.is_empty() || self.examples_per_class.is_some()) {
@@ -713,7 +718,9 @@ impl TrainSpec {
         };
         match &mut self.dataset {
             DatasetSpec::Builtin(_) => {}
-            DatasetSpec::Table { path, holdout, .. } | DatasetSpec::Text { path, holdout } => {
+            DatasetSpec::Table { path, holdout, .. }
+            | DatasetSpec::Images { path, holdout, .. }
+            | DatasetSpec::Text { path, holdout } => {
                 anchor(path);
                 if let Holdout::File(test) = holdout {
                     anchor(test);
@@ -722,6 +729,16 @@ impl TrainSpec {
         }
         if let Some(from) = self.init_from.as_mut().filter(|f| f.ends_with(SAFETENSORS_SUFFIX)) {
             anchor(from);
+        }
+    }
+
+    /// The images the job trains on, as [channels, height, width]: the digits' [1, 8, 8], or an
+    /// image folder's size with the model's channels (`model.image`, else 3: colour).
+    pub fn image(&self) -> Option<[u32; 3]> {
+        match &self.dataset {
+            DatasetSpec::Builtin(DatasetKind::Digits) => Some([1, 8, 8]),
+            DatasetSpec::Images { size, .. } => Some([self.model.image.map_or(3, |[c, _, _]| c), size[0], size[1]]),
+            _ => None,
         }
     }
 
@@ -990,7 +1007,13 @@ mod tests {
         assert!(err("model: transformer").contains("trains on text (`genesis` or"), "{}", err("model: transformer"));
         assert!(err("model: mlp, dataset: genesis").contains("text trains the `transformer` only"));
         assert!(err("model: mlp, dataset: {text: a.txt}").contains("text trains the `transformer` only"));
-        assert!(err("model: cnn, dataset: {table: a.csv, label: y}").contains("the cnn reads 8x8 images"));
+        assert!(err("model: cnn, dataset: {table: a.csv, label: y}").contains("the cnn reads images"));
+        assert!(err("model: {kind: cnn, channels: [4, 4, 4, 4]}").contains("must be multiples of 16, got 8x8"));
+        assert!(JobSpec::from_yaml("name: t\ntrain: {model: cnn, dataset: {images: p, size: [12, 16]}}\n").is_ok());
+        assert!(
+            err("model: {kind: cnn, image: [1, 12, 16]}, dataset: {images: p, size: [12, 12]}")
+                .contains("train.model.image")
+        );
         assert!(err("dataset: {table: a.csv, label: y}, classes: [1, 2]").contains("`digits` only"));
         assert!(err("model: {kind: mlp, width: 8}").contains("train.model.width: applies to `transformer` only"));
         assert!(

@@ -21,6 +21,9 @@ pub struct InputShape {
     pub width: usize,
     /// What the model predicts one of: classes, or the vocabulary's characters.
     pub classes: usize,
+    /// Images' [channels, height, width], their numbers laid out in that order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<[usize; 3]>,
     /// A table's feature columns, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
@@ -36,7 +39,7 @@ pub struct InputShape {
 impl InputShape {
     /// The digits: 64 pixels in 0..=1, ten classes.
     pub(crate) fn digits() -> InputShape {
-        InputShape::numbers(FEATURES, CLASSES)
+        InputShape { image: Some([1, 8, 8]), ..InputShape::numbers(FEATURES, CLASSES) }
     }
 
     /// Text: characters as tokens of the vocabulary.
@@ -45,7 +48,7 @@ impl InputShape {
     }
 
     pub(crate) fn numbers(width: usize, classes: usize) -> InputShape {
-        InputShape { width, classes, columns: Vec::new(), labels: Vec::new(), scale: Vec::new() }
+        InputShape { width, classes, image: None, columns: Vec::new(), labels: Vec::new(), scale: Vec::new() }
     }
 }
 

@@ -25,8 +25,9 @@ type Cpu = NdArray<f32>;
 /// The weights of one checkpoint, ready to predict.
 enum Loaded {
     Mlp(Mlp<Cpu>),
-    Cnn(Cnn<Cpu>),
-    Transformer(Transformer<Cpu>),
+    /// Boxed, as the transformer: both are far larger than the MLP.
+    Cnn(Box<Cnn<Cpu>>),
+    Transformer(Box<Transformer<Cpu>>),
 }
 
 /// A trained model, loaded from a checkpoint directory for inference.
@@ -52,24 +53,24 @@ impl Predictor {
         let arch = Arch { model: state.model_spec.clone(), input: state.input.clone() };
         let net = match state.model_spec.kind {
             ModelKind::Mlp => Loaded::Mlp(load_net(dir, &arch, &device)?),
-            ModelKind::Cnn => Loaded::Cnn(load_net(dir, &arch, &device)?),
-            ModelKind::Transformer => Loaded::Transformer(load_net(dir, &arch, &device)?),
+            ModelKind::Cnn => Loaded::Cnn(Box::new(load_net(dir, &arch, &device)?)),
+            ModelKind::Transformer => Loaded::Transformer(Box::new(load_net(dir, &arch, &device)?)),
         };
         Ok(Predictor { net, state, device })
     }
 
     /// The weights of a SafeTensors file (PyTorch's names and layout, as checkpoints export
     /// them) in the model `spec` trains, read as `init_from: FILE` reads them: what a training
-    /// run starting from the file starts with. For the built-in data sets and text; a table's
-    /// model needs its checkpoint, which holds how its columns are scaled.
+    /// run starting from the file starts with. For the built-in data sets and text; a model of
+    /// a table or of images needs its checkpoint (columns' scaling, classes).
     pub fn from_safetensors(path: &Path, spec: &TrainSpec) -> Result<Predictor, JobsError> {
         let input = match &spec.dataset {
             DatasetSpec::Builtin(DatasetKind::Digits) => InputShape::digits(),
             DatasetSpec::Builtin(DatasetKind::Genesis) | DatasetSpec::Text { .. } => InputShape::text(),
-            DatasetSpec::Table { .. } => {
-                return Err(JobsError::Spec(
-                    "a table's model is served from its checkpoint, not from weights alone".into(),
-                ));
+            DatasetSpec::Table { .. } | DatasetSpec::Images { .. } => {
+                let reason = "a model of a table or an image folder is served from its checkpoint, which knows \
+                              its columns or classes, not from weights alone";
+                return Err(JobsError::Spec(reason.into()));
             }
         };
         let arch = Arch { model: spec.model.clone(), input };
@@ -77,8 +78,10 @@ impl Predictor {
         let mut weights = Weights::read(path)?;
         let net = match spec.model.kind {
             ModelKind::Mlp => Loaded::Mlp(Mlp::init(&arch, 0, &device).import(&mut weights)),
-            ModelKind::Cnn => Loaded::Cnn(Cnn::init(&arch, 0, &device).import(&mut weights)),
-            ModelKind::Transformer => Loaded::Transformer(Transformer::init(&arch, 0, &device).import(&mut weights)),
+            ModelKind::Cnn => Loaded::Cnn(Box::new(Cnn::init(&arch, 0, &device).import(&mut weights))),
+            ModelKind::Transformer => {
+                Loaded::Transformer(Box::new(Transformer::init(&arch, 0, &device).import(&mut weights)))
+            }
         };
         weights.finish()?;
         let state = CheckpointState {

@@ -33,6 +33,8 @@ impl From<&JobSpec> for v1::JobSpec {
                 dataset: t.dataset.kind_name().to_string(),
                 model_sizes: t.model.is_sized().then(|| v1::ModelSizes {
                     hidden: t.model.hidden.clone().unwrap_or_default(),
+                    channels: t.model.channels.clone().unwrap_or_default(),
+                    image: t.model.image.map(Vec::from).unwrap_or_default(),
                     layers: t.model.layers,
                     width: t.model.width,
                     heads: t.model.heads,
@@ -97,16 +99,21 @@ impl From<&JobSpec> for v1::JobSpec {
 }
 
 fn file_dataset(d: &DatasetSpec) -> Option<v1::FileDataset> {
+    let (mut size, mut augment) = (Vec::new(), false);
     let (path, label, holdout) = match d {
         DatasetSpec::Builtin(_) => return None,
         DatasetSpec::Table { path, label, holdout } => (path, label.clone(), holdout),
+        DatasetSpec::Images { path, size: s, augment: a, holdout } => {
+            (size, augment) = (s.to_vec(), *a);
+            (path, String::new(), holdout)
+        }
         DatasetSpec::Text { path, holdout } => (path, String::new(), holdout),
     };
     let holdout = match holdout {
         Holdout::File(test) => v1::file_dataset::Holdout::Test(test.clone()),
         Holdout::Fraction(f) => v1::file_dataset::Holdout::TestFraction(*f),
     };
-    Some(v1::FileDataset { path: path.clone(), label, holdout: Some(holdout) })
+    Some(v1::FileDataset { path: path.clone(), label, holdout: Some(holdout), size, augment })
 }
 
 /// Names on the wire, as in a spec file: one this build does not know is refused.
@@ -114,7 +121,22 @@ fn model_spec(name: &str, sizes: Option<v1::ModelSizes>) -> Result<ModelSpec, Co
     let kind: ModelKind = name.parse().map_err(|e| invalid("spec.train.model", e))?;
     let Some(s) = sizes else { return Ok(ModelSpec::of(kind)) };
     let hidden = (!s.hidden.is_empty()).then_some(s.hidden);
-    Ok(ModelSpec { kind, hidden, layers: s.layers, width: s.width, heads: s.heads, context: s.context })
+    let channels = (!s.channels.is_empty()).then_some(s.channels);
+    let image = match s.image[..] {
+        [] => None,
+        [c, h, w] => Some([c, h, w]),
+        _ => return Err(ConvertError { field: "spec.train.model_sizes.image", reason: "needs 3 numbers".into() }),
+    };
+    Ok(ModelSpec {
+        kind,
+        hidden,
+        channels,
+        image,
+        layers: s.layers,
+        width: s.width,
+        heads: s.heads,
+        context: s.context,
+    })
 }
 
 fn dataset_spec(kind: &str, files: Option<v1::FileDataset>) -> Result<DatasetSpec, ConvertError> {
@@ -127,7 +149,13 @@ fn dataset_spec(kind: &str, files: Option<v1::FileDataset>) -> Result<DatasetSpe
     match (kind, files) {
         ("table", Some(f)) => Ok(DatasetSpec::Table { holdout: holdout(&f)?, path: f.path, label: f.label }),
         ("text", Some(f)) => Ok(DatasetSpec::Text { holdout: holdout(&f)?, path: f.path }),
-        ("table" | "text", None) => Err(missing(field)),
+        ("images", Some(f)) => {
+            let [h, w] = f.size[..] else {
+                return Err(ConvertError { field: "spec.train.file_dataset.size", reason: "needs 2 numbers".into() });
+            };
+            Ok(DatasetSpec::Images { holdout: holdout(&f)?, path: f.path, size: [h, w], augment: f.augment })
+        }
+        ("table" | "text" | "images", None) => Err(missing(field)),
         (name, None) => Ok(DatasetSpec::Builtin(name.parse().map_err(|e| invalid("spec.train.dataset", e))?)),
         (_, Some(_)) => Err(ConvertError { field, reason: format!("given with the built-in data set `{kind}`") }),
     }
@@ -259,6 +287,7 @@ mod tests {
         for train in [
             "{model: {kind: mlp, hidden: [32, 16]}, dataset: {table: a.csv, label: y, test: b.csv}}",
             "{model: {kind: transformer, layers: 3, context: 32}, dataset: {text: t.txt, test_fraction: 0.1}}",
+            "{model: {kind: cnn, channels: [4, 8], image: [1, 16, 16]}, dataset: {images: p, size: [16, 16], augment: true}}",
         ] {
             let spec = JobSpec::from_yaml(&format!("name: x\ntrain: {train}\n")).unwrap();
             assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec, "{train}");

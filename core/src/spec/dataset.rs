@@ -1,7 +1,7 @@
 //! `train.dataset`: a data set built into the runtime by name (`digits`, `genesis`), or the
-//! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header) or
-//! `{text: PATH}` (plain text), each with its held-out part as `test: PATH` or
-//! `test_fraction: F`.
+//! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header),
+//! `{images: DIR, size: [H, W]}` (a folder per class) or `{text: PATH}` (plain text), each
+//! with its held-out part as `test: PATH` or `test_fraction: F`.
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -24,6 +24,14 @@ pub enum DatasetSpec {
         label: String,
         holdout: Holdout,
     },
+    /// A folder per class of PNG and JPEG images, resized to `size` ([height, width]); with
+    /// `augment`, each training image is randomly cropped and flipped every epoch.
+    Images {
+        path: String,
+        size: [u32; 2],
+        augment: bool,
+        holdout: Holdout,
+    },
     /// A plain-text corpus for the character-level language model.
     Text {
         path: String,
@@ -31,13 +39,16 @@ pub enum DatasetSpec {
     },
 }
 
+/// The largest side an image is resized to.
+pub const IMAGE_SIDE_LIMIT: u32 = 1024;
+
 /// The examples a run is evaluated on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Holdout {
-    /// A file of the same kind.
+    /// A file (a folder, for images) of the same kind.
     File(String),
-    /// This share of the examples: rows drawn by the job's seed for a table, the end of the
-    /// text for a corpus (random windows would share text with the training part).
+    /// This share of the examples: rows or images drawn by the job's seed, the end of the text
+    /// for a corpus (random windows would share text with the training part).
     Fraction(f64),
 }
 
@@ -58,7 +69,7 @@ impl DatasetSpec {
     pub fn is_text(&self) -> bool {
         match self {
             DatasetSpec::Builtin(kind) => kind.is_text(),
-            DatasetSpec::Table { .. } => false,
+            DatasetSpec::Table { .. } | DatasetSpec::Images { .. } => false,
             DatasetSpec::Text { .. } => true,
         }
     }
@@ -71,11 +82,12 @@ impl DatasetSpec {
         }
     }
 
-    /// `digits`, `genesis`, `table` or `text`: what the wire carries as the data set's kind.
+    /// `digits`, `genesis`, `table`, `images` or `text`: what the wire carries as the kind.
     pub fn kind_name(&self) -> &str {
         match self {
             DatasetSpec::Builtin(kind) => kind.name(),
             DatasetSpec::Table { .. } => "table",
+            DatasetSpec::Images { .. } => "images",
             DatasetSpec::Text { .. } => "text",
         }
     }
@@ -89,6 +101,13 @@ impl DatasetSpec {
                     return Err(SpecError::new("train.dataset.label", "must name a column"));
                 }
                 (path, holdout, "table")
+            }
+            DatasetSpec::Images { path, size, holdout, .. } => {
+                if size.iter().any(|s| *s < 2 || *s > IMAGE_SIDE_LIMIT) {
+                    let reason = format!("sides are 2 to {IMAGE_SIDE_LIMIT} pixels, got {size:?}");
+                    return Err(SpecError::new("train.dataset.size", reason));
+                }
+                (path, holdout, "images")
             }
             DatasetSpec::Text { path, holdout } => (path, holdout, "text"),
         };
@@ -119,13 +138,14 @@ impl std::fmt::Display for DatasetSpec {
         match self {
             DatasetSpec::Builtin(kind) => f.write_str(kind.name()),
             DatasetSpec::Table { path, .. } => write!(f, "table:{path}"),
+            DatasetSpec::Images { path, .. } => write!(f, "images:{path}"),
             DatasetSpec::Text { path, .. } => write!(f, "text:{path}"),
         }
     }
 }
 
-/// The mapping form, as written. `images` and `target` are named so that a spec using them
-/// is told they are not read yet, rather than that they are unknown.
+/// The mapping form, as written. `target` is named so that a spec using it is told it is not
+/// read yet, rather than that it is unknown.
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Files {
@@ -133,8 +153,12 @@ struct Files {
     table: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     text: Option<String>,
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     images: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<[u32; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    augment: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     label: Option<String>,
     #[serde(default, skip_serializing)]
@@ -147,9 +171,6 @@ struct Files {
 
 impl Files {
     fn into_spec(self) -> Result<DatasetSpec, String> {
-        if self.images.is_some() {
-            return Err("`images` folders are not read yet: give `table` or `text`".into());
-        }
         if self.target.is_some() {
             return Err("regression (`target`) is not trained yet: give `label` for classification".into());
         }
@@ -158,14 +179,24 @@ impl Files {
             (Some(test), None) => Holdout::File(test),
             (None, f) => Holdout::Fraction(f.unwrap_or(DEFAULT_TEST_FRACTION)),
         };
-        match (self.table, self.text) {
-            (Some(path), None) => match self.label {
+        let image_fields = self.size.is_some() || self.augment.is_some();
+        match (self.table, self.images, self.text) {
+            (Some(_), None, None) | (None, None, Some(_)) if image_fields => {
+                Err("`size` and `augment` apply to `images`".into())
+            }
+            (Some(path), None, None) => match self.label {
                 Some(label) => Ok(DatasetSpec::Table { path, label, holdout }),
                 None => Err("a `table` needs `label`: the column to predict".into()),
             },
-            (None, Some(path)) if self.label.is_none() => Ok(DatasetSpec::Text { path, holdout }),
-            (None, Some(_)) => Err("`label` applies to a `table`, not to `text`".into()),
-            _ => Err("give exactly one of `table` and `text`".into()),
+            (None, Some(_), None) | (None, None, Some(_)) if self.label.is_some() => {
+                Err("`label` applies to a `table` (an image's class is its folder)".into())
+            }
+            (None, Some(path), None) => match self.size {
+                Some(size) => Ok(DatasetSpec::Images { path, size, augment: self.augment.unwrap_or(false), holdout }),
+                None => Err("`images` need `size: [HEIGHT, WIDTH]`: what every image is resized to".into()),
+            },
+            (None, None, Some(path)) => Ok(DatasetSpec::Text { path, holdout }),
+            _ => Err("give exactly one of `table`, `images` and `text`".into()),
         }
     }
 }
@@ -177,6 +208,10 @@ impl Serialize for DatasetSpec {
             DatasetSpec::Table { path, label, holdout } => {
                 (holdout, Files { table: Some(path.clone()), label: Some(label.clone()), ..Files::default() })
             }
+            DatasetSpec::Images { path, size, augment, holdout } => (
+                holdout,
+                Files { images: Some(path.clone()), size: Some(*size), augment: Some(*augment), ..Files::default() },
+            ),
             DatasetSpec::Text { path, holdout } => (holdout, Files { text: Some(path.clone()), ..Files::default() }),
         };
         match holdout {
@@ -232,12 +267,22 @@ mod tests {
             }
         );
         assert_eq!(table.to_string(), "table:data/iris.csv");
+        let images = parse("{images: pics, size: [32, 48], augment: true}").unwrap();
+        assert_eq!(
+            images,
+            DatasetSpec::Images {
+                path: "pics".into(),
+                size: [32, 48],
+                augment: true,
+                holdout: Holdout::Fraction(DEFAULT_TEST_FRACTION)
+            }
+        );
         let text = parse("{text: corpus.txt, test: held-out.txt}").unwrap();
         assert_eq!(
             text,
             DatasetSpec::Text { path: "corpus.txt".into(), holdout: Holdout::File("held-out.txt".into()) }
         );
-        for spec in [DatasetSpec::default(), table, text] {
+        for spec in [DatasetSpec::default(), table, images, text] {
             let yaml = serde_yaml::to_string(&spec).unwrap();
             assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
             let json = serde_json::to_string(&spec).unwrap();
@@ -249,11 +294,12 @@ mod tests {
     fn mappings_that_do_not_say_one_thing_are_refused_with_why() {
         let err = |yaml: &str| parse(yaml).unwrap_err();
         assert!(err("{table: a.csv}").contains("a `table` needs `label`"), "{}", err("{table: a.csv}"));
-        assert!(err("{table: a.csv, text: b.txt, label: y}").contains("exactly one of `table` and `text`"));
+        assert!(err("{table: a.csv, text: b.txt, label: y}").contains("exactly one of `table`, `images` and `text`"));
         assert!(err("{text: b.txt, label: y}").contains("`label` applies to a `table`"));
         assert!(err("{text: b.txt, test: c, test_fraction: 0.1}").contains("not both"));
-        assert!(err("{images: pics, size: [8, 8]}").contains("unknown field `size`"));
-        assert!(err("{images: pics}").contains("`images` folders are not read yet"));
+        assert!(err("{images: pics}").contains("`images` need `size: [HEIGHT, WIDTH]`"));
+        assert!(err("{text: b.txt, size: [8, 8]}").contains("`size` and `augment` apply to `images`"));
+        assert!(err("{images: pics, size: [8]}").contains("size"), "{}", err("{images: pics, size: [8]}"));
         assert!(err("{table: a.csv, target: price}").contains("regression"));
         assert!(err("{table: a.csv, lable: y}").contains("unknown field `lable`"));
         let invalid = |yaml: &str| parse(yaml).unwrap().validate().unwrap_err().to_string();

@@ -9,6 +9,7 @@ use super::{ModelKind, SpecError};
 /// The sizes of each kind when the spec gives none: the models of the short names.
 pub mod defaults {
     pub const MLP_HIDDEN: [u32; 1] = [128];
+    pub const CNN_CHANNELS: [u32; 2] = [16, 32];
     pub const LAYERS: u32 = 2;
     pub const WIDTH: u32 = 64;
     pub const HEADS: u32 = 4;
@@ -20,18 +21,25 @@ pub mod defaults {
 pub mod limits {
     pub const MLP_LAYERS: usize = 16;
     pub const MLP_WIDTH: u32 = 65_536;
+    pub const CNN_BLOCKS: usize = 8;
+    pub const CNN_CHANNELS: u32 = 4_096;
     pub const LAYERS: u32 = 64;
     pub const WIDTH: u32 = 8_192;
     pub const CONTEXT: u32 = 8_192;
 }
 
 /// A model and its sizes. A size that is `None` takes [`defaults`]; sizes apply to one kind
-/// each (`hidden` to the MLP, the rest to the transformer).
+/// each (`hidden` to the MLP, `channels` and `image` to the CNN, the rest to the transformer).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ModelSpec {
     pub kind: ModelKind,
     /// The MLP's hidden layers, input side first.
     pub hidden: Option<Vec<u32>>,
+    /// The CNN's conv blocks' output channels (each block halves height and width).
+    pub channels: Option<Vec<u32>>,
+    /// The CNN's input, [channels, height, width]: it must be the data set's (1 channel for
+    /// grey, 3 for colour; the digits are [1, 8, 8]).
+    pub image: Option<[u32; 3]>,
     /// The transformer's blocks, width (embedding size), attention heads and context (tokens
     /// read at once).
     pub layers: Option<u32>,
@@ -48,13 +56,15 @@ impl ModelSpec {
 
     /// Whether both build the same model, sizes left out or not.
     pub fn same_model(&self, other: &ModelSpec) -> bool {
-        let sizes = |m: &ModelSpec| (m.kind, m.hidden(), m.layers(), m.width(), m.heads(), m.context());
+        let sizes = |m: &ModelSpec| (m.kind, m.hidden(), m.channels(), m.layers(), m.width(), m.heads(), m.context());
         sizes(self) == sizes(other)
     }
 
     /// Whether any size was given: a spec without sizes is written back as its short name.
     pub fn is_sized(&self) -> bool {
         self.hidden.is_some()
+            || self.channels.is_some()
+            || self.image.is_some()
             || self.layers.is_some()
             || self.width.is_some()
             || self.heads.is_some()
@@ -63,6 +73,38 @@ impl ModelSpec {
 
     pub fn hidden(&self) -> Vec<u32> {
         self.hidden.clone().unwrap_or_else(|| defaults::MLP_HIDDEN.to_vec())
+    }
+
+    pub fn channels(&self) -> Vec<u32> {
+        self.channels.clone().unwrap_or_else(|| defaults::CNN_CHANNELS.to_vec())
+    }
+
+    /// Checks the CNN (or an MLP) can read `image` ([channels, height, width]) as the data set
+    /// gives it: the spec's `image` must say the same, and each CNN block halves the sides.
+    pub fn check_image(&self, image: [u32; 3]) -> Result<(), SpecError> {
+        if let Some(given) = self.image
+            && given != image
+        {
+            let reason = format!("is {given:?}, but the data set gives {image:?}");
+            return Err(SpecError::new("train.model.image", reason));
+        }
+        if !matches!(image[0], 1 | 3) {
+            return Err(SpecError::new("train.model.image", "channels are 1 (grey) or 3 (colour)"));
+        }
+        if self.kind == ModelKind::Cnn {
+            let halvings = 1u32 << self.channels().len();
+            if !image[1].is_multiple_of(halvings) || !image[2].is_multiple_of(halvings) {
+                let reason = format!(
+                    "{} blocks halve the sides {} times: height and width must be multiples of {halvings}, got {}x{}",
+                    self.channels().len(),
+                    self.channels().len(),
+                    image[1],
+                    image[2]
+                );
+                return Err(SpecError::new("train.model.channels", reason));
+            }
+        }
+        Ok(())
     }
 
     pub fn layers(&self) -> u32 {
@@ -87,6 +129,12 @@ impl ModelSpec {
         let only = |name: &str, kind: &str| SpecError::new(field(name), format!("applies to `{kind}` only"));
         let transformer_sizes =
             [("layers", self.layers), ("width", self.width), ("heads", self.heads), ("context", self.context)];
+        let cnn_sizes = [("channels", self.channels.is_some()), ("image", self.image.is_some())];
+        if self.kind != ModelKind::Cnn
+            && let Some((name, _)) = cnn_sizes.iter().find(|(_, given)| *given)
+        {
+            return Err(only(name, "cnn"));
+        }
         match self.kind {
             ModelKind::Mlp => {
                 if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
@@ -112,6 +160,19 @@ impl ModelSpec {
                 }
                 if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
                     return Err(only(name, "transformer"));
+                }
+                let channels = self.channels();
+                if channels.is_empty() || channels.len() > limits::CNN_BLOCKS {
+                    return Err(SpecError::new(
+                        field("channels"),
+                        format!("must list 1 to {} blocks' channels", limits::CNN_BLOCKS),
+                    ));
+                }
+                if let Some(c) = channels.iter().find(|c| **c == 0 || **c > limits::CNN_CHANNELS) {
+                    return Err(SpecError::new(
+                        field("channels"),
+                        format!("are 1 to {}, got {c}", limits::CNN_CHANNELS),
+                    ));
                 }
             }
             ModelKind::Transformer => {
@@ -151,7 +212,14 @@ impl std::fmt::Display for ModelSpec {
                 let hidden: Vec<String> = self.hidden().iter().map(u32::to_string).collect();
                 write!(f, "(hidden={})", hidden.join("x"))
             }
-            ModelKind::Cnn => Ok(()),
+            ModelKind::Cnn => {
+                let channels: Vec<String> = self.channels().iter().map(u32::to_string).collect();
+                write!(f, "(channels={}", channels.join("x"))?;
+                match self.image {
+                    Some([c, h, w]) => write!(f, ",image={c}x{h}x{w})"),
+                    None => f.write_str(")"),
+                }
+            }
             ModelKind::Transformer => write!(
                 f,
                 "(layers={},width={},heads={},context={})",
@@ -172,6 +240,10 @@ struct Sized {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hidden: Option<Vec<u32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    channels: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<[u32; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     layers: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     width: Option<u32>,
@@ -187,8 +259,17 @@ impl Serialize for ModelSpec {
             return self.kind.serialize(s);
         }
         let m = self.clone();
-        Sized { kind: m.kind, hidden: m.hidden, layers: m.layers, width: m.width, heads: m.heads, context: m.context }
-            .serialize(s)
+        Sized {
+            kind: m.kind,
+            hidden: m.hidden,
+            channels: m.channels,
+            image: m.image,
+            layers: m.layers,
+            width: m.width,
+            heads: m.heads,
+            context: m.context,
+        }
+        .serialize(s)
     }
 }
 
@@ -216,6 +297,8 @@ impl<'de> Visitor<'de> for NameOrSized {
         Ok(ModelSpec {
             kind: s.kind,
             hidden: s.hidden,
+            channels: s.channels,
+            image: s.image,
             layers: s.layers,
             width: s.width,
             heads: s.heads,
@@ -238,7 +321,10 @@ mod tests {
         let sized = parse("{kind: transformer, layers: 6, width: 512, heads: 8, context: 256}").unwrap();
         assert_eq!((sized.layers(), sized.width(), sized.heads(), sized.context()), (6, 512, 8, 256));
         assert_eq!(sized.to_string(), "transformer(layers=6,width=512,heads=8,context=256)");
-        for spec in [ModelSpec::of(ModelKind::Mlp), sized, parse("{kind: mlp, hidden: [256, 128]}").unwrap()] {
+        let cnn = parse("{kind: cnn, channels: [32, 64], image: [3, 64, 64]}").unwrap();
+        assert_eq!(cnn.to_string(), "cnn(channels=32x64,image=3x64x64)");
+        assert!(cnn.validate().is_ok());
+        for spec in [ModelSpec::of(ModelKind::Mlp), sized, cnn, parse("{kind: mlp, hidden: [256, 128]}").unwrap()] {
             let yaml = serde_yaml::to_string(&spec).unwrap();
             assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
             let json = serde_json::to_string(&spec).unwrap();
@@ -267,5 +353,16 @@ mod tests {
             "train.model.context: must be 2 to 8192, got 100000"
         );
         assert!(parse("{kind: mlp, hidden: [64, 32]}").unwrap().validate().is_ok());
+        assert_eq!(invalid("{kind: mlp, channels: [3]}"), "train.model.channels: applies to `cnn` only");
+        assert_eq!(invalid("{kind: cnn, channels: []}"), "train.model.channels: must list 1 to 8 blocks' channels");
+        let cnn = parse("{kind: cnn, channels: [8, 8, 8]}").unwrap();
+        let err = cnn.check_image([3, 20, 16]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "train.model.channels: 3 blocks halve the sides 3 times: height and width must be multiples of 8, got 20x16"
+        );
+        assert!(cnn.check_image([3, 24, 16]).is_ok());
+        let err = parse("{kind: cnn, image: [1, 8, 8]}").unwrap().check_image([3, 8, 8]).unwrap_err().to_string();
+        assert_eq!(err, "train.model.image: is [1, 8, 8], but the data set gives [3, 8, 8]");
     }
 }

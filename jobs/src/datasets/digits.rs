@@ -30,7 +30,7 @@ impl Examples for Samples {
         self.y.len()
     }
 
-    fn prepare(&self, indices: &[usize]) -> Prepared {
+    fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
         let (values, y) = self.gather(indices);
         Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y }
     }

@@ -5,6 +5,7 @@
 
 mod digits;
 mod genesis;
+mod images;
 mod table;
 mod text;
 
@@ -14,6 +15,7 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 pub(crate) use digits::{Samples, digits};
 pub(crate) use genesis::genesis;
+pub(crate) use images::Images;
 pub(crate) use table::Table;
 pub(crate) use text::{Corpus, token};
 
@@ -27,13 +29,13 @@ use crate::rng::SplitMix64;
 pub(crate) trait Examples: Sync {
     fn len(&self) -> usize;
 
-    /// The data of `indices`, ready to become tensors: the part of making a batch that can run
-    /// beside a step (gathering, decoding).
-    fn prepare(&self, indices: &[usize]) -> Prepared;
+    /// The data of `indices` in epoch `epoch` (augmentation differs by epoch), ready to become
+    /// tensors: the part of making a batch that can run beside a step (gathering, augmenting).
+    fn prepare(&self, indices: &[usize], epoch: u32) -> Prepared;
 
     /// The inputs of `indices`, and one target per row of the logits the model gives for them.
     fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
-        self.prepare(indices).tensors(device)
+        self.prepare(indices, 0).tensors(device)
     }
 }
 

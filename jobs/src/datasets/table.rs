@@ -92,6 +92,7 @@ impl Table {
         let shape = InputShape {
             width,
             classes: classes.len(),
+            image: None,
             columns: train.columns.clone(),
             labels: classes,
             scale: scale.clone(),

@@ -112,7 +112,7 @@ impl Examples for Windows<'_> {
         self.tokens.len().saturating_sub(1) / self.context
     }
 
-    fn prepare(&self, indices: &[usize]) -> Prepared {
+    fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
         let (n, context) = (indices.len(), self.context);
         let (mut x, mut y) = (Vec::with_capacity(n * context), Vec::with_capacity(n * context));
         for &i in indices {

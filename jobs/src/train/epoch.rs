@@ -93,7 +93,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
         let (spec, n) = (self.spec, self.train_set.len());
         let batch_size = spec.batch_size as usize;
         let order = datasets::epoch_order(spec.seed, self.pos.epoch, n);
-        let (train_set, rank, world) = (self.train_set, self.group.rank, self.group.world);
+        let (train_set, rank, world, epoch) = (self.train_set, self.group.rank, self.group.world, self.pos.epoch);
         let batches = self.pos.batch_in_epoch as usize..self.per_epoch as usize;
         std::thread::scope(move |scope| {
             // The next batches are gathered on another thread while a step runs; a step that
@@ -103,7 +103,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
                 for b in batches {
                     let batch = &order[b * batch_size..((b + 1) * batch_size).min(n)];
                     let indices = shard(rank, world, batch);
-                    let prepared = (!indices.is_empty()).then(|| train_set.prepare(indices));
+                    let prepared = (!indices.is_empty()).then(|| train_set.prepare(indices, epoch));
                     let loaded = Loaded { batch: batch.len(), shard: indices.len(), prepared };
                     if tx.send(loaded).is_err() {
                         // The epoch ended early (the stop flag): no one wants the rest.

@@ -142,6 +142,15 @@ fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome
             let (train_set, test_set) = digits_subset(spec)?;
             train_model::<B, Cnn<B>, _>(run, arch(InputShape::digits()), out, &train_set, &test_set)
         }
+        (ModelKind::Cnn | ModelKind::Mlp, DatasetSpec::Images { path, augment, holdout, .. }) => {
+            let image = spec.image().expect("an image folder has a size").map(|v| v as usize);
+            let images = datasets::Images::read(Path::new(path), image, *augment, holdout, spec.seed)?;
+            let arch = arch(images.shape);
+            match spec.model.kind {
+                ModelKind::Cnn => train_model::<B, Cnn<B>, _>(run, arch, out, &images.train, &images.test),
+                _ => train_model::<B, Mlp<B>, _>(run, arch, out, &images.train, &images.test),
+            }
+        }
         (ModelKind::Mlp, DatasetSpec::Table { path, label, holdout }) => {
             let table = datasets::Table::read(Path::new(path), label, holdout, spec.seed)?;
             train_model::<B, Mlp<B>, _>(run, arch(table.shape), out, &table.train, &table.test)

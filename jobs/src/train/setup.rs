@@ -132,21 +132,20 @@ fn check_compatible(dir: &Path, state: &CheckpointState, spec: &TrainSpec, resta
     Ok(())
 }
 
-/// A model with every size shown, defaults too.
+/// A model with every size of its kind shown, defaults too.
 fn sized(m: &ModelSpec) -> String {
-    let all = ModelSpec {
-        hidden: Some(m.hidden()),
-        layers: Some(m.layers()),
-        width: Some(m.width()),
-        heads: Some(m.heads()),
-        context: Some(m.context()),
-        ..m.clone()
+    let shown = match m.kind {
+        ModelKind::Mlp => ModelSpec { hidden: Some(m.hidden()), ..ModelSpec::of(m.kind) },
+        ModelKind::Cnn => ModelSpec { channels: Some(m.channels()), image: m.image, ..ModelSpec::of(m.kind) },
+        ModelKind::Transformer => ModelSpec {
+            layers: Some(m.layers()),
+            width: Some(m.width()),
+            heads: Some(m.heads()),
+            context: Some(m.context()),
+            ..ModelSpec::of(m.kind)
+        },
     };
-    match m.kind {
-        ModelKind::Mlp => ModelSpec { layers: None, width: None, heads: None, context: None, ..all }.to_string(),
-        ModelKind::Transformer => ModelSpec { hidden: None, ..all }.to_string(),
-        ModelKind::Cnn => m.kind.to_string(),
-    }
+    shown.to_string()
 }
 
 /// Where a restart continues; refuses states that cannot come from this spec (another seed or
