@@ -22,7 +22,8 @@ precision = sys.argv[6] if len(sys.argv) > 6 else "f32"
 if precision not in ("f32", "bf16"):
     sys.exit(f"unknown precision {precision}: expected f32 or bf16")
 torch.manual_seed(42)
-CONTEXT = 64
+# The transformers: (layers, width, heads, context), as gantry's model of the same name.
+TRANSFORMERS = {"transformer": (2, 64, 4, 64), "transformer-4x256": (4, 256, 4, 128)}
 
 
 def digits():
@@ -33,26 +34,28 @@ def digits():
     return x, y
 
 
-def genesis():
+def genesis(context):
     lines = open(f"{root}/jobs/data/genesis.txt").read().splitlines(keepends=True)
     text = "".join(lines[: len(lines) - len(lines) * 10 // 100])
     tokens = torch.tensor([0 if c == "\n" else ord(c) - 31 for c in text])
-    n = (len(tokens) - 1) // CONTEXT
-    x = torch.stack([tokens[i * CONTEXT : i * CONTEXT + CONTEXT] for i in range(n)])
-    y = torch.stack([tokens[i * CONTEXT + 1 : i * CONTEXT + CONTEXT + 1] for i in range(n)])
+    n = (len(tokens) - 1) // context
+    x = torch.stack([tokens[i * context : i * context + context] for i in range(n)])
+    y = torch.stack([tokens[i * context + 1 : i * context + context + 1] for i in range(n)])
     return x, y
 
 
 class Lm(nn.Module):
-    def __init__(self):
+    def __init__(self, layers, width, heads, context):
         super().__init__()
-        self.tokens = nn.Embedding(96, 64)
-        self.positions = nn.Embedding(CONTEXT, 64)
-        layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(64)
-        self.head = nn.Linear(64, 96)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(CONTEXT))
+        self.tokens = nn.Embedding(96, width)
+        self.positions = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 96)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
 
     def forward(self, x):
         h = self.tokens(x) + self.positions(torch.arange(x.shape[1], device=x.device))
@@ -72,8 +75,9 @@ elif model_name == "cnn":
         nn.Flatten(), nn.Linear(128, 10),
     )
 else:
-    x, y = genesis()
-    model = Lm()
+    layers, width, heads, context = TRANSFORMERS[model_name]
+    x, y = genesis(context)
+    model = Lm(layers, width, heads, context)
 
 model, x, y = model.to(device), x.to(device), y.to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -1,7 +1,9 @@
-//! `cargo bench --bench training [-- MODEL...]`: samples/s of gantry's training runtime against PyTorch on
-//! the same model, data set and batch size, in the same run, on this machine's CPU. PyTorch runs
+//! `cargo bench --bench training [-- MODEL... | pipeline]`: samples/s of gantry's training runtime
+//! against PyTorch on the same model, data set and batch size, in the same run, on this machine's
+//! CPU (models: mlp, cnn, transformer, transformer-4x256). PyTorch runs
 //! `benches/pytorch_reference.py` where `python3 -c "import torch"` works; otherwise its rows
-//! say it was skipped. One JSON object per line.
+//! say it was skipped. One JSON object per line. The `pipeline` row times an image folder:
+//! decoding, augmentation, and the share of a CNN's step spent waiting for its batch.
 //!
 //! Built with `--features cuda` on a machine whose GPU answers, the same rows follow for GPU 0
 //! (PyTorch on `cuda`, with its default precision settings), again in bf16 mixed precision
@@ -16,8 +18,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gantry_core::spec::{DatasetSpec, ModelSpec, Precision, TrainSpec};
-use gantry_jobs::{RunEnv, train};
+use gantry_core::spec::{DatasetSpec, Holdout, ModelKind, ModelSpec, Precision, TrainSpec};
+use gantry_jobs::{RunEnv, image_folder_rates, train};
 
 const RUNS: usize = 3;
 /// The flag of the child process that times one run's first step.
@@ -31,11 +33,28 @@ struct Case {
     goal_ratio: Option<f64>,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 4] = [
     Case { model: "mlp", dataset: "digits", epochs: 20, batch_size: 64, goal_ratio: Some(1.5) },
     Case { model: "cnn", dataset: "digits", epochs: 10, batch_size: 64, goal_ratio: Some(1.0) },
     Case { model: "transformer", dataset: "genesis", epochs: 1, batch_size: 32, goal_ratio: None },
+    // Issue 21's sized transformer, sized for a 2-core machine.
+    Case { model: "transformer-4x256", dataset: "genesis", epochs: 1, batch_size: 32, goal_ratio: Some(1.0) },
 ];
+
+/// The model a case names: a short name, or `transformer-4x256` (4 layers of width 256, 4
+/// heads, context 128).
+fn model_spec(name: &str) -> ModelSpec {
+    match name {
+        "transformer-4x256" => ModelSpec {
+            layers: Some(4),
+            width: Some(256),
+            heads: Some(4),
+            context: Some(128),
+            ..ModelSpec::of(ModelKind::Transformer)
+        },
+        short => ModelSpec::of(short.parse().expect("a model name")),
+    }
+}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -50,7 +69,7 @@ fn steady(rates: Vec<f64>) -> f64 {
 fn spec(case: &Case, precision: Precision) -> TrainSpec {
     TrainSpec {
         precision,
-        model: ModelSpec::of(case.model.parse().expect("a model name")),
+        model: model_spec(case.model),
         dataset: DatasetSpec::Builtin(case.dataset.parse().expect("a dataset name")),
         epochs: case.epochs,
         batch_size: case.batch_size,
@@ -125,7 +144,69 @@ fn main() {
         }
         println!("{line}");
     }
+    if wanted.is_empty() || wanted.iter().any(|w| w == "pipeline") {
+        println!("{}", pipeline_row());
+    }
     gpu::rows(&cases, &root, torch_present);
+}
+
+/// The data pipeline on an image folder: images decoded and resized per second, augmented per
+/// second, and how long the steps of a CNN trained on the folder (augmented) waited for their
+/// batches, as a share of the step (goal: under 5%).
+fn pipeline_row() -> serde_json::Value {
+    const PER_CLASS: u32 = 500;
+    const SIDE: u32 = 64;
+    const SIZE: usize = 32;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let folder = dir.path().join("images");
+    for class in 0..4u32 {
+        let path = folder.join(format!("class-{class}"));
+        std::fs::create_dir_all(&path).expect("a class folder");
+        for i in 0..PER_CLASS {
+            let img = image::RgbImage::from_fn(SIDE, SIDE, |x, y| {
+                let v = ((x * (class + 1) + y * (i % 7 + 1)) % 256) as u8;
+                image::Rgb([v, v.wrapping_mul(3), v ^ (class as u8 * 60)])
+            });
+            let ext = if i % 2 == 0 { "png" } else { "jpg" };
+            img.save(path.join(format!("{i}.{ext}"))).expect("an image written");
+        }
+    }
+    let rates: Vec<_> =
+        (0..RUNS).map(|_| image_folder_rates(&folder, [3, SIZE, SIZE]).expect("the folder reads")).collect();
+    let decoded = median(rates.iter().map(|r| r.decoded_per_s).collect());
+    let augmented = median(rates.iter().map(|r| r.augmented_per_s).collect());
+
+    let metrics = dir.path().join("metrics.jsonl");
+    let spec = TrainSpec {
+        model: ModelSpec { channels: Some(vec![16, 32]), ..ModelSpec::of(ModelKind::Cnn) },
+        dataset: DatasetSpec::Images {
+            path: folder.display().to_string(),
+            size: [SIZE as u32, SIZE as u32],
+            augment: true,
+            holdout: Holdout::Fraction(0.1),
+        },
+        epochs: 3,
+        batch_size: 64,
+        checkpoint_every_steps: u64::MAX,
+        ..TrainSpec::default()
+    };
+    let env = RunEnv { metrics_file: Some(metrics.clone()), ..RunEnv::default() };
+    train(&spec, &env, &mut Vec::new()).expect("training runs");
+    let epochs: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .expect("metrics written")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let share = |m: &serde_json::Value| m["input_wait_ms"].as_f64().unwrap() / m["step_time_ms"].as_f64().unwrap();
+    let waits: Vec<f64> = epochs.iter().map(share).collect();
+    let wait_share = median(waits);
+    serde_json::json!({
+        "bench": "training", "device": "cpu", "row": "data pipeline", "images": rates[0].images,
+        "image": format!("{SIDE}x{SIDE} PNG and JPEG to 3x{SIZE}x{SIZE}"), "runs": RUNS,
+        "decoded_per_s": decoded.round(), "augmented_per_s": augmented.round(),
+        "cnn_step_wait_share": (wait_share * 10_000.0).round() / 10_000.0, "goal_wait_share": 0.05,
+        "steps_per_epoch": epochs[0]["step"], "cnn_samples_per_s": median(epochs.iter().map(|m| m["samples_per_s"].as_f64().unwrap()).collect()).round(),
+    })
 }
 
 /// One row: gantry and PyTorch on `device` ("cpu" or "cuda") in `precision`, medians of
@@ -224,7 +305,7 @@ mod gpu {
     use std::process::Command;
 
     use gantry_core::spec::Precision;
-    use gantry_jobs::{RunEnv, train};
+    use gantry_jobs::{RunEnv, image_folder_rates, train};
 
     use super::{Case, FIRST_STEP, compare, spec};
 

@@ -49,6 +49,7 @@ mod train;
 pub use checkpoint::{
     CheckpointState, FORMAT_VERSION, MODEL_FILE, OPTIMIZER_FILE, SAFETENSORS_FILE, STATE_FILE, checkpoint_name,
 };
+pub use datasets::{ImageRates, image_folder_rates};
 pub use dist::DistEnv;
 pub use env::{RunEnv, install_sigterm_handler};
 pub use error::JobsError;

@@ -179,6 +179,36 @@ fn decode(file: &Path, [c, h, w]: [usize; 3], out: &mut [f32]) -> Result<(), Job
     Ok(())
 }
 
+/// How fast an image folder goes through the data pipeline on this machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageRates {
+    pub images: usize,
+    /// Images decoded and resized per second (once per job, on all cores).
+    pub decoded_per_s: f64,
+    /// Images padded, cropped, flipped and copied into a batch per second (every epoch, on
+    /// the loader thread).
+    pub augmented_per_s: f64,
+}
+
+/// Decodes the folder `dir` (a folder per class) to `image` ([channels, height, width]) as a
+/// job would, then augments every image once, timing both.
+pub fn image_folder_rates(dir: &Path, image: [usize; 3]) -> Result<ImageRates, JobsError> {
+    let began = std::time::Instant::now();
+    let classes = class_folders(dir)?;
+    let mut set = decode_all(&classes, image)?;
+    let decoded = began.elapsed().as_secs_f64();
+    set.augment = Some(1);
+    let all: Vec<usize> = (0..set.len()).collect();
+    let began = std::time::Instant::now();
+    let batches: usize = all.chunks(64).map(|b| set.prepare(b, 0).y.len()).sum();
+    let augmented = began.elapsed().as_secs_f64();
+    Ok(ImageRates {
+        images: batches,
+        decoded_per_s: batches as f64 / decoded.max(1e-9),
+        augmented_per_s: batches as f64 / augmented.max(1e-9),
+    })
+}
+
 impl ImageSet {
     fn subset(&self, indices: &[usize]) -> ImageSet {
         let per = self.image.iter().product::<usize>();

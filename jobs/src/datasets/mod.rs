@@ -16,6 +16,7 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 pub(crate) use digits::{Samples, digits};
 pub(crate) use genesis::genesis;
 pub(crate) use images::Images;
+pub use images::{ImageRates, image_folder_rates};
 pub(crate) use table::Table;
 pub(crate) use text::{Corpus, token};
 
