@@ -305,7 +305,7 @@ mod gpu {
     use std::process::Command;
 
     use gantry_core::spec::Precision;
-    use gantry_jobs::{RunEnv, image_folder_rates, train};
+    use gantry_jobs::{RunEnv, train};
 
     use super::{Case, FIRST_STEP, compare, spec};
 
