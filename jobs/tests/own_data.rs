@@ -44,6 +44,14 @@ fn run(spec: &TrainSpec, checkpoints: Option<&Path>) -> (Result<gantry_jobs::Out
     (outcome, String::from_utf8(out).unwrap())
 }
 
+/// A valid spec's run, which must succeed: its outcome and output (printed, for the figures).
+fn trained(spec: &TrainSpec, checkpoints: Option<&Path>) -> (gantry_jobs::Outcome, String) {
+    spec.validate().unwrap();
+    let (outcome, out) = run(spec, checkpoints);
+    println!("{out}");
+    (outcome.unwrap(), out)
+}
+
 #[test]
 fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,11 +69,7 @@ fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated(
         learning_rate: 0.01,
         ..TrainSpec::default()
     };
-    spec.validate().unwrap();
-    let checkpoints = dir.path().join("ckpt");
-    let (outcome, out) = run(&spec, Some(&checkpoints));
-    println!("{out}");
-    let outcome = outcome.unwrap();
+    let (outcome, out) = trained(&spec, Some(&dir.path().join("ckpt")));
     // 4x32 + 32 + 32x16 + 16 + 16x3 + 3 weights.
     assert!(out.starts_with("start model=mlp(hidden=32x16) dataset=table:"), "{out}");
     assert!(out.lines().next().unwrap().contains(" params=739 train_samples=240 test_samples=90 "), "{out}");
@@ -117,10 +121,7 @@ fn a_text_corpus_trains_a_sized_transformer_with_its_tail_held_out() {
         learning_rate: 0.01,
         ..TrainSpec::default()
     };
-    spec.validate().unwrap();
-    let (outcome, out) = run(&spec, None);
-    println!("{out}");
-    let outcome = outcome.unwrap();
+    let (outcome, out) = trained(&spec, None);
     assert!(out.starts_with("start model=transformer(layers=1,width=32,heads=2,context=32) dataset=text:"), "{out}");
     // A uniform guess over 96 characters is ln 96 = 4.56 nats; the rhyme repeats, so a model
     // that learnt it predicts most next characters.
@@ -206,11 +207,7 @@ fn an_image_folder_trains_a_sized_cnn_with_augmentation() {
         learning_rate: 0.003,
         ..TrainSpec::default()
     };
-    spec.validate().unwrap();
-    let checkpoints = dir.path().join("ckpt");
-    let (outcome, out) = run(&spec, Some(&checkpoints));
-    println!("{out}");
-    let outcome = outcome.unwrap();
+    let (outcome, out) = trained(&spec, Some(&dir.path().join("ckpt")));
     assert!(out.starts_with("start model=cnn(channels=8x16) dataset=images:"), "{out}");
     assert!(out.lines().next().unwrap().contains(" train_samples=180 test_samples=45 "), "{out}");
     // Measured: 39 of the 45 held-out images (0.87); chance is a third.

@@ -126,59 +126,29 @@ impl ModelSpec {
     /// The rules of the sizes; field names in errors are `train.model.*`.
     pub fn validate(&self) -> Result<(), SpecError> {
         let field = |name: &str| format!("train.model.{name}");
-        let only = |name: &str, kind: &str| SpecError::new(field(name), format!("applies to `{kind}` only"));
-        let transformer_sizes =
-            [("layers", self.layers), ("width", self.width), ("heads", self.heads), ("context", self.context)];
-        let cnn_sizes = [("channels", self.channels.is_some()), ("image", self.image.is_some())];
-        if self.kind != ModelKind::Cnn
-            && let Some((name, _)) = cnn_sizes.iter().find(|(_, given)| *given)
-        {
-            return Err(only(name, "cnn"));
+        // Each size applies to one kind.
+        let sizes = [
+            ("hidden", self.hidden.is_some(), ModelKind::Mlp),
+            ("channels", self.channels.is_some(), ModelKind::Cnn),
+            ("image", self.image.is_some(), ModelKind::Cnn),
+            ("layers", self.layers.is_some(), ModelKind::Transformer),
+            ("width", self.width.is_some(), ModelKind::Transformer),
+            ("heads", self.heads.is_some(), ModelKind::Transformer),
+            ("context", self.context.is_some(), ModelKind::Transformer),
+        ];
+        if let Some((name, _, kind)) = sizes.iter().find(|(_, given, kind)| *given && *kind != self.kind) {
+            return Err(SpecError::new(field(name), format!("applies to `{kind}` only")));
         }
         match self.kind {
             ModelKind::Mlp => {
-                if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
-                    return Err(only(name, "transformer"));
-                }
-                let hidden = self.hidden();
-                if hidden.is_empty() || hidden.len() > limits::MLP_LAYERS {
-                    return Err(SpecError::new(
-                        field("hidden"),
-                        format!("must list 1 to {} layer widths", limits::MLP_LAYERS),
-                    ));
-                }
-                if let Some(w) = hidden.iter().find(|w| **w == 0 || **w > limits::MLP_WIDTH) {
-                    return Err(SpecError::new(
-                        field("hidden"),
-                        format!("widths are 1 to {}, got {w}", limits::MLP_WIDTH),
-                    ));
-                }
+                let (layers, width) = (limits::MLP_LAYERS, limits::MLP_WIDTH);
+                check_list(field("hidden"), &self.hidden(), layers, width, "layer widths", "widths are")
             }
             ModelKind::Cnn => {
-                if self.hidden.is_some() {
-                    return Err(only("hidden", "mlp"));
-                }
-                if let Some((name, _)) = transformer_sizes.iter().find(|(_, v)| v.is_some()) {
-                    return Err(only(name, "transformer"));
-                }
-                let channels = self.channels();
-                if channels.is_empty() || channels.len() > limits::CNN_BLOCKS {
-                    return Err(SpecError::new(
-                        field("channels"),
-                        format!("must list 1 to {} blocks' channels", limits::CNN_BLOCKS),
-                    ));
-                }
-                if let Some(c) = channels.iter().find(|c| **c == 0 || **c > limits::CNN_CHANNELS) {
-                    return Err(SpecError::new(
-                        field("channels"),
-                        format!("are 1 to {}, got {c}", limits::CNN_CHANNELS),
-                    ));
-                }
+                let (blocks, channels) = (limits::CNN_BLOCKS, limits::CNN_CHANNELS);
+                check_list(field("channels"), &self.channels(), blocks, channels, "blocks' channels", "are")
             }
             ModelKind::Transformer => {
-                if self.hidden.is_some() {
-                    return Err(only("hidden", "mlp"));
-                }
                 let in_range = |name: &str, v: u32, lo: u32, hi: u32| match (lo..=hi).contains(&v) {
                     true => Ok(()),
                     false => Err(SpecError::new(field(name), format!("must be {lo} to {hi}, got {v}"))),
@@ -193,9 +163,28 @@ impl ModelSpec {
                         format!("must divide width {} (each head gets an equal share)", self.width()),
                     ));
                 }
+                Ok(())
             }
         }
-        Ok(())
+    }
+}
+
+/// A list of sizes (the MLP's widths, the CNN's channels): 1 to `max_len` entries, each 1 to
+/// `max_value`. `listed` names the entries in the first error, `each` starts the second.
+fn check_list(
+    field: String,
+    values: &[u32],
+    max_len: usize,
+    max_value: u32,
+    listed: &str,
+    each: &str,
+) -> Result<(), SpecError> {
+    if values.is_empty() || values.len() > max_len {
+        return Err(SpecError::new(field, format!("must list 1 to {max_len} {listed}")));
+    }
+    match values.iter().find(|v| **v == 0 || **v > max_value) {
+        Some(v) => Err(SpecError::new(field, format!("{each} 1 to {max_value}, got {v}"))),
+        None => Ok(()),
     }
 }
 

@@ -10,7 +10,7 @@ use gantry_core::spec::Holdout;
 use image::imageops::FilterType;
 
 use super::text::data_error;
-use super::{Examples, Prepared, PreparedInput};
+use super::{Examples, Prepared, PreparedInput, split_by_seed};
 use crate::error::JobsError;
 use crate::input::InputShape;
 use crate::rng::SplitMix64;
@@ -58,29 +58,21 @@ impl Images {
         let all = decode_all(&classes, image)?;
         let (train, test) = match holdout {
             Holdout::Fraction(f) => {
-                let n = all.y.len();
-                let n_test = (n as f64 * f).round() as usize;
-                if n_test == 0 || n_test == n {
-                    let reason = format!("{n} images cannot be split {f} held out with images on both sides");
-                    return Err(data_error(dir, None, reason));
-                }
-                let mut order: Vec<usize> = (0..n).collect();
-                SplitMix64::for_stream(seed, SPLIT_STREAM).shuffle(&mut order);
-                let (test, train) = order.split_at(n_test);
-                (all.subset(train), all.subset(test))
+                let (train, test) = split_by_seed(all.y.len(), *f, seed, SPLIT_STREAM, "images")
+                    .map_err(|reason| data_error(dir, None, reason))?;
+                (all.subset(&train), all.subset(&test))
             }
             Holdout::File(test_dir) => {
                 let test_dir = Path::new(test_dir);
-                let mut test_classes = class_folders(test_dir)?;
+                let test_classes = class_folders(test_dir)?;
                 for (name, _) in &test_classes {
                     if !names.contains(name) {
                         let reason = format!("class folder `{name}` is not among the training folder's classes");
                         return Err(data_error(test_dir, None, reason));
                     }
                 }
-                // Class numbers are the training folder's.
-                test_classes.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
                 let mut test = decode_all(&test_classes, image)?;
+                // Class numbers are the training folder's.
                 for y in &mut test.y {
                     let name = &test_classes[*y as usize].0;
                     *y = names.iter().position(|n| n == name).expect("checked above") as i64;

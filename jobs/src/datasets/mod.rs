@@ -97,6 +97,27 @@ pub(crate) fn epoch_order(seed: u64, epoch: u32, n: usize) -> Vec<usize> {
     order
 }
 
+/// A held-out share of `n` examples of a user's file, drawn by the job's seed on `stream` (each
+/// data set kind its own): (training, held-out) indices, or why `fraction` leaves one side empty.
+/// `what` names the examples in that error ("rows", "images").
+pub(crate) fn split_by_seed(
+    n: usize,
+    fraction: f64,
+    seed: u64,
+    stream: u64,
+    what: &str,
+) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let n_test = (n as f64 * fraction).round() as usize;
+    if n_test == 0 || n_test == n {
+        return Err(format!("{n} {what} cannot be split {fraction} held out with {what} on both sides"));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    SplitMix64::for_stream(seed, stream).shuffle(&mut order);
+    // The first `n_test` of the order are held out.
+    let train = order.split_off(n_test);
+    Ok((train, order))
+}
+
 /// Batches per epoch; the last, shorter batch is kept so every sample is seen each epoch.
 pub(crate) fn batches_per_epoch(n: usize, batch_size: usize) -> usize {
     n.div_ceil(batch_size)

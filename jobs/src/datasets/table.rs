@@ -7,11 +7,10 @@ use std::path::Path;
 
 use gantry_core::spec::Holdout;
 
-use super::Samples;
 use super::text::data_error;
+use super::{Samples, split_by_seed};
 use crate::error::JobsError;
 use crate::input::InputShape;
-use crate::rng::SplitMix64;
 
 /// More classes than this is a regression target or an id column given as `label` by mistake.
 pub(crate) const MAX_CLASSES: usize = 10_000;
@@ -39,16 +38,9 @@ impl Table {
         let rows = read_rows(path, label)?;
         let (train, test, test_path) = match holdout {
             Holdout::Fraction(f) => {
-                let n = rows.labels.len();
-                let n_test = (n as f64 * f).round() as usize;
-                if n_test == 0 || n_test == n {
-                    let reason = format!("{n} rows cannot be split {f} held out with rows on both sides");
-                    return Err(data_error(path, None, reason));
-                }
-                let mut order: Vec<usize> = (0..n).collect();
-                SplitMix64::for_stream(seed, SPLIT_STREAM).shuffle(&mut order);
-                let (test, train) = order.split_at(n_test);
-                (rows.subset(train), rows.subset(test), path)
+                let (train, test) = split_by_seed(rows.labels.len(), *f, seed, SPLIT_STREAM, "rows")
+                    .map_err(|reason| data_error(path, None, reason))?;
+                (rows.subset(&train), rows.subset(&test), path)
             }
             Holdout::File(test) => {
                 let test_path = Path::new(test);
