@@ -251,38 +251,64 @@ impl Uploader {
 
 /// Downloads a checkpoint into `dest` (created, must not exist), verifying every file's sha256.
 pub async fn download(client: &mut crate::coordinators::Client, r: &v1::CheckpointRef, dest: &Path) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
+    use v1::checkpoint_data::Part;
     let req = v1::DownloadCheckpointRequest { job_id: r.job_id.clone(), step: Some(r.step) };
     let mut stream = client.download_checkpoint(req).await?.into_inner();
     let header = match stream.next().await {
-        Some(Ok(v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Header(h)) })) => h,
+        Some(Ok(v1::CheckpointData { part: Some(Part::Header(h)) })) => h,
         Some(Err(e)) => return Err(e.into()),
         _ => return Err(Error::Checkpoint("download did not start with a header".into())),
     };
-    tokio::fs::create_dir_all(dest).await.map_err(Error::io("creating the resume directory"))?;
+    let chunks = stream.map(|part| match part?.part {
+        Some(Part::Chunk(chunk)) => Ok(chunk),
+        _ => Err(Error::Checkpoint("unexpected second header".into())),
+    });
+    receive_files(dest, &header.files, chunks).await.map_err(|e| match e {
+        Error::Checkpoint(why) if why == MISMATCH => {
+            Error::Checkpoint(format!("download of job {} step {} does not match its sha256 listing", r.job_id, r.step))
+        }
+        e => e,
+    })
+}
+
+const MISMATCH: &str = "files do not match their sha256 listing";
+
+/// Writes a download's chunks (each file's in order, files one after another) under `dest`,
+/// created, then checks that exactly `files` are there with their sizes and sha256.
+pub async fn receive_files(
+    dest: &Path,
+    files: &[v1::FileDigest],
+    mut chunks: impl tokio_stream::Stream<Item = Result<v1::FileChunk>> + Unpin,
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    tokio::fs::create_dir_all(dest).await.map_err(Error::io(format!("creating {}", dest.display())))?;
     let mut current: Option<(String, tokio::fs::File)> = None;
-    while let Some(part) = stream.next().await {
-        let Some(v1::checkpoint_data::Part::Chunk(chunk)) = part?.part else {
-            return Err(Error::Checkpoint("unexpected second header".into()));
-        };
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
         if current.as_ref().map(|(p, _)| p != &chunk.path).unwrap_or(true) {
-            if !header.files.iter().any(|f| f.path == chunk.path)
-                || chunk.path.split('/').any(|c| c == ".." || c.is_empty())
-            {
+            if !files.iter().any(|f| f.path == chunk.path) || chunk.path.split('/').any(|c| c == ".." || c.is_empty()) {
                 return Err(Error::Checkpoint(format!("unexpected file `{}` in download", chunk.path)));
             }
             let target = dest.join(&chunk.path);
             if let Some(parent) = target.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(Error::io("creating a resume subdirectory"))?;
+                tokio::fs::create_dir_all(parent).await.map_err(Error::io("creating a download's subdirectory"))?;
             }
-            let f = tokio::fs::File::create(&target).await.map_err(Error::io("creating a resume file"))?;
+            let f = tokio::fs::File::create(&target).await.map_err(Error::io("creating a downloaded file"))?;
             current = Some((chunk.path.clone(), f));
         }
         let (_, f) = current.as_mut().expect("set above");
-        f.write_all(&chunk.data).await.map_err(Error::io("writing a resume file"))?;
+        f.write_all(&chunk.data).await.map_err(Error::io("writing a downloaded file"))?;
     }
     if let Some((_, mut f)) = current {
-        f.flush().await.map_err(Error::io("writing a resume file"))?;
+        f.flush().await.map_err(Error::io("writing a downloaded file"))?;
+    }
+    // Empty files send no chunk.
+    for f in files.iter().filter(|f| f.size == 0) {
+        let target = dest.join(&f.path);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(Error::io("creating a download's subdirectory"))?;
+        }
+        tokio::fs::File::create(&target).await.map_err(Error::io("creating a downloaded file"))?;
     }
     let dest = dest.to_path_buf();
     // Written by the agent before the job starts: `dest` itself is trusted.
@@ -290,13 +316,10 @@ pub async fn download(client: &mut crate::coordinators::Client, r: &v1::Checkpoi
         .await
         .map_err(|e| Error::Checkpoint(format!("hashing failed: {e}")))??
         .files;
-    let mut want = header.files.clone();
+    let mut want = files.to_vec();
     want.sort_by(|a, b| a.path.cmp(&b.path));
     if got != want {
-        return Err(Error::Checkpoint(format!(
-            "download of job {} step {} does not match its sha256 listing",
-            r.job_id, r.step
-        )));
+        return Err(Error::Checkpoint(MISMATCH.into()));
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ pub enum Error {
     /// A checkpoint could not be described, uploaded or downloaded.
     #[error("checkpoint {0}")]
     Checkpoint(String),
+    /// A pushed data set could not be fetched into, or checked in, the node's cache.
+    #[error("data set {0}")]
+    Dataset(String),
     /// An NVML call failed: the library did not load, or a GPU did not answer. `call` is the
     /// NVML function, as operators find it in NVIDIA's documentation.
     #[error("{call}: {source}")]

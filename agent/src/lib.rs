@@ -8,6 +8,7 @@
 mod checkpoints;
 pub mod container;
 mod coordinators;
+mod datasets;
 mod error;
 mod fence;
 pub mod inventory;
@@ -29,6 +30,7 @@ use gantry_proto::{PROTOCOL_VERSION, v1};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+pub use checkpoints::{Described, describe_files};
 use coordinators::Coordinators;
 pub use error::{Error, Result};
 use inventory::Inventory;
@@ -60,6 +62,8 @@ pub struct Config {
     pub container_gpu_driver: Option<String>,
     /// Registry credentials for pulling jobs' images, in Docker's `config.json` layout.
     pub registry_auth: Option<PathBuf>,
+    /// How much of pushed data sets the node keeps (`WORK_DIR/datasets`) beyond what runs.
+    pub dataset_cache_bytes: u64,
 }
 
 type RankKey = (String, u32, u32);
@@ -90,6 +94,8 @@ struct Agent {
     outbound: Mutex<Option<mpsc::Sender<v1::AgentMessage>>>,
     /// Which heartbeats a coordinator acknowledged, and when this agent must stop its jobs.
     heard: Mutex<fence::Heard>,
+    /// Pushed data sets on this node, shared by its jobs.
+    datasets: Arc<datasets::DatasetCache>,
 }
 
 /// Runs the agent until `shutdown` completes; then stops its jobs (SIGTERM with a grace period).
@@ -117,7 +123,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(socket) => container_engine(socket, &agent_key, &config).await?,
         None => None,
     };
+    let datasets = Arc::new(datasets::DatasetCache::new(config.work_dir.join("datasets"), config.dataset_cache_bytes));
     let agent = Arc::new(Agent {
+        datasets,
         config,
         coordinators,
         inventory,
@@ -401,6 +409,7 @@ impl Agent {
             dir,
             train_program: self.config.train_program.clone(),
             kernel_cache: self.config.work_dir.join("kernel-cache"),
+            datasets: self.datasets.clone(),
             coordinators: self.coordinators.clone(),
             isolation: self.isolation.clone(),
             engine: self.engine.clone(),

@@ -28,6 +28,8 @@ pub struct Launch {
     pub dir: PathBuf,
     /// The `gantry` binary, run as `gantry train --spec FILE` for `train:` jobs.
     pub train_program: PathBuf,
+    /// Pushed data sets on this node: a `train:` job's `dataset://` paths are fetched there.
+    pub datasets: std::sync::Arc<crate::datasets::DatasetCache>,
     /// This agent's GPU kernel cache, shared by its jobs (`GANTRY_KERNEL_CACHE`): compiled
     /// kernels and autotune results outlive a job, so the next one on this GPU model skips the JIT.
     pub kernel_cache: PathBuf,
@@ -120,10 +122,18 @@ async fn run_child(
     }
 
     let mut serve_env = Vec::new();
+    // Held until the rank ends: the data sets it reads stay on the node.
+    let mut _datasets = Vec::new();
     let argv = match (&launch.spec.train, &launch.spec.command) {
         (Some(train), _) => {
+            let mut train = train.clone();
+            let mut said = Vec::new();
+            _datasets = crate::datasets::resolve(&launch.datasets, &mut train, &launch.coordinators, &mut said).await?;
+            for line in said {
+                let _ = lines.send(format!("[gantry] {line}")).await;
+            }
             let file = launch.dir.join("train.json");
-            let text = serde_json::to_vec_pretty(train).map_err(Error::TrainConfig)?;
+            let text = serde_json::to_vec_pretty(&train).map_err(Error::TrainConfig)?;
             std::fs::write(&file, text).map_err(Error::io(format!("could not write {}", file.display())))?;
             vec![
                 launch.train_program.display().to_string(),
@@ -304,10 +314,17 @@ async fn run_container(
         dir: &launch.dir,
         // A `train:` job runs gantry's own runtime: this very binary, and the kernel cache.
         mounts: match launch.spec.train.is_some() || launch.spec.serve.is_some() {
-            true => vec![
-                (launch.train_program.as_path(), container::Access::ReadOnly),
-                (launch.kernel_cache.as_path(), container::Access::ReadWrite),
-            ],
+            true => {
+                let mut mounts = vec![
+                    (launch.train_program.as_path(), container::Access::ReadOnly),
+                    (launch.kernel_cache.as_path(), container::Access::ReadWrite),
+                ];
+                // Where its `dataset://` paths were resolved to.
+                if launch.datasets.root().exists() {
+                    mounts.push((launch.datasets.root(), container::Access::ReadOnly));
+                }
+                mounts
+            }
             false => Vec::new(),
         },
         user,

@@ -64,6 +64,10 @@ enum Command {
     /// Checkpoint operations.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Data sets kept by the coordinator: push a file or folder, list them. Jobs name one as
+    /// `dataset://NAME/PATH`; agents cache it.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
     /// The agents of the fleet.
     Nodes,
     /// Every GPU of the fleet, with the job on it.
@@ -152,6 +156,16 @@ enum CheckpointCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Upload a file or a folder as the newest version of data set NAME (same bytes: same
+    /// version), verified by sha256 on arrival.
+    Push { name: String, path: PathBuf },
+    /// Every data set, with its newest version.
+    #[command(alias = "ls")]
+    List,
+}
+
 /// The exit status when the reader of stdout goes away first (`gantry jobs | head -1`): 128 +
 /// SIGPIPE, what a shell reports for a Unix tool that SIGPIPE ended. The command stops at once
 /// and quietly; it did not finish, so `submit --follow` and `dev --run` do not claim success.
@@ -215,6 +229,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Checkpoint(CheckpointCommand::Download { id, step, out }) => {
             runtime.block_on(commands::checkpoints::download(url, &id, step, &out, json)).map(|_| 0)
         }
+        Command::Dataset(DatasetCommand::Push { name, path }) => {
+            runtime.block_on(commands::datasets::push(url, &name, &path, json)).map(|_| 0)
+        }
+        Command::Dataset(DatasetCommand::List) => runtime.block_on(commands::datasets::list(url, json)).map(|_| 0),
         Command::Nodes => runtime.block_on(commands::fleet::nodes(url, json)).map(|_| 0),
         Command::Gpus => runtime.block_on(commands::fleet::gpus(url, json)).map(|_| 0),
         Command::Endpoints => runtime.block_on(commands::endpoints::list(url, json)).map(|_| 0),

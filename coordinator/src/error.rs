@@ -18,6 +18,8 @@ pub enum Error {
     /// The job exists but has no such checkpoint (`step` None: none at all yet).
     #[error("job {job} has no checkpoint {}", step.map_or("yet".to_string(), |s| format!("at step {s}")))]
     CheckpointNotFound { job: String, step: Option<u64> },
+    #[error("no data set version {0} was pushed")]
+    DatasetVersionNotFound(String),
     /// A job spec the validation refused: the field and why.
     #[error("invalid job spec: {0}")]
     InvalidSpec(#[source] gantry_core::spec::SpecError),
@@ -32,16 +34,14 @@ pub enum Error {
         "agent speaks protocol version {agent}, this coordinator speaks {ours}: run the same gantry release on both"
     )]
     ProtocolMismatch { agent: u32, ours: u32 },
-    /// A checkpoint kept in object storage, on a coordinator started without it.
-    #[error(
-        "checkpoint step {step} of job {job} is in object storage ({location}), but this coordinator was started without --object-store"
-    )]
-    NoObjectStore { job: String, step: u64, location: String },
+    /// A checkpoint or data set kept in object storage, on a coordinator started without it.
+    #[error("{what} is in object storage ({location}), but this coordinator was started without --object-store")]
+    NoObjectStore { what: String, location: String },
     /// Uploaded bytes that do not match their digest.
     #[error("data corrupted in transit: {0}")]
     DataLoss(String),
     /// Object storage failed or is out of reach, while doing `context`.
-    #[error("checkpoint storage: {context}: {source}")]
+    #[error("file storage: {context}: {source}")]
     Storage { context: String, source: BoxError },
     /// The state store (redb or etcd) failed or is out of reach.
     #[error("store ({backend}): {source}")]
@@ -114,7 +114,10 @@ impl Error {
 
     pub fn code(&self) -> Code {
         match self {
-            Error::JobNotFound(_) | Error::NodeNotFound(_) | Error::CheckpointNotFound { .. } => Code::NotFound,
+            Error::JobNotFound(_)
+            | Error::NodeNotFound(_)
+            | Error::CheckpointNotFound { .. }
+            | Error::DatasetVersionNotFound(_) => Code::NotFound,
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,

@@ -6,10 +6,10 @@
 //! here, uploads are verified before they are recorded.
 
 pub mod auth;
-mod checkpoints;
 pub mod clock;
 pub mod control;
 mod error;
+mod files;
 mod fleet;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -68,7 +68,7 @@ pub async fn serve(
     };
     if let Some(url) = &config.object_store {
         let objects = objects::Objects::open(url).await?;
-        coordinator.checkpoints.keep_in(objects.clone());
+        coordinator.files.keep_in(objects.clone());
         coordinator.logs.archive_to(objects);
     }
     if coordinator.settings.auth {
@@ -94,7 +94,7 @@ pub async fn serve(
         grpc = %grpc.local_addr().map_err(Error::io("reading the gRPC address"))?,
         http = %http.local_addr().map_err(Error::io("reading the HTTP address"))?,
         data_dir = %config.data_dir.display(),
-        checkpoints = %coordinator.checkpoints.describe(),
+        checkpoints = %coordinator.files.describe(),
         "coordinator listening"
     );
     let scheduler = {

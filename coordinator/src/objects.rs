@@ -1,6 +1,6 @@
 //! Object storage (S3 and compatibles), where checkpoints and logs go so that every coordinator
 //! of an HA control plane reads them: one bucket and prefix, `--object-store s3://BUCKET/PREFIX`,
-//! laid out as `PREFIX/jobs/<id>/...`.
+//! laid out as `PREFIX/jobs/<id>/...` and `PREFIX/datasets/<sha256>/...`.
 
 use std::sync::Arc;
 
@@ -66,6 +66,11 @@ impl Objects {
     /// Where a job's objects go.
     pub fn job(&self, job: &str) -> Key {
         self.prefix.child("jobs").child(job)
+    }
+
+    /// Where pushed data sets' versions go.
+    pub fn datasets(&self) -> Key {
+        self.prefix.child("datasets")
     }
 
     /// Every object under `under`, in no particular order.

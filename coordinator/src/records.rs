@@ -159,6 +159,34 @@ pub struct CheckpointRecord {
     pub location: Option<String>,
 }
 
+/// A pushed data set: its name and every version pushed under it, oldest first. Jobs are pinned
+/// to a version's `sha256` when accepted, so a version stays readable after newer ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    pub name: String,
+    /// Who pushed it first: only they (and admins) push new versions.
+    pub owner: String,
+    pub versions: Vec<DatasetVersion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetVersion {
+    /// Over the sorted (path, file sha256) list: the version's name, and its cache key on agents.
+    pub sha256: String,
+    pub bytes: u64,
+    pub files: Vec<FileRecord>,
+    pub pushed_at_ms: i64,
+    /// Where its files are in object storage; none for the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+}
+
+impl DatasetRecord {
+    pub fn latest(&self) -> Option<&DatasetVersion> {
+        self.versions.last()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FileRecord {
     pub path: String,

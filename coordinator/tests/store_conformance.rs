@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use gantry_coordinator::Error;
 use gantry_coordinator::auth::{IssuedCertificate, Role, TokenRecord};
-use gantry_coordinator::records::{AgentRecord, CheckpointRecord, JobState, RankPlacement};
+use gantry_coordinator::records::{
+    AgentRecord, CheckpointRecord, DatasetRecord, DatasetVersion, FileRecord, JobState, RankPlacement,
+};
 use gantry_coordinator::store::{EmbeddedStore, StateStore};
 
 fn spec(name: &str) -> gantry_core::JobSpec {
@@ -157,6 +159,36 @@ mod checks {
         assert_eq!(s.tokens().unwrap(), [joined]);
     }
 
+    pub fn datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart(f: &dyn Fixture) {
+        let version = |sha: &str, at: i64| DatasetVersion {
+            sha256: sha.into(),
+            bytes: 3,
+            files: vec![FileRecord { path: "a.csv".into(), size: 3, sha256: "f".into() }],
+            pushed_at_ms: at,
+            location: None,
+        };
+        let mut wine = DatasetRecord { name: "wine".into(), owner: "alice".into(), versions: vec![version("v1", 1)] };
+        {
+            let s = f.open();
+            assert_eq!(s.dataset("wine").unwrap(), None);
+            s.put_dataset(&wine).unwrap();
+            wine.versions.push(version("v2", 2));
+            s.put_dataset(&wine).unwrap();
+            s.put_dataset(&DatasetRecord {
+                name: "iris".into(),
+                owner: "bob".into(),
+                versions: vec![version("v9", 3)],
+            })
+            .unwrap();
+        }
+        let s = f.open();
+        assert_eq!(s.dataset("wine").unwrap().as_ref(), Some(&wine));
+        assert_eq!(s.dataset("wine").unwrap().unwrap().latest().unwrap().sha256, "v2");
+        let mut names: Vec<String> = s.datasets().unwrap().into_iter().map(|d| d.name).collect();
+        names.sort();
+        assert_eq!(names, ["iris", "wine"]);
+    }
+
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {
         {
             let s = f.open();
@@ -252,6 +284,10 @@ macro_rules! conformance {
             #[test]
             fn tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart() {
                 checks::tokens_are_kept_replaced_by_name_deleted_and_survive_a_restart(&$fixture);
+            }
+            #[test]
+            fn datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart() {
+                checks::datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart(&$fixture);
             }
             #[test]
             fn everything_survives_a_restart_and_ids_continue() {

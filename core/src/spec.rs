@@ -11,9 +11,11 @@ use crate::error::ParseError;
 
 mod dataset;
 mod model;
+mod pushed;
 
 pub use dataset::{DatasetSpec, Holdout};
 pub use model::ModelSpec;
+pub use pushed::{PushedPath, check_name as check_dataset_name};
 
 /// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
 /// and why.
@@ -700,35 +702,42 @@ impl TrainSpec {
         if let Some(from) = self.init_from_job() {
             parse_checkpoint_ref(from).map_err(|e| SpecError::new("train.init_from", e.to_string()))?;
         }
-        if self.init_from_file().is_some_and(|path| path.len() > dataset::PATH_LIMIT || path.contains('\0')) {
-            let reason = format!("a weights file's path is at most {} bytes, without NUL", dataset::PATH_LIMIT);
-            return Err(SpecError::new("train.init_from", reason));
+        if let Some(path) = self.init_from_file() {
+            dataset::check_path("train.init_from", path)?;
         }
         Ok(())
+    }
+
+    /// Every path the spec names a file or folder by, with its field: the data set's, its
+    /// held-out part's and a weights file's. Local paths and `dataset://` references alike.
+    pub fn file_paths_mut(&mut self) -> Vec<(&'static str, &mut String)> {
+        let mut paths = Vec::new();
+        let (field, path, holdout) = match &mut self.dataset {
+            DatasetSpec::Builtin(_) => ("", None, None),
+            DatasetSpec::Table { path, holdout, .. } => ("train.dataset.table", Some(path), Some(holdout)),
+            DatasetSpec::Images { path, holdout, .. } => ("train.dataset.images", Some(path), Some(holdout)),
+            DatasetSpec::Text { path, holdout } => ("train.dataset.text", Some(path), Some(holdout)),
+        };
+        paths.extend(path.map(|p| (field, p)));
+        if let Some(Holdout::File(test)) = holdout {
+            paths.push(("train.dataset.test", test));
+        }
+        if let Some(from) = self.init_from.as_mut().filter(|f| f.ends_with(SAFETENSORS_SUFFIX)) {
+            paths.push(("train.init_from", from));
+        }
+        paths
     }
 
     /// Makes relative paths of the data set and of a weights file relative to `base` (the spec
     /// file's directory), as Compose and Kubernetes read paths in their files: the job runs in
     /// a directory of its own on an agent, where a relative path would mean something else.
+    /// `dataset://` and `s3://` references are left as they are.
     pub fn anchor_paths(&mut self, base: &std::path::Path) {
-        let anchor = |path: &mut String| {
-            if !path.is_empty() && std::path::Path::new(path.as_str()).is_relative() {
+        for (_, path) in self.file_paths_mut() {
+            let url = path.starts_with(pushed::SCHEME) || path.starts_with("s3://");
+            if !path.is_empty() && !url && std::path::Path::new(path.as_str()).is_relative() {
                 *path = base.join(path.as_str()).display().to_string();
             }
-        };
-        match &mut self.dataset {
-            DatasetSpec::Builtin(_) => {}
-            DatasetSpec::Table { path, holdout, .. }
-            | DatasetSpec::Images { path, holdout, .. }
-            | DatasetSpec::Text { path, holdout } => {
-                anchor(path);
-                if let Holdout::File(test) = holdout {
-                    anchor(test);
-                }
-            }
-        }
-        if let Some(from) = self.init_from.as_mut().filter(|f| f.ends_with(SAFETENSORS_SUFFIX)) {
-            anchor(from);
         }
     }
 
@@ -999,6 +1008,10 @@ mod tests {
         let mut by_job = TrainSpec { init_from: Some("job-3@10".into()), ..TrainSpec::default() };
         by_job.anchor_paths(std::path::Path::new("/specs"));
         assert_eq!(by_job.init_from.as_deref(), Some("job-3@10"));
+        let pushed = "name: t\ntrain: {dataset: {text: 'dataset://corpus/a.txt'}, model: transformer}\n";
+        let mut train = JobSpec::from_yaml(pushed).unwrap().train.unwrap();
+        train.anchor_paths(std::path::Path::new("/specs"));
+        assert_eq!(train.file_paths_mut()[0], ("train.dataset.text", &mut "dataset://corpus/a.txt".to_string()));
     }
 
     #[test]

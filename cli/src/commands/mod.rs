@@ -1,5 +1,6 @@
 pub mod access;
 pub mod checkpoints;
+pub mod datasets;
 pub mod endpoints;
 pub mod fleet;
 pub mod jobs;

@@ -164,7 +164,13 @@ pub struct AgentArgs {
     /// (`{"auths": {"REGISTRY": {"auth": "BASE64(user:password)"}}}`; a mounted Secret).
     #[arg(long, env = "GANTRY_REGISTRY_AUTH")]
     registry_auth: Option<PathBuf>,
+    /// How much of pushed data sets (`dataset://`) this node keeps in WORK_DIR/datasets, in GiB;
+    /// beyond it the least recently used versions no running job reads are evicted.
+    #[arg(long, default_value_t = DATASET_CACHE_GB)]
+    dataset_cache_gb: f64,
 }
+
+const DATASET_CACHE_GB: f64 = 50.0;
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -397,6 +403,7 @@ fn agent_config(
         container_engine: default_container_engine(),
         container_gpu_driver: Some("nvidia".into()),
         registry_auth: None,
+        dataset_cache_bytes: (DATASET_CACHE_GB * (1u64 << 30) as f64) as u64,
     })
 }
 
@@ -425,6 +432,10 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         None => {}
     }
     config.registry_auth = args.registry_auth;
+    if !(args.dataset_cache_gb >= 0.0 && args.dataset_cache_gb.is_finite()) {
+        anyhow::bail!("--dataset-cache-gb: must be 0 or more, got {}", args.dataset_cache_gb);
+    }
+    config.dataset_cache_bytes = (args.dataset_cache_gb * (1u64 << 30) as f64) as u64;
     config.container_gpu_driver = match args.container_gpus.as_str() {
         "none" => None,
         "nvidia" => Some("nvidia".into()),

@@ -89,6 +89,14 @@ pub enum Action<'a> {
     ActAsAgent,
     /// Ask a served model for predictions (`/v2/models/...`): what an endpoint is published for.
     Infer,
+    /// Push a new version of a data set (`owner`: who pushed its first; the caller, for a new one).
+    PushDataset {
+        owner: &'a str,
+    },
+    /// Train on a pushed data set: reading it, as starting from a checkpoint reads a job.
+    UseDataset {
+        owner: &'a str,
+    },
 }
 
 /// The whole policy. Agents are machines, not people: an agent token opens the agents' service
@@ -99,7 +107,13 @@ pub fn authorize(who: &Principal, action: Action) -> Result<()> {
         (Role::Agent, action) => matches!(action, Action::ActAsAgent),
         (_, Action::SeeFleet | Action::Infer) => true,
         (Role::User, Action::Submit) => true,
-        (Role::User, Action::ReadJob { owner } | Action::CancelJob { owner }) => owner == who.name,
+        (
+            Role::User,
+            Action::ReadJob { owner }
+            | Action::CancelJob { owner }
+            | Action::PushDataset { owner }
+            | Action::UseDataset { owner },
+        ) => owner == who.name,
         _ => false,
     };
     if allowed {
@@ -108,6 +122,9 @@ pub fn authorize(who: &Principal, action: Action) -> Result<()> {
     Err(Error::PermissionDenied(match action {
         Action::ReadJob { .. } | Action::CancelJob { .. } => {
             format!("{} ({}) may not {} another user's job", who.name, who.role.as_str(), action.verb())
+        }
+        Action::PushDataset { owner } | Action::UseDataset { owner } if who.role == Role::User => {
+            format!("{} ({}) may not {} {owner}'s data set", who.name, who.role.as_str(), action.verb())
         }
         _ => format!("{} ({}) may not {}", who.name, who.role.as_str(), action.verb()),
     }))
@@ -124,6 +141,8 @@ impl Action<'_> {
             Action::ManageTokens => "manage tokens",
             Action::ActAsAgent => "act as an agent",
             Action::Infer => "query served models",
+            Action::PushDataset { .. } => "push",
+            Action::UseDataset { .. } => "train on",
         }
     }
 }
@@ -226,6 +245,19 @@ mod tests {
         assert!(authorize(&alice, Action::ManageNodes).is_err());
         assert!(authorize(&alice, Action::ManageTokens).is_err());
         assert!(authorize(&alice, Action::ActAsAgent).is_err());
+    }
+
+    #[test]
+    fn a_data_set_is_pushed_to_and_trained_on_by_its_owner_and_admins_only() {
+        let alice = who("alice", Role::User);
+        assert!(authorize(&alice, Action::PushDataset { owner: "alice" }).is_ok());
+        assert!(authorize(&alice, Action::UseDataset { owner: "alice" }).is_ok());
+        let e = authorize(&alice, Action::PushDataset { owner: "bob" }).unwrap_err();
+        assert!(e.to_string().contains("alice (user) may not push bob's data set"), "{e}");
+        let e = authorize(&alice, Action::UseDataset { owner: "bob" }).unwrap_err();
+        assert!(e.to_string().contains("may not train on bob's data set"), "{e}");
+        assert!(authorize(&who("root", Role::Admin), Action::UseDataset { owner: "bob" }).is_ok());
+        assert!(authorize(&who("v", Role::Viewer), Action::PushDataset { owner: "v" }).is_err());
     }
 
     #[test]

@@ -21,6 +21,8 @@ impl Coordinator {
                 .job(&job)
                 .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
         }
+        let mut spec = spec;
+        self.pin_datasets(&mut spec)?;
         crate::limits::spec_size(serde_json::to_vec(&spec)?.len())?;
         let spec = self.pin_serve_from(spec)?;
         if spec.serve.is_some()

@@ -4,6 +4,7 @@
 //! answers the read views ([`queries`]). The gRPC and HTTP services are thin layers over this.
 
 mod checkpoints;
+mod datasets;
 mod jobs;
 mod placement;
 mod queries;
@@ -19,9 +20,9 @@ use gantry_proto::v1;
 use tokio::sync::{Notify, watch};
 
 use crate::auth::tokens::Tokens;
-use crate::checkpoints::CheckpointStorage;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::files::FileStorage;
 use crate::fleet::{AgentConn, Fleet};
 use crate::job_metrics::JobMetrics;
 use crate::logs::LogStore;
@@ -95,7 +96,8 @@ impl Settings {
 pub struct Coordinator {
     pub store: Arc<dyn StateStore>,
     pub logs: LogStore,
-    pub checkpoints: CheckpointStorage,
+    /// Checkpoints and pushed data sets: verified files, on disk or in object storage.
+    pub files: FileStorage,
     pub settings: Settings,
     /// A std mutex: held for map updates only, never across an await.
     fleet: Mutex<Fleet>,
@@ -152,7 +154,7 @@ impl Coordinator {
             tokens: Tokens::load(store.clone())?,
             store,
             logs: LogStore::new(jobs_dir.clone()),
-            checkpoints: CheckpointStorage::on_disk(jobs_dir),
+            files: FileStorage::on_disk(jobs_dir, data_dir.join("datasets")),
             started: now,
             settings,
             fleet: Mutex::new(fleet),

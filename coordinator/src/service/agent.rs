@@ -115,6 +115,17 @@ impl v1::agents_server::Agents for AgentService {
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
         Ok(Response::new(super::download(&self.coordinator, req.into_inner())?))
     }
+
+    type DownloadDatasetStream = BoxStream<v1::DatasetData>;
+
+    async fn download_dataset(
+        &self,
+        req: Request<v1::DownloadDatasetRequest>,
+    ) -> Result<Response<Self::DownloadDatasetStream>, Status> {
+        let (record, version) = self.coordinator.find_dataset_version(&req.into_inner().sha256)?;
+        let header = super::datasets::version_to_proto(&record, &version);
+        Ok(Response::new(Box::pin(super::stream_dataset(self.coordinator.files.clone(), version, header))))
+    }
 }
 
 /// One message of an agent's session, after the first heartbeat.
@@ -140,7 +151,7 @@ pub(crate) async fn receive_checkpoint(
     // The files' sizes, not the total the uploader announced, are what will be written.
     let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
     crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), bytes.max(header.bytes), longest)?;
-    let mut incoming = coordinator.checkpoints.begin(checkpoint_from_proto(header))?;
+    let mut incoming = coordinator.files.begin(checkpoint_from_proto(header))?;
     loop {
         match stream.next().await.transpose() {
             Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
@@ -165,7 +176,7 @@ pub(crate) async fn receive_checkpoint(
     // Not recorded, or the same step was recorded first from another upload: this one's
     // files are not referenced by any record.
     if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
-        coordinator.checkpoints.discard(&uploaded).await;
+        coordinator.files.discard(uploaded.location.as_deref()).await;
     }
     let record = committed?;
     Ok(v1::CheckpointAck { step: record.step, sha256: record.sha256 })

@@ -1,6 +1,7 @@
 //! The gRPC services: thin layers that convert messages and call [`crate::control`].
 
 pub mod agent;
+pub(crate) mod datasets;
 pub mod join;
 pub mod user;
 
@@ -12,9 +13,9 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::checkpoints::{CHUNK, CheckpointStorage};
 use crate::control::Coordinator;
-use crate::records::{CheckpointRecord, FileRecord, JobRecord, JobState, StopReason};
+use crate::files::{CHUNK, FileStorage};
+use crate::records::{CheckpointRecord, DatasetVersion, FileRecord, JobRecord, JobState, StopReason};
 
 pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
     match s {
@@ -167,22 +168,62 @@ pub(crate) fn download(
     req: v1::DownloadCheckpointRequest,
 ) -> Result<BoxStream<v1::CheckpointData>, Status> {
     let record = coordinator.find_checkpoint(&req.job_id, req.step)?;
-    Ok(Box::pin(stream_checkpoint(coordinator.checkpoints.clone(), record)))
+    Ok(Box::pin(stream_checkpoint(coordinator.files.clone(), record)))
 }
 
 /// Streams a committed checkpoint: its header, then every file in chunks of up to 1 MiB.
 fn stream_checkpoint(
-    storage: CheckpointStorage,
+    storage: FileStorage,
     record: CheckpointRecord,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<v1::CheckpointData, Status>> {
+    use v1::checkpoint_data::Part;
+    let header = v1::CheckpointData { part: Some(Part::Header(checkpoint_to_proto(&record))) };
+    let files = record.files.clone();
+    let read = move |file: FileRecord| {
+        let (storage, record) = (storage.clone(), record.clone());
+        Box::pin(async move { storage.read(&record, &file).await }) as ReadFile
+    };
+    stream_files(header, files, read, |chunk| v1::CheckpointData { part: Some(Part::Chunk(chunk)) })
+}
+
+/// Streams a data set version to an agent: its header, then every file in chunks.
+pub(crate) fn stream_dataset(
+    storage: FileStorage,
+    version: DatasetVersion,
+    header: v1::Dataset,
+) -> tokio_stream::wrappers::ReceiverStream<Result<v1::DatasetData, Status>> {
+    use v1::dataset_data::Part;
+    let files = version.files.clone();
+    let read = move |file: FileRecord| {
+        let (storage, version) = (storage.clone(), version.clone());
+        Box::pin(async move { storage.read_dataset(&version, &file).await }) as ReadFile
+    };
+    stream_files(v1::DatasetData { part: Some(Part::Header(header)) }, files, read, |chunk| v1::DatasetData {
+        part: Some(Part::Chunk(chunk)),
+    })
+}
+
+type ReadFile = Pin<Box<dyn std::future::Future<Output = crate::Result<crate::files::FileStream>> + Send>>;
+
+/// `header`, then each file's bytes as `wrap`ped chunks of up to 1 MiB, on a task of its own.
+fn stream_files<T: Send + 'static>(
+    header: T,
+    files: Vec<FileRecord>,
+    read: impl Fn(FileRecord) -> ReadFile + Send + 'static,
+    wrap: fn(v1::FileChunk) -> T,
+) -> tokio_stream::wrappers::ReceiverStream<Result<T, Status>> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let header = v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Header(checkpoint_to_proto(&record))) };
         if tx.send(Ok(header)).await.is_err() {
             return;
         }
-        for file in &record.files {
-            if let Err(e) = send_file(&storage, &record, file, &tx).await {
+        for file in files {
+            let path = file.path.clone();
+            let sent = match read(file).await {
+                Ok(pieces) => send_file(pieces, path, &tx, wrap).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
@@ -193,13 +234,12 @@ fn stream_checkpoint(
 
 /// Sends one file, its pieces gathered into chunks of up to 1 MiB (an object store's HTTP body
 /// comes in much smaller pieces). Returns early, without error, if the receiver is gone.
-async fn send_file(
-    storage: &CheckpointStorage,
-    record: &CheckpointRecord,
-    file: &FileRecord,
-    tx: &mpsc::Sender<Result<v1::CheckpointData, Status>>,
+async fn send_file<T>(
+    mut pieces: crate::files::FileStream,
+    path: String,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    wrap: fn(v1::FileChunk) -> T,
 ) -> crate::Result<()> {
-    let mut pieces = storage.read(record, file).await?;
     let mut offset = 0u64;
     let mut buf = Vec::with_capacity(CHUNK);
     loop {
@@ -210,9 +250,9 @@ async fn send_file(
         let last = piece.is_none();
         while buf.len() >= CHUNK || (last && !buf.is_empty()) {
             let data: Vec<u8> = buf.drain(..buf.len().min(CHUNK)).collect();
-            let chunk = v1::FileChunk { path: file.path.clone(), offset, data };
+            let chunk = v1::FileChunk { path: path.clone(), offset, data };
             offset += chunk.data.len() as u64;
-            if tx.send(Ok(v1::CheckpointData { part: Some(v1::checkpoint_data::Part::Chunk(chunk)) })).await.is_err() {
+            if tx.send(Ok(wrap(chunk))).await.is_err() {
                 return Ok(());
             }
         }

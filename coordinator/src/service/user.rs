@@ -58,6 +58,10 @@ impl v1::gantry_server::Gantry for UserService {
             authorize(&who, read(&source.owner))
                 .map_err(|e| crate::Error::PermissionDenied(format!("{field}: {e}")))?;
         }
+        // Training on a pushed data set is reading it: only those the caller may read.
+        for record in self.coordinator.datasets_named(&spec)? {
+            authorize(&who, Action::UseDataset { owner: &record.owner })?;
+        }
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
         let coordinator = self.coordinator.clone();
@@ -263,6 +267,24 @@ impl v1::gantry_server::Gantry for UserService {
     ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
         allowed(&req, Action::Infer)?;
         Ok(Response::new(v1::ListEndpointsResponse { endpoints: self.coordinator.endpoints()? }))
+    }
+
+    async fn push_dataset(
+        &self,
+        req: Request<tonic::Streaming<v1::DatasetData>>,
+    ) -> Result<Response<v1::Dataset>, Status> {
+        let who = allowed(&req, Action::Submit)?;
+        Ok(Response::new(super::datasets::receive(&self.coordinator, &who, req.into_inner()).await?))
+    }
+
+    async fn list_datasets(
+        &self,
+        req: Request<v1::ListDatasetsRequest>,
+    ) -> Result<Response<v1::ListDatasetsResponse>, Status> {
+        allowed(&req, Action::SeeFleet)?;
+        let datasets = self.coordinator.datasets()?;
+        let latest = datasets.iter().filter_map(|d| Some(super::datasets::version_to_proto(d, d.latest()?)));
+        Ok(Response::new(v1::ListDatasetsResponse { datasets: latest.collect() }))
     }
 
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {

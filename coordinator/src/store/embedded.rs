@@ -19,12 +19,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::{StateStore, job_key};
 use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
-use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
+use crate::records::{AgentRecord, CheckpointRecord, DatasetRecord, JobRecord};
 
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 const CHECKPOINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("checkpoints");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Changes per write transaction, at most.
@@ -72,6 +73,10 @@ enum Change {
         name: String,
         bytes: Option<Vec<u8>>,
     },
+    Dataset {
+        name: String,
+        bytes: Vec<u8>,
+    },
     /// Drained or not; false if no such agent.
     Drain {
         name: String,
@@ -99,6 +104,7 @@ impl EmbeddedStore {
         txn.open_table(CHECKPOINTS)?;
         txn.open_table(AGENTS)?;
         txn.open_table(TOKENS)?;
+        txn.open_table(DATASETS)?;
         txn.open_table(META)?;
         txn.commit()?;
         let mut jobs = BTreeMap::new();
@@ -220,6 +226,7 @@ fn commit(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, batch: &[Write]
             checkpoints: txn.open_table(CHECKPOINTS)?,
             agents: txn.open_table(AGENTS)?,
             tokens: txn.open_table(TOKENS)?,
+            datasets: txn.open_table(DATASETS)?,
         };
         let cache = jobs.lock().expect("jobs lock poisoned");
         batch.iter().map(|w| apply(&mut tables, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
@@ -244,6 +251,7 @@ struct Tables<'txn> {
     checkpoints: redb::Table<'txn, (u64, u64), &'static [u8]>,
     agents: redb::Table<'txn, &'static str, &'static [u8]>,
     tokens: redb::Table<'txn, &'static str, &'static [u8]>,
+    datasets: redb::Table<'txn, &'static str, &'static [u8]>,
 }
 
 /// Stages one change; false if it does not apply (a stale job change, an unknown agent).
@@ -286,6 +294,9 @@ fn apply(
             tables.tokens.insert(name.as_str(), bytes.as_slice())?;
         }
         Change::Token { name, bytes: None } => return Ok(tables.tokens.remove(name.as_str())?.is_some()),
+        Change::Dataset { name, bytes } => {
+            tables.datasets.insert(name.as_str(), bytes.as_slice())?;
+        }
     }
     Ok(true)
 }
@@ -368,6 +379,14 @@ impl StateStore for EmbeddedStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.all(TOKENS)
+    }
+
+    fn put_dataset(&self, record: &DatasetRecord) -> Result<()> {
+        self.write(Change::Dataset { name: record.name.clone(), bytes: serde_json::to_vec(record)? }).map(|_| ())
+    }
+
+    fn datasets(&self) -> Result<Vec<DatasetRecord>> {
+        self.all(DATASETS)
     }
 }
 

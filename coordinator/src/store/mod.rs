@@ -19,7 +19,7 @@ pub use etcd::{EtcdOptions, EtcdStore, leader_of};
 
 use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
-use crate::records::{AgentRecord, CheckpointRecord, JobRecord, JobState};
+use crate::records::{AgentRecord, CheckpointRecord, DatasetRecord, JobRecord, JobState};
 
 pub trait StateStore: Send + Sync {
     /// Stores a new job, `make(seq)` given the next sequence number, in one write, and returns
@@ -75,6 +75,16 @@ pub trait StateStore: Send + Sync {
 
     /// Every token, by name.
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
+
+    /// Stores a data set's record, replacing the one of the same name.
+    fn put_dataset(&self, record: &DatasetRecord) -> Result<()>;
+
+    /// Every data set's record, by name.
+    fn datasets(&self) -> Result<Vec<DatasetRecord>>;
+
+    fn dataset(&self, name: &str) -> Result<Option<DatasetRecord>> {
+        Ok(self.datasets()?.into_iter().find(|d| d.name == name))
+    }
 
     /// True once this store may no longer write (another coordinator leads).
     fn deposed(&self) -> bool {

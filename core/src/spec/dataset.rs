@@ -122,14 +122,18 @@ impl DatasetSpec {
     }
 }
 
-fn check_path(field: &str, path: &str) -> Result<(), SpecError> {
+pub(super) fn check_path(field: &str, path: &str) -> Result<(), SpecError> {
     if path.is_empty() || path.len() > PATH_LIMIT || path.contains('\0') {
         return Err(SpecError::new(field, format!("must be a path of 1 to {PATH_LIMIT} bytes, without NUL")));
     }
     if path.starts_with("s3://") {
-        return Err(SpecError::new(field, "s3:// data sets are not read yet: give a path on the agent"));
+        let reason = "s3:// paths are not read yet: push the data set (`gantry dataset push NAME PATH`) and name it as dataset://NAME/PATH, or give a path on the agent";
+        return Err(SpecError::new(field, reason));
     }
-    Ok(())
+    match super::PushedPath::parse(path) {
+        Some(Err(why)) => Err(SpecError::new(field, why)),
+        _ => Ok(()),
+    }
 }
 
 impl std::fmt::Display for DatasetSpec {
@@ -313,7 +317,12 @@ mod tests {
         );
         assert_eq!(
             invalid("{table: 's3://b/a.csv', label: y}"),
-            "train.dataset.table: s3:// data sets are not read yet: give a path on the agent"
+            "train.dataset.table: s3:// paths are not read yet: push the data set (`gantry dataset push NAME PATH`) and name it as dataset://NAME/PATH, or give a path on the agent"
         );
+        assert_eq!(
+            invalid("{table: 'dataset://wine@v1/a.csv', label: y}"),
+            "train.dataset.table: `@v1` is not a data set version (64 lowercase hex digits of its sha256)"
+        );
+        assert!(parse("{table: 'dataset://wine/a.csv', label: y}").unwrap().validate().is_ok());
     }
 }

@@ -32,7 +32,7 @@ use writer::{Write, write_batches};
 use super::{StateStore, job_key};
 use crate::auth::TokenRecord;
 use crate::error::{Error, Result};
-use crate::records::{AgentRecord, CheckpointRecord, JobRecord};
+use crate::records::{AgentRecord, CheckpointRecord, DatasetRecord, JobRecord};
 
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -349,5 +349,13 @@ impl StateStore for EtcdStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
         self.range("tokens/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
+    }
+
+    fn put_dataset(&self, record: &DatasetRecord) -> Result<()> {
+        self.put(self.key(&format!("datasets/{}", record.name)), serde_json::to_vec(record)?).map(|_| ())
+    }
+
+    fn datasets(&self) -> Result<Vec<DatasetRecord>> {
+        self.range("datasets/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
     }
 }

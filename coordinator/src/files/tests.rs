@@ -25,13 +25,13 @@ fn header(files: Vec<FileRecord>) -> CheckpointRecord {
     }
 }
 
-fn on_disk() -> (tempfile::TempDir, CheckpointStorage) {
+fn on_disk() -> (tempfile::TempDir, FileStorage) {
     let dir = tempfile::tempdir().unwrap();
-    let storage = CheckpointStorage::on_disk(dir.path().to_path_buf());
+    let storage = FileStorage::on_disk(dir.path().join("jobs"), dir.path().join("datasets"));
     (dir, storage)
 }
 
-fn in_memory() -> (tempfile::TempDir, CheckpointStorage, Arc<InMemory>) {
+fn in_memory() -> (tempfile::TempDir, FileStorage, Arc<InMemory>) {
     let (dir, storage) = on_disk();
     let store = Arc::new(InMemory::new());
     let mut storage = storage;
@@ -39,7 +39,7 @@ fn in_memory() -> (tempfile::TempDir, CheckpointStorage, Arc<InMemory>) {
     (dir, storage, store)
 }
 
-async fn upload(storage: &CheckpointStorage, files: &[(&str, &[u8])]) -> Result<CheckpointRecord> {
+async fn upload(storage: &FileStorage, files: &[(&str, &[u8])]) -> Result<CheckpointRecord> {
     let mut up = storage.begin(header(files.iter().map(|(p, d)| file(p, d)).collect()))?;
     for (path, data) in files {
         // In two pieces, as a stream would bring them.
@@ -52,7 +52,7 @@ async fn upload(storage: &CheckpointStorage, files: &[(&str, &[u8])]) -> Result<
     up.finish().await
 }
 
-async fn read_back(storage: &CheckpointStorage, record: &CheckpointRecord, path: &str) -> Vec<u8> {
+async fn read_back(storage: &FileStorage, record: &CheckpointRecord, path: &str) -> Vec<u8> {
     let file = record.files.iter().find(|f| f.path == path).unwrap();
     let pieces: Vec<Bytes> = storage.read(record, file).await.unwrap().try_collect().await.unwrap();
     pieces.concat()
@@ -110,7 +110,7 @@ async fn a_corrupted_upload_is_refused_and_not_kept() {
         up.abandon().await;
     }
     assert!(!disk.step_dir("1", 10).exists());
-    assert_eq!(std::fs::read_dir(dir.path().join("1/checkpoints")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(dir.path().join("jobs/1/checkpoints")).unwrap().count(), 0);
     assert!(object_keys(&store).await.is_empty());
 }
 
@@ -134,7 +134,7 @@ async fn a_second_upload_of_a_step_keeps_the_first_on_disk() {
     first.finish().await.unwrap();
     second.finish().await.unwrap();
     assert_eq!(std::fs::read(storage.step_dir("1", 10).join("a")).unwrap(), b"one");
-    let leftovers = std::fs::read_dir(dir.path().join("1/checkpoints")).unwrap().count();
+    let leftovers = std::fs::read_dir(dir.path().join("jobs/1/checkpoints")).unwrap().count();
     assert_eq!(leftovers, 1, "no incoming directory left behind");
 }
 
@@ -144,7 +144,7 @@ async fn uploads_of_one_step_to_object_storage_are_apart_and_a_discarded_one_is_
     let first = upload(&storage, &[("a", b"one")]).await.unwrap();
     let second = upload(&storage, &[("a", b"two")]).await.unwrap();
     assert_ne!(first.location, second.location);
-    storage.discard(&second).await;
+    storage.discard(second.location.as_deref()).await;
     assert_eq!(object_keys(&store).await, vec![format!("{}/a", first.location.clone().unwrap())]);
     assert_eq!(read_back(&storage, &first, "a").await, b"one");
 }
@@ -160,8 +160,59 @@ async fn a_checkpoint_in_object_storage_is_not_read_from_disk() {
     let (_dir3, disk) = on_disk();
     let old = upload(&disk, &[("a", b"old")]).await.unwrap();
     let (_dir4, later, _) = in_memory();
-    let later = CheckpointStorage { disk: disk.disk.clone(), ..later };
+    let later = FileStorage { disk: disk.disk.clone(), ..later };
     assert_eq!(read_back(&later, &old, "a").await, b"old");
+}
+
+fn version(files: Vec<FileRecord>) -> DatasetVersion {
+    DatasetVersion { sha256: "whatever the sender says".into(), bytes: 0, files, pushed_at_ms: 0, location: None }
+}
+
+async fn push(storage: &FileStorage, files: &[(&str, &[u8])]) -> Result<DatasetVersion> {
+    let mut up = storage.begin_dataset(version(files.iter().map(|(p, d)| file(p, d)).collect()))?;
+    for (path, data) in files {
+        up.chunk(path, 0, data).await?;
+    }
+    up.finish().await
+}
+
+#[tokio::test]
+async fn a_data_set_version_is_named_by_its_files_and_stored_once_per_name() {
+    for (_dir, storage, store) in [on_disk_with_no_store(), in_memory_with_store()] {
+        let first = push(&storage, &[("train/a.png", b"png"), ("labels.csv", b"x,y")]).await.unwrap();
+        assert_eq!(first.sha256, fingerprint(&first.files), "the fingerprint, not what the sender said");
+        assert_eq!(first.bytes, 6);
+        let again = push(&storage, &[("train/a.png", b"png"), ("labels.csv", b"x,y")]).await.unwrap();
+        assert_eq!(again.sha256, first.sha256);
+        if let Some(store) = store {
+            // Two uploads of one version: the caller keeps the first and discards the second.
+            storage.discard(again.location.as_deref()).await;
+            assert_eq!(object_keys(&store).await.len(), 2);
+        }
+        let mut pieces = Vec::new();
+        for piece in
+            storage.read_dataset(&first, &first.files[0]).await.unwrap().try_collect::<Vec<Bytes>>().await.unwrap()
+        {
+            pieces.extend_from_slice(&piece);
+        }
+        assert_eq!(pieces, b"png");
+        let mut bad = first.clone();
+        bad.files[1].sha256 = "0".repeat(64);
+        let mut up = storage.begin_dataset(bad).unwrap();
+        up.chunk("train/a.png", 0, b"png").await.unwrap();
+        up.chunk("labels.csv", 0, b"x,y").await.unwrap();
+        assert!(matches!(up.finish().await, Err(Error::DataLoss(_))));
+    }
+}
+
+fn on_disk_with_no_store() -> (tempfile::TempDir, FileStorage, Option<Arc<InMemory>>) {
+    let (dir, storage) = on_disk();
+    (dir, storage, None)
+}
+
+fn in_memory_with_store() -> (tempfile::TempDir, FileStorage, Option<Arc<InMemory>>) {
+    let (dir, storage, store) = in_memory();
+    (dir, storage, Some(store))
 }
 
 #[test]

@@ -1,8 +1,9 @@
-//! Checkpoints in object storage: `PREFIX/jobs/<id>/checkpoints/step-<N>/<upload>/...`.
+//! Files in object storage: checkpoints in `PREFIX/jobs/<id>/checkpoints/step-<N>/<upload>/...`,
+//! data set versions in `PREFIX/datasets/<sha256>/<upload>/...`.
 //!
 //! Objects cannot be renamed, so each upload writes under its own name and the committed record
-//! says which (`CheckpointRecord::location`): the record is the commit. An upload that fails, or
-//! loses to an earlier one of the same step, is deleted.
+//! says which (its `location`): the record is the commit. An upload that fails, or loses to an
+//! earlier one of the same step or version, is deleted.
 
 use std::path::{Component, Path};
 use std::sync::Arc;
@@ -12,10 +13,9 @@ use object_store::buffered::BufWriter;
 use object_store::path::Path as Key;
 use tokio::io::AsyncWriteExt;
 
-use super::FileStream;
+use super::{FileStream, Place};
 use crate::error::{Error, Result};
 use crate::objects::{Objects, parse};
-use crate::records::CheckpointRecord;
 
 /// Files up to this size are one PUT; larger ones a multipart upload of parts this size (S3
 /// wants every part but the last to be at least 5 MiB).
@@ -37,8 +37,12 @@ fn key(base: &Key, path: &Path) -> Key {
     })
 }
 
-pub fn sink(objects: &Objects, header: &CheckpointRecord, upload: &str) -> Sink {
-    let base = objects.job(&header.job_id).child("checkpoints").child(format!("step-{}", header.step)).child(upload);
+pub(super) fn sink(objects: &Objects, place: Place, upload: &str) -> Sink {
+    let base = match place {
+        Place::Checkpoint { job, step } => objects.job(job).child("checkpoints").child(format!("step-{step}")),
+        Place::Dataset { sha256 } => objects.datasets().child(sha256),
+    }
+    .child(upload);
     Sink { store: objects.store().clone(), base, writer: None, written: Vec::new() }
 }
 
@@ -88,7 +92,7 @@ impl Sink {
         }
         for key in &self.written {
             if let Err(e) = self.store.delete(key).await {
-                tracing::warn!(object = %key, error = %e, "could not delete an abandoned checkpoint upload");
+                tracing::warn!(object = %key, error = %e, "could not delete an abandoned upload");
             }
         }
     }

@@ -1,8 +1,9 @@
-//! Checkpoint files: verified as they arrive, kept in the data directory or in object storage,
-//! and streamed back for resumes and downloads.
+//! Checkpoints and pushed data sets: sets of files verified as they arrive, kept in the data
+//! directory or in object storage, and streamed back for resumes, downloads and agents' caches.
 //!
-//! Every file is hashed as it arrives; only when each is there with the size and sha256 the agent
-//! announced is the upload committed, so a half-received checkpoint is never listed.
+//! Every file is hashed as it arrives; only when each is there with the size and sha256 the
+//! sender announced is the upload committed, so a half-received checkpoint or data set is never
+//! listed.
 
 mod disk;
 mod object;
@@ -15,19 +16,67 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::objects::Objects;
-use crate::records::{CheckpointRecord, FileRecord};
+use crate::records::{CheckpointRecord, DatasetVersion, FileRecord};
 
 /// Downloads are sent in pieces of at most this size.
 pub const CHUNK: usize = 1 << 20;
 
 pub type FileStream = BoxStream<'static, Result<Bytes>>;
 
-/// Where checkpoints are kept. New ones go to object storage when it is configured; records
-/// without a `location` (written before it was) are still read from the data directory.
+/// Where checkpoints and data sets are kept. New ones go to object storage when it is
+/// configured; records without a `location` (written before it was) are still read from the
+/// data directory.
 #[derive(Clone)]
-pub struct CheckpointStorage {
+pub struct FileStorage {
     disk: disk::Disk,
     objects: Option<Objects>,
+}
+
+/// What an upload's header is: the files it announces, and the record it becomes once they all
+/// arrived intact.
+pub trait Manifest {
+    fn files(&self) -> &[FileRecord];
+    /// The record as received, its files at `location` in object storage (none: on disk).
+    fn received(self, location: Option<String>) -> Self;
+}
+
+impl Manifest for CheckpointRecord {
+    fn files(&self) -> &[FileRecord] {
+        &self.files
+    }
+
+    fn received(mut self, location: Option<String>) -> Self {
+        self.location = location;
+        self.bytes = self.files.iter().map(|f| f.size).sum();
+        self.sha256 = fingerprint(&self.files);
+        self
+    }
+}
+
+impl Manifest for DatasetVersion {
+    fn files(&self) -> &[FileRecord] {
+        &self.files
+    }
+
+    fn received(mut self, location: Option<String>) -> Self {
+        self.location = location;
+        self.bytes = self.files.iter().map(|f| f.size).sum();
+        self.sha256 = fingerprint(&self.files);
+        self
+    }
+}
+
+/// Where one set of files belongs.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Checkpoint {
+        job: &'a str,
+        step: u64,
+    },
+    /// Data set versions are named by their fingerprint: the same bytes pushed twice are one.
+    Dataset {
+        sha256: &'a str,
+    },
 }
 
 /// The fingerprint of a whole checkpoint: sha256 over "path sha256\n" of its files, sorted.
@@ -46,17 +95,17 @@ pub fn safe_relative(path: &str) -> Result<PathBuf> {
     let p = Path::new(path);
     let ok = !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
     if !ok {
-        return Err(Error::InvalidArgument(format!("checkpoint file path `{path}` must be relative, without `..`")));
+        return Err(Error::InvalidArgument(format!("file path `{path}` must be relative, without `..`")));
     }
     Ok(p.to_path_buf())
 }
 
-impl CheckpointStorage {
-    pub fn on_disk(jobs_dir: PathBuf) -> CheckpointStorage {
-        CheckpointStorage { disk: disk::Disk::new(jobs_dir), objects: None }
+impl FileStorage {
+    pub fn on_disk(jobs_dir: PathBuf, datasets_dir: PathBuf) -> FileStorage {
+        FileStorage { disk: disk::Disk::new(jobs_dir, datasets_dir), objects: None }
     }
 
-    /// Puts new checkpoints in object storage.
+    /// Puts new checkpoints and data sets in object storage.
     pub fn keep_in(&mut self, objects: Objects) {
         self.objects = Some(objects);
     }
@@ -69,48 +118,74 @@ impl CheckpointStorage {
         }
     }
 
-    pub fn begin(&self, header: CheckpointRecord) -> Result<Incoming> {
+    pub fn begin(&self, header: CheckpointRecord) -> Result<Incoming<CheckpointRecord>> {
+        let upload = format!("a{}-{}", header.attempt, upload_id());
+        let place = Place::Checkpoint { job: &header.job_id, step: header.step };
+        let sink = self.sink(place, &header.files, &upload)?;
+        Ok(Incoming { header, next_file: 0, current: None, sink })
+    }
+
+    /// A data set version's upload.
+    pub fn begin_dataset(&self, mut header: DatasetVersion) -> Result<Incoming<DatasetVersion>> {
+        // Named by what it announces, never by what the sender says it is.
+        header.sha256 = fingerprint(&header.files);
+        let sink = self.sink(Place::Dataset { sha256: &header.sha256 }, &header.files, &upload_id())?;
+        Ok(Incoming { header, next_file: 0, current: None, sink })
+    }
+
+    fn sink(&self, place: Place, files: &[FileRecord], upload: &str) -> Result<Sink> {
         let mut seen = std::collections::HashSet::new();
-        for f in &header.files {
+        for f in files {
             safe_relative(&f.path)?;
             if !seen.insert(f.path.as_str()) {
-                return Err(Error::InvalidArgument(format!("checkpoint file `{}` is listed twice", f.path)));
+                return Err(Error::InvalidArgument(format!("file `{}` is listed twice", f.path)));
             }
         }
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let upload = format!("a{}-{}-{n}", header.attempt, std::process::id());
-        let sink = match &self.objects {
-            Some(objects) => Sink::Object(Box::new(object::sink(objects, &header, &upload))),
-            None => Sink::Disk(self.disk.sink(&header, &upload)?),
-        };
-        Ok(Incoming { header, next_file: 0, current: None, sink })
+        Ok(match &self.objects {
+            Some(objects) => Sink::Object(Box::new(object::sink(objects, place, upload))),
+            None => Sink::Disk(self.disk.sink(place, upload)?),
+        })
     }
 
     /// One file of a committed checkpoint, in pieces.
     pub async fn read(&self, record: &CheckpointRecord, file: &FileRecord) -> Result<FileStream> {
+        let what = || format!("checkpoint step {} of job {}", record.step, record.job_id);
+        self.read_at(Place::Checkpoint { job: &record.job_id, step: record.step }, &record.location, file, what).await
+    }
+
+    /// One file of a data set version, in pieces.
+    pub async fn read_dataset(&self, version: &DatasetVersion, file: &FileRecord) -> Result<FileStream> {
+        let what = || format!("data set version {}", version.sha256);
+        self.read_at(Place::Dataset { sha256: &version.sha256 }, &version.location, file, what).await
+    }
+
+    async fn read_at(
+        &self,
+        place: Place<'_>,
+        location: &Option<String>,
+        file: &FileRecord,
+        what: impl FnOnce() -> String,
+    ) -> Result<FileStream> {
         let path = safe_relative(&file.path)?;
-        match (&record.location, &self.objects) {
-            (None, _) => self.disk.read(record, &path).await,
+        match (location, &self.objects) {
+            (None, _) => self.disk.read(place, &path).await,
             (Some(location), Some(objects)) => object::read(objects, location, &path).await,
-            (Some(location), None) => {
-                Err(Error::NoObjectStore { job: record.job_id.clone(), step: record.step, location: location.clone() })
-            }
+            (Some(location), None) => Err(Error::NoObjectStore { what: what(), location: location.clone() }),
         }
     }
 
     /// Deletes an upload that was verified but not kept (another of the same step was first).
-    pub async fn discard(&self, record: &CheckpointRecord) {
-        if let (Some(location), Some(objects)) = (&record.location, &self.objects)
+    pub async fn discard(&self, location: Option<&str>) {
+        if let (Some(location), Some(objects)) = (location, &self.objects)
             && let Err(e) = object::delete(objects, location).await
         {
-            tracing::warn!(%location, error = %e, "could not delete a duplicate checkpoint upload");
+            tracing::warn!(%location, error = %e, "could not delete a duplicate upload");
         }
     }
 
     #[cfg(test)]
     fn step_dir(&self, job: &str, step: u64) -> PathBuf {
-        self.disk.step_dir(job, step)
+        self.disk.dir(Place::Checkpoint { job, step })
     }
 }
 
@@ -157,21 +232,28 @@ impl Sink {
     }
 }
 
+/// A name no other upload in flight has: ranks may upload the same step at once.
+fn upload_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 /// One upload in progress.
-pub struct Incoming {
-    header: CheckpointRecord,
+pub struct Incoming<M> {
+    header: M,
     next_file: usize,
     /// The file being received: its hash and length so far.
     current: Option<(Sha256, u64)>,
     sink: Sink,
 }
 
-impl Incoming {
+impl<M: Manifest> Incoming<M> {
     /// Takes the next piece of the stream; files arrive whole and in the header's order.
     pub async fn chunk(&mut self, path: &str, offset: u64, data: &[u8]) -> Result<()> {
         loop {
             let expected =
-                self.header.files.get(self.next_file).ok_or_else(|| {
+                self.header.files().get(self.next_file).ok_or_else(|| {
                     Error::InvalidArgument(format!("unexpected data for `{path}`: all files received"))
                 })?;
             if expected.path == path {
@@ -189,7 +271,7 @@ impl Incoming {
             return Err(Error::InvalidArgument(format!("`{path}`: chunk at offset {offset}, expected {written}")));
         }
         // Nothing past the announced size reaches the disk: the size limit was checked on it.
-        let announced = self.header.files[self.next_file].size;
+        let announced = self.header.files()[self.next_file].size;
         if written.saturating_add(data.len() as u64) > announced {
             return Err(Error::InvalidArgument(format!("`{path}`: more data than its announced {announced} bytes")));
         }
@@ -201,7 +283,7 @@ impl Incoming {
     }
 
     async fn finish_file(&mut self) -> Result<()> {
-        let expected = self.header.files[self.next_file].clone();
+        let expected = self.header.files()[self.next_file].clone();
         if self.current.is_none() {
             // No chunk at all: an empty file.
             self.sink.open(&safe_relative(&expected.path)?).await?;
@@ -219,10 +301,10 @@ impl Incoming {
         Ok(())
     }
 
-    /// Verifies the last files and puts the checkpoint in place. Returns the record to commit.
-    pub async fn finish(mut self) -> Result<CheckpointRecord> {
+    /// Verifies the last files and puts them in place. Returns the record to commit.
+    pub async fn finish(mut self) -> Result<M> {
         let mut verified = Ok(());
-        while self.next_file < self.header.files.len() {
+        while self.next_file < self.header.files().len() {
             verified = self.finish_file().await;
             if verified.is_err() {
                 break;
@@ -232,11 +314,8 @@ impl Incoming {
             self.sink.discard().await;
             return Err(e);
         }
-        let mut record = self.header;
-        record.location = self.sink.commit()?;
-        record.bytes = record.files.iter().map(|f| f.size).sum();
-        record.sha256 = fingerprint(&record.files);
-        Ok(record)
+        let location = self.sink.commit()?;
+        Ok(self.header.received(location))
     }
 
     pub async fn abandon(self) {

@@ -1,0 +1,113 @@
+//! Pushed data sets with real processes: `gantry dataset push`, jobs that name them as
+//! `dataset://NAME/PATH`, and the agent's cache: fetched once and shared by jobs, kept across an
+//! agent restart, fetched again when a cached file is corrupted.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Fleet, repo_root};
+
+/// Trains the wine MLP on `table` to the end; the job's id and its logs.
+fn train_on(fleet: &Fleet, table: &str) -> (String, String) {
+    let spec = format!(
+        "name: wine\nresources: {{gpus: 0, cpus: 1, memory_gb: 1}}\nmax_restarts: 0\ntrain:\n  \
+         model: {{kind: mlp, hidden: [32]}}\n  dataset: {{table: '{table}', label: cultivar}}\n  \
+         epochs: 8\n  batch_size: 16\n  learning_rate: 0.003\n"
+    );
+    let id = fleet.submit(&spec);
+    let state = fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(180));
+    let logs = fleet.ok(&["logs", &id]);
+    assert_eq!(state, "succeeded", "{logs}");
+    (id, logs)
+}
+
+/// The held-out accuracy of the job's `done` line.
+fn accuracy(logs: &str) -> f64 {
+    let done = logs.lines().find(|l| l.starts_with("done ")).unwrap_or_else(|| panic!("no done line:\n{logs}"));
+    let field = done.split_whitespace().find_map(|w| w.strip_prefix("test_accuracy=")).unwrap();
+    field.parse().unwrap()
+}
+
+#[test]
+fn a_pushed_table_is_fetched_once_shared_kept_across_an_agent_restart_and_fetched_again_when_corrupt() {
+    let mut fleet = Fleet::start();
+    let wine = repo_root().join("examples/wine/wine.csv");
+    let size = std::fs::metadata(&wine).unwrap().len();
+    let said = fleet.ok(&["dataset", "push", "wine", wine.to_str().unwrap()]);
+    assert!(said.contains("pushed wine@") && said.contains("jobs name it as dataset://wine/wine.csv"), "{said}");
+    let listed = fleet.json(&["dataset", "list"]);
+    let sha = listed[0]["sha256"].as_str().unwrap().to_string();
+    assert_eq!((listed[0]["name"].as_str(), listed[0]["bytes"].as_u64()), (Some("wine"), Some(size)));
+    assert_eq!(listed[0]["files"][0]["path"], "wine.csv");
+    // The same bytes again: the same version, not a second one.
+    let again = fleet.json(&["dataset", "push", "wine", wine.to_str().unwrap()]);
+    assert_eq!((again["sha256"].as_str(), again["versions"].as_u64()), (Some(sha.as_str()), Some(1)));
+
+    let at = format!("[gantry] data set wine@{}", &sha[..12]);
+    let (first, logs) = train_on(&fleet, "dataset://wine/wine.csv");
+    assert!(logs.contains(&format!("{at}: fetched {size} bytes into this node's cache")), "{logs}");
+    let reference = accuracy(&logs);
+    assert!(reference >= 0.9, "wine from the pushed table: test accuracy {reference}\n{logs}");
+    // The coordinator pinned the version the job trains on.
+    let job = fleet.json(&["job", &first]).to_string();
+    assert!(job.contains(&format!("dataset://wine@{sha}/wine.csv")), "{job}");
+
+    // A second job (naming the whole data set: its one file) reads the node's copy.
+    let (_, logs) = train_on(&fleet, "dataset://wine");
+    assert!(logs.contains(&format!("{at}: in this node's cache, verified")), "{logs}");
+    assert_eq!(accuracy(&logs), reference, "the same bytes and seed train the same model");
+
+    // The agent restarts: its cache is still there.
+    let mut agent = fleet.agents.remove(0);
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    fleet.start_agent("node-a");
+    fleet.wait_for_nodes(1);
+    let (_, logs) = train_on(&fleet, "dataset://wine/wine.csv");
+    assert!(logs.contains(&format!("{at}: in this node's cache, verified")), "{logs}");
+
+    // One byte of the cached file changes: detected, fetched again, and the job trains as before.
+    let cached = fleet.work_dir("node-a").join("datasets").join(&sha).join("files").join("wine.csv");
+    let text = std::fs::read_to_string(&cached).unwrap();
+    std::fs::write(&cached, text.replacen("14.23", "14.24", 1)).unwrap();
+    let (_, logs) = train_on(&fleet, "dataset://wine/wine.csv");
+    let refetched = format!("{at}: the cached copy is corrupt (`wine.csv` does not match its sha256): fetched {size}");
+    assert!(logs.contains(&refetched), "{logs}");
+    assert_eq!(accuracy(&logs), reference);
+    assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(&wine).unwrap());
+}
+
+#[test]
+fn bad_references_and_other_users_data_sets_are_refused_at_submit() {
+    let fleet = Fleet::start();
+    // A folder: every regular file under it, by its relative path.
+    let folder = fleet.dir.path().join("corpus");
+    std::fs::create_dir_all(folder.join("more")).unwrap();
+    std::fs::write(folder.join("a.txt"), "in the beginning").unwrap();
+    std::fs::write(folder.join("more").join("b.txt"), "and the earth").unwrap();
+    let alice = fleet.cli_as(Some(&fleet.token("alice", "user")));
+    let pushed: serde_json::Value =
+        serde_json::from_str(&alice.ok(&["dataset", "push", "corpus", folder.to_str().unwrap(), "-o", "json"]))
+            .unwrap();
+    let paths: Vec<&str> = pushed["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!((paths, pushed["owner"].as_str()), (vec!["a.txt", "more/b.txt"], Some("alice")));
+
+    let spec = |path: &str| format!("name: t\ntrain: {{model: transformer, dataset: {{text: '{path}'}}}}\n");
+    let never = fleet.cli().try_submit(&spec("dataset://nope/a.txt")).unwrap_err();
+    assert!(never.contains("train.dataset.text: no data set `nope` was pushed"), "{never}");
+    let missing = fleet.cli().try_submit(&spec("dataset://corpus/c.txt")).unwrap_err();
+    assert!(missing.contains("no file or folder `c.txt` in it (it holds a.txt, more/b.txt)"), "{missing}");
+    let malformed = fleet.cli().try_submit(&spec("dataset://Corpus/a.txt")).unwrap_err();
+    assert!(malformed.contains("data set name `Corpus`"), "{malformed}");
+
+    // Another user may neither train on alice's data set nor push over it.
+    let bob = fleet.cli_as(Some(&fleet.token("bob", "user")));
+    let denied = bob.try_submit(&spec("dataset://corpus/a.txt")).unwrap_err();
+    assert!(denied.contains("bob (user) may not train on alice's data set"), "{denied}");
+    let out = bob.gantry(&["dataset", "push", "corpus", folder.join("a.txt").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not push alice's data set"));
+    assert!(alice.try_submit(&spec("dataset://corpus/more")).is_ok(), "a folder of it");
+    let listed = fleet.json(&["dataset", "list"]);
+    assert_eq!(listed[0]["versions"], 1, "the refused push left nothing");
+}

@@ -1,0 +1,79 @@
+//! `gantry dataset push` and `list`: a data set's upload, verified before it becomes the name's
+//! newest version, and the records as the wire carries them.
+
+use gantry_proto::v1;
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+
+use crate::auth::{Action, Principal, audit, authorize};
+use crate::control::Coordinator;
+use crate::records::{DatasetRecord, DatasetVersion, FileRecord};
+
+pub(crate) fn version_to_proto(record: &DatasetRecord, v: &DatasetVersion) -> v1::Dataset {
+    v1::Dataset {
+        name: record.name.clone(),
+        sha256: v.sha256.clone(),
+        bytes: v.bytes,
+        files: v
+            .files
+            .iter()
+            .map(|f| v1::FileDigest { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() })
+            .collect(),
+        pushed_at_ms: v.pushed_at_ms,
+        owner: record.owner.clone(),
+        versions: record.versions.len() as u32,
+    }
+}
+
+/// A push: its header, then its files' chunks, verified before it is recorded.
+pub(crate) async fn receive(
+    coordinator: &Coordinator,
+    who: &Principal,
+    mut stream: impl Stream<Item = Result<v1::DatasetData, Status>> + Unpin,
+) -> Result<v1::Dataset, Status> {
+    use v1::dataset_data::Part;
+    let header = match stream.next().await.transpose()? {
+        Some(v1::DatasetData { part: Some(Part::Header(h)) }) => h,
+        _ => return Err(Status::invalid_argument("a data set push must start with its header")),
+    };
+    gantry_core::spec::check_dataset_name(&header.name).map_err(crate::Error::InvalidArgument)?;
+    let owner = match coordinator.dataset(&header.name)? {
+        Some(record) => record.owner,
+        None => who.name.clone(),
+    };
+    authorize(who, Action::PushDataset { owner: &owner })?;
+    if header.files.is_empty() {
+        return Err(crate::Error::InvalidArgument("a data set needs at least one file".into()).into());
+    }
+    let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
+    let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
+    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), bytes, longest)?;
+    let files = header.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect();
+    let announced = DatasetVersion { sha256: String::new(), bytes, files, pushed_at_ms: 0, location: None };
+    let mut incoming = coordinator.files.begin_dataset(announced)?;
+    loop {
+        let failed = match stream.next().await.transpose() {
+            Ok(Some(v1::DatasetData { part: Some(Part::Chunk(c)) })) => {
+                match incoming.chunk(&c.path, c.offset, &c.data).await {
+                    Ok(()) => continue,
+                    Err(e) => e.into(),
+                }
+            }
+            Ok(Some(_)) => Status::invalid_argument("a data set push has one header"),
+            Ok(None) => break,
+            Err(e) => e,
+        };
+        incoming.abandon().await;
+        return Err(failed);
+    }
+    let uploaded = incoming.finish().await?;
+    let committed = coordinator.commit_dataset(&header.name, &owner, uploaded.clone());
+    // Not recorded, or the same bytes were stored before: this upload's files are not referenced.
+    if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
+        coordinator.files.discard(uploaded.location.as_deref()).await;
+    }
+    let version = committed?;
+    audit(who, "push data set", &format!("{}@{}", header.name, version.sha256));
+    let record = coordinator.dataset(&header.name)?.expect("just committed");
+    Ok(version_to_proto(&record, &version))
+}
