@@ -112,6 +112,21 @@ pub struct JobView {
     /// A replica: the serve job it belongs to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_of: Option<String>,
+    /// The pushed data sets it reads, pinned to their versions: `dataset://NAME@SHA256/PATH`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+}
+
+/// A spec's `dataset://` references, as the coordinator pinned them.
+fn pushed_datasets(spec: &v1::JobSpec) -> Vec<String> {
+    let Ok(mut spec) = gantry_core::JobSpec::try_from(spec.clone()) else { return Vec::new() };
+    let Some(train) = spec.train.as_mut() else { return Vec::new() };
+    train
+        .file_paths_mut()
+        .into_iter()
+        .filter(|(_, p)| p.starts_with(gantry_core::spec::PUSHED_SCHEME))
+        .map(|(_, p)| p.clone())
+        .collect()
 }
 
 /// One copy of a serve job: `{"job_id": "7", "state": "ready", "node": "n1", "url": "http://...", "from": "3@690"}`.
@@ -170,6 +185,7 @@ pub fn state(job: &v1::Job) -> &'static str {
 impl From<&v1::Job> for JobView {
     fn from(job: &v1::Job) -> Self {
         let spec = job.spec.clone().unwrap_or_default();
+        let datasets = pushed_datasets(&spec);
         let queued = state(job) == "queued";
         let attempts: Vec<AttemptView> = job
             .attempts
@@ -224,6 +240,7 @@ impl From<&v1::Job> for JobView {
                 .collect(),
             replicas: job.replicas.iter().map(ReplicaView::from).collect(),
             replica_of: (!job.replica_of.is_empty()).then(|| job.replica_of.clone()),
+            datasets,
         }
     }
 }

@@ -50,8 +50,8 @@ fn a_pushed_table_is_fetched_once_shared_kept_across_an_agent_restart_and_fetche
     let reference = accuracy(&logs);
     assert!(reference >= 0.9, "wine from the pushed table: test accuracy {reference}\n{logs}");
     // The coordinator pinned the version the job trains on.
-    let job = fleet.json(&["job", &first]).to_string();
-    assert!(job.contains(&format!("dataset://wine@{sha}/wine.csv")), "{job}");
+    let job = fleet.json(&["job", &first]);
+    assert_eq!(job["datasets"][0].as_str(), Some(format!("dataset://wine@{sha}/wine.csv").as_str()), "{job}");
 
     // A second job (naming the whole data set: its one file) reads the node's copy.
     let (_, logs) = train_on(&fleet, "dataset://wine");

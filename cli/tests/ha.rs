@@ -452,6 +452,13 @@ fn with_checkpoints_in_s3_a_job_resumes_through_a_new_leader_with_its_own_data_d
     let mut fleet = HaFleet::start_with(Some(("s3://gantry-checkpoints/cluster-a".into(), s3.env())));
     fleet.start_agent("node-a");
     fleet.wait_connected("node-a");
+    // A data set pushed through this leader goes to the bucket as well.
+    let wine = support::repo_root().join("examples/wine/wine.csv");
+    let pushed = fleet.cli(&fleet.urls()).json(&["dataset", "push", "wine", wine.to_str().unwrap()]);
+    let sha = pushed["sha256"].as_str().unwrap().to_string();
+    let stored = s3.objects(&format!("cluster-a/datasets/{sha}/"));
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].1, std::fs::metadata(&wine).unwrap().len());
     let job = fleet
         .submit(
             &fleet.urls(),
@@ -527,4 +534,14 @@ fn with_checkpoints_in_s3_a_job_resumes_through_a_new_leader_with_its_own_data_d
     assert!(std::fs::read_dir(&out).unwrap().count() > 0);
     let local = fleet.data_dir(1).join("jobs").join(&job).join("checkpoints");
     assert!(!local.exists(), "checkpoint files in {}", local.display());
+
+    // And the data set pushed through the old leader, to an agent that never had it.
+    let spec = "name: wine\nresources: {cpus: 1}\nmax_restarts: 0\n\
+                train: {model: mlp, dataset: {table: 'dataset://wine/wine.csv', label: cultivar}, epochs: 2}\n";
+    let wine_job = fleet.submit(&fleet.urls(), spec).unwrap();
+    let state = fleet.cli(&fleet.urls()).wait_state(&wine_job, &["succeeded", "failed"], Duration::from_secs(120));
+    let logs = fleet.cli(&fleet.urls()).ok(&["logs", &wine_job]);
+    assert_eq!(state, "succeeded", "{logs}");
+    assert!(logs.contains(&format!("data set wine@{}: fetched", &sha[..12])), "{logs}");
+    assert!(!fleet.data_dir(1).join("datasets").exists(), "data set files outside the bucket");
 }

@@ -62,19 +62,34 @@ pub fn check_node_name(name: &str) -> Result<()> {
     )))
 }
 
-pub fn checkpoint(limits: &Limits, files: usize, bytes: u64, longest_path: usize) -> Result<()> {
+/// The limits of an upload of files: a checkpoint, or a data set (`what` names which).
+pub fn files(limits: &Limits, what: &str, files: usize, bytes: u64, longest_path: usize) -> Result<()> {
     if files > CHECKPOINT_FILES {
-        return Err(Error::LimitExceeded(format!("a checkpoint of {files} files; the limit is {CHECKPOINT_FILES}")));
+        return Err(Error::LimitExceeded(format!("a {what} of {files} files; the limit is {CHECKPOINT_FILES}")));
     }
     if longest_path > CHECKPOINT_PATH {
         return Err(Error::LimitExceeded(format!(
-            "a checkpoint file path of {longest_path} bytes; the limit is {CHECKPOINT_PATH}"
+            "a {what} file path of {longest_path} bytes; the limit is {CHECKPOINT_PATH}"
         )));
     }
     if bytes > limits.checkpoint_bytes {
         return Err(Error::LimitExceeded(format!(
-            "a checkpoint of {bytes} bytes; the limit is {}",
+            "a {what} of {bytes} bytes; the limit is {}",
             limits.checkpoint_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// A data set version's file list is one record of the store (etcd takes at most 1.5 MiB).
+pub const DATASET_LISTING: usize = 1 << 20;
+
+/// `bytes`: about what the version's file list takes in the store.
+pub fn dataset_listing(bytes: usize) -> Result<()> {
+    if bytes > DATASET_LISTING {
+        return Err(Error::LimitExceeded(format!(
+            "a data set whose file list takes about {bytes} bytes; the limit is {DATASET_LISTING} (about 9,000 files): \
+             push fewer, larger files"
         )));
     }
     Ok(())
@@ -201,9 +216,12 @@ mod tests {
         assert!(spec_size(SPEC_BYTES).is_ok());
         assert!(spec_size(SPEC_BYTES + 1).unwrap_err().to_string().contains("the limit is 1048576"));
         let l = Limits::default();
-        assert!(checkpoint(&l, CHECKPOINT_FILES + 1, 0, 1).is_err());
-        assert!(checkpoint(&l, 1, l.checkpoint_bytes + 1, 1).is_err());
-        assert!(checkpoint(&l, 1, 1, CHECKPOINT_PATH + 1).is_err());
+        let e = files(&l, "data set", CHECKPOINT_FILES + 1, 0, 1).unwrap_err().to_string();
+        assert!(e.contains("a data set of 100001 files; the limit is 100000"), "{e}");
+        assert!(files(&l, "checkpoint", 1, l.checkpoint_bytes + 1, 1).is_err());
+        assert!(files(&l, "checkpoint", 1, 1, CHECKPOINT_PATH + 1).is_err());
+        assert!(dataset_listing(DATASET_LISTING).is_ok());
+        assert!(dataset_listing(DATASET_LISTING + 1).unwrap_err().to_string().contains("push fewer, larger files"));
         assert!(log_lines(&["x".repeat(LOG_LINE + 1)]).is_err());
         assert!(log_lines(&["ok".to_string()]).is_ok());
     }

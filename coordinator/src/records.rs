@@ -159,14 +159,16 @@ pub struct CheckpointRecord {
     pub location: Option<String>,
 }
 
-/// A pushed data set: its name and every version pushed under it, oldest first. Jobs are pinned
-/// to a version's `sha256` when accepted, so a version stays readable after newer ones.
+/// One version of a pushed data set. Each version is a record of its own (keyed by name and
+/// sha256), so no record grows with a name's history; the newest is the one pushed last. Jobs
+/// are pinned to a version's `sha256` when accepted, so a version stays readable after newer ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetRecord {
     pub name: String,
-    /// Who pushed it first: only they (and admins) push new versions.
+    /// Who pushed the name first: only they (and admins) push new versions.
     pub owner: String,
-    pub versions: Vec<DatasetVersion>,
+    #[serde(flatten)]
+    pub version: DatasetVersion,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,12 +181,6 @@ pub struct DatasetVersion {
     /// Where its files are in object storage; none for the data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
-}
-
-impl DatasetRecord {
-    pub fn latest(&self) -> Option<&DatasetVersion> {
-        self.versions.last()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -160,33 +160,31 @@ mod checks {
     }
 
     pub fn datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart(f: &dyn Fixture) {
-        let version = |sha: &str, at: i64| DatasetVersion {
-            sha256: sha.into(),
-            bytes: 3,
-            files: vec![FileRecord { path: "a.csv".into(), size: 3, sha256: "f".into() }],
-            pushed_at_ms: at,
-            location: None,
+        let record = |name: &str, sha: &str, at: i64| DatasetRecord {
+            name: name.into(),
+            owner: "alice".into(),
+            version: DatasetVersion {
+                sha256: sha.into(),
+                bytes: 3,
+                files: vec![FileRecord { path: "a.csv".into(), size: 3, sha256: "f".into() }],
+                pushed_at_ms: at,
+                location: None,
+            },
         };
-        let mut wine = DatasetRecord { name: "wine".into(), owner: "alice".into(), versions: vec![version("v1", 1)] };
         {
             let s = f.open();
-            assert_eq!(s.dataset("wine").unwrap(), None);
-            s.put_dataset(&wine).unwrap();
-            wine.versions.push(version("v2", 2));
-            s.put_dataset(&wine).unwrap();
-            s.put_dataset(&DatasetRecord {
-                name: "iris".into(),
-                owner: "bob".into(),
-                versions: vec![version("v9", 3)],
-            })
-            .unwrap();
+            assert_eq!(s.dataset_versions("wine").unwrap(), []);
+            s.put_dataset(&record("wine", "v1", 1)).unwrap();
+            s.put_dataset(&record("wine", "v2", 2)).unwrap();
+            s.put_dataset(&record("iris", "v9", 3)).unwrap();
+            // v1 pushed again: the same version, now the newest.
+            s.put_dataset(&record("wine", "v1", 4)).unwrap();
         }
         let s = f.open();
-        assert_eq!(s.dataset("wine").unwrap().as_ref(), Some(&wine));
-        assert_eq!(s.dataset("wine").unwrap().unwrap().latest().unwrap().sha256, "v2");
+        assert_eq!(s.dataset_versions("wine").unwrap(), [record("wine", "v2", 2), record("wine", "v1", 4)]);
         let mut names: Vec<String> = s.datasets().unwrap().into_iter().map(|d| d.name).collect();
         names.sort();
-        assert_eq!(names, ["iris", "wine"]);
+        assert_eq!(names, ["iris", "wine", "wine"]);
     }
 
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {

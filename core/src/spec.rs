@@ -15,7 +15,7 @@ mod pushed;
 
 pub use dataset::{DatasetSpec, Holdout};
 pub use model::ModelSpec;
-pub use pushed::{PushedPath, check_name as check_dataset_name};
+pub use pushed::{PushedPath, SCHEME as PUSHED_SCHEME, check_name as check_dataset_name};
 
 /// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
 /// and why.

@@ -104,6 +104,9 @@ pub async fn describe(url: &Target, id: &str, json: bool) -> anyhow::Result<()> 
     if !view.message.is_empty() {
         outln!("message:   {}", view.message)?;
     }
+    for data in &view.datasets {
+        outln!("data:      {data}")?;
+    }
     for m in &view.metrics {
         let values: Vec<String> = m.values.iter().map(|(k, v)| format!("{k}={}", format_metric(*v))).collect();
         let straggler =

@@ -13,66 +13,74 @@ use crate::records::{DatasetRecord, DatasetVersion};
 const LISTED: usize = 5;
 
 impl Coordinator {
-    /// The name's record, if it was ever pushed.
-    pub fn dataset(&self, name: &str) -> Result<Option<DatasetRecord>> {
-        self.store.dataset(name)
+    /// The versions of `name`, the newest last (none: never pushed).
+    pub fn dataset_versions(&self, name: &str) -> Result<Vec<DatasetRecord>> {
+        self.store.dataset_versions(name)
     }
 
-    pub fn datasets(&self) -> Result<Vec<DatasetRecord>> {
-        let mut all = self.store.datasets()?;
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(all)
+    /// Each data set's newest version, by name, with how many versions it has.
+    pub fn datasets(&self) -> Result<Vec<(DatasetRecord, u32)>> {
+        let mut by_name: std::collections::BTreeMap<String, (DatasetRecord, u32)> = Default::default();
+        for record in self.store.datasets()? {
+            match by_name.get_mut(&record.name) {
+                Some((newest, count)) => {
+                    *count += 1;
+                    if record.version.pushed_at_ms > newest.version.pushed_at_ms {
+                        *newest = record;
+                    }
+                }
+                None => {
+                    by_name.insert(record.name.clone(), (record, 1));
+                }
+            }
+        }
+        Ok(by_name.into_values().collect())
     }
 
-    /// Makes a verified upload the newest version of `name`. The same bytes pushed before (under
-    /// any name) keep their first files: the returned version points at them, and the caller
-    /// deletes the upload when its location differs.
-    pub fn commit_dataset(&self, name: &str, owner: &str, uploaded: DatasetVersion) -> Result<DatasetVersion> {
+    /// Makes a verified upload the newest version of `name` (owned by `owner`). The same bytes
+    /// pushed before (under any name) keep their first files: the returned record points at
+    /// them, and the caller deletes the upload when its location differs.
+    pub fn commit_dataset(&self, name: &str, owner: &str, uploaded: DatasetVersion) -> Result<DatasetRecord> {
         let all = self.store.datasets()?;
-        let stored = all.iter().flat_map(|d| &d.versions).find(|v| v.sha256 == uploaded.sha256);
+        let stored = all.iter().find(|d| d.version.sha256 == uploaded.sha256);
         let mut version = match stored {
-            Some(v) => DatasetVersion { location: v.location.clone(), ..uploaded },
+            Some(d) => DatasetVersion { location: d.version.location.clone(), ..uploaded },
             None => uploaded,
         };
-        version.pushed_at_ms = self.now_ms();
-        let mut record = all.into_iter().find(|d| d.name == name).unwrap_or_else(|| DatasetRecord {
-            name: name.to_string(),
-            owner: owner.to_string(),
-            versions: Vec::new(),
-        });
-        if record.latest().is_some_and(|v| v.sha256 == version.sha256) {
+        let mut versions: Vec<&DatasetRecord> = all.iter().filter(|d| d.name == name).collect();
+        versions.sort_by_key(|d| d.version.pushed_at_ms);
+        if let Some(newest) = versions.last()
+            && newest.version.sha256 == version.sha256
+        {
             // Pushed again unchanged: nothing new to record.
-            return Ok(record.latest().cloned().expect("checked above"));
+            return Ok((*newest).clone());
         }
-        record.versions.push(version.clone());
+        version.pushed_at_ms = self.now_ms();
+        let record = DatasetRecord { name: name.to_string(), owner: owner.to_string(), version };
         self.store.put_dataset(&record)?;
-        info!(dataset = name, sha256 = %version.sha256, bytes = version.bytes, "data set version pushed");
-        Ok(version)
+        info!(dataset = name, sha256 = %record.version.sha256, bytes = record.version.bytes, "data set version pushed");
+        Ok(record)
     }
 
-    /// The version with this fingerprint, and the record it is under.
-    pub fn find_dataset_version(&self, sha256: &str) -> Result<(DatasetRecord, DatasetVersion)> {
-        for record in self.store.datasets()? {
-            if let Some(v) = record.versions.iter().find(|v| v.sha256 == sha256).cloned() {
-                return Ok((record, v));
-            }
-        }
-        Err(Error::DatasetVersionNotFound(sha256.to_string()))
+    /// The version with this fingerprint.
+    pub fn find_dataset_version(&self, sha256: &str) -> Result<DatasetRecord> {
+        let found = self.store.datasets()?.into_iter().find(|d| d.version.sha256 == sha256);
+        found.ok_or_else(|| Error::DatasetVersionNotFound(sha256.to_string()))
     }
 
-    /// The records of the data sets `spec` names, to check the submitter may read them.
-    pub fn datasets_named(&self, spec: &JobSpec) -> Result<Vec<DatasetRecord>> {
+    /// Who owns each data set `spec` names, to check the submitter may read them.
+    pub fn dataset_owners(&self, spec: &JobSpec) -> Result<Vec<String>> {
         let mut spec = spec.clone();
         let Some(train) = spec.train.as_mut() else { return Ok(Vec::new()) };
-        let mut found = Vec::new();
+        let mut owners = Vec::new();
         for (_, path) in train.file_paths_mut() {
             if let Some(Ok(r)) = PushedPath::parse(path)
-                && let Some(record) = self.store.dataset(&r.name)?
+                && let Some(first) = self.store.dataset_versions(&r.name)?.first()
             {
-                found.push(record);
+                owners.push(first.owner.clone());
             }
         }
-        Ok(found)
+        Ok(owners)
     }
 
     /// Rewrites every `dataset://NAME/PATH` of `spec` as `dataset://NAME@SHA256/PATH`, the
@@ -84,21 +92,22 @@ impl Coordinator {
             let Some(parsed) = PushedPath::parse(path) else { continue };
             let r = parsed.map_err(|why| Error::InvalidArgument(format!("{field}: {why}")))?;
             let refuse = |why: String| Error::InvalidArgument(format!("{field}: {why}"));
-            let record = self.store.dataset(&r.name)?.ok_or_else(|| {
-                refuse(format!(
+            let versions = self.store.dataset_versions(&r.name)?;
+            if versions.is_empty() {
+                return Err(refuse(format!(
                     "no data set `{}` was pushed: push it first with `gantry dataset push {} PATH`",
                     r.name, r.name
-                ))
-            })?;
+                )));
+            }
             let version = match &r.version {
-                Some(v) => record.versions.iter().find(|x| &x.sha256 == v),
-                None => record.latest(),
+                Some(v) => versions.iter().find(|d| &d.version.sha256 == v),
+                None => versions.last(),
             }
             .ok_or_else(|| {
                 refuse(format!("data set `{}` has no version {}", r.name, r.version.clone().unwrap_or_default()))
             })?;
-            check_inside(version, &r.path).map_err(|why| refuse(format!("data set `{}`: {why}", r.name)))?;
-            *path = r.pinned(&version.sha256).to_string();
+            check_inside(&version.version, &r.path).map_err(|why| refuse(format!("data set `{}`: {why}", r.name)))?;
+            *path = r.pinned(&version.version.sha256).to_string();
         }
         Ok(())
     }

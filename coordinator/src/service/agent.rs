@@ -122,9 +122,9 @@ impl v1::agents_server::Agents for AgentService {
         &self,
         req: Request<v1::DownloadDatasetRequest>,
     ) -> Result<Response<Self::DownloadDatasetStream>, Status> {
-        let (record, version) = self.coordinator.find_dataset_version(&req.into_inner().sha256)?;
-        let header = super::datasets::version_to_proto(&record, &version);
-        Ok(Response::new(Box::pin(super::stream_dataset(self.coordinator.files.clone(), version, header))))
+        let record = self.coordinator.find_dataset_version(&req.into_inner().sha256)?;
+        let header = super::datasets::version_to_proto(&record, 0);
+        Ok(Response::new(Box::pin(super::stream_dataset(self.coordinator.files.clone(), record.version, header))))
     }
 }
 
@@ -150,7 +150,13 @@ pub(crate) async fn receive_checkpoint(
     let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
     // The files' sizes, not the total the uploader announced, are what will be written.
     let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
-    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), bytes.max(header.bytes), longest)?;
+    crate::limits::files(
+        &coordinator.settings.limits,
+        "checkpoint",
+        header.files.len(),
+        bytes.max(header.bytes),
+        longest,
+    )?;
     let mut incoming = coordinator.files.begin(checkpoint_from_proto(header))?;
     loop {
         match stream.next().await.transpose() {

@@ -9,7 +9,9 @@ use crate::auth::{Action, Principal, audit, authorize};
 use crate::control::Coordinator;
 use crate::records::{DatasetRecord, DatasetVersion, FileRecord};
 
-pub(crate) fn version_to_proto(record: &DatasetRecord, v: &DatasetVersion) -> v1::Dataset {
+/// A version as the wire carries it; `versions`: how many the name has.
+pub(crate) fn version_to_proto(record: &DatasetRecord, versions: u32) -> v1::Dataset {
+    let v = &record.version;
     v1::Dataset {
         name: record.name.clone(),
         sha256: v.sha256.clone(),
@@ -21,7 +23,7 @@ pub(crate) fn version_to_proto(record: &DatasetRecord, v: &DatasetVersion) -> v1
             .collect(),
         pushed_at_ms: v.pushed_at_ms,
         owner: record.owner.clone(),
-        versions: record.versions.len() as u32,
+        versions,
     }
 }
 
@@ -37,8 +39,8 @@ pub(crate) async fn receive(
         _ => return Err(Status::invalid_argument("a data set push must start with its header")),
     };
     gantry_core::spec::check_dataset_name(&header.name).map_err(crate::Error::InvalidArgument)?;
-    let owner = match coordinator.dataset(&header.name)? {
-        Some(record) => record.owner,
+    let owner = match coordinator.dataset_versions(&header.name)?.first() {
+        Some(record) => record.owner.clone(),
         None => who.name.clone(),
     };
     authorize(who, Action::PushDataset { owner: &owner })?;
@@ -47,7 +49,8 @@ pub(crate) async fn receive(
     }
     let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
     let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
-    crate::limits::checkpoint(&coordinator.settings.limits, header.files.len(), bytes, longest)?;
+    crate::limits::files(&coordinator.settings.limits, "data set", header.files.len(), bytes, longest)?;
+    crate::limits::dataset_listing(header.files.iter().map(|f| f.path.len() + 100).sum())?;
     let files = header.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect();
     let announced = DatasetVersion { sha256: String::new(), bytes, files, pushed_at_ms: 0, location: None };
     let mut incoming = coordinator.files.begin_dataset(announced)?;
@@ -69,11 +72,11 @@ pub(crate) async fn receive(
     let uploaded = incoming.finish().await?;
     let committed = coordinator.commit_dataset(&header.name, &owner, uploaded.clone());
     // Not recorded, or the same bytes were stored before: this upload's files are not referenced.
-    if committed.as_ref().map_or(true, |c| c.location != uploaded.location) {
+    if committed.as_ref().map_or(true, |c| c.version.location != uploaded.location) {
         coordinator.files.discard(uploaded.location.as_deref()).await;
     }
-    let version = committed?;
-    audit(who, "push data set", &format!("{}@{}", header.name, version.sha256));
-    let record = coordinator.dataset(&header.name)?.expect("just committed");
-    Ok(version_to_proto(&record, &version))
+    let record = committed?;
+    audit(who, "push data set", &format!("{}@{}", header.name, record.version.sha256));
+    let versions = coordinator.dataset_versions(&header.name)?.len() as u32;
+    Ok(version_to_proto(&record, versions))
 }

@@ -59,8 +59,8 @@ impl v1::gantry_server::Gantry for UserService {
                 .map_err(|e| crate::Error::PermissionDenied(format!("{field}: {e}")))?;
         }
         // Training on a pushed data set is reading it: only those the caller may read.
-        for record in self.coordinator.datasets_named(&spec)? {
-            authorize(&who, Action::UseDataset { owner: &record.owner })?;
+        for owner in self.coordinator.dataset_owners(&spec)? {
+            authorize(&who, Action::UseDataset { owner: &owner })?;
         }
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
@@ -283,8 +283,8 @@ impl v1::gantry_server::Gantry for UserService {
     ) -> Result<Response<v1::ListDatasetsResponse>, Status> {
         allowed(&req, Action::SeeFleet)?;
         let datasets = self.coordinator.datasets()?;
-        let latest = datasets.iter().filter_map(|d| Some(super::datasets::version_to_proto(d, d.latest()?)));
-        Ok(Response::new(v1::ListDatasetsResponse { datasets: latest.collect() }))
+        let newest = datasets.iter().map(|(d, versions)| super::datasets::version_to_proto(d, *versions));
+        Ok(Response::new(v1::ListDatasetsResponse { datasets: newest.collect() }))
     }
 
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {

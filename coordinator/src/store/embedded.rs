@@ -382,7 +382,8 @@ impl StateStore for EmbeddedStore {
     }
 
     fn put_dataset(&self, record: &DatasetRecord) -> Result<()> {
-        self.write(Change::Dataset { name: record.name.clone(), bytes: serde_json::to_vec(record)? }).map(|_| ())
+        let key = format!("{}/{}", record.name, record.version.sha256);
+        self.write(Change::Dataset { name: key, bytes: serde_json::to_vec(record)? }).map(|_| ())
     }
 
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {

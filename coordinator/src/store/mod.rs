@@ -76,14 +76,17 @@ pub trait StateStore: Send + Sync {
     /// Every token, by name.
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
 
-    /// Stores a data set's record, replacing the one of the same name.
+    /// Stores a data set version's record, replacing the one of the same name and sha256.
     fn put_dataset(&self, record: &DatasetRecord) -> Result<()>;
 
-    /// Every data set's record, by name.
+    /// Every version of every data set.
     fn datasets(&self) -> Result<Vec<DatasetRecord>>;
 
-    fn dataset(&self, name: &str) -> Result<Option<DatasetRecord>> {
-        Ok(self.datasets()?.into_iter().find(|d| d.name == name))
+    /// The versions of data set `name`, the one pushed last last (none: never pushed).
+    fn dataset_versions(&self, name: &str) -> Result<Vec<DatasetRecord>> {
+        let mut versions: Vec<DatasetRecord> = self.datasets()?.into_iter().filter(|d| d.name == name).collect();
+        versions.sort_by_key(|d| d.version.pushed_at_ms);
+        Ok(versions)
     }
 
     /// True once this store may no longer write (another coordinator leads).

@@ -352,7 +352,8 @@ impl StateStore for EtcdStore {
     }
 
     fn put_dataset(&self, record: &DatasetRecord) -> Result<()> {
-        self.put(self.key(&format!("datasets/{}", record.name)), serde_json::to_vec(record)?).map(|_| ())
+        let key = self.key(&format!("datasets/{}/{}", record.name, record.version.sha256));
+        self.put(key, serde_json::to_vec(record)?).map(|_| ())
     }
 
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {
