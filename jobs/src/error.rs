@@ -65,8 +65,8 @@ pub enum JobsError {
     Weights { path: PathBuf, reason: String },
 
     /// A data set file cannot be read or does not parse: where, and why.
-    #[error("data set {path}{}: {reason}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
-    DataFile { path: PathBuf, line: Option<usize>, reason: String },
+    #[error("data set {path}{}: {reason}", at.as_ref().map(|a| format!(" {a}")).unwrap_or_default())]
+    DataFile { path: PathBuf, at: Option<String>, reason: String },
 
     /// A GPU named for the run lacks what the CUDA backend needs besides it: the driver's
     /// library, NVRTC, the CUDA headers (one entry each). The run trains on the CPU and says so.

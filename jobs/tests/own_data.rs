@@ -102,6 +102,57 @@ fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated(
     assert!(err.ends_with("it holds mlp(hidden=32x16), this job's model is mlp(hidden=8)"), "{err}");
 }
 
+/// Converts a CSV file to Parquet with pyarrow (as pandas writes them), compressed with `codec`.
+fn to_parquet(csv: &Path, codec: &str) -> PathBuf {
+    let out = csv.with_extension("parquet");
+    let script = format!(
+        "import pyarrow.csv as c, pyarrow.parquet as p; p.write_table(c.read_csv({csv:?}), {out:?}, compression={codec:?})",
+        csv = csv.display().to_string(),
+        out = out.display().to_string(),
+    );
+    let status = std::process::Command::new("python3").args(["-c", &script]).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "python3 with pyarrow writes the Parquet files of this test: pip install pyarrow (.ci/run does)"
+    );
+    out
+}
+
+#[test]
+fn a_parquet_table_trains_as_its_csv_does_and_a_null_is_refused_with_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = to_parquet(&write(dir.path(), "train.csv", &blobs(240, 1)), "snappy");
+    let test = to_parquet(&write(dir.path(), "test.csv", &blobs(90, 2)), "zstd");
+    let spec = TrainSpec {
+        model: ModelSpec { hidden: Some(vec![32, 16]), ..ModelSpec::of(ModelKind::Mlp) },
+        dataset: DatasetSpec::Table {
+            path: train.display().to_string(),
+            label: "species".into(),
+            holdout: Holdout::File(test.display().to_string()),
+        },
+        epochs: 15,
+        batch_size: 32,
+        learning_rate: 0.01,
+        ..TrainSpec::default()
+    };
+    let (outcome, out) = trained(&spec, None);
+    assert!(out.lines().next().unwrap().contains(" params=739 train_samples=240 test_samples=90 "), "{out}");
+    assert!(outcome.test_accuracy >= 0.95, "{outcome:?}");
+
+    let holes = write(dir.path(), "holes.csv", "a,b,y\n1.5,2,x\n2.5,,y\n");
+    let holes = to_parquet(&holes, "snappy");
+    let spec = TrainSpec {
+        dataset: DatasetSpec::Table {
+            path: holes.display().to_string(),
+            label: "y".into(),
+            holdout: Holdout::Fraction(0.5),
+        },
+        ..spec
+    };
+    let err = run(&spec, None).0.unwrap_err().to_string();
+    assert_eq!(err, format!("data set {} row 2: column `b`: `null` is not a finite number", holes.display()));
+}
+
 #[test]
 fn a_text_corpus_trains_a_sized_transformer_with_its_tail_held_out() {
     let dir = tempfile::tempdir().unwrap();

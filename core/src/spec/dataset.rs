@@ -1,5 +1,6 @@
 //! `train.dataset`: a data set built into the runtime by name (`digits`, `genesis`), or the
-//! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header),
+//! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header, or
+//! Parquet),
 //! `{images: DIR, size: [H, W]}` (a folder per class) or `{text: PATH}` (plain text), each
 //! with its held-out part as `test: PATH` or `test_fraction: F`.
 
@@ -17,8 +18,8 @@ pub const PATH_LIMIT: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetSpec {
     Builtin(DatasetKind),
-    /// Rows of a CSV file: numeric feature columns and one label column (a class, by number
-    /// or by name).
+    /// Rows of a CSV or Parquet file: numeric feature columns and one label column (a class, by
+    /// number or by name).
     Table {
         path: String,
         label: String,

@@ -6,6 +6,7 @@
 mod digits;
 mod genesis;
 mod images;
+mod parquet;
 mod table;
 mod text;
 

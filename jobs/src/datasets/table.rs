@@ -1,5 +1,5 @@
-//! Tables: a CSV file with a header, one label column (a class, by number or by name) and
-//! numeric feature columns. Features are standardised with the training rows' mean and standard
+//! Tables: a CSV file with a header, or a Parquet file, with one label column (a class, by
+//! number or by name) and numeric feature columns. Features are standardised with the training rows' mean and standard
 //! deviation, which the checkpoint keeps so a served model reads new rows the same way.
 
 use std::collections::BTreeMap;
@@ -24,11 +24,12 @@ pub(crate) struct Table {
     pub(crate) shape: InputShape,
 }
 
-/// One file as read: feature values row-major, and each row's label text with its line.
-struct Rows {
-    columns: Vec<String>,
-    x: Vec<f32>,
-    labels: Vec<(String, usize)>,
+/// One file as read: feature values row-major, and each row's label text with where it is
+/// (`line 7` of a CSV file, `row 6` of a Parquet file).
+pub(super) struct Rows {
+    pub(super) columns: Vec<String>,
+    pub(super) x: Vec<f32>,
+    pub(super) labels: Vec<(String, String)>,
 }
 
 impl Table {
@@ -63,9 +64,11 @@ impl Table {
         let class_of = |rows: &Rows, file: &Path| -> Result<Vec<i64>, JobsError> {
             rows.labels
                 .iter()
-                .map(|(text, line)| {
-                    index.get(text.as_str()).copied().ok_or_else(|| {
-                        data_error(file, Some(*line), format!("label `{text}` is not among the training rows' classes"))
+                .map(|(text, at)| {
+                    index.get(text.as_str()).copied().ok_or_else(|| JobsError::DataFile {
+                        path: file.to_path_buf(),
+                        at: Some(at.clone()),
+                        reason: format!("label `{text}` is not among the training rows' classes"),
                     })
                 })
                 .collect()
@@ -108,7 +111,30 @@ impl Rows {
     }
 }
 
+/// A Parquet file by its name (`.parquet`, `.pq`), else CSV.
 fn read_rows(path: &Path, label: &str) -> Result<Rows, JobsError> {
+    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    match extension.as_deref() {
+        Some("parquet" | "pq") => super::parquet::read_rows(path, label),
+        _ => read_csv(path, label),
+    }
+}
+
+/// The label column's position in `header` and the feature columns, or why not.
+pub(super) fn split_header(header: &[String], label: &str) -> Result<(usize, Vec<String>), String> {
+    let label_at = header
+        .iter()
+        .position(|h| h == label)
+        .ok_or_else(|| format!("no column `{label}` to take labels from; the columns are {}", header.join(", ")))?;
+    let columns: Vec<String> =
+        header.iter().enumerate().filter(|(i, _)| *i != label_at).map(|(_, h)| h.clone()).collect();
+    if columns.is_empty() {
+        return Err(format!("`{label}` is the only column: there are no features"));
+    }
+    Ok((label_at, columns))
+}
+
+fn read_csv(path: &Path, label: &str) -> Result<Rows, JobsError> {
     let at = |line: Option<u64>, reason: String| data_error(path, line.map(|l| l as usize), reason);
     let csv_error = |e: csv::Error| {
         let line = e.position().map(|p| p.line());
@@ -123,14 +149,7 @@ fn read_rows(path: &Path, label: &str) -> Result<Rows, JobsError> {
     };
     let mut reader = csv::ReaderBuilder::new().has_headers(true).from_path(path).map_err(csv_error)?;
     let header: Vec<String> = reader.headers().map_err(csv_error)?.iter().map(|h| h.trim().to_string()).collect();
-    let label_at = header.iter().position(|h| h == label).ok_or_else(|| {
-        at(Some(1), format!("no column `{label}` to take labels from; the columns are {}", header.join(", ")))
-    })?;
-    let columns: Vec<String> =
-        header.iter().enumerate().filter(|(i, _)| *i != label_at).map(|(_, h)| h.clone()).collect();
-    if columns.is_empty() {
-        return Err(at(Some(1), format!("`{label}` is the only column: there are no features")));
-    }
+    let (label_at, columns) = split_header(&header, label).map_err(|why| at(Some(1), why))?;
     let mut rows = Rows { columns, x: Vec::new(), labels: Vec::new() };
     for record in reader.records() {
         let record = record.map_err(csv_error)?;
@@ -141,7 +160,7 @@ fn read_rows(path: &Path, label: &str) -> Result<Rows, JobsError> {
                 if field.is_empty() {
                     return Err(at(Some(line), format!("column `{label}`: the label is empty")));
                 }
-                rows.labels.push((field.to_string(), line as usize));
+                rows.labels.push((field.to_string(), format!("line {line}")));
                 continue;
             }
             match field.parse::<f32>() {
@@ -158,7 +177,7 @@ fn read_rows(path: &Path, label: &str) -> Result<Rows, JobsError> {
 
 /// The distinct labels, in class order: by value where all are numbers (so classes `0..9`
 /// are classes 0 to 9), by text otherwise.
-fn classes(labels: &[(String, usize)]) -> Vec<String> {
+fn classes(labels: &[(String, String)]) -> Vec<String> {
     let mut distinct: Vec<String> = labels.iter().map(|(t, _)| t.clone()).collect();
     distinct.sort();
     distinct.dedup();
@@ -219,7 +238,8 @@ mod tests {
 
     #[test]
     fn numeric_labels_are_classes_in_numeric_order() {
-        let labels: Vec<(String, usize)> = ["10", "9", "2", "9"].iter().map(|t| (t.to_string(), 0)).collect();
+        let labels: Vec<(String, String)> =
+            ["10", "9", "2", "9"].iter().map(|t| (t.to_string(), String::new())).collect();
         assert_eq!(classes(&labels), ["2", "9", "10"]);
     }
 

@@ -98,7 +98,7 @@ fn read_text(path: &Path) -> Result<String, JobsError> {
 }
 
 pub(super) fn data_error(path: &Path, line: Option<usize>, reason: String) -> JobsError {
-    JobsError::DataFile { path: path.to_path_buf(), line, reason }
+    JobsError::DataFile { path: path.to_path_buf(), at: line.map(|l| format!("line {l}")), reason }
 }
 
 /// Consecutive windows of a token stream.
