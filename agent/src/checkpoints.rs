@@ -273,6 +273,14 @@ pub async fn download(client: &mut crate::coordinators::Client, r: &v1::Checkpoi
 
 const MISMATCH: &str = "files do not match their sha256 listing";
 
+/// A relative, '/'-separated path of plain names: no `..`, `.`, empty parts or control
+/// characters.
+fn inside(path: &str) -> bool {
+    !path.is_empty()
+        && !path.chars().any(char::is_control)
+        && path.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 /// Writes a download's chunks (each file's in order, files one after another) under `dest`,
 /// created, then checks that exactly `files` are there with their sizes and sha256.
 pub async fn receive_files(
@@ -281,13 +289,20 @@ pub async fn receive_files(
     mut chunks: impl tokio_stream::Stream<Item = Result<v1::FileChunk>> + Unpin,
 ) -> Result<()> {
     use tokio::io::AsyncWriteExt;
+    // Every listed path is checked before anything is written: nothing lands outside `dest`.
+    let mut seen = BTreeSet::new();
+    for f in files {
+        if !inside(&f.path) || !seen.insert(f.path.as_str()) {
+            return Err(Error::Checkpoint(format!("refusing listed file `{}`", f.path.escape_debug())));
+        }
+    }
     tokio::fs::create_dir_all(dest).await.map_err(Error::io(format!("creating {}", dest.display())))?;
     let mut current: Option<(String, tokio::fs::File)> = None;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         if current.as_ref().map(|(p, _)| p != &chunk.path).unwrap_or(true) {
-            if !files.iter().any(|f| f.path == chunk.path) || chunk.path.split('/').any(|c| c == ".." || c.is_empty()) {
-                return Err(Error::Checkpoint(format!("unexpected file `{}` in download", chunk.path)));
+            if !seen.contains(chunk.path.as_str()) {
+                return Err(Error::Checkpoint(format!("unexpected file `{}` in download", chunk.path.escape_debug())));
             }
             let target = dest.join(&chunk.path);
             if let Some(parent) = target.parent() {
@@ -386,5 +401,22 @@ mod tests {
         let c = std::ffi::CString::new(pipe.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert!(open_below(job.path(), &pipe, false).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_download_listing_a_path_outside_its_directory_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("in");
+        for bad in ["../outside", "a/../../outside", "/etc/x", "a//b", "./a", "a\nb", ""] {
+            let files = [v1::FileDigest { path: bad.into(), size: 0, sha256: String::new() }];
+            let got = receive_files(&dest, &files, tokio_stream::empty()).await;
+            assert!(got.is_err(), "{bad:?} accepted");
+        }
+        assert!(!dir.path().join("outside").exists() && !dest.exists());
+        let twice = [
+            v1::FileDigest { path: "a".into(), size: 0, sha256: String::new() },
+            v1::FileDigest { path: "a".into(), size: 0, sha256: String::new() },
+        ];
+        assert!(receive_files(&dest, &twice, tokio_stream::empty()).await.is_err());
     }
 }

@@ -205,10 +205,8 @@ impl DatasetCache {
     {
         let entry = self.entry(sha256);
         let incoming = self.root.join(format!(".incoming-{sha256}"));
-        for stale in [&incoming, &entry] {
-            if stale.exists() {
-                std::fs::remove_dir_all(stale).map_err(Error::io(format!("removing {}", stale.display())))?;
-            }
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming).map_err(Error::io(format!("removing {}", incoming.display())))?;
         }
         std::fs::create_dir_all(&incoming).map_err(Error::io(format!("creating {}", incoming.display())))?;
         let fetched = fetch(incoming.join(FILES)).await;
@@ -226,7 +224,15 @@ impl DatasetCache {
         let manifest = serde_json::to_vec(&Manifest::of(&files)).map_err(|e| Error::Dataset(e.to_string()))?;
         std::fs::write(incoming.join(MANIFEST), manifest).map_err(Error::io("writing a data set's manifest"))?;
         // Whole or not at all: a crash leaves an `.incoming-` folder, removed by the next fetch.
+        // A copy found corrupt is swapped out, not removed first: a job reading it keeps its
+        // open files, and every path resolves to an intact copy at any moment.
+        let replaced = self.root.join(format!(".replaced-{sha256}"));
+        let _ = std::fs::remove_dir_all(&replaced);
+        if entry.exists() {
+            std::fs::rename(&entry, &replaced).map_err(Error::io(format!("moving {} aside", entry.display())))?;
+        }
         std::fs::rename(&incoming, &entry).map_err(Error::io(format!("moving {} into place", entry.display())))?;
+        let _ = std::fs::remove_dir_all(&replaced);
         Ok(files.iter().map(|f| f.size).sum())
     }
 
@@ -254,7 +260,16 @@ impl DatasetCache {
     fn evict(&self) {
         for sha256 in to_evict(&self.entries(), self.limit_bytes) {
             let entry = self.entry(&sha256);
-            match std::fs::remove_dir_all(&entry) {
+            let doomed = self.root.join(format!(".evicting-{sha256}"));
+            {
+                // Taken by a job since the listing: kept. Otherwise moved aside while no job can
+                // take it, so a job that takes it next finds it absent and fetches it.
+                let holders = self.holders.lock().expect("holders lock");
+                if holders.contains_key(&sha256) || std::fs::rename(&entry, &doomed).is_err() {
+                    continue;
+                }
+            }
+            match std::fs::remove_dir_all(&doomed) {
                 Ok(()) => tracing::info!(%sha256, "evicted a data set version from the cache"),
                 Err(e) => tracing::warn!(%sha256, error = %e, "could not evict a data set version"),
             }
@@ -419,22 +434,31 @@ mod tests {
         assert!(!dir.path().join(version(PICS)).exists());
     }
 
+    const TEXT: &[(&str, &[u8])] = &[("a.txt", b"hello")];
+
     #[tokio::test]
     async fn versions_no_job_holds_are_evicted_oldest_first_above_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        // Room for one of the two.
-        let cache = Arc::new(DatasetCache::new(dir.path().to_path_buf(), 20));
-        let (wine, pics) = (version(WINE), version(PICS));
+        let (wine, pics, text) = (version(WINE), version(PICS), version(TEXT));
+        // Held by a running job: kept even above the limit.
+        let cache = Arc::new(DatasetCache::new(dir.path().to_path_buf(), 10));
         let held = cache.acquire(&wine, source(WINE, calls.clone())).await.unwrap();
-        let (pics_lease, _, _) = cache.acquire(&pics, source(PICS, calls.clone())).await.unwrap();
-        assert!(dir.path().join(&wine).exists(), "held by a running job: kept above the limit");
-        drop(held);
-        drop(pics_lease);
+        let pics_lease = cache.acquire(&pics, source(PICS, calls.clone())).await.unwrap();
+        assert!(dir.path().join(&wine).exists() && dir.path().join(&pics).exists());
+        drop((held, pics_lease));
+        // 8 + 20 + 5 bytes against a limit of 30: the least recently used one goes (wine, not
+        // the larger pics), and only as many as needed.
+        let cache = Arc::new(DatasetCache::new(dir.path().to_path_buf(), 30));
+        for (sha, files) in [(&wine, WINE), (&pics, PICS)] {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let _used = cache.acquire(sha, source(files, calls.clone())).await.unwrap();
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let _again = cache.acquire(&wine, source(WINE, calls.clone())).await.unwrap();
-        assert!(dir.path().join(&wine).exists());
-        assert!(!dir.path().join(&pics).exists(), "the least recently used one goes");
+        let _text = cache.acquire(&text, source(TEXT, calls.clone())).await.unwrap();
+        let left: Vec<bool> = [&wine, &pics, &text].iter().map(|s| dir.path().join(s).exists()).collect();
+        assert_eq!(left, [false, true, true]);
+        assert!(!dir.path().join(format!(".evicting-{wine}")).exists());
     }
 
     #[test]

@@ -49,6 +49,16 @@ impl Coordinator {
         };
         let mut versions: Vec<&DatasetRecord> = all.iter().filter(|d| d.name == name).collect();
         versions.sort_by_key(|d| d.version.pushed_at_ms);
+        // Checked when the push began, and again now: another user's first push of the name may
+        // have committed while this one was uploading.
+        if let Some(first) = versions.first()
+            && first.owner != owner
+        {
+            return Err(Error::PermissionDenied(format!(
+                "data set `{name}` was pushed by {} while this push was uploading: it is theirs",
+                first.owner
+            )));
+        }
         if let Some(newest) = versions.last()
             && newest.version.sha256 == version.sha256
         {

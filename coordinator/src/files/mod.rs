@@ -94,8 +94,15 @@ pub fn fingerprint(files: &[FileRecord]) -> String {
 pub fn safe_relative(path: &str) -> Result<PathBuf> {
     let p = Path::new(path);
     let ok = !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
-    if !ok {
-        return Err(Error::InvalidArgument(format!("file path `{path}` must be relative, without `..`")));
+    // Checked on the text, not only on `components` (which reads `a/./b` and `a//b` as `a/b`):
+    // the path is part of a version's fingerprint, so it must have exactly one spelling, and no
+    // line break can make two listings hash alike.
+    let plain = path.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    if !ok || !plain || path.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!(
+            "file path `{}` must be relative, without `.`, `..`, empty parts or control characters",
+            path.escape_debug()
+        )));
     }
     Ok(p.to_path_buf())
 }
@@ -119,7 +126,7 @@ impl FileStorage {
     }
 
     pub fn begin(&self, header: CheckpointRecord) -> Result<Incoming<CheckpointRecord>> {
-        let upload = format!("a{}-{}", header.attempt, upload_id());
+        let upload = format!("a{}-{}", header.attempt, upload_id()?);
         let place = Place::Checkpoint { job: &header.job_id, step: header.step };
         let sink = self.sink(place, &header.files, &upload)?;
         Ok(Incoming { header, next_file: 0, current: None, sink })
@@ -129,7 +136,7 @@ impl FileStorage {
     pub fn begin_dataset(&self, mut header: DatasetVersion) -> Result<Incoming<DatasetVersion>> {
         // Named by what it announces, never by what the sender says it is.
         header.sha256 = fingerprint(&header.files);
-        let sink = self.sink(Place::Dataset { sha256: &header.sha256 }, &header.files, &upload_id())?;
+        let sink = self.sink(Place::Dataset { sha256: &header.sha256 }, &header.files, &upload_id()?)?;
         Ok(Incoming { header, next_file: 0, current: None, sink })
     }
 
@@ -232,11 +239,14 @@ impl Sink {
     }
 }
 
-/// A name no other upload in flight has: ranks may upload the same step at once.
-fn upload_id() -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{}-{n}", std::process::id())
+/// A name no other upload has, in this process or any other coordinator, before or after a
+/// restart: ranks may upload the same step at once, and the same data set version may be pushed
+/// by several people. An upload only ever writes, and deletes, under its own name.
+fn upload_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Io { context: "naming an upload".into(), source: std::io::Error::other(e.to_string()) })?;
+    Ok(hex::encode(bytes))
 }
 
 /// One upload in progress.

@@ -178,16 +178,23 @@ async fn push(storage: &FileStorage, files: &[(&str, &[u8])]) -> Result<DatasetV
 
 #[tokio::test]
 async fn a_data_set_version_is_named_by_its_files_and_stored_once_per_name() {
-    for (_dir, storage, store) in [on_disk_with_no_store(), in_memory_with_store()] {
+    for (dir, storage, store) in [on_disk_with_no_store(), in_memory_with_store()] {
         let first = push(&storage, &[("train/a.png", b"png"), ("labels.csv", b"x,y")]).await.unwrap();
         assert_eq!(first.sha256, fingerprint(&first.files), "the fingerprint, not what the sender said");
         assert_eq!(first.bytes, 6);
         let again = push(&storage, &[("train/a.png", b"png"), ("labels.csv", b"x,y")]).await.unwrap();
         assert_eq!(again.sha256, first.sha256);
-        if let Some(store) = store {
-            // Two uploads of one version: the caller keeps the first and discards the second.
-            storage.discard(again.location.as_deref()).await;
-            assert_eq!(object_keys(&store).await.len(), 2);
+        match store {
+            Some(store) => {
+                // Two uploads of one version: the caller keeps the first and discards the second.
+                assert_ne!(again.location, first.location);
+                storage.discard(again.location.as_deref()).await;
+                assert_eq!(object_keys(&store).await.len(), 2);
+            }
+            None => {
+                let kept: Vec<_> = std::fs::read_dir(dir.path().join("datasets")).unwrap().collect();
+                assert_eq!(kept.len(), 1, "one folder, no upload left behind: {kept:?}");
+            }
         }
         let mut pieces = Vec::new();
         for piece in
@@ -225,5 +232,8 @@ fn a_file_listed_twice_is_refused() {
 fn paths_outside_the_checkpoint_are_refused() {
     assert!(safe_relative("../x").is_err());
     assert!(safe_relative("/etc/passwd").is_err());
-    assert!(safe_relative("a/./b").is_ok());
+    assert!(safe_relative("a/b.csv").is_ok());
+    for bad in ["a/./b", "a//b", "a/", "a.csv 0123\nb.csv", ""] {
+        assert!(safe_relative(bad).is_err(), "{bad:?}");
+    }
 }
