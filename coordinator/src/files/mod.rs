@@ -45,11 +45,9 @@ impl Manifest for CheckpointRecord {
         &self.files
     }
 
-    fn received(mut self, location: Option<String>) -> Self {
-        self.location = location;
-        self.bytes = self.files.iter().map(|f| f.size).sum();
-        self.sha256 = fingerprint(&self.files);
-        self
+    fn received(self, location: Option<String>) -> Self {
+        let (bytes, sha256) = totals(&self.files);
+        CheckpointRecord { location, bytes, sha256, ..self }
     }
 }
 
@@ -58,12 +56,15 @@ impl Manifest for DatasetVersion {
         &self.files
     }
 
-    fn received(mut self, location: Option<String>) -> Self {
-        self.location = location;
-        self.bytes = self.files.iter().map(|f| f.size).sum();
-        self.sha256 = fingerprint(&self.files);
-        self
+    fn received(self, location: Option<String>) -> Self {
+        let (bytes, sha256) = totals(&self.files);
+        DatasetVersion { location, bytes, sha256, ..self }
     }
+}
+
+/// What received files add up to: their bytes and their fingerprint.
+fn totals(files: &[FileRecord]) -> (u64, String) {
+    (files.iter().map(|f| f.size).sum(), fingerprint(files))
 }
 
 /// Where one set of files belongs.
