@@ -34,6 +34,10 @@ pub struct InputShape {
     /// the training rows: new input is scaled the same way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scale: Vec<(f32, f32)>,
+    /// A regression: the (mean, standard deviation) the target column was standardised with,
+    /// from the training rows. The model predicts one standardised number (`classes` is 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<(f32, f32)>,
 }
 
 impl InputShape {
@@ -48,7 +52,15 @@ impl InputShape {
     }
 
     pub(crate) fn numbers(width: usize, classes: usize) -> InputShape {
-        InputShape { width, classes, image: None, columns: Vec::new(), labels: Vec::new(), scale: Vec::new() }
+        InputShape {
+            width,
+            classes,
+            image: None,
+            columns: Vec::new(),
+            labels: Vec::new(),
+            scale: Vec::new(),
+            target: None,
+        }
     }
 }
 

@@ -159,6 +159,7 @@ mod tests {
         let model = M::init(&Arch { model: ModelSpec::of(kind), input }, 7, &FlexDevice);
         let indices: Vec<usize> = (0..n).collect();
         let (x, y) = examples.batch::<Train>(&indices, &FlexDevice);
+        let y = y.classes();
         let loss_fn = CrossEntropyLossConfig::new().init::<Train>(&FlexDevice);
 
         let reference = Compute::F32.forward(&model, x.clone());

@@ -49,6 +49,12 @@ impl Predictor {
     /// model's shapes.
     pub fn load(dir: &Path) -> Result<Predictor, JobsError> {
         let state = checkpoint::read_state(dir)?;
+        if state.input.target.is_some() {
+            // Its one output is a standardised number, not class scores: not served as those.
+            let reason =
+                "serving a regression model (a table's `target`) is not there yet: only classifiers are served";
+            return Err(JobsError::Spec(reason.into()));
+        }
         let device = NdArrayDevice::Cpu;
         let arch = Arch { model: state.model_spec.clone(), input: state.input.clone() };
         let net = match state.model_spec.kind {

@@ -63,6 +63,7 @@ fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated(
             path: train_csv.display().to_string(),
             label: "species".into(),
             holdout: Holdout::File(test_csv.display().to_string()),
+            regression: false,
         },
         epochs: 15,
         batch_size: 32,
@@ -102,6 +103,52 @@ fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated(
     assert!(err.ends_with("it holds mlp(hidden=32x16), this job's model is mlp(hidden=8)"), "{err}");
 }
 
+/// Homes: three columns at very different scales and a price that is a fixed linear
+/// combination of them plus a little noise.
+fn homes(rows: usize, seed: u64) -> String {
+    let mut state = seed;
+    let mut noise = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    };
+    let mut csv = String::from("rooms,area,age,price\n");
+    for _ in 0..rows {
+        let (rooms, area, age) = (3.0 + 4.0 * noise(), 150.0 + 200.0 * noise(), 0.5 + noise());
+        let price = 20.0 * rooms + 1.5 * area - 60.0 * age + 4.0 * noise();
+        csv.push_str(&format!("{rooms:.3},{area:.2},{age:.4},{price:.2}\n"));
+    }
+    csv
+}
+
+#[test]
+fn a_regression_table_predicts_its_target_on_held_out_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let train_csv = write(dir.path(), "train.csv", &homes(240, 5));
+    let test_csv = write(dir.path(), "test.csv", &homes(90, 6));
+    let spec = TrainSpec {
+        model: ModelSpec { hidden: Some(vec![32]), ..ModelSpec::of(ModelKind::Mlp) },
+        dataset: DatasetSpec::Table {
+            path: train_csv.display().to_string(),
+            label: "price".into(),
+            holdout: Holdout::File(test_csv.display().to_string()),
+            regression: true,
+        },
+        epochs: 30,
+        batch_size: 16,
+        learning_rate: 0.01,
+        ..TrainSpec::default()
+    };
+    let (outcome, out) = trained(&spec, Some(&dir.path().join("ckpt")));
+    // 3x32 + 32 + 32x1 + 1 weights: one output.
+    assert!(out.lines().next().unwrap().contains(" params=161 "), "{out}");
+    let done = out.lines().find(|l| l.starts_with("done ")).unwrap();
+    assert!(done.contains(" test_r2="), "{done}");
+    // The noise is about 1% of the price's spread: a good fit explains nearly all of it.
+    assert!(outcome.test_accuracy >= 0.95, "R² {}", outcome.test_accuracy);
+    let err = Predictor::load(outcome.last_checkpoint.as_ref().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("serving a regression model"), "{err}");
+}
+
 /// Converts a CSV file to Parquet with pyarrow (as pandas writes them), compressed with `codec`.
 fn to_parquet(csv: &Path, codec: &str) -> PathBuf {
     let out = csv.with_extension("parquet");
@@ -129,6 +176,7 @@ fn a_parquet_table_trains_as_its_csv_does_and_a_null_is_refused_with_its_row() {
             path: train.display().to_string(),
             label: "species".into(),
             holdout: Holdout::File(test.display().to_string()),
+            regression: false,
         },
         epochs: 15,
         batch_size: 32,
@@ -146,6 +194,7 @@ fn a_parquet_table_trains_as_its_csv_does_and_a_null_is_refused_with_its_row() {
             path: holes.display().to_string(),
             label: "y".into(),
             holdout: Holdout::Fraction(0.5),
+            regression: false,
         },
         ..spec
     };
@@ -188,6 +237,7 @@ fn a_data_file_that_does_not_parse_is_refused_with_its_name_and_line() {
             path: csv.display().to_string(),
             label: "label".into(),
             holdout: Holdout::Fraction(0.5),
+            regression: false,
         },
         ..TrainSpec::default()
     };

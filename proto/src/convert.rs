@@ -99,10 +99,13 @@ impl From<&JobSpec> for v1::JobSpec {
 }
 
 fn file_dataset(d: &DatasetSpec) -> Option<v1::FileDataset> {
-    let (mut size, mut augment) = (Vec::new(), false);
+    let (mut size, mut augment, mut regression) = (Vec::new(), false, false);
     let (path, label, holdout) = match d {
         DatasetSpec::Builtin(_) => return None,
-        DatasetSpec::Table { path, label, holdout } => (path, label.clone(), holdout),
+        DatasetSpec::Table { path, label, holdout, regression: r } => {
+            regression = *r;
+            (path, label.clone(), holdout)
+        }
         DatasetSpec::Images { path, size: s, augment: a, holdout } => {
             (size, augment) = (s.to_vec(), *a);
             (path, String::new(), holdout)
@@ -113,7 +116,7 @@ fn file_dataset(d: &DatasetSpec) -> Option<v1::FileDataset> {
         Holdout::File(test) => v1::file_dataset::Holdout::Test(test.clone()),
         Holdout::Fraction(f) => v1::file_dataset::Holdout::TestFraction(*f),
     };
-    Some(v1::FileDataset { path: path.clone(), label, holdout: Some(holdout), size, augment })
+    Some(v1::FileDataset { path: path.clone(), label, holdout: Some(holdout), size, augment, regression })
 }
 
 /// Names on the wire, as in a spec file: one this build does not know is refused.
@@ -147,7 +150,9 @@ fn dataset_spec(kind: &str, files: Option<v1::FileDataset>) -> Result<DatasetSpe
         None => Err(missing("spec.train.file_dataset.holdout")),
     };
     match (kind, files) {
-        ("table", Some(f)) => Ok(DatasetSpec::Table { holdout: holdout(&f)?, path: f.path, label: f.label }),
+        ("table", Some(f)) => {
+            Ok(DatasetSpec::Table { holdout: holdout(&f)?, path: f.path, label: f.label, regression: f.regression })
+        }
         ("text", Some(f)) => Ok(DatasetSpec::Text { holdout: holdout(&f)?, path: f.path }),
         ("images", Some(f)) => {
             let [h, w] = f.size[..] else {
@@ -286,6 +291,7 @@ mod tests {
     fn sized_models_and_file_data_sets_round_trip_through_the_wire() {
         for train in [
             "{model: {kind: mlp, hidden: [32, 16]}, dataset: {table: a.csv, label: y, test: b.csv}}",
+            "{model: mlp, dataset: {table: homes.parquet, target: price}}",
             "{model: {kind: transformer, layers: 3, context: 32}, dataset: {text: t.txt, test_fraction: 0.1}}",
             "{model: {kind: cnn, channels: [4, 8], image: [1, 16, 16]}, dataset: {images: p, size: [16, 16], augment: true}}",
         ] {

@@ -1,6 +1,6 @@
 //! `train.dataset`: a data set built into the runtime by name (`digits`, `genesis`), or the
 //! user's own files, read on the agent: `{table: PATH, label: COLUMN}` (CSV with a header, or
-//! Parquet),
+//! Parquet; `target: COLUMN` for a regression),
 //! `{images: DIR, size: [H, W]}` (a folder per class) or `{text: PATH}` (plain text), each
 //! with its held-out part as `test: PATH` or `test_fraction: F`.
 
@@ -18,12 +18,13 @@ pub const PATH_LIMIT: usize = 4096;
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetSpec {
     Builtin(DatasetKind),
-    /// Rows of a CSV or Parquet file: numeric feature columns and one label column (a class, by
-    /// number or by name).
+    /// Rows of a CSV or Parquet file: numeric feature columns and one column to predict, `label`
+    /// (a class, by number or by name) or, with `regression`, a number (`target:` in a spec).
     Table {
         path: String,
         label: String,
         holdout: Holdout,
+        regression: bool,
     },
     /// A folder per class of PNG and JPEG images, resized to `size` ([height, width]); with
     /// `augment`, each training image is randomly cropped and flipped every epoch.
@@ -97,9 +98,10 @@ impl DatasetSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let (path, holdout, kind) = match self {
             DatasetSpec::Builtin(_) => return Ok(()),
-            DatasetSpec::Table { path, label, holdout } => {
+            DatasetSpec::Table { path, label, holdout, regression } => {
                 if label.is_empty() {
-                    return Err(SpecError::new("train.dataset.label", "must name a column"));
+                    let field = if *regression { "train.dataset.target" } else { "train.dataset.label" };
+                    return Err(SpecError::new(field, "must name a column"));
                 }
                 (path, holdout, "table")
             }
@@ -149,8 +151,7 @@ impl std::fmt::Display for DatasetSpec {
     }
 }
 
-/// The mapping form, as written. `target` is named so that a spec using it is told it is not
-/// read yet, rather than that it is unknown.
+/// The mapping form, as written.
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Files {
@@ -166,7 +167,7 @@ struct Files {
     augment: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     label: Option<String>,
-    #[serde(default, skip_serializing)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     test: Option<String>,
@@ -176,9 +177,6 @@ struct Files {
 
 impl Files {
     fn into_spec(self) -> Result<DatasetSpec, String> {
-        if self.target.is_some() {
-            return Err("regression (`target`) is not trained yet: give `label` for classification".into());
-        }
         let holdout = match (self.test, self.test_fraction) {
             (Some(_), Some(_)) => return Err("give `test` or `test_fraction`, not both".into()),
             (Some(test), None) => Holdout::File(test),
@@ -189,12 +187,16 @@ impl Files {
             (Some(_), None, None) | (None, None, Some(_)) if image_fields => {
                 Err("`size` and `augment` apply to `images`".into())
             }
-            (Some(path), None, None) => match self.label {
-                Some(label) => Ok(DatasetSpec::Table { path, label, holdout }),
-                None => Err("a `table` needs `label`: the column to predict".into()),
+            (Some(path), None, None) => match (self.label, self.target) {
+                (Some(label), None) => Ok(DatasetSpec::Table { path, label, holdout, regression: false }),
+                (None, Some(target)) => Ok(DatasetSpec::Table { path, label: target, holdout, regression: true }),
+                (Some(_), Some(_)) => Err("give `label` (a class to predict) or `target` (a number), not both".into()),
+                (None, None) => {
+                    Err("a `table` needs `label` (the column of classes to predict) or `target` (of numbers)".into())
+                }
             },
-            (None, Some(_), None) | (None, None, Some(_)) if self.label.is_some() => {
-                Err("`label` applies to a `table` (an image's class is its folder)".into())
+            (None, Some(_), None) | (None, None, Some(_)) if self.label.is_some() || self.target.is_some() => {
+                Err("`label` and `target` apply to a `table` (an image's class is its folder)".into())
             }
             (None, Some(path), None) => match self.size {
                 Some(size) => Ok(DatasetSpec::Images { path, size, augment: self.augment.unwrap_or(false), holdout }),
@@ -210,8 +212,10 @@ impl Serialize for DatasetSpec {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (holdout, mut files) = match self {
             DatasetSpec::Builtin(kind) => return kind.serialize(s),
-            DatasetSpec::Table { path, label, holdout } => {
-                (holdout, Files { table: Some(path.clone()), label: Some(label.clone()), ..Files::default() })
+            DatasetSpec::Table { path, label, holdout, regression } => {
+                let column = Some(label.clone());
+                let (label, target) = if *regression { (None, column) } else { (column, None) };
+                (holdout, Files { table: Some(path.clone()), label, target, ..Files::default() })
             }
             DatasetSpec::Images { path, size, augment, holdout } => (
                 holdout,
@@ -268,9 +272,12 @@ mod tests {
             DatasetSpec::Table {
                 path: "data/iris.csv".into(),
                 label: "species".into(),
-                holdout: Holdout::Fraction(DEFAULT_TEST_FRACTION)
+                holdout: Holdout::Fraction(DEFAULT_TEST_FRACTION),
+                regression: false,
             }
         );
+        let prices = parse("{table: homes.parquet, target: price}").unwrap();
+        assert!(matches!(&prices, DatasetSpec::Table { label, regression: true, .. } if label == "price"));
         assert_eq!(table.to_string(), "table:data/iris.csv");
         let images = parse("{images: pics, size: [32, 48], augment: true}").unwrap();
         assert_eq!(
@@ -287,7 +294,7 @@ mod tests {
             text,
             DatasetSpec::Text { path: "corpus.txt".into(), holdout: Holdout::File("held-out.txt".into()) }
         );
-        for spec in [DatasetSpec::default(), table, images, text] {
+        for spec in [DatasetSpec::default(), table, prices, images, text] {
             let yaml = serde_yaml::to_string(&spec).unwrap();
             assert_eq!(parse(&yaml).unwrap(), spec, "{yaml}");
             let json = serde_json::to_string(&spec).unwrap();
@@ -298,14 +305,19 @@ mod tests {
     #[test]
     fn mappings_that_do_not_say_one_thing_are_refused_with_why() {
         let err = |yaml: &str| parse(yaml).unwrap_err();
-        assert!(err("{table: a.csv}").contains("a `table` needs `label`"), "{}", err("{table: a.csv}"));
+        assert!(
+            err("{table: a.csv}").contains("a `table` needs `label` (the column of classes"),
+            "{}",
+            err("{table: a.csv}")
+        );
+        assert!(err("{table: a.csv, label: y, target: z}").contains("not both"));
         assert!(err("{table: a.csv, text: b.txt, label: y}").contains("exactly one of `table`, `images` and `text`"));
-        assert!(err("{text: b.txt, label: y}").contains("`label` applies to a `table`"));
+        assert!(err("{text: b.txt, label: y}").contains("`label` and `target` apply to a `table`"));
+        assert!(err("{images: p, size: [8, 8], target: y}").contains("`label` and `target` apply to a `table`"));
         assert!(err("{text: b.txt, test: c, test_fraction: 0.1}").contains("not both"));
         assert!(err("{images: pics}").contains("`images` need `size: [HEIGHT, WIDTH]`"));
         assert!(err("{text: b.txt, size: [8, 8]}").contains("`size` and `augment` apply to `images`"));
         assert!(err("{images: pics, size: [8]}").contains("size"), "{}", err("{images: pics, size: [8]}"));
-        assert!(err("{table: a.csv, target: price}").contains("regression"));
         assert!(err("{table: a.csv, lable: y}").contains("unknown field `lable`"));
         let invalid = |yaml: &str| parse(yaml).unwrap().validate().unwrap_err().to_string();
         assert_eq!(

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use super::{BadLine, Examples, Prepared, PreparedInput, parsed_once};
+use super::{BadLine, Examples, Prepared, PreparedInput, Targets, parsed_once};
 use crate::error::JobsError;
 use crate::input::{CLASSES, FEATURES};
 use crate::rng::SplitMix64;
@@ -32,7 +32,7 @@ impl Examples for Samples {
 
     fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
         let (values, y) = self.gather(indices);
-        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y }
+        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y: Targets::Classes(y) }
     }
 }
 

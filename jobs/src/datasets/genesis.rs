@@ -33,7 +33,7 @@ mod tests {
         assert!(train.len() > 2_600 && test.len() > 250, "{} {}", train.len(), test.len());
         let (x, y) = train.batch::<NdArray>(&[0, 1], &Default::default());
         let x = x.tokens().into_data().to_vec::<i64>().unwrap();
-        let y = y.into_data().to_vec::<i64>().unwrap();
+        let y = y.classes().into_data().to_vec::<i64>().unwrap();
         let text: String = x[..12].iter().map(|&t| (t as u8 - 1 + b' ') as char).collect();
         assert_eq!(text, "In the begin");
         assert_eq!(x[1..CONTEXT], y[..CONTEXT - 1]);

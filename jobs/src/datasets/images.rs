@@ -10,7 +10,7 @@ use gantry_core::spec::Holdout;
 use image::imageops::FilterType;
 
 use super::text::data_error;
-use super::{Examples, Prepared, PreparedInput, split_by_seed};
+use super::{Examples, Prepared, PreparedInput, Targets, split_by_seed};
 use crate::error::JobsError;
 use crate::input::InputShape;
 use crate::rng::SplitMix64;
@@ -250,7 +250,7 @@ impl Examples for ImageSet {
         }
         Prepared {
             x: PreparedInput::Numbers { values, rows: indices.len() },
-            y: indices.iter().map(|&i| self.y[i]).collect(),
+            y: Targets::Classes(indices.iter().map(|&i| self.y[i]).collect()),
         }
     }
 }

@@ -18,7 +18,7 @@ pub(crate) use digits::{Samples, digits};
 pub(crate) use genesis::genesis;
 pub(crate) use images::Images;
 pub use images::{ImageRates, image_folder_rates};
-pub(crate) use table::Table;
+pub(crate) use table::{Table, TableSets};
 pub(crate) use text::{Corpus, token};
 
 use crate::error::JobsError;
@@ -36,7 +36,7 @@ pub(crate) trait Examples: Sync {
     fn prepare(&self, indices: &[usize], epoch: u32) -> Prepared;
 
     /// The inputs of `indices`, and one target per row of the logits the model gives for them.
-    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+    fn batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> (Input<B>, Target<B>) {
         self.prepare(indices, 0).tensors(device)
     }
 }
@@ -45,7 +45,51 @@ pub(crate) trait Examples: Sync {
 pub(crate) struct Prepared {
     pub(crate) x: PreparedInput,
     /// One target per row of the logits.
-    pub(crate) y: Vec<i64>,
+    pub(crate) y: Targets,
+}
+
+/// What a batch's examples are to be predicted as.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Targets {
+    /// A class (or next character) per row of the logits.
+    Classes(Vec<i64>),
+    /// A number per example: a table's `target`, standardised.
+    Values(Vec<f32>),
+}
+
+impl Targets {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Targets::Classes(y) => y.len(),
+            Targets::Values(y) => y.len(),
+        }
+    }
+}
+
+/// [`Targets`] on a device.
+pub(crate) enum Target<B: Backend> {
+    Classes(Tensor<B, 1, Int>),
+    Values(Tensor<B, 1>),
+}
+
+#[cfg(test)]
+impl<B: Backend> Target<B> {
+    /// The classes, where a test knows its data set has classes.
+    pub(crate) fn classes(self) -> Tensor<B, 1, Int> {
+        match self {
+            Target::Classes(y) => y,
+            Target::Values(_) => unreachable!("numbers where classes were expected"),
+        }
+    }
+}
+
+impl<B: Backend> Clone for Target<B> {
+    fn clone(&self) -> Self {
+        match self {
+            Target::Classes(y) => Target::Classes(y.clone()),
+            Target::Values(y) => Target::Values(y.clone()),
+        }
+    }
 }
 
 pub(crate) enum PreparedInput {
@@ -56,7 +100,7 @@ pub(crate) enum PreparedInput {
 }
 
 impl Prepared {
-    pub(crate) fn tensors<B: Backend>(self, device: &B::Device) -> (Input<B>, Tensor<B, 1, Int>) {
+    pub(crate) fn tensors<B: Backend>(self, device: &B::Device) -> (Input<B>, Target<B>) {
         let n = self.y.len();
         let x = match self.x {
             PreparedInput::Numbers { values, rows } => {
@@ -68,7 +112,11 @@ impl Prepared {
                 Input::Tokens(Tensor::from_data(TensorData::new(ids, [rows, context]), device))
             }
         };
-        (x, Tensor::from_data(TensorData::new(self.y, [n]), device))
+        let y = match self.y {
+            Targets::Classes(y) => Target::Classes(Tensor::from_data(TensorData::new(y, [n]), device)),
+            Targets::Values(y) => Target::Values(Tensor::from_data(TensorData::new(y, [n]), device)),
+        };
+        (x, y)
     }
 }
 

@@ -1,5 +1,5 @@
-//! Tables: a CSV file with a header, or a Parquet file, with one label column (a class, by
-//! number or by name) and numeric feature columns. Features are standardised with the training rows' mean and standard
+//! Tables: a CSV file with a header, or a Parquet file, with numeric feature columns and one
+//! column to predict: a label (a class, by number or by name), or a regression's target. Features are standardised with the training rows' mean and standard
 //! deviation, which the checkpoint keeps so a served model reads new rows the same way.
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::path::Path;
 use gantry_core::spec::Holdout;
 
 use super::text::data_error;
-use super::{Samples, split_by_seed};
+use super::{Examples, Prepared, PreparedInput, Samples, Targets, split_by_seed};
 use crate::error::JobsError;
 use crate::input::InputShape;
 
@@ -19,9 +19,34 @@ const SPLIT_STREAM: u64 = u64::MAX - 3;
 
 /// A table, split and standardised: what the MLP trains and is evaluated on, and its shape.
 pub(crate) struct Table {
-    pub(crate) train: Samples,
-    pub(crate) test: Samples,
+    pub(crate) sets: TableSets,
     pub(crate) shape: InputShape,
+}
+
+/// The training and held-out rows: with classes, or with numbers to predict.
+pub(crate) enum TableSets {
+    Classes(Samples, Samples),
+    Values(Valued, Valued),
+}
+
+/// Rows of `width` numbers with a standardised number to predict each.
+pub(crate) struct Valued {
+    width: usize,
+    x: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Examples for Valued {
+    fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
+        let w = self.width;
+        let values = indices.iter().flat_map(|&i| self.x[i * w..(i + 1) * w].iter().copied()).collect();
+        let y = indices.iter().map(|&i| self.y[i]).collect();
+        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y: Targets::Values(y) }
+    }
 }
 
 /// One file as read: feature values row-major, and each row's label text with where it is
@@ -33,9 +58,15 @@ pub(super) struct Rows {
 }
 
 impl Table {
-    /// The table at `path`, with its label column `label`, held out as `holdout` says (rows
-    /// drawn by `seed` for a fraction).
-    pub(crate) fn read(path: &Path, label: &str, holdout: &Holdout, seed: u64) -> Result<Table, JobsError> {
+    /// The table at `path`, with its label column `label` (with `regression`, its target
+    /// column), held out as `holdout` says (rows drawn by `seed` for a fraction).
+    pub(crate) fn read(
+        path: &Path,
+        label: &str,
+        holdout: &Holdout,
+        seed: u64,
+        regression: bool,
+    ) -> Result<Table, JobsError> {
         let rows = read_rows(path, label)?;
         let (train, test, test_path) = match holdout {
             Holdout::Fraction(f) => {
@@ -54,6 +85,32 @@ impl Table {
                 (rows, test, test_path)
             }
         };
+        let width = train.columns.len();
+        let scale = standardisation(&train.x, width);
+        let standardise = |mut x: Vec<f32>| {
+            for row in x.chunks_mut(width.max(1)) {
+                for (v, (mean, std)) in row.iter_mut().zip(&scale) {
+                    *v = (*v - mean) / std;
+                }
+            }
+            x
+        };
+        if regression {
+            let (train_y, test_y) = (numbers(&train, path, label)?, numbers(&test, test_path, label)?);
+            let (mean, std) = standardisation(&train_y, 1)[0];
+            let z = |y: Vec<f32>| y.into_iter().map(|v| (v - mean) / std).collect();
+            let shape = InputShape {
+                columns: train.columns.clone(),
+                scale: scale.clone(),
+                target: Some((mean, std)),
+                ..InputShape::numbers(width, 1)
+            };
+            let sets = TableSets::Values(
+                Valued { width, x: standardise(train.x), y: z(train_y) },
+                Valued { width, x: standardise(test.x), y: z(test_y) },
+            );
+            return Ok(Table { sets, shape });
+        }
         let classes = classes(&train.labels);
         if classes.len() < 2 || classes.len() > MAX_CLASSES {
             let reason =
@@ -74,29 +131,17 @@ impl Table {
                 .collect()
         };
         let (train_y, test_y) = (class_of(&train, path)?, class_of(&test, test_path)?);
-        let width = train.columns.len();
-        let scale = standardisation(&train.x, width);
-        let standardise = |mut x: Vec<f32>| {
-            for row in x.chunks_mut(width.max(1)) {
-                for (v, (mean, std)) in row.iter_mut().zip(&scale) {
-                    *v = (*v - mean) / std;
-                }
-            }
-            x
-        };
         let shape = InputShape {
-            width,
-            classes: classes.len(),
-            image: None,
             columns: train.columns.clone(),
-            labels: classes,
+            labels: classes.clone(),
             scale: scale.clone(),
+            ..InputShape::numbers(width, classes.len())
         };
-        Ok(Table {
-            train: Samples { width, x: standardise(train.x), y: train_y },
-            test: Samples { width, x: standardise(test.x), y: test_y },
-            shape,
-        })
+        let sets = TableSets::Classes(
+            Samples { width, x: standardise(train.x), y: train_y },
+            Samples { width, x: standardise(test.x), y: test_y },
+        );
+        Ok(Table { sets, shape })
     }
 }
 
@@ -175,6 +220,21 @@ fn read_csv(path: &Path, label: &str) -> Result<Rows, JobsError> {
     Ok(rows)
 }
 
+/// A regression's targets: the label column's values, which must be finite numbers.
+fn numbers(rows: &Rows, file: &Path, column: &str) -> Result<Vec<f32>, JobsError> {
+    rows.labels
+        .iter()
+        .map(|(text, at)| match text.parse::<f32>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => Err(JobsError::DataFile {
+                path: file.to_path_buf(),
+                at: Some(at.clone()),
+                reason: format!("column `{column}`: the target `{text}` is not a finite number"),
+            }),
+        })
+        .collect()
+}
+
 /// The distinct labels, in class order: by value where all are numbers (so classes `0..9`
 /// are classes 0 to 9), by text otherwise.
 fn classes(labels: &[(String, String)]) -> Vec<String> {
@@ -222,18 +282,45 @@ mod tests {
             text.push_str(&format!("{},{},{}\n", i, ["cat", "dog"][i % 2], 2 * i));
         }
         let path = write(dir.path(), "a.csv", &text);
-        let t = Table::read(&path, "kind", &Holdout::Fraction(0.2), 7).unwrap();
-        assert_eq!((t.train.y.len(), t.test.y.len()), (40, 10));
-        assert_eq!((t.shape.width, t.shape.classes), (2, 2));
-        assert_eq!(t.shape.columns, ["size", "weight"]);
-        assert_eq!(t.shape.labels, ["cat", "dog"]);
-        let mean: f32 = t.train.x.iter().step_by(2).sum::<f32>() / 40.0;
+        let classes = |seed| {
+            let t = Table::read(&path, "kind", &Holdout::Fraction(0.2), seed, false).unwrap();
+            let TableSets::Classes(train, test) = t.sets else { panic!("classes expected") };
+            (train, test, t.shape)
+        };
+        let (train, test, shape) = classes(7);
+        assert_eq!((train.y.len(), test.y.len()), (40, 10));
+        assert_eq!((shape.width, shape.classes), (2, 2));
+        assert_eq!(shape.columns, ["size", "weight"]);
+        assert_eq!(shape.labels, ["cat", "dog"]);
+        let mean: f32 = train.x.iter().step_by(2).sum::<f32>() / 40.0;
         assert!(mean.abs() < 1e-5, "standardised column mean {mean}");
-        let again = Table::read(&path, "kind", &Holdout::Fraction(0.2), 7).unwrap();
-        assert_eq!(again.test.y, t.test.y);
-        assert_eq!(again.test.x, t.test.x);
-        let other = Table::read(&path, "kind", &Holdout::Fraction(0.2), 8).unwrap();
-        assert_ne!(other.test.x, t.test.x, "another seed holds out other rows");
+        let (_, again, _) = classes(7);
+        assert_eq!((&again.y, &again.x), (&test.y, &test.x));
+        let (_, other, _) = classes(8);
+        assert_ne!(other.x, test.x, "another seed holds out other rows");
+    }
+
+    #[test]
+    fn a_regression_target_is_standardised_and_kept_for_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::from("size,price\n");
+        for i in 0..20 {
+            text.push_str(&format!("{i},{}\n", 100 + 10 * i));
+        }
+        let path = write(dir.path(), "homes.csv", &text);
+        let t = Table::read(&path, "price", &Holdout::Fraction(0.25), 3, true).unwrap();
+        let TableSets::Values(train, test) = t.sets else { panic!("values expected") };
+        assert_eq!((train.len(), test.len(), t.shape.classes), (15, 5, 1));
+        let (mean, std) = t.shape.target.unwrap();
+        let restored: Vec<f32> = train.y.iter().map(|z| z * std + mean).collect();
+        assert!(restored.iter().all(|p| (p - 100.0) % 10.0 < 1e-3 || (p - 100.0) % 10.0 > 9.999), "{restored:?}");
+        assert!(train.y.iter().sum::<f32>().abs() < 1e-4, "standardised: mean 0");
+        let bad = write(dir.path(), "bad.csv", "size,price\n1,2\n2,n/a\n3,4\n");
+        let e = Table::read(&bad, "price", &Holdout::Fraction(0.34), 3, true).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!("data set {} line 3: column `price`: the target `n/a` is not a finite number", bad.display())
+        );
     }
 
     #[test]
@@ -248,7 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = |text: &str, label: &str| {
             let path = write(dir.path(), "bad.csv", text);
-            let err = Table::read(&path, label, &Holdout::Fraction(0.5), 1).err().unwrap().to_string();
+            let err = Table::read(&path, label, &Holdout::Fraction(0.5), 1, false).err().unwrap().to_string();
             err.strip_prefix(&format!("data set {}", path.display())).unwrap().to_string()
         };
         assert_eq!(err("a,y\n1,0\nx,1\n", "y"), " line 3: column `a`: `x` is not a finite number");
@@ -258,7 +345,8 @@ mod tests {
         assert_eq!(err("a,y\n", "y"), ": no rows below the header");
         let train = write(dir.path(), "train.csv", "a,y\n1,0\n2,1\n");
         let test = write(dir.path(), "test.csv", "a,y\n1,0\n2,7\n");
-        let e = Table::read(&train, "y", &Holdout::File(test.display().to_string()), 1).err().unwrap().to_string();
+        let e =
+            Table::read(&train, "y", &Holdout::File(test.display().to_string()), 1, false).err().unwrap().to_string();
         assert_eq!(e, format!("data set {} line 3: label `7` is not among the training rows' classes", test.display()));
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use gantry_core::spec::Holdout;
 
-use super::{BadLine, Examples, Prepared, PreparedInput};
+use super::{BadLine, Examples, Prepared, PreparedInput, Targets};
 use crate::error::JobsError;
 
 pub(crate) fn token(c: u8) -> Option<i64> {
@@ -120,7 +120,7 @@ impl Examples for Windows<'_> {
             x.extend_from_slice(&self.tokens[start..start + context]);
             y.extend_from_slice(&self.tokens[start + 1..start + context + 1]);
         }
-        Prepared { x: PreparedInput::Tokens { ids: x, rows: n }, y }
+        Prepared { x: PreparedInput::Tokens { ids: x, rows: n }, y: Targets::Classes(y) }
     }
 }
 

@@ -153,7 +153,7 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
             None => (GradientsParams::new(), 0.0),
             Some(prepared) => {
                 let (x, y) = prepared.tensors::<B>(self.device);
-                let loss = self.loss_fn.forward(self.compute.forward(&self.model, x), y);
+                let loss = super::eval::loss(&self.loss_fn, self.compute.forward(&self.model, x), y);
                 let value = loss.clone().into_scalar().elem::<f64>();
                 (GradientsParams::from_grads(loss.backward(), &self.model), value)
             }
@@ -204,13 +204,14 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
     fn report(&mut self, tally: &Tally, took: Duration, out: &mut dyn Write) -> Result<(), JobsError> {
         let (test_loss, acc) = self.test.evaluate(&self.model);
         self.evaluated = Some((test_loss, acc));
+        let score = self.test.score_name();
         let train_secs = took.as_secs_f64();
         let loss = tally.loss_sum / tally.batches.max(1) as f64;
         let samples_per_s = tally.samples as f64 / train_secs.max(1e-9);
         emit(
             out,
             format_args!(
-                "epoch={} step={} loss={loss:.6} test_loss={test_loss:.6} test_accuracy={acc:.4} \
+                "epoch={} step={} loss={loss:.6} test_loss={test_loss:.6} {score}={acc:.4} \
                  samples_per_s={samples_per_s:.0}",
                 self.pos.epoch, self.pos.step,
             ),
@@ -218,11 +219,11 @@ impl<'a, B: TrainBackend, M: Trainable<B>, E: Examples> Training<'a, B, M, E> {
         if let Some(file) = &self.env.metrics_file {
             let step_time_ms = 1000.0 * train_secs / tally.batches.max(1) as f64;
             let input_wait_ms = 1000.0 * tally.input_wait.as_secs_f64() / tally.batches.max(1) as f64;
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss, "test_loss": test_loss,
-                "test_accuracy": acc, "samples_per_s": samples_per_s, "step_time_ms": step_time_ms,
-                "input_wait_ms": input_wait_ms,
+                "samples_per_s": samples_per_s, "step_time_ms": step_time_ms, "input_wait_ms": input_wait_ms,
             });
+            line[score] = acc.into();
             append_line(file, &line.to_string())?;
         }
         Ok(())

@@ -58,9 +58,10 @@ pub struct Outcome {
     pub epochs_done: u32,
     /// Accuracy on the held-out samples at the end of the run: for the digits, those of the
     /// run's classes (360 for all ten; with `examples_per_class`, the unused training samples
-    /// too); for text, of every next character of the held-out tail.
+    /// too); for text, of every next character of the held-out tail. For a regression, R².
     pub test_accuracy: f64,
-    /// Mean cross-entropy (nats) on the same samples.
+    /// Mean cross-entropy (nats) on the same samples; for a regression, the mean squared error
+    /// on the standardised target.
     pub test_loss: f64,
     /// The last checkpoint directory written or found, when there is a checkpoint dir.
     pub last_checkpoint: Option<PathBuf>,
@@ -151,9 +152,13 @@ fn train_on<B: TrainBackend>(run: Run<B>, out: &mut dyn Write) -> Result<Outcome
                 _ => train_model::<B, Mlp<B>, _>(run, arch, out, &images.train, &images.test),
             }
         }
-        (ModelKind::Mlp, DatasetSpec::Table { path, label, holdout }) => {
-            let table = datasets::Table::read(Path::new(path), label, holdout, spec.seed)?;
-            train_model::<B, Mlp<B>, _>(run, arch(table.shape), out, &table.train, &table.test)
+        (ModelKind::Mlp, DatasetSpec::Table { path, label, holdout, regression }) => {
+            let table = datasets::Table::read(Path::new(path), label, holdout, spec.seed, *regression)?;
+            let arch = arch(table.shape);
+            match table.sets {
+                datasets::TableSets::Classes(train, test) => train_model::<B, Mlp<B>, _>(run, arch, out, &train, &test),
+                datasets::TableSets::Values(train, test) => train_model::<B, Mlp<B>, _>(run, arch, out, &train, &test),
+            }
         }
         // `check_spec` refused these already.
         (kind, dataset) => Err(JobsError::Spec(format!("model {kind} does not train on {dataset}"))),
