@@ -27,6 +27,31 @@ pub struct JobUser {
     pub gid: u32,
 }
 
+/// Refuses a work directory the job user cannot reach: a directory above it (root's home, say)
+/// that the user may not pass through would fail every job at its first file.
+pub fn check_reachable(work_dir: &Path, user: &JobUser) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let full = std::fs::canonicalize(work_dir).map_err(Error::io(format!("resolving {}", work_dir.display())))?;
+    for dir in full.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(Error::io(format!("reading {}", dir.display())))?;
+        let mode = meta.mode();
+        let passes = mode & 0o001 != 0
+            || (meta.uid() == user.uid && mode & 0o100 != 0)
+            || (meta.gid() == user.gid && mode & 0o010 != 0);
+        if !passes {
+            return Err(Error::Fatal(format!(
+                "jobs run as {} and cannot reach {}: {} (mode {:o}) does not let them pass; choose a work \
+                 directory outside it (--work-dir, or --data-dir for gantry dev), such as /var/lib/gantry",
+                user.name,
+                work_dir.display(),
+                dir.display(),
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone)]
 enum Hierarchy {
     /// cgroup v1: the directories under which job cgroups are made, per controller.
@@ -370,5 +395,30 @@ mod tests {
         assert_eq!(lookup_user("root").unwrap().uid, 0);
         let e = lookup_user("no-such-user-gantry").unwrap_err().to_string();
         assert!(e.contains("no-such-user-gantry"), "{e}");
+    }
+
+    #[test]
+    fn a_work_directory_behind_a_closed_one_is_refused_naming_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let closed = dir.path().join("home");
+        let work = closed.join("agent");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A user that owns nothing here, as the job user owns nothing of the agent's.
+        let nobody = JobUser { name: "nobody".into(), uid: 65534, gid: 65534 };
+        let e = check_reachable(&work, &nobody).unwrap_err().to_string();
+        assert!(e.contains(&format!("{} (mode 700) does not let them pass", closed.display())), "{e}");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        // Open above the temporary directory too, or the test itself runs in a closed home.
+        if dir
+            .path()
+            .ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+        {
+            assert!(check_reachable(&work, &nobody).is_ok());
+        }
     }
 }

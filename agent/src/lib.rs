@@ -109,12 +109,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     std::fs::create_dir_all(&config.work_dir).map_err(Error::io(format!("creating {}", config.work_dir.display())))?;
     let agent_key = agent_key(&config.work_dir);
     let isolation = Arc::new(isolation::Isolation::detect(&config.job_user, &agent_key)?);
-    if isolation.user.is_some() {
+    if let Some(user) = &isolation.user {
         // The job user must pass through the work directory to its own (not list it).
         use std::os::unix::fs::PermissionsExt;
         let meta =
             std::fs::metadata(&config.work_dir).map_err(Error::io(format!("reading {}", config.work_dir.display())))?;
         let mode = meta.permissions().mode() | 0o111;
+        isolation::check_reachable(&config.work_dir, user)?;
         std::fs::set_permissions(&config.work_dir, std::fs::Permissions::from_mode(mode))
             .map_err(Error::io(format!("chmod {}", config.work_dir.display())))?;
     }

@@ -21,7 +21,8 @@ pub struct CoordinatorArgs {
     /// HTTP address: `/healthz` and `/metrics`.
     #[arg(long, default_value = "127.0.0.1:7080")]
     http: String,
-    /// Where state, logs and checkpoints live [default: ~/.local/share/gantry].
+    /// Where state, logs and checkpoints live [default: ~/.local/share/gantry; as root
+    /// /var/lib/gantry].
     #[arg(long, env = "GANTRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// The state store.
@@ -139,7 +140,8 @@ pub struct AgentArgs {
     /// This machine's name in the fleet [default: the hostname].
     #[arg(long)]
     name: Option<String>,
-    /// Where jobs run and checkpoints are written [default: ~/.local/share/gantry/agent].
+    /// Where jobs run and checkpoints are written [default: ~/.local/share/gantry/agent; as root
+    /// /var/lib/gantry/agent].
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// The NVML library to load instead of the system's libnvidia-ml.so.1.
@@ -174,7 +176,8 @@ const DATASET_CACHE_GB: f64 = 50.0;
 
 #[derive(Args)]
 pub struct DevArgs {
-    /// Where state, logs, checkpoints and job directories live [default: ~/.local/share/gantry].
+    /// Where state, logs, checkpoints and job directories live [default: ~/.local/share/gantry;
+    /// as root /var/lib/gantry].
     #[arg(long, env = "GANTRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -198,7 +201,13 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     gantry_core::spec::parse_duration(text).map(Duration::from_secs).map_err(|e| e.to_string())
 }
 
+/// `~/.local/share/gantry`; for root, `/var/lib/gantry`: root's home is closed to other users,
+/// and the job user must pass through to its jobs' directories.
 fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/gantry");
+    }
     match std::env::var_os("HOME") {
         Some(home) => Path::new(&home).join(".local/share/gantry"),
         None => PathBuf::from("gantry-data"),
@@ -472,19 +481,38 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<i32> {
         None,
         "nobody".into(),
     )?;
-    let agent = tokio::spawn(gantry_agent::run(agent_config, stopped(stop_rx.clone())));
+    // An agent that cannot start (a work directory the job user cannot reach) ends the run with
+    // its reason, rather than leaving the job queued for an agent that never comes.
+    let (agent_failed, mut agent_failure) = tokio::sync::oneshot::channel();
+    let agent = tokio::spawn({
+        let stop = stopped(stop_rx.clone());
+        async move {
+            let result = gantry_agent::run(agent_config, stop).await;
+            if result.is_err() {
+                let _ = agent_failed.send(());
+            }
+            result
+        }
+    });
 
     let code = match args.run {
         Some(file) => {
             let target = crate::client::Target { urls: url.clone(), token: None, ca_pem: None };
-            let result = super::jobs::run_to_end(&target, &file, &data_dir).await;
+            let result = tokio::select! {
+                result = super::jobs::run_to_end(&target, &file, &data_dir) => Some(result),
+                Ok(()) = &mut agent_failure => None,
+            };
             let _ = stop_tx.send(true);
-            result?
+            match result {
+                Some(result) => result?,
+                None => 1,
+            }
         }
         None => {
             tokio::select! {
                 _ = shutdown_signal() => {}
                 _ = stopped(stop_rx.clone()) => {}
+                Ok(()) = &mut agent_failure => {}
             }
             let _ = stop_tx.send(true);
             0
