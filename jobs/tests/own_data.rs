@@ -52,24 +52,30 @@ fn trained(spec: &TrainSpec, checkpoints: Option<&Path>) -> (gantry_jobs::Outcom
     (outcome.unwrap(), out)
 }
 
+/// An MLP of `hidden` widths trained on table file `train` and tested on `test`, predicting
+/// `column` (a number with `regression`, else a class), at learning rate 0.01.
+fn table_spec(train: &Path, test: &Path, column: &str, regression: bool, hidden: Vec<u32>, epochs: u32) -> TrainSpec {
+    TrainSpec {
+        model: ModelSpec { hidden: Some(hidden), ..ModelSpec::of(ModelKind::Mlp) },
+        dataset: DatasetSpec::Table {
+            path: train.display().to_string(),
+            label: column.into(),
+            holdout: Holdout::File(test.display().to_string()),
+            regression,
+        },
+        epochs,
+        batch_size: if regression { 16 } else { 32 },
+        learning_rate: 0.01,
+        ..TrainSpec::default()
+    }
+}
+
 #[test]
 fn a_csv_table_trains_a_sized_mlp_and_is_served_on_raw_rows_as_it_was_evaluated() {
     let dir = tempfile::tempdir().unwrap();
     let train_csv = write(dir.path(), "train.csv", &blobs(240, 1));
     let test_csv = write(dir.path(), "test.csv", &blobs(90, 2));
-    let spec = TrainSpec {
-        model: ModelSpec { hidden: Some(vec![32, 16]), ..ModelSpec::of(ModelKind::Mlp) },
-        dataset: DatasetSpec::Table {
-            path: train_csv.display().to_string(),
-            label: "species".into(),
-            holdout: Holdout::File(test_csv.display().to_string()),
-            regression: false,
-        },
-        epochs: 15,
-        batch_size: 32,
-        learning_rate: 0.01,
-        ..TrainSpec::default()
-    };
+    let spec = table_spec(&train_csv, &test_csv, "species", false, vec![32, 16], 15);
     let (outcome, out) = trained(&spec, Some(&dir.path().join("ckpt")));
     // 4x32 + 32 + 32x16 + 16 + 16x3 + 3 weights.
     assert!(out.starts_with("start model=mlp(hidden=32x16) dataset=table:"), "{out}");
@@ -125,19 +131,7 @@ fn a_regression_table_predicts_its_target_on_held_out_rows() {
     let dir = tempfile::tempdir().unwrap();
     let train_csv = write(dir.path(), "train.csv", &homes(240, 5));
     let test_csv = write(dir.path(), "test.csv", &homes(90, 6));
-    let spec = TrainSpec {
-        model: ModelSpec { hidden: Some(vec![32]), ..ModelSpec::of(ModelKind::Mlp) },
-        dataset: DatasetSpec::Table {
-            path: train_csv.display().to_string(),
-            label: "price".into(),
-            holdout: Holdout::File(test_csv.display().to_string()),
-            regression: true,
-        },
-        epochs: 30,
-        batch_size: 16,
-        learning_rate: 0.01,
-        ..TrainSpec::default()
-    };
+    let spec = table_spec(&train_csv, &test_csv, "price", true, vec![32], 30);
     let (outcome, out) = trained(&spec, Some(&dir.path().join("ckpt")));
     // 3x32 + 32 + 32x1 + 1 weights: one output.
     assert!(out.lines().next().unwrap().contains(" params=161 "), "{out}");
@@ -170,19 +164,7 @@ fn a_parquet_table_trains_as_its_csv_does_and_a_null_is_refused_with_its_row() {
     let dir = tempfile::tempdir().unwrap();
     let train = to_parquet(&write(dir.path(), "train.csv", &blobs(240, 1)), "snappy");
     let test = to_parquet(&write(dir.path(), "test.csv", &blobs(90, 2)), "zstd");
-    let spec = TrainSpec {
-        model: ModelSpec { hidden: Some(vec![32, 16]), ..ModelSpec::of(ModelKind::Mlp) },
-        dataset: DatasetSpec::Table {
-            path: train.display().to_string(),
-            label: "species".into(),
-            holdout: Holdout::File(test.display().to_string()),
-            regression: false,
-        },
-        epochs: 15,
-        batch_size: 32,
-        learning_rate: 0.01,
-        ..TrainSpec::default()
-    };
+    let spec = table_spec(&train, &test, "species", false, vec![32, 16], 15);
     let (outcome, out) = trained(&spec, None);
     assert!(out.lines().next().unwrap().contains(" params=739 train_samples=240 test_samples=90 "), "{out}");
     assert!(outcome.test_accuracy >= 0.95, "{outcome:?}");
