@@ -49,12 +49,6 @@ impl Predictor {
     /// model's shapes.
     pub fn load(dir: &Path) -> Result<Predictor, JobsError> {
         let state = checkpoint::read_state(dir)?;
-        if state.input.target.is_some() {
-            // Its one output is a standardised number, not class scores: not served as those.
-            let reason =
-                "serving a regression model (a table's `target`) is not there yet: only classifiers are served";
-            return Err(JobsError::Spec(reason.into()));
-        }
         let device = NdArrayDevice::Cpu;
         let arch = Arch { model: state.model_spec.clone(), input: state.input.clone() };
         let net = match state.model_spec.kind {
@@ -129,9 +123,15 @@ impl Predictor {
         }
     }
 
-    /// Probabilities per example: 10 digits, a table's classes, or the vocabulary's characters.
+    /// Probabilities per example: 10 digits, a table's classes, or the vocabulary's characters
+    /// (1 for a regression: its prediction).
     pub fn classes(&self) -> usize {
         self.state.input.classes
+    }
+
+    /// Whether it predicts a number (a table's `target`) rather than class probabilities.
+    pub fn is_regression(&self) -> bool {
+        self.state.input.target.is_some()
     }
 
     /// What the model was built as and reads: a table's columns and class labels among it.
@@ -142,7 +142,8 @@ impl Predictor {
     /// Class probabilities (softmax), `rows * classes`, for `rows` examples of
     /// [`Predictor::input_width`] numbers each, row-major: digits scaled as the digits data
     /// set scales them (0..=1, the CSV's 0..16 over 16); a table's columns as in its file
-    /// (standardised here as training standardised them).
+    /// (standardised here as training standardised them). For a regression, each example's
+    /// predicted target instead, in the target column's units.
     pub fn predict_pixels(&self, rows: usize, pixels: &[f32]) -> Result<Vec<f32>, JobsError> {
         let width = self.state.input.width;
         if pixels.len() != rows * width {
@@ -167,6 +168,11 @@ impl Predictor {
             Loaded::Cnn(net) => net.forward(x),
             Loaded::Transformer(_) => return Err(self.wrong_input("pixels")),
         };
+        if let Some((mean, std)) = self.state.input.target {
+            // Trained on the standardised target: back to its units.
+            let z = logits.into_data().to_vec::<f32>().expect("f32 outputs");
+            return Ok(z.into_iter().map(|v| v * std + mean).collect());
+        }
         Ok(probabilities(logits))
     }
 

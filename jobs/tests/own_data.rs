@@ -139,8 +139,22 @@ fn a_regression_table_predicts_its_target_on_held_out_rows() {
     assert!(done.contains(" test_r2="), "{done}");
     // The noise is about 1% of the price's spread: a good fit explains nearly all of it.
     assert!(outcome.test_accuracy >= 0.95, "R² {}", outcome.test_accuracy);
-    let err = Predictor::load(outcome.last_checkpoint.as_ref().unwrap()).unwrap_err().to_string();
-    assert!(err.contains("serving a regression model"), "{err}");
+    // Served, it reads raw rows and answers in the target's units, as evaluated.
+    let predictor = Predictor::load(outcome.last_checkpoint.as_ref().unwrap()).unwrap();
+    assert!(predictor.is_regression());
+    let text = std::fs::read_to_string(&test_csv).unwrap();
+    let (mut x, mut prices) = (Vec::new(), Vec::new());
+    for line in text.lines().skip(1) {
+        let fields: Vec<f32> = line.split(',').map(|v| v.parse().unwrap()).collect();
+        x.extend_from_slice(&fields[..3]);
+        prices.push(fields[3]);
+    }
+    let predicted = predictor.predict_pixels(prices.len(), &x).unwrap();
+    let mean = prices.iter().sum::<f32>() / prices.len() as f32;
+    let sse: f32 = predicted.iter().zip(&prices).map(|(p, a)| (p - a).powi(2)).sum();
+    let sst: f32 = prices.iter().map(|a| (a - mean).powi(2)).sum();
+    let r2 = f64::from(1.0 - sse / sst);
+    assert!((r2 - outcome.test_accuracy).abs() < 1e-3, "served R² {r2}, evaluated {}", outcome.test_accuracy);
 }
 
 /// Converts a CSV file to Parquet with pyarrow (as pandas writes them), compressed with `codec`.

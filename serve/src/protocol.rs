@@ -20,8 +20,10 @@ pub type Parameters = serde_json::Map<String, Value>;
 pub const FP32: &str = "FP32";
 /// The datatype of strings.
 pub const BYTES: &str = "BYTES";
-/// The output every model has: one row of class probabilities per example.
+/// A classifier's output: one row of class probabilities per example.
 pub const PROBABILITIES: &str = "probabilities";
+/// A regression's output instead: one row of predicted numbers per example.
+pub const PREDICTIONS: &str = "predictions";
 /// The output of a text model asked to generate.
 pub const CONTINUATION: &str = "continuation";
 /// The request parameter asking a text model for a greedy continuation of that many characters.
@@ -140,12 +142,15 @@ pub enum InputKind {
 pub struct Signature {
     pub input_name: String,
     pub input: InputKind,
+    /// `probabilities` or `predictions`.
+    pub output_name: String,
+    /// Numbers per example in the output: classes, or a regression's predictions.
     pub classes: usize,
 }
 
 impl Signature {
     /// Checks `meta` declares exactly one input (FP32 `[-1, F]` or BYTES `[-1]`) and one output,
-    /// `probabilities`, FP32 `[-1, C]`.
+    /// `probabilities` (or a regression's `predictions`), FP32 `[-1, C]`.
     pub fn of(meta: &ModelMetadata) -> Result<Signature, ServeError> {
         let bad = |reason: String| Err(ServeError::Metadata(reason));
         let [input] = meta.inputs.as_slice() else {
@@ -165,14 +170,14 @@ impl Signature {
             return bad(format!("a model has exactly one output, this one declares {}", meta.outputs.len()));
         };
         let classes = match (output.name.as_str(), output.datatype.as_str(), output.shape.as_slice()) {
-            (PROBABILITIES, FP32, &[-1, c]) if c > 0 => c as usize,
+            (PROBABILITIES | PREDICTIONS, FP32, &[-1, c]) if c > 0 => c as usize,
             (name, datatype, shape) => {
                 return bad(format!(
-                    "output \"{name}\" is {datatype} {shape:?}: expected \"{PROBABILITIES}\" FP32 [-1, C]"
+                    "output \"{name}\" is {datatype} {shape:?}: expected \"{PROBABILITIES}\" or \"{PREDICTIONS}\" FP32 [-1, C]"
                 ));
             }
         };
-        Ok(Signature { input_name: input.name.clone(), input: kind, classes })
+        Ok(Signature { input_name: input.name.clone(), input: kind, output_name: output.name.clone(), classes })
     }
 }
 
@@ -182,7 +187,7 @@ pub struct Validated {
     pub input: Input,
     /// Characters to generate after each prompt (text models, `parameters.generate`).
     pub generate: Option<usize>,
-    /// Whether the response includes `probabilities`.
+    /// Whether the response includes the model's output (`probabilities`, or `predictions`).
     pub probabilities: bool,
     /// Whether the response includes `continuation` (only with `generate`).
     pub continuation: bool,
@@ -215,7 +220,7 @@ pub fn validate(request: &InferRequest, signature: &Signature) -> Result<Validat
         (probabilities, continuation) = (false, false);
         for (i, output) in wanted.iter().enumerate() {
             match output.name.as_str() {
-                PROBABILITIES => probabilities = true,
+                name if name == signature.output_name => probabilities = true,
                 CONTINUATION if generate.is_some() => continuation = true,
                 CONTINUATION => {
                     return bad(format!("outputs[{i}].name: \"{CONTINUATION}\" needs parameters.{GENERATE}"));
@@ -419,5 +424,19 @@ mod tests {
         let mut logits = pixels(64);
         logits.outputs[0].name = "logits".into();
         assert!(Signature::of(&logits).unwrap_err().to_string().contains("output \"logits\""));
+    }
+
+    #[test]
+    fn a_regression_answers_predictions_and_is_asked_for_them_by_that_name() {
+        let mut regression = pixels(3);
+        regression.outputs[0] = TensorMetadata { name: PREDICTIONS.into(), datatype: FP32.into(), shape: vec![-1, 1] };
+        let signature = Signature::of(&regression).unwrap();
+        assert_eq!((signature.output_name.as_str(), signature.classes), (PREDICTIONS, 1));
+        let mut body = tensor("pixels", json!([1, 3]), FP32, json!([1.0, 2.0, 3.0]));
+        body["outputs"] = json!([{"name": PREDICTIONS}]);
+        assert!(check(&regression, body.clone()).unwrap().probabilities);
+        body["outputs"] = json!([{"name": PROBABILITIES}]);
+        let e = check(&regression, body).unwrap_err();
+        assert!(e.contains("outputs[0].name: this model has no output \"probabilities\""), "{e}");
     }
 }

@@ -17,7 +17,7 @@ use crate::error::ServeError;
 use crate::model::Model;
 use crate::protocol::{
     self, BYTES, CONTINUATION, ErrorBody, FP32, InferRequest, InferResponse, ModelMetadata, OutputData, OutputTensor,
-    PLATFORM, PROBABILITIES, ServerMetadata, Signature,
+    PLATFORM, ServerMetadata, Signature,
 };
 use crate::stats::Stats;
 
@@ -201,7 +201,7 @@ async fn infer_body(
     let mut outputs = Vec::new();
     if checked.probabilities {
         outputs.push(OutputTensor {
-            name: PROBABILITIES.into(),
+            name: state.signature.output_name.clone(),
             shape: vec![rows as i64, state.signature.classes as i64],
             datatype: FP32.into(),
             data: OutputData::Fp32(output.probabilities),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gantry_jobs::Predictor;
-use gantry_serve::protocol::{BYTES, FP32, PROBABILITIES};
+use gantry_serve::protocol::{BYTES, FP32, PREDICTIONS, PROBABILITIES};
 use gantry_serve::{Input, Model, ModelMetadata, ServeConfig, Settings, Stats, TensorMetadata};
 
 use crate::output::outln;
@@ -143,7 +143,8 @@ fn append_line(file: &Path, line: &str) -> std::io::Result<()> {
 }
 
 /// A checkpoint's model as the server runs it: digits as FP32 `pixels` `[-1, 64]` (0..=1, as
-/// in training), text as BYTES `text` `[-1]`; `probabilities` out.
+/// in training), text as BYTES `text` `[-1]`; `probabilities` out (a regression's
+/// `predictions`, `[-1, 1]`).
 struct Served(Predictor);
 
 impl Model for Served {
@@ -160,7 +161,7 @@ impl Model for Served {
             platform: "gantry".into(),
             inputs: vec![input],
             outputs: vec![TensorMetadata {
-                name: PROBABILITIES.into(),
+                name: if self.0.is_regression() { PREDICTIONS } else { PROBABILITIES }.into(),
                 datatype: FP32.into(),
                 shape: vec![-1, self.0.classes() as i64],
             }],
