@@ -326,16 +326,15 @@ pub async fn resolve(
     for (field, path) in train.file_paths_mut() {
         let Some(parsed) = PushedPath::parse(path) else { continue };
         let r = parsed.map_err(|why| Error::Dataset(format!("{field}: {why}")))?;
-        let Some(version) = r.version.clone() else {
+        let Some(version) = r.version.as_deref() else {
             return Err(Error::Dataset(format!("{field}: `{path}` names no version (the coordinator pins it)")));
         };
+        let named = format!("{}@{}", r.name, short(version));
         let mut client = coordinators.client();
-        let fetch = |dest: PathBuf| async move { download(&mut client, &version, &dest).await };
+        let fetch = |dest: PathBuf| async move { download(&mut client, version, &dest).await };
         let (lease, files, found) =
-            cache.acquire(r.version.as_deref().expect("checked"), fetch).await.map_err(|e| {
-                Error::Dataset(format!("{}@{}: {e}", r.name, short(r.version.as_deref().unwrap_or_default())))
-            })?;
-        let at = format!("data set {}@{}", r.name, short(&lease.sha256));
+            cache.acquire(version, fetch).await.map_err(|e| Error::Dataset(format!("{named}: {e}")))?;
+        let at = format!("data set {named}");
         log.push(match found {
             Found::Cached => format!("{at}: in this node's cache, verified"),
             Found::Fetched { bytes } => format!("{at}: fetched {bytes} bytes into this node's cache"),

@@ -147,37 +147,15 @@ pub(crate) async fn receive_checkpoint(
         _ => return Err(Status::invalid_argument("a checkpoint upload must start with its header")),
     };
     coordinator.take_output(&header.job_id, header.attempt, None, StaleKind::Checkpoint)?;
-    let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
-    // The files' sizes, not the total the uploader announced, are what will be written.
-    let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
-    crate::limits::files(
-        &coordinator.settings.limits,
-        "checkpoint",
-        header.files.len(),
-        bytes.max(header.bytes),
-        longest,
-    )?;
-    let mut incoming = coordinator.files.begin(checkpoint_from_proto(header))?;
-    loop {
-        match stream.next().await.transpose() {
-            Ok(Some(v1::CheckpointUpload { part: Some(v1::checkpoint_upload::Part::Chunk(c)) })) => {
-                if let Err(e) = incoming.chunk(&c.path, c.offset, &c.data).await {
-                    incoming.abandon().await;
-                    return Err(e.into());
-                }
-            }
-            Ok(Some(_)) => {
-                incoming.abandon().await;
-                return Err(Status::invalid_argument("a checkpoint upload has one header"));
-            }
-            Ok(None) => break,
-            Err(e) => {
-                incoming.abandon().await;
-                return Err(e);
-            }
-        }
-    }
-    let uploaded = incoming.finish().await?;
+    let (bytes, longest) = super::listed(&header.files);
+    let limits = &coordinator.settings.limits;
+    crate::limits::files(limits, "checkpoint", header.files.len(), bytes.max(header.bytes), longest)?;
+    let incoming = coordinator.files.begin(checkpoint_from_proto(header))?;
+    let chunk_of = |part: v1::CheckpointUpload| match part.part {
+        Some(v1::checkpoint_upload::Part::Chunk(c)) => Some(c),
+        _ => None,
+    };
+    let uploaded = super::receive_upload(incoming, stream, chunk_of, "checkpoint upload").await?;
     let committed = coordinator.commit_checkpoint(uploaded.clone());
     // Not recorded, or the same step was recorded first from another upload: this one's
     // files are not referenced by any record.

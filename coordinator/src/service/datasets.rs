@@ -7,7 +7,7 @@ use tonic::Status;
 
 use crate::auth::{Action, Principal, audit, authorize};
 use crate::control::Coordinator;
-use crate::records::{DatasetRecord, DatasetVersion, FileRecord};
+use crate::records::{DatasetRecord, DatasetVersion};
 
 /// A version as the wire carries it; `versions`: how many the name has.
 pub(crate) fn version_to_proto(record: &DatasetRecord, versions: u32) -> v1::Dataset {
@@ -16,11 +16,7 @@ pub(crate) fn version_to_proto(record: &DatasetRecord, versions: u32) -> v1::Dat
         name: record.name.clone(),
         sha256: v.sha256.clone(),
         bytes: v.bytes,
-        files: v
-            .files
-            .iter()
-            .map(|f| v1::FileDigest { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() })
-            .collect(),
+        files: v.files.iter().map(super::file_to_proto).collect(),
         pushed_at_ms: v.pushed_at_ms,
         owner: record.owner.clone(),
         versions,
@@ -47,29 +43,17 @@ pub(crate) async fn receive(
     if header.files.is_empty() {
         return Err(crate::Error::InvalidArgument("a data set needs at least one file".into()).into());
     }
-    let longest = header.files.iter().map(|f| f.path.len()).max().unwrap_or(0);
-    let bytes = header.files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
+    let (bytes, longest) = super::listed(&header.files);
     crate::limits::files(&coordinator.settings.limits, "data set", header.files.len(), bytes, longest)?;
     crate::limits::dataset_listing(header.files.iter().map(|f| f.path.len() + 100).sum())?;
-    let files = header.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect();
+    let files = header.files.into_iter().map(super::file_from_proto).collect();
     let announced = DatasetVersion { sha256: String::new(), bytes, files, pushed_at_ms: 0, location: None };
-    let mut incoming = coordinator.files.begin_dataset(announced)?;
-    loop {
-        let failed = match stream.next().await.transpose() {
-            Ok(Some(v1::DatasetData { part: Some(Part::Chunk(c)) })) => {
-                match incoming.chunk(&c.path, c.offset, &c.data).await {
-                    Ok(()) => continue,
-                    Err(e) => e.into(),
-                }
-            }
-            Ok(Some(_)) => Status::invalid_argument("a data set push has one header"),
-            Ok(None) => break,
-            Err(e) => e,
-        };
-        incoming.abandon().await;
-        return Err(failed);
-    }
-    let uploaded = incoming.finish().await?;
+    let incoming = coordinator.files.begin_dataset(announced)?;
+    let chunk_of = |part: v1::DatasetData| match part.part {
+        Some(Part::Chunk(c)) => Some(c),
+        _ => None,
+    };
+    let uploaded = super::receive_upload(incoming, stream, chunk_of, "data set push").await?;
     let committed = coordinator.commit_dataset(&header.name, &owner, uploaded.clone());
     // Not recorded, or the same bytes were stored before: this upload's files are not referenced.
     if committed.as_ref().map_or(true, |c| c.version.location != uploaded.location) {

@@ -7,14 +7,14 @@ pub mod user;
 
 use std::pin::Pin;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use gantry_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
 
 use crate::control::Coordinator;
-use crate::files::{CHUNK, FileStorage};
+use crate::files::{CHUNK, FileStorage, Incoming, Manifest};
 use crate::records::{CheckpointRecord, DatasetVersion, FileRecord, JobRecord, JobState, StopReason};
 
 pub(crate) fn state_to_proto(s: JobState) -> v1::JobState {
@@ -138,13 +138,51 @@ pub(crate) fn checkpoint_to_proto(c: &CheckpointRecord) -> v1::Checkpoint {
         step: c.step,
         bytes: c.bytes,
         sha256: c.sha256.clone(),
-        files: c
-            .files
-            .iter()
-            .map(|f| v1::FileDigest { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() })
-            .collect(),
+        files: c.files.iter().map(file_to_proto).collect(),
         committed_at_ms: c.committed_at_ms,
     }
+}
+
+pub(crate) fn file_to_proto(f: &FileRecord) -> v1::FileDigest {
+    v1::FileDigest { path: f.path.clone(), size: f.size, sha256: f.sha256.clone() }
+}
+
+pub(crate) fn file_from_proto(f: v1::FileDigest) -> FileRecord {
+    FileRecord { path: f.path, size: f.size, sha256: f.sha256 }
+}
+
+/// What an upload's listing asks to write, for its limits: the files' total size (their sizes,
+/// not any total the sender announced; u64::MAX when they overflow it) and the longest path.
+pub(crate) fn listed(files: &[v1::FileDigest]) -> (u64, usize) {
+    let bytes = files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size)).unwrap_or(u64::MAX);
+    (bytes, files.iter().map(|f| f.path.len()).max().unwrap_or(0))
+}
+
+/// Feeds an upload's parts after its header to `incoming` (`chunk_of` says which are chunks;
+/// any other part is a second header) and verifies the last files; an upload that breaks off
+/// or fails a check is abandoned. `what` names it in errors: "a {what} has one header".
+pub(crate) async fn receive_upload<M: Manifest, P>(
+    mut incoming: Incoming<M>,
+    mut parts: impl Stream<Item = Result<P, Status>> + Unpin,
+    chunk_of: impl Fn(P) -> Option<v1::FileChunk>,
+    what: &str,
+) -> Result<M, Status> {
+    loop {
+        let failed = match parts.next().await.transpose() {
+            Ok(Some(part)) => match chunk_of(part) {
+                Some(c) => match incoming.chunk(&c.path, c.offset, &c.data).await {
+                    Ok(()) => continue,
+                    Err(e) => e.into(),
+                },
+                None => Status::invalid_argument(format!("a {what} has one header")),
+            },
+            Ok(None) => break,
+            Err(e) => e,
+        };
+        incoming.abandon().await;
+        return Err(failed);
+    }
+    Ok(incoming.finish().await?)
 }
 
 pub(crate) fn checkpoint_from_proto(c: v1::Checkpoint) -> CheckpointRecord {
@@ -154,7 +192,7 @@ pub(crate) fn checkpoint_from_proto(c: v1::Checkpoint) -> CheckpointRecord {
         step: c.step,
         bytes: c.bytes,
         sha256: c.sha256,
-        files: c.files.into_iter().map(|f| FileRecord { path: f.path, size: f.size, sha256: f.sha256 }).collect(),
+        files: c.files.into_iter().map(file_from_proto).collect(),
         committed_at_ms: c.committed_at_ms,
         location: None,
     }
