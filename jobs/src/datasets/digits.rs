@@ -16,13 +16,14 @@ const SPLIT_SEED: u64 = 0x6761_6e74_7279; // "gantry"
 /// 80% of the samples train (1,437 of 1,797), the rest (360) are held out for testing.
 const TRAIN_PERCENT: usize = 80;
 
-/// Numbered examples of `width` numbers each and a class, row-major: sample `i` is
-/// `x[i * width..(i + 1) * width]`. The digits, and the rows of a table.
+/// Numbered examples of `width` numbers each and a target, row-major: sample `i` is
+/// `x[i * width..(i + 1) * width]`. The digits, and the rows of a table. The target is a class
+/// (`i64`), or a regression's standardised number (`f32`).
 #[derive(Debug)]
-pub(crate) struct Samples {
+pub(crate) struct Samples<Y = i64> {
     pub(crate) width: usize,
     pub(crate) x: Vec<f32>,
-    pub(crate) y: Vec<i64>,
+    pub(crate) y: Vec<Y>,
 }
 
 impl Examples for Samples {
@@ -33,6 +34,31 @@ impl Examples for Samples {
     fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
         let (values, y) = self.gather(indices);
         Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y: Targets::Classes(y) }
+    }
+}
+
+impl Examples for Samples<f32> {
+    fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
+        let (values, y) = self.gather(indices);
+        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y: Targets::Values(y) }
+    }
+}
+
+impl<Y: Copy> Samples<Y> {
+    /// Copies the given samples into fresh buffers, ready to become tensors.
+    pub(crate) fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<Y>) {
+        let w = self.width;
+        let mut x = Vec::with_capacity(indices.len() * w);
+        let mut y = Vec::with_capacity(indices.len());
+        for &i in indices {
+            x.extend_from_slice(&self.x[i * w..(i + 1) * w]);
+            y.push(self.y[i]);
+        }
+        (x, y)
     }
 }
 
@@ -68,18 +94,6 @@ impl Samples {
     pub(crate) fn subset(&self, indices: &[usize]) -> Samples {
         let (x, y) = self.gather(indices);
         Samples { width: self.width, x, y }
-    }
-
-    /// Copies the given samples into fresh buffers, ready to become tensors.
-    pub(crate) fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<i64>) {
-        let w = self.width;
-        let mut x = Vec::with_capacity(indices.len() * w);
-        let mut y = Vec::with_capacity(indices.len());
-        for &i in indices {
-            x.extend_from_slice(&self.x[i * w..(i + 1) * w]);
-            y.push(self.y[i]);
-        }
-        (x, y)
     }
 }
 

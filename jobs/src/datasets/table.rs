@@ -1,5 +1,6 @@
 //! Tables: a CSV file with a header, or a Parquet file, with numeric feature columns and one
-//! column to predict: a label (a class, by number or by name), or a regression's target. Features are standardised with the training rows' mean and standard
+//! column to predict: a label (a class, by number or by name), or a regression's target.
+//! Features (and a target) are standardised with the training rows' mean and standard
 //! deviation, which the checkpoint keeps so a served model reads new rows the same way.
 
 use std::collections::BTreeMap;
@@ -8,7 +9,7 @@ use std::path::Path;
 use gantry_core::spec::Holdout;
 
 use super::text::data_error;
-use super::{Examples, Prepared, PreparedInput, Samples, Targets, split_by_seed};
+use super::{Samples, split_by_seed};
 use crate::error::JobsError;
 use crate::input::InputShape;
 
@@ -26,27 +27,7 @@ pub(crate) struct Table {
 /// The training and held-out rows: with classes, or with numbers to predict.
 pub(crate) enum TableSets {
     Classes(Samples, Samples),
-    Values(Valued, Valued),
-}
-
-/// Rows of `width` numbers with a standardised number to predict each.
-pub(crate) struct Valued {
-    width: usize,
-    x: Vec<f32>,
-    y: Vec<f32>,
-}
-
-impl Examples for Valued {
-    fn len(&self) -> usize {
-        self.y.len()
-    }
-
-    fn prepare(&self, indices: &[usize], _: u32) -> Prepared {
-        let w = self.width;
-        let values = indices.iter().flat_map(|&i| self.x[i * w..(i + 1) * w].iter().copied()).collect();
-        let y = indices.iter().map(|&i| self.y[i]).collect();
-        Prepared { x: PreparedInput::Numbers { values, rows: indices.len() }, y: Targets::Values(y) }
-    }
+    Values(Samples<f32>, Samples<f32>),
 }
 
 /// One file as read: feature values row-major, and each row's label text with where it is
@@ -106,8 +87,8 @@ impl Table {
                 ..InputShape::numbers(width, 1)
             };
             let sets = TableSets::Values(
-                Valued { width, x: standardise(train.x), y: z(train_y) },
-                Valued { width, x: standardise(test.x), y: z(test_y) },
+                Samples { width, x: standardise(train.x), y: z(train_y) },
+                Samples { width, x: standardise(test.x), y: z(test_y) },
             );
             return Ok(Table { sets, shape });
         }
@@ -122,11 +103,8 @@ impl Table {
             rows.labels
                 .iter()
                 .map(|(text, at)| {
-                    index.get(text.as_str()).copied().ok_or_else(|| JobsError::DataFile {
-                        path: file.to_path_buf(),
-                        at: Some(at.clone()),
-                        reason: format!("label `{text}` is not among the training rows' classes"),
-                    })
+                    let reason = || format!("label `{text}` is not among the training rows' classes");
+                    index.get(text.as_str()).copied().ok_or_else(|| row_error(file, at, reason()))
                 })
                 .collect()
         };
@@ -226,13 +204,14 @@ fn numbers(rows: &Rows, file: &Path, column: &str) -> Result<Vec<f32>, JobsError
         .iter()
         .map(|(text, at)| match text.parse::<f32>() {
             Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(JobsError::DataFile {
-                path: file.to_path_buf(),
-                at: Some(at.clone()),
-                reason: format!("column `{column}`: the target `{text}` is not a finite number"),
-            }),
+            _ => Err(row_error(file, at, format!("column `{column}`: the target `{text}` is not a finite number"))),
         })
         .collect()
+}
+
+/// A row's error, `at` saying where the row is (`line 7`, `row 6`).
+fn row_error(file: &Path, at: &str, reason: String) -> JobsError {
+    JobsError::DataFile { path: file.to_path_buf(), at: Some(at.to_string()), reason }
 }
 
 /// The distinct labels, in class order: by value where all are numbers (so classes `0..9`
@@ -310,7 +289,7 @@ mod tests {
         let path = write(dir.path(), "homes.csv", &text);
         let t = Table::read(&path, "price", &Holdout::Fraction(0.25), 3, true).unwrap();
         let TableSets::Values(train, test) = t.sets else { panic!("values expected") };
-        assert_eq!((train.len(), test.len(), t.shape.classes), (15, 5, 1));
+        assert_eq!((train.y.len(), test.y.len(), t.shape.classes), (15, 5, 1));
         let (mean, std) = t.shape.target.unwrap();
         let restored: Vec<f32> = train.y.iter().map(|z| z * std + mean).collect();
         assert!(restored.iter().all(|p| (p - 100.0) % 10.0 < 1e-3 || (p - 100.0) % 10.0 > 9.999), "{restored:?}");
