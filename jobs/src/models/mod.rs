@@ -3,6 +3,8 @@
 //! on a data set.
 
 mod cnn;
+mod cpu;
+mod matmul;
 mod mlp;
 mod transformer;
 
@@ -15,13 +17,18 @@ use gantry_core::spec::ModelSpec;
 
 pub(crate) use cnn::{Cnn, ConvBlockOps};
 pub(crate) use mlp::Mlp;
-pub(crate) use transformer::Transformer;
+pub(crate) use transformer::{EncoderLayerOps, Transformer};
 
 use crate::error::JobsError;
 use crate::export;
 pub(crate) use crate::import::Weights;
 use crate::input::{Input, InputShape};
 use crate::rng::SplitMix64;
+
+/// Backends every model runs on: burn's ops, with hand-written kernels where a backend has
+/// them (the CPU's).
+pub(crate) trait ModelOps: ConvBlockOps + EncoderLayerOps {}
+impl<B: ConvBlockOps + EncoderLayerOps> ModelOps for B {}
 
 /// What a model is built as: its kind and sizes from the spec, its input and output from the
 /// data set.

@@ -11,7 +11,7 @@ use super::{Outcome, TrainBackend, Trainable, Training, emit};
 use crate::datasets::{Examples, Target};
 use crate::error::JobsError;
 use crate::input::Input;
-use crate::models::ConvBlockOps;
+use crate::models::ModelOps;
 use crate::precision::Compute;
 
 /// The loss a step minimises: cross-entropy over classes, or the mean squared error of a
@@ -27,7 +27,7 @@ pub(super) fn loss<B: Backend>(ce: &CrossEntropyLoss<B>, logits: Tensor<B, 2>, t
 }
 
 /// The held-out samples as tensors, built once.
-pub(super) struct TestSet<B: ConvBlockOps> {
+pub(super) struct TestSet<B: ModelOps> {
     x: Input<B>,
     y: Target<B>,
     /// Predictions made: one per target.
@@ -36,7 +36,7 @@ pub(super) struct TestSet<B: ConvBlockOps> {
     compute: Compute,
 }
 
-impl<B: ConvBlockOps> TestSet<B> {
+impl<B: ModelOps> TestSet<B> {
     pub(super) fn new<E: Examples>(examples: &E, device: &B::Device, compute: Compute) -> Self {
         let all: Vec<usize> = (0..examples.len()).collect();
         let (x, y) = examples.batch::<B>(&all, device);

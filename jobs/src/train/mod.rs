@@ -31,7 +31,7 @@ use crate::device::{self, Device};
 use crate::env::RunEnv;
 use crate::error::JobsError;
 use crate::input::InputShape;
-use crate::models::{Arch, Cnn, ConvBlockOps, Mlp, Net, Transformer};
+use crate::models::{Arch, Cnn, Mlp, ModelOps, Net, Transformer};
 use crate::precision::Compute;
 
 /// The CPU backend; f32 so checkpoints round-trip bit-exactly.
@@ -39,8 +39,8 @@ type Cpu = NdArray<f32>;
 
 /// A backend the loop trains on: autodiff over an inner backend that evaluates, both with the
 /// CNN's conv block.
-trait TrainBackend: AutodiffBackend<InnerBackend: ConvBlockOps> + ConvBlockOps {}
-impl<B: AutodiffBackend<InnerBackend: ConvBlockOps> + ConvBlockOps> TrainBackend for B {}
+trait TrainBackend: AutodiffBackend<InnerBackend: ModelOps> + ModelOps {}
+impl<B: AutodiffBackend<InnerBackend: ModelOps> + ModelOps> TrainBackend for B {}
 
 type Adam<M, B> = OptimizerAdaptor<burn::optim::Adam, M, B>;
 type OptimRecord<M, B> = <Adam<M, B> as Optimizer<M, B>>::Record;

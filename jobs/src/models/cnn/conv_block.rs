@@ -5,24 +5,21 @@
 //! instead: matrix products over the whole batch, and their own backward pass registered with
 //! burn's autodiff graph.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use burn::backend::Autodiff;
-use burn::backend::NdArray;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ndarray::{NdArrayDevice, NdArrayTensor};
 use burn::tensor::activation::relu;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
 
 use super::kernels::{Block, Saved};
+use crate::models::cpu::{Cpu, device_tensor, values};
 
 /// Backends the CNN runs on.
 pub(crate) trait ConvBlockOps: Backend {
@@ -54,22 +51,6 @@ impl ConvBlockOps for burn_flex::Flex {}
 
 #[cfg(test)]
 impl ConvBlockOps for Autodiff<burn_flex::Flex> {}
-
-type Cpu = NdArray<f32>;
-
-/// A CPU tensor's values, borrowed where they are laid out in order (as they are here).
-fn values(t: &FloatTensor<Cpu>) -> Cow<'_, [f32]> {
-    let NdArrayTensor::F32(storage) = t else { panic!("the CPU backend computes in f32") };
-    let view = storage.view();
-    match view.to_slice() {
-        Some(values) => Cow::Borrowed(values),
-        None => Cow::Owned(view.iter().copied().collect()),
-    }
-}
-
-fn device_tensor(values: Vec<f32>, dims: &[usize]) -> FloatTensor<Cpu> {
-    Cpu::float_from_data(TensorData::new(values, dims.to_vec()), &NdArrayDevice::Cpu)
-}
 
 fn block_of(x: &[usize], weight: &[usize]) -> Block {
     Block { n: x[0], c_in: x[1], c_out: weight[0], h: x[2], w: x[3] }
@@ -137,6 +118,8 @@ impl ConvBlockOps for Autodiff<Cpu> {
 
 #[cfg(test)]
 mod tests {
+    use burn::backend::ndarray::NdArrayDevice;
+    use burn::tensor::TensorData;
     use burn::tensor::ops::PadMode;
 
     use super::*;

@@ -3,11 +3,14 @@
 //! a feed-forward of 4 x `width`), a final layer norm, and a linear head over the vocabulary.
 //! By default 2 blocks of width 64 with 4 heads, reading 64 characters.
 
+mod kernels;
+mod layer;
+mod math;
+
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::nn::attention::generate_autoregressive_mask;
-use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
@@ -17,6 +20,8 @@ use crate::export;
 use crate::import::transpose;
 use crate::input::{Input, VOCAB};
 use crate::rng::SplitMix64;
+
+pub(crate) use layer::EncoderLayerOps;
 
 const INIT_STREAM: u64 = u64::MAX - 2;
 /// GPT-2's initial spread of weights.
@@ -31,7 +36,7 @@ pub(crate) struct Transformer<B: Backend> {
     head: Linear<B>,
 }
 
-impl<B: Backend> Net<B> for Transformer<B> {
+impl<B: EncoderLayerOps> Net<B> for Transformer<B> {
     fn init(arch: &Arch, seed: u64, device: &B::Device) -> Self {
         let Sizes { width, heads, layers, context } = Sizes::of(arch);
         let blocks = TransformerEncoderConfig::new(width, 4 * width, heads, layers)
@@ -57,9 +62,10 @@ impl<B: Backend> Net<B> for Transformer<B> {
         let [batch, len] = tokens.dims();
         let device = tokens.device();
         let positions = Tensor::<B, 1, Int>::arange(0..len as i64, &device).reshape([1, len]).repeat_dim(0, batch);
-        let h = self.tokens.forward(tokens) + self.positions.forward(positions);
-        let mask = generate_autoregressive_mask::<B>(batch, len, &device);
-        let h = self.blocks.forward(TransformerEncoderInput::new(h).mask_attn(mask));
+        let mut h = self.tokens.forward(tokens) + self.positions.forward(positions);
+        for layer in &self.blocks.layers {
+            h = B::causal_layer(layer, h);
+        }
         self.head.forward(self.norm.forward(h)).reshape([batch * len, VOCAB])
     }
 

@@ -1,0 +1,455 @@
+//! Hand-written CPU kernels for one pre-norm transformer layer, forward and backward, on plain
+//! `f32` slices:
+//!
+//! ```text
+//! a  = layer_norm(x)                      (norm_attn: burn's `norm_2`)
+//! x1 = x + attention(a) W_o + b_o         (causal, `heads` heads)
+//! c  = layer_norm(x1)                     (norm_ff: burn's `norm_1`)
+//! y  = x1 + gelu(c W_1 + b_1) W_2 + b_2
+//! ```
+//!
+//! Why: composed from burn's ndarray ops the 4 x 256 transformer trained at a fifth of PyTorch's
+//! CPU speed, its time in single-threaded matrix products, element-wise copies and the autodiff
+//! graph's many small nodes. Here each linear map is one product over the whole batch on every
+//! core, attention runs a batch element per task, and the element-wise steps are single loops.
+//!
+//! Layout: `x` and `y` are [rows = batch * len, width], row-major; weights are [in, out] as burn's
+//! `Linear` keeps them.
+
+use rayon::prelude::*;
+
+use super::math::{exp, gelu, gelu_grad};
+use crate::models::matmul::{Threads, View, ViewMut, matmul};
+
+/// burn's default layer-norm epsilon, which the model's layers use.
+pub(crate) const EPSILON: f32 = 1e-5;
+
+/// Rows handed to one rayon task at least: a row is a few hundred values.
+const MIN_ROWS: usize = 32;
+
+/// The sizes of one layer's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub batch: usize,
+    pub len: usize,
+    pub width: usize,
+    pub heads: usize,
+}
+
+/// A linear map's weight [in, out] and bias [out].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Affine<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+/// A layer norm's scale and shift.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Norm<'a> {
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+}
+
+/// A layer's parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Params<'a> {
+    pub norm_attn: Norm<'a>,
+    pub query: Affine<'a>,
+    pub key: Affine<'a>,
+    pub value: Affine<'a>,
+    pub output: Affine<'a>,
+    pub norm_ff: Norm<'a>,
+    pub ff_in: Affine<'a>,
+    pub ff_out: Affine<'a>,
+}
+
+/// Gradients of a layer's parameters, in the layout of [`Params`].
+#[derive(Debug, Default)]
+pub(crate) struct ParamGrads {
+    pub norm_attn: [Vec<f32>; 2],
+    pub query: [Vec<f32>; 2],
+    pub key: [Vec<f32>; 2],
+    pub value: [Vec<f32>; 2],
+    pub output: [Vec<f32>; 2],
+    pub norm_ff: [Vec<f32>; 2],
+    pub ff_in: [Vec<f32>; 2],
+    pub ff_out: [Vec<f32>; 2],
+}
+
+/// What the backward pass needs from the forward pass, weights included (copies: a few MB,
+/// against a step's hundreds).
+#[derive(Debug, Clone)]
+pub(crate) struct Saved {
+    /// The attention's normalized input, its output `a`, and 1 / std per row.
+    attn_hat: Vec<f32>,
+    attn_in: Vec<f32>,
+    attn_rstd: Vec<f32>,
+    /// Queries, keys and values side by side: [rows, 3 * width].
+    qkv: Vec<f32>,
+    /// Attention weights per batch element and head: [batch, heads, len, len], zero above the
+    /// diagonal.
+    probs: Vec<f32>,
+    /// The heads' outputs side by side: [rows, width].
+    context: Vec<f32>,
+    ff_hat: Vec<f32>,
+    ff_in: Vec<f32>,
+    ff_rstd: Vec<f32>,
+    /// The feed-forward's hidden layer before and after GELU: [rows, 4 * width].
+    hidden_pre: Vec<f32>,
+    hidden: Vec<f32>,
+    /// The three projections' weights side by side: [width, 3 * width].
+    qkv_weight: Vec<f32>,
+    output_weight: Vec<f32>,
+    ff_in_weight: Vec<f32>,
+    ff_out_weight: Vec<f32>,
+    attn_gamma: Vec<f32>,
+    ff_gamma: Vec<f32>,
+}
+
+impl Shape {
+    pub(crate) fn rows(&self) -> usize {
+        self.batch * self.len
+    }
+
+    fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    fn hidden(&self) -> usize {
+        4 * self.width
+    }
+
+    fn check(&self, x: &[f32], p: &Params<'_>) {
+        let (w, h) = (self.width, self.hidden());
+        assert!(self.heads > 0 && w.is_multiple_of(self.heads), "width {w} in {} heads", self.heads);
+        assert_eq!(x.len(), self.rows() * w, "input");
+        for norm in [p.norm_attn, p.norm_ff] {
+            assert_eq!((norm.gamma.len(), norm.beta.len()), (w, w), "layer norm");
+        }
+        for (affine, d_in, d_out) in
+            [(p.query, w, w), (p.key, w, w), (p.value, w, w), (p.output, w, w), (p.ff_in, w, h), (p.ff_out, h, w)]
+        {
+            assert_eq!((affine.weight.len(), affine.bias.len()), (d_in * d_out, d_out), "linear {d_in} -> {d_out}");
+        }
+    }
+
+    /// The layer's output, and what its backward pass needs. Panics on slices of other lengths:
+    /// callers pass tensors whose shapes they built.
+    pub(crate) fn forward(&self, x: &[f32], p: &Params<'_>) -> (Vec<f32>, Saved) {
+        self.check(x, p);
+        let (n, w, h) = (self.rows(), self.width, self.hidden());
+        let (attn_in, attn_hat, attn_rstd) = layer_norm(x, w, p.norm_attn);
+
+        let qkv_weight = side_by_side(&[p.query.weight, p.key.weight, p.value.weight], w);
+        let qkv_bias = [p.query.bias, p.key.bias, p.value.bias].concat();
+        let mut qkv = broadcast_rows(&qkv_bias, n);
+        matmul(
+            ViewMut::new(&mut qkv, n, 3 * w),
+            View::new(&attn_in, n, w),
+            View::new(&qkv_weight, w, 3 * w),
+            1.0,
+            true,
+            Threads::All,
+        );
+        let (context, probs) = self.attention(&qkv);
+
+        let mut x1 = plus_rows(x, p.output.bias);
+        matmul(
+            ViewMut::new(&mut x1, n, w),
+            View::new(&context, n, w),
+            View::new(p.output.weight, w, w),
+            1.0,
+            true,
+            Threads::All,
+        );
+
+        let (ff_in, ff_hat, ff_rstd) = layer_norm(&x1, w, p.norm_ff);
+        let mut hidden_pre = broadcast_rows(p.ff_in.bias, n);
+        matmul(
+            ViewMut::new(&mut hidden_pre, n, h),
+            View::new(&ff_in, n, w),
+            View::new(p.ff_in.weight, w, h),
+            1.0,
+            true,
+            Threads::All,
+        );
+        let mut hidden = vec![0.0; hidden_pre.len()];
+        hidden.par_chunks_mut(h).zip(hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(out, pre)| {
+            for (o, &v) in out.iter_mut().zip(pre) {
+                *o = gelu(v);
+            }
+        });
+
+        let mut y = plus_rows(&x1, p.ff_out.bias);
+        matmul(
+            ViewMut::new(&mut y, n, w),
+            View::new(&hidden, n, h),
+            View::new(p.ff_out.weight, h, w),
+            1.0,
+            true,
+            Threads::All,
+        );
+
+        let saved = Saved {
+            attn_hat,
+            attn_in,
+            attn_rstd,
+            qkv,
+            probs,
+            context,
+            ff_hat,
+            ff_in,
+            ff_rstd,
+            hidden_pre,
+            hidden,
+            qkv_weight,
+            output_weight: p.output.weight.to_vec(),
+            ff_in_weight: p.ff_in.weight.to_vec(),
+            ff_out_weight: p.ff_out.weight.to_vec(),
+            attn_gamma: p.norm_attn.gamma.to_vec(),
+            ff_gamma: p.norm_ff.gamma.to_vec(),
+        };
+        (y, saved)
+    }
+
+    /// Causal self-attention from queries, keys and values side by side: the heads' outputs side
+    /// by side [rows, width], and the attention weights.
+    fn attention(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (t, w, d) = (self.len, self.width, self.head_dim());
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut context = vec![0.0; self.rows() * w];
+        let mut probs = vec![0.0; self.batch * self.heads * t * t];
+        let per_sample = context.par_chunks_mut(t * w).zip(probs.par_chunks_mut(self.heads * t * t));
+        per_sample.zip(qkv.par_chunks(t * 3 * w)).for_each(|((context, probs), qkv)| {
+            for (head, p) in probs.chunks_mut(t * t).enumerate() {
+                let [q, k, v] = [0, w, 2 * w].map(|at| View::strided(&qkv[at + head * d..], t, d, 3 * w));
+                matmul(ViewMut::new(p, t, t), q, k.t(), scale, false, Threads::One);
+                causal_softmax(p, t);
+                let out = ViewMut::strided(&mut context[head * d..], t, d, w);
+                matmul(out, View::new(p, t, t), v, 1.0, false, Threads::One);
+            }
+        });
+        (context, probs)
+    }
+
+    /// Gradients from the output's gradient `dy`: the input's (when `want_x`) and every
+    /// parameter's.
+    pub(crate) fn backward(&self, s: &Saved, dy: &[f32], want_x: bool) -> (Option<Vec<f32>>, ParamGrads) {
+        let (n, w, h) = (self.rows(), self.width, self.hidden());
+        assert_eq!(dy.len(), n * w, "output gradient");
+        // y = x1 + hidden W_2 + b_2
+        let mut g = ParamGrads {
+            ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)],
+            ..ParamGrads::default()
+        };
+        let mut d_hidden = vec![0.0; n * h];
+        matmul(
+            ViewMut::new(&mut d_hidden, n, h),
+            View::new(dy, n, w),
+            View::new(&s.ff_out_weight, h, w).t(),
+            1.0,
+            false,
+            Threads::All,
+        );
+        d_hidden.par_chunks_mut(h).zip(s.hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(d, pre)| {
+            for (d, &v) in d.iter_mut().zip(pre) {
+                *d *= gelu_grad(v);
+            }
+        });
+        // hidden_pre = ff_in W_1 + b_1
+        g.ff_in = [product_grad(&s.ff_in, &d_hidden, n, w, h), column_sums(&d_hidden, h)];
+        let mut d_ff_in = vec![0.0; n * w];
+        matmul(
+            ViewMut::new(&mut d_ff_in, n, w),
+            View::new(&d_hidden, n, h),
+            View::new(&s.ff_in_weight, w, h).t(),
+            1.0,
+            false,
+            Threads::All,
+        );
+        drop(d_hidden);
+        // x1 feeds both the residual and the norm.
+        let mut d_x1 = dy.to_vec();
+        g.norm_ff = layer_norm_backward(&d_ff_in, &s.ff_hat, &s.ff_rstd, &s.ff_gamma, &mut d_x1);
+
+        // x1 = x + context W_o + b_o
+        g.output = [product_grad(&s.context, &d_x1, n, w, w), column_sums(&d_x1, w)];
+        let mut d_context = vec![0.0; n * w];
+        matmul(
+            ViewMut::new(&mut d_context, n, w),
+            View::new(&d_x1, n, w),
+            View::new(&s.output_weight, w, w).t(),
+            1.0,
+            false,
+            Threads::All,
+        );
+        let d_qkv = self.attention_backward(s, &d_context);
+        drop(d_context);
+
+        // qkv = attn_in [W_q W_k W_v] + b
+        let d_weight = product_grad(&s.attn_in, &d_qkv, n, w, 3 * w);
+        let d_bias = column_sums(&d_qkv, 3 * w);
+        let [wq, wk, wv] = [0, 1, 2].map(|i| columns(&d_weight, w, 3 * w, i * w, w));
+        let [bq, bk, bv] = [0, 1, 2].map(|i| d_bias[i * w..(i + 1) * w].to_vec());
+        (g.query, g.key, g.value) = ([wq, bq], [wk, bk], [wv, bv]);
+        let mut d_attn_in = vec![0.0; n * w];
+        matmul(
+            ViewMut::new(&mut d_attn_in, n, w),
+            View::new(&d_qkv, n, 3 * w),
+            View::new(&s.qkv_weight, w, 3 * w).t(),
+            1.0,
+            false,
+            Threads::All,
+        );
+        // x feeds both the residual and the norm.
+        let mut d_x = d_x1;
+        g.norm_attn = layer_norm_backward(&d_attn_in, &s.attn_hat, &s.attn_rstd, &s.attn_gamma, &mut d_x);
+        (want_x.then_some(d_x), g)
+    }
+
+    /// The gradient of queries, keys and values, side by side, from the heads' outputs'.
+    fn attention_backward(&self, s: &Saved, d_context: &[f32]) -> Vec<f32> {
+        let (t, w, d) = (self.len, self.width, self.head_dim());
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut d_qkv = vec![0.0; self.rows() * 3 * w];
+        let per_sample = d_qkv.par_chunks_mut(t * 3 * w).zip(d_context.par_chunks(t * w));
+        per_sample.zip(s.qkv.par_chunks(t * 3 * w).zip(s.probs.par_chunks(self.heads * t * t))).for_each(
+            |((d_qkv, d_context), (qkv, probs))| {
+                let mut d_scores = vec![0.0; t * t];
+                for (head, p) in probs.chunks(t * t).enumerate() {
+                    let [q, k, v] = [0, w, 2 * w].map(|at| View::strided(&qkv[at + head * d..], t, d, 3 * w));
+                    let d_out = View::strided(&d_context[head * d..], t, d, w);
+                    let p_view = View::new(p, t, t);
+                    let dv = ViewMut::strided(&mut d_qkv[2 * w + head * d..], t, d, 3 * w);
+                    matmul(dv, p_view.t(), d_out, 1.0, false, Threads::One);
+                    matmul(ViewMut::new(&mut d_scores, t, t), d_out, v.t(), 1.0, false, Threads::One);
+                    softmax_backward(&mut d_scores, p, t);
+                    let dq = ViewMut::strided(&mut d_qkv[head * d..], t, d, 3 * w);
+                    matmul(dq, View::new(&d_scores, t, t), k, scale, false, Threads::One);
+                    let dk = ViewMut::strided(&mut d_qkv[w + head * d..], t, d, 3 * w);
+                    matmul(dk, View::new(&d_scores, t, t).t(), q, scale, false, Threads::One);
+                }
+            },
+        );
+        d_qkv
+    }
+}
+
+/// Row `i` of the [len, len] scores: softmax over positions 0..=i, zero after.
+fn causal_softmax(scores: &mut [f32], len: usize) {
+    for (i, row) in scores.chunks_mut(len).enumerate() {
+        let (seen, future) = row.split_at_mut(i + 1);
+        let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in seen.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        seen.iter_mut().for_each(|v| *v *= inv);
+        future.fill(0.0);
+    }
+}
+
+/// From the gradient of the attention weights `p` to that of the scores, in place:
+/// ds_ij = p_ij (dp_ij - sum_k p_ik dp_ik). Zero where `p` is, above the diagonal.
+fn softmax_backward(d: &mut [f32], p: &[f32], len: usize) {
+    for (d, p) in d.chunks_mut(len).zip(p.chunks(len)) {
+        let dot: f32 = d.iter().zip(p).map(|(d, p)| d * p).sum();
+        for (d, &p) in d.iter_mut().zip(p) {
+            *d = p * (*d - dot);
+        }
+    }
+}
+
+/// Layer norm over rows of `width`: the output, the normalized input, and 1 / std per row.
+fn layer_norm(x: &[f32], width: usize, norm: Norm<'_>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0; x.len()];
+    let mut hat = vec![0.0; x.len()];
+    let mut rstd = vec![0.0; x.len() / width];
+    let outputs = y.par_chunks_mut(width).zip(hat.par_chunks_mut(width)).zip(rstd.par_iter_mut());
+    outputs.zip(x.par_chunks(width)).with_min_len(MIN_ROWS).for_each(|(((y, hat), rstd), x)| {
+        let mean = x.iter().sum::<f32>() / width as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        *rstd = 1.0 / (var + EPSILON).sqrt();
+        for i in 0..width {
+            hat[i] = (x[i] - mean) * *rstd;
+            y[i] = hat[i] * norm.gamma[i] + norm.beta[i];
+        }
+    });
+    (y, hat, rstd)
+}
+
+/// Adds the input gradient of a layer norm, from its output's gradient `dy`, to `dx`; returns
+/// the gradients of its scale and shift.
+fn layer_norm_backward(dy: &[f32], hat: &[f32], rstd: &[f32], gamma: &[f32], dx: &mut [f32]) -> [Vec<f32>; 2] {
+    let width = gamma.len();
+    let rows = dx.par_chunks_mut(width).zip(dy.par_chunks(width)).zip(hat.par_chunks(width).zip(rstd.par_iter()));
+    rows.with_min_len(MIN_ROWS).for_each(|((dx, dy), (hat, &rstd))| {
+        let (mut mean_g, mut mean_gh) = (0.0, 0.0);
+        for i in 0..width {
+            let g = dy[i] * gamma[i];
+            mean_g += g;
+            mean_gh += g * hat[i];
+        }
+        (mean_g, mean_gh) = (mean_g / width as f32, mean_gh / width as f32);
+        for i in 0..width {
+            dx[i] += rstd * (dy[i] * gamma[i] - mean_g - hat[i] * mean_gh);
+        }
+    });
+    let mut d_gamma = vec![0.0; width];
+    for (dy, hat) in dy.chunks(width).zip(hat.chunks(width)) {
+        for i in 0..width {
+            d_gamma[i] += dy[i] * hat[i];
+        }
+    }
+    [d_gamma, column_sums(dy, width)]
+}
+
+/// The gradient of `W` in `out = input W` ([rows, d_in] x [d_in, d_out]): input^T d_out.
+fn product_grad(input: &[f32], d_out: &[f32], rows: usize, d_in: usize, d_outs: usize) -> Vec<f32> {
+    let mut g = vec![0.0; d_in * d_outs];
+    let (input, d_out) = (View::new(input, rows, d_in), View::new(d_out, rows, d_outs));
+    matmul(ViewMut::new(&mut g, d_in, d_outs), input.t(), d_out, 1.0, false, Threads::All);
+    g
+}
+
+/// Sums over rows: a bias's gradient.
+fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
+    let mut sums = vec![0.0; width];
+    for row in x.chunks(width) {
+        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+    sums
+}
+
+/// `rows` copies of `row`: an output that starts as its bias.
+fn broadcast_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    row.repeat(rows)
+}
+
+/// `x` with `row` added to each of its rows.
+fn plus_rows(x: &[f32], row: &[f32]) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for r in out.chunks_mut(row.len()) {
+        r.iter_mut().zip(row).for_each(|(v, b)| *v += b);
+    }
+    out
+}
+
+/// Matrices of `rows` rows side by side: [rows, sum of their widths], each packed.
+fn side_by_side(parts: &[&[f32]], rows: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for r in 0..rows {
+        for part in parts {
+            let cols = part.len() / rows;
+            out.extend_from_slice(&part[r * cols..(r + 1) * cols]);
+        }
+    }
+    out
+}
+
+/// Columns `from..from + count` of a [rows, width] matrix, packed.
+fn columns(x: &[f32], rows: usize, width: usize, from: usize, count: usize) -> Vec<f32> {
+    (0..rows).flat_map(|r| x[r * width + from..][..count].iter().copied()).collect()
+}
