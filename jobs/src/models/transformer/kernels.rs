@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use super::math::{exp, gelu, gelu_grad};
+use super::math::{exp, gelu, gelu_grad, sum, widest, zip_apply};
 use crate::models::matmul::{Threads, View, ViewMut, matmul};
 
 /// burn's default layer-norm epsilon, which the model's layers use.
@@ -175,9 +175,7 @@ impl Shape {
         );
         let mut hidden = vec![0.0; hidden_pre.len()];
         hidden.par_chunks_mut(h).zip(hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(out, pre)| {
-            for (o, &v) in out.iter_mut().zip(pre) {
-                *o = gelu(v);
-            }
+            zip_apply(out, pre, |_, v| gelu(v));
         });
 
         let mut y = plus_rows(&x1, p.ff_out.bias);
@@ -224,7 +222,10 @@ impl Shape {
             for (head, p) in probs.chunks_mut(t * t).enumerate() {
                 let [q, k, v] = [0, w, 2 * w].map(|at| View::strided(&qkv[at + head * d..], t, d, 3 * w));
                 matmul(ViewMut::new(p, t, t), q, k.t(), scale, false, Threads::One);
-                causal_softmax(p, t);
+                widest(
+                    #[inline(always)]
+                    || causal_softmax(p, t),
+                );
                 let out = ViewMut::strided(&mut context[head * d..], t, d, w);
                 matmul(out, View::new(p, t, t), v, 1.0, false, Threads::One);
             }
@@ -238,10 +239,8 @@ impl Shape {
         let (n, w, h) = (self.rows(), self.width, self.hidden());
         assert_eq!(dy.len(), n * w, "output gradient");
         // y = x1 + hidden W_2 + b_2
-        let mut g = ParamGrads {
-            ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)],
-            ..ParamGrads::default()
-        };
+        let mut g =
+            ParamGrads { ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)], ..ParamGrads::default() };
         let mut d_hidden = vec![0.0; n * h];
         matmul(
             ViewMut::new(&mut d_hidden, n, h),
@@ -252,9 +251,7 @@ impl Shape {
             Threads::All,
         );
         d_hidden.par_chunks_mut(h).zip(s.hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(d, pre)| {
-            for (d, &v) in d.iter_mut().zip(pre) {
-                *d *= gelu_grad(v);
-            }
+            zip_apply(d, pre, |d, v| d * gelu_grad(v));
         });
         // hidden_pre = ff_in W_1 + b_1
         g.ff_in = [product_grad(&s.ff_in, &d_hidden, n, w, h), column_sums(&d_hidden, h)];
@@ -336,16 +333,15 @@ impl Shape {
 }
 
 /// Row `i` of the [len, len] scores: softmax over positions 0..=i, zero after.
+#[inline(always)]
 fn causal_softmax(scores: &mut [f32], len: usize) {
     for (i, row) in scores.chunks_mut(len).enumerate() {
         let (seen, future) = row.split_at_mut(i + 1);
         let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
         for v in seen.iter_mut() {
             *v = exp(*v - max);
-            sum += *v;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum(seen);
         seen.iter_mut().for_each(|v| *v *= inv);
         future.fill(0.0);
     }
@@ -453,3 +449,4 @@ fn side_by_side(parts: &[&[f32]], rows: usize) -> Vec<f32> {
 fn columns(x: &[f32], rows: usize, width: usize, from: usize, count: usize) -> Vec<f32> {
     (0..rows).flat_map(|r| x[r * width + from..][..count].iter().copied()).collect()
 }
+

@@ -52,12 +52,83 @@ pub(crate) fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
 }
 
+/// Runs `f` compiled for the widest vector unit this CPU has (AVX-512, AVX2, or the baseline's
+/// SSE2): `f` (a closure marked `#[inline(always)]`, or it is compiled once, for the baseline)
+/// and what it inlines are compiled into each. The same IEEE operations in any width
+/// give the same bits (nothing is fused), so the choice never changes a result.
+#[inline(always)]
+pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { with_avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `out[i] = op(out[i], x[i])`, on the widest vector unit.
+pub(crate) fn zip_apply(out: &mut [f32], x: &[f32], op: impl Fn(f32, f32) -> f32) {
+    assert_eq!(out.len(), x.len());
+    widest(
+        #[inline(always)]
+        || {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = op(*o, v);
+            }
+        },
+    )
+}
+
+/// The sum of `values`, over eight running sums (so the loop vectorizes) added in a fixed order.
+#[inline(always)]
+pub(crate) fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn grid() -> impl Iterator<Item = f32> {
         (-8000..=8000).map(|i| i as f32 / 1000.0)
+    }
+
+    #[test]
+    fn zip_apply_and_sum_compute_what_plain_loops_do() {
+        let x: Vec<f32> = grid().step_by(13).collect();
+        let mut out = vec![2.0; x.len()];
+        zip_apply(&mut out, &x, |o, v| o * gelu(v));
+        for (o, v) in out.iter().zip(&x) {
+            assert_eq!(o.to_bits(), (2.0 * gelu(*v)).to_bits(), "at {v}");
+        }
+        let values: Vec<f32> = (0..1003).map(|i| i as f32 * 0.5).collect();
+        assert_eq!(sum(&values), 1003.0 * 1002.0 / 4.0);
     }
 
     #[test]
