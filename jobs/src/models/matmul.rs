@@ -6,6 +6,8 @@
 //! A view is a matrix laid over a slice with a stride for rows and one for columns, so a
 //! transpose, a column block (one attention head) or a row block is a view, not a copy.
 
+use std::ops::Range;
+
 use gemm::Parallelism;
 
 /// A matrix read from a slice.
@@ -47,6 +49,18 @@ impl<'a> View<'a> {
         View { data, rows, cols, row_stride, col_stride: 1 }
     }
 
+    /// Rows `rows` and columns `cols` of this view.
+    pub(crate) fn block(self, rows: Range<usize>, cols: Range<usize>) -> View<'a> {
+        assert!(rows.end <= self.rows && cols.end <= self.cols, "a block past its view");
+        let (n_rows, n_cols) = (rows.len(), cols.len());
+        if n_rows == 0 || n_cols == 0 {
+            return View { data: &[], rows: n_rows, cols: n_cols, ..self };
+        }
+        let data = &self.data[rows.start * self.row_stride + cols.start * self.col_stride..];
+        check_fits(data.len(), n_rows, n_cols, self.row_stride, self.col_stride);
+        View { data, rows: n_rows, cols: n_cols, ..self }
+    }
+
     /// The transpose, over the same values.
     pub(crate) fn t(self) -> View<'a> {
         View { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
@@ -61,6 +75,16 @@ impl<'a> ViewMut<'a> {
     pub(crate) fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> ViewMut<'a> {
         check_fits(data.len(), rows, cols, row_stride, 1);
         ViewMut { data, rows, cols, row_stride }
+    }
+
+    /// Rows `rows` and columns `cols` of this view.
+    pub(crate) fn block(self, rows: Range<usize>, cols: Range<usize>) -> ViewMut<'a> {
+        assert!(rows.end <= self.rows && cols.end <= self.cols, "a block past its view");
+        if rows.is_empty() || cols.is_empty() {
+            return ViewMut { data: &mut [], rows: rows.len(), cols: cols.len(), row_stride: self.row_stride };
+        }
+        let data = &mut self.data[rows.start * self.row_stride + cols.start..];
+        ViewMut::strided(data, rows.len(), cols.len(), self.row_stride)
     }
 }
 
@@ -160,6 +184,22 @@ mod tests {
         for (x, y) in acc.iter().zip(naive(cols, View::new(&c, 3, 4))) {
             assert!((x - 0.5 - y).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_block_of_a_transposed_view_is_the_transposed_block() {
+        let x: Vec<f32> = (0..20).map(|v| v as f32).collect();
+        // x as [4, 5]; its transpose [5, 4]; rows 1..3 and columns 2..4 of that are x[2..4][1..3].
+        let b = View::new(&x, 4, 5).t().block(1..3, 2..4);
+        let ones = [1.0; 2];
+        let mut out = [0.0; 2];
+        matmul(ViewMut::new(&mut out, 2, 1), b, View::new(&ones, 2, 1), 1.0, false, Threads::One);
+        assert_eq!(out, [x[2 * 5 + 1] + x[3 * 5 + 1], x[2 * 5 + 2] + x[3 * 5 + 2]]);
+        let mut y = vec![0.0; 20];
+        let block = ViewMut::new(&mut y, 4, 5).block(1..3, 3..5);
+        matmul(block, View::new(&ones, 2, 1), View::new(&ones, 1, 2), 1.0, false, Threads::One);
+        assert_eq!(y.iter().sum::<f32>(), 4.0);
+        assert_eq!([y[8], y[9], y[13], y[14]], [1.0; 4]);
     }
 
     #[test]

@@ -221,13 +221,20 @@ impl Shape {
         per_sample.zip(qkv.par_chunks(t * 3 * w)).for_each(|((context, probs), qkv)| {
             for (head, p) in probs.chunks_mut(t * t).enumerate() {
                 let [q, k, v] = [0, w, 2 * w].map(|at| View::strided(&qkv[at + head * d..], t, d, 3 * w));
-                matmul(ViewMut::new(p, t, t), q, k.t(), scale, false, Threads::One);
+                // Scores of each block of queries against the keys up to its last one.
+                for r in causal_blocks(t) {
+                    let scores = ViewMut::new(p, t, t).block(r.clone(), 0..r.end);
+                    matmul(scores, q.block(r.clone(), 0..d), k.block(0..r.end, 0..d).t(), scale, false, Threads::One);
+                }
                 widest(
                     #[inline(always)]
                     || causal_softmax(p, t),
                 );
-                let out = ViewMut::strided(&mut context[head * d..], t, d, w);
-                matmul(out, View::new(p, t, t), v, 1.0, false, Threads::One);
+                for r in causal_blocks(t) {
+                    let out = ViewMut::strided(&mut context[head * d..], t, d, w).block(r.clone(), 0..d);
+                    let weights = View::new(p, t, t).block(r.clone(), 0..r.end);
+                    matmul(out, weights, v.block(0..r.end, 0..d), 1.0, false, Threads::One);
+                }
             }
         });
         (context, probs)
@@ -266,7 +273,7 @@ impl Shape {
         );
         drop(d_hidden);
         // x1 feeds both the residual and the norm.
-        let mut d_x1 = dy.to_vec();
+        let mut d_x1: Vec<f32> = dy.par_iter().copied().collect();
         g.norm_ff = layer_norm_backward(&d_ff_in, &s.ff_hat, &s.ff_rstd, &s.ff_gamma, &mut d_x1);
 
         // x1 = x + context W_o + b_o
@@ -313,23 +320,57 @@ impl Shape {
         per_sample.zip(s.qkv.par_chunks(t * 3 * w).zip(s.probs.par_chunks(self.heads * t * t))).for_each(
             |((d_qkv, d_context), (qkv, probs))| {
                 let mut d_scores = vec![0.0; t * t];
-                for (head, p) in probs.chunks(t * t).enumerate() {
+                for (head, weights) in probs.chunks(t * t).enumerate() {
                     let [q, k, v] = [0, w, 2 * w].map(|at| View::strided(&qkv[at + head * d..], t, d, 3 * w));
                     let d_out = View::strided(&d_context[head * d..], t, d, w);
-                    let p_view = View::new(p, t, t);
-                    let dv = ViewMut::strided(&mut d_qkv[2 * w + head * d..], t, d, 3 * w);
-                    matmul(dv, p_view.t(), d_out, 1.0, false, Threads::One);
-                    matmul(ViewMut::new(&mut d_scores, t, t), d_out, v.t(), 1.0, false, Threads::One);
-                    softmax_backward(&mut d_scores, p, t);
-                    let dq = ViewMut::strided(&mut d_qkv[head * d..], t, d, 3 * w);
-                    matmul(dq, View::new(&d_scores, t, t), k, scale, false, Threads::One);
-                    let dk = ViewMut::strided(&mut d_qkv[w + head * d..], t, d, 3 * w);
-                    matmul(dk, View::new(&d_scores, t, t).t(), q, scale, false, Threads::One);
+                    let p = View::new(weights, t, t);
+                    let head_of = |at: usize| at + head * d;
+                    // A block of keys and values is seen by the queries from its first on.
+                    for c in causal_blocks(t) {
+                        let dv = ViewMut::strided(&mut d_qkv[head_of(2 * w)..], t, d, 3 * w).block(c.clone(), 0..d);
+                        matmul(
+                            dv,
+                            p.block(c.start..t, c.clone()).t(),
+                            d_out.block(c.start..t, 0..d),
+                            1.0,
+                            false,
+                            Threads::One,
+                        );
+                    }
+                    d_scores.fill(0.0);
+                    for r in causal_blocks(t) {
+                        let ds = ViewMut::new(&mut d_scores, t, t).block(r.clone(), 0..r.end);
+                        matmul(ds, d_out.block(r.clone(), 0..d), v.block(0..r.end, 0..d).t(), 1.0, false, Threads::One);
+                    }
+                    softmax_backward(&mut d_scores, weights, t);
+                    let ds = View::new(&d_scores, t, t);
+                    for r in causal_blocks(t) {
+                        let dq = ViewMut::strided(&mut d_qkv[head_of(0)..], t, d, 3 * w).block(r.clone(), 0..d);
+                        matmul(dq, ds.block(r.clone(), 0..r.end), k.block(0..r.end, 0..d), scale, false, Threads::One);
+                    }
+                    for c in causal_blocks(t) {
+                        let dk = ViewMut::strided(&mut d_qkv[head_of(w)..], t, d, 3 * w).block(c.clone(), 0..d);
+                        matmul(
+                            dk,
+                            ds.block(c.start..t, c.clone()).t(),
+                            q.block(c.start..t, 0..d),
+                            scale,
+                            false,
+                            Threads::One,
+                        );
+                    }
                 }
             },
         );
         d_qkv
     }
+}
+
+/// Positions in blocks of 32: attention computes a block of queries against the keys up to the
+/// block's last, about half of the [len, len] products a full matrix would take.
+fn causal_blocks(len: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    const BLOCK: usize = 32;
+    (0..len).step_by(BLOCK).map(move |start| start..(start + BLOCK).min(len))
 }
 
 /// Row `i` of the [len, len] scores: softmax over positions 0..=i, zero after.
@@ -393,13 +434,7 @@ fn layer_norm_backward(dy: &[f32], hat: &[f32], rstd: &[f32], gamma: &[f32], dx:
             dx[i] += rstd * (dy[i] * gamma[i] - mean_g - hat[i] * mean_gh);
         }
     });
-    let mut d_gamma = vec![0.0; width];
-    for (dy, hat) in dy.chunks(width).zip(hat.chunks(width)) {
-        for i in 0..width {
-            d_gamma[i] += dy[i] * hat[i];
-        }
-    }
-    [d_gamma, column_sums(dy, width)]
+    [column_sums_of(dy, Some(hat), width), column_sums(dy, width)]
 }
 
 /// The gradient of `W` in `out = input W` ([rows, d_in] x [d_in, d_out]): input^T d_out.
@@ -410,26 +445,54 @@ fn product_grad(input: &[f32], d_out: &[f32], rows: usize, d_in: usize, d_outs: 
     g
 }
 
-/// Sums over rows: a bias's gradient.
-fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
-    let mut sums = vec![0.0; width];
-    for row in x.chunks(width) {
-        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+/// Rows per partial sum of a column sum: fixed, so the order of additions, and so the result,
+/// does not depend on how many threads there are.
+const SUM_ROWS: usize = 256;
+
+/// Sums over rows of `x` (of `x * y` element-wise, when given): a bias's or a scale's gradient.
+fn column_sums_of(x: &[f32], y: Option<&[f32]>, width: usize) -> Vec<f32> {
+    let block = SUM_ROWS * width;
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(block)
+        .enumerate()
+        .map(|(i, x)| {
+            let mut sums = vec![0.0; width];
+            match y {
+                None => x.chunks(width).for_each(|row| sums.iter_mut().zip(row).for_each(|(s, v)| *s += v)),
+                Some(y) => {
+                    for (row, other) in x.chunks(width).zip(y[i * block..][..x.len()].chunks(width)) {
+                        sums.iter_mut().zip(row).zip(other).for_each(|((s, a), b)| *s += a * b);
+                    }
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut total = vec![0.0; width];
+    for partial in partials {
+        total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
     }
-    sums
+    total
+}
+
+fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
+    column_sums_of(x, None, width)
 }
 
 /// `rows` copies of `row`: an output that starts as its bias.
 fn broadcast_rows(row: &[f32], rows: usize) -> Vec<f32> {
-    row.repeat(rows)
+    let mut out = vec![0.0; rows * row.len()];
+    out.par_chunks_mut(row.len()).with_min_len(MIN_ROWS).for_each(|r| r.copy_from_slice(row));
+    out
 }
 
 /// `x` with `row` added to each of its rows.
 fn plus_rows(x: &[f32], row: &[f32]) -> Vec<f32> {
-    let mut out = x.to_vec();
-    for r in out.chunks_mut(row.len()) {
-        r.iter_mut().zip(row).for_each(|(v, b)| *v += b);
-    }
+    let mut out = vec![0.0; x.len()];
+    let rows = out.par_chunks_mut(row.len()).zip(x.par_chunks(row.len()));
+    rows.with_min_len(MIN_ROWS).for_each(|(out, x)| {
+        out.iter_mut().zip(x).zip(row).for_each(|((o, x), b)| *o = x + b);
+    });
     out
 }
 
@@ -449,4 +512,3 @@ fn side_by_side(parts: &[&[f32]], rows: usize) -> Vec<f32> {
 fn columns(x: &[f32], rows: usize, width: usize, from: usize, count: usize) -> Vec<f32> {
     (0..rows).flat_map(|r| x[r * width + from..][..count].iter().copied()).collect()
 }
-

@@ -261,9 +261,10 @@ mod tests {
         let mut rng = SplitMix64::for_stream(11, 0);
         let device = NdArrayDevice::Cpu;
         let layer = layer::<Train>(16, 4, &device);
-        let x = random(&mut rng, [3, 7, 16]).require_grad();
+        let x = random(&mut rng, [2, 45, 16]).require_grad();
         // A loss that weighs every output differently, so each gradient entry is distinct.
-        let mix = random(&mut rng, [3, 7, 16]);
+        // 45 positions: attention's blocks of 32, the last one partial.
+        let mix = random(&mut rng, [2, 45, 16]);
         let run = |f: &dyn Fn(Tensor<Train, 3>) -> Tensor<Train, 3>| {
             let y = f(x.clone());
             let grads = (y.clone() * mix.clone()).sum().backward();
