@@ -2,6 +2,7 @@
 //! them ([`Net`]). Models know their input only through [`crate::input`]: nothing here depends
 //! on a data set.
 
+mod buffers;
 mod cnn;
 mod cpu;
 mod matmul;

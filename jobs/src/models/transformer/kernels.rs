@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use super::math::{exp, gelu, gelu_grad, sum, widest, zip_apply};
+use crate::models::buffers::{give, take};
 use crate::models::matmul::{Threads, View, ViewMut, matmul};
 
 /// burn's default layer-norm epsilon, which the model's layers use.
@@ -106,6 +107,26 @@ pub(crate) struct Saved {
     ff_gamma: Vec<f32>,
 }
 
+/// The large buffers go back to the pool, for the next step.
+impl Drop for Saved {
+    fn drop(&mut self) {
+        let buffers = [
+            &mut self.attn_hat,
+            &mut self.attn_in,
+            &mut self.qkv,
+            &mut self.probs,
+            &mut self.context,
+            &mut self.ff_hat,
+            &mut self.ff_in,
+            &mut self.hidden_pre,
+            &mut self.hidden,
+        ];
+        for buffer in buffers {
+            give(std::mem::take(buffer));
+        }
+    }
+}
+
 impl Shape {
     pub(crate) fn rows(&self) -> usize {
         self.batch * self.len
@@ -173,12 +194,13 @@ impl Shape {
             true,
             Threads::All,
         );
-        let mut hidden = vec![0.0; hidden_pre.len()];
+        let mut hidden = take(hidden_pre.len());
         hidden.par_chunks_mut(h).zip(hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(out, pre)| {
             zip_apply(out, pre, |_, v| gelu(v));
         });
 
         let mut y = plus_rows(&x1, p.ff_out.bias);
+        give(x1);
         matmul(
             ViewMut::new(&mut y, n, w),
             View::new(&hidden, n, h),
@@ -215,8 +237,8 @@ impl Shape {
     fn attention(&self, qkv: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (t, w, d) = (self.len, self.width, self.head_dim());
         let scale = 1.0 / (d as f32).sqrt();
-        let mut context = vec![0.0; self.rows() * w];
-        let mut probs = vec![0.0; self.batch * self.heads * t * t];
+        let mut context = take(self.rows() * w);
+        let mut probs = take(self.batch * self.heads * t * t);
         let per_sample = context.par_chunks_mut(t * w).zip(probs.par_chunks_mut(self.heads * t * t));
         per_sample.zip(qkv.par_chunks(t * 3 * w)).for_each(|((context, probs), qkv)| {
             for (head, p) in probs.chunks_mut(t * t).enumerate() {
@@ -248,7 +270,7 @@ impl Shape {
         // y = x1 + hidden W_2 + b_2
         let mut g =
             ParamGrads { ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)], ..ParamGrads::default() };
-        let mut d_hidden = vec![0.0; n * h];
+        let mut d_hidden = take(n * h);
         matmul(
             ViewMut::new(&mut d_hidden, n, h),
             View::new(dy, n, w),
@@ -262,7 +284,7 @@ impl Shape {
         });
         // hidden_pre = ff_in W_1 + b_1
         g.ff_in = [product_grad(&s.ff_in, &d_hidden, n, w, h), column_sums(&d_hidden, h)];
-        let mut d_ff_in = vec![0.0; n * w];
+        let mut d_ff_in = take(n * w);
         matmul(
             ViewMut::new(&mut d_ff_in, n, w),
             View::new(&d_hidden, n, h),
@@ -271,14 +293,15 @@ impl Shape {
             false,
             Threads::All,
         );
-        drop(d_hidden);
+        give(d_hidden);
         // x1 feeds both the residual and the norm.
         let mut d_x1: Vec<f32> = dy.par_iter().copied().collect();
         g.norm_ff = layer_norm_backward(&d_ff_in, &s.ff_hat, &s.ff_rstd, &s.ff_gamma, &mut d_x1);
+        give(d_ff_in);
 
         // x1 = x + context W_o + b_o
         g.output = [product_grad(&s.context, &d_x1, n, w, w), column_sums(&d_x1, w)];
-        let mut d_context = vec![0.0; n * w];
+        let mut d_context = take(n * w);
         matmul(
             ViewMut::new(&mut d_context, n, w),
             View::new(&d_x1, n, w),
@@ -288,15 +311,16 @@ impl Shape {
             Threads::All,
         );
         let d_qkv = self.attention_backward(s, &d_context);
-        drop(d_context);
+        give(d_context);
 
         // qkv = attn_in [W_q W_k W_v] + b
         let d_weight = product_grad(&s.attn_in, &d_qkv, n, w, 3 * w);
         let d_bias = column_sums(&d_qkv, 3 * w);
         let [wq, wk, wv] = [0, 1, 2].map(|i| columns(&d_weight, w, 3 * w, i * w, w));
+        give(d_weight);
         let [bq, bk, bv] = [0, 1, 2].map(|i| d_bias[i * w..(i + 1) * w].to_vec());
         (g.query, g.key, g.value) = ([wq, bq], [wk, bk], [wv, bv]);
-        let mut d_attn_in = vec![0.0; n * w];
+        let mut d_attn_in = take(n * w);
         matmul(
             ViewMut::new(&mut d_attn_in, n, w),
             View::new(&d_qkv, n, 3 * w),
@@ -308,6 +332,8 @@ impl Shape {
         // x feeds both the residual and the norm.
         let mut d_x = d_x1;
         g.norm_attn = layer_norm_backward(&d_attn_in, &s.attn_hat, &s.attn_rstd, &s.attn_gamma, &mut d_x);
+        give(d_attn_in);
+        give(d_qkv);
         (want_x.then_some(d_x), g)
     }
 
@@ -315,7 +341,7 @@ impl Shape {
     fn attention_backward(&self, s: &Saved, d_context: &[f32]) -> Vec<f32> {
         let (t, w, d) = (self.len, self.width, self.head_dim());
         let scale = 1.0 / (d as f32).sqrt();
-        let mut d_qkv = vec![0.0; self.rows() * 3 * w];
+        let mut d_qkv = take(self.rows() * 3 * w);
         let per_sample = d_qkv.par_chunks_mut(t * 3 * w).zip(d_context.par_chunks(t * w));
         per_sample.zip(s.qkv.par_chunks(t * 3 * w).zip(s.probs.par_chunks(self.heads * t * t))).for_each(
             |((d_qkv, d_context), (qkv, probs))| {
@@ -401,8 +427,8 @@ fn softmax_backward(d: &mut [f32], p: &[f32], len: usize) {
 
 /// Layer norm over rows of `width`: the output, the normalized input, and 1 / std per row.
 fn layer_norm(x: &[f32], width: usize, norm: Norm<'_>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut y = vec![0.0; x.len()];
-    let mut hat = vec![0.0; x.len()];
+    let mut y = take(x.len());
+    let mut hat = take(x.len());
     let mut rstd = vec![0.0; x.len() / width];
     let outputs = y.par_chunks_mut(width).zip(hat.par_chunks_mut(width)).zip(rstd.par_iter_mut());
     outputs.zip(x.par_chunks(width)).with_min_len(MIN_ROWS).for_each(|(((y, hat), rstd), x)| {
@@ -439,7 +465,7 @@ fn layer_norm_backward(dy: &[f32], hat: &[f32], rstd: &[f32], gamma: &[f32], dx:
 
 /// The gradient of `W` in `out = input W` ([rows, d_in] x [d_in, d_out]): input^T d_out.
 fn product_grad(input: &[f32], d_out: &[f32], rows: usize, d_in: usize, d_outs: usize) -> Vec<f32> {
-    let mut g = vec![0.0; d_in * d_outs];
+    let mut g = take(d_in * d_outs);
     let (input, d_out) = (View::new(input, rows, d_in), View::new(d_out, rows, d_outs));
     matmul(ViewMut::new(&mut g, d_in, d_outs), input.t(), d_out, 1.0, false, Threads::All);
     g
@@ -481,14 +507,14 @@ fn column_sums(x: &[f32], width: usize) -> Vec<f32> {
 
 /// `rows` copies of `row`: an output that starts as its bias.
 fn broadcast_rows(row: &[f32], rows: usize) -> Vec<f32> {
-    let mut out = vec![0.0; rows * row.len()];
+    let mut out = take(rows * row.len());
     out.par_chunks_mut(row.len()).with_min_len(MIN_ROWS).for_each(|r| r.copy_from_slice(row));
     out
 }
 
 /// `x` with `row` added to each of its rows.
 fn plus_rows(x: &[f32], row: &[f32]) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
+    let mut out = take(x.len());
     let rows = out.par_chunks_mut(row.len()).zip(x.par_chunks(row.len()));
     rows.with_min_len(MIN_ROWS).for_each(|(out, x)| {
         out.iter_mut().zip(x).zip(row).for_each(|((o, x), b)| *o = x + b);
