@@ -164,36 +164,15 @@ impl Shape {
         let qkv_weight = side_by_side(&[p.query.weight, p.key.weight, p.value.weight], w);
         let qkv_bias = [p.query.bias, p.key.bias, p.value.bias].concat();
         let mut qkv = broadcast_rows(&qkv_bias, n);
-        matmul(
-            ViewMut::new(&mut qkv, n, 3 * w),
-            View::new(&attn_in, n, w),
-            View::new(&qkv_weight, w, 3 * w),
-            1.0,
-            true,
-            Threads::All,
-        );
+        add_product(&mut qkv, &attn_in, &qkv_weight, n, w, 3 * w);
         let (context, probs) = self.attention(&qkv);
 
         let mut x1 = plus_rows(x, p.output.bias);
-        matmul(
-            ViewMut::new(&mut x1, n, w),
-            View::new(&context, n, w),
-            View::new(p.output.weight, w, w),
-            1.0,
-            true,
-            Threads::All,
-        );
+        add_product(&mut x1, &context, p.output.weight, n, w, w);
 
         let (ff_in, ff_hat, ff_rstd) = layer_norm(&x1, w, p.norm_ff);
         let mut hidden_pre = broadcast_rows(p.ff_in.bias, n);
-        matmul(
-            ViewMut::new(&mut hidden_pre, n, h),
-            View::new(&ff_in, n, w),
-            View::new(p.ff_in.weight, w, h),
-            1.0,
-            true,
-            Threads::All,
-        );
+        add_product(&mut hidden_pre, &ff_in, p.ff_in.weight, n, w, h);
         let mut hidden = take(hidden_pre.len());
         hidden.par_chunks_mut(h).zip(hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(out, pre)| {
             zip_apply(out, pre, |_, v| gelu(v));
@@ -201,14 +180,7 @@ impl Shape {
 
         let mut y = plus_rows(&x1, p.ff_out.bias);
         give(x1);
-        matmul(
-            ViewMut::new(&mut y, n, w),
-            View::new(&hidden, n, h),
-            View::new(p.ff_out.weight, h, w),
-            1.0,
-            true,
-            Threads::All,
-        );
+        add_product(&mut y, &hidden, p.ff_out.weight, n, h, w);
 
         let saved = Saved {
             attn_hat,
@@ -270,29 +242,13 @@ impl Shape {
         // y = x1 + hidden W_2 + b_2
         let mut g =
             ParamGrads { ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)], ..ParamGrads::default() };
-        let mut d_hidden = take(n * h);
-        matmul(
-            ViewMut::new(&mut d_hidden, n, h),
-            View::new(dy, n, w),
-            View::new(&s.ff_out_weight, h, w).t(),
-            1.0,
-            false,
-            Threads::All,
-        );
+        let mut d_hidden = input_grad(dy, &s.ff_out_weight, n, h, w);
         d_hidden.par_chunks_mut(h).zip(s.hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(d, pre)| {
             zip_apply(d, pre, |d, v| d * gelu_grad(v));
         });
         // hidden_pre = ff_in W_1 + b_1
         g.ff_in = [product_grad(&s.ff_in, &d_hidden, n, w, h), column_sums(&d_hidden, h)];
-        let mut d_ff_in = take(n * w);
-        matmul(
-            ViewMut::new(&mut d_ff_in, n, w),
-            View::new(&d_hidden, n, h),
-            View::new(&s.ff_in_weight, w, h).t(),
-            1.0,
-            false,
-            Threads::All,
-        );
+        let d_ff_in = input_grad(&d_hidden, &s.ff_in_weight, n, w, h);
         give(d_hidden);
         // x1 feeds both the residual and the norm.
         let mut d_x1: Vec<f32> = dy.par_iter().copied().collect();
@@ -301,15 +257,7 @@ impl Shape {
 
         // x1 = x + context W_o + b_o
         g.output = [product_grad(&s.context, &d_x1, n, w, w), column_sums(&d_x1, w)];
-        let mut d_context = take(n * w);
-        matmul(
-            ViewMut::new(&mut d_context, n, w),
-            View::new(&d_x1, n, w),
-            View::new(&s.output_weight, w, w).t(),
-            1.0,
-            false,
-            Threads::All,
-        );
+        let d_context = input_grad(&d_x1, &s.output_weight, n, w, w);
         let d_qkv = self.attention_backward(s, &d_context);
         give(d_context);
 
@@ -320,15 +268,7 @@ impl Shape {
         give(d_weight);
         let [bq, bk, bv] = [0, 1, 2].map(|i| d_bias[i * w..(i + 1) * w].to_vec());
         (g.query, g.key, g.value) = ([wq, bq], [wk, bk], [wv, bv]);
-        let mut d_attn_in = take(n * w);
-        matmul(
-            ViewMut::new(&mut d_attn_in, n, w),
-            View::new(&d_qkv, n, 3 * w),
-            View::new(&s.qkv_weight, w, 3 * w).t(),
-            1.0,
-            false,
-            Threads::All,
-        );
+        let d_attn_in = input_grad(&d_qkv, &s.qkv_weight, n, w, 3 * w);
         // x feeds both the residual and the norm.
         let mut d_x = d_x1;
         g.norm_attn = layer_norm_backward(&d_attn_in, &s.attn_hat, &s.attn_rstd, &s.attn_gamma, &mut d_x);
@@ -468,6 +408,21 @@ fn product_grad(input: &[f32], d_out: &[f32], rows: usize, d_in: usize, d_outs: 
     let mut g = take(d_in * d_outs);
     let (input, d_out) = (View::new(input, rows, d_in), View::new(d_out, rows, d_outs));
     matmul(ViewMut::new(&mut g, d_in, d_outs), input.t(), d_out, 1.0, false, Threads::All);
+    g
+}
+
+/// `out += input W`, with `input` [rows, d_in] and `W` [d_in, d_out]: a linear map onto its bias
+/// or its residual.
+fn add_product(out: &mut [f32], input: &[f32], weight: &[f32], rows: usize, d_in: usize, d_out: usize) {
+    let (input, weight) = (View::new(input, rows, d_in), View::new(weight, d_in, d_out));
+    matmul(ViewMut::new(out, rows, d_out), input, weight, 1.0, true, Threads::All);
+}
+
+/// The gradient of `input` in `out = input W` ([rows, d_in] x [d_in, d_out]): d_out W^T.
+fn input_grad(d_out: &[f32], weight: &[f32], rows: usize, d_in: usize, d_outs: usize) -> Vec<f32> {
+    let mut g = take(rows * d_in);
+    let (d_out, weight) = (View::new(d_out, rows, d_outs), View::new(weight, d_in, d_outs));
+    matmul(ViewMut::new(&mut g, rows, d_in), d_out, weight.t(), 1.0, false, Threads::All);
     g
 }
 
