@@ -118,14 +118,16 @@ impl ConvBlockOps for Autodiff<Cpu> {
 
 #[cfg(test)]
 mod tests {
-    use burn::backend::ndarray::NdArrayDevice;
-    use burn::tensor::TensorData;
     use burn::tensor::ops::PadMode;
 
     use super::*;
+    use crate::models::cpu::testing::{assert_close, random};
     use crate::rng::SplitMix64;
 
     type Train = Autodiff<Cpu>;
+
+    /// How far the kernels may be from burn's ops, relative to 1 + |value|.
+    const TOLERANCE: f32 = 1e-4;
 
     /// The block from burn's tensor ops, differentiated by burn itself: the reference both
     /// other paths are tested against.
@@ -164,19 +166,6 @@ mod tests {
         x.reshape([batch, c, h / 2, 2, w / 2, 2]).max_dim(5).max_dim(3).reshape([batch, c, h / 2, w / 2])
     }
 
-    fn random<const D: usize>(rng: &mut SplitMix64, dims: [usize; D]) -> Tensor<Train, D> {
-        let values: Vec<f32> = (0..dims.iter().product()).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        Tensor::from_data(TensorData::new(values, dims), &NdArrayDevice::Cpu)
-    }
-
-    fn assert_close<const D: usize>(what: &str, a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) {
-        let (a, b) = (a.into_data().into_vec::<f32>().unwrap(), b.into_data().into_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}[{i}]: kernels {x}, composed {y}");
-        }
-    }
-
     /// The kernels, through burn's autodiff graph, against burn's own ops differentiated by
     /// burn: the same outputs and the same gradients of input, weight and bias.
     #[test]
@@ -195,15 +184,15 @@ mod tests {
         };
         let ours = run(<Train as ConvBlockOps>::conv_relu_pool);
         let theirs = run(composed::<Train>);
-        assert_close("output", ours.0, theirs.0);
-        assert_close("d input", ours.1, theirs.1);
-        assert_close("d weight", ours.2, theirs.2);
-        assert_close("d bias", ours.3, theirs.3);
+        assert_close("output", ours.0, theirs.0, TOLERANCE);
+        assert_close("d input", ours.1, theirs.1, TOLERANCE);
+        assert_close("d weight", ours.2, theirs.2, TOLERANCE);
+        assert_close("d bias", ours.3, theirs.3, TOLERANCE);
 
         // Without autodiff (evaluation), the same forward pass.
         let (x, weight, bias) = (x.inner(), weight.inner(), bias.inner());
         let inner = <Cpu as ConvBlockOps>::conv_relu_pool(x.clone(), weight.clone(), bias.clone());
-        assert_close("inner output", inner, composed(x, weight, bias));
+        assert_close("inner output", inner, composed(x, weight, bias), TOLERANCE);
     }
 
     /// The GPU path's module ops compute the same block (checked here on the CPU backend, where
@@ -214,7 +203,7 @@ mod tests {
         let x = random::<4>(&mut rng, [3, 2, 8, 8]).inner();
         let weight = random::<4>(&mut rng, [4, 2, 3, 3]).inner();
         let bias = random::<1>(&mut rng, [4]).inner();
-        assert_close("native", native(x.clone(), weight.clone(), bias.clone()), composed(x, weight, bias));
+        assert_close("native", native(x.clone(), weight.clone(), bias.clone()), composed(x, weight, bias), TOLERANCE);
     }
 
     /// An input that needs no gradient (the pixels) gets none; the weights still do.

@@ -23,7 +23,7 @@ use crate::models::buffers::{give, take};
 use crate::models::matmul::{Threads, View, ViewMut, matmul};
 
 /// burn's default layer-norm epsilon, which the model's layers use.
-pub(crate) const EPSILON: f32 = 1e-5;
+const EPSILON: f32 = 1e-5;
 
 /// Rows handed to one rayon task at least: a row is a few hundred values.
 const MIN_ROWS: usize = 32;
@@ -77,9 +77,9 @@ pub(crate) struct ParamGrads {
     pub ff_out: [Vec<f32>; 2],
 }
 
-/// What the backward pass needs from the forward pass, weights included (copies: a few MB,
-/// against a step's hundreds).
-#[derive(Debug, Clone)]
+/// The activations the backward pass needs from the forward pass (it is given the weights
+/// again, as burn keeps them).
+#[derive(Debug)]
 pub(crate) struct Saved {
     /// The attention's normalized input, its output `a`, and 1 / std per row.
     attn_hat: Vec<f32>,
@@ -98,13 +98,13 @@ pub(crate) struct Saved {
     /// The feed-forward's hidden layer before and after GELU: [rows, 4 * width].
     hidden_pre: Vec<f32>,
     hidden: Vec<f32>,
-    /// The three projections' weights side by side: [width, 3 * width].
-    qkv_weight: Vec<f32>,
-    output_weight: Vec<f32>,
-    ff_in_weight: Vec<f32>,
-    ff_out_weight: Vec<f32>,
-    attn_gamma: Vec<f32>,
-    ff_gamma: Vec<f32>,
+}
+
+impl Params<'_> {
+    /// The three projections' weights side by side: [width, 3 * width], one product for all.
+    fn qkv_weight(&self, width: usize) -> Vec<f32> {
+        side_by_side(&[self.query.weight, self.key.weight, self.value.weight], width)
+    }
 }
 
 /// The large buffers go back to the pool, for the next step.
@@ -161,7 +161,7 @@ impl Shape {
         let (n, w, h) = (self.rows(), self.width, self.hidden());
         let (attn_in, attn_hat, attn_rstd) = layer_norm(x, w, p.norm_attn);
 
-        let qkv_weight = side_by_side(&[p.query.weight, p.key.weight, p.value.weight], w);
+        let qkv_weight = p.qkv_weight(w);
         let qkv_bias = [p.query.bias, p.key.bias, p.value.bias].concat();
         let mut qkv = broadcast_rows(&qkv_bias, n);
         add_product(&mut qkv, &attn_in, &qkv_weight, n, w, 3 * w);
@@ -182,25 +182,8 @@ impl Shape {
         give(x1);
         add_product(&mut y, &hidden, p.ff_out.weight, n, h, w);
 
-        let saved = Saved {
-            attn_hat,
-            attn_in,
-            attn_rstd,
-            qkv,
-            probs,
-            context,
-            ff_hat,
-            ff_in,
-            ff_rstd,
-            hidden_pre,
-            hidden,
-            qkv_weight,
-            output_weight: p.output.weight.to_vec(),
-            ff_in_weight: p.ff_in.weight.to_vec(),
-            ff_out_weight: p.ff_out.weight.to_vec(),
-            attn_gamma: p.norm_attn.gamma.to_vec(),
-            ff_gamma: p.norm_ff.gamma.to_vec(),
-        };
+        let saved =
+            Saved { attn_hat, attn_in, attn_rstd, qkv, probs, context, ff_hat, ff_in, ff_rstd, hidden_pre, hidden };
         (y, saved)
     }
 
@@ -235,29 +218,35 @@ impl Shape {
     }
 
     /// Gradients from the output's gradient `dy`: the input's (when `want_x`) and every
-    /// parameter's.
-    pub(crate) fn backward(&self, s: &Saved, dy: &[f32], want_x: bool) -> (Option<Vec<f32>>, ParamGrads) {
+    /// parameter's. `p` are the parameters the forward pass that saved `s` was given.
+    pub(crate) fn backward(
+        &self,
+        s: &Saved,
+        p: &Params<'_>,
+        dy: &[f32],
+        want_x: bool,
+    ) -> (Option<Vec<f32>>, ParamGrads) {
         let (n, w, h) = (self.rows(), self.width, self.hidden());
         assert_eq!(dy.len(), n * w, "output gradient");
         // y = x1 + hidden W_2 + b_2
         let mut g =
             ParamGrads { ff_out: [product_grad(&s.hidden, dy, n, h, w), column_sums(dy, w)], ..ParamGrads::default() };
-        let mut d_hidden = input_grad(dy, &s.ff_out_weight, n, h, w);
+        let mut d_hidden = input_grad(dy, p.ff_out.weight, n, h, w);
         d_hidden.par_chunks_mut(h).zip(s.hidden_pre.par_chunks(h)).with_min_len(MIN_ROWS).for_each(|(d, pre)| {
             zip_apply(d, pre, |d, v| d * gelu_grad(v));
         });
         // hidden_pre = ff_in W_1 + b_1
         g.ff_in = [product_grad(&s.ff_in, &d_hidden, n, w, h), column_sums(&d_hidden, h)];
-        let d_ff_in = input_grad(&d_hidden, &s.ff_in_weight, n, w, h);
+        let d_ff_in = input_grad(&d_hidden, p.ff_in.weight, n, w, h);
         give(d_hidden);
         // x1 feeds both the residual and the norm.
         let mut d_x1: Vec<f32> = dy.par_iter().copied().collect();
-        g.norm_ff = layer_norm_backward(&d_ff_in, &s.ff_hat, &s.ff_rstd, &s.ff_gamma, &mut d_x1);
+        g.norm_ff = layer_norm_backward(&d_ff_in, &s.ff_hat, &s.ff_rstd, p.norm_ff.gamma, &mut d_x1);
         give(d_ff_in);
 
         // x1 = x + context W_o + b_o
         g.output = [product_grad(&s.context, &d_x1, n, w, w), column_sums(&d_x1, w)];
-        let d_context = input_grad(&d_x1, &s.output_weight, n, w, w);
+        let d_context = input_grad(&d_x1, p.output.weight, n, w, w);
         let d_qkv = self.attention_backward(s, &d_context);
         give(d_context);
 
@@ -268,10 +257,10 @@ impl Shape {
         give(d_weight);
         let [bq, bk, bv] = [0, 1, 2].map(|i| d_bias[i * w..(i + 1) * w].to_vec());
         (g.query, g.key, g.value) = ([wq, bq], [wk, bk], [wv, bv]);
-        let d_attn_in = input_grad(&d_qkv, &s.qkv_weight, n, w, 3 * w);
+        let d_attn_in = input_grad(&d_qkv, &p.qkv_weight(w), n, w, 3 * w);
         // x feeds both the residual and the norm.
         let mut d_x = d_x1;
-        g.norm_attn = layer_norm_backward(&d_attn_in, &s.attn_hat, &s.attn_rstd, &s.attn_gamma, &mut d_x);
+        g.norm_attn = layer_norm_backward(&d_attn_in, &s.attn_hat, &s.attn_rstd, p.norm_attn.gamma, &mut d_x);
         give(d_attn_in);
         give(d_qkv);
         (want_x.then_some(d_x), g)

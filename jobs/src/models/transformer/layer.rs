@@ -21,7 +21,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
 
-use super::kernels::{Affine, EPSILON, Norm, ParamGrads, Params, Saved, Shape};
+use super::kernels::{Affine, Norm, ParamGrads, Params, Saved, Shape};
 use crate::models::cpu::{Cpu, device_tensor, values};
 
 /// A layer's parameters in the kernels' order: norm_attn (gamma, beta), query, key, value and
@@ -86,10 +86,6 @@ fn kernel_params<B: Backend>(layer: &TransformerEncoderLayer<B>) -> Option<[Floa
     let tensors: Vec<FloatTensor<B>> = pairs.into_iter().flatten().collect();
     tensors.try_into().ok()
 }
-
-/// The epsilon burn's layer norms were built with is private; the model builds them with
-/// burn's default, which the kernels use.
-const _: () = assert!(EPSILON == 1e-5);
 
 fn shape_of(x: &[usize], heads: usize) -> Shape {
     Shape { batch: x[0], len: x[1], width: x[2], heads }
@@ -158,6 +154,8 @@ struct LayerBackward;
 struct BackwardState {
     shape: Shape,
     saved: Arc<Saved>,
+    /// The parameters themselves: shared handles, not copies.
+    params: [FloatTensor<Cpu>; PARAMS],
 }
 
 impl Backward<Cpu, { PARAMS + 1 }> for LayerBackward {
@@ -166,8 +164,9 @@ impl Backward<Cpu, { PARAMS + 1 }> for LayerBackward {
     fn backward(self, ops: Ops<Self::State, { PARAMS + 1 }>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x_node, param_nodes @ ..] = ops.parents;
         let dy = grads.consume::<Cpu>(&ops.node);
-        let BackwardState { shape, saved } = ops.state;
-        let (dx, g) = shape.backward(&saved, &values(&dy), x_node.is_some());
+        let BackwardState { shape, saved, params } = ops.state;
+        let v = params.each_ref().map(values);
+        let (dx, g) = shape.backward(&saved, &params_of(&v), &values(&dy), x_node.is_some());
         if let (Some(node), Some(dx)) = (x_node, dx) {
             grads.register::<Cpu>(node.id, device_tensor(dx, &[shape.batch, shape.len, shape.width]));
         }
@@ -184,12 +183,13 @@ impl EncoderLayerOps for Autodiff<Cpu> {
         let Some(params) = kernel_params(layer) else { return native(layer, x) };
         let x = x.into_primitive().tensor();
         let (shape, y, saved) = forward(&x.primitive, &params.each_ref().map(|p| &p.primitive), layer.mha.n_heads);
+        let handles = params.each_ref().map(|p| p.primitive.clone());
         let mut nodes = vec![x.node];
         nodes.extend(params.map(|p| p.node));
         let nodes = nodes.try_into().expect("17 nodes");
         let y = device_tensor(y, &[shape.batch, shape.len, shape.width]);
         let out = match LayerBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(BackwardState { shape, saved: Arc::new(saved) }, y),
+            OpsKind::Tracked(prep) => prep.finish(BackwardState { shape, saved: Arc::new(saved), params: handles }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -201,23 +201,21 @@ mod tests {
     use burn::backend::ndarray::NdArrayDevice;
     use burn::module::AutodiffModule;
     use burn::nn::transformer::TransformerEncoderConfig;
-    use burn::tensor::TensorData;
     use burn::tensor::activation::softmax;
 
     use super::*;
+    use crate::models::cpu::testing::{assert_close, random};
     use crate::rng::SplitMix64;
 
     type Train = Autodiff<Cpu>;
+
+    /// How far the kernels may be from burn's ops, relative to 1 + |value|.
+    const TOLERANCE: f32 = 2e-4;
 
     fn layer<B: Backend>(width: usize, heads: usize, device: &B::Device) -> TransformerEncoderLayer<B> {
         let config = TransformerEncoderConfig::new(width, 4 * width, heads, 1).with_norm_first(true).with_dropout(0.0);
         let mut layers = config.init::<B>(device).layers;
         layers.pop().unwrap()
-    }
-
-    fn random<const D: usize>(rng: &mut SplitMix64, dims: [usize; D]) -> Tensor<Train, D> {
-        let values: Vec<f32> = (0..dims.iter().product()).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        Tensor::from_data(TensorData::new(values, dims), &NdArrayDevice::Cpu)
     }
 
     /// The layer from burn's tensor ops, with GELU's exact derivative (burn's own GELU
@@ -246,14 +244,6 @@ mod tests {
         x1 + linear(&layer.pwff.linear_outer, hidden)
     }
 
-    fn assert_close<const D: usize>(what: &str, a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) {
-        let (a, b) = (a.into_data().into_vec::<f32>().unwrap(), b.into_data().into_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 2e-4 * (1.0 + y.abs()), "{what}[{i}]: kernels {x}, composed {y}");
-        }
-    }
-
     /// The kernels, through burn's autodiff graph, against burn's ops differentiated by burn:
     /// the same output and the same gradients of the input and of all sixteen parameters.
     #[test]
@@ -272,28 +262,33 @@ mod tests {
         };
         let ours = run(&|x| Train::causal_layer(&layer, x));
         let theirs = run(&|x| composed(&layer, x));
-        assert_close("output", ours.0, theirs.0);
-        assert_close("d input", ours.1, theirs.1);
+        assert_close("output", ours.0, theirs.0, TOLERANCE);
+        assert_close("d input", ours.1, theirs.1, TOLERANCE);
         let mha = &layer.mha;
         let pwff = &layer.pwff;
         let weights = [&mha.query, &mha.key, &mha.value, &mha.output, &pwff.linear_inner, &pwff.linear_outer];
         for (i, l) in weights.into_iter().enumerate() {
             let (w, b) = (&l.weight, l.bias.as_ref().unwrap());
-            assert_close(&format!("linear {i} weight"), w.grad(&ours.2).unwrap(), w.grad(&theirs.2).unwrap());
-            assert_close(&format!("linear {i} bias"), b.grad(&ours.2).unwrap(), b.grad(&theirs.2).unwrap());
+            assert_close(
+                &format!("linear {i} weight"),
+                w.grad(&ours.2).unwrap(),
+                w.grad(&theirs.2).unwrap(),
+                TOLERANCE,
+            );
+            assert_close(&format!("linear {i} bias"), b.grad(&ours.2).unwrap(), b.grad(&theirs.2).unwrap(), TOLERANCE);
         }
         for (i, n) in [&layer.norm_1, &layer.norm_2].into_iter().enumerate() {
             let (g, b) = (&n.gamma, n.beta.as_ref().unwrap());
-            assert_close(&format!("norm {i} gamma"), g.grad(&ours.2).unwrap(), g.grad(&theirs.2).unwrap());
-            assert_close(&format!("norm {i} beta"), b.grad(&ours.2).unwrap(), b.grad(&theirs.2).unwrap());
+            assert_close(&format!("norm {i} gamma"), g.grad(&ours.2).unwrap(), g.grad(&theirs.2).unwrap(), TOLERANCE);
+            assert_close(&format!("norm {i} beta"), b.grad(&ours.2).unwrap(), b.grad(&theirs.2).unwrap(), TOLERANCE);
         }
 
         // Without autodiff (evaluation), the same forward pass, and burn's own layer agrees.
         let inner = layer.valid();
         let x = x.inner();
         let kernels = <Cpu as EncoderLayerOps>::causal_layer(&inner, x.clone());
-        assert_close("inner output", kernels.clone(), composed(&inner, x.clone()));
-        assert_close("burn's layer", kernels, native(&inner, x));
+        assert_close("inner output", kernels.clone(), composed(&inner, x.clone()), TOLERANCE);
+        assert_close("burn's layer", kernels, native(&inner, x), TOLERANCE);
     }
 
     /// A layer the kernels do not cover (post-norm) takes burn's path.
@@ -304,6 +299,6 @@ mod tests {
         let layer = config.init::<Cpu>(&device).layers.pop().unwrap();
         assert!(kernel_params(&layer).is_none());
         let x = random(&mut SplitMix64::for_stream(1, 0), [2, 3, 8]).inner();
-        assert_close("post-norm", Cpu::causal_layer(&layer, x.clone()), native(&layer, x));
+        assert_close("post-norm", Cpu::causal_layer(&layer, x.clone()), native(&layer, x), TOLERANCE);
     }
 }
