@@ -238,10 +238,12 @@ impl Engine {
         lines: &mpsc::Sender<String>,
         stop: &mut watch::Receiver<Option<Duration>>,
     ) -> Result<Ended> {
-        // Waiting from before the start, so that an exit at once is not missed.
-        let wait_options = WaitContainerOptionsBuilder::default().condition("next-exit").build();
-        let mut wait = Box::pin(self.docker.wait_container(id, Some(wait_options)));
         self.docker.start_container(id, None).await.map_err(engine_error)?;
+        // "not-running", asked once it has started: an exit before the engine reads the request
+        // still answers it. (The request leaves only when first polled, so "next-exit" waited for
+        // ever on a container that a stop at once had already ended.)
+        let wait_options = WaitContainerOptionsBuilder::default().condition("not-running").build();
+        let mut wait = Box::pin(self.docker.wait_container(id, Some(wait_options)));
         info!(job = %rank.job_id, attempt = rank.attempt, rank = rank.rank, container = %id, image = %rank.image, "job started");
         let logs = tokio::spawn(forward_logs(self.docker.clone(), id.to_string(), lines.clone()));
         let exit = tokio::select! {

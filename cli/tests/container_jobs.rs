@@ -158,6 +158,20 @@ time.sleep(600)
     assert!(fleet.ok(&["logs", &id]).contains("got SIGTERM"));
     assert!(containers_of(&fleet, "node-a", &id).is_empty(), "the container was removed");
 
+    // Cancelled the moment it is placed, while its container is still being made: the stop
+    // reaches the container as it starts, and its exit is not missed.
+    for round in 0..3 {
+        let id = fleet.submit(&python_job(
+            &format!("early-{round}"),
+            "resources: {cpus: 0.5}\n",
+            "import time\ntime.sleep(600)",
+        ));
+        fleet.wait_state(&id, &["running"], Duration::from_secs(30));
+        fleet.ok(&["cancel", &id]);
+        assert_eq!(fleet.wait_state(&id, &["cancelled"], Duration::from_secs(20)), "cancelled");
+        assert!(containers_of(&fleet, "node-a", &id).is_empty(), "the container was removed");
+    }
+
     // An image the node does not hold, never to be pulled: failed, naming it.
     let missing = fleet.submit(
         "name: nope\nimage: gantry-no-such-image:0\nimage_pull_policy: never\nmax_restarts: 0\ncommand: [\"true\"]\n",
