@@ -264,14 +264,12 @@ pub async fn download(client: &mut crate::coordinators::Client, r: &v1::Checkpoi
         _ => Err(Error::Checkpoint("unexpected second header".into())),
     });
     receive_files(dest, &header.files, chunks).await.map_err(|e| match e {
-        Error::Checkpoint(why) if why == MISMATCH => {
+        Error::Mismatch => {
             Error::Checkpoint(format!("download of job {} step {} does not match its sha256 listing", r.job_id, r.step))
         }
         e => e,
     })
 }
-
-const MISMATCH: &str = "files do not match their sha256 listing";
 
 /// A relative, '/'-separated path of plain names: no `..`, `.`, empty parts or control
 /// characters.
@@ -334,7 +332,7 @@ pub async fn receive_files(
     let mut want = files.to_vec();
     want.sort_by(|a, b| a.path.cmp(&b.path));
     if got != want {
-        return Err(Error::Checkpoint(MISMATCH.into()));
+        return Err(Error::Mismatch);
     }
     Ok(())
 }

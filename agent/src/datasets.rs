@@ -1,4 +1,6 @@
-//! The node's cache of pushed data sets (`dataset://NAME@SHA256/PATH` in a job's spec).
+//! The node's cache of pushed data sets (`dataset://NAME@SHA256/PATH` in a job's spec) and of
+//! the objects the coordinator read for it (`s3://BUCKET/KEY@SHA256`): both are versions named
+//! by their content, fetched through the coordinator.
 //!
 //! Each version is fetched once into `WORK_DIR/datasets/<sha256>/` (`files/` and the
 //! `manifest.json` it was fetched with) and shared by every job on the node, across agent
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use gantry_core::TrainSpec;
-use gantry_core::spec::PushedPath;
+use gantry_core::spec::Fetched;
 use gantry_proto::v1;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -313,7 +315,7 @@ pub async fn download(
     Ok(header.files)
 }
 
-/// Replaces every pinned `dataset://` reference of `train` by the cached path, fetching what
+/// Replaces every pinned `dataset://` and `s3://` reference of `train` by the cached path, fetching what
 /// the node lacks. The leases keep those versions on the node while the job runs; `log` gets
 /// one line per version.
 pub async fn resolve(
@@ -324,17 +326,26 @@ pub async fn resolve(
 ) -> Result<Vec<Lease>> {
     let mut leases = Vec::new();
     for (field, path) in train.file_paths_mut() {
-        let Some(parsed) = PushedPath::parse(path) else { continue };
+        let Some(parsed) = Fetched::parse(path) else { continue };
         let r = parsed.map_err(|why| Error::Dataset(format!("{field}: {why}")))?;
-        let Some(version) = r.version.as_deref() else {
+        let Some(version) = r.version() else {
             return Err(Error::Dataset(format!("{field}: `{path}` names no version (the coordinator pins it)")));
         };
-        let named = format!("{}@{}", r.name, short(version));
+        let name = r.label();
+        let at = match &r {
+            Fetched::Pushed(_) => format!("data set {name}"),
+            Fetched::S3(_) => name.clone(),
+        };
         let mut client = coordinators.client();
         let fetch = |dest: PathBuf| async move { download(&mut client, version, &dest).await };
-        let (lease, files, found) =
-            cache.acquire(version, fetch).await.map_err(|e| Error::Dataset(format!("{named}: {e}")))?;
-        let at = format!("data set {named}");
+        let (lease, files, found) = cache.acquire(version, fetch).await.map_err(|e| match (&r, e) {
+            // Read where they are, S3 objects can change after the pin; a pushed copy cannot.
+            (Fetched::S3(_), Error::Mismatch) => Error::Dataset(format!(
+                "{name}: the objects no longer hold the bytes the job was pinned to when it was accepted \
+                 (changed in the bucket since?): submit the job again to read them as they are now"
+            )),
+            (_, e) => Error::Dataset(format!("{name}: {e}")),
+        })?;
         log.push(match found {
             Found::Cached => format!("{at}: in this node's cache, verified"),
             Found::Fetched { bytes } => format!("{at}: fetched {bytes} bytes into this node's cache"),
@@ -342,7 +353,7 @@ pub async fn resolve(
                 format!("{at}: the cached copy is corrupt ({why}): fetched {bytes} bytes again")
             }
         });
-        *path = local_path(&files, &r.path).display().to_string();
+        *path = local_path(&files, r.path_in_version()).display().to_string();
         leases.push(lease);
     }
     Ok(leases)
@@ -359,10 +370,6 @@ fn local_path(files: &Path, path: &str) -> PathBuf {
         [only] if only.file_type().is_ok_and(|t| t.is_file()) => only.path(),
         _ => files.to_path_buf(),
     }
-}
-
-fn short(sha256: &str) -> &str {
-    &sha256[..sha256.len().min(12)]
 }
 
 #[cfg(test)]

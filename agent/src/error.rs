@@ -23,6 +23,9 @@ pub enum Error {
     /// A checkpoint could not be described, uploaded or downloaded.
     #[error("checkpoint {0}")]
     Checkpoint(String),
+    /// A download's files, once written, are not the ones its listing announced.
+    #[error("the files received do not match their sha256 listing")]
+    Mismatch,
     /// A pushed data set could not be fetched into, or checked in, the node's cache.
     #[error("data set {0}")]
     Dataset(String),

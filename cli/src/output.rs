@@ -112,19 +112,20 @@ pub struct JobView {
     /// A replica: the serve job it belongs to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica_of: Option<String>,
-    /// The pushed data sets it reads, pinned to their versions: `dataset://NAME@SHA256/PATH`.
+    /// The pushed data sets and S3 objects it reads, pinned to their versions:
+    /// `dataset://NAME@SHA256/PATH`, `s3://BUCKET/KEY@SHA256`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub datasets: Vec<String>,
 }
 
-/// A spec's `dataset://` references, as the coordinator pinned them.
+/// A spec's `dataset://` and `s3://` references, as the coordinator pinned them.
 fn pushed_datasets(spec: &v1::JobSpec) -> Vec<String> {
     let Ok(mut spec) = gantry_core::JobSpec::try_from(spec.clone()) else { return Vec::new() };
     let Some(train) = spec.train.as_mut() else { return Vec::new() };
     train
         .file_paths_mut()
         .into_iter()
-        .filter(|(_, p)| p.starts_with(gantry_core::spec::PUSHED_SCHEME))
+        .filter(|(_, p)| gantry_core::spec::Fetched::parse(p).is_some())
         .map(|(_, p)| p.clone())
         .collect()
 }

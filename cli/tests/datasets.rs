@@ -1,11 +1,17 @@
 //! Pushed data sets with real processes: `gantry dataset push`, jobs that name them as
 //! `dataset://NAME/PATH`, and the agent's cache: fetched once and shared by jobs, kept across an
-//! agent restart, fetched again when a cached file is corrupted.
+//! agent restart, fetched again when a cached file is corrupted. And `s3://` paths in the
+//! coordinator's bucket (moto's S3 server, with the `s3` feature), read and pinned at submit.
 
+#[cfg(feature = "s3")]
+#[path = "support/s3_server.rs"]
+mod s3_server;
 mod support;
 
 use std::time::Duration;
 
+#[cfg(feature = "s3")]
+use support::free_port;
 use support::{Fleet, repo_root};
 
 /// Trains the wine MLP on `table` to the end; the job's id and its logs.
@@ -110,4 +116,55 @@ fn bad_references_and_other_users_data_sets_are_refused_at_submit() {
     assert!(alice.try_submit(&spec("dataset://corpus/more")).is_ok(), "a folder of it");
     let listed = fleet.json(&["dataset", "list"]);
     assert_eq!((&listed[0]["sha256"], &listed[0]["versions"]), (&pushed["sha256"], &serde_json::json!(1)));
+}
+
+/// A table a user put in the coordinator's bucket: read and pinned when the job is accepted,
+/// fetched by the agent through the coordinator (it holds no credentials) into its cache, and
+/// never trained on once its bytes differ from the pin.
+#[cfg(feature = "s3")]
+#[test]
+fn an_s3_table_in_the_coordinators_bucket_is_pinned_at_submit_fetched_and_checked() {
+    let s3 = s3_server::S3Server::start("lab");
+    let wine = std::fs::read(repo_root().join("examples/wine/wine.csv")).unwrap();
+    s3.put("data/wine.csv", &wine);
+    let mut fleet = Fleet::with_object_store("s3://lab/gantry", s3.env());
+    let (id, logs) = train_on(&fleet, "s3://lab/data/wine.csv");
+    let pinned = fleet.json(&["job", &id])["datasets"][0].as_str().unwrap().to_string();
+    let sha = pinned.strip_prefix("s3://lab/data/wine.csv@").unwrap_or_else(|| panic!("{pinned}"));
+    let at = format!("[gantry] s3://lab/data/wine.csv@{}", &sha[..12]);
+    assert!(logs.contains(&format!("{at}: fetched {} bytes into this node's cache", wine.len())), "{logs}");
+    let reference = accuracy(&logs);
+    assert!(reference >= 0.9, "wine from S3: test accuracy {reference}\n{logs}");
+
+    // What no spec may read, or that is not there, is refused at submit, naming the field.
+    let spec = |path: &str| format!("name: t\ntrain: {{model: mlp, dataset: {{table: '{path}', label: cultivar}}}}\n");
+    let other = fleet.cli().try_submit(&spec("s3://other/data/wine.csv")).unwrap_err();
+    assert!(other.contains("train.dataset.table: `s3://other/data/wine.csv`: s3:// paths are read from the coordinator's own bucket, `lab`, only"), "{other}");
+    let own = fleet.cli().try_submit(&spec("s3://lab/gantry/jobs")).unwrap_err();
+    assert!(own.contains("holds gantry's own checkpoints or data sets"), "{own}");
+    let missing = fleet.cli().try_submit(&spec("s3://lab/data/nope.csv")).unwrap_err();
+    assert!(missing.contains("no such object, nor objects under it"), "{missing}");
+
+    // Someone changes the object. A new submit pins the new bytes; an agent that never held the
+    // old ones cannot fetch them any more, and the job pinned to them fails saying why.
+    let changed = String::from_utf8(wine.clone()).unwrap().replacen("14.23", "14.24", 1);
+    s3.put("data/wine.csv", changed.as_bytes());
+    fleet.start_agent("node-b");
+    fleet.wait_for_nodes(2);
+    fleet.ok(&["drain", "node-a"]);
+    let stale = fleet.submit(&format!(
+        "name: stale\nmax_restarts: 0\nresources: {{cpus: 1}}\ntrain: {{model: mlp, dataset: {{table: '{pinned}', label: cultivar}}}}\n"
+    ));
+    assert_eq!(fleet.wait_state(&stale, &["succeeded", "failed"], Duration::from_secs(60)), "failed");
+    let job = fleet.json(&["job", &stale]);
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.contains(&at["[gantry] ".len()..])
+            && message.contains("no longer hold the bytes the job was pinned to"),
+        "{job:#}"
+    );
+    let (id, logs) = train_on(&fleet, "s3://lab/data/wine.csv");
+    let repinned = fleet.json(&["job", &id])["datasets"][0].as_str().unwrap().to_string();
+    assert_ne!(repinned, pinned, "the new bytes are a new version");
+    assert!(logs.contains("into this node's cache"), "{logs}");
 }

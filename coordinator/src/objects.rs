@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Objects {
     store: Arc<dyn ObjectStore>,
+    /// The bucket `url` names: the one `s3://` paths in specs may read from.
+    bucket: String,
     prefix: Key,
     /// The URL it was opened from, for messages.
     url: String,
@@ -36,7 +38,8 @@ impl Objects {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Result<Objects> {
         let prefix =
             Key::parse(prefix).map_err(|e| Error::InvalidArgument(format!("object store `{url}`: bad prefix: {e}")))?;
-        Ok(Objects { store, prefix, url: url.to_string() })
+        let bucket = url.split_once("://").map_or("", |(_, rest)| rest.split('/').next().unwrap_or("")).to_string();
+        Ok(Objects { store, bucket, prefix, url: url.to_string() })
     }
 
     /// Opens `s3://BUCKET[/PREFIX]`, with credentials, region and endpoint from the usual
@@ -61,6 +64,18 @@ impl Objects {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Whether `key`, or a folder under it, is gantry's own part of the bucket (its jobs' and
+    /// data sets' objects), which no spec may read.
+    pub fn is_own(&self, key: &Key) -> bool {
+        [self.prefix.child("jobs"), self.datasets()]
+            .iter()
+            .any(|own| key.prefix_matches(own) || own.prefix_matches(key))
     }
 
     /// Where a job's objects go.

@@ -164,11 +164,21 @@ pub struct CheckpointRecord {
 /// are pinned to a version's `sha256` when accepted, so a version stays readable after newer ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetRecord {
+    /// The pushed name, or the `s3://BUCKET/KEY` a job's spec named (see [`Self::is_s3_read`]).
     pub name: String,
-    /// Who pushed the name first: only they (and admins) push new versions.
+    /// Who pushed the name first: only they (and admins) push new versions. For an S3 read, who
+    /// submitted the job that read it first.
     pub owner: String,
     #[serde(flatten)]
     pub version: DatasetVersion,
+}
+
+impl DatasetRecord {
+    /// Objects a spec named by `s3://`, read where they are (`control/s3_paths.rs`): not a pushed
+    /// data set, and no copy of their own, since the bucket's owner may change or delete them.
+    pub fn is_s3_read(&self) -> bool {
+        self.name.starts_with("s3://")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

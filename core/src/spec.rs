@@ -12,10 +12,12 @@ use crate::error::ParseError;
 mod dataset;
 mod model;
 mod pushed;
+mod s3;
 
 pub use dataset::{DatasetSpec, Holdout};
 pub use model::ModelSpec;
-pub use pushed::{PushedPath, SCHEME as PUSHED_SCHEME, check_name as check_dataset_name};
+pub use pushed::{PushedPath, check_name as check_dataset_name};
+pub use s3::{Fetched, S3Path};
 
 /// What was wrong with a spec: the field (dotted path, empty when the whole document is broken)
 /// and why.
@@ -709,7 +711,7 @@ impl TrainSpec {
     }
 
     /// Every path the spec names a file or folder by, with its field: the data set's, its
-    /// held-out part's and a weights file's. Local paths and `dataset://` references alike.
+    /// held-out part's and a weights file's. Local paths, `dataset://` and `s3://` references alike.
     pub fn file_paths_mut(&mut self) -> Vec<(&'static str, &mut String)> {
         let mut paths = Vec::new();
         let (field, path, holdout) = match &mut self.dataset {
@@ -734,7 +736,7 @@ impl TrainSpec {
     /// `dataset://` and `s3://` references are left as they are.
     pub fn anchor_paths(&mut self, base: &std::path::Path) {
         for (_, path) in self.file_paths_mut() {
-            let url = path.starts_with(pushed::SCHEME) || path.starts_with("s3://");
+            let url = path.starts_with(pushed::SCHEME) || path.starts_with(s3::SCHEME);
             if !path.is_empty() && !url && std::path::Path::new(path.as_str()).is_relative() {
                 *path = base.join(path.as_str()).display().to_string();
             }

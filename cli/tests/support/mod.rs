@@ -33,6 +33,8 @@ pub struct Fleet {
     pub admin_token: String,
     /// The agents' join token, given to the coordinator with --agent-token-file.
     pub agent_token: String,
+    /// `--object-store URL` and the environment that reaches it, when the coordinator has one.
+    pub object_store: Option<(String, Vec<(String, String)>)>,
 }
 
 /// A random secret for tests, from the kernel.
@@ -55,6 +57,20 @@ impl Fleet {
 
     /// The same, with a coordinator that declares a silent agent lost after `agent_timeout`.
     pub fn with_timeouts(grace: &'static str, agent_timeout: &'static str) -> Fleet {
+        Fleet::build(grace, agent_timeout, None)
+    }
+
+    /// A coordinator that keeps its checkpoints in object storage (`--object-store URL`, reached
+    /// with `env`), and one agent.
+    pub fn with_object_store(url: &str, env: Vec<(String, String)>) -> Fleet {
+        Fleet::build("3s", "5s", Some((url.to_string(), env)))
+    }
+
+    fn build(
+        grace: &'static str,
+        agent_timeout: &'static str,
+        object_store: Option<(String, Vec<(String, String)>)>,
+    ) -> Fleet {
         let mut fleet = Fleet {
             dir: job_visible_tempdir(),
             grpc: 0,
@@ -65,6 +81,7 @@ impl Fleet {
             agent_timeout,
             admin_token: String::new(),
             agent_token: test_secret(),
+            object_store,
         };
         std::fs::write(fleet.dir.path().join("agent-token"), &fleet.agent_token).unwrap();
         fleet.start_coordinator();
@@ -119,7 +136,8 @@ impl Fleet {
     pub fn start_coordinator(&mut self) {
         let log_path = self.dir.path().join("coordinator.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(GANTRY)
+        let mut command = Command::new(GANTRY);
+        command
             .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.grpc)])
             .args(["--http", &format!("127.0.0.1:{}", self.http)])
             .arg("--data-dir")
@@ -129,9 +147,11 @@ impl Fleet {
             .arg(self.dir.path().join("agent-token"))
             .env("GANTRY_LOG_FORMAT", "json")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some((url, env)) = &self.object_store {
+            command.args(["--object-store", url]).envs(env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = command.spawn().unwrap();
         self.coordinator = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -80,23 +80,35 @@ impl S3Server {
         body
     }
 
+    /// Writes one object, as another S3 client (a user's `aws s3 cp`) would.
+    pub fn put(&self, key: &str, data: &[u8]) {
+        let (code, body) = self.send("PUT", &format!("/{}/{key}", self.bucket), data).unwrap();
+        assert_eq!(code, 200, "{key}: {}", String::from_utf8_lossy(&body));
+    }
+
     fn request(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
         let (code, body) = self.request_bytes(method, path)?;
         Ok((code, String::from_utf8_lossy(&body).into_owned()))
     }
 
+    fn request_bytes(&self, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+        self.send(method, path, &[])
+    }
+
     /// An HTTP/1.0 request as the test user. moto wants private objects' reads signed, but does
     /// not check the signature.
-    fn request_bytes(&self, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    fn send(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let auth =
             "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
         write!(
             s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\n\r\n",
-            self.port
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
+            self.port,
+            body.len()
         )?;
+        s.write_all(body)?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw)?;
         let end = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |p| p + 4);

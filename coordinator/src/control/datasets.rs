@@ -21,7 +21,7 @@ impl Coordinator {
     /// Each data set's newest version, by name, with how many versions it has.
     pub fn datasets(&self) -> Result<Vec<(DatasetRecord, u32)>> {
         let mut by_name: std::collections::BTreeMap<String, (DatasetRecord, u32)> = Default::default();
-        for record in self.store.datasets()? {
+        for record in self.store.datasets()?.into_iter().filter(|d| !d.is_s3_read()) {
             match by_name.get_mut(&record.name) {
                 Some((newest, count)) => {
                     *count += 1;
@@ -42,7 +42,7 @@ impl Coordinator {
     /// them, and the caller deletes the upload when its location differs.
     pub fn commit_dataset(&self, name: &str, owner: &str, uploaded: DatasetVersion) -> Result<DatasetRecord> {
         let all = self.store.datasets()?;
-        let stored = all.iter().find(|d| d.version.sha256 == uploaded.sha256);
+        let stored = all.iter().find(|d| d.version.sha256 == uploaded.sha256 && !d.is_s3_read());
         let mut version = match stored {
             Some(d) => DatasetVersion { location: d.version.location.clone(), ..uploaded },
             None => uploaded,
@@ -72,9 +72,11 @@ impl Coordinator {
         Ok(record)
     }
 
-    /// The version with this fingerprint.
+    /// The version with this fingerprint: a pushed copy, which nobody else can change, before
+    /// objects read where they are in S3.
     pub fn find_dataset_version(&self, sha256: &str) -> Result<DatasetRecord> {
-        let found = self.store.datasets()?.into_iter().find(|d| d.version.sha256 == sha256);
+        let found =
+            self.store.datasets()?.into_iter().filter(|d| d.version.sha256 == sha256).min_by_key(|d| d.is_s3_read());
         found.ok_or_else(|| Error::DatasetVersionNotFound(sha256.to_string()))
     }
 

@@ -8,6 +8,7 @@ mod datasets;
 mod jobs;
 mod placement;
 mod queries;
+mod s3_paths;
 mod serving;
 mod sessions;
 

@@ -118,6 +118,11 @@ impl FileStorage {
         self.objects = Some(objects);
     }
 
+    /// The object store, when there is one.
+    pub fn objects(&self) -> Option<&Objects> {
+        self.objects.as_ref()
+    }
+
     /// Where new checkpoints go, for the startup log.
     pub fn describe(&self) -> String {
         match &self.objects {

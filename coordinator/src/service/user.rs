@@ -62,6 +62,10 @@ impl v1::gantry_server::Gantry for UserService {
         for owner in self.coordinator.dataset_owners(&spec)? {
             authorize(&who, Action::UseDataset { owner: &owner })?;
         }
+        // Its s3:// paths read and pinned now, while the caller waits: a path it may not read
+        // is refused here, not found failing on an agent later.
+        let mut spec = spec;
+        self.coordinator.pin_s3_paths(&mut spec, &who.name).await?;
         // On a blocking thread: the store waits for its group commit, and concurrent submits
         // must be able to wait together to share it.
         let coordinator = self.coordinator.clone();

@@ -129,11 +129,7 @@ pub(super) fn check_path(field: &str, path: &str) -> Result<(), SpecError> {
     if path.is_empty() || path.len() > PATH_LIMIT || path.contains('\0') {
         return Err(SpecError::new(field, format!("must be a path of 1 to {PATH_LIMIT} bytes, without NUL")));
     }
-    if path.starts_with("s3://") {
-        let reason = "s3:// paths are not read yet: push the data set (`gantry dataset push NAME PATH`) and name it as dataset://NAME/PATH, or give a path on the agent";
-        return Err(SpecError::new(field, reason));
-    }
-    match super::PushedPath::parse(path) {
+    match super::Fetched::parse(path) {
         Some(Err(why)) => Err(SpecError::new(field, why)),
         _ => Ok(()),
     }
@@ -329,9 +325,10 @@ mod tests {
             "train.dataset.table: must be a path of 1 to 4096 bytes, without NUL"
         );
         assert_eq!(
-            invalid("{table: 's3://b/a.csv', label: y}"),
-            "train.dataset.table: s3:// paths are not read yet: push the data set (`gantry dataset push NAME PATH`) and name it as dataset://NAME/PATH, or give a path on the agent"
+            invalid("{table: 's3://b', label: y}"),
+            "train.dataset.table: `s3://b` names no object: write s3://BUCKET/KEY, a file or a folder"
         );
+        assert!(parse("{table: 's3://b/a.csv', label: y}").unwrap().validate().is_ok());
         assert_eq!(
             invalid("{table: 'dataset://wine@v1/a.csv', label: y}"),
             "train.dataset.table: `@v1` is not a data set version (64 lowercase hex digits of its sha256)"

@@ -36,7 +36,7 @@ impl PushedPath {
     fn build(name: &str, version: Option<&str>, path: &str) -> Result<PushedPath, String> {
         check_name(name)?;
         if let Some(v) = version
-            && !(v.len() == 64 && v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            && !is_version(v)
         {
             return Err(format!("`@{v}` is not a data set version (64 lowercase hex digits of its sha256)"));
         }
@@ -50,6 +50,11 @@ impl PushedPath {
     pub fn pinned(&self, version: &str) -> PushedPath {
         PushedPath { version: Some(version.to_string()), ..self.clone() }
     }
+}
+
+/// A version's fingerprint as references write it: 64 lowercase hex digits of a sha256.
+pub(super) fn is_version(v: &str) -> bool {
+    v.len() == 64 && v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Data set names: what people type and what object keys and directories are named after.
