@@ -164,6 +164,13 @@ enum DatasetCommand {
     /// Every data set, with its newest version.
     #[command(alias = "ls")]
     List,
+    /// Delete data set NAME (every version), or one version of it as NAME@VERSION (its sha256
+    /// or the start of it), with the files. Refused while a job that has not ended trains on it.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(value_name = "NAME[@VERSION]")]
+        reference: String,
+    },
 }
 
 /// The exit status when the reader of stdout goes away first (`gantry jobs | head -1`): 128 +
@@ -233,6 +240,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             runtime.block_on(commands::datasets::push(url, &name, &path, json)).map(|_| 0)
         }
         Command::Dataset(DatasetCommand::List) => runtime.block_on(commands::datasets::list(url, json)).map(|_| 0),
+        Command::Dataset(DatasetCommand::Delete { reference }) => {
+            runtime.block_on(commands::datasets::delete(url, &reference, json)).map(|_| 0)
+        }
         Command::Nodes => runtime.block_on(commands::fleet::nodes(url, json)).map(|_| 0),
         Command::Gpus => runtime.block_on(commands::fleet::gpus(url, json)).map(|_| 0),
         Command::Endpoints => runtime.block_on(commands::endpoints::list(url, json)).map(|_| 0),

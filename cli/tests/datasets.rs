@@ -168,3 +168,44 @@ fn an_s3_table_in_the_coordinators_bucket_is_pinned_at_submit_fetched_and_checke
     assert_ne!(repinned, pinned, "the new bytes are a new version");
     assert!(logs.contains("into this node's cache"), "{logs}");
 }
+
+#[test]
+fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_trains_on_it() {
+    let fleet = Fleet::start();
+    let alice = fleet.cli_as(Some(&fleet.token("alice", "user")));
+    let file = fleet.dir.path().join("a.txt");
+    let push = |text: &str| {
+        std::fs::write(&file, text).unwrap();
+        alice.json(&["dataset", "push", "corpus", file.to_str().unwrap()])["sha256"].as_str().unwrap().to_string()
+    };
+    let (v1, v2) = (push("in the beginning"), push("and the earth"));
+    let stored = |sha: &str| fleet.data_dir().join("datasets").join(sha).exists();
+    assert!(stored(&v1) && stored(&v2));
+    // Pinned to v2 and queued for good: it asks for a GPU this fleet does not have.
+    let job = alice
+        .submit("name: t\nresources: {gpus: 1}\ntrain: {model: transformer, dataset: {text: 'dataset://corpus'}}\n");
+    let refused = |cli: &support::Cli, what: &str| {
+        String::from_utf8_lossy(&cli.gantry(&["dataset", "delete", what]).stderr).into_owned()
+    };
+    let busy = refused(&alice, &format!("corpus@{}", &v2[..12]));
+    assert!(busy.contains(&format!("data set corpus@{} is what job {job} (queued) trains on", &v2[..12])), "{busy}");
+    let bob = fleet.cli_as(Some(&fleet.token("bob", "user")));
+    let denied = refused(&bob, "corpus");
+    assert!(denied.contains("bob (user) may not delete alice's data set"), "{denied}");
+    assert!(refused(&alice, "corpus@ffff").contains("no data set version corpus@ffff was pushed"));
+
+    // The version no job needs goes, with its files; the other stays.
+    let said = alice.ok(&["dataset", "delete", &format!("corpus@{}", &v1[..12])]);
+    assert_eq!(said.trim(), format!("deleted corpus@{}: 1 file, 16 B", &v1[..12]));
+    assert!(!stored(&v1) && stored(&v2));
+    assert_eq!(fleet.json(&["dataset", "list"])[0]["versions"], 1);
+
+    // Once the job ended, the whole data set.
+    alice.ok(&["cancel", &job]);
+    fleet.wait_state(&job, &["cancelled"], Duration::from_secs(20));
+    let gone = alice.json(&["dataset", "delete", "corpus"]);
+    assert_eq!(gone[0]["sha256"].as_str(), Some(v2.as_str()));
+    assert!(!stored(&v2));
+    assert_eq!(fleet.json(&["dataset", "list"]), serde_json::json!([]));
+    assert!(refused(&alice, "corpus").contains("no data set `corpus` was pushed"));
+}

@@ -20,6 +20,11 @@ pub enum Error {
     CheckpointNotFound { job: String, step: Option<u64> },
     #[error("no data set version {0} was pushed")]
     DatasetVersionNotFound(String),
+    #[error("no data set `{0}` was pushed")]
+    DatasetNotFound(String),
+    /// Something a job that has not ended still needs; the words say what and which job.
+    #[error("{0}")]
+    InUse(String),
     /// A job spec the validation refused: the field and why.
     #[error("invalid job spec: {0}")]
     InvalidSpec(#[source] gantry_core::spec::SpecError),
@@ -117,7 +122,8 @@ impl Error {
             Error::JobNotFound(_)
             | Error::NodeNotFound(_)
             | Error::CheckpointNotFound { .. }
-            | Error::DatasetVersionNotFound(_) => Code::NotFound,
+            | Error::DatasetVersionNotFound(_)
+            | Error::DatasetNotFound(_) => Code::NotFound,
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
@@ -126,7 +132,8 @@ impl Error {
             | Error::NotRegistered(_)
             | Error::ProtocolMismatch { .. }
             | Error::NoObjectStore { .. }
-            | Error::StaleAttempt { .. } => Code::Conflict,
+            | Error::StaleAttempt { .. }
+            | Error::InUse(_) => Code::Conflict,
             Error::DataLoss(_) => Code::DataLoss,
             Error::Storage { .. } | Error::Store { .. } | Error::Fenced(_) => Code::Unavailable,
             Error::Codec(_) | Error::Io { .. } | Error::Tls { .. } => Code::Internal,

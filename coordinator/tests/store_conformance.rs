@@ -185,6 +185,14 @@ mod checks {
         let mut names: Vec<String> = s.datasets().unwrap().into_iter().map(|d| d.name).collect();
         names.sort();
         assert_eq!(names, ["iris", "wine", "wine"]);
+        // One version deleted: the other stays, a second delete finds none, and it stays gone.
+        assert!(s.delete_dataset("wine", "v2").unwrap());
+        assert!(!s.delete_dataset("wine", "v2").unwrap());
+        assert!(!s.delete_dataset("nope", "v1").unwrap());
+        drop(s);
+        let s = f.open();
+        assert_eq!(s.dataset_versions("wine").unwrap(), [record("wine", "v1", 4)]);
+        assert_eq!(s.dataset_versions("iris").unwrap().len(), 1);
     }
 
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {

@@ -1,4 +1,4 @@
-//! `dataset push` and `dataset list`: data sets kept by the coordinator, for jobs to name as
+//! `dataset push`, `list` and `delete`: data sets kept by the coordinator, for jobs to name as
 //! `dataset://NAME/PATH` and agents to cache.
 
 use std::io::Read;
@@ -119,7 +119,7 @@ pub async fn push(url: &Target, name: &str, path: &Path, json: bool) -> anyhow::
     if json {
         return print_json(&view);
     }
-    let files = if view.files.len() == 1 { "1 file".to_string() } else { format!("{} files", view.files.len()) };
+    let files = count_files(view.files.len());
     outln!(
         "pushed {name}@{}: {files}, {} (version {} of {name})",
         &view.sha256[..12],
@@ -157,4 +157,27 @@ pub async fn list(url: &Target, json: bool) -> anyhow::Result<()> {
         .collect();
     print_table(&["NAME", "VERSION", "FILES", "SIZE", "VERSIONS", "OWNER", "PUSHED"], &rows)?;
     Ok(())
+}
+
+/// `gantry dataset delete NAME[@VERSION]`: one version (its sha256, or the start of it that
+/// `dataset list` shows) or every version, with their files.
+pub async fn delete(url: &Target, reference: &str, json: bool) -> anyhow::Result<()> {
+    let (name, version) = reference.split_once('@').unwrap_or((reference, ""));
+    gantry_core::spec::check_dataset_name(name).map_err(anyhow::Error::msg)?;
+    let mut c = connect(url).await?;
+    let req = v1::DeleteDatasetRequest { name: name.to_string(), version: version.to_string() };
+    let deleted = c.delete_dataset(req).await.map_err(client::status)?.into_inner().deleted;
+    let views: Vec<DatasetView> = deleted.iter().map(DatasetView::from).collect();
+    if json {
+        return print_json(&views);
+    }
+    for d in &views {
+        let short = &d.sha256[..12.min(d.sha256.len())];
+        outln!("deleted {}@{short}: {}, {}", d.name, count_files(d.files.len()), bytes(d.bytes))?;
+    }
+    Ok(())
+}
+
+fn count_files(n: usize) -> String {
+    if n == 1 { "1 file".to_string() } else { format!("{n} files") }
 }

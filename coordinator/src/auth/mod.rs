@@ -97,6 +97,10 @@ pub enum Action<'a> {
     UseDataset {
         owner: &'a str,
     },
+    /// Delete a data set's versions (`owner`: who pushed its first).
+    DeleteDataset {
+        owner: &'a str,
+    },
 }
 
 /// The whole policy. Agents are machines, not people: an agent token opens the agents' service
@@ -112,7 +116,8 @@ pub fn authorize(who: &Principal, action: Action) -> Result<()> {
             Action::ReadJob { owner }
             | Action::CancelJob { owner }
             | Action::PushDataset { owner }
-            | Action::UseDataset { owner },
+            | Action::UseDataset { owner }
+            | Action::DeleteDataset { owner },
         ) => owner == who.name,
         _ => false,
     };
@@ -123,7 +128,9 @@ pub fn authorize(who: &Principal, action: Action) -> Result<()> {
         Action::ReadJob { .. } | Action::CancelJob { .. } => {
             format!("{} ({}) may not {} another user's job", who.name, who.role.as_str(), action.verb())
         }
-        Action::PushDataset { owner } | Action::UseDataset { owner } if who.role == Role::User => {
+        Action::PushDataset { owner } | Action::UseDataset { owner } | Action::DeleteDataset { owner }
+            if who.role == Role::User =>
+        {
             format!("{} ({}) may not {} {owner}'s data set", who.name, who.role.as_str(), action.verb())
         }
         _ => format!("{} ({}) may not {}", who.name, who.role.as_str(), action.verb()),
@@ -143,6 +150,7 @@ impl Action<'_> {
             Action::Infer => "query served models",
             Action::PushDataset { .. } => "push",
             Action::UseDataset { .. } => "train on",
+            Action::DeleteDataset { .. } => "delete",
         }
     }
 }
@@ -258,6 +266,11 @@ mod tests {
         assert!(e.to_string().contains("may not train on bob's data set"), "{e}");
         assert!(authorize(&who("root", Role::Admin), Action::UseDataset { owner: "bob" }).is_ok());
         assert!(authorize(&who("v", Role::Viewer), Action::PushDataset { owner: "v" }).is_err());
+        assert!(authorize(&alice, Action::DeleteDataset { owner: "alice" }).is_ok());
+        let e = authorize(&alice, Action::DeleteDataset { owner: "bob" }).unwrap_err();
+        assert!(e.to_string().contains("alice (user) may not delete bob's data set"), "{e}");
+        assert!(authorize(&who("root", Role::Admin), Action::DeleteDataset { owner: "bob" }).is_ok());
+        assert!(authorize(&who("v", Role::Viewer), Action::DeleteDataset { owner: "v" }).is_err());
     }
 
     #[test]

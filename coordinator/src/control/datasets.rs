@@ -3,7 +3,7 @@
 
 use gantry_core::JobSpec;
 use gantry_core::spec::PushedPath;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Coordinator;
 use crate::error::{Error, Result};
@@ -70,6 +70,63 @@ impl Coordinator {
         self.store.put_dataset(&record)?;
         info!(dataset = name, sha256 = %record.version.sha256, bytes = record.version.bytes, "data set version pushed");
         Ok(record)
+    }
+
+    /// Deletes data set `name`'s versions (`version`: the one whose sha256 starts so; none:
+    /// every one), then their files where no other record lists the same. Refused while a job
+    /// that has not ended is pinned to one of them: it has yet to read it, or is reading it.
+    pub async fn delete_dataset(&self, name: &str, version: Option<&str>) -> Result<Vec<DatasetRecord>> {
+        let versions = self.store.dataset_versions(name)?;
+        if versions.is_empty() {
+            return Err(Error::DatasetNotFound(name.to_string()));
+        }
+        let doomed: Vec<DatasetRecord> = match version {
+            None => versions,
+            Some(v) => {
+                let matching: Vec<DatasetRecord> =
+                    versions.into_iter().filter(|d| !v.is_empty() && d.version.sha256.starts_with(v)).collect();
+                match matching.len() {
+                    0 => return Err(Error::DatasetVersionNotFound(format!("{name}@{v}"))),
+                    1 => matching,
+                    n => {
+                        return Err(Error::InvalidArgument(format!(
+                            "`{v}` starts {n} versions of data set `{name}`: give more of its sha256"
+                        )));
+                    }
+                }
+            }
+        };
+        for job in self.store.jobs()?.into_iter().filter(|j| !j.state.is_terminal()) {
+            let Some(mut train) = job.spec.train.clone() else { continue };
+            for (_, path) in train.file_paths_mut() {
+                if let Some(Ok(r)) = PushedPath::parse(path)
+                    && r.name == name
+                    && let Some(d) = doomed.iter().find(|d| r.version.as_ref() == Some(&d.version.sha256))
+                {
+                    return Err(Error::InUse(format!(
+                        "data set {name}@{} is what job {} ({}) trains on: cancel the job or let it end first",
+                        &d.version.sha256[..12],
+                        job.id,
+                        format!("{:?}", job.state).to_lowercase()
+                    )));
+                }
+            }
+        }
+        for d in &doomed {
+            self.store.delete_dataset(name, &d.version.sha256)?;
+            info!(dataset = name, sha256 = %d.version.sha256, "data set version deleted");
+        }
+        let kept = self.store.datasets()?;
+        for d in &doomed {
+            // The same bytes pushed under another name share these files.
+            let shared =
+                kept.iter().any(|k| k.version.sha256 == d.version.sha256 && k.version.location == d.version.location);
+            if !shared && let Err(e) = self.files.delete_dataset(&d.version).await {
+                // The record is gone, so nothing reads them: only space is lost.
+                warn!(dataset = name, sha256 = %d.version.sha256, error = %e, "could not delete a deleted version's files");
+            }
+        }
+        Ok(doomed)
     }
 
     /// The version with this fingerprint: a pushed copy, which nobody else can change, before

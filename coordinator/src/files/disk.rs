@@ -48,6 +48,17 @@ impl Disk {
         Ok(Sink { dir, final_dir, file: None })
     }
 
+    /// Removes a place's files, if there are any.
+    pub(super) async fn remove(&self, place: Place<'_>) -> Result<()> {
+        let dir = self.dir(place);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::Io { context: format!("removing {}", dir.display()), source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub(super) async fn read(&self, place: Place<'_>, path: &Path) -> Result<FileStream> {
         use tokio::io::AsyncReadExt;
         let name = path.display().to_string();

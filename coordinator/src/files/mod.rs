@@ -187,6 +187,18 @@ impl FileStorage {
         }
     }
 
+    /// Deletes a data set version's files; the caller checked that no record still lists them.
+    pub async fn delete_dataset(&self, version: &DatasetVersion) -> Result<()> {
+        match (&version.location, &self.objects) {
+            (None, _) => self.disk.remove(Place::Dataset { sha256: &version.sha256 }).await,
+            (Some(location), Some(objects)) => object::delete(objects, location).await,
+            (Some(location), None) => Err(Error::NoObjectStore {
+                what: format!("data set version {}", version.sha256),
+                location: location.clone(),
+            }),
+        }
+    }
+
     /// Deletes an upload that was verified but not kept (another of the same step was first).
     pub async fn discard(&self, location: Option<&str>) {
         if let (Some(location), Some(objects)) = (location, &self.objects)

@@ -291,6 +291,24 @@ impl v1::gantry_server::Gantry for UserService {
         Ok(Response::new(v1::ListDatasetsResponse { datasets: newest.collect() }))
     }
 
+    async fn delete_dataset(
+        &self,
+        req: Request<v1::DeleteDatasetRequest>,
+    ) -> Result<Response<v1::DeleteDatasetResponse>, Status> {
+        let who = allowed(&req, Action::Submit)?;
+        let req = req.into_inner();
+        let first = self.coordinator.dataset_versions(&req.name)?.into_iter().next();
+        let owner = first.map(|d| d.owner).ok_or_else(|| crate::Error::DatasetNotFound(req.name.clone()))?;
+        authorize(&who, Action::DeleteDataset { owner: &owner })?;
+        let version = Some(req.version.as_str()).filter(|v| !v.is_empty());
+        let deleted = self.coordinator.delete_dataset(&req.name, version).await?;
+        for d in &deleted {
+            audit(&who, "delete data set", &format!("{}@{}", d.name, d.version.sha256));
+        }
+        let deleted = deleted.iter().map(|d| super::datasets::version_to_proto(d, 0)).collect();
+        Ok(Response::new(v1::DeleteDatasetResponse { deleted }))
+    }
+
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let who = caller(&req)?;
         Ok(Response::new(v1::WhoAmIResponse {

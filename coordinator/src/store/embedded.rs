@@ -73,9 +73,10 @@ enum Change {
         name: String,
         bytes: Option<Vec<u8>>,
     },
+    /// A data set version's record, or its deletion (`None`: false if there was none).
     Dataset {
         name: String,
-        bytes: Vec<u8>,
+        bytes: Option<Vec<u8>>,
     },
     /// Drained or not; false if no such agent.
     Drain {
@@ -294,9 +295,10 @@ fn apply(
             tables.tokens.insert(name.as_str(), bytes.as_slice())?;
         }
         Change::Token { name, bytes: None } => return Ok(tables.tokens.remove(name.as_str())?.is_some()),
-        Change::Dataset { name, bytes } => {
+        Change::Dataset { name, bytes: Some(bytes) } => {
             tables.datasets.insert(name.as_str(), bytes.as_slice())?;
         }
+        Change::Dataset { name, bytes: None } => return Ok(tables.datasets.remove(name.as_str())?.is_some()),
     }
     Ok(true)
 }
@@ -383,7 +385,11 @@ impl StateStore for EmbeddedStore {
 
     fn put_dataset(&self, record: &DatasetRecord) -> Result<()> {
         let key = format!("{}/{}", record.name, record.version.sha256);
-        self.write(Change::Dataset { name: key, bytes: serde_json::to_vec(record)? }).map(|_| ())
+        self.write(Change::Dataset { name: key, bytes: Some(serde_json::to_vec(record)?) }).map(|_| ())
+    }
+
+    fn delete_dataset(&self, name: &str, sha256: &str) -> Result<bool> {
+        self.write(Change::Dataset { name: format!("{name}/{sha256}"), bytes: None })
     }
 
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {

@@ -79,6 +79,9 @@ pub trait StateStore: Send + Sync {
     /// Stores a data set version's record, replacing the one of the same name and sha256.
     fn put_dataset(&self, record: &DatasetRecord) -> Result<()>;
 
+    /// Deletes one version's record; false if there was none.
+    fn delete_dataset(&self, name: &str, sha256: &str) -> Result<bool>;
+
     /// Every version of every data set.
     fn datasets(&self) -> Result<Vec<DatasetRecord>>;
 

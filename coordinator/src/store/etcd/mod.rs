@@ -356,6 +356,12 @@ impl StateStore for EtcdStore {
         self.put(key, serde_json::to_vec(record)?).map(|_| ())
     }
 
+    fn delete_dataset(&self, name: &str, sha256: &str) -> Result<bool> {
+        let key = self.key(&format!("datasets/{name}/{sha256}"));
+        let present = Compare::create_revision(key.clone(), CompareOp::Greater, 0);
+        Ok(self.commit(key, Some(present), None)?.is_some())
+    }
+
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {
         self.range("datasets/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
     }
