@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use gantry_core::TrainSpec;
 use gantry_core::spec::Fetched;
 use gantry_proto::v1;
 use sha2::{Digest, Sha256};
@@ -315,17 +314,17 @@ pub async fn download(
     Ok(header.files)
 }
 
-/// Replaces every pinned `dataset://` and `s3://` reference of `train` by the cached path, fetching what
+/// Replaces every pinned `dataset://` and `s3://` reference of `paths` by the cached path, fetching what
 /// the node lacks. The leases keep those versions on the node while the job runs; `log` gets
 /// one line per version.
 pub async fn resolve(
     cache: &Arc<DatasetCache>,
-    train: &mut TrainSpec,
+    paths: Vec<(String, &mut String)>,
     coordinators: &crate::coordinators::Coordinators,
     log: &mut Vec<String>,
 ) -> Result<Vec<Lease>> {
     let mut leases = Vec::new();
-    for (field, path) in train.file_paths_mut() {
+    for (field, path) in paths {
         let Some(parsed) = Fetched::parse(path) else { continue };
         let r = parsed.map_err(|why| Error::Dataset(format!("{field}: {why}")))?;
         let Some(version) = r.version() else {

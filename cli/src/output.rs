@@ -121,9 +121,7 @@ pub struct JobView {
 /// A spec's `dataset://` and `s3://` references, as the coordinator pinned them.
 fn pushed_datasets(spec: &v1::JobSpec) -> Vec<String> {
     let Ok(mut spec) = gantry_core::JobSpec::try_from(spec.clone()) else { return Vec::new() };
-    let Some(train) = spec.train.as_mut() else { return Vec::new() };
-    train
-        .file_paths_mut()
+    spec.fetched_paths_mut()
         .into_iter()
         .filter(|(_, p)| gantry_core::spec::Fetched::parse(p).is_some())
         .map(|(_, p)| p.clone())

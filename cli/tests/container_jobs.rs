@@ -108,6 +108,7 @@ import os, time
 for k in ["GANTRY_JOB_ID", "GANTRY_ATTEMPT", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"]:
     print(f"{k}={os.environ[k]}")
 print("uid=%d cwd=%s" % (os.getuid(), os.getcwd()))
+print("notes:", open(os.environ["NOTES"]).read())
 d = os.environ["GANTRY_CHECKPOINT_DIR"]
 os.makedirs(d + "/.tmp")
 with open(d + "/.tmp/w.txt", "w") as f:
@@ -116,7 +117,12 @@ os.rename(d + "/.tmp", d + "/step-7")
 time.sleep(1.5)
 print("done")
 "#;
-    let id = fleet.submit(&python_job("in-a-box", "resources: {gpus: 1, cpus: 1}\n", program));
+    // A pushed data set in `data:`: the node's copy, mounted read-only into the container.
+    let notes = fleet.dir.path().join("notes.txt");
+    std::fs::write(&notes, "pushed, fetched, mounted").unwrap();
+    fleet.ok(&["dataset", "push", "notes", notes.to_str().unwrap()]);
+    let extra = "resources: {gpus: 1, cpus: 1}\ndata: {NOTES: 'dataset://notes'}\n";
+    let id = fleet.submit(&python_job("in-a-box", extra, program));
     succeeds(&fleet, &id, 60);
     let job = fleet.json(&["job", &id]);
     let placed: Vec<String> =
@@ -124,7 +130,8 @@ print("done")
     assert_eq!(placed.len(), 1);
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains(&format!("CUDA_VISIBLE_DEVICES={}\n", placed[0])), "exactly its GPU:\n{logs}");
-    for want in [format!("GANTRY_JOB_ID={id}\n"), "RANK=0\n".into(), "WORLD_SIZE=1\n".into(), "done\n".into()] {
+    let read = "notes: pushed, fetched, mounted\n".to_string();
+    for want in [format!("GANTRY_JOB_ID={id}\n"), "RANK=0\n".into(), "WORLD_SIZE=1\n".into(), read, "done\n".into()] {
         assert!(logs.contains(&want), "{want}:\n{logs}");
     }
     assert!(!logs.contains("uid=0 "), "the job user, not root:\n{logs}");

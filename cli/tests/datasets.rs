@@ -59,6 +59,20 @@ fn a_pushed_table_is_fetched_once_shared_kept_across_an_agent_restart_and_fetche
     let job = fleet.json(&["job", &first]);
     assert_eq!(job["datasets"][0].as_str(), Some(format!("dataset://wine@{sha}/wine.csv").as_str()), "{job}");
 
+    // A command job names it in `data:`: its variable is the path of the node's copy.
+    let wc = "name: wc\nmax_restarts: 0\nresources: {cpus: 0.5}\ndata: {WINE: 'dataset://wine/wine.csv'}\n\
+              command: ['sh', '-c', 'wc -c < \"$WINE\"']\n";
+    let id = fleet.submit(wc);
+    let state = fleet.wait_state(&id, &["succeeded", "failed"], Duration::from_secs(60));
+    let logs = fleet.ok(&["logs", &id]);
+    assert_eq!(state, "succeeded", "{logs}");
+    assert!(logs.contains(&format!("{at}: in this node's cache, verified")), "{logs}");
+    assert!(logs.lines().any(|l| l.trim() == size.to_string()), "{logs}");
+    assert_eq!(
+        fleet.json(&["job", &id])["datasets"][0].as_str(),
+        Some(format!("dataset://wine@{sha}/wine.csv").as_str())
+    );
+
     // A second job (naming the whole data set: its one file) reads the node's copy.
     let (_, logs) = train_on(&fleet, "dataset://wine");
     assert!(logs.contains(&format!("{at}: in this node's cache, verified")), "{logs}");
@@ -135,6 +149,14 @@ fn an_s3_table_in_the_coordinators_bucket_is_pinned_at_submit_fetched_and_checke
     assert!(logs.contains(&format!("{at}: fetched {} bytes into this node's cache", wine.len())), "{logs}");
     let reference = accuracy(&logs);
     assert!(reference >= 0.9, "wine from S3: test accuracy {reference}\n{logs}");
+    // A command job reads it through `data:`, from the same copy.
+    let wc = "name: wc\nmax_restarts: 0\nresources: {cpus: 0.5}\ndata: {WINE: 's3://lab/data/wine.csv'}\n\
+              command: ['sh', '-c', 'wc -c < \"$WINE\"']\n";
+    let wc = fleet.submit(wc);
+    assert_eq!(fleet.wait_state(&wc, &["succeeded", "failed"], Duration::from_secs(60)), "succeeded");
+    let logs = fleet.ok(&["logs", &wc]);
+    assert!(logs.contains(&format!("{at}: in this node's cache, verified")), "{logs}");
+    assert!(logs.lines().any(|l| l.trim() == wine.len().to_string()), "{logs}");
 
     // What no spec may read, or that is not there, is refused at submit, naming the field.
     let spec = |path: &str| format!("name: t\ntrain: {{model: mlp, dataset: {{table: '{path}', label: cultivar}}}}\n");
@@ -170,7 +192,7 @@ fn an_s3_table_in_the_coordinators_bucket_is_pinned_at_submit_fetched_and_checke
 }
 
 #[test]
-fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_trains_on_it() {
+fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_reads_it() {
     let fleet = Fleet::start();
     let alice = fleet.cli_as(Some(&fleet.token("alice", "user")));
     let file = fleet.dir.path().join("a.txt");
@@ -188,7 +210,7 @@ fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_tr
         String::from_utf8_lossy(&cli.gantry(&["dataset", "delete", what]).stderr).into_owned()
     };
     let busy = refused(&alice, &format!("corpus@{}", &v2[..12]));
-    assert!(busy.contains(&format!("data set corpus@{} is what job {job} (queued) trains on", &v2[..12])), "{busy}");
+    assert!(busy.contains(&format!("data set corpus@{} is what job {job} (queued) reads", &v2[..12])), "{busy}");
     let bob = fleet.cli_as(Some(&fleet.token("bob", "user")));
     let denied = refused(&bob, "corpus");
     assert!(denied.contains("bob (user) may not delete alice's data set"), "{denied}");

@@ -66,6 +66,10 @@ pub struct JobSpec {
     pub serve: Option<ServeSpec>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A `command:` job's pushed data sets and S3 objects: each variable is set to where the
+    /// agent put the reference's file or folder (`dataset://NAME/PATH`, `s3://BUCKET/KEY`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
     /// The container image each rank runs in, through the agent's container engine (a `train:`
     /// job runs gantry's runtime from the agent, mounted in); none: a process on the agent's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,6 +79,21 @@ pub struct JobSpec {
     /// How failed attempts are retried (within `max_restarts`).
     #[serde(default, skip_serializing_if = "RetrySpec::is_default")]
     pub retry: RetrySpec,
+}
+
+/// `key` of mapping `field` is an environment variable's name.
+fn check_variable(field: &str, key: &str) -> Result<(), SpecError> {
+    let valid = key.len() <= limits::ENV_NAME
+        && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        return Ok(());
+    }
+    let shown: String = key.chars().take(limits::ENV_NAME).collect();
+    Err(SpecError::new(
+        format!("{field}.{}", shown.escape_debug()),
+        format!("is not a variable name (letters, digits and _, at most {})", limits::ENV_NAME),
+    ))
 }
 
 /// An image reference as engines list what they hold: with a tag (`:latest` when none is
@@ -614,16 +633,7 @@ impl JobSpec {
             return Err(SpecError::new("env", format!("at most {} variables", limits::ENV_ENTRIES)));
         }
         for (key, value) in &self.env {
-            let valid = key.len() <= limits::ENV_NAME
-                && key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                let shown: String = key.chars().take(limits::ENV_NAME).collect();
-                return Err(SpecError::new(
-                    format!("env.{}", shown.escape_debug()),
-                    format!("is not a variable name (letters, digits and _, at most {})", limits::ENV_NAME),
-                ));
-            }
+            check_variable("env", key)?;
             if value.len() > limits::ENV_VALUE || value.contains('\0') {
                 return Err(SpecError::new(
                     format!("env.{key}"),
@@ -631,7 +641,51 @@ impl JobSpec {
                 ));
             }
         }
+        self.validate_data()
+    }
+
+    fn validate_data(&self) -> Result<(), SpecError> {
+        if self.data.is_empty() {
+            return Ok(());
+        }
+        if self.command.is_none() {
+            return Err(SpecError::new(
+                "data",
+                "is for `command:` jobs: a train job names its files in train.dataset and train.init_from",
+            ));
+        }
+        if self.data.len() > limits::ENV_ENTRIES {
+            return Err(SpecError::new("data", format!("at most {} variables", limits::ENV_ENTRIES)));
+        }
+        for (key, reference) in &self.data {
+            check_variable("data", key)?;
+            let field = format!("data.{key}");
+            if self.env.contains_key(key) {
+                return Err(SpecError::new(field, "is set in env as well: name the path's variable once"));
+            }
+            match Fetched::parse(reference) {
+                Some(Ok(_)) if reference.len() <= dataset::PATH_LIMIT => {}
+                Some(Err(why)) => return Err(SpecError::new(field, why)),
+                _ => {
+                    return Err(SpecError::new(
+                        field,
+                        "must be dataset://NAME[/PATH] or s3://BUCKET/KEY (a local path needs no entry: the command reads it where it is)",
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Every reference the agent fetches for this job (`dataset://`, `s3://`) or path it reads,
+    /// with its field: the train spec's files and the `data:` entries.
+    pub fn fetched_paths_mut(&mut self) -> Vec<(String, &mut String)> {
+        let mut paths: Vec<(String, &mut String)> = match self.train.as_mut() {
+            Some(train) => train.file_paths_mut().into_iter().map(|(f, p)| (f.to_string(), p)).collect(),
+            None => Vec::new(),
+        };
+        paths.extend(self.data.iter_mut().map(|(k, v)| (format!("data.{k}"), v)));
+        paths
     }
 
     /// The checkpoint of another job this one starts from, with the field that names it:
@@ -1014,6 +1068,27 @@ mod tests {
         let mut train = JobSpec::from_yaml(pushed).unwrap().train.unwrap();
         train.anchor_paths(std::path::Path::new("/specs"));
         assert_eq!(train.file_paths_mut()[0], ("train.dataset.text", &mut "dataset://corpus/a.txt".to_string()));
+    }
+
+    #[test]
+    fn a_command_jobs_data_are_references_named_by_variables() {
+        let job = |extra: &str| JobSpec::from_yaml(&format!("name: j\ncommand: [\"true\"]\n{extra}"));
+        let refused = |extra: &str| job(extra).unwrap_err().to_string();
+        let mut ok = job("data: {WINE: 'dataset://wine/wine.csv', PICS: 's3://lab/pics'}\n").unwrap();
+        let fields: Vec<String> = ok.fetched_paths_mut().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, ["data.PICS", "data.WINE"]);
+        assert_eq!(
+            refused("data: {\"1A\": 'dataset://wine'}\n"),
+            "data.1A: is not a variable name (letters, digits and _, at most 128)"
+        );
+        assert!(
+            refused("data: {W: /data/wine.csv}\n")
+                .starts_with("data.W: must be dataset://NAME[/PATH] or s3://BUCKET/KEY")
+        );
+        assert!(refused("data: {W: 's3://lab'}\n").contains("data.W: `s3://lab` names no object"));
+        assert!(refused("env: {W: x}\ndata: {W: 'dataset://wine'}\n").contains("data.W: is set in env as well"));
+        let train = "name: t\ntrain: {model: mlp}\ndata: {W: 'dataset://wine'}\n";
+        assert!(JobSpec::from_yaml(train).unwrap_err().to_string().contains("data: is for `command:` jobs"));
     }
 
     #[test]

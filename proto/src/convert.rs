@@ -83,6 +83,7 @@ impl From<&JobSpec> for v1::JobSpec {
             replicas: s.replicas,
             workload,
             env: s.env.clone().into_iter().collect(),
+            data: s.data.clone().into_iter().collect(),
             retry: (!s.retry.is_default()).then(|| v1::RetryPolicy {
                 backoff_secs: s.retry.backoff,
                 max_backoff_secs: s.retry.max_backoff,
@@ -236,6 +237,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             command,
             serve,
             env: s.env.into_iter().collect::<BTreeMap<_, _>>(),
+            data: s.data.into_iter().collect::<BTreeMap<_, _>>(),
             retry: s
                 .retry
                 .map(|r| RetrySpec {
@@ -285,6 +287,10 @@ mod tests {
         .unwrap();
         let wire = v1::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(wire).unwrap(), spec);
+        let command = "name: c\ncommand: [train.sh]\ndata: {WINE: 'dataset://wine/a.csv', PICS: 's3://b/pics'}\n";
+        let spec = JobSpec::from_yaml(command).unwrap();
+        assert_eq!(spec.data.len(), 2);
+        assert_eq!(JobSpec::try_from(v1::JobSpec::from(&spec)).unwrap(), spec);
     }
 
     #[test]

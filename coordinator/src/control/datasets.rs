@@ -97,14 +97,14 @@ impl Coordinator {
             }
         };
         for job in self.store.jobs()?.into_iter().filter(|j| !j.state.is_terminal()) {
-            let Some(mut train) = job.spec.train.clone() else { continue };
-            for (_, path) in train.file_paths_mut() {
+            let mut spec = job.spec.clone();
+            for (_, path) in spec.fetched_paths_mut() {
                 if let Some(Ok(r)) = PushedPath::parse(path)
                     && r.name == name
                     && let Some(d) = doomed.iter().find(|d| r.version.as_ref() == Some(&d.version.sha256))
                 {
                     return Err(Error::InUse(format!(
-                        "data set {name}@{} is what job {} ({}) trains on: cancel the job or let it end first",
+                        "data set {name}@{} is what job {} ({}) reads: cancel the job or let it end first",
                         &d.version.sha256[..12],
                         job.id,
                         format!("{:?}", job.state).to_lowercase()
@@ -140,9 +140,8 @@ impl Coordinator {
     /// Who owns each data set `spec` names, to check the submitter may read them.
     pub fn dataset_owners(&self, spec: &JobSpec) -> Result<Vec<String>> {
         let mut spec = spec.clone();
-        let Some(train) = spec.train.as_mut() else { return Ok(Vec::new()) };
         let mut owners = Vec::new();
-        for (_, path) in train.file_paths_mut() {
+        for (_, path) in spec.fetched_paths_mut() {
             if let Some(Ok(r)) = PushedPath::parse(path)
                 && let Some(first) = self.store.dataset_versions(&r.name)?.first()
             {
@@ -156,8 +155,7 @@ impl Coordinator {
     /// version pushed last, so every attempt reads the same bytes. Refuses names never pushed,
     /// versions not among the name's, and paths that are not in the version.
     pub(super) fn pin_datasets(&self, spec: &mut JobSpec) -> Result<()> {
-        let Some(train) = spec.train.as_mut() else { return Ok(()) };
-        for (field, path) in train.file_paths_mut() {
+        for (field, path) in spec.fetched_paths_mut() {
             let Some(parsed) = PushedPath::parse(path) else { continue };
             let r = parsed.map_err(|why| Error::InvalidArgument(format!("{field}: {why}")))?;
             let refuse = |why: String| Error::InvalidArgument(format!("{field}: {why}"));

@@ -22,11 +22,10 @@ impl Coordinator {
     /// Pins every `s3://` path of `spec` to the content it has now, recorded as read by `owner`.
     /// A path already pinned keeps its pin when that version was read before.
     pub async fn pin_s3_paths(&self, spec: &mut JobSpec, owner: &str) -> Result<()> {
-        let Some(train) = spec.train.as_mut() else { return Ok(()) };
-        for (field, path) in train.file_paths_mut() {
+        for (field, path) in spec.fetched_paths_mut() {
             let Some(parsed) = S3Path::parse(path) else { continue };
             let refuse = |why: String| Error::InvalidArgument(format!("{field}: {why}"));
-            let r = parsed.map_err(refuse)?;
+            let r = parsed.map_err(&refuse)?;
             let url = r.url();
             if let Some(pin) = &r.version
                 && self.store.dataset_versions(&url)?.iter().any(|d| &d.version.sha256 == pin)
