@@ -230,4 +230,7 @@ fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_re
     assert!(!stored(&v2));
     assert_eq!(fleet.json(&["dataset", "list"]), serde_json::json!([]));
     assert!(refused(&alice, "corpus").contains("no data set `corpus` was pushed"));
+    // The name is free again: bob's first push makes it his.
+    let pushed = bob.json(&["dataset", "push", "corpus", file.to_str().unwrap()]);
+    assert_eq!(pushed["owner"], "bob");
 }

@@ -195,6 +195,21 @@ mod checks {
         assert_eq!(s.dataset_versions("iris").unwrap().len(), 1);
     }
 
+    pub fn a_data_set_name_has_one_owner_until_it_is_released(f: &dyn Fixture) {
+        {
+            let s = f.open();
+            assert_eq!(s.claim_dataset("wine", "alice").unwrap(), "alice");
+            assert_eq!(s.claim_dataset("wine", "bob").unwrap(), "alice", "the first claim holds");
+            assert_eq!(s.claim_dataset("iris", "bob").unwrap(), "bob");
+        }
+        let s = f.open();
+        assert_eq!(s.claim_dataset("wine", "bob").unwrap(), "alice", "across a restart");
+        s.release_dataset("wine").unwrap();
+        s.release_dataset("never-claimed").unwrap();
+        assert_eq!(s.claim_dataset("wine", "bob").unwrap(), "bob");
+        assert_eq!(s.claim_dataset("iris", "alice").unwrap(), "bob");
+    }
+
     pub fn everything_survives_a_restart_and_ids_continue(f: &dyn Fixture) {
         {
             let s = f.open();
@@ -294,6 +309,10 @@ macro_rules! conformance {
             #[test]
             fn datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart() {
                 checks::datasets_keep_every_version_are_replaced_by_name_and_survive_a_restart(&$fixture);
+            }
+            #[test]
+            fn a_data_set_name_has_one_owner_until_it_is_released() {
+                checks::a_data_set_name_has_one_owner_until_it_is_released(&$fixture);
             }
             #[test]
             fn everything_survives_a_restart_and_ids_continue() {

@@ -49,14 +49,14 @@ impl Coordinator {
         };
         let mut versions: Vec<&DatasetRecord> = all.iter().filter(|d| d.name == name).collect();
         versions.sort_by_key(|d| d.version.pushed_at_ms);
-        // Checked when the push began, and again now: another user's first push of the name may
-        // have committed while this one was uploading.
-        if let Some(first) = versions.first()
-            && first.owner != owner
-        {
+        // Checked when the push began, and again now, atomically: another user's first push of
+        // the name may have claimed it while this one was uploading. A name pushed before
+        // claims were kept is its first pusher's.
+        let first = versions.first().map_or(owner, |d| d.owner.as_str());
+        let holder = self.store.claim_dataset(name, first)?;
+        if holder != owner {
             return Err(Error::PermissionDenied(format!(
-                "data set `{name}` was pushed by {} while this push was uploading: it is theirs",
-                first.owner
+                "data set `{name}` was pushed by {holder} while this push was uploading: it is theirs"
             )));
         }
         if let Some(newest) = versions.last()
@@ -117,6 +117,9 @@ impl Coordinator {
             info!(dataset = name, sha256 = %d.version.sha256, "data set version deleted");
         }
         let kept = self.store.datasets()?;
+        if !kept.iter().any(|k| k.name == name) {
+            self.store.release_dataset(name)?;
+        }
         for d in &doomed {
             // The same bytes pushed under another name share these files.
             let shared =
@@ -201,6 +204,34 @@ mod tests {
     fn version(paths: &[&str]) -> DatasetVersion {
         let files = paths.iter().map(|p| FileRecord { path: p.to_string(), size: 1, sha256: "f".into() }).collect();
         DatasetVersion { sha256: "s".into(), bytes: 0, files, pushed_at_ms: 0, location: None }
+    }
+
+    #[test]
+    fn of_first_pushes_of_one_name_racing_exactly_one_is_kept_and_a_deleted_name_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(Coordinator::open(dir.path(), crate::control::Settings::default()).unwrap());
+        let pushes: Vec<_> = (0..8)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let v = DatasetVersion { sha256: format!("{i:064}"), ..version(&["a.csv"]) };
+                    c.commit_dataset("wine", &format!("user{i}"), v)
+                })
+            })
+            .collect();
+        let results: Vec<_> = pushes.into_iter().map(|p| p.join().unwrap()).collect();
+        let kept: Vec<&DatasetRecord> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(kept.len(), 1, "{results:?}");
+        let versions = c.dataset_versions("wine").unwrap();
+        assert_eq!((versions.len(), &versions[0].owner), (1, &kept[0].owner));
+        for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(refused.to_string().contains(&format!("was pushed by {} while this push", kept[0].owner)));
+        }
+        // Deleted whole, the name is anyone's again.
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(c.delete_dataset("wine", None)).unwrap();
+        let v = DatasetVersion { sha256: "b".repeat(64), ..version(&["a.csv"]) };
+        assert_eq!(c.commit_dataset("wine", "someone-else", v).unwrap().owner, "someone-else");
     }
 
     #[test]

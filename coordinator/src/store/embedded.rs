@@ -26,6 +26,8 @@ const CHECKPOINTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ch
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
+/// Data set name -> its owner's name.
+const DATASET_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("dataset_owners");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Changes per write transaction, at most.
@@ -78,6 +80,11 @@ enum Change {
         name: String,
         bytes: Option<Vec<u8>>,
     },
+    /// A data set name's owner, set only if it has none (false: it had one); `None` frees it.
+    DatasetOwner {
+        name: String,
+        owner: Option<String>,
+    },
     /// Drained or not; false if no such agent.
     Drain {
         name: String,
@@ -106,6 +113,7 @@ impl EmbeddedStore {
         txn.open_table(AGENTS)?;
         txn.open_table(TOKENS)?;
         txn.open_table(DATASETS)?;
+        txn.open_table(DATASET_OWNERS)?;
         txn.open_table(META)?;
         txn.commit()?;
         let mut jobs = BTreeMap::new();
@@ -228,6 +236,7 @@ fn commit(db: &Database, jobs: &Mutex<BTreeMap<u64, JobRecord>>, batch: &[Write]
             agents: txn.open_table(AGENTS)?,
             tokens: txn.open_table(TOKENS)?,
             datasets: txn.open_table(DATASETS)?,
+            dataset_owners: txn.open_table(DATASET_OWNERS)?,
         };
         let cache = jobs.lock().expect("jobs lock poisoned");
         batch.iter().map(|w| apply(&mut tables, &cache, &mut versions, &w.change)).collect::<Result<Vec<bool>>>()?
@@ -253,6 +262,7 @@ struct Tables<'txn> {
     agents: redb::Table<'txn, &'static str, &'static [u8]>,
     tokens: redb::Table<'txn, &'static str, &'static [u8]>,
     datasets: redb::Table<'txn, &'static str, &'static [u8]>,
+    dataset_owners: redb::Table<'txn, &'static str, &'static str>,
 }
 
 /// Stages one change; false if it does not apply (a stale job change, an unknown agent).
@@ -299,6 +309,15 @@ fn apply(
             tables.datasets.insert(name.as_str(), bytes.as_slice())?;
         }
         Change::Dataset { name, bytes: None } => return Ok(tables.datasets.remove(name.as_str())?.is_some()),
+        Change::DatasetOwner { name, owner: Some(owner) } => {
+            if tables.dataset_owners.get(name.as_str())?.is_some() {
+                return Ok(false);
+            }
+            tables.dataset_owners.insert(name.as_str(), owner.as_str())?;
+        }
+        Change::DatasetOwner { name, owner: None } => {
+            tables.dataset_owners.remove(name.as_str())?;
+        }
     }
     Ok(true)
 }
@@ -390,6 +409,24 @@ impl StateStore for EmbeddedStore {
 
     fn delete_dataset(&self, name: &str, sha256: &str) -> Result<bool> {
         self.write(Change::Dataset { name: format!("{name}/{sha256}"), bytes: None })
+    }
+
+    fn claim_dataset(&self, name: &str, owner: &str) -> Result<String> {
+        loop {
+            let change = Change::DatasetOwner { name: name.to_string(), owner: Some(owner.to_string()) };
+            if self.write(change)? {
+                return Ok(owner.to_string());
+            }
+            let txn = self.db.begin_read()?;
+            if let Some(holder) = txn.open_table(DATASET_OWNERS)?.get(name)? {
+                return Ok(holder.value().to_string());
+            }
+            // Freed between the two: claim again.
+        }
+    }
+
+    fn release_dataset(&self, name: &str) -> Result<()> {
+        self.write(Change::DatasetOwner { name: name.to_string(), owner: None }).map(|_| ())
     }
 
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {

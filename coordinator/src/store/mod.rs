@@ -82,6 +82,13 @@ pub trait StateStore: Send + Sync {
     /// Deletes one version's record; false if there was none.
     fn delete_dataset(&self, name: &str, sha256: &str) -> Result<bool>;
 
+    /// Makes `owner` the owner of data set name `name` unless someone already is, atomically
+    /// (two first pushes of a name can race); returns who owns it now.
+    fn claim_dataset(&self, name: &str, owner: &str) -> Result<String>;
+
+    /// Frees name `name` (its last version was deleted) for anyone's next first push.
+    fn release_dataset(&self, name: &str) -> Result<()>;
+
     /// Every version of every data set.
     fn datasets(&self) -> Result<Vec<DatasetRecord>>;
 

@@ -362,6 +362,27 @@ impl StateStore for EtcdStore {
         Ok(self.commit(key, Some(present), None)?.is_some())
     }
 
+    fn claim_dataset(&self, name: &str, owner: &str) -> Result<String> {
+        let key = self.key(&format!("dataset-owners/{name}"));
+        loop {
+            let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+            if self.commit(key.clone(), Some(absent), Some(owner.as_bytes().to_vec()))?.is_some() {
+                return Ok(owner.to_string());
+            }
+            let mut client = self.client.clone();
+            let read = key.clone();
+            let resp = self.block(async move { client.get(read, None).await }).map_err(etcd)?;
+            if let Some(kv) = resp.kvs().first() {
+                return Ok(String::from_utf8_lossy(kv.value()).into_owned());
+            }
+            // Freed between the two: claim again.
+        }
+    }
+
+    fn release_dataset(&self, name: &str) -> Result<()> {
+        self.commit(self.key(&format!("dataset-owners/{name}")), None, None).map(|_| ())
+    }
+
     fn datasets(&self) -> Result<Vec<DatasetRecord>> {
         self.range("datasets/")?.into_iter().map(|(v, _)| Ok(serde_json::from_slice(&v)?)).collect()
     }
