@@ -41,6 +41,13 @@ pub struct Lease {
     sha256: String,
 }
 
+impl Lease {
+    /// The folder of the version's files: what a job's container gets mounted, read-only.
+    pub fn files(&self) -> PathBuf {
+        self.cache.entry(&self.sha256).join(FILES)
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut holders = self.cache.holders.lock().expect("holders lock");
@@ -130,10 +137,6 @@ impl Manifest {
 impl DatasetCache {
     pub fn new(root: PathBuf, limit_bytes: u64) -> DatasetCache {
         DatasetCache { root, limit_bytes, holders: Mutex::default(), locks: Mutex::default() }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     fn entry(&self, sha256: &str) -> PathBuf {
@@ -296,10 +299,11 @@ fn differs(want: &[v1::FileDigest], got: &[v1::FileDigest]) -> Option<String> {
 pub async fn download(
     client: &mut crate::coordinators::Client,
     sha256: &str,
+    name: String,
     dest: &Path,
 ) -> Result<Vec<v1::FileDigest>> {
     use v1::dataset_data::Part;
-    let req = v1::DownloadDatasetRequest { sha256: sha256.to_string() };
+    let req = v1::DownloadDatasetRequest { sha256: sha256.to_string(), name };
     let mut stream = client.download_dataset(req).await?.into_inner();
     let header = match stream.next().await {
         Some(Ok(v1::DatasetData { part: Some(Part::Header(h)) })) => h,
@@ -336,7 +340,8 @@ pub async fn resolve(
             Fetched::S3(_) => name.clone(),
         };
         let mut client = coordinators.client();
-        let fetch = |dest: PathBuf| async move { download(&mut client, version, &dest).await };
+        let record = r.record_name();
+        let fetch = |dest: PathBuf| async move { download(&mut client, version, record, &dest).await };
         let (lease, files, found) = cache.acquire(version, fetch).await.map_err(|e| match (&r, e) {
             // Read where they are, S3 objects can change after the pin; a pushed copy cannot.
             (Fetched::S3(_), Error::Mismatch) => Error::Dataset(format!(

@@ -184,7 +184,10 @@ async fn run_child(
     };
     let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
     let exit = match &launch.spec.image {
-        Some(image) => run_container(launch, image, &argv, &env, lines, stop).await,
+        Some(image) => {
+            let data: Vec<PathBuf> = _datasets.iter().map(crate::datasets::Lease::files).collect();
+            run_container(launch, image, &argv, &env, &data, lines, stop).await
+        }
         None => run_process(launch, &argv, env, lines, stop).await,
     };
     if let Some(probing) = probing {
@@ -312,6 +315,7 @@ async fn run_container(
     image: &str,
     argv: &[String],
     env: &[(String, String)],
+    data: &[PathBuf],
     lines: &mpsc::Sender<String>,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Result<Exit> {
@@ -333,23 +337,18 @@ async fn run_container(
         env,
         dir: &launch.dir,
         // A `train:` job runs gantry's own runtime: this very binary, and the kernel cache.
-        mounts: match launch.spec.train.is_some() || launch.spec.serve.is_some() {
-            true => {
-                let mut mounts = vec![
+        mounts: {
+            let mut mounts = match launch.spec.train.is_some() || launch.spec.serve.is_some() {
+                true => vec![
                     (launch.train_program.as_path(), container::Access::ReadOnly),
                     (launch.kernel_cache.as_path(), container::Access::ReadWrite),
-                ];
-                // Where its `dataset://` paths were resolved to.
-                if launch.datasets.root().exists() {
-                    mounts.push((launch.datasets.root(), container::Access::ReadOnly));
-                }
-                mounts
-            }
-            // A command job's `data:`, where its variables point.
-            false if !launch.spec.data.is_empty() && launch.datasets.root().exists() => {
-                vec![(launch.datasets.root(), container::Access::ReadOnly)]
-            }
-            false => Vec::new(),
+                ],
+                false => Vec::new(),
+            };
+            // The versions its `dataset://` and `s3://` references were fetched to, and no
+            // other of the node's cache.
+            mounts.extend(data.iter().map(|d| (d.as_path(), container::Access::ReadOnly)));
+            mounts
         },
         user,
         cpus: r.cpus,

@@ -162,10 +162,14 @@ pub async fn list(url: &Target, json: bool) -> anyhow::Result<()> {
 /// `gantry dataset delete NAME[@VERSION]`: one version (its sha256, or the start of it that
 /// `dataset list` shows) or every version, with their files.
 pub async fn delete(url: &Target, reference: &str, json: bool) -> anyhow::Result<()> {
-    let (name, version) = reference.split_once('@').unwrap_or((reference, ""));
+    let (name, version) = match reference.split_once('@') {
+        Some((_, "")) => bail!("`{reference}` names no version: give NAME alone to delete every version"),
+        Some((name, version)) => (name, Some(version.to_string())),
+        None => (reference, None),
+    };
     gantry_core::spec::check_dataset_name(name).map_err(anyhow::Error::msg)?;
     let mut c = connect(url).await?;
-    let req = v1::DeleteDatasetRequest { name: name.to_string(), version: version.to_string() };
+    let req = v1::DeleteDatasetRequest { name: name.to_string(), version };
     let deleted = c.delete_dataset(req).await.map_err(client::status)?.into_inner().deleted;
     let views: Vec<DatasetView> = deleted.iter().map(DatasetView::from).collect();
     if json {

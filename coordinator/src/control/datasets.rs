@@ -41,6 +41,7 @@ impl Coordinator {
     /// pushed before (under any name) keep their first files: the returned record points at
     /// them, and the caller deletes the upload when its location differs.
     pub fn commit_dataset(&self, name: &str, owner: &str, uploaded: DatasetVersion) -> Result<DatasetRecord> {
+        let _changing = self.datasets_changing();
         let all = self.store.datasets()?;
         let stored = all.iter().find(|d| d.version.sha256 == uploaded.sha256 && !d.is_s3_read());
         let mut version = match stored {
@@ -76,15 +77,21 @@ impl Coordinator {
     /// every one), then their files where no other record lists the same. Refused while a job
     /// that has not ended is pinned to one of them: it has yet to read it, or is reading it.
     pub async fn delete_dataset(&self, name: &str, version: Option<&str>) -> Result<Vec<DatasetRecord>> {
+        // A pushed name only: S3 reads are named by their URL, and their files are the bucket
+        // owner's objects, never gantry's to delete.
+        gantry_core::spec::check_dataset_name(name).map_err(Error::InvalidArgument)?;
         let versions = self.store.dataset_versions(name)?;
         if versions.is_empty() {
             return Err(Error::DatasetNotFound(name.to_string()));
         }
         let doomed: Vec<DatasetRecord> = match version {
             None => versions,
+            Some("") => {
+                return Err(Error::InvalidArgument("an empty version: give NAME alone for every version".into()));
+            }
             Some(v) => {
                 let matching: Vec<DatasetRecord> =
-                    versions.into_iter().filter(|d| !v.is_empty() && d.version.sha256.starts_with(v)).collect();
+                    versions.into_iter().filter(|d| d.version.sha256.starts_with(v)).collect();
                 match matching.len() {
                     0 => return Err(Error::DatasetVersionNotFound(format!("{name}@{v}"))),
                     1 => matching,
@@ -96,6 +103,7 @@ impl Coordinator {
                 }
             }
         };
+        let changing = self.datasets_changing();
         for job in self.store.jobs()?.into_iter().filter(|j| !j.state.is_terminal()) {
             let mut spec = job.spec.clone();
             for (_, path) in spec.fetched_paths_mut() {
@@ -120,6 +128,7 @@ impl Coordinator {
         if !kept.iter().any(|k| k.name == name) {
             self.store.release_dataset(name)?;
         }
+        drop(changing);
         for d in &doomed {
             // The same bytes pushed under another name share these files.
             let shared =
@@ -132,11 +141,21 @@ impl Coordinator {
         Ok(doomed)
     }
 
-    /// The version with this fingerprint: a pushed copy, which nobody else can change, before
-    /// objects read where they are in S3.
-    pub fn find_dataset_version(&self, sha256: &str) -> Result<DatasetRecord> {
-        let found =
-            self.store.datasets()?.into_iter().filter(|d| d.version.sha256 == sha256).min_by_key(|d| d.is_s3_read());
+    /// The lock [`Coordinator::dataset_changes`] describes.
+    pub(super) fn datasets_changing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.dataset_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The version with this fingerprint: the copy recorded under `name` (the reference's data
+    /// set or S3 URL), else a pushed copy, which nobody else can change, before objects read
+    /// where they are in S3.
+    pub fn find_dataset_version(&self, sha256: &str, name: &str) -> Result<DatasetRecord> {
+        let found = self
+            .store
+            .datasets()?
+            .into_iter()
+            .filter(|d| d.version.sha256 == sha256)
+            .min_by_key(|d| (d.name != name, d.is_s3_read()));
         found.ok_or_else(|| Error::DatasetVersionNotFound(sha256.to_string()))
     }
 

@@ -22,6 +22,10 @@ impl Coordinator {
                 .map_err(|_| Error::InvalidArgument(format!("train.init_from: job {job} does not exist")))?;
         }
         let mut spec = spec;
+        // Pinned and stored under the lock, so a delete either sees this job or came first.
+        let names_pushed =
+            spec.fetched_paths_mut().iter().any(|(_, p)| gantry_core::spec::PushedPath::parse(p).is_some());
+        let _changing = names_pushed.then(|| self.datasets_changing());
         self.pin_datasets(&mut spec)?;
         crate::limits::spec_size(serde_json::to_vec(&spec)?.len())?;
         let spec = self.pin_serve_from(spec)?;

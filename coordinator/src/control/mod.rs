@@ -123,6 +123,10 @@ pub struct Coordinator {
     queued_by_user: crate::limits::QueuedByUser,
     /// Serve jobs' ready replicas and the routes to them.
     pub serving: crate::serving::Serving,
+    /// Held while pushed data sets' records change or are read to pin a job (a push's commit,
+    /// a delete's check and removal, a submit naming one): a delete never misses a job pinned
+    /// meanwhile, nor a push that starts sharing the files it removes. Never across an await.
+    dataset_changes: Mutex<()>,
 }
 
 impl Coordinator {
@@ -170,6 +174,7 @@ impl Coordinator {
             submit_rate: Default::default(),
             queued_by_user: Default::default(),
             serving: Default::default(),
+            dataset_changes: Mutex::default(),
         })
     }
 

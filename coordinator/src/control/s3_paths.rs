@@ -179,13 +179,19 @@ mod tests {
         c.pin_s3_paths(&mut s, "alice").await.unwrap();
         let pinned = table(&mut s);
         let sha = pinned.strip_prefix("s3://lab/data/wine.csv@").expect(&pinned).to_string();
-        let record = c.find_dataset_version(&sha).unwrap();
+        let record = c.find_dataset_version(&sha, "s3://lab/data/wine.csv").unwrap();
         assert_eq!((record.name.as_str(), record.owner.as_str()), ("s3://lab/data/wine.csv", "alice"));
         assert_eq!(record.version.location.as_deref(), Some("data"), "read where it is, not copied");
         assert_eq!(record.version.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["wine.csv"]);
         assert_eq!(read_back(&c, &record, "wine.csv").await, b"a,y\n1,2\n");
-        // Not a pushed data set: `gantry dataset list` does not show it.
+        // Not a pushed data set: `gantry dataset list` does not show it, and no one deletes it
+        // (its files are the bucket owner's objects).
         assert!(c.datasets().unwrap().is_empty());
+        let e = c.delete_dataset("s3://lab/data/wine.csv", None).await.unwrap_err().to_string();
+        assert!(e.contains("data set name `s3://lab/data/wine.csv`"), "{e}");
+        let e = c.files.delete_dataset(&record.version).await.unwrap_err().to_string();
+        assert!(e.contains("refusing to delete `data`: not a pushed data set's upload"), "{e}");
+        assert_eq!(read_back(&c, &record, "wine.csv").await, b"a,y\n1,2\n");
         // The pinned spec again (a resubmit): kept as it is, read once.
         c.pin_s3_paths(&mut s, "bob").await.unwrap();
         assert_eq!(table(&mut s), pinned);
@@ -199,7 +205,7 @@ mod tests {
         c.pin_s3_paths(&mut s, "alice").await.unwrap();
         let pinned = table(&mut s);
         let sha = pinned.strip_prefix("s3://lab/pics@").expect(&pinned);
-        let record = c.find_dataset_version(sha).unwrap();
+        let record = c.find_dataset_version(sha, "s3://lab/pics").unwrap();
         assert_eq!(record.version.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(), ["0/a.png", "1/b.png"]);
         assert_eq!(read_back(&c, &record, "1/b.png").await, b"B");
     }
@@ -212,7 +218,10 @@ mod tests {
         let uploaded = DatasetVersion { location: Some("gantry/datasets/x/y".into()), ..read.version.clone() };
         let pushed = c.commit_dataset("wine", "alice", uploaded).unwrap();
         assert_eq!(pushed.version.location.as_deref(), Some("gantry/datasets/x/y"), "not the bucket owner's object");
-        assert_eq!(c.find_dataset_version(&read.version.sha256).unwrap().name, "wine", "the copy is served first");
+        let sha = &read.version.sha256;
+        assert_eq!(c.find_dataset_version(sha, "wine").unwrap().name, "wine");
+        assert_eq!(c.find_dataset_version(sha, "s3://lab/data/wine.csv").unwrap().name, "s3://lab/data/wine.csv");
+        assert_eq!(c.find_dataset_version(sha, "").unwrap().name, "wine", "else the pushed copy first");
     }
 
     #[tokio::test]

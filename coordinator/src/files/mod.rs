@@ -187,11 +187,21 @@ impl FileStorage {
         }
     }
 
-    /// Deletes a data set version's files; the caller checked that no record still lists them.
+    /// Deletes a pushed data set version's files; the caller checked that no record still lists
+    /// them. Only ever under gantry's own `PREFIX/datasets/`: an S3 read's location is the bucket
+    /// owner's folder.
     pub async fn delete_dataset(&self, version: &DatasetVersion) -> Result<()> {
         match (&version.location, &self.objects) {
             (None, _) => self.disk.remove(Place::Dataset { sha256: &version.sha256 }).await,
-            (Some(location), Some(objects)) => object::delete(objects, location).await,
+            (Some(location), Some(objects)) => {
+                let key = crate::objects::parse(location)?;
+                if !key.prefix_matches(&objects.datasets()) || key == objects.datasets() {
+                    return Err(Error::InvalidArgument(format!(
+                        "refusing to delete `{location}`: not a pushed data set's upload"
+                    )));
+                }
+                object::delete(objects, location).await
+            }
             (Some(location), None) => Err(Error::NoObjectStore {
                 what: format!("data set version {}", version.sha256),
                 location: location.clone(),

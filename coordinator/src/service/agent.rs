@@ -122,7 +122,8 @@ impl v1::agents_server::Agents for AgentService {
         &self,
         req: Request<v1::DownloadDatasetRequest>,
     ) -> Result<Response<Self::DownloadDatasetStream>, Status> {
-        let record = self.coordinator.find_dataset_version(&req.into_inner().sha256)?;
+        let req = req.into_inner();
+        let record = self.coordinator.find_dataset_version(&req.sha256, &req.name)?;
         let header = super::datasets::version_to_proto(&record, 0);
         Ok(Response::new(Box::pin(super::stream_dataset(self.coordinator.files.clone(), record.version, header))))
     }

@@ -64,6 +64,8 @@ impl v1::gantry_server::Gantry for UserService {
         }
         // Its s3:// paths read and pinned now, while the caller waits: a path it may not read
         // is refused here, not found failing on an agent later.
+        // A spec that will be refused reads nothing.
+        spec.validate().map_err(crate::Error::InvalidSpec)?;
         let mut spec = spec;
         self.coordinator.pin_s3_paths(&mut spec, &who.name).await?;
         // On a blocking thread: the store waits for its group commit, and concurrent submits
@@ -297,11 +299,11 @@ impl v1::gantry_server::Gantry for UserService {
     ) -> Result<Response<v1::DeleteDatasetResponse>, Status> {
         let who = allowed(&req, Action::Submit)?;
         let req = req.into_inner();
+        gantry_core::spec::check_dataset_name(&req.name).map_err(crate::Error::InvalidArgument)?;
         let first = self.coordinator.dataset_versions(&req.name)?.into_iter().next();
         let owner = first.map(|d| d.owner).ok_or_else(|| crate::Error::DatasetNotFound(req.name.clone()))?;
         authorize(&who, Action::DeleteDataset { owner: &owner })?;
-        let version = Some(req.version.as_str()).filter(|v| !v.is_empty());
-        let deleted = self.coordinator.delete_dataset(&req.name, version).await?;
+        let deleted = self.coordinator.delete_dataset(&req.name, req.version.as_deref()).await?;
         for d in &deleted {
             audit(&who, "delete data set", &format!("{}@{}", d.name, d.version.sha256));
         }

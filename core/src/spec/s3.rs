@@ -88,6 +88,14 @@ impl Fetched {
         }
     }
 
+    /// What the coordinator records the version under: the data set's name, or the S3 URL.
+    pub fn record_name(&self) -> String {
+        match self {
+            Fetched::Pushed(p) => p.name.clone(),
+            Fetched::S3(s) => s.url(),
+        }
+    }
+
     /// The file or folder inside the version ("" for all of it: its one file, or the folder).
     pub fn path_in_version(&self) -> &str {
         match self {
