@@ -109,6 +109,8 @@ for k in ["GANTRY_JOB_ID", "GANTRY_ATTEMPT", "RANK", "WORLD_SIZE", "MASTER_ADDR"
     print(f"{k}={os.environ[k]}")
 print("uid=%d cwd=%s" % (os.getuid(), os.getcwd()))
 print("notes:", open(os.environ["NOTES"]).read())
+version = os.path.dirname(os.path.dirname(os.environ["NOTES"]))
+print("version visible:", sorted(os.listdir(version)))
 d = os.environ["GANTRY_CHECKPOINT_DIR"]
 os.makedirs(d + "/.tmp")
 with open(d + "/.tmp/w.txt", "w") as f:
@@ -131,6 +133,9 @@ print("done")
     let logs = fleet.ok(&["logs", &id]);
     assert!(logs.contains(&format!("CUDA_VISIBLE_DEVICES={}\n", placed[0])), "exactly its GPU:\n{logs}");
     let read = "notes: pushed, fetched, mounted\n".to_string();
+    // Its version's files only, not the cache around them (the host's folder also holds the
+    // version's manifest.json).
+    assert!(logs.contains("version visible: ['files']\n"), "{logs}");
     for want in [format!("GANTRY_JOB_ID={id}\n"), "RANK=0\n".into(), "WORLD_SIZE=1\n".into(), read, "done\n".into()] {
         assert!(logs.contains(&want), "{want}:\n{logs}");
     }

@@ -211,6 +211,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn weights_and_a_command_jobs_data_are_pinned_too() {
+        let (_dir, c) = coordinator(&[("w/model.safetensors", b"weights"), ("data/a.csv", b"x")]).await;
+        let yaml = "name: j\ntrain: {model: mlp, init_from: 's3://lab/w/model.safetensors'}\n";
+        let mut s = JobSpec::from_yaml(yaml).unwrap();
+        c.pin_s3_paths(&mut s, "alice").await.unwrap();
+        let from = s.train.as_ref().unwrap().init_from.clone().unwrap();
+        assert!(from.starts_with("s3://lab/w/model.safetensors@"), "{from}");
+        let yaml = "name: j\ncommand: [\"true\"]\ndata: {A: 's3://lab/data/a.csv', B: 's3://lab/nope'}\n";
+        let e = c.pin_s3_paths(&mut JobSpec::from_yaml(yaml).unwrap(), "alice").await.unwrap_err().to_string();
+        assert!(e.starts_with("data.B: `s3://lab/nope`: no such object"), "{e}");
+        let yaml = "name: j\ncommand: [\"true\"]\ndata: {A: 's3://lab/data/a.csv'}\n";
+        let mut s = JobSpec::from_yaml(yaml).unwrap();
+        c.pin_s3_paths(&mut s, "alice").await.unwrap();
+        assert!(s.data["A"].starts_with("s3://lab/data/a.csv@"), "{:?}", s.data);
+    }
+
+    #[tokio::test]
     async fn a_push_of_the_same_bytes_keeps_its_own_copy() {
         let (_dir, c) = coordinator(&[("data/wine.csv", b"abc")]).await;
         c.pin_s3_paths(&mut spec("s3://lab/data/wine.csv"), "alice").await.unwrap();
