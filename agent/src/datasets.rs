@@ -229,7 +229,9 @@ impl DatasetCache {
         std::fs::write(incoming.join(MANIFEST), manifest).map_err(Error::io("writing a data set's manifest"))?;
         // Whole or not at all: a crash leaves an `.incoming-` folder, removed by the next fetch.
         // A copy found corrupt is swapped out, not removed first: a job reading it keeps its
-        // open files, and every path resolves to an intact copy at any moment.
+        // open files, and every path resolves to an intact copy at any moment. (A container
+        // running meanwhile keeps the mount of the old folder, which is removed: it sees it
+        // empty, not corrupt.)
         let replaced = self.root.join(format!(".replaced-{sha256}"));
         let _ = std::fs::remove_dir_all(&replaced);
         if entry.exists() {

@@ -185,7 +185,10 @@ async fn run_child(
     let uploading = tokio::spawn(upload_until_stopped(uploader, upload_stop_rx));
     let exit = match &launch.spec.image {
         Some(image) => {
-            let data: Vec<PathBuf> = _datasets.iter().map(crate::datasets::Lease::files).collect();
+            // One mount per version, however many references name it: the engine refuses a
+            // mount point twice.
+            let data: Vec<PathBuf> =
+                _datasets.iter().map(crate::datasets::Lease::files).collect::<BTreeSet<_>>().into_iter().collect();
             run_container(launch, image, &argv, &env, &data, lines, stop).await
         }
         None => run_process(launch, &argv, env, lines, stop).await,

@@ -123,7 +123,8 @@ print("done")
     let notes = fleet.dir.path().join("notes.txt");
     std::fs::write(&notes, "pushed, fetched, mounted").unwrap();
     fleet.ok(&["dataset", "push", "notes", notes.to_str().unwrap()]);
-    let extra = "resources: {gpus: 1, cpus: 1}\ndata: {NOTES: 'dataset://notes'}\n";
+    // Named twice: one version, one mount.
+    let extra = "resources: {gpus: 1, cpus: 1}\ndata: {NOTES: 'dataset://notes', AGAIN: 'dataset://notes/notes.txt'}\n";
     let id = fleet.submit(&python_job("in-a-box", extra, program));
     succeeds(&fleet, &id, 60);
     let job = fleet.json(&["job", &id]);

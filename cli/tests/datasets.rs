@@ -215,6 +215,7 @@ fn a_data_set_is_deleted_by_version_or_whole_by_its_owner_but_not_while_a_job_re
     let denied = refused(&bob, "corpus");
     assert!(denied.contains("bob (user) may not delete alice's data set"), "{denied}");
     assert!(refused(&alice, "corpus@ffff").contains("no data set version corpus@ffff was pushed"));
+    assert!(refused(&alice, "corpus@").contains("`corpus@` names no version: give NAME alone"));
 
     // The version no job needs goes, with its files; the other stays.
     let said = alice.ok(&["dataset", "delete", &format!("corpus@{}", &v1[..12])]);

@@ -141,21 +141,26 @@ impl Coordinator {
         Ok(doomed)
     }
 
-    /// The lock [`Coordinator::dataset_changes`] describes.
-    pub(super) fn datasets_changing(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.dataset_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The lock [`Coordinator::dataset_changes`] describes, to change records.
+    pub(super) fn datasets_changing(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.dataset_changes.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The version with this fingerprint: the copy recorded under `name` (the reference's data
-    /// set or S3 URL), else a pushed copy, which nobody else can change, before objects read
-    /// where they are in S3.
+    /// The same lock, to pin a job to the records as they are.
+    pub(super) fn datasets_pinning(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.dataset_changes.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The version with this fingerprint: a pushed copy, which nobody can change, first; then
+    /// the objects read under `name` (the reference's S3 URL); then any other read of the same
+    /// bytes, which its bucket's owner may have changed since.
     pub fn find_dataset_version(&self, sha256: &str, name: &str) -> Result<DatasetRecord> {
         let found = self
             .store
             .datasets()?
             .into_iter()
             .filter(|d| d.version.sha256 == sha256)
-            .min_by_key(|d| (d.name != name, d.is_s3_read()));
+            .min_by_key(|d| (d.is_s3_read(), d.name != name));
         found.ok_or_else(|| Error::DatasetVersionNotFound(sha256.to_string()))
     }
 

@@ -25,7 +25,7 @@ impl Coordinator {
         // Pinned and stored under the lock, so a delete either sees this job or came first.
         let names_pushed =
             spec.fetched_paths_mut().iter().any(|(_, p)| gantry_core::spec::PushedPath::parse(p).is_some());
-        let _changing = names_pushed.then(|| self.datasets_changing());
+        let _pinning = names_pushed.then(|| self.datasets_pinning());
         self.pin_datasets(&mut spec)?;
         crate::limits::spec_size(serde_json::to_vec(&spec)?.len())?;
         let spec = self.pin_serve_from(spec)?;

@@ -123,10 +123,11 @@ pub struct Coordinator {
     queued_by_user: crate::limits::QueuedByUser,
     /// Serve jobs' ready replicas and the routes to them.
     pub serving: crate::serving::Serving,
-    /// Held while pushed data sets' records change or are read to pin a job (a push's commit,
-    /// a delete's check and removal, a submit naming one): a delete never misses a job pinned
-    /// meanwhile, nor a push that starts sharing the files it removes. Never across an await.
-    dataset_changes: Mutex<()>,
+    /// Written while pushed data sets' records change (a push's commit, a delete's check and
+    /// removal), read while a submit pins and stores a job naming one: a delete never misses a
+    /// job pinned meanwhile, nor a push that starts sharing the files it removes, and submits
+    /// still share their group commits. Never held across an await.
+    dataset_changes: std::sync::RwLock<()>,
 }
 
 impl Coordinator {
@@ -174,7 +175,7 @@ impl Coordinator {
             submit_rate: Default::default(),
             queued_by_user: Default::default(),
             serving: Default::default(),
-            dataset_changes: Mutex::default(),
+            dataset_changes: Default::default(),
         })
     }
 

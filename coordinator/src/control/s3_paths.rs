@@ -237,8 +237,12 @@ mod tests {
         assert_eq!(pushed.version.location.as_deref(), Some("gantry/datasets/x/y"), "not the bucket owner's object");
         let sha = &read.version.sha256;
         assert_eq!(c.find_dataset_version(sha, "wine").unwrap().name, "wine");
+        assert_eq!(c.find_dataset_version(sha, "s3://lab/data/wine.csv").unwrap().name, "wine", "the copy first");
+        // Two S3 URLs with the same bytes: each reference's own objects first.
+        c.store.put_dataset(&DatasetRecord { name: "s3://lab/b/wine.csv".into(), ..read.clone() }).unwrap();
+        c.store.delete_dataset("wine", sha).unwrap();
+        assert_eq!(c.find_dataset_version(sha, "s3://lab/b/wine.csv").unwrap().name, "s3://lab/b/wine.csv");
         assert_eq!(c.find_dataset_version(sha, "s3://lab/data/wine.csv").unwrap().name, "s3://lab/data/wine.csv");
-        assert_eq!(c.find_dataset_version(sha, "").unwrap().name, "wine", "else the pushed copy first");
     }
 
     #[tokio::test]

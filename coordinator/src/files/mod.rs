@@ -194,8 +194,13 @@ impl FileStorage {
         match (&version.location, &self.objects) {
             (None, _) => self.disk.remove(Place::Dataset { sha256: &version.sha256 }).await,
             (Some(location), Some(objects)) => {
+                // Exactly PREFIX/datasets/<sha256>/<upload>: one upload of this version.
                 let key = crate::objects::parse(location)?;
-                if !key.prefix_matches(&objects.datasets()) || key == objects.datasets() {
+                let parts: Vec<String> = key
+                    .prefix_match(&objects.datasets())
+                    .map(|parts| parts.map(|p| p.as_ref().to_string()).collect())
+                    .unwrap_or_default();
+                if parts.len() != 2 || parts[0] != version.sha256 {
                     return Err(Error::InvalidArgument(format!(
                         "refusing to delete `{location}`: not a pushed data set's upload"
                     )));
