@@ -122,16 +122,19 @@ async fn run_child(
     }
 
     let mut serve_env = Vec::new();
-    let mut data_env = Vec::new();
-    // Held until the rank ends: the data sets it reads stay on the node.
-    let mut _datasets = Vec::new();
-    let argv = match (&launch.spec.train, &launch.spec.command) {
+    // Its `dataset://` and `s3://` references (a train spec's files, a command's `data:`), now
+    // paths on this node. The leases keep those copies here until the rank ends.
+    let mut spec = launch.spec.clone();
+    let mut said = Vec::new();
+    let _datasets =
+        crate::datasets::resolve(&launch.datasets, spec.fetched_paths_mut(), &launch.coordinators, &mut said).await?;
+    for line in said {
+        let _ = lines.send(format!("[gantry] {line}")).await;
+    }
+    let argv = match (&spec.train, &spec.command) {
         (Some(train), _) => {
-            let mut train = train.clone();
-            let paths = train.file_paths_mut().into_iter().map(|(f, p)| (f.to_string(), p)).collect();
-            _datasets = fetch_data(launch, paths, lines).await?;
             let file = launch.dir.join("train.json");
-            let text = serde_json::to_vec_pretty(&train).map_err(Error::TrainConfig)?;
+            let text = serde_json::to_vec_pretty(train).map_err(Error::TrainConfig)?;
             std::fs::write(&file, text).map_err(Error::io(format!("could not write {}", file.display())))?;
             vec![
                 launch.train_program.display().to_string(),
@@ -140,14 +143,8 @@ async fn run_child(
                 file.display().to_string(),
             ]
         }
-        (None, Some(argv)) => {
-            let mut data = launch.spec.data.clone();
-            let paths = data.iter_mut().map(|(k, v)| (format!("data.{k}"), v)).collect();
-            _datasets = fetch_data(launch, paths, lines).await?;
-            data_env = data.into_iter().collect();
-            argv.clone()
-        }
-        (None, None) => match &launch.spec.serve {
+        (None, Some(argv)) => argv.clone(),
+        (None, None) => match &spec.serve {
             Some(serve) => {
                 serve_env = serving::env(&launch.spec.name, serve, &launch.serve_host)?;
                 vec![launch.train_program.display().to_string(), "serve-model".into()]
@@ -161,7 +158,7 @@ async fn run_child(
     isolation.hand_over(&launch.dir)?;
     isolation.shared_dir(&launch.kernel_cache)?;
     let mut env: Vec<(String, String)> = launch.spec.env.clone().into_iter().collect();
-    env.extend(data_env);
+    env.extend(spec.data);
     env.extend(job_env(a, &checkpoint_dir, resume_dir.as_deref(), &metrics_file(&launch.dir), &launch.kernel_cache));
     let probing =
         serving::probe_target(&serve_env).map(|target| tokio::spawn(serving::probe(target, launch.serve_port.clone())));
@@ -201,21 +198,6 @@ async fn run_child(
     let _ = upload_stop_tx.send(true);
     let _ = uploading.await;
     exit
-}
-
-/// Fetches what `paths` reference into the node's cache, or finds it there, and points each at
-/// its copy; the job's log says which. The leases keep the copies while the rank runs.
-async fn fetch_data(
-    launch: &Launch,
-    paths: Vec<(String, &mut String)>,
-    lines: &mpsc::Sender<String>,
-) -> Result<Vec<crate::datasets::Lease>> {
-    let mut said = Vec::new();
-    let leases = crate::datasets::resolve(&launch.datasets, paths, &launch.coordinators, &mut said).await?;
-    for line in said {
-        let _ = lines.send(format!("[gantry] {line}")).await;
-    }
-    Ok(leases)
 }
 
 /// The rank as a process of the job user, in its own process group and cgroup.

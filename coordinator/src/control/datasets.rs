@@ -115,7 +115,7 @@ impl Coordinator {
                         "data set {name}@{} is what job {} ({}) reads: cancel the job or let it end first",
                         &d.version.sha256[..12],
                         job.id,
-                        format!("{:?}", job.state).to_lowercase()
+                        crate::service::state_name(job.state)
                     )));
                 }
             }
